@@ -1,0 +1,197 @@
+//! `cellplane`: the control-plane server.
+//!
+//! `cellplane serve` runs one node of a Raft cluster; `cellplane dev` runs a whole control plane
+//! on this machine for development and demos.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use cellplane_control_plane::config::{NodeConfig, RaftTuning};
+use cellplane_control_plane::{dev, node};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cellplane",
+    version,
+    about = "Control plane of a cell-based, multi-region IM service",
+    long_about = "Control plane of a cell-based, multi-region IM service.\n\n\
+        A Raft-replicated RoutingService maps every conversation to the cell that owns it, with \
+        epochs that fence stale writers. Every node serves the Routing and Control gRPC APIs, \
+        gRPC health and reflection on one port.\n\n\
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level."
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one control-plane node.
+    Serve(ServeArgs),
+    /// Run a 3-node control plane on loopback until Ctrl-C.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML config file with every setting (node_id, listen, data_dir, peers, metrics_listen,
+    /// [raft]); the flags below are ignored when it is given.
+    #[arg(long, conflicts_with_all = ["node_id", "listen", "data_dir", "peers"])]
+    config: Option<PathBuf>,
+    /// This node's id, one of the ids in --peers.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Address to serve gRPC on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the Raft log and snapshots; the node restarts from it.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Every voter, this node included: 1=host:port,2=host:port,3=host:port. The lowest id
+    /// initializes a new cluster.
+    #[arg(long)]
+    peers: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Build a Raft snapshot after this many log entries.
+    #[arg(long)]
+    snapshot_after_logs: Option<u64>,
+    /// Log entries kept behind a snapshot for lagging followers.
+    #[arg(long)]
+    logs_kept_after_snapshot: Option<u64>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Where the three nodes keep their data; a second run restarts the same cluster.
+    #[arg(long, default_value = ".cellplane-dev")]
+    data_dir: PathBuf,
+    /// Write {"control_plane": [...], "cells": [...]} here once the cluster has a leader.
+    #[arg(long)]
+    endpoints_file: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn install_metrics(addr: Option<SocketAddr>) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM, the two ways a process is asked to stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            NodeConfig::from_toml(&text)?
+        }
+        None => {
+            let (Some(node_id), Some(listen), Some(data_dir), Some(peers)) =
+                (args.node_id, args.listen, args.data_dir, args.peers)
+            else {
+                bail!("give --config FILE, or all of --node-id, --listen, --data-dir and --peers");
+            };
+            NodeConfig {
+                node_id,
+                listen,
+                data_dir,
+                peers: NodeConfig::parse_peers(&peers)?,
+                metrics_listen: None,
+                raft: RaftTuning::default(),
+            }
+        }
+    };
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
+    if let Some(n) = args.snapshot_after_logs {
+        config.raft.snapshot_after_logs = n;
+    }
+    if let Some(n) = args.logs_kept_after_snapshot {
+        config.raft.logs_kept_after_snapshot = n;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => {
+            let config = serve_config(args)?;
+            install_metrics(config.metrics_listen)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            node::serve(config, listener, shutdown_signal()).await?;
+        }
+        Command::Dev(args) => {
+            install_metrics(args.metrics_listen)?;
+            dev::run(
+                dev::DevOptions {
+                    data_dir: args.data_dir,
+                    endpoints_file: args.endpoints_file,
+                },
+                shutdown_signal(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! What a control-plane node is told to be: parsed from flags or one TOML file, validated once
+//! with errors that name the field, then passed around as a [`NodeConfig`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cellplane_api::ids::validate_endpoint;
+use serde::Deserialize;
+
+/// A config field that breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field {field}: {rule}")]
+pub struct ConfigError {
+    pub field: String,
+    pub rule: String,
+}
+
+fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        rule: rule.into(),
+    }
+}
+
+/// Raft timing and log retention. Defaults suit nodes on one LAN or loopback; spread over
+/// regions, raise the election timeouts above the worst round trip.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one. Each snapshot writes
+    /// the whole state, so at ten million tenants keep this in the hundreds of thousands.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the
+    /// log instead of a snapshot.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_after_logs: 200_000,
+            logs_kept_after_snapshot: 10_000,
+        }
+    }
+}
+
+/// One node's configuration, as written in a TOML file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id, one of the keys of `peers`.
+    pub node_id: u64,
+    /// Where this node serves gRPC (Routing, Control, Raft, health, reflection).
+    pub listen: SocketAddr,
+    /// Directory of the Raft log and snapshots; a node restarts from it.
+    pub data_dir: PathBuf,
+    /// Every voter of the cluster, `node id → host:port`, this node included. The lowest id
+    /// initializes the cluster when its data directory is empty.
+    pub peers: BTreeMap<u64, String>,
+    /// Where to serve Prometheus metrics over HTTP; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+impl NodeConfig {
+    /// Reads a TOML config file; unknown fields are refused so a typo is not silently ignored.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| invalid("(file)", e.to_string()))
+    }
+
+    /// Checks every rule that can be checked before starting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(invalid("node_id", "must be at least 1"));
+        }
+        if self.peers.is_empty() {
+            return Err(invalid("peers", "must list at least this node"));
+        }
+        if !self.peers.contains_key(&self.node_id) {
+            return Err(invalid(
+                "peers",
+                format!("must include this node's id {}", self.node_id),
+            ));
+        }
+        for (id, addr) in &self.peers {
+            if *id == 0 {
+                return Err(invalid("peers", "node ids must be at least 1"));
+            }
+            validate_endpoint(&format!("peers.{id}"), addr)
+                .map_err(|e| invalid(e.field, e.rule))?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 {
+            return Err(invalid("raft.heartbeat_interval_ms", "must be at least 1"));
+        }
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must be greater than raft.heartbeat_interval_ms",
+            ));
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms",
+            ));
+        }
+        if raft.snapshot_after_logs == 0 {
+            return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Parses `--peers 1=host:port,2=host:port`.
+    pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+        let mut peers = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((id, addr)) = part.split_once('=') else {
+                return Err(invalid("peers", format!("{part:?} is not ID=HOST:PORT")));
+            };
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| invalid("peers", format!("{id:?} is not a node id")))?;
+            if peers.insert(id, addr.trim().to_string()).is_some() {
+                return Err(invalid("peers", format!("node id {id} is listed twice")));
+            }
+        }
+        Ok(peers)
+    }
+
+    /// The node that initializes a new cluster.
+    pub fn bootstrapper(&self) -> Option<u64> {
+        self.peers.keys().next().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            listen: "127.0.0.1:7001".parse().expect("addr"),
+            data_dir: PathBuf::from("/tmp/cp"),
+            peers: NodeConfig::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").expect("peers"),
+            metrics_listen: None,
+            raft: RaftTuning::default(),
+        }
+    }
+
+    #[test]
+    fn a_sound_config_validates() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_broken_rule_names_its_field() {
+        let mut c = config();
+        c.node_id = 3;
+        assert_eq!(c.validate().map_err(|e| e.field), Err("peers".into()));
+
+        let mut c = config();
+        c.peers.insert(4, "nohost".into());
+        assert_eq!(c.validate().map_err(|e| e.field), Err("peers.4".into()));
+
+        let mut c = config();
+        c.raft.election_timeout_min_ms = 50;
+        assert_eq!(
+            c.validate().map_err(|e| e.field),
+            Err("raft.election_timeout_min_ms".into())
+        );
+    }
+
+    #[test]
+    fn peers_parse_and_refuse_duplicates() {
+        assert!(NodeConfig::parse_peers("1=a:1,1=b:2").is_err());
+        assert!(NodeConfig::parse_peers("x=a:1").is_err());
+        assert_eq!(NodeConfig::parse_peers("2=a:1, 1=b:2").map(|p| p.len()), Ok(2));
+    }
+
+    #[test]
+    fn toml_files_parse_and_unknown_fields_are_refused() {
+        let text = r#"
+            node_id = 2
+            listen = "127.0.0.1:7002"
+            data_dir = "/var/lib/cellplane"
+            [peers]
+            1 = "127.0.0.1:7001"
+            2 = "127.0.0.1:7002"
+            [raft]
+            snapshot_after_logs = 1000
+        "#;
+        let parsed = NodeConfig::from_toml(text).expect("parse");
+        assert_eq!(parsed.raft.snapshot_after_logs, 1000);
+        assert_eq!(parsed.validate(), Ok(()));
+        assert!(NodeConfig::from_toml("node_idd = 1").is_err());
+    }
+}

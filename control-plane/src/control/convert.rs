@@ -1,0 +1,158 @@
+//! Requests in, commands and records out: every request field is validated here, before anything
+//! is proposed, so a bad request changes nothing.
+
+use std::sync::Arc;
+
+use cellplane_api::ids::{InvalidField, validate_endpoint, validate_id, validate_optional_id};
+use cellplane_api::proto::control as pb;
+
+use crate::state::command::{CellView, Command, TenantView};
+use crate::state::model::{CellState, RouteKey, TenantState, Tier};
+
+fn tier(field: &str, value: i32) -> Result<Tier, InvalidField> {
+    Tier::from_proto(value).ok_or_else(|| {
+        InvalidField::new(
+            field,
+            format!("must be HIGH, NORMAL or LOW, got enum value {value}"),
+        )
+    })
+}
+
+fn id(field: &str, value: String) -> Result<Arc<str>, InvalidField> {
+    validate_id(field, &value)?;
+    Ok(Arc::from(value))
+}
+
+pub fn register_cell(request: pb::RegisterCellRequest) -> Result<Command, InvalidField> {
+    validate_endpoint("endpoint", &request.endpoint)?;
+    validate_optional_id("standby_of", &request.standby_of)?;
+    if request.capacity == 0 {
+        return Err(InvalidField::new("capacity", "must be at least 1"));
+    }
+    if request.standby_of == request.cell_id {
+        return Err(InvalidField::new("standby_of", "a cell cannot be its own standby"));
+    }
+    Ok(Command::RegisterCell {
+        cell_id: id("cell_id", request.cell_id)?,
+        region: id("region", request.region)?,
+        zone: id("zone", request.zone)?,
+        tier: tier("tier", request.tier)?,
+        endpoint: Arc::from(request.endpoint),
+        capacity: request.capacity,
+        standby_of: (!request.standby_of.is_empty()).then(|| Arc::from(request.standby_of)),
+    })
+}
+
+pub fn set_cell_state(request: pb::SetCellStateRequest) -> Result<Command, InvalidField> {
+    let state = CellState::from_proto(request.state).ok_or_else(|| {
+        InvalidField::new(
+            "state",
+            format!(
+                "must be JOINING, ACTIVE, DRAINING, DEMOTED or FAILED, got enum value {}",
+                request.state
+            ),
+        )
+    })?;
+    Ok(Command::SetCellState {
+        cell_id: id("cell_id", request.cell_id)?,
+        state,
+    })
+}
+
+pub fn create_tenant(request: pb::CreateTenantRequest) -> Result<Command, InvalidField> {
+    Ok(Command::CreateTenant {
+        tenant_id: id("tenant_id", request.tenant_id)?,
+        tier: tier("tier", request.tier)?,
+        home_region: id("home_region", request.home_region)?,
+    })
+}
+
+pub fn move_route(request: pb::MoveRouteRequest) -> Result<Command, InvalidField> {
+    validate_optional_id("conversation_id", &request.conversation_id)?;
+    if request.expected_epoch == 0 {
+        return Err(InvalidField::new(
+            "expected_epoch",
+            "must be the key's current epoch (epochs start at 1)",
+        ));
+    }
+    let tenant_id = id("tenant_id", request.tenant_id)?;
+    let key = if request.conversation_id.is_empty() {
+        RouteKey::tenant(tenant_id)
+    } else {
+        RouteKey::conversation(tenant_id, request.conversation_id)
+    };
+    Ok(Command::MoveRoute {
+        key,
+        expected_epoch: request.expected_epoch,
+        target_cell: id("target_cell", request.target_cell)?,
+    })
+}
+
+pub fn cell_to_proto(view: &CellView) -> pb::Cell {
+    let record = &view.record;
+    pb::Cell {
+        cell_id: view.cell_id.to_string(),
+        region: record.region.to_string(),
+        zone: record.zone.to_string(),
+        tier: record.tier.to_proto() as i32,
+        endpoint: record.endpoint.to_string(),
+        state: record.state.to_proto() as i32,
+        capacity: record.capacity,
+        load: record.load,
+        standby_of: record.standby_of.as_deref().unwrap_or_default().to_string(),
+        registered_revision: record.registered_revision,
+    }
+}
+
+pub fn tenant_to_proto(view: &TenantView) -> pb::Tenant {
+    let record = &view.record;
+    pb::Tenant {
+        tenant_id: view.tenant_id.to_string(),
+        tier: record.tier.to_proto() as i32,
+        home_region: record.home_region.to_string(),
+        primary_cell: record.primary_cell.to_string(),
+        epoch: record.epoch,
+        state: match record.state {
+            TenantState::Active => pb::TenantState::TenantActive,
+            TenantState::Migrating => pb::TenantState::TenantMigrating,
+        } as i32,
+        override_count: record.override_count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_fields_are_named() {
+        let err = create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            tier: 9,
+            home_region: "hz".into(),
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "tier");
+
+        let err = move_route(pb::MoveRouteRequest {
+            tenant_id: "acme".into(),
+            conversation_id: "a b".into(),
+            expected_epoch: 1,
+            target_cell: "c".into(),
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "conversation_id");
+
+        let err = register_cell(pb::RegisterCellRequest {
+            cell_id: "c".into(),
+            region: "hz".into(),
+            zone: "a".into(),
+            tier: pb::Tier::Low as i32,
+            endpoint: "127.0.0.1:1".into(),
+            capacity: 0,
+            standby_of: String::new(),
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "capacity");
+    }
+}

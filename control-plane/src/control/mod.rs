@@ -1,0 +1,338 @@
+//! The `Control` gRPC service: cells, tenants, route moves and cluster status.
+//!
+//! Writes are validated, then proposed through Raft; a follower forwards them to the leader
+//! once. Reads of cells and tenants are linearizable, so an operator always reads their own
+//! writes whichever node they asked.
+
+pub mod convert;
+pub mod status;
+
+use std::sync::Arc;
+
+use cellplane_api::ids::{InvalidField, validate_id};
+use cellplane_api::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use cellplane_api::proto::control as pb;
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::control_server::Control;
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, Proposal, forwarded, is_forwarded};
+use crate::state::command::{CellView, Command, CommandOutput, TenantView};
+
+pub struct ControlService {
+    node: Arc<Node>,
+}
+
+impl ControlService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// Checks a page size: 0 means the default; above the maximum is refused rather than clamped,
+/// so a caller never silently gets less than it asked for.
+pub fn page_size(value: u32) -> Result<usize, InvalidField> {
+    match value {
+        0 => Ok(DEFAULT_PAGE_SIZE as usize),
+        n if n > MAX_PAGE_SIZE => Err(InvalidField::new(
+            "page_size",
+            format!("must be at most {MAX_PAGE_SIZE}, got {n}"),
+        )),
+        n => Ok(n as usize),
+    }
+}
+
+fn unexpected(output: CommandOutput) -> Status {
+    Status::internal(format!("unexpected command output {output:?}"))
+}
+
+fn cell_output(output: CommandOutput) -> Result<pb::Cell, Status> {
+    match output {
+        CommandOutput::Cell(view) => Ok(convert::cell_to_proto(&view)),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn tenant_output(output: CommandOutput) -> Result<pb::Tenant, Status> {
+    match output {
+        CommandOutput::Tenant(view) => Ok(convert::tenant_to_proto(&view)),
+        other => Err(unexpected(other)),
+    }
+}
+
+impl ControlService {
+    async fn propose(&self, command: Command, forwarded: bool) -> Result<Proposal, Status> {
+        self.node.propose(command, forwarded).await
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn register_cell(
+        &self,
+        request: Request<pb::RegisterCellRequest>,
+    ) -> Result<Response<pb::Cell>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let command = convert::register_cell(message.clone())?;
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .register_cell(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn get_cell(
+        &self,
+        request: Request<pb::GetCellRequest>,
+    ) -> Result<Response<pb::Cell>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_id("cell_id", &message.cell_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel).get_cell(forwarded(message)).await;
+        }
+        let found = self.node.shared.read(|state| {
+            state
+                .cells()
+                .get_key_value(message.cell_id.as_str())
+                .map(|(cell_id, record)| CellView {
+                    cell_id: cell_id.clone(),
+                    record: record.clone(),
+                })
+        });
+        match found {
+            Some(view) => Ok(Response::new(convert::cell_to_proto(&view))),
+            None => Err(Status::not_found(format!(
+                "cell_id: cell {:?} does not exist",
+                message.cell_id
+            ))),
+        }
+    }
+
+    async fn list_cells(
+        &self,
+        request: Request<pb::ListCellsRequest>,
+    ) -> Result<Response<pb::ListCellsResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        cellplane_api::ids::validate_optional_id("region", &message.region)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel).list_cells(forwarded(message)).await;
+        }
+        let cells = self.node.shared.read(|state| {
+            state
+                .cells()
+                .iter()
+                .filter(|(_, record)| message.region.is_empty() || *record.region == *message.region)
+                .map(|(cell_id, record)| {
+                    convert::cell_to_proto(&CellView {
+                        cell_id: cell_id.clone(),
+                        record: record.clone(),
+                    })
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::ListCellsResponse { cells }))
+    }
+
+    async fn set_cell_state(
+        &self,
+        request: Request<pb::SetCellStateRequest>,
+    ) -> Result<Response<pb::Cell>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let command = convert::set_cell_state(message.clone())?;
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .set_cell_state(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let command = convert::create_tenant(message.clone())?;
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(output) => Ok(Response::new(tenant_output(output)?)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .create_tenant(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_id("tenant_id", &message.tenant_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel).get_tenant(forwarded(message)).await;
+        }
+        let found = self.node.shared.read(|state| {
+            state
+                .tenants()
+                .get_key_value(message.tenant_id.as_str())
+                .map(|(tenant_id, record)| TenantView {
+                    tenant_id: tenant_id.clone(),
+                    record: record.clone(),
+                })
+        });
+        match found {
+            Some(view) => Ok(Response::new(convert::tenant_to_proto(&view))),
+            None => Err(Status::not_found(format!(
+                "tenant_id: tenant {:?} does not exist",
+                message.tenant_id
+            ))),
+        }
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let limit = page_size(message.page_size)?;
+        if !message.page_token.is_empty() {
+            validate_id("page_token", &message.page_token)?;
+        }
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel).list_tenants(forwarded(message)).await;
+        }
+        let after = (!message.page_token.is_empty()).then_some(message.page_token.as_str());
+        // One more than asked tells whether another page exists.
+        let mut page = self.node.shared.read(|state| state.tenants_after(after, limit + 1));
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next_page_token = if more {
+            page.last().map(|t| t.tenant_id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: page.iter().map(convert::tenant_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_id("tenant_id", &message.tenant_id)?;
+        let command = Command::DeleteTenant {
+            tenant_id: Arc::from(message.tenant_id.as_str()),
+        };
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(CommandOutput::Done { revision }) => {
+                Ok(Response::new(pb::DeleteTenantResponse { revision }))
+            }
+            Proposal::Applied(other) => Err(unexpected(other)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .delete_tenant(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn move_route(
+        &self,
+        request: Request<pb::MoveRouteRequest>,
+    ) -> Result<Response<pb::MoveRouteResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let command = convert::move_route(message.clone())?;
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(CommandOutput::Route(route)) => {
+                Ok(Response::new(pb::MoveRouteResponse {
+                    route: Some(route.to_proto()),
+                }))
+            }
+            Proposal::Applied(other) => Err(unexpected(other)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .move_route(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let command = Command::Compact {
+            revision: message.revision,
+        };
+        match self.propose(command, was_forwarded).await? {
+            Proposal::Applied(CommandOutput::Done { revision }) => {
+                Ok(Response::new(pb::CompactResponse { revision }))
+            }
+            Proposal::Applied(other) => Err(unexpected(other)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel).compact(forwarded(message)).await
+            }
+        }
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let metrics = self.node.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let (revision, compacted_revision) = self
+            .node
+            .shared
+            .read(|state| (state.revision(), state.compacted_revision()));
+        let role = match metrics.state {
+            ServerState::Leader => "Leader",
+            ServerState::Follower => "Follower",
+            ServerState::Candidate => "Candidate",
+            ServerState::Learner => "Learner",
+            ServerState::Shutdown => "Shutdown",
+        };
+        Ok(Response::new(pb::ClusterStatusResponse {
+            node_id: self.node.id,
+            leader_id: metrics.current_leader.unwrap_or_default(),
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index.unwrap_or_default(),
+            applied_index: metrics.last_applied.map(|id| id.index).unwrap_or_default(),
+            snapshot_index: metrics.snapshot.map(|id| id.index).unwrap_or_default(),
+            revision,
+            compacted_revision,
+            members,
+            role: role.to_string(),
+        }))
+    }
+}

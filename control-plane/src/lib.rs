@@ -1,0 +1,18 @@
+//! The cellplane control plane: a Raft-replicated map from conversations to the cells that own
+//! them, served over gRPC.
+//!
+//! - [`state`]: the replicated state and the deterministic apply of commands (no I/O);
+//! - [`placement`]: the pure choice of a cell for a tenant;
+//! - [`raft`]: openraft's log store, state machine, snapshots and network;
+//! - [`routing`] and [`control`]: the public gRPC services;
+//! - [`node`]: one control-plane node, `serve(listener, shutdown)`;
+//! - [`config`]: what a node is told to be, validated once.
+
+pub mod config;
+pub mod control;
+pub mod dev;
+pub mod node;
+pub mod placement;
+pub mod raft;
+pub mod routing;
+pub mod state;

@@ -1,0 +1,32 @@
+//! openraft glue: the type configuration, the durable log store, the state machine with its
+//! snapshots, and the gRPC network between nodes. Each is its own module, as openraft splits them
+//! into separate traits.
+
+pub mod codec;
+pub mod log_store;
+pub mod network;
+pub mod snapshot;
+pub mod state_machine;
+pub mod transport;
+
+
+use crate::state::command::{Applied, Command};
+
+openraft::declare_raft_types!(
+    /// The control plane's Raft types: commands in, command results out, nodes addressed by
+    /// their gRPC address, snapshots as files on disk.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A running Raft node of the control plane.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Node ids are small integers chosen by the operator (`--node-id`).
+pub type NodeId = u64;

@@ -1,0 +1,149 @@
+//! Commands replicated through Raft, and what applying them answers.
+//!
+//! A command is validated before it is proposed (ids, enums) and its preconditions are checked
+//! again when it is applied, deterministically, against the state at that log position: two
+//! racing proposals cannot both pass a check that only one may pass.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{CellState, RouteKey, RouteView, TenantState, Tier};
+
+/// A change to the control plane's state. Every successfully applied command bumps the revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterCell {
+        cell_id: Arc<str>,
+        region: Arc<str>,
+        zone: Arc<str>,
+        tier: Tier,
+        endpoint: Arc<str>,
+        capacity: u64,
+        standby_of: Option<Arc<str>>,
+    },
+    SetCellState {
+        cell_id: Arc<str>,
+        state: CellState,
+    },
+    /// Placement is decided while applying, from the state at that log position, so concurrent
+    /// creates see each other's load and every replica chooses the same cell.
+    CreateTenant {
+        tenant_id: Arc<str>,
+        tier: Tier,
+        home_region: Arc<str>,
+    },
+    DeleteTenant {
+        tenant_id: Arc<str>,
+    },
+    /// Compare-and-set of one route key: the primitive migration and failover build on.
+    MoveRoute {
+        key: RouteKey,
+        expected_epoch: u64,
+        target_cell: Arc<str>,
+    },
+    /// Drops route-event history up to and including `revision`; watches from before it get
+    /// OUT_OF_RANGE.
+    Compact {
+        revision: u64,
+    },
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RegisterCell { .. } => "register_cell",
+            Self::SetCellState { .. } => "set_cell_state",
+            Self::CreateTenant { .. } => "create_tenant",
+            Self::DeleteTenant { .. } => "delete_tenant",
+            Self::MoveRoute { .. } => "move_route",
+            Self::Compact { .. } => "compact",
+        }
+    }
+}
+
+/// What a successful command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutput {
+    Cell(CellView),
+    Tenant(TenantView),
+    Route(RouteView),
+    /// The command changed state without a record to return (delete, compact).
+    Done { revision: u64 },
+}
+
+/// A cell with its id, as answers carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellView {
+    pub cell_id: Arc<str>,
+    pub record: super::model::CellRecord,
+}
+
+/// A tenant with its id, as answers carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantView {
+    pub tenant_id: Arc<str>,
+    pub record: super::model::TenantRecord,
+}
+
+impl TenantView {
+    pub fn state(&self) -> TenantState {
+        self.record.state
+    }
+}
+
+/// The kind of record a refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entity {
+    Cell,
+    Tenant,
+}
+
+impl Entity {
+    /// The request field that names a record of this kind.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Cell => "cell_id",
+            Self::Tenant => "tenant_id",
+        }
+    }
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cell => "cell",
+            Self::Tenant => "tenant",
+        })
+    }
+}
+
+/// Why a command was refused. Refusals are deterministic: every replica refuses alike, and a
+/// refused command changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: Entity, id: String },
+    #[error("{what} {id:?} already exists")]
+    AlreadyExists { what: Entity, id: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller's expected epoch is not the key's epoch; carries the current route.
+    #[error("expected_epoch: key {key} is at epoch {}, not {expected}", current.epoch)]
+    StaleEpoch {
+        key: String,
+        expected: u64,
+        current: RouteView,
+    },
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
+}
+
+/// The response of one applied log entry.
+pub type CommandResult = Result<CommandOutput, CommandError>;
+
+/// What the state machine answers for every log entry, including membership and blank entries
+/// (which answer `Ok(Done)` at the unchanged revision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied(pub CommandResult);

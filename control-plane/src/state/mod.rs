@@ -1,0 +1,542 @@
+//! The control plane's replicated state and the deterministic apply of commands to it.
+//!
+//! Nothing here does I/O: the Raft layer feeds committed commands in log order, and services read
+//! through the query methods. Maps are persistent (`imbl`), so taking a snapshot is an O(1) clone
+//! and reads are never blocked while a snapshot of ten million tenants is written.
+
+pub mod command;
+pub mod history;
+pub mod model;
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
+use crate::placement;
+use command::{CellView, Entity, Command, CommandError, CommandOutput, CommandResult, TenantView};
+use history::{Compacted, EventKind, History, RouteEvent};
+use model::{CellRecord, CellState, OverrideRecord, RouteKey, RouteView, TenantRecord, TenantState};
+
+/// Key of a conversation override: `(tenant_id, conversation_id)`, ordered so one tenant's
+/// overrides are contiguous.
+pub type OverrideKey = (Arc<str>, Arc<str>);
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default)]
+pub struct ControlState {
+    revision: u64,
+    cells: OrdMap<Arc<str>, CellRecord>,
+    tenants: OrdMap<Arc<str>, TenantRecord>,
+    overrides: OrdMap<OverrideKey, OverrideRecord>,
+    history: History,
+}
+
+impl ControlState {
+    /// Reassembles a state from its parts, as a snapshot stores them.
+    pub fn from_parts(
+        revision: u64,
+        cells: OrdMap<Arc<str>, CellRecord>,
+        tenants: OrdMap<Arc<str>, TenantRecord>,
+        overrides: OrdMap<OverrideKey, OverrideRecord>,
+        history: History,
+    ) -> Self {
+        Self {
+            revision,
+            cells,
+            tenants,
+            overrides,
+            history,
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn compacted_revision(&self) -> u64 {
+        self.history.compacted_revision()
+    }
+
+    pub fn cells(&self) -> &OrdMap<Arc<str>, CellRecord> {
+        &self.cells
+    }
+
+    pub fn tenants(&self) -> &OrdMap<Arc<str>, TenantRecord> {
+        &self.tenants
+    }
+
+    pub fn overrides(&self) -> &OrdMap<OverrideKey, OverrideRecord> {
+        &self.overrides
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Applies one committed command. A refused command changes nothing; an applied one bumps the
+    /// revision and returns the route events it caused, for the watch.
+    pub fn apply(&mut self, command: &Command) -> (CommandResult, Vec<RouteEvent>) {
+        let next_revision = self.revision + 1;
+        let mut events = Vec::new();
+        let result = match command {
+            Command::RegisterCell {
+                cell_id,
+                region,
+                zone,
+                tier,
+                endpoint,
+                capacity,
+                standby_of,
+            } => {
+                let record = CellRecord {
+                    region: region.clone(),
+                    zone: zone.clone(),
+                    tier: *tier,
+                    endpoint: endpoint.clone(),
+                    state: CellState::Joining,
+                    capacity: *capacity,
+                    load: 0,
+                    standby_of: standby_of.clone(),
+                    registered_revision: next_revision,
+                };
+                self.register_cell(cell_id, record)
+            }
+            Command::SetCellState { cell_id, state } => self.set_cell_state(cell_id, *state),
+            Command::CreateTenant {
+                tenant_id,
+                tier,
+                home_region,
+            } => self.create_tenant(tenant_id, *tier, home_region, next_revision, &mut events),
+            Command::DeleteTenant { tenant_id } => {
+                self.delete_tenant(tenant_id, next_revision, &mut events)
+            }
+            Command::MoveRoute {
+                key,
+                expected_epoch,
+                target_cell,
+            } => self.move_route(key, *expected_epoch, target_cell, next_revision, &mut events),
+            Command::Compact { revision } => {
+                if *revision > self.revision {
+                    Err(CommandError::Invalid {
+                        field: "revision".into(),
+                        rule: format!("must be at most the current revision {}", self.revision),
+                    })
+                } else {
+                    self.history.compact(*revision);
+                    Ok(CommandOutput::Done {
+                        revision: next_revision,
+                    })
+                }
+            }
+        };
+        if result.is_ok() {
+            self.revision = next_revision;
+            for event in &events {
+                self.history.push(event.clone());
+            }
+        } else {
+            assert!(events.is_empty(), "a refused command must not emit events");
+        }
+        (result, events)
+    }
+
+    fn register_cell(&mut self, cell_id: &Arc<str>, record: CellRecord) -> CommandResult {
+        if let Some(existing) = self.cells.get(cell_id) {
+            let same = existing.region == record.region
+                && existing.zone == record.zone
+                && existing.tier == record.tier
+                && existing.endpoint == record.endpoint
+                && existing.capacity == record.capacity
+                && existing.standby_of == record.standby_of;
+            // Registering the same cell again is how an agent restarts; a different cell under
+            // the same id is a mistake.
+            return if same {
+                Ok(CommandOutput::Cell(CellView {
+                    cell_id: cell_id.clone(),
+                    record: existing.clone(),
+                }))
+            } else {
+                Err(CommandError::AlreadyExists {
+                    what: Entity::Cell,
+                    id: cell_id.to_string(),
+                })
+            };
+        }
+        if let Some(primary_id) = &record.standby_of {
+            let Some(primary) = self.cells.get(primary_id) else {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "standby_of: cell {primary_id:?} is not registered"
+                )));
+            };
+            if primary.region == record.region && primary.zone == record.zone {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "standby_of: a standby must not share its primary's zone {}/{}",
+                    record.region, record.zone
+                )));
+            }
+            if primary.tier != record.tier {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "standby_of: a standby must have its primary's tier {}",
+                    primary.tier.name()
+                )));
+            }
+        }
+        self.cells.insert(cell_id.clone(), record.clone());
+        Ok(CommandOutput::Cell(CellView {
+            cell_id: cell_id.clone(),
+            record,
+        }))
+    }
+
+    fn set_cell_state(&mut self, cell_id: &Arc<str>, state: CellState) -> CommandResult {
+        let Some(cell) = self.cells.get_mut(cell_id) else {
+            return Err(not_found(Entity::Cell, cell_id));
+        };
+        if !CellState::can_move(cell.state, state) {
+            return Err(CommandError::FailedPrecondition(format!(
+                "state: cell {cell_id:?} cannot move from {} to {}",
+                cell.state.name(),
+                state.name()
+            )));
+        }
+        cell.state = state;
+        Ok(CommandOutput::Cell(CellView {
+            cell_id: cell_id.clone(),
+            record: cell.clone(),
+        }))
+    }
+
+    fn create_tenant(
+        &mut self,
+        tenant_id: &Arc<str>,
+        tier: model::Tier,
+        home_region: &Arc<str>,
+        revision: u64,
+        events: &mut Vec<RouteEvent>,
+    ) -> CommandResult {
+        if self.tenants.contains_key(tenant_id) {
+            return Err(CommandError::AlreadyExists {
+                what: Entity::Tenant,
+                id: tenant_id.to_string(),
+            });
+        }
+        let Some(cell_id) = placement::choose_primary(&self.cells, tier, home_region) else {
+            return Err(CommandError::FailedPrecondition(format!(
+                "no ACTIVE cell of tier {} with spare capacity in region {home_region:?}",
+                tier.name()
+            )));
+        };
+        let Some(cell) = self.cells.get_mut(&cell_id) else {
+            unreachable!("placement chose an unregistered cell {cell_id}");
+        };
+        cell.load += 1;
+        let endpoint = cell.endpoint.clone();
+        let record = TenantRecord {
+            tier,
+            home_region: home_region.clone(),
+            primary_cell: cell_id.clone(),
+            epoch: 1,
+            state: TenantState::Active,
+            override_count: 0,
+        };
+        self.tenants.insert(tenant_id.clone(), record.clone());
+        events.push(RouteEvent {
+            revision,
+            kind: EventKind::Put,
+            route: RouteView {
+                key: RouteKey::tenant(tenant_id.clone()),
+                cell_id,
+                endpoint,
+                epoch: 1,
+                revision,
+                is_override: false,
+            },
+        });
+        Ok(CommandOutput::Tenant(TenantView {
+            tenant_id: tenant_id.clone(),
+            record,
+        }))
+    }
+
+    fn delete_tenant(
+        &mut self,
+        tenant_id: &Arc<str>,
+        revision: u64,
+        events: &mut Vec<RouteEvent>,
+    ) -> CommandResult {
+        let Some(tenant) = self.tenants.get(tenant_id).cloned() else {
+            return Err(not_found(Entity::Tenant, tenant_id));
+        };
+        let keys: Vec<OverrideKey> = self
+            .tenant_overrides(tenant_id)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            if let Some(record) = self.overrides.remove(&key) {
+                let route = self.view(
+                    RouteKey::conversation(key.0.clone(), key.1.clone()),
+                    &record.cell_id,
+                    record.epoch,
+                    true,
+                    revision,
+                );
+                events.push(RouteEvent {
+                    revision,
+                    kind: EventKind::Delete,
+                    route,
+                });
+            }
+        }
+        self.tenants.remove(tenant_id);
+        if let Some(cell) = self.cells.get_mut(&tenant.primary_cell) {
+            cell.load = cell.load.saturating_sub(1);
+        }
+        let route = self.view(
+            RouteKey::tenant(tenant_id.clone()),
+            &tenant.primary_cell,
+            tenant.epoch,
+            false,
+            revision,
+        );
+        events.push(RouteEvent {
+            revision,
+            kind: EventKind::Delete,
+            route,
+        });
+        Ok(CommandOutput::Done { revision })
+    }
+
+    fn move_route(
+        &mut self,
+        key: &RouteKey,
+        expected_epoch: u64,
+        target_cell: &Arc<str>,
+        revision: u64,
+        events: &mut Vec<RouteEvent>,
+    ) -> CommandResult {
+        let current = self.resolve(key)?;
+        if current.epoch != expected_epoch {
+            return Err(CommandError::StaleEpoch {
+                key: key.to_string(),
+                expected: expected_epoch,
+                current,
+            });
+        }
+        let Some(target) = self.cells.get(target_cell) else {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target_cell:?} is not registered"
+            )));
+        };
+        if target.state != CellState::Active {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target_cell:?} is {}, routes move only to ACTIVE cells",
+                target.state.name()
+            )));
+        }
+        if current.cell_id == *target_cell {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: key {key} is already routed to {target_cell:?}"
+            )));
+        }
+        let new_epoch = expected_epoch + 1;
+        let target_cell = self
+            .cells
+            .get_key_value(target_cell)
+            .map(|(id, _)| id.clone())
+            .unwrap_or_else(|| target_cell.clone());
+        match &key.conversation_id {
+            None => {
+                let Some(tenant) = self.tenants.get_mut(&key.tenant_id) else {
+                    return Err(not_found(Entity::Tenant, &key.tenant_id));
+                };
+                let source = std::mem::replace(&mut tenant.primary_cell, target_cell.clone());
+                tenant.epoch = new_epoch;
+                if let Some(cell) = self.cells.get_mut(&source) {
+                    cell.load = cell.load.saturating_sub(1);
+                }
+                if let Some(cell) = self.cells.get_mut(&target_cell) {
+                    cell.load += 1;
+                }
+            }
+            Some(conversation_id) => {
+                let override_key = (key.tenant_id.clone(), conversation_id.clone());
+                let previous = self.overrides.insert(
+                    override_key,
+                    OverrideRecord {
+                        cell_id: target_cell.clone(),
+                        epoch: new_epoch,
+                    },
+                );
+                if previous.is_none() {
+                    if let Some(tenant) = self.tenants.get_mut(&key.tenant_id) {
+                        tenant.override_count += 1;
+                    }
+                }
+            }
+        }
+        let route = self.view(
+            key.clone(),
+            &target_cell,
+            new_epoch,
+            key.conversation_id.is_some(),
+            revision,
+        );
+        events.push(RouteEvent {
+            revision,
+            kind: EventKind::Put,
+            route: route.clone(),
+        });
+        Ok(CommandOutput::Route(route))
+    }
+
+    fn view(
+        &self,
+        key: RouteKey,
+        cell_id: &Arc<str>,
+        epoch: u64,
+        is_override: bool,
+        revision: u64,
+    ) -> RouteView {
+        let endpoint = self
+            .cells
+            .get(cell_id)
+            .map(|cell| cell.endpoint.clone())
+            .unwrap_or_else(|| Arc::from(""));
+        RouteView {
+            key,
+            cell_id: cell_id.clone(),
+            endpoint,
+            epoch,
+            revision,
+            is_override,
+        }
+    }
+
+    /// The route of a key: its override if it has one, else its tenant's placement.
+    pub fn resolve(&self, key: &RouteKey) -> Result<RouteView, CommandError> {
+        let Some(tenant) = self.tenants.get(&key.tenant_id) else {
+            return Err(not_found(Entity::Tenant, &key.tenant_id));
+        };
+        if let Some(conversation_id) = &key.conversation_id {
+            let override_key = (key.tenant_id.clone(), conversation_id.clone());
+            if let Some(record) = self.overrides.get(&override_key) {
+                return Ok(self.view(key.clone(), &record.cell_id, record.epoch, true, self.revision));
+            }
+        }
+        Ok(self.view(
+            key.clone(),
+            &tenant.primary_cell,
+            tenant.epoch,
+            false,
+            self.revision,
+        ))
+    }
+
+    /// One tenant's overrides, in conversation order.
+    pub fn tenant_overrides<'a>(
+        &'a self,
+        tenant_id: &Arc<str>,
+    ) -> impl Iterator<Item = (&'a OverrideKey, &'a OverrideRecord)> + 'a {
+        let tenant_id = tenant_id.clone();
+        let start: OverrideKey = (tenant_id.clone(), Arc::from(""));
+        self.overrides
+            .range((Bound::Included(start), Bound::Unbounded))
+            .take_while(move |((tenant, _), _)| *tenant == tenant_id)
+    }
+
+    /// Route events at or after `from_revision`.
+    pub fn events_since(&self, from_revision: u64) -> Result<Vec<RouteEvent>, Compacted> {
+        self.history.since(from_revision)
+    }
+
+    /// A page of tenants after `after` (exclusive), in id order.
+    pub fn tenants_after(&self, after: Option<&str>, limit: usize) -> Vec<TenantView> {
+        let lower = match after {
+            Some(after) => Bound::Excluded(Arc::<str>::from(after)),
+            None => Bound::Unbounded,
+        };
+        self.tenants
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(tenant_id, record)| TenantView {
+                tenant_id: tenant_id.clone(),
+                record: record.clone(),
+            })
+            .collect()
+    }
+
+    /// A page of routes after `after` (exclusive): every tenant's placement followed by its
+    /// overrides, in key order.
+    pub fn routes_after(&self, after: Option<&RouteKey>, limit: usize) -> Vec<RouteView> {
+        let (tenant_lower, override_lower) = match after {
+            None => (Bound::Unbounded, Bound::Unbounded),
+            Some(RouteKey {
+                tenant_id,
+                conversation_id: None,
+            }) => (
+                Bound::Excluded(tenant_id.clone()),
+                Bound::Included((tenant_id.clone(), Arc::from(""))),
+            ),
+            Some(RouteKey {
+                tenant_id,
+                conversation_id: Some(conversation_id),
+            }) => (
+                Bound::Excluded(tenant_id.clone()),
+                Bound::Excluded((tenant_id.clone(), conversation_id.clone())),
+            ),
+        };
+        let mut tenants = self.tenants.range((tenant_lower, Bound::Unbounded)).peekable();
+        let mut overrides = self
+            .overrides
+            .range((override_lower, Bound::Unbounded))
+            .peekable();
+        let mut page = Vec::with_capacity(limit.min(4096));
+        while page.len() < limit {
+            // A tenant's placement sorts before its overrides: ("t", None) < ("t", Some(_)).
+            let take_tenant = match (tenants.peek(), overrides.peek()) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((tenant_id, _)), Some(((override_tenant, _), _))) => {
+                    tenant_id.as_ref() <= override_tenant.as_ref()
+                }
+            };
+            let route = if take_tenant {
+                let Some((tenant_id, tenant)) = tenants.next() else {
+                    break;
+                };
+                self.view(
+                    RouteKey::tenant(tenant_id.clone()),
+                    &tenant.primary_cell,
+                    tenant.epoch,
+                    false,
+                    self.revision,
+                )
+            } else {
+                let Some(((tenant_id, conversation_id), record)) = overrides.next() else {
+                    break;
+                };
+                self.view(
+                    RouteKey::conversation(tenant_id.clone(), conversation_id.clone()),
+                    &record.cell_id,
+                    record.epoch,
+                    true,
+                    self.revision,
+                )
+            };
+            page.push(route);
+        }
+        page
+    }
+}
+
+fn not_found(what: Entity, id: &Arc<str>) -> CommandError {
+    CommandError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,266 @@
+use std::sync::Arc;
+
+use super::command::{Command, CommandError, CommandOutput};
+use super::history::EventKind;
+use super::model::{CellState, RouteKey, Tier};
+use super::ControlState;
+
+fn register(state: &mut ControlState, cell_id: &str, zone: &str, tier: Tier, capacity: u64) {
+    let (result, _) = state.apply(&Command::RegisterCell {
+        cell_id: Arc::from(cell_id),
+        region: Arc::from("hz"),
+        zone: Arc::from(zone),
+        tier,
+        endpoint: Arc::from(format!("127.0.0.1:{}", 7000 + state.cells().len())),
+        capacity,
+        standby_of: None,
+    });
+    result.expect("register");
+    let (result, _) = state.apply(&Command::SetCellState {
+        cell_id: Arc::from(cell_id),
+        state: CellState::Active,
+    });
+    result.expect("activate");
+}
+
+fn create(state: &mut ControlState, tenant_id: &str, tier: Tier) -> Result<CommandOutput, CommandError> {
+    state
+        .apply(&Command::CreateTenant {
+            tenant_id: Arc::from(tenant_id),
+            tier,
+            home_region: Arc::from("hz"),
+        })
+        .0
+}
+
+fn two_cells() -> ControlState {
+    let mut state = ControlState::default();
+    register(&mut state, "cell-a", "a", Tier::Normal, 100);
+    register(&mut state, "cell-b", "b", Tier::Normal, 100);
+    state
+}
+
+#[test]
+fn every_applied_command_bumps_the_revision_and_refusals_do_not() {
+    let mut state = two_cells();
+    assert_eq!(state.revision(), 4);
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    assert_eq!(state.revision(), 5);
+    let refused = create(&mut state, "acme", Tier::Normal);
+    assert!(matches!(refused, Err(CommandError::AlreadyExists { .. })));
+    assert_eq!(state.revision(), 5);
+}
+
+#[test]
+fn create_tenant_places_on_its_tier_and_reports_missing_capacity() {
+    let mut state = two_cells();
+    let created = create(&mut state, "acme", Tier::Normal).expect("create");
+    let CommandOutput::Tenant(tenant) = created else {
+        panic!("expected a tenant, got {created:?}");
+    };
+    assert_eq!(tenant.record.epoch, 1);
+    assert_eq!(state.cells().get("cell-a").map(|c| c.load), Some(1));
+
+    let err = create(&mut state, "bigco", Tier::High).expect_err("no HIGH cell");
+    let CommandError::FailedPrecondition(message) = err else {
+        panic!("expected FailedPrecondition, got {err:?}");
+    };
+    assert!(message.contains("HIGH") && message.contains("hz"), "{message}");
+}
+
+#[test]
+fn move_route_is_a_compare_and_set_on_the_epoch() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    let key = RouteKey::tenant("acme");
+    let (moved, events) = state.apply(&Command::MoveRoute {
+        key: key.clone(),
+        expected_epoch: 1,
+        target_cell: Arc::from("cell-b"),
+    });
+    let CommandOutput::Route(route) = moved.expect("move") else {
+        panic!("expected a route");
+    };
+    assert_eq!((route.cell_id.as_ref(), route.epoch), ("cell-b", 2));
+    assert_eq!(events.len(), 1);
+    assert_eq!(state.cells().get("cell-a").map(|c| c.load), Some(0));
+    assert_eq!(state.cells().get("cell-b").map(|c| c.load), Some(1));
+
+    let revision = state.revision();
+    let (stale, events) = state.apply(&Command::MoveRoute {
+        key: key.clone(),
+        expected_epoch: 1,
+        target_cell: Arc::from("cell-a"),
+    });
+    match stale {
+        Err(CommandError::StaleEpoch { current, .. }) => {
+            assert_eq!((current.cell_id.as_ref(), current.epoch), ("cell-b", 2));
+        }
+        other => panic!("expected StaleEpoch, got {other:?}"),
+    }
+    assert!(events.is_empty());
+    assert_eq!(state.revision(), revision, "a refused move changes nothing");
+}
+
+#[test]
+fn moves_only_to_registered_active_cells_other_than_the_owner() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    let attempt = |state: &mut ControlState, target: &str| {
+        state
+            .apply(&Command::MoveRoute {
+                key: RouteKey::tenant("acme"),
+                expected_epoch: 1,
+                target_cell: Arc::from(target),
+            })
+            .0
+    };
+    assert!(matches!(attempt(&mut state, "nowhere"), Err(CommandError::FailedPrecondition(m)) if m.contains("not registered")));
+    assert!(matches!(attempt(&mut state, "cell-a"), Err(CommandError::FailedPrecondition(m)) if m.contains("already routed")));
+    state
+        .apply(&Command::SetCellState {
+            cell_id: Arc::from("cell-b"),
+            state: CellState::Draining,
+        })
+        .0
+        .expect("drain");
+    assert!(matches!(attempt(&mut state, "cell-b"), Err(CommandError::FailedPrecondition(m)) if m.contains("DRAINING")));
+}
+
+#[test]
+fn overrides_win_over_placement_and_their_epoch_never_goes_back() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    let conversation = RouteKey::conversation("acme", "big-group");
+    let (result, _) = state.apply(&Command::MoveRoute {
+        key: conversation.clone(),
+        expected_epoch: 1,
+        target_cell: Arc::from("cell-b"),
+    });
+    result.expect("override");
+    let route = state.resolve(&conversation).expect("resolve");
+    assert!(route.is_override);
+    assert_eq!((route.cell_id.as_ref(), route.epoch), ("cell-b", 2));
+    let other = state
+        .resolve(&RouteKey::conversation("acme", "small"))
+        .expect("resolve");
+    assert_eq!((other.cell_id.as_ref(), other.epoch, other.is_override), ("cell-a", 1, false));
+    assert_eq!(state.tenants().get("acme").map(|t| t.override_count), Some(1));
+}
+
+#[test]
+fn delete_tenant_removes_overrides_and_emits_deletes_at_one_revision() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    for conversation in ["g1", "g2"] {
+        state
+            .apply(&Command::MoveRoute {
+                key: RouteKey::conversation("acme", conversation),
+                expected_epoch: 1,
+                target_cell: Arc::from("cell-b"),
+            })
+            .0
+            .expect("override");
+    }
+    let (result, events) = state.apply(&Command::DeleteTenant {
+        tenant_id: Arc::from("acme"),
+    });
+    result.expect("delete");
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.kind == EventKind::Delete && e.revision == state.revision()));
+    assert!(state.overrides().is_empty());
+    assert!(matches!(
+        state.resolve(&RouteKey::tenant("acme")),
+        Err(CommandError::NotFound { .. })
+    ));
+    assert_eq!(state.cells().get("cell-a").map(|c| c.load), Some(0));
+}
+
+#[test]
+fn routes_page_through_placements_and_overrides_in_key_order() {
+    let mut state = ControlState::default();
+    register(&mut state, "cell-a", "a", Tier::Normal, 1000);
+    register(&mut state, "cell-b", "b", Tier::Normal, 1000);
+    for tenant in ["t1", "t2", "t3"] {
+        create(&mut state, tenant, Tier::Normal).expect("create");
+    }
+    for (tenant, conversation) in [("t1", "c1"), ("t1", "c2"), ("t3", "c9")] {
+        state
+            .apply(&Command::MoveRoute {
+                key: RouteKey::conversation(tenant, conversation),
+                expected_epoch: 1,
+                target_cell: Arc::from("cell-b"),
+            })
+            .0
+            .expect("override");
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<RouteKey> = None;
+    loop {
+        let page = state.routes_after(after.as_ref(), 2);
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| r.key.clone());
+        seen.extend(page.into_iter().map(|r| r.key.to_string()));
+    }
+    assert_eq!(seen, ["t1", "t1/c1", "t1/c2", "t2", "t3", "t3/c9"]);
+}
+
+#[test]
+fn registering_the_same_cell_again_is_idempotent_but_a_different_one_is_refused() {
+    let mut state = two_cells();
+    let same = state.cells().get("cell-a").cloned().expect("cell");
+    let (again, _) = state.apply(&Command::RegisterCell {
+        cell_id: Arc::from("cell-a"),
+        region: same.region.clone(),
+        zone: same.zone.clone(),
+        tier: same.tier,
+        endpoint: same.endpoint.clone(),
+        capacity: same.capacity,
+        standby_of: None,
+    });
+    assert!(again.is_ok());
+    let (different, _) = state.apply(&Command::RegisterCell {
+        cell_id: Arc::from("cell-a"),
+        region: same.region.clone(),
+        zone: same.zone.clone(),
+        tier: Tier::Low,
+        endpoint: same.endpoint.clone(),
+        capacity: same.capacity,
+        standby_of: None,
+    });
+    assert!(matches!(different, Err(CommandError::AlreadyExists { .. })));
+}
+
+#[test]
+fn a_standby_never_shares_its_primarys_zone() {
+    let mut state = two_cells();
+    let (result, _) = state.apply(&Command::RegisterCell {
+        cell_id: Arc::from("cell-a-standby"),
+        region: Arc::from("hz"),
+        zone: Arc::from("a"),
+        tier: Tier::Normal,
+        endpoint: Arc::from("127.0.0.1:9"),
+        capacity: 10,
+        standby_of: Some(Arc::from("cell-a")),
+    });
+    assert!(matches!(result, Err(CommandError::FailedPrecondition(m)) if m.contains("zone")));
+}
+
+#[test]
+fn compaction_cannot_pass_the_current_revision() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    let current = state.revision();
+    let (refused, _) = state.apply(&Command::Compact {
+        revision: current + 1,
+    });
+    assert!(matches!(refused, Err(CommandError::Invalid { ref field, .. }) if field == "revision"));
+    state
+        .apply(&Command::Compact { revision: current })
+        .0
+        .expect("compact");
+    assert!(state.events_since(current).is_err());
+    assert_eq!(state.events_since(current + 1).map(|e| e.len()), Ok(0));
+}
