@@ -333,6 +333,7 @@ impl Control for ControlService {
             compacted_revision,
             members,
             role: role.to_string(),
+            purged_index: metrics.purged.map(|id| id.index).unwrap_or_default(),
         }))
     }
 }

@@ -317,11 +317,15 @@ mod tests {
                 .0
                 .expect("create");
         }
+        let other_cell = match state.tenants().get("tenant-00007").map(|t| t.primary_cell.clone()) {
+            Some(cell) if &*cell == "cell-a" => "cell-b",
+            _ => "cell-a",
+        };
         state
             .apply(&Command::MoveRoute {
                 key: RouteKey::conversation("tenant-00007", "group"),
                 expected_epoch: 1,
-                target_cell: Arc::from("cell-b"),
+                target_cell: Arc::from(other_cell),
             })
             .0
             .expect("override");

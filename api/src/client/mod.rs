@@ -1,0 +1,40 @@
+//! Clients IM services embed.
+//!
+//! [`RouteCache`] keeps every route of the control plane in memory, fed by `Watch`, so a lookup
+//! on the send path is a hash-map read instead of a network round trip.
+
+mod route_cache;
+
+pub use route_cache::{CachedRoute, RouteCache, RouteCacheOptions};
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a client could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no control-plane endpoints were given")]
+    NoEndpoints,
+    #[error("endpoint {endpoint:?}: {message}")]
+    BadEndpoint { endpoint: String, message: String },
+    #[error("no control-plane node answered: {0}")]
+    Unreachable(String),
+    #[error("control plane answered {0}")]
+    Status(#[from] tonic::Status),
+}
+
+/// A lazily connected channel to `host:port`; the connection is made on first use and remade
+/// after failures.
+pub fn channel(endpoint: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
+    Endpoint::from_shared(format!("http://{endpoint}"))
+        .map(|e| {
+            e.connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                .connect_lazy()
+        })
+        .map_err(|e| ClientError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+            message: e.to_string(),
+        })
+}

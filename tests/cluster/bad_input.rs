@@ -1,0 +1,198 @@
+//! Every bad request gets the right code and a message naming the field and the rule, and
+//! changes nothing.
+
+use cellplane_api::detail;
+use cellplane_api::proto::control::{
+    CreateTenantRequest, GetTenantRequest, MoveRouteRequest, RegisterCellRequest,
+    SetCellStateRequest, Tier,
+};
+use cellplane_api::proto::routing::{BatchLookupRequest, LookupRequest, RouteKey, lookup_result};
+use cellplane_tests::cluster::Cluster;
+use tonic::Code;
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
+    match result {
+        Ok(value) => panic!("expected {code:?} mentioning {needle:?}, got {value:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().contains(needle),
+                "message {:?} should mention {needle:?}",
+                status.message()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_right_code_and_change_nothing() {
+    let cluster = Cluster::start(3, &[]).await;
+    cluster
+        .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
+        .await;
+    let leader = cluster.wait_for_leader().await;
+    // Ask a follower too: validation happens before forwarding.
+    let follower = cluster.running_ids().into_iter().find(|&id| id != leader).expect("follower");
+    cluster.create_tenant(leader, "acme").await.expect("create acme");
+    let before = cluster.status(leader).await.expect("status").revision;
+
+    for via in [leader, follower] {
+        let mut control = cluster.control(via);
+        let mut routing = cluster.routing(via);
+        let create = |tenant_id: &str, tier: i32| CreateTenantRequest {
+            tenant_id: tenant_id.into(),
+            tier,
+            home_region: "hz".into(),
+        };
+        assert_status(control.create_tenant(create("", 2)).await, Code::InvalidArgument, "tenant_id: must not be empty");
+        assert_status(
+            control.create_tenant(create(&"t".repeat(129), 2)).await,
+            Code::InvalidArgument,
+            "tenant_id: must be at most 128 bytes, got 129",
+        );
+        assert_status(control.create_tenant(create("bad/id", 2)).await, Code::InvalidArgument, "tenant_id: may only contain");
+        assert_status(control.create_tenant(create("new", 0)).await, Code::InvalidArgument, "tier: must be HIGH, NORMAL or LOW");
+        assert_status(control.create_tenant(create("new", 17)).await, Code::InvalidArgument, "tier:");
+        assert_status(control.create_tenant(create("acme", 2)).await, Code::AlreadyExists, "tenant_id: tenant \"acme\" already exists");
+        assert_status(
+            control.create_tenant(create("vip", Tier::High as i32)).await,
+            Code::FailedPrecondition,
+            "no ACTIVE cell of tier HIGH",
+        );
+        assert_status(
+            control.get_tenant(GetTenantRequest { tenant_id: "ghost".into() }).await,
+            Code::NotFound,
+            "tenant_id: tenant \"ghost\" does not exist",
+        );
+        assert_status(
+            routing
+                .lookup(LookupRequest {
+                    tenant_id: "ghost".into(),
+                    conversation_id: "c".into(),
+                    consistency: 1,
+                })
+                .await,
+            Code::NotFound,
+            "tenant_id",
+        );
+        assert_status(
+            routing
+                .lookup(LookupRequest {
+                    tenant_id: "acme".into(),
+                    conversation_id: "c c".into(),
+                    consistency: 2,
+                })
+                .await,
+            Code::InvalidArgument,
+            "conversation_id: may only contain",
+        );
+        assert_status(
+            routing
+                .lookup(LookupRequest {
+                    tenant_id: "acme".into(),
+                    conversation_id: String::new(),
+                    consistency: 9,
+                })
+                .await,
+            Code::InvalidArgument,
+            "consistency",
+        );
+        assert_status(
+            control
+                .set_cell_state(SetCellStateRequest {
+                    cell_id: "nowhere".into(),
+                    state: 2,
+                })
+                .await,
+            Code::NotFound,
+            "cell_id: cell \"nowhere\" does not exist",
+        );
+        assert_status(
+            control
+                .register_cell(RegisterCellRequest {
+                    cell_id: "cell-a".into(),
+                    region: "hz".into(),
+                    zone: "z".into(),
+                    tier: Tier::Low as i32,
+                    endpoint: "127.0.0.1:1".into(),
+                    capacity: 5,
+                    standby_of: String::new(),
+                })
+                .await,
+            Code::AlreadyExists,
+            "cell_id: cell \"cell-a\" already exists",
+        );
+
+        let move_to = |target: &str, epoch: u64| MoveRouteRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            expected_epoch: epoch,
+            target_cell: target.into(),
+        };
+        assert_status(control.move_route(move_to("cell-x", 1)).await, Code::FailedPrecondition, "target_cell: cell \"cell-x\" is not registered");
+        let stale = control.move_route(move_to("cell-b", 7)).await.expect_err("stale epoch");
+        assert_eq!(stale.code(), Code::Aborted);
+        assert!(stale.message().contains("expected_epoch"), "{stale:?}");
+        let current = detail::decode(&stale).and_then(|d| d.current_route).expect("current route in detail");
+        assert_eq!(current.epoch, 1);
+        assert_eq!(current.tenant_id, "acme");
+        assert_status(control.move_route(move_to("cell-b", 0)).await, Code::InvalidArgument, "expected_epoch");
+
+        // A batch answers per key; one bad key does not fail the others.
+        let batch = routing
+            .batch_lookup(BatchLookupRequest {
+                keys: vec![
+                    RouteKey { tenant_id: "acme".into(), conversation_id: "c1".into() },
+                    RouteKey { tenant_id: "".into(), conversation_id: "c1".into() },
+                    RouteKey { tenant_id: "ghost".into(), conversation_id: "".into() },
+                ],
+                consistency: 1,
+            })
+            .await
+            .expect("batch")
+            .into_inner();
+        let codes: Vec<Option<i32>> = batch
+            .results
+            .iter()
+            .map(|r| match &r.result {
+                Some(lookup_result::Result::Route(_)) => None,
+                Some(lookup_result::Result::Error(e)) => Some(e.code),
+                None => Some(-1),
+            })
+            .collect();
+        assert_eq!(codes, vec![None, Some(Code::InvalidArgument as i32), Some(Code::NotFound as i32)]);
+        match &batch.results[1].result {
+            Some(lookup_result::Result::Error(e)) => assert!(e.message.contains("keys[1].tenant_id"), "{e:?}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    // A draining cell takes no moves.
+    let mut control = cluster.control(leader);
+    control
+        .set_cell_state(SetCellStateRequest { cell_id: "cell-b".into(), state: 3 })
+        .await
+        .expect("drain cell-b");
+    let after_drain = cluster.status(leader).await.expect("status").revision;
+    assert_eq!(after_drain, before + 1, "refused requests changed the state");
+    let target = control
+        .get_tenant(GetTenantRequest { tenant_id: "acme".into() })
+        .await
+        .expect("acme")
+        .into_inner();
+    let other = if target.primary_cell == "cell-a" { "cell-b" } else { "cell-a" };
+    let refused = control
+        .move_route(MoveRouteRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            expected_epoch: 1,
+            target_cell: other.into(),
+        })
+        .await;
+    if other == "cell-b" {
+        assert_status(refused, Code::FailedPrecondition, "is DRAINING");
+    } else {
+        // acme was on the draining cell; it may still move away from it.
+        refused.expect("move off the draining cell");
+    }
+}

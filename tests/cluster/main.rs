@@ -1,0 +1,10 @@
+//! Tests against real `cellplane serve` processes on loopback, each with its own data directory.
+//! Processes are SIGKILLed and restarted; every test checks an invariant, never a log line.
+
+mod bad_input;
+mod crash;
+mod linearizable;
+mod route_cache;
+mod serving;
+mod snapshot;
+mod watch;

@@ -1,0 +1,61 @@
+//! A node that falls behind the purged log catches up from a snapshot the leader sends.
+
+use cellplane_api::proto::control::Tier;
+use cellplane_api::proto::routing::{Consistency, LookupRequest};
+use cellplane_tests::cluster::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_behind_installs_a_snapshot() {
+    let mut cluster = Cluster::start(
+        3,
+        &["--snapshot-after-logs", "40", "--logs-kept-after-snapshot", "0"],
+    )
+    .await;
+    cluster
+        .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
+        .await;
+    let leader = cluster.wait_for_leader().await;
+    let lagging = cluster.running_ids().into_iter().find(|&id| id != leader).expect("follower");
+    let behind_at = cluster.status(lagging).await.expect("status").last_log_index;
+    cluster.kill(lagging).await;
+
+    for i in 0..300 {
+        cluster
+            .create_tenant(leader, &format!("tenant-{i:03}"))
+            .await
+            .expect("create tenant");
+    }
+    let leader_status = cluster.status(leader).await.expect("leader status");
+    assert!(
+        leader_status.purged_index > behind_at,
+        "the leader kept its log (purged up to {}, follower needs {})",
+        leader_status.purged_index,
+        behind_at + 1
+    );
+
+    cluster.restart(lagging);
+    cluster.wait_for_revision(lagging, leader_status.revision).await;
+    let caught_up = cluster.status(lagging).await.expect("status");
+    assert!(
+        caught_up.snapshot_index >= leader_status.purged_index,
+        "the follower caught up without a snapshot covering the purged log: {caught_up:?}"
+    );
+    let mut routing = cluster.routing(lagging);
+    for i in 0..300 {
+        let route = routing
+            .lookup(LookupRequest {
+                tenant_id: format!("tenant-{i:03}"),
+                conversation_id: String::new(),
+                consistency: Consistency::Stale as i32,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("tenant-{i:03} missing on the caught-up node: {e}"))
+            .into_inner();
+        assert_eq!(route.route.map(|r| r.epoch), Some(1));
+    }
+
+    // It restarts again from its own disk (snapshot + log), with nothing to fetch.
+    cluster.kill(lagging).await;
+    cluster.restart(lagging);
+    cluster.wait_for_revision(lagging, leader_status.revision).await;
+}

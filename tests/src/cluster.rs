@@ -1,0 +1,232 @@
+//! A control-plane cluster of real `cellplane serve` processes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{
+    ClusterStatusRequest, ClusterStatusResponse, CreateTenantRequest, RegisterCellRequest,
+    SetCellStateRequest, Tier,
+};
+use cellplane_api::proto::routing::routing_client::RoutingClient;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::{binary, free_port};
+
+/// One node process and where it keeps its data.
+pub struct NodeProcess {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running cluster; every process is killed when it is dropped.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub nodes: BTreeMap<u64, NodeProcess>,
+    peers: String,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `size` nodes and waits until they agree on a leader.
+    pub async fn start(size: u64, extra_args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("cellplane-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=size {
+            let addr = format!("127.0.0.1:{}", free_port());
+            nodes.insert(
+                id,
+                NodeProcess {
+                    id,
+                    addr,
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    child: None,
+                },
+            );
+        }
+        let peers = nodes
+            .values()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            nodes,
+            peers,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=size {
+            cluster.spawn(id);
+        }
+        cluster.wait_for_leader().await;
+        cluster
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("node id");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .expect("log file");
+        let child = Command::new(binary("cellplane"))
+            .arg("serve")
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(&node.addr)
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--peers")
+            .arg(&self.peers)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cellplane serve");
+        node.child = Some(child);
+    }
+
+    /// SIGKILLs a node: no shutdown, no flush, as a crash.
+    pub async fn kill(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("node id");
+        if let Some(mut child) = node.child.take() {
+            child.kill().await.expect("kill node");
+        }
+    }
+
+    /// Starts a killed node again from its data directory.
+    pub fn restart(&mut self, id: u64) {
+        assert!(self.nodes[&id].child.is_none(), "node {id} is still running");
+        self.spawn(id);
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes[&id].child.is_some()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn running_ids(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    pub fn channel(&self, id: u64) -> Channel {
+        cellplane_api::client::channel(&self.nodes[&id].addr, Duration::from_millis(500))
+            .expect("channel")
+    }
+
+    pub fn control(&self, id: u64) -> ControlClient<Channel> {
+        ControlClient::new(self.channel(id))
+    }
+
+    pub fn routing(&self, id: u64) -> RoutingClient<Channel> {
+        RoutingClient::new(self.channel(id))
+    }
+
+    pub async fn status(&self, id: u64) -> Option<ClusterStatusResponse> {
+        let mut client = self.control(id);
+        let request = tonic::Request::new(ClusterStatusRequest {});
+        tokio::time::timeout(Duration::from_secs(1), client.cluster_status(request))
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits until every running node names the same leader, and returns it.
+    pub async fn wait_for_leader(&self) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.running_ids() {
+                leaders.push(self.status(id).await.map(|s| s.leader_id).unwrap_or(0));
+            }
+            if let Some(&first) = leaders.first() {
+                if first != 0
+                    && leaders.iter().all(|&l| l == first)
+                    && self.is_running(first)
+                {
+                    return first;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader within 30s (saw {leaders:?}); logs in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied the control state up to `revision`.
+    pub async fn wait_for_revision(&self, id: u64, revision: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.status(id).await.is_some_and(|s| s.revision >= revision) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} did not reach revision {revision} within 30s; logs in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Registers and activates cells (`cell_id`, `zone`, tier) in region `hz`, capacity 1M each.
+    pub async fn add_cells(&self, cells: &[(&str, &str, Tier)]) {
+        let mut control = self.control(self.wait_for_leader().await);
+        for (i, (cell_id, zone, tier)) in cells.iter().enumerate() {
+            control
+                .register_cell(RegisterCellRequest {
+                    cell_id: cell_id.to_string(),
+                    region: "hz".into(),
+                    zone: zone.to_string(),
+                    tier: *tier as i32,
+                    endpoint: format!("127.0.0.1:{}", 20_000 + i),
+                    capacity: 1_000_000,
+                    standby_of: String::new(),
+                })
+                .await
+                .expect("register cell");
+            control
+                .set_cell_state(SetCellStateRequest {
+                    cell_id: cell_id.to_string(),
+                    state: cellplane_api::proto::control::CellState::Active as i32,
+                })
+                .await
+                .expect("activate cell");
+        }
+    }
+
+    /// Creates a tenant of tier NORMAL in `hz`.
+    pub async fn create_tenant(&self, via: u64, tenant_id: &str) -> Result<u64, tonic::Status> {
+        self.control(via)
+            .create_tenant(CreateTenantRequest {
+                tenant_id: tenant_id.into(),
+                tier: Tier::Normal as i32,
+                home_region: "hz".into(),
+            })
+            .await
+            .map(|r| r.into_inner().epoch)
+    }
+}
