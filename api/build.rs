@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // The descriptor set feeds gRPC reflection, so tools such as grpcurl work without the protos.
-    std::fs::write(out_dir.join("cellplane_descriptor.bin"), fds.encode_to_vec())?;
+    std::fs::write(
+        out_dir.join("cellplane_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -18,15 +18,15 @@ pub fn stale_epoch(message: impl Into<String>, current: Route) -> tonic::Status 
         current_route: Some(current),
         compacted_revision: 0,
     };
-    tonic::Status::with_details(
-        tonic::Code::Aborted,
-        message,
-        detail.encode_to_vec().into(),
-    )
+    tonic::Status::with_details(tonic::Code::Aborted, message, detail.encode_to_vec().into())
 }
 
 /// `OUT_OF_RANGE`: a watch asked for a compacted revision; reload at `current_revision`.
-pub fn compacted(from_revision: u64, compacted_revision: u64, current_revision: u64) -> tonic::Status {
+pub fn compacted(
+    from_revision: u64,
+    compacted_revision: u64,
+    current_revision: u64,
+) -> tonic::Status {
     let detail = ErrorDetail {
         current_route: None,
         current_revision,

@@ -55,10 +55,7 @@ fn validate_id_chars(field: &str, value: &str) -> Result<(), InvalidField> {
     if value.len() > MAX_ID_BYTES {
         return Err(InvalidField::new(
             field,
-            format!(
-                "must be at most {MAX_ID_BYTES} bytes, got {}",
-                value.len()
-            ),
+            format!("must be at most {MAX_ID_BYTES} bytes, got {}", value.len()),
         ));
     }
     if let Some(pos) = value.bytes().position(|b| !allowed(b)) {
@@ -90,7 +87,10 @@ pub fn validate_endpoint(field: &str, value: &str) -> Result<(), InvalidField> {
             "must be host:port with a port in 1..=65535",
         ));
     }
-    if value.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if value
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(InvalidField::new(field, "must not contain whitespace"));
     }
     Ok(())

@@ -31,12 +31,12 @@ pub mod proto {
         }
     }
 
-    /// `cellplane.routing.v1`: lookups and the route watch.
-    pub use cellplane::routing::v1 as routing;
     /// `cellplane.control.v1`: cells, tenants and route moves.
     pub use cellplane::control::v1 as control;
     /// `cellplane.raft.v1`: the transport between control-plane nodes.
     pub use cellplane::raft::v1 as raft;
+    /// `cellplane.routing.v1`: lookups and the route watch.
+    pub use cellplane::routing::v1 as routing;
 
     /// Encoded descriptors of every cellplane service, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -189,7 +189,10 @@ mod tests {
     fn peers_parse_and_refuse_duplicates() {
         assert!(NodeConfig::parse_peers("1=a:1,1=b:2").is_err());
         assert!(NodeConfig::parse_peers("x=a:1").is_err());
-        assert_eq!(NodeConfig::parse_peers("2=a:1, 1=b:2").map(|p| p.len()), Ok(2));
+        assert_eq!(
+            NodeConfig::parse_peers("2=a:1, 1=b:2").map(|p| p.len()),
+            Ok(2)
+        );
     }
 
     #[test]

@@ -72,10 +72,12 @@ pub struct DevOptions {
 async fn bind_nodes(data_dir: &Path) -> Result<Vec<(u64, TcpListener)>, DevError> {
     let cluster_path = data_dir.join("cluster.json");
     let remembered: Option<ClusterFile> = match std::fs::read_to_string(&cluster_path) {
-        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| DevError::ClusterFile {
-            path: cluster_path.clone(),
-            message: e.to_string(),
-        })?),
+        Ok(text) => Some(
+            serde_json::from_str(&text).map_err(|e| DevError::ClusterFile {
+                path: cluster_path.clone(),
+                message: e.to_string(),
+            })?,
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => {
             return Err(DevError::DataDir {
@@ -123,13 +125,13 @@ async fn wait_for_leader(endpoints: &[String]) -> Result<u64, DevError> {
     let deadline = tokio::time::Instant::now() + LEADER_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
         for endpoint in endpoints {
-            if let Ok(mut client) = ControlClient::connect(format!("http://{endpoint}")).await {
-                if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
-                    let leader = status.into_inner().leader_id;
-                    if leader != 0 {
-                        return Ok(leader);
-                    }
-                }
+            let Ok(mut client) = ControlClient::connect(format!("http://{endpoint}")).await else {
+                continue;
+            };
+            if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await
+                && status.get_ref().leader_id != 0
+            {
+                return Ok(status.into_inner().leader_id);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -198,10 +200,11 @@ pub async fn run(
             control_plane: endpoints.clone(),
             cells: Vec::new(),
         };
-        let text = serde_json::to_string_pretty(&endpoints).map_err(|e| DevError::EndpointsFile {
-            path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        let text =
+            serde_json::to_string_pretty(&endpoints).map_err(|e| DevError::EndpointsFile {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
         // Write then rename, so a script polling for the file never reads half of it.
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text)

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError};
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -43,7 +45,7 @@ pub enum NodeError {
     #[error("state machine: {0}")]
     StateMachine(#[from] SnapshotError),
     #[error("raft config: {0}")]
-    RaftConfig(#[from] openraft::ConfigError),
+    RaftConfig(#[from] Box<openraft::ConfigError>),
     #[error("raft: {0}")]
     Raft(#[from] openraft::error::Fatal<NodeId>),
     #[error("initializing the cluster: {0}")]
@@ -80,7 +82,10 @@ impl Node {
         self.shutdown.clone()
     }
 
-    fn channel_to(&self, leader: &ForwardToLeader<NodeId, BasicNode>) -> Result<Channel, tonic::Status> {
+    fn channel_to(
+        &self,
+        leader: &ForwardToLeader<NodeId, BasicNode>,
+    ) -> Result<Channel, tonic::Status> {
         let Some(node) = &leader.leader_node else {
             return Err(tonic::Status::unavailable(
                 "no leader is known yet (election in progress); retry",
@@ -101,7 +106,11 @@ impl Node {
 
     /// Proposes `command`; on a follower, answers where to forward it unless it was forwarded
     /// already.
-    pub async fn propose(&self, command: Command, forwarded: bool) -> Result<Proposal, tonic::Status> {
+    pub async fn propose(
+        &self,
+        command: Command,
+        forwarded: bool,
+    ) -> Result<Proposal, tonic::Status> {
         let kind = command.kind();
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await;
         match written {
@@ -153,13 +162,14 @@ pub fn is_forwarded(metadata: &MetadataMap) -> bool {
 /// Wraps a request to forward it to the leader.
 pub fn forwarded<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+    request.metadata_mut().insert(
+        FORWARDED_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     request
 }
 
-fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, openraft::ConfigError> {
+fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraft::ConfigError>> {
     let tuning = &config.raft;
     let raft = openraft::Config {
         cluster_name: "cellplane".into(),
@@ -173,7 +183,7 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, openraft::C
         install_snapshot_timeout: 2_000,
         ..Default::default()
     };
-    Ok(Arc::new(raft.validate()?))
+    Ok(Arc::new(raft.validate().map_err(Box::new)?))
 }
 
 /// Runs one node until `shutdown` resolves, then drains in-flight calls and stops Raft.

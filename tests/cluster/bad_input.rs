@@ -32,8 +32,15 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         .await;
     let leader = cluster.wait_for_leader().await;
     // Ask a follower too: validation happens before forwarding.
-    let follower = cluster.running_ids().into_iter().find(|&id| id != leader).expect("follower");
-    cluster.create_tenant(leader, "acme").await.expect("create acme");
+    let follower = cluster
+        .running_ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    cluster
+        .create_tenant(leader, "acme")
+        .await
+        .expect("create acme");
     let before = cluster.status(leader).await.expect("status").revision;
 
     for via in [leader, follower] {
@@ -44,23 +51,49 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
             tier,
             home_region: "hz".into(),
         };
-        assert_status(control.create_tenant(create("", 2)).await, Code::InvalidArgument, "tenant_id: must not be empty");
+        assert_status(
+            control.create_tenant(create("", 2)).await,
+            Code::InvalidArgument,
+            "tenant_id: must not be empty",
+        );
         assert_status(
             control.create_tenant(create(&"t".repeat(129), 2)).await,
             Code::InvalidArgument,
             "tenant_id: must be at most 128 bytes, got 129",
         );
-        assert_status(control.create_tenant(create("bad/id", 2)).await, Code::InvalidArgument, "tenant_id: may only contain");
-        assert_status(control.create_tenant(create("new", 0)).await, Code::InvalidArgument, "tier: must be HIGH, NORMAL or LOW");
-        assert_status(control.create_tenant(create("new", 17)).await, Code::InvalidArgument, "tier:");
-        assert_status(control.create_tenant(create("acme", 2)).await, Code::AlreadyExists, "tenant_id: tenant \"acme\" already exists");
         assert_status(
-            control.create_tenant(create("vip", Tier::High as i32)).await,
+            control.create_tenant(create("bad/id", 2)).await,
+            Code::InvalidArgument,
+            "tenant_id: may only contain",
+        );
+        assert_status(
+            control.create_tenant(create("new", 0)).await,
+            Code::InvalidArgument,
+            "tier: must be HIGH, NORMAL or LOW",
+        );
+        assert_status(
+            control.create_tenant(create("new", 17)).await,
+            Code::InvalidArgument,
+            "tier:",
+        );
+        assert_status(
+            control.create_tenant(create("acme", 2)).await,
+            Code::AlreadyExists,
+            "tenant_id: tenant \"acme\" already exists",
+        );
+        assert_status(
+            control
+                .create_tenant(create("vip", Tier::High as i32))
+                .await,
             Code::FailedPrecondition,
             "no ACTIVE cell of tier HIGH",
         );
         assert_status(
-            control.get_tenant(GetTenantRequest { tenant_id: "ghost".into() }).await,
+            control
+                .get_tenant(GetTenantRequest {
+                    tenant_id: "ghost".into(),
+                })
+                .await,
             Code::NotFound,
             "tenant_id: tenant \"ghost\" does not exist",
         );
@@ -129,22 +162,44 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
             expected_epoch: epoch,
             target_cell: target.into(),
         };
-        assert_status(control.move_route(move_to("cell-x", 1)).await, Code::FailedPrecondition, "target_cell: cell \"cell-x\" is not registered");
-        let stale = control.move_route(move_to("cell-b", 7)).await.expect_err("stale epoch");
+        assert_status(
+            control.move_route(move_to("cell-x", 1)).await,
+            Code::FailedPrecondition,
+            "target_cell: cell \"cell-x\" is not registered",
+        );
+        let stale = control
+            .move_route(move_to("cell-b", 7))
+            .await
+            .expect_err("stale epoch");
         assert_eq!(stale.code(), Code::Aborted);
         assert!(stale.message().contains("expected_epoch"), "{stale:?}");
-        let current = detail::decode(&stale).and_then(|d| d.current_route).expect("current route in detail");
+        let current = detail::decode(&stale)
+            .and_then(|d| d.current_route)
+            .expect("current route in detail");
         assert_eq!(current.epoch, 1);
         assert_eq!(current.tenant_id, "acme");
-        assert_status(control.move_route(move_to("cell-b", 0)).await, Code::InvalidArgument, "expected_epoch");
+        assert_status(
+            control.move_route(move_to("cell-b", 0)).await,
+            Code::InvalidArgument,
+            "expected_epoch",
+        );
 
         // A batch answers per key; one bad key does not fail the others.
         let batch = routing
             .batch_lookup(BatchLookupRequest {
                 keys: vec![
-                    RouteKey { tenant_id: "acme".into(), conversation_id: "c1".into() },
-                    RouteKey { tenant_id: "".into(), conversation_id: "c1".into() },
-                    RouteKey { tenant_id: "ghost".into(), conversation_id: "".into() },
+                    RouteKey {
+                        tenant_id: "acme".into(),
+                        conversation_id: "c1".into(),
+                    },
+                    RouteKey {
+                        tenant_id: "".into(),
+                        conversation_id: "c1".into(),
+                    },
+                    RouteKey {
+                        tenant_id: "ghost".into(),
+                        conversation_id: "".into(),
+                    },
                 ],
                 consistency: 1,
             })
@@ -160,9 +215,18 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
                 None => Some(-1),
             })
             .collect();
-        assert_eq!(codes, vec![None, Some(Code::InvalidArgument as i32), Some(Code::NotFound as i32)]);
+        assert_eq!(
+            codes,
+            vec![
+                None,
+                Some(Code::InvalidArgument as i32),
+                Some(Code::NotFound as i32)
+            ]
+        );
         match &batch.results[1].result {
-            Some(lookup_result::Result::Error(e)) => assert!(e.message.contains("keys[1].tenant_id"), "{e:?}"),
+            Some(lookup_result::Result::Error(e)) => {
+                assert!(e.message.contains("keys[1].tenant_id"), "{e:?}")
+            }
             other => panic!("expected an error, got {other:?}"),
         }
     }
@@ -170,17 +234,30 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
     // A draining cell takes no moves.
     let mut control = cluster.control(leader);
     control
-        .set_cell_state(SetCellStateRequest { cell_id: "cell-b".into(), state: 3 })
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "cell-b".into(),
+            state: 3,
+        })
         .await
         .expect("drain cell-b");
     let after_drain = cluster.status(leader).await.expect("status").revision;
-    assert_eq!(after_drain, before + 1, "refused requests changed the state");
+    assert_eq!(
+        after_drain,
+        before + 1,
+        "refused requests changed the state"
+    );
     let target = control
-        .get_tenant(GetTenantRequest { tenant_id: "acme".into() })
+        .get_tenant(GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
         .await
         .expect("acme")
         .into_inner();
-    let other = if target.primary_cell == "cell-a" { "cell-b" } else { "cell-a" };
+    let other = if target.primary_cell == "cell-a" {
+        "cell-b"
+    } else {
+        "cell-a"
+    };
     let refused = control
         .move_route(MoveRouteRequest {
             tenant_id: "acme".into(),

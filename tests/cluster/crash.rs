@@ -53,8 +53,12 @@ async fn writer(
             },
         );
         // Every other tenant also moves once, a compare-and-set on the acknowledged epoch.
-        if i % 2 == 0 {
-            let target = if created.primary_cell == "cell-a" { "cell-b" } else { "cell-a" };
+        if i.is_multiple_of(2) {
+            let target = if created.primary_cell == "cell-a" {
+                "cell-b"
+            } else {
+                "cell-a"
+            };
             let mut request = tonic::Request::new(MoveRouteRequest {
                 tenant_id: tenant.clone(),
                 conversation_id: String::new(),
@@ -100,7 +104,10 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let old_leader = cluster.read().await.wait_for_leader().await;
     let acked_before_kill = acks.lock().expect("acks").len();
-    assert!(acked_before_kill > 20, "writers made too little progress: {acked_before_kill}");
+    assert!(
+        acked_before_kill > 20,
+        "writers made too little progress: {acked_before_kill}"
+    );
     cluster.write().await.kill(old_leader).await;
 
     let new_leader = cluster.read().await.wait_for_leader().await;
@@ -111,23 +118,38 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
         writer.await.expect("writer");
     }
     let acks = acks.lock().expect("acks").clone();
-    assert!(acks.len() > acked_before_kill, "no write was acknowledged after the leader died");
+    assert!(
+        acks.len() > acked_before_kill,
+        "no write was acknowledged after the leader died"
+    );
 
     // Every acknowledged write is in the new leader's state.
     let mut cluster = cluster.write().await;
-    let leader_routes = collect_routes(&cluster, new_leader, Consistency::Linearizable, &acks).await;
+    let leader_routes =
+        collect_routes(&cluster, new_leader, Consistency::Linearizable, &acks).await;
     for (tenant, ack) in &acks {
-        let route = leader_routes[tenant].as_ref().unwrap_or_else(|e| panic!("acknowledged tenant {tenant} is lost: {e}"));
+        let route = leader_routes[tenant]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("acknowledged tenant {tenant} is lost: {e}"));
         // A later attempt may have applied without being acknowledged, so the epoch may be
         // higher; it may never be lower, and at the same epoch the cell must match.
-        assert!(route.0 >= ack.epoch, "{tenant}: epoch went back from {} to {}", ack.epoch, route.0);
+        assert!(
+            route.0 >= ack.epoch,
+            "{tenant}: epoch went back from {} to {}",
+            ack.epoch,
+            route.0
+        );
         if route.0 == ack.epoch {
             assert_eq!(route.1, ack.cell, "{tenant}: acknowledged cell lost");
         }
     }
 
     // The killed node restarts from its own disk and catches up to the same state.
-    let revision = cluster.status(new_leader).await.expect("leader status").revision;
+    let revision = cluster
+        .status(new_leader)
+        .await
+        .expect("leader status")
+        .revision;
     cluster.restart(old_leader);
     cluster.wait_for_revision(old_leader, revision).await;
     let restarted_routes = collect_routes(&cluster, old_leader, Consistency::Stale, &acks).await;

@@ -52,7 +52,11 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
                 n += 1;
                 let via = ids[n % ids.len()];
                 let mut control = cluster.read().await.control(via);
-                let target = if n % 2 == 0 { "cell-a" } else { "cell-b" };
+                let target = if n.is_multiple_of(2) {
+                    "cell-a"
+                } else {
+                    "cell-b"
+                };
                 let mut request = tonic::Request::new(MoveRouteRequest {
                     tenant_id: "lin".into(),
                     conversation_id: format!("c{key}"),
@@ -64,12 +68,18 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
                     Ok(moved) => {
                         let route = moved.into_inner().route.expect("route");
                         epoch = route.epoch;
-                        acked.lock().expect("acked").push(Acked { key, epoch, at: Instant::now() });
+                        acked.lock().expect("acked").push(Acked {
+                            key,
+                            epoch,
+                            at: Instant::now(),
+                        });
                     }
                     Err(status) => {
                         // A stale epoch (an earlier attempt applied unacknowledged) carries the
                         // current route; anything else is retried as is.
-                        if let Some(current) = cellplane_api::detail::decode(&status).and_then(|d| d.current_route) {
+                        if let Some(current) =
+                            cellplane_api::detail::decode(&status).and_then(|d| d.current_route)
+                        {
                             epoch = current.epoch;
                         } else if status.message().contains("already routed") {
                             // The previous unacknowledged attempt moved it there; try the other way.
@@ -102,7 +112,11 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
                 request.set_timeout(Duration::from_secs(3));
                 if let Ok(answer) = routing.lookup(request).await {
                     let route = answer.into_inner().route.expect("route");
-                    reads.lock().expect("reads").push(Read { key, epoch: route.epoch, started });
+                    reads.lock().expect("reads").push(Read {
+                        key,
+                        epoch: route.epoch,
+                        started,
+                    });
                 }
             }
         }));
@@ -120,7 +134,11 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
 
     let acked = acked.lock().expect("acked").clone();
     let reads = reads.lock().expect("reads").clone();
-    assert!(acked.len() > 20, "too few acknowledged writes: {}", acked.len());
+    assert!(
+        acked.len() > 20,
+        "too few acknowledged writes: {}",
+        acked.len()
+    );
     assert!(reads.len() > 100, "too few reads: {}", reads.len());
     for read in &reads {
         let newest_before = acked

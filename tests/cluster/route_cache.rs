@@ -16,12 +16,19 @@ async fn leader_routes(cluster: &Cluster) -> Vec<(String, String, u64)> {
     let mut routes = Vec::new();
     loop {
         let page = routing
-            .list_routes(ListRoutesRequest { page_size: 7, page_token: token.clone() })
+            .list_routes(ListRoutesRequest {
+                page_size: 7,
+                page_token: token.clone(),
+            })
             .await
             .expect("list routes")
             .into_inner();
         routes.extend(page.routes.into_iter().map(|r| {
-            (format!("{}/{}", r.tenant_id, r.conversation_id), r.cell_id, r.epoch)
+            (
+                format!("{}/{}", r.tenant_id, r.conversation_id),
+                r.cell_id,
+                r.epoch,
+            )
         }));
         if page.next_page_token.is_empty() {
             break;
@@ -35,18 +42,26 @@ async fn assert_cache_matches(cache: &RouteCache, cluster: &Cluster) {
     let leader = cluster.wait_for_leader().await;
     let revision = cluster.status(leader).await.expect("status").revision;
     assert!(
-        cache.wait_for_revision(revision, Duration::from_secs(20)).await,
+        cache
+            .wait_for_revision(revision, Duration::from_secs(20))
+            .await,
         "cache stuck at revision {} below {revision}",
         cache.revision()
     );
     let routes = leader_routes(cluster).await;
     for (key, cell, epoch) in &routes {
         let (tenant, conversation) = key.split_once('/').expect("key");
-        let cached = cache.lookup(tenant, conversation).unwrap_or_else(|| panic!("{key} not cached"));
+        let cached = cache
+            .lookup(tenant, conversation)
+            .unwrap_or_else(|| panic!("{key} not cached"));
         assert_eq!((&cached.cell_id, cached.epoch), (cell, *epoch), "{key}");
     }
     let (tenants, overrides) = cache.len();
-    assert_eq!(tenants + overrides, routes.len(), "cache holds routes the leader does not");
+    assert_eq!(
+        tenants + overrides,
+        routes.len(),
+        "cache holds routes the leader does not"
+    );
 }
 
 async fn churn(cluster: &Cluster, prefix: &str, count: usize) {
@@ -54,7 +69,10 @@ async fn churn(cluster: &Cluster, prefix: &str, count: usize) {
     let mut control = cluster.control(leader);
     for i in 0..count {
         let tenant = format!("{prefix}-{i}");
-        let epoch = cluster.create_tenant(leader, &tenant).await.expect("create");
+        let epoch = cluster
+            .create_tenant(leader, &tenant)
+            .await
+            .expect("create");
         if i % 3 == 0 {
             let routing_answer = cluster
                 .routing(leader)
@@ -68,7 +86,11 @@ async fn churn(cluster: &Cluster, prefix: &str, count: usize) {
                 .into_inner()
                 .route
                 .expect("route");
-            let target = if routing_answer.cell_id == "cell-a" { "cell-b" } else { "cell-a" };
+            let target = if routing_answer.cell_id == "cell-a" {
+                "cell-b"
+            } else {
+                "cell-a"
+            };
             control
                 .move_route(MoveRouteRequest {
                     tenant_id: tenant,
@@ -97,7 +119,12 @@ async fn the_cache_follows_moves_node_death_and_compaction() {
     assert!(cache.lookup("ghost", "c").is_none());
     let first = cache.lookup("before-0", "any").expect("route");
     assert!(!first.is_override);
-    assert!(cache.lookup("before-0", "hot-group").expect("route").is_override);
+    assert!(
+        cache
+            .lookup("before-0", "hot-group")
+            .expect("route")
+            .is_override
+    );
 
     // The cache follows node 1 first; kill it and keep writing.
     cluster.kill(1).await;
@@ -106,9 +133,12 @@ async fn the_cache_follows_moves_node_death_and_compaction() {
     cluster.restart(1);
 
     // A cache that only knows node 3 misses history that is then compacted: it reloads.
-    let lonely = RouteCache::start(vec![cluster.nodes[&3].addr.clone()], RouteCacheOptions::default())
-        .await
-        .expect("start second cache");
+    let lonely = RouteCache::start(
+        vec![cluster.nodes[&3].addr.clone()],
+        RouteCacheOptions::default(),
+    )
+    .await
+    .expect("start second cache");
     cluster.kill(3).await;
     churn(&cluster, "while-away", 10).await;
     let leader = cluster.wait_for_leader().await;

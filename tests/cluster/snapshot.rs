@@ -8,15 +8,28 @@ use cellplane_tests::cluster::Cluster;
 async fn a_node_far_behind_installs_a_snapshot() {
     let mut cluster = Cluster::start(
         3,
-        &["--snapshot-after-logs", "40", "--logs-kept-after-snapshot", "0"],
+        &[
+            "--snapshot-after-logs",
+            "40",
+            "--logs-kept-after-snapshot",
+            "0",
+        ],
     )
     .await;
     cluster
         .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
         .await;
     let leader = cluster.wait_for_leader().await;
-    let lagging = cluster.running_ids().into_iter().find(|&id| id != leader).expect("follower");
-    let behind_at = cluster.status(lagging).await.expect("status").last_log_index;
+    let lagging = cluster
+        .running_ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    let behind_at = cluster
+        .status(lagging)
+        .await
+        .expect("status")
+        .last_log_index;
     cluster.kill(lagging).await;
 
     for i in 0..300 {
@@ -34,7 +47,9 @@ async fn a_node_far_behind_installs_a_snapshot() {
     );
 
     cluster.restart(lagging);
-    cluster.wait_for_revision(lagging, leader_status.revision).await;
+    cluster
+        .wait_for_revision(lagging, leader_status.revision)
+        .await;
     let caught_up = cluster.status(lagging).await.expect("status");
     assert!(
         caught_up.snapshot_index >= leader_status.purged_index,
@@ -57,5 +72,7 @@ async fn a_node_far_behind_installs_a_snapshot() {
     // It restarts again from its own disk (snapshot + log), with nothing to fetch.
     cluster.kill(lagging).await;
     cluster.restart(lagging);
-    cluster.wait_for_revision(lagging, leader_status.revision).await;
+    cluster
+        .wait_for_revision(lagging, leader_status.revision)
+        .await;
 }

@@ -17,9 +17,15 @@ async fn watcher(endpoints: Vec<String>, from: u64, tx: mpsc::UnboundedSender<Wa
     loop {
         let endpoint = &endpoints[i % endpoints.len()];
         i += 1;
-        let channel = cellplane_api::client::channel(endpoint, Duration::from_millis(300)).expect("channel");
+        let channel =
+            cellplane_api::client::channel(endpoint, Duration::from_millis(300)).expect("channel");
         let mut client = cellplane_api::proto::routing::routing_client::RoutingClient::new(channel);
-        if let Ok(stream) = client.watch(WatchRequest { from_revision: next }).await {
+        if let Ok(stream) = client
+            .watch(WatchRequest {
+                from_revision: next,
+            })
+            .await
+        {
             let mut stream = stream.into_inner();
             while let Ok(Some(message)) = stream.message().await {
                 next = message.revision + 1;
@@ -39,7 +45,11 @@ async fn watchers_see_every_event_once_in_order_across_a_restart() {
         .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
         .await;
     let leader = cluster.wait_for_leader().await;
-    let watched = cluster.running_ids().into_iter().find(|&id| id != leader).expect("follower");
+    let watched = cluster
+        .running_ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
     let other = cluster
         .running_ids()
         .into_iter()
@@ -47,7 +57,10 @@ async fn watchers_see_every_event_once_in_order_across_a_restart() {
         .expect("second follower");
     let start = cluster.status(leader).await.expect("status").revision + 1;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let endpoints = vec![cluster.nodes[&watched].addr.clone(), cluster.nodes[&other].addr.clone()];
+    let endpoints = vec![
+        cluster.nodes[&watched].addr.clone(),
+        cluster.nodes[&other].addr.clone(),
+    ];
     let watch_task = tokio::spawn(watcher(endpoints, start, tx));
 
     // What was acknowledged: (key, epoch) of every create and move.
@@ -56,15 +69,24 @@ async fn watchers_see_every_event_once_in_order_across_a_restart() {
     for round in 0..3 {
         for i in 0..20 {
             let tenant = format!("r{round}-t{i}");
-            let epoch = cluster.create_tenant(leader, &tenant).await.expect("create");
+            let epoch = cluster
+                .create_tenant(leader, &tenant)
+                .await
+                .expect("create");
             acked.push((tenant.clone(), epoch));
             let primary = control
-                .get_tenant(cellplane_api::proto::control::GetTenantRequest { tenant_id: tenant.clone() })
+                .get_tenant(cellplane_api::proto::control::GetTenantRequest {
+                    tenant_id: tenant.clone(),
+                })
                 .await
                 .expect("get")
                 .into_inner()
                 .primary_cell;
-            let target = if primary == "cell-a" { "cell-b" } else { "cell-a" };
+            let target = if primary == "cell-a" {
+                "cell-b"
+            } else {
+                "cell-a"
+            };
             let moved = control
                 .move_route(MoveRouteRequest {
                     tenant_id: tenant.clone(),
@@ -125,12 +147,19 @@ async fn watchers_see_every_event_once_in_order_across_a_restart() {
 
     // Compaction: a watch from before it is told to reload, with the current revision.
     control
-        .compact(CompactRequest { revision: final_revision })
+        .compact(CompactRequest {
+            revision: final_revision,
+        })
         .await
         .expect("compact");
     let mut routing = cluster.routing(watched);
     cluster.wait_for_revision(watched, final_revision + 1).await;
-    let status = match routing.watch(WatchRequest { from_revision: start }).await {
+    let status = match routing
+        .watch(WatchRequest {
+            from_revision: start,
+        })
+        .await
+    {
         Err(status) => status,
         Ok(stream) => stream
             .into_inner()
@@ -143,8 +172,12 @@ async fn watchers_see_every_event_once_in_order_across_a_restart() {
     let detail = detail::decode(&status).expect("detail");
     assert!(detail.current_revision > final_revision);
     assert_eq!(detail.compacted_revision, final_revision);
-    assert!(routing
-        .watch(WatchRequest { from_revision: final_revision + 1 })
-        .await
-        .is_ok());
+    assert!(
+        routing
+            .watch(WatchRequest {
+                from_revision: final_revision + 1
+            })
+            .await
+            .is_ok()
+    );
 }

@@ -108,7 +108,10 @@ impl Cluster {
 
     /// Starts a killed node again from its data directory.
     pub fn restart(&mut self, id: u64) {
-        assert!(self.nodes[&id].child.is_none(), "node {id} is still running");
+        assert!(
+            self.nodes[&id].child.is_none(),
+            "node {id} is still running"
+        );
         self.spawn(id);
     }
 
@@ -159,13 +162,12 @@ impl Cluster {
             for id in self.running_ids() {
                 leaders.push(self.status(id).await.map(|s| s.leader_id).unwrap_or(0));
             }
-            if let Some(&first) = leaders.first() {
-                if first != 0
-                    && leaders.iter().all(|&l| l == first)
-                    && self.is_running(first)
-                {
-                    return first;
-                }
+            if let Some(&first) = leaders.first()
+                && first != 0
+                && leaders.iter().all(|&l| l == first)
+                && self.is_running(first)
+            {
+                return first;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -180,7 +182,11 @@ impl Cluster {
     pub async fn wait_for_revision(&self, id: u64, revision: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if self.status(id).await.is_some_and(|s| s.revision >= revision) {
+            if self
+                .status(id)
+                .await
+                .is_some_and(|s| s.revision >= revision)
+            {
                 return;
             }
             assert!(

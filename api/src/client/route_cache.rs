@@ -68,7 +68,10 @@ impl Routes {
     }
 
     fn put(&mut self, route: &Route, known_at: u64) {
-        if self.slot(route).is_some_and(|cached| cached.known_at > known_at) {
+        if self
+            .slot(route)
+            .is_some_and(|cached| cached.known_at > known_at)
+        {
             return;
         }
         let cached = CachedRoute {
@@ -88,7 +91,10 @@ impl Routes {
     }
 
     fn delete(&mut self, route: &Route, revision: u64) {
-        if self.slot(route).is_some_and(|cached| cached.known_at > revision) {
+        if self
+            .slot(route)
+            .is_some_and(|cached| cached.known_at > revision)
+        {
             return;
         }
         if route.conversation_id.is_empty() {
@@ -122,13 +128,19 @@ impl Drop for RouteCache {
 impl RouteCache {
     /// Loads every route from one of `endpoints` and starts following changes. Returns once the
     /// first load is complete, or fails when no endpoint answers.
-    pub async fn start(endpoints: Vec<String>, options: RouteCacheOptions) -> Result<Self, ClientError> {
+    pub async fn start(
+        endpoints: Vec<String>,
+        options: RouteCacheOptions,
+    ) -> Result<Self, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut clients = Vec::new();
         for endpoint in &endpoints {
-            clients.push(RoutingClient::new(channel(endpoint, options.connect_timeout)?));
+            clients.push(RoutingClient::new(channel(
+                endpoint,
+                options.connect_timeout,
+            )?));
         }
         let (revision_tx, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -156,7 +168,11 @@ impl RouteCache {
     /// The route of a conversation (or, with an empty `conversation_id`, of the tenant):
     /// its override if it has one, else its tenant's placement. `None` for an unknown tenant.
     pub fn lookup(&self, tenant_id: &str, conversation_id: &str) -> Option<Route> {
-        let routes = self.shared.routes.read().expect("route cache lock poisoned");
+        let routes = self
+            .shared
+            .routes
+            .read()
+            .expect("route cache lock poisoned");
         let revision = *self.shared.revision.borrow();
         let (cached, is_override) = if conversation_id.is_empty() {
             (routes.tenants.get(tenant_id)?, false)
@@ -187,7 +203,11 @@ impl RouteCache {
 
     /// Tenants and overrides held.
     pub fn len(&self) -> (usize, usize) {
-        let routes = self.shared.routes.read().expect("route cache lock poisoned");
+        let routes = self
+            .shared
+            .routes
+            .read()
+            .expect("route cache lock poisoned");
         (routes.tenants.len(), routes.overrides.len())
     }
 
@@ -308,9 +328,15 @@ mod tests {
         let mut routes = Routes::default();
         routes.put(&route("t", "", "new", 3), 10);
         routes.put(&route("t", "", "old", 2), 7);
-        assert_eq!(routes.tenants.get("t").map(|r| r.cell_id.as_str()), Some("new"));
+        assert_eq!(
+            routes.tenants.get("t").map(|r| r.cell_id.as_str()),
+            Some("new")
+        );
         routes.delete(&route("t", "", "old", 2), 8);
-        assert!(routes.tenants.contains_key("t"), "a stale delete is skipped");
+        assert!(
+            routes.tenants.contains_key("t"),
+            "a stale delete is skipped"
+        );
         routes.delete(&route("t", "", "new", 3), 11);
         assert!(!routes.tenants.contains_key("t"));
     }

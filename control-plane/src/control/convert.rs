@@ -30,7 +30,10 @@ pub fn register_cell(request: pb::RegisterCellRequest) -> Result<Command, Invali
         return Err(InvalidField::new("capacity", "must be at least 1"));
     }
     if request.standby_of == request.cell_id {
-        return Err(InvalidField::new("standby_of", "a cell cannot be its own standby"));
+        return Err(InvalidField::new(
+            "standby_of",
+            "a cell cannot be its own standby",
+        ));
     }
     Ok(Command::RegisterCell {
         cell_id: id("cell_id", request.cell_id)?,

@@ -94,7 +94,9 @@ impl Control for ControlService {
         let message = request.into_inner();
         validate_id("cell_id", &message.cell_id)?;
         if let Some(channel) = self.node.linearize(was_forwarded).await? {
-            return ControlClient::new(channel).get_cell(forwarded(message)).await;
+            return ControlClient::new(channel)
+                .get_cell(forwarded(message))
+                .await;
         }
         let found = self.node.shared.read(|state| {
             state
@@ -122,13 +124,17 @@ impl Control for ControlService {
         let message = request.into_inner();
         cellplane_api::ids::validate_optional_id("region", &message.region)?;
         if let Some(channel) = self.node.linearize(was_forwarded).await? {
-            return ControlClient::new(channel).list_cells(forwarded(message)).await;
+            return ControlClient::new(channel)
+                .list_cells(forwarded(message))
+                .await;
         }
         let cells = self.node.shared.read(|state| {
             state
                 .cells()
                 .iter()
-                .filter(|(_, record)| message.region.is_empty() || *record.region == *message.region)
+                .filter(|(_, record)| {
+                    message.region.is_empty() || *record.region == *message.region
+                })
                 .map(|(cell_id, record)| {
                     convert::cell_to_proto(&CellView {
                         cell_id: cell_id.clone(),
@@ -182,7 +188,9 @@ impl Control for ControlService {
         let message = request.into_inner();
         validate_id("tenant_id", &message.tenant_id)?;
         if let Some(channel) = self.node.linearize(was_forwarded).await? {
-            return ControlClient::new(channel).get_tenant(forwarded(message)).await;
+            return ControlClient::new(channel)
+                .get_tenant(forwarded(message))
+                .await;
         }
         let found = self.node.shared.read(|state| {
             state
@@ -213,15 +221,22 @@ impl Control for ControlService {
             validate_id("page_token", &message.page_token)?;
         }
         if let Some(channel) = self.node.linearize(was_forwarded).await? {
-            return ControlClient::new(channel).list_tenants(forwarded(message)).await;
+            return ControlClient::new(channel)
+                .list_tenants(forwarded(message))
+                .await;
         }
         let after = (!message.page_token.is_empty()).then_some(message.page_token.as_str());
         // One more than asked tells whether another page exists.
-        let mut page = self.node.shared.read(|state| state.tenants_after(after, limit + 1));
+        let mut page = self
+            .node
+            .shared
+            .read(|state| state.tenants_after(after, limit + 1));
         let more = page.len() > limit;
         page.truncate(limit);
         let next_page_token = if more {
-            page.last().map(|t| t.tenant_id.to_string()).unwrap_or_default()
+            page.last()
+                .map(|t| t.tenant_id.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -291,7 +306,9 @@ impl Control for ControlService {
             }
             Proposal::Applied(other) => Err(unexpected(other)),
             Proposal::Forward(channel) => {
-                ControlClient::new(channel).compact(forwarded(message)).await
+                ControlClient::new(channel)
+                    .compact(forwarded(message))
+                    .await
             }
         }
     }

@@ -11,10 +11,9 @@ pub fn command_error(err: CommandError) -> tonic::Status {
         CommandError::NotFound { what, id } => {
             tonic::Status::not_found(format!("{}: {what} {id:?} does not exist", what.field()))
         }
-        CommandError::AlreadyExists { what, id } => tonic::Status::already_exists(format!(
-            "{}: {what} {id:?} already exists",
-            what.field()
-        )),
+        CommandError::AlreadyExists { what, id } => {
+            tonic::Status::already_exists(format!("{}: {what} {id:?} already exists", what.field()))
+        }
         CommandError::FailedPrecondition(message) => tonic::Status::failed_precondition(message),
         CommandError::StaleEpoch {
             key,

@@ -60,7 +60,10 @@ mod tests {
         cells.insert(Arc::from("hz-a-high-1"), cell("hz", "a", Tier::High, 10, 9));
         cells.insert(Arc::from("hz-b-high-2"), cell("hz", "b", Tier::High, 10, 2));
         cells.insert(Arc::from("hz-a-low-1"), cell("hz", "a", Tier::Low, 100, 0));
-        cells.insert(Arc::from("sh-a-high-1"), cell("sh", "a", Tier::High, 100, 0));
+        cells.insert(
+            Arc::from("sh-a-high-1"),
+            cell("sh", "a", Tier::High, 100, 0),
+        );
         assert_eq!(
             choose_primary(&cells, Tier::High, "hz").as_deref(),
             Some("hz-b-high-2")

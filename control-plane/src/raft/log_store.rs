@@ -179,8 +179,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for entry in entries {
-            let bytes = codec::encode(&entry)
-                .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+            let bytes =
+                codec::encode(&entry).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
             encoded.push((entry.log_id.index, bytes));
         }
         let db = self.db.clone();
@@ -224,8 +224,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let bytes = codec::encode(&log_id)
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        let bytes =
+            codec::encode(&log_id).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
         let db = self.db.clone();
         run_blocking(move || {
             let txn = db.begin_write().map_err(redb_error)?;

@@ -9,7 +9,6 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
-
 use crate::state::command::{Applied, Command};
 
 openraft::declare_raft_types!(

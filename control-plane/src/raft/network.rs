@@ -92,9 +92,11 @@ impl PeerClient {
                 ))));
             }
         };
-        let data = codec::encode(request)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut grpc_request = tonic::Request::new(RaftPayload { format: FORMAT, data });
+        let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut grpc_request = tonic::Request::new(RaftPayload {
+            format: FORMAT,
+            data,
+        });
         grpc_request.set_timeout(option.hard_ttl());
         let response = match method {
             Method::AppendEntries => client.append_entries(grpc_request).await,
@@ -112,7 +114,11 @@ impl PeerClient {
             codec::decode_versioned(payload.format, &payload.data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         answer.map_err(|e| {
-            RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
         })
     }
 }

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use imbl::{OrdMap, Vector};
 use openraft::{BasicNode, SnapshotMeta};
@@ -140,7 +140,10 @@ pub fn write(
             Frame::Tenants,
         )?,
         overrides: writer.chunks(
-            state.overrides().iter().map(|(k, v)| (k.clone(), v.clone())),
+            state
+                .overrides()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
             Frame::Overrides,
         )?,
         events: writer.chunks(state.history().events().iter().cloned(), Frame::Events)?,
@@ -170,9 +173,7 @@ pub fn read_meta(path: &Path) -> Result<SnapshotMeta<NodeId, BasicNode>, Snapsho
 
 /// Reads a whole snapshot back into a state, interning cell and region ids so millions of
 /// tenants share one copy of each.
-pub fn read(
-    file: File,
-) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState), SnapshotError> {
+pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState), SnapshotError> {
     let mut reader = FrameReader::open(file)?;
     let Some(Frame::Header(header)) = reader.next()? else {
         return Err(SnapshotError::Corrupt("missing header".into()));
@@ -184,7 +185,10 @@ pub fn read(
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
     let intern_cell = |cells: &OrdMap<Arc<str>, CellRecord>, id: Arc<str>| {
-        cells.get_key_value(&id).map(|(k, _)| k.clone()).unwrap_or(id)
+        cells
+            .get_key_value(&id)
+            .map(|(k, _)| k.clone())
+            .unwrap_or(id)
     };
     loop {
         match reader.next()? {
@@ -317,7 +321,11 @@ mod tests {
                 .0
                 .expect("create");
         }
-        let other_cell = match state.tenants().get("tenant-00007").map(|t| t.primary_cell.clone()) {
+        let other_cell = match state
+            .tenants()
+            .get("tenant-00007")
+            .map(|t| t.primary_cell.clone())
+        {
             Some(cell) if &*cell == "cell-a" => "cell-b",
             _ => "cell-a",
         };
@@ -355,9 +363,18 @@ mod tests {
         assert_eq!(read_back.overrides(), state.overrides());
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
-        let cell_key = read_back.cells().get_key_value("cell-a").map(|(k, _)| k.clone());
-        let tenant_cell = read_back.tenants().get("tenant-00000").map(|t| t.primary_cell.clone());
-        assert!(Arc::ptr_eq(&cell_key.expect("cell"), &tenant_cell.expect("tenant")));
+        let cell_key = read_back
+            .cells()
+            .get_key_value("cell-a")
+            .map(|(k, _)| k.clone());
+        let tenant_cell = read_back
+            .tenants()
+            .get("tenant-00000")
+            .map(|t| t.primary_cell.clone());
+        assert!(Arc::ptr_eq(
+            &cell_key.expect("cell"),
+            &tenant_cell.expect("tenant")
+        ));
     }
 
     #[test]

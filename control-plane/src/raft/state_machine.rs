@@ -109,7 +109,6 @@ impl SnapshotDir {
         self.dir.join(format!("snapshot-{index:020}.snap"))
     }
 
-
     /// The newest complete snapshot file, if any.
     fn latest(&self) -> std::io::Result<Option<PathBuf>> {
         let mut newest: Option<PathBuf> = None;
@@ -131,7 +130,10 @@ impl SnapshotDir {
     fn prune(&self, keep: &Path) -> std::io::Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if name.starts_with("snapshot-") && name.ends_with(".snap") && path.as_path() < keep {
                 std::fs::remove_file(&path)?;
             }
@@ -280,10 +282,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     metrics::counter!("cellplane_commands_applied_total", "command" => command.kind(), "ok" => if result.is_ok() { "true" } else { "false" }).increment(1);
                     if !events.is_empty() {
                         // No receivers is normal: nobody is watching.
-                        let _ = self.shared.watch_tx.send(WatchSignal::Batch(Arc::new(WatchBatch {
-                            revision: machine.control.revision(),
-                            events,
-                        })));
+                        let _ =
+                            self.shared
+                                .watch_tx
+                                .send(WatchSignal::Batch(Arc::new(WatchBatch {
+                                    revision: machine.control.revision(),
+                                    events,
+                                })));
                     }
                     result
                 }

@@ -28,7 +28,10 @@ fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, Status> {
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
     let data = codec::encode(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftPayload { format: FORMAT, data }))
+    Ok(Response::new(RaftPayload {
+        format: FORMAT,
+        data,
+    }))
 }
 
 #[tonic::async_trait]

@@ -93,10 +93,10 @@ impl Routing for RoutingService {
             &message.tenant_id,
             &message.conversation_id,
         )?;
-        if linearizable(message.consistency)? {
-            if let Some(channel) = self.node.linearize(was_forwarded).await? {
-                return RoutingClient::new(channel).lookup(forwarded(message)).await;
-            }
+        if linearizable(message.consistency)?
+            && let Some(channel) = self.node.linearize(was_forwarded).await?
+        {
+            return RoutingClient::new(channel).lookup(forwarded(message)).await;
         }
         let route = self
             .node
@@ -117,7 +117,10 @@ impl Routing for RoutingService {
         if message.keys.len() > MAX_BATCH_KEYS {
             return Err(InvalidField::new(
                 "keys",
-                format!("at most {MAX_BATCH_KEYS} keys per batch, got {}", message.keys.len()),
+                format!(
+                    "at most {MAX_BATCH_KEYS} keys per batch, got {}",
+                    message.keys.len()
+                ),
             )
             .into());
         }
@@ -135,12 +138,12 @@ impl Routing for RoutingService {
                 )
             })
             .collect();
-        if linearizable(message.consistency)? {
-            if let Some(channel) = self.node.linearize(was_forwarded).await? {
-                return RoutingClient::new(channel)
-                    .batch_lookup(forwarded(message))
-                    .await;
-            }
+        if linearizable(message.consistency)?
+            && let Some(channel) = self.node.linearize(was_forwarded).await?
+        {
+            return RoutingClient::new(channel)
+                .batch_lookup(forwarded(message))
+                .await;
         }
         let (results, revision) = self.node.shared.read(|state| {
             let results = keys
@@ -192,7 +195,10 @@ impl Routing for RoutingService {
         let limit = page_size(message.page_size)?;
         let after = parse_route_token(&message.page_token)?;
         let (mut page, revision) = self.node.shared.read(|state| {
-            (state.routes_after(after.as_ref(), limit + 1), state.revision())
+            (
+                state.routes_after(after.as_ref(), limit + 1),
+                state.revision(),
+            )
         });
         let more = page.len() > limit;
         page.truncate(limit);
@@ -215,12 +221,12 @@ impl Routing for RoutingService {
         let was_forwarded = is_forwarded(request.metadata());
         let message = request.into_inner();
         validate_id("tenant_id", &message.tenant_id)?;
-        if linearizable(message.consistency)? {
-            if let Some(channel) = self.node.linearize(was_forwarded).await? {
-                return RoutingClient::new(channel)
-                    .list_tenant_cells(forwarded(message))
-                    .await;
-            }
+        if linearizable(message.consistency)?
+            && let Some(channel) = self.node.linearize(was_forwarded).await?
+        {
+            return RoutingClient::new(channel)
+                .list_tenant_cells(forwarded(message))
+                .await;
         }
         let tenant_id: Arc<str> = Arc::from(message.tenant_id.as_str());
         let answer = self.node.shared.read(|state| {
@@ -238,8 +244,9 @@ impl Routing for RoutingService {
                 },
             );
             for (_, record) in state.tenant_overrides(&tenant_id) {
-                let entry = cells.entry(record.cell_id.clone()).or_insert_with(|| {
-                    pb::TenantCell {
+                let entry = cells
+                    .entry(record.cell_id.clone())
+                    .or_insert_with(|| pb::TenantCell {
                         cell_id: record.cell_id.to_string(),
                         endpoint: state
                             .cells()
@@ -248,14 +255,16 @@ impl Routing for RoutingService {
                             .unwrap_or_default(),
                         is_placement: false,
                         override_count: 0,
-                    }
-                });
+                    });
                 entry.override_count += 1;
             }
             Ok::<_, Status>((cells.into_values().collect(), state.revision()))
         });
         let (cells, revision) = answer?;
-        Ok(Response::new(pb::ListTenantCellsResponse { cells, revision }))
+        Ok(Response::new(pb::ListTenantCellsResponse {
+            cells,
+            revision,
+        }))
     }
 }
 
@@ -280,6 +289,9 @@ mod tests {
     fn unknown_consistency_values_are_refused() {
         assert_eq!(linearizable(1), Ok(true));
         assert_eq!(linearizable(0), Ok(false));
-        assert_eq!(linearizable(7).map_err(|e| e.field), Err("consistency".to_string()));
+        assert_eq!(
+            linearizable(7).map_err(|e| e.field),
+            Err("consistency".to_string())
+        );
     }
 }

@@ -59,16 +59,11 @@ pub fn start(node: &Arc<Node>, from_revision: u64) -> Result<WatchStream, Status
         } else {
             from_revision
         };
-        (
-            from,
-            state.events_since(from),
-            state.revision(),
-        )
+        (from, state.events_since(from), state.revision())
     });
     let (from, history, current) = initial;
-    let history = history.map_err(|compacted| {
-        detail::compacted(from, compacted.compacted_revision, current)
-    })?;
+    let history = history
+        .map_err(|compacted| detail::compacted(from, compacted.compacted_revision, current))?;
     let (tx, rx) = mpsc::channel(WATCH_BUFFER);
     let node = node.clone();
     tokio::spawn(async move {

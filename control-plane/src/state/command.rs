@@ -70,7 +70,9 @@ pub enum CommandOutput {
     Tenant(TenantView),
     Route(RouteView),
     /// The command changed state without a record to return (delete, compact).
-    Done { revision: u64 },
+    Done {
+        revision: u64,
+    },
 }
 
 /// A cell with its id, as answers carry it.

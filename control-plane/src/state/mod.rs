@@ -14,9 +14,11 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use crate::placement;
-use command::{CellView, Entity, Command, CommandError, CommandOutput, CommandResult, TenantView};
+use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
 use history::{Compacted, EventKind, History, RouteEvent};
-use model::{CellRecord, CellState, OverrideRecord, RouteKey, RouteView, TenantRecord, TenantState};
+use model::{
+    CellRecord, CellState, OverrideRecord, RouteKey, RouteView, TenantRecord, TenantState,
+};
 
 /// Key of a conversation override: `(tenant_id, conversation_id)`, ordered so one tenant's
 /// overrides are contiguous.
@@ -115,7 +117,13 @@ impl ControlState {
                 key,
                 expected_epoch,
                 target_cell,
-            } => self.move_route(key, *expected_epoch, target_cell, next_revision, &mut events),
+            } => self.move_route(
+                key,
+                *expected_epoch,
+                target_cell,
+                next_revision,
+                &mut events,
+            ),
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {
@@ -368,10 +376,10 @@ impl ControlState {
                         epoch: new_epoch,
                     },
                 );
-                if previous.is_none() {
-                    if let Some(tenant) = self.tenants.get_mut(&key.tenant_id) {
-                        tenant.override_count += 1;
-                    }
+                if previous.is_none()
+                    && let Some(tenant) = self.tenants.get_mut(&key.tenant_id)
+                {
+                    tenant.override_count += 1;
                 }
             }
         }
@@ -421,7 +429,13 @@ impl ControlState {
         if let Some(conversation_id) = &key.conversation_id {
             let override_key = (key.tenant_id.clone(), conversation_id.clone());
             if let Some(record) = self.overrides.get(&override_key) {
-                return Ok(self.view(key.clone(), &record.cell_id, record.epoch, true, self.revision));
+                return Ok(self.view(
+                    key.clone(),
+                    &record.cell_id,
+                    record.epoch,
+                    true,
+                    self.revision,
+                ));
             }
         }
         Ok(self.view(
@@ -486,7 +500,10 @@ impl ControlState {
                 Bound::Excluded((tenant_id.clone(), conversation_id.clone())),
             ),
         };
-        let mut tenants = self.tenants.range((tenant_lower, Bound::Unbounded)).peekable();
+        let mut tenants = self
+            .tenants
+            .range((tenant_lower, Bound::Unbounded))
+            .peekable();
         let mut overrides = self
             .overrides
             .range((override_lower, Bound::Unbounded))

@@ -172,7 +172,10 @@ impl RouteKey {
         }
     }
 
-    pub fn conversation(tenant_id: impl Into<Arc<str>>, conversation_id: impl Into<Arc<str>>) -> Self {
+    pub fn conversation(
+        tenant_id: impl Into<Arc<str>>,
+        conversation_id: impl Into<Arc<str>>,
+    ) -> Self {
         Self {
             tenant_id: tenant_id.into(),
             conversation_id: Some(conversation_id.into()),
@@ -230,8 +233,14 @@ mod tests {
         assert!(CellState::can_move(Joining, Active));
         assert!(CellState::can_move(Active, Demoted));
         assert!(CellState::can_move(Failed, Joining));
-        assert!(!CellState::can_move(Failed, Active), "a failed cell must rejoin first");
-        assert!(!CellState::can_move(Demoted, Active), "a demoted cell must rejoin first");
+        assert!(
+            !CellState::can_move(Failed, Active),
+            "a failed cell must rejoin first"
+        );
+        assert!(
+            !CellState::can_move(Demoted, Active),
+            "a demoted cell must rejoin first"
+        );
         assert!(!CellState::can_move(Joining, Draining));
         assert!(CellState::can_move(Active, Active));
     }

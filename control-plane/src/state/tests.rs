@@ -1,9 +1,9 @@
 use std::sync::Arc;
 
+use super::ControlState;
 use super::command::{Command, CommandError, CommandOutput};
 use super::history::EventKind;
 use super::model::{CellState, RouteKey, Tier};
-use super::ControlState;
 
 fn register(state: &mut ControlState, cell_id: &str, zone: &str, tier: Tier, capacity: u64) {
     let (result, _) = state.apply(&Command::RegisterCell {
@@ -23,7 +23,11 @@ fn register(state: &mut ControlState, cell_id: &str, zone: &str, tier: Tier, cap
     result.expect("activate");
 }
 
-fn create(state: &mut ControlState, tenant_id: &str, tier: Tier) -> Result<CommandOutput, CommandError> {
+fn create(
+    state: &mut ControlState,
+    tenant_id: &str,
+    tier: Tier,
+) -> Result<CommandOutput, CommandError> {
     state
         .apply(&Command::CreateTenant {
             tenant_id: Arc::from(tenant_id),
@@ -65,7 +69,10 @@ fn create_tenant_places_on_its_tier_and_reports_missing_capacity() {
     let CommandError::FailedPrecondition(message) = err else {
         panic!("expected FailedPrecondition, got {err:?}");
     };
-    assert!(message.contains("HIGH") && message.contains("hz"), "{message}");
+    assert!(
+        message.contains("HIGH") && message.contains("hz"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -115,8 +122,12 @@ fn moves_only_to_registered_active_cells_other_than_the_owner() {
             })
             .0
     };
-    assert!(matches!(attempt(&mut state, "nowhere"), Err(CommandError::FailedPrecondition(m)) if m.contains("not registered")));
-    assert!(matches!(attempt(&mut state, "cell-a"), Err(CommandError::FailedPrecondition(m)) if m.contains("already routed")));
+    assert!(
+        matches!(attempt(&mut state, "nowhere"), Err(CommandError::FailedPrecondition(m)) if m.contains("not registered"))
+    );
+    assert!(
+        matches!(attempt(&mut state, "cell-a"), Err(CommandError::FailedPrecondition(m)) if m.contains("already routed"))
+    );
     state
         .apply(&Command::SetCellState {
             cell_id: Arc::from("cell-b"),
@@ -124,7 +135,9 @@ fn moves_only_to_registered_active_cells_other_than_the_owner() {
         })
         .0
         .expect("drain");
-    assert!(matches!(attempt(&mut state, "cell-b"), Err(CommandError::FailedPrecondition(m)) if m.contains("DRAINING")));
+    assert!(
+        matches!(attempt(&mut state, "cell-b"), Err(CommandError::FailedPrecondition(m)) if m.contains("DRAINING"))
+    );
 }
 
 #[test]
@@ -144,8 +157,14 @@ fn overrides_win_over_placement_and_their_epoch_never_goes_back() {
     let other = state
         .resolve(&RouteKey::conversation("acme", "small"))
         .expect("resolve");
-    assert_eq!((other.cell_id.as_ref(), other.epoch, other.is_override), ("cell-a", 1, false));
-    assert_eq!(state.tenants().get("acme").map(|t| t.override_count), Some(1));
+    assert_eq!(
+        (other.cell_id.as_ref(), other.epoch, other.is_override),
+        ("cell-a", 1, false)
+    );
+    assert_eq!(
+        state.tenants().get("acme").map(|t| t.override_count),
+        Some(1)
+    );
 }
 
 #[test]
@@ -167,7 +186,11 @@ fn delete_tenant_removes_overrides_and_emits_deletes_at_one_revision() {
     });
     result.expect("delete");
     assert_eq!(events.len(), 3);
-    assert!(events.iter().all(|e| e.kind == EventKind::Delete && e.revision == state.revision()));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.kind == EventKind::Delete && e.revision == state.revision())
+    );
     assert!(state.overrides().is_empty());
     assert!(matches!(
         state.resolve(&RouteKey::tenant("acme")),
