@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto;
-use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
-};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, InitializeError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,6 +19,7 @@ use crate::config::NodeConfig;
 use crate::control::ControlService;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_RAFT_MESSAGE_BYTES, NetworkFactory};
+use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::snapshot::SnapshotError;
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::transport::TransportService;
@@ -63,6 +62,7 @@ pub struct Node {
     pub id: NodeId,
     pub raft: Raft,
     pub shared: Arc<SharedState>,
+    proposer: Proposer,
     /// Channels to other nodes by address, reused for forwarded calls.
     channels: Mutex<HashMap<String, Channel>>,
     /// Flips to true on shutdown, so long-lived watch streams end and the server can drain.
@@ -112,17 +112,15 @@ impl Node {
         forwarded: bool,
     ) -> Result<Proposal, tonic::Status> {
         let kind = command.kind();
-        let written = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await;
-        match written {
+        let proposed = tokio::time::timeout(WRITE_TIMEOUT, self.proposer.propose(command)).await;
+        match proposed {
             Err(_) => Err(tonic::Status::unavailable(format!(
                 "{kind} was not committed within {WRITE_TIMEOUT:?} (no quorum?); it may still apply, retry with care"
             ))),
-            Ok(Ok(response)) => response
-                .data
-                .0
+            Ok(Ok(result)) => result
                 .map(Proposal::Applied)
                 .map_err(crate::control::status::command_error),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(leader)))) => {
+            Ok(Err(ProposeError::ForwardToLeader(leader))) => {
                 if forwarded {
                     return Err(tonic::Status::unavailable(
                         "leadership changed while the request was forwarded; retry",
@@ -130,7 +128,9 @@ impl Node {
                 }
                 self.channel_to(&leader).map(Proposal::Forward)
             }
-            Ok(Err(err)) => Err(tonic::Status::unavailable(format!("raft: {err}"))),
+            Ok(Err(ProposeError::Unavailable(message))) => {
+                Err(tonic::Status::unavailable(format!("raft: {message}")))
+            }
         }
     }
 
@@ -186,6 +186,19 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraf
     Ok(Arc::new(raft.validate().map_err(Box::new)?))
 }
 
+/// Accepted connections with Nagle's algorithm off: small Raft and API answers would otherwise
+/// wait for the peer's delayed ACK (tens of milliseconds) before leaving.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// Runs one node until `shutdown` resolves, then drains in-flight calls and stops Raft.
 pub async fn serve(
     config: NodeConfig,
@@ -224,6 +237,7 @@ pub async fn serve(
         id: config.node_id,
         raft: raft.clone(),
         shared,
+        proposer: Proposer::start(raft.clone()),
         channels: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx,
     });
@@ -262,7 +276,7 @@ pub async fn serve(
         .add_service(proto::control::control_server::ControlServer::new(
             ControlService::new(node.clone()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
+        .serve_with_incoming_shutdown(incoming(listener), drained)
         .await?;
 
     tracing::info!(node_id = config.node_id, "gRPC drained; stopping raft");

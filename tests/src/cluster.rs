@@ -21,6 +21,8 @@ use crate::{binary, free_port};
 pub struct NodeProcess {
     pub id: u64,
     pub addr: String,
+    /// Prometheus metrics over HTTP.
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
 }
@@ -48,6 +50,7 @@ impl Cluster {
                 NodeProcess {
                     id,
                     addr,
+                    metrics_addr: format!("127.0.0.1:{}", free_port()),
                     data_dir: dir.path().join(format!("node-{id}")),
                     child: None,
                 },
@@ -88,6 +91,8 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--peers")
             .arg(&self.peers)
+            .arg("--metrics-listen")
+            .arg(&node.metrics_addr)
             .args(&self.extra_args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
@@ -113,6 +118,46 @@ impl Cluster {
             "node {id} is still running"
         );
         self.spawn(id);
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[&id].child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Wipes a stopped node's data directory, as a replaced disk.
+    pub fn wipe(&self, id: u64) {
+        assert!(
+            self.nodes[&id].child.is_none(),
+            "node {id} is still running"
+        );
+        let _ = std::fs::remove_dir_all(&self.nodes[&id].data_dir);
+    }
+
+    /// One counter or gauge from a node's Prometheus endpoint (summed over labels).
+    pub async fn metric(&self, id: u64, name: &str) -> Option<f64> {
+        let mut stream = tokio::net::TcpStream::connect(&self.nodes[&id].metrics_addr)
+            .await
+            .ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        let mut total = None;
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+            *total.get_or_insert(0.0) += value;
+        }
+        total
     }
 
     pub fn is_running(&self, id: u64) -> bool {

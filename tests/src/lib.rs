@@ -6,6 +6,7 @@
 //! `CELLPLANE_BIN_DIR`); the test script builds them before running the tests.
 
 pub mod cluster;
+pub mod measure;
 
 use std::path::PathBuf;
 
@@ -14,13 +15,14 @@ pub fn binary(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("CELLPLANE_BIN_DIR") {
         return PathBuf::from(dir).join(name);
     }
-    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
-    let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    let path = profile_dir.join(name);
+    // Beside a binary: target/<profile>/<name>; beside a test: target/<profile>/deps/<test>.
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable directory");
+    let path = if dir.join(name).exists() {
+        dir.join(name)
+    } else {
+        dir.parent().unwrap_or(dir).join(name)
+    };
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (cargo build --bins), or set CELLPLANE_BIN_DIR",

@@ -179,18 +179,19 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            node::serve(config, listener, shutdown_signal()).await?;
+            // Run on the worker threads, not on the thread that blocks on main.
+            tokio::spawn(node::serve(config, listener, shutdown_signal())).await??;
         }
         Command::Dev(args) => {
             install_metrics(args.metrics_listen)?;
-            dev::run(
+            tokio::spawn(dev::run(
                 dev::DevOptions {
                     data_dir: args.data_dir,
                     endpoints_file: args.endpoints_file,
                 },
                 shutdown_signal(),
-            )
-            .await?;
+            ))
+            .await??;
         }
     }
     Ok(())

@@ -49,7 +49,7 @@ mod tests {
 
     use super::*;
     use crate::raft::TypeConfig;
-    use crate::state::command::Command;
+    use crate::state::command::{Command, CommandBatch};
     use crate::state::model::RouteKey;
 
     #[test]
@@ -58,11 +58,14 @@ mod tests {
         let entries: Vec<Entry<TypeConfig>> = vec![
             Entry {
                 log_id,
-                payload: EntryPayload::Normal(Command::MoveRoute {
-                    key: RouteKey::conversation("acme", "group-1"),
-                    expected_epoch: 7,
-                    target_cell: Arc::from("hz-b-normal-1"),
-                }),
+                payload: EntryPayload::Normal(CommandBatch(vec![
+                    Command::MoveRoute {
+                        key: RouteKey::conversation("acme", "group-1"),
+                        expected_epoch: 7,
+                        target_cell: Arc::from("hz-b-normal-1"),
+                    },
+                    Command::Compact { revision: 3 },
+                ])),
             },
             Entry {
                 log_id,

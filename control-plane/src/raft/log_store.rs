@@ -1,20 +1,24 @@
 //! The durable Raft log, vote and commit index, in one redb file.
 //!
-//! Every append is one redb transaction committed with an fsync before openraft is told the
-//! entries are durable, so an acknowledged write survives a crash. openraft hands over all the
-//! entries queued since the last append in one call, so concurrent writes share one fsync.
+//! Group commit: `append` hands its entries to one writer thread and returns; the entries are
+//! readable at once (openraft replicates them before they are durable) from an in-memory overlay.
+//! The writer takes every job queued since its last commit, writes them in one redb transaction
+//! with one fsync, and only then reports those appends durable. While one fsync runs, the appends
+//! that arrive meanwhile queue up and share the next one. openraft counts an entry towards a
+//! quorum only once it is reported durable, so an acknowledged write survives a crash.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
     AnyError, Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, StorageError,
     StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec;
 use super::{NodeId, TypeConfig};
@@ -30,26 +34,185 @@ const COMMITTED: &str = "committed";
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// The log store of one node. Clones share the database; the clone handed to openraft as the
-/// log reader reads through its own transactions.
+/// The log store of one node. Clones share the database, the overlay and the writer; the clone
+/// handed to openraft as the log reader reads through its own transactions.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Entries handed to the writer and not yet written, readable meanwhile.
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    /// The newest commit index openraft reported; the writer stores it with its next batch.
+    committed: Arc<Mutex<Option<LogId<NodeId>>>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Work for the writer thread, done in the order it was queued.
+enum Job {
+    Append {
+        entries: Vec<(LogId<NodeId>, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Remove entries at and after the index.
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Store a meta value (vote, commit index); `done`, when given, is told once it is durable.
+    SaveMeta {
+        key: &'static str,
+        bytes: Vec<u8>,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    },
+    /// Remove entries up to the log id and remember it as purged.
+    Purge {
+        upto: LogId<NodeId>,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 fn redb_error(err: impl Into<redb::Error>) -> AnyError {
     AnyError::new(&err.into())
 }
 
+/// Writes one batch of jobs, and the commit index when it moved, in one durable transaction.
+fn write_batch(
+    db: &Database,
+    jobs: &[Job],
+    committed: Option<&LogId<NodeId>>,
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut logs = txn.open_table(LOGS)?;
+        let mut meta = txn.open_table(META)?;
+        if let Some(committed) = committed {
+            let bytes = codec::encode(&Some(*committed))
+                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            meta.insert(COMMITTED, bytes.as_slice())?;
+        }
+        for job in jobs {
+            match job {
+                Job::Append { entries, .. } => {
+                    for (log_id, bytes) in entries {
+                        logs.insert(log_id.index, bytes.as_slice())?;
+                    }
+                }
+                Job::Truncate { from, .. } => logs.retain_in(*from.., |_, _| false)?,
+                Job::SaveMeta { key, bytes, .. } => {
+                    meta.insert(*key, bytes.as_slice())?;
+                }
+                Job::Purge { upto, .. } => {
+                    let bytes =
+                        codec::encode(upto).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                    meta.insert(PURGED, bytes.as_slice())?;
+                    logs.retain_in(..=upto.index, |_, _| false)?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn run_writer(
+    db: Arc<Database>,
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    committed: Arc<Mutex<Option<LogId<NodeId>>>>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    let mut committed_written: Option<LogId<NodeId>> = None;
+    // Ends when every clone of the store, and so every sender, is gone.
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let committed_now = committed.lock().ok().and_then(|c| *c);
+        let moved = (committed_now != committed_written)
+            .then_some(committed_now)
+            .flatten();
+        let result = write_batch(&db, &batch, moved.as_ref()).map_err(|e| e.to_string());
+        if result.is_ok() && moved.is_some() {
+            committed_written = moved;
+        }
+        let mut entries = 0usize;
+        let mut written: Vec<LogId<NodeId>> = Vec::new();
+        for job in &batch {
+            if let Job::Append { entries: e, .. } = job {
+                entries += e.len();
+                written.extend(e.iter().map(|(log_id, _)| *log_id));
+            }
+        }
+        if result.is_ok() {
+            // Entries per fsync is how well concurrent writes share the disk.
+            metrics::counter!("cellplane_raft_log_syncs_total").increment(1);
+            metrics::counter!("cellplane_raft_log_entries_total").increment(entries as u64);
+            if let Ok(mut pending) = pending.lock() {
+                // Only if unchanged: a truncation may have put a newer entry at the index since.
+                for log_id in written {
+                    if pending
+                        .get(&log_id.index)
+                        .is_some_and(|e| e.log_id == log_id)
+                    {
+                        pending.remove(&log_id.index);
+                    }
+                }
+            }
+        }
+        for job in batch {
+            let outcome = result.clone();
+            match job {
+                Job::Append { callback, .. } => {
+                    callback.log_io_completed(outcome.map_err(std::io::Error::other));
+                }
+                Job::Truncate { done, .. } | Job::Purge { done, .. } => {
+                    let _ = done.send(outcome);
+                }
+                Job::SaveMeta { done, .. } => {
+                    if let Some(done) = done {
+                        let _ = done.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log in `path`.
+    /// Opens (or creates) the log in `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, redb::Error> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let committed = Arc::new(Mutex::new(None));
+        let (jobs, receiver) = mpsc::channel();
+        let (writer_db, writer_pending, writer_committed) =
+            (db.clone(), pending.clone(), committed.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || run_writer(writer_db, writer_pending, writer_committed, receiver))
+            .map_err(redb::Error::Io)?;
+        Ok(Self {
+            db,
+            pending,
+            committed,
+            jobs,
+        })
+    }
+
+    fn pending(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>>, AnyError> {
+        self.pending
+            .lock()
+            .map_err(|_| AnyError::error("log overlay lock poisoned"))
+    }
+
+    fn send(&self, job: Job) -> Result<(), AnyError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| AnyError::error("raft log writer stopped"))
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AnyError> {
@@ -63,7 +226,9 @@ impl LogStore {
             .map_err(|e| AnyError::new(&e))
     }
 
-    /// Writes one meta value; `durable` decides whether the commit waits for an fsync.
+    /// Queues a meta value behind every earlier write; when `durable`, waits until it is on disk.
+    /// Going through the writer keeps RaftCore from ever waiting on redb's write lock while an
+    /// fsync holds it.
     async fn write_meta<T: serde::Serialize>(
         &self,
         key: &'static str,
@@ -71,30 +236,31 @@ impl LogStore {
         durable: bool,
     ) -> Result<(), AnyError> {
         let bytes = codec::encode(value).map_err(|e| AnyError::new(&e))?;
-        let db = self.db.clone();
-        run_blocking(move || {
-            let mut txn = db.begin_write().map_err(redb_error)?;
-            if !durable {
-                txn.set_durability(Durability::None)
-                    .map_err(|e| AnyError::error(e.to_string()))?;
-            }
-            {
-                let mut table = txn.open_table(META).map_err(redb_error)?;
-                table.insert(key, bytes.as_slice()).map_err(redb_error)?;
-            }
-            txn.commit().map_err(redb_error)
-        })
-        .await
+        if !durable {
+            return self.send(Job::SaveMeta {
+                key,
+                bytes,
+                done: None,
+            });
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Job::SaveMeta {
+            key,
+            bytes,
+            done: Some(done),
+        })?;
+        Self::wait(wait).await
     }
-}
 
-/// Runs blocking redb work off the async workers, so an fsync never stalls other requests.
-async fn run_blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, AnyError> + Send + 'static,
-) -> Result<T, AnyError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| AnyError::error(format!("storage task failed: {e}")))?
+    async fn wait(
+        done: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    ) -> Result<(), AnyError> {
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(AnyError::error(message)),
+            Err(_) => Err(AnyError::error("raft log writer stopped")),
+        }
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -111,9 +277,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .map_err(redb_error)?
             {
                 let (_, value) = item.map_err(redb_error)?;
-                entries.push(codec::decode(value.value()).map_err(|e| AnyError::new(&e))?);
+                let entry: Entry<TypeConfig> =
+                    codec::decode(value.value()).map_err(|e| AnyError::new(&e))?;
+                entries.push(entry);
             }
-            Ok(entries)
+            // Entries not yet written win over what is on disk at the same index.
+            let pending = self.pending()?;
+            let unwritten =
+                pending.range((range.start_bound().cloned(), range.end_bound().cloned()));
+            let mut merged: BTreeMap<u64, Entry<TypeConfig>> =
+                entries.into_iter().map(|e| (e.log_id.index, e)).collect();
+            for (index, entry) in unwritten {
+                merged.insert(*index, entry.clone());
+            }
+            Ok(merged.into_values().collect())
         };
         read().map_err(|e| StorageIOError::read_logs(e).into())
     }
@@ -127,13 +304,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last_purged_log_id: Option<LogId<NodeId>> = self.read_meta(PURGED)?;
             let txn = self.db.begin_read().map_err(redb_error)?;
             let table = txn.open_table(LOGS).map_err(redb_error)?;
-            let last = match table.last().map_err(redb_error)? {
-                Some((_, value)) => {
+            let pending_last = self
+                .pending()?
+                .values()
+                .next_back()
+                .map(|e| *e.get_log_id());
+            let last = match (pending_last, table.last().map_err(redb_error)?) {
+                (Some(log_id), _) => Some(log_id),
+                (None, Some((_, value))) => {
                     let entry: Entry<TypeConfig> =
                         codec::decode(value.value()).map_err(|e| AnyError::new(&e))?;
                     Some(*entry.get_log_id())
                 }
-                None => last_purged_log_id,
+                (None, None) => last_purged_log_id,
             };
             Ok(LogState {
                 last_purged_log_id,
@@ -158,12 +341,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_vote(e).into())
     }
 
-    /// The commit index may lag on disk: a later durable append carries it, and a node that
-    /// restarts with an older one only re-applies entries it learns are committed again.
+    /// The commit index may lag on disk: the writer stores it with its next batch, and a node
+    /// that restarts with an older one re-applies only what it learns is committed again.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.write_meta(COMMITTED, &committed, false)
-            .await
-            .map_err(|e| StorageIOError::write(e).into())
+        *self
+            .committed
+            .lock()
+            .map_err(|_| StorageIOError::write(AnyError::error("commit index lock poisoned")))? =
+            committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
@@ -178,68 +364,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
+        let mut pending = self.pending().map_err(StorageIOError::write_logs)?;
         for entry in entries {
             let bytes =
                 codec::encode(&entry).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-            encoded.push((entry.log_id.index, bytes));
+            encoded.push((entry.log_id, bytes));
+            pending.insert(entry.log_id.index, entry);
         }
-        let db = self.db.clone();
-        let written = run_blocking(move || {
-            let txn = db.begin_write().map_err(redb_error)?;
-            {
-                let mut table = txn.open_table(LOGS).map_err(redb_error)?;
-                for (index, bytes) in &encoded {
-                    table.insert(index, bytes.as_slice()).map_err(redb_error)?;
-                }
-            }
-            txn.commit().map_err(redb_error)
+        drop(pending);
+        self.send(Job::Append {
+            entries: encoded,
+            callback,
         })
-        .await;
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(err) => {
-                callback.log_io_completed(Err(std::io::Error::other(err.to_string())));
-                Err(StorageIOError::write_logs(err).into())
-            }
-        }
+        .map_err(|e| StorageIOError::write_logs(e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let db = self.db.clone();
-        run_blocking(move || {
-            let txn = db.begin_write().map_err(redb_error)?;
-            {
-                let mut table = txn.open_table(LOGS).map_err(redb_error)?;
-                table
-                    .retain_in(log_id.index.., |_, _| false)
-                    .map_err(redb_error)?;
-            }
-            txn.commit().map_err(redb_error)
+        let _ = self
+            .pending()
+            .map_err(StorageIOError::write_logs)?
+            .split_off(&log_id.index);
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Job::Truncate {
+            from: log_id.index,
+            done,
         })
-        .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
+        .map_err(StorageIOError::write_logs)?;
+        Self::wait(wait)
+            .await
+            .map_err(|e| StorageIOError::write_logs(e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let bytes =
-            codec::encode(&log_id).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        let db = self.db.clone();
-        run_blocking(move || {
-            let txn = db.begin_write().map_err(redb_error)?;
-            {
-                let mut meta = txn.open_table(META).map_err(redb_error)?;
-                meta.insert(PURGED, bytes.as_slice()).map_err(redb_error)?;
-                let mut table = txn.open_table(LOGS).map_err(redb_error)?;
-                table
-                    .retain_in(..=log_id.index, |_, _| false)
-                    .map_err(redb_error)?;
-            }
-            txn.commit().map_err(redb_error)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Job::Purge { upto: log_id, done })
+            .map_err(StorageIOError::write_logs)?;
+        Self::wait(wait)
+            .await
+            .map_err(|e| StorageIOError::write_logs(e).into())
     }
 }

@@ -5,17 +5,18 @@
 pub mod codec;
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
-use crate::state::command::{Applied, Command};
+use crate::state::command::{Applied, CommandBatch};
 
 openraft::declare_raft_types!(
     /// The control plane's Raft types: commands in, command results out, nodes addressed by
     /// their gRPC address, snapshots as files on disk.
     pub TypeConfig:
-        D = Command,
+        D = CommandBatch,
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,

@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use super::snapshot::{self, SnapshotError};
 use super::{NodeId, TypeConfig};
 use crate::state::ControlState;
-use crate::state::command::{Applied, CommandOutput};
+use crate::state::command::{Applied, CommandBatch};
 use crate::state::history::RouteEvent;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -273,33 +273,40 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 assert!(entry.log_id.index > last.index, "log applied out of order");
             }
             machine.last_applied = Some(entry.log_id);
-            let result = match entry.payload {
-                EntryPayload::Blank => Ok(CommandOutput::Done {
-                    revision: machine.control.revision(),
-                }),
-                EntryPayload::Normal(command) => {
-                    let (result, events) = machine.control.apply(&command);
-                    metrics::counter!("cellplane_commands_applied_total", "command" => command.kind(), "ok" => if result.is_ok() { "true" } else { "false" }).increment(1);
-                    if !events.is_empty() {
-                        // No receivers is normal: nobody is watching.
-                        let _ =
-                            self.shared
+            let applied = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(CommandBatch(commands)) => {
+                    let mut results = Vec::with_capacity(commands.len());
+                    for command in &commands {
+                        let (result, events) = machine.control.apply(command);
+                        let ok = if result.is_ok() { "true" } else { "false" };
+                        metrics::counter!(
+                            "cellplane_commands_applied_total",
+                            "command" => command.kind(),
+                            "ok" => ok
+                        )
+                        .increment(1);
+                        if !events.is_empty() {
+                            // No receivers is normal: nobody is watching.
+                            let batch = WatchBatch {
+                                revision: machine.control.revision(),
+                                events,
+                            };
+                            let _ = self
+                                .shared
                                 .watch_tx
-                                .send(WatchSignal::Batch(Arc::new(WatchBatch {
-                                    revision: machine.control.revision(),
-                                    events,
-                                })));
+                                .send(WatchSignal::Batch(Arc::new(batch)));
+                        }
+                        results.push(result);
                     }
-                    result
+                    results
                 }
                 EntryPayload::Membership(membership) => {
                     machine.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Ok(CommandOutput::Done {
-                        revision: machine.control.revision(),
-                    })
+                    Vec::new()
                 }
             };
-            results.push(Applied(result));
+            results.push(Applied(applied));
         }
         metrics::gauge!("cellplane_revision").set(machine.control.revision() as f64);
         if let Some(last) = machine.last_applied {

@@ -1,0 +1,70 @@
+//! `cellplane-bench`: the control plane's benchmarks, run against real `cellplane serve`
+//! processes (release build) on loopback, with the load generator on the same machine.
+//!
+//!   cargo build --release --workspace --bins && target/release/cellplane-bench all
+//!
+//! Figures go to stdout and, with `--out`, to a Markdown file (docs/benchmarks.md).
+
+mod lookups;
+mod report;
+mod scale;
+mod updates;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the cellplane control plane")]
+struct Cli {
+    /// Which benchmarks to run.
+    #[arg(value_enum, default_value = "all")]
+    which: Which,
+    /// Seconds each measured phase runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Tenants in the scale benchmark.
+    #[arg(long, default_value_t = 10_000_000)]
+    tenants: u64,
+    /// Conversation overrides in the scale benchmark.
+    #[arg(long, default_value_t = 1_000_000)]
+    overrides: u64,
+    /// Tenants loaded through Raft into a real cluster to time snapshot transfer and restart.
+    #[arg(long, default_value_t = 1_000_000)]
+    cluster_tenants: u64,
+    /// Write the report here (Markdown).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    All,
+    Updates,
+    Lookups,
+    Scale,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let phase = Duration::from_secs(cli.seconds);
+    let mut report = report::Report::new();
+    if matches!(cli.which, Which::All | Which::Updates) {
+        updates::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Lookups) {
+        lookups::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Scale) {
+        scale::run(&mut report, cli.tenants, cli.overrides, cli.cluster_tenants).await?;
+    }
+    let text = report.render();
+    println!("{text}");
+    if let Some(path) = cli.out {
+        std::fs::write(&path, text)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
