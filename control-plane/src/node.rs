@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto;
-use openraft::error::{CheckIsLeaderError, ForwardToLeader, InitializeError, RaftError};
+use openraft::error::{ForwardToLeader, InitializeError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use crate::control::ControlService;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{MAX_RAFT_MESSAGE_BYTES, NetworkFactory};
 use crate::raft::proposer::{ProposeError, Proposer};
+use crate::raft::read_index::{ReadIndex, ReadIndexError};
 use crate::raft::snapshot::SnapshotError;
 use crate::raft::state_machine::{SharedState, StateMachineStore};
 use crate::raft::transport::TransportService;
@@ -63,6 +64,7 @@ pub struct Node {
     pub raft: Raft,
     pub shared: Arc<SharedState>,
     proposer: Proposer,
+    read_index: ReadIndex,
     /// Channels to other nodes by address, reused for forwarded calls.
     channels: Mutex<HashMap<String, Channel>>,
     /// Flips to true on shutdown, so long-lived watch streams end and the server can drain.
@@ -137,9 +139,9 @@ impl Node {
     /// Makes a read linearizable: `Ok(None)` when this leader's state is now fresh enough to
     /// answer, `Ok(Some(channel))` when the read must go to the leader.
     pub async fn linearize(&self, forwarded: bool) -> Result<Option<Channel>, tonic::Status> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(None),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(leader))) => {
+        match self.read_index.ensure().await {
+            Ok(()) => Ok(None),
+            Err(ReadIndexError::ForwardToLeader(leader)) => {
                 if forwarded {
                     return Err(tonic::Status::unavailable(
                         "leadership changed while the read was forwarded; retry",
@@ -147,8 +149,8 @@ impl Node {
                 }
                 self.channel_to(&leader).map(Some)
             }
-            Err(err) => Err(tonic::Status::unavailable(format!(
-                "linearizable read failed: {err}; retry"
+            Err(ReadIndexError::Unavailable(message)) => Err(tonic::Status::unavailable(format!(
+                "linearizable read failed: {message}; retry"
             ))),
         }
     }
@@ -238,6 +240,7 @@ pub async fn serve(
         raft: raft.clone(),
         shared,
         proposer: Proposer::start(raft.clone()),
+        read_index: ReadIndex::start(raft.clone()),
         channels: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx,
     });

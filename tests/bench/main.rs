@@ -31,8 +31,11 @@ struct Cli {
     #[arg(long, default_value_t = 1_000_000)]
     overrides: u64,
     /// Tenants loaded through Raft into a real cluster to time snapshot transfer and restart.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 10_000_000)]
     cluster_tenants: u64,
+    /// Overrides loaded through Raft into that cluster.
+    #[arg(long, default_value_t = 1_000_000)]
+    cluster_overrides: u64,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -58,7 +61,14 @@ async fn main() -> anyhow::Result<()> {
         lookups::run(&mut report, phase).await?;
     }
     if matches!(cli.which, Which::All | Which::Scale) {
-        scale::run(&mut report, cli.tenants, cli.overrides, cli.cluster_tenants).await?;
+        scale::run(
+            &mut report,
+            cli.tenants,
+            cli.overrides,
+            cli.cluster_tenants,
+            cli.cluster_overrides,
+        )
+        .await?;
     }
     let text = report.render();
     println!("{text}");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cellplane_api::proto::control::{CreateTenantRequest, Tier as ProtoTier};
+use cellplane_api::proto::control::{CreateTenantRequest, MoveRouteRequest, Tier as ProtoTier};
 use cellplane_control_plane::raft::snapshot;
 use cellplane_control_plane::state::ControlState;
 use cellplane_control_plane::state::command::Command;
@@ -17,6 +17,9 @@ use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
 use crate::report::Report;
 
 const CELLS: usize = 20;
+
+/// How long a node of a large cluster may take to catch up before the benchmark gives up.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(600);
 
 fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -96,6 +99,7 @@ pub async fn run(
     tenants: u64,
     overrides: u64,
     cluster_tenants: u64,
+    cluster_overrides: u64,
 ) -> anyhow::Result<()> {
     let pid = std::process::id();
     let rss_before = rss_bytes(pid).unwrap_or(0);
@@ -151,7 +155,18 @@ pub async fn run(
     );
 
     // A real cluster: load tenants through Raft, then time snapshot transfer and restart.
-    let mut cluster = Cluster::start(3, &["--snapshot-after-logs", "100000"]).await;
+    // Snapshots every 20k entries (each entry packs many commands) keep the log short, so a
+    // wiped follower must take a snapshot.
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--snapshot-after-logs",
+            "20000",
+            "--logs-kept-after-snapshot",
+            "1000",
+        ],
+    )
+    .await;
     cluster
         .add_cells(&[
             ("cell-a", "a", ProtoTier::Normal),
@@ -189,6 +204,46 @@ pub async fn run(
         task.await?;
     }
     let load_time = started.elapsed();
+
+    // Overrides: one hot group per tenant moved to the other cell.
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..256 {
+        let channel = cluster.channel(leader);
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut control =
+                cellplane_api::proto::control::control_client::ControlClient::new(channel);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= cluster_overrides {
+                    return;
+                }
+                let tenant = format!("tenant-{:09}", (i * 7) % cluster_tenants);
+                for target in ["cell-a", "cell-b"] {
+                    let moved = control
+                        .move_route(MoveRouteRequest {
+                            tenant_id: tenant.clone(),
+                            conversation_id: format!("group-{i}"),
+                            expected_epoch: 1,
+                            target_cell: target.into(),
+                        })
+                        .await;
+                    match moved {
+                        Ok(_) => break,
+                        // The group's tenant already lives on this cell: the other one it is.
+                        Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
+                        Err(status) => panic!("override failed: {status}"),
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let overrides_load_time = started.elapsed();
     let revision = cluster
         .status(leader)
         .await
@@ -200,7 +255,9 @@ pub async fn run(
         .filter(|&id| id != leader)
         .collect();
     for id in cluster.running_ids() {
-        cluster.wait_for_revision(id, revision).await;
+        cluster
+            .wait_for_revision_within(id, revision, CATCH_UP_LIMIT)
+            .await;
     }
     let leader_rss = cluster.pid(leader).and_then(rss_bytes).unwrap_or(0);
 
@@ -210,7 +267,9 @@ pub async fn run(
     cluster.wipe(wiped);
     let started = Instant::now();
     cluster.restart(wiped);
-    cluster.wait_for_revision(wiped, revision).await;
+    cluster
+        .wait_for_revision_within(wiped, revision, CATCH_UP_LIMIT)
+        .await;
     let transfer_time = started.elapsed();
 
     // A follower restarts from its own disk: snapshot load plus log replay.
@@ -218,17 +277,21 @@ pub async fn run(
     cluster.kill(restarted).await;
     let started = Instant::now();
     cluster.restart(restarted);
-    cluster.wait_for_revision(restarted, revision).await;
+    cluster
+        .wait_for_revision_within(restarted, revision, CATCH_UP_LIMIT)
+        .await;
     let restart_time = started.elapsed();
 
     table.push_str(&format!(
-        "\n### In a 3-node cluster with {cluster_tenants} tenants loaded through Raft\n\n\
+        "\n### In a 3-node cluster with {cluster_tenants} tenants and {cluster_overrides} overrides loaded through Raft\n\n\
          | measure | value |\n|---|---:|\n\
          | load through Control.CreateTenant, 256 clients | {:.0} tenants/s |\n\
+         | load through Control.MoveRoute (new overrides), 256 clients | {:.0} overrides/s |\n\
          | leader resident memory | {} |\n\
          | wiped follower: snapshot transfer + install + catch-up | {} |\n\
          | follower restart from its disk until caught up | {} |\n",
         cluster_tenants as f64 / load_time.as_secs_f64(),
+        cluster_overrides as f64 / overrides_load_time.as_secs_f64().max(1e-9),
         mib(leader_rss),
         secs(transfer_time),
         secs(restart_time),

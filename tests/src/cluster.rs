@@ -225,7 +225,13 @@ impl Cluster {
 
     /// Waits until node `id` has applied the control state up to `revision`.
     pub async fn wait_for_revision(&self, id: u64, revision: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        self.wait_for_revision_within(id, revision, Duration::from_secs(30))
+            .await;
+    }
+
+    /// Like [`Cluster::wait_for_revision`] with its own time limit, for large states.
+    pub async fn wait_for_revision_within(&self, id: u64, revision: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             if self
                 .status(id)
@@ -236,7 +242,7 @@ impl Cluster {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "node {id} did not reach revision {revision} within 30s; logs in {}",
+                "node {id} did not reach revision {revision} within {limit:?}; logs in {}",
                 self.dir.path().display()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
+pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
