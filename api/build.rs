@@ -8,6 +8,9 @@ const PROTOS: &[&str] = &[
     "cellplane/routing/v1/routing.proto",
     "cellplane/control/v1/control.proto",
     "cellplane/raft/v1/raft.proto",
+    "cellplane/cell/v1/messaging.proto",
+    "cellplane/cell/v1/sync.proto",
+    "cellplane/cell/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

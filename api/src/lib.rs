@@ -29,8 +29,15 @@ pub mod proto {
                 tonic::include_proto!("cellplane.raft.v1");
             }
         }
+        pub mod cell {
+            pub mod v1 {
+                tonic::include_proto!("cellplane.cell.v1");
+            }
+        }
     }
 
+    /// `cellplane.cell.v1`: an IM cell's Messaging, Sync and CellAdmin services.
+    pub use cellplane::cell::v1 as cell;
     /// `cellplane.control.v1`: cells, tenants and route moves.
     pub use cellplane::control::v1 as control;
     /// `cellplane.raft.v1`: the transport between control-plane nodes.

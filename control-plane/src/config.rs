@@ -37,6 +37,10 @@ pub struct RaftTuning {
     /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the
     /// log instead of a snapshot.
     pub logs_kept_after_snapshot: u64,
+    /// How long the leader waits for a follower to install a snapshot once the last chunk is
+    /// sent. Installing ten million tenants takes seconds (docs/benchmarks.md); a leader that
+    /// gives up too early resends the snapshot forever.
+    pub snapshot_install_timeout_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -47,6 +51,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 800,
             snapshot_after_logs: 200_000,
             logs_kept_after_snapshot: 10_000,
+            snapshot_install_timeout_ms: 120_000,
         }
     }
 }
@@ -115,6 +120,12 @@ impl NodeConfig {
             return Err(invalid(
                 "raft.election_timeout_max_ms",
                 "must be greater than raft.election_timeout_min_ms",
+            ));
+        }
+        if raft.snapshot_install_timeout_ms < raft.heartbeat_interval_ms {
+            return Err(invalid(
+                "raft.snapshot_install_timeout_ms",
+                "must be at least raft.heartbeat_interval_ms",
             ));
         }
         if raft.snapshot_after_logs == 0 {

@@ -180,9 +180,11 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraf
         election_timeout_max: tuning.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_after_logs),
         max_in_snapshot_log_to_keep: tuning.logs_kept_after_snapshot,
-        // Big enough batches that heavy write load shares fsyncs and round trips.
-        max_payload_entries: 4096,
-        install_snapshot_timeout: 2_000,
+        // Each entry packs up to 1024 commands, so a few dozen entries already make a large
+        // append; it must reach the follower and be fsynced within the AppendEntries timeout
+        // (openraft uses the heartbeat interval).
+        max_payload_entries: 32,
+        install_snapshot_timeout: tuning.snapshot_install_timeout_ms,
         ..Default::default()
     };
     Ok(Arc::new(raft.validate().map_err(Box::new)?))

@@ -134,7 +134,7 @@ pub async fn run(
     assert_eq!(loaded.overrides().len() as u64, overrides);
     drop(loaded);
 
-    let mut table = format!(
+    let table = format!(
         "## Scale: state machine at {tenants} tenants and {overrides} overrides\n\n\
          Built in process by applying real commands ({CELLS} cells).\n\n\
          | measure | value |\n|---|---:|\n\
@@ -155,6 +155,8 @@ pub async fn run(
     );
 
     // A real cluster: load tenants through Raft, then time snapshot transfer and restart.
+    report.section(table);
+
     // Snapshots every 20k entries (each entry packs many commands) keep the log short, so a
     // wiped follower must take a snapshot.
     let mut cluster = Cluster::start(
@@ -168,10 +170,13 @@ pub async fn run(
     )
     .await;
     cluster
-        .add_cells(&[
-            ("cell-a", "a", ProtoTier::Normal),
-            ("cell-b", "b", ProtoTier::Normal),
-        ])
+        .add_cells_with_capacity(
+            &[
+                ("cell-a", "a", ProtoTier::Normal),
+                ("cell-b", "b", ProtoTier::Normal),
+            ],
+            cluster_tenants,
+        )
         .await;
     let leader = cluster.wait_for_leader().await;
     let next = Arc::new(AtomicU64::new(0));
@@ -282,8 +287,8 @@ pub async fn run(
         .await;
     let restart_time = started.elapsed();
 
-    table.push_str(&format!(
-        "\n### In a 3-node cluster with {cluster_tenants} tenants and {cluster_overrides} overrides loaded through Raft\n\n\
+    report.section(format!(
+        "### In a 3-node cluster with {cluster_tenants} tenants and {cluster_overrides} overrides loaded through Raft\n\n\
          | measure | value |\n|---|---:|\n\
          | load through Control.CreateTenant, 256 clients | {:.0} tenants/s |\n\
          | load through Control.MoveRoute (new overrides), 256 clients | {:.0} overrides/s |\n\
@@ -296,6 +301,5 @@ pub async fn run(
         secs(transfer_time),
         secs(restart_time),
     ));
-    report.section(table);
     Ok(())
 }

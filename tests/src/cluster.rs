@@ -251,6 +251,11 @@ impl Cluster {
 
     /// Registers and activates cells (`cell_id`, `zone`, tier) in region `hz`, capacity 1M each.
     pub async fn add_cells(&self, cells: &[(&str, &str, Tier)]) {
+        self.add_cells_with_capacity(cells, 1_000_000).await;
+    }
+
+    /// Like [`Cluster::add_cells`], each cell sized for `capacity` tenants.
+    pub async fn add_cells_with_capacity(&self, cells: &[(&str, &str, Tier)], capacity: u64) {
         let mut control = self.control(self.wait_for_leader().await);
         for (i, (cell_id, zone, tier)) in cells.iter().enumerate() {
             control
@@ -260,7 +265,7 @@ impl Cluster {
                     zone: zone.to_string(),
                     tier: *tier as i32,
                     endpoint: format!("127.0.0.1:{}", 20_000 + i),
-                    capacity: 1_000_000,
+                    capacity,
                     standby_of: String::new(),
                 })
                 .await

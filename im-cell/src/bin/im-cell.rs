@@ -1,0 +1,110 @@
+//! `im-cell`: one IM cell.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cellplane_im_cell::config::CellConfig;
+use cellplane_im_cell::limits::Limits;
+use cellplane_im_cell::server;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "im-cell",
+    version,
+    about = "A self-contained IM cell: durable, fenced messaging and sync for the conversations it owns",
+    long_about = "A self-contained IM cell. It stores, fans out and syncs the messages of the \
+        conversations the control plane granted it, and refuses writes for any other key or epoch.\n\n\
+        Logs go to stderr; set RUST_LOG to change the level."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Messaging, Sync and CellAdmin on one port.
+    Serve {
+        /// The cell's id, as registered with the control plane.
+        #[arg(long)]
+        cell_id: String,
+        /// Address to serve gRPC on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory of the cell's store; the cell restarts from it.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Serve Prometheus metrics over HTTP on this address.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Largest message body in bytes.
+        #[arg(long)]
+        max_body_bytes: Option<usize>,
+        /// A device further behind than this many events gets one REBASE.
+        #[arg(long)]
+        rebase_backlog_events: Option<u64>,
+    },
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve {
+        cell_id,
+        listen,
+        data_dir,
+        metrics_listen,
+        max_body_bytes,
+        rebase_backlog_events,
+    } = Cli::parse().command;
+    let mut limits = Limits::default();
+    if let Some(n) = max_body_bytes {
+        limits.max_body_bytes = n;
+    }
+    if let Some(n) = rebase_backlog_events {
+        limits.rebase_backlog_events = n;
+    }
+    let config = CellConfig {
+        cell_id,
+        listen,
+        data_dir,
+        limits,
+    };
+    config.validate()?;
+    if let Some(addr) = metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tokio::spawn(server::serve(config, listener, shutdown_signal())).await??;
+    Ok(())
+}

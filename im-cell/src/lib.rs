@@ -1,0 +1,17 @@
+//! An IM cell: a complete IM server for the conversations the control plane granted it.
+//!
+//! - [`store`]: the fjall store, its keys and records, and the group-committing [`store::writer`];
+//! - [`messaging`], [`sync`], [`admin`]: the gRPC services;
+//! - [`server`]: `serve(config, listener, shutdown)`.
+//!
+//! The cell knows nothing of the control plane: it obeys grants, revocations and freezes sent to
+//! its admin API, and checks the route epoch of every write itself.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod messaging;
+pub mod server;
+pub mod store;
+pub mod sync;

@@ -1,0 +1,42 @@
+//! Every limit of a cell, named once, with its default. Each is enforced where requests enter and
+//! tested at the limit and one past it.
+
+use serde::Deserialize;
+
+/// Limits a cell enforces; the defaults suit an enterprise IM deployment and can be overridden
+/// in the cell's config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message body.
+    pub max_body_bytes: usize,
+    /// Most members of a group.
+    pub max_group_members: usize,
+    /// Most members added or removed in one call.
+    pub max_members_per_call: usize,
+    /// Most receivers of a private message.
+    pub max_receivers: usize,
+    /// Largest page of history.
+    pub max_history_page: u32,
+    /// A device further behind than this many events gets one REBASE instead of the backlog.
+    pub rebase_backlog_events: u64,
+    /// Most requests committed with one fsync.
+    pub max_ops_per_commit: usize,
+    /// Longest client message id.
+    pub max_client_msg_id_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_group_members: 10_000,
+            max_members_per_call: 1_000,
+            max_receivers: 100,
+            max_history_page: 200,
+            rebase_backlog_events: 1_000,
+            max_ops_per_commit: 1_024,
+            max_client_msg_id_bytes: 128,
+        }
+    }
+}

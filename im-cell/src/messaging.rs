@@ -1,0 +1,423 @@
+//! The `Messaging` gRPC service: request shape is checked here (ids, sizes, limits); state is
+//! checked and changed by the writer; reads go to the store.
+
+use std::collections::BTreeSet;
+
+use cellplane_api::ids::validate_id;
+use cellplane_api::proto::cell as pb;
+use cellplane_api::proto::cell::messaging_server::Messaging;
+use tonic::{Request, Response, Status};
+
+use crate::error::CellError;
+use crate::limits::Limits;
+use crate::store::Store;
+use crate::store::records::{Kind, MessageRecord};
+use crate::store::writer::{ConversationView, Op, Outcome, Writer};
+
+/// Messages counted when computing an unread count; beyond it the count reads as this cap.
+pub const MAX_UNREAD_COUNT: usize = 9_999;
+
+pub struct MessagingService {
+    store: Store,
+    writer: Writer,
+    limits: Limits,
+}
+
+impl MessagingService {
+    pub fn new(store: Store, writer: Writer, limits: Limits) -> Self {
+        Self {
+            store,
+            writer,
+            limits,
+        }
+    }
+}
+
+pub fn message_to_proto(message: &MessageRecord) -> pb::Message {
+    pb::Message {
+        message_id: message.message_id.clone(),
+        seq: message.seq,
+        sender_id: message.sender_id.clone(),
+        body: message.body.clone(),
+        server_time_ms: message.server_time_ms,
+        receiver_ids: message.receiver_ids.clone(),
+        recalled: message.recalled,
+        client_msg_id: message.client_msg_id.clone(),
+    }
+}
+
+fn kind_to_proto(kind: Kind) -> pb::ConversationKind {
+    match kind {
+        Kind::Single => pb::ConversationKind::Single,
+        Kind::Group => pb::ConversationKind::Group,
+    }
+}
+
+fn conversation_to_proto(
+    tenant: &str,
+    conversation: &str,
+    view: ConversationView,
+) -> pb::Conversation {
+    pb::Conversation {
+        tenant_id: tenant.to_string(),
+        conversation_id: conversation.to_string(),
+        kind: kind_to_proto(view.kind) as i32,
+        member_ids: view.members,
+        created_ms: view.created_ms,
+        last_seq: view.last_seq,
+    }
+}
+
+fn key(tenant: &str, conversation: &str) -> Result<(), CellError> {
+    validate_id("tenant_id", tenant)?;
+    validate_id("conversation_id", conversation)?;
+    Ok(())
+}
+
+/// Checks a list of user ids: each valid, none repeated, at most `max`.
+fn user_ids(field: &str, ids: &[String], max: usize) -> Result<(), CellError> {
+    if ids.len() > max {
+        return Err(CellError::invalid(
+            field,
+            format!("at most {max} per call, got {}", ids.len()),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        validate_id(&format!("{field}[{i}]"), id)?;
+        if !seen.insert(id) {
+            return Err(CellError::invalid(
+                format!("{field}[{i}]"),
+                format!("{id:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn expect_conversation(outcome: Outcome) -> Result<ConversationView, Status> {
+    match outcome {
+        Outcome::Conversation(view) => Ok(view),
+        other => Err(Status::internal(format!(
+            "unexpected writer outcome {other:?}"
+        ))),
+    }
+}
+
+impl MessagingService {
+    async fn write(&self, op: Op) -> Result<Outcome, Status> {
+        Ok(self.writer.submit(op).await?)
+    }
+
+    fn message_ref(&self, request: &pb::MessageRefRequest) -> Result<(), CellError> {
+        key(&request.tenant_id, &request.conversation_id)?;
+        validate_id("user_id", &request.user_id)?;
+        if request.seq == 0 {
+            return Err(CellError::invalid("seq", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Messaging for MessagingService {
+    async fn create_conversation(
+        &self,
+        request: Request<pb::CreateConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let r = request.into_inner();
+        key(&r.tenant_id, &r.conversation_id)?;
+        let kind = match pb::ConversationKind::try_from(r.kind) {
+            Ok(pb::ConversationKind::Single) => Kind::Single,
+            Ok(pb::ConversationKind::Group) => Kind::Group,
+            _ => {
+                return Err(CellError::invalid(
+                    "kind",
+                    format!("must be SINGLE or GROUP, got enum value {}", r.kind),
+                )
+                .into());
+            }
+        };
+        user_ids("member_ids", &r.member_ids, self.limits.max_group_members)?;
+        match kind {
+            Kind::Single if r.member_ids.len() != 2 => {
+                return Err(CellError::invalid(
+                    "member_ids",
+                    format!(
+                        "a single chat has exactly 2 members, got {}",
+                        r.member_ids.len()
+                    ),
+                )
+                .into());
+            }
+            Kind::Group if r.member_ids.is_empty() => {
+                return Err(
+                    CellError::invalid("member_ids", "a group needs at least 1 member").into(),
+                );
+            }
+            _ => {}
+        }
+        let view = expect_conversation(
+            self.write(Op::CreateConversation {
+                tenant: r.tenant_id.clone(),
+                conversation: r.conversation_id.clone(),
+                kind,
+                members: r.member_ids,
+                epoch: r.route_epoch,
+            })
+            .await?,
+        )?;
+        Ok(Response::new(conversation_to_proto(
+            &r.tenant_id,
+            &r.conversation_id,
+            view,
+        )))
+    }
+
+    async fn add_members(
+        &self,
+        request: Request<pb::ChangeMembersRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let r = request.into_inner();
+        key(&r.tenant_id, &r.conversation_id)?;
+        user_ids(
+            "member_ids",
+            &r.member_ids,
+            self.limits.max_members_per_call,
+        )?;
+        let view = expect_conversation(
+            self.write(Op::AddMembers {
+                tenant: r.tenant_id.clone(),
+                conversation: r.conversation_id.clone(),
+                members: r.member_ids,
+                epoch: r.route_epoch,
+            })
+            .await?,
+        )?;
+        Ok(Response::new(conversation_to_proto(
+            &r.tenant_id,
+            &r.conversation_id,
+            view,
+        )))
+    }
+
+    async fn remove_members(
+        &self,
+        request: Request<pb::ChangeMembersRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let r = request.into_inner();
+        key(&r.tenant_id, &r.conversation_id)?;
+        user_ids(
+            "member_ids",
+            &r.member_ids,
+            self.limits.max_members_per_call,
+        )?;
+        let view = expect_conversation(
+            self.write(Op::RemoveMembers {
+                tenant: r.tenant_id.clone(),
+                conversation: r.conversation_id.clone(),
+                members: r.member_ids,
+                epoch: r.route_epoch,
+            })
+            .await?,
+        )?;
+        Ok(Response::new(conversation_to_proto(
+            &r.tenant_id,
+            &r.conversation_id,
+            view,
+        )))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = request.into_inner();
+        key(&r.tenant_id, &r.conversation_id)?;
+        validate_id("sender_id", &r.sender_id)?;
+        validate_id("client_msg_id", &r.client_msg_id)?;
+        if r.body.len() > self.limits.max_body_bytes {
+            return Err(CellError::invalid(
+                "body",
+                format!(
+                    "must be at most {} bytes, got {}",
+                    self.limits.max_body_bytes,
+                    r.body.len()
+                ),
+            )
+            .into());
+        }
+        user_ids("receiver_ids", &r.receiver_ids, self.limits.max_receivers)?;
+        let outcome = self
+            .write(Op::Send {
+                tenant: r.tenant_id,
+                conversation: r.conversation_id,
+                sender: r.sender_id,
+                client_msg_id: r.client_msg_id,
+                body: r.body,
+                receivers: r.receiver_ids,
+                epoch: r.route_epoch,
+            })
+            .await?;
+        match outcome {
+            Outcome::Sent(sent) => Ok(Response::new(pb::SendMessageResponse {
+                message_id: sent.message_id,
+                seq: sent.seq,
+                server_time_ms: sent.server_time_ms,
+            })),
+            other => Err(Status::internal(format!(
+                "unexpected writer outcome {other:?}"
+            ))),
+        }
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let r = request.into_inner();
+        key(&r.tenant_id, &r.conversation_id)?;
+        validate_id("user_id", &r.user_id)?;
+        if r.limit == 0 || r.limit > self.limits.max_history_page {
+            return Err(CellError::invalid(
+                "limit",
+                format!(
+                    "must be 1..={}, got {}",
+                    self.limits.max_history_page, r.limit
+                ),
+            )
+            .into());
+        }
+        if self
+            .store
+            .conversation(&r.tenant_id, &r.conversation_id)?
+            .is_none()
+        {
+            return Err(CellError::NotFound(format!(
+                "conversation_id: conversation {:?} of tenant {:?} does not exist",
+                r.conversation_id, r.tenant_id
+            ))
+            .into());
+        }
+        if self
+            .store
+            .member(&r.tenant_id, &r.conversation_id, &r.user_id)?
+            .is_none()
+        {
+            return Err(CellError::PermissionDenied(format!(
+                "user_id: {:?} is not a member of {:?}",
+                r.user_id, r.conversation_id
+            ))
+            .into());
+        }
+        let (messages, has_more) = self.store.history(
+            &r.tenant_id,
+            &r.conversation_id,
+            &r.user_id,
+            r.before_seq,
+            r.limit as usize,
+        )?;
+        Ok(Response::new(pb::GetHistoryResponse {
+            messages: messages.iter().map(message_to_proto).collect(),
+            has_more,
+        }))
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<pb::MessageRefRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.message_ref(&r)?;
+        self.write(Op::MarkRead {
+            tenant: r.tenant_id,
+            conversation: r.conversation_id,
+            user: r.user_id,
+            seq: r.seq,
+            epoch: r.route_epoch,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn recall_message(
+        &self,
+        request: Request<pb::MessageRefRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.message_ref(&r)?;
+        self.write(Op::Recall {
+            tenant: r.tenant_id,
+            conversation: r.conversation_id,
+            user: r.user_id,
+            seq: r.seq,
+            epoch: r.route_epoch,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn delete_for_me(
+        &self,
+        request: Request<pb::MessageRefRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.message_ref(&r)?;
+        self.write(Op::DeleteForMe {
+            tenant: r.tenant_id,
+            conversation: r.conversation_id,
+            user: r.user_id,
+            seq: r.seq,
+            epoch: r.route_epoch,
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_conversations(
+        &self,
+        request: Request<pb::GetConversationsRequest>,
+    ) -> Result<Response<pb::GetConversationsResponse>, Status> {
+        let r = request.into_inner();
+        validate_id("tenant_id", &r.tenant_id)?;
+        validate_id("user_id", &r.user_id)?;
+        let mut conversations = Vec::new();
+        for conversation in self.store.user_conversations(&r.tenant_id, &r.user_id)? {
+            let Some(record) = self.store.conversation(&r.tenant_id, &conversation)? else {
+                continue;
+            };
+            let read_seq = self
+                .store
+                .member(&r.tenant_id, &conversation, &r.user_id)?
+                .map(|m| m.read_seq)
+                .unwrap_or(0);
+            // Computed on read, not kept per member on every send: a large group's send then
+            // writes one row, not one per member.
+            let (newest, _) = self
+                .store
+                .history(&r.tenant_id, &conversation, &r.user_id, 0, 1)?;
+            let unread = if record.last_seq > read_seq {
+                let (after, _) = self.store.history(
+                    &r.tenant_id,
+                    &conversation,
+                    &r.user_id,
+                    0,
+                    MAX_UNREAD_COUNT.min((record.last_seq - read_seq) as usize),
+                )?;
+                after.iter().filter(|m| m.seq > read_seq).count() as u64
+            } else {
+                0
+            };
+            conversations.push(pb::ConversationSummary {
+                conversation_id: conversation,
+                kind: kind_to_proto(record.kind) as i32,
+                unread,
+                last_message: newest.first().map(message_to_proto),
+                read_seq,
+            });
+        }
+        Ok(Response::new(pb::GetConversationsResponse {
+            conversations,
+        }))
+    }
+}

@@ -1,0 +1,93 @@
+//! One IM cell: opens its store, starts the writer, and serves Messaging, Sync, CellAdmin,
+//! health and reflection on one listener until told to stop.
+
+use std::future::Future;
+
+use cellplane_api::proto;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::AdminService;
+use crate::config::{CellConfig, ConfigError};
+use crate::error::CellError;
+use crate::messaging::MessagingService;
+use crate::store::Store;
+use crate::store::writer::Writer;
+use crate::sync::SyncService;
+use crate::sync::hub::SyncHub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cell(#[from] CellError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Accepted connections with Nagle's algorithm off, so small answers leave at once.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+/// Serves the cell until `shutdown` resolves, then drains in-flight calls.
+pub async fn serve(
+    config: CellConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Store::open(&config.data_dir)?;
+    let hub = SyncHub::default();
+    let writer = Writer::start(
+        store.clone(),
+        config.cell_id.clone(),
+        config.limits.clone(),
+        hub.clone(),
+    )?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::cell::messaging_server::MessagingServer<MessagingService>>()
+        .await;
+    health_reporter
+        .set_serving::<proto::cell::sync_server::SyncServer<SyncService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, "IM cell serving");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(proto::cell::messaging_server::MessagingServer::new(
+            MessagingService::new(store.clone(), writer.clone(), config.limits.clone()),
+        ))
+        .add_service(proto::cell::sync_server::SyncServer::new(SyncService::new(
+            store.clone(),
+            hub,
+            config.limits.rebase_backlog_events,
+        )))
+        .add_service(proto::cell::cell_admin_server::CellAdminServer::new(
+            AdminService::new(config.cell_id.clone(), store.clone(), writer),
+        ))
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await?;
+    tracing::info!(cell_id = %config.cell_id, "IM cell drained");
+    Ok(())
+}

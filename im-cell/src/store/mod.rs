@@ -1,0 +1,341 @@
+//! The cell's storage: one fjall database (an LSM tree per keyspace, one shared journal) holding
+//! conversations, members, messages, per-user inboxes, sync queues, grants and the cell log.
+//!
+//! All writes go through the [`writer`]: one thread that checks and applies requests in order
+//! and commits them in batches, one fsync per batch. Reads go straight to the database; they see
+//! only committed (and, before any answer is sent, durable) data.
+
+pub mod keys;
+pub mod records;
+pub mod writer;
+
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+use crate::error::CellError;
+use records::{
+    ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, SyncRecord, decode,
+};
+
+/// The keyspaces, one per kind of row.
+#[derive(Clone)]
+pub struct Spaces {
+    pub conversations: Keyspace,
+    pub members: Keyspace,
+    pub user_conversations: Keyspace,
+    pub messages: Keyspace,
+    pub inbox: Keyspace,
+    pub idempotency: Keyspace,
+    pub users: Keyspace,
+    pub sync: Keyspace,
+    pub devices: Keyspace,
+    pub grants: Keyspace,
+    pub log: Keyspace,
+}
+
+/// Names a keyspace in the writer's overlay of uncommitted rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Space {
+    Conversations,
+    Members,
+    UserConversations,
+    Messages,
+    Inbox,
+    Idempotency,
+    Users,
+    Sync,
+    Grants,
+    Log,
+}
+
+impl Spaces {
+    pub fn get(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Conversations => &self.conversations,
+            Space::Members => &self.members,
+            Space::UserConversations => &self.user_conversations,
+            Space::Messages => &self.messages,
+            Space::Inbox => &self.inbox,
+            Space::Idempotency => &self.idempotency,
+            Space::Users => &self.users,
+            Space::Sync => &self.sync,
+            Space::Grants => &self.grants,
+            Space::Log => &self.log,
+        }
+    }
+}
+
+/// The database and its keyspaces. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub db: Database,
+    pub spaces: Spaces,
+}
+
+fn open_space(db: &Database, name: &str) -> Result<Keyspace, fjall::Error> {
+    db.keyspace(name, KeyspaceCreateOptions::default)
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, CellError> {
+        // fsyncs are ours to issue (one per batch), not the journal's.
+        let db = Database::builder(dir).manual_journal_persist(true).open()?;
+        let spaces = Spaces {
+            conversations: open_space(&db, "conversations")?,
+            members: open_space(&db, "members")?,
+            user_conversations: open_space(&db, "user_conversations")?,
+            messages: open_space(&db, "messages")?,
+            inbox: open_space(&db, "inbox")?,
+            idempotency: open_space(&db, "idempotency")?,
+            users: open_space(&db, "users")?,
+            sync: open_space(&db, "sync")?,
+            devices: open_space(&db, "devices")?,
+            grants: open_space(&db, "grants")?,
+            log: open_space(&db, "log")?,
+        };
+        Ok(Self { db, spaces })
+    }
+
+    pub fn conversation(
+        &self,
+        tenant: &str,
+        conversation: &str,
+    ) -> Result<Option<ConversationRecord>, CellError> {
+        get(
+            &self.spaces.conversations,
+            &keys::conversation(tenant, conversation),
+        )
+    }
+
+    pub fn member(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        user: &str,
+    ) -> Result<Option<MemberRecord>, CellError> {
+        get(
+            &self.spaces.members,
+            &keys::member(tenant, conversation, user),
+        )
+    }
+
+    /// Every member of a conversation, in id order.
+    pub fn members(&self, tenant: &str, conversation: &str) -> Result<Vec<String>, CellError> {
+        let mut members = Vec::new();
+        for item in self
+            .spaces
+            .members
+            .prefix(keys::members_prefix(tenant, conversation))
+        {
+            let key = item.key()?;
+            if let Some(user) = keys::last_id(&key) {
+                members.push(user.to_string());
+            }
+        }
+        Ok(members)
+    }
+
+    /// The conversations a user belongs to.
+    pub fn user_conversations(&self, tenant: &str, user: &str) -> Result<Vec<String>, CellError> {
+        let mut conversations = Vec::new();
+        for item in self
+            .spaces
+            .user_conversations
+            .prefix(keys::user_conversations_prefix(tenant, user))
+        {
+            let key = item.key()?;
+            if let Some(conversation) = keys::last_id(&key) {
+                conversations.push(conversation.to_string());
+            }
+        }
+        Ok(conversations)
+    }
+
+    /// The messages `user` can see with seq below `before_seq` (0 = all), newest first, at most
+    /// `limit` and whether more exist: the conversation's messages merged with the user's private
+    /// ones, without what the user deleted.
+    pub fn history(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        user: &str,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<MessageRecord>, bool), CellError> {
+        let upper = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq
+        };
+        let shared = self
+            .spaces
+            .messages
+            .range(
+                keys::message(tenant, conversation, 0)..keys::message(tenant, conversation, upper),
+            )
+            .rev();
+        let own = self
+            .spaces
+            .inbox
+            .range(
+                keys::inbox(tenant, user, conversation, 0)
+                    ..keys::inbox(tenant, user, conversation, upper),
+            )
+            .rev();
+        let mut shared = shared.map(|item| -> Result<(u64, MessageRecord), CellError> {
+            let (key, value) = item.into_inner()?;
+            let seq = keys::trailing_num(&key).unwrap_or_default();
+            Ok((seq, decode(&value)?))
+        });
+        let mut own = own.map(|item| -> Result<(u64, InboxRecord), CellError> {
+            let (key, value) = item.into_inner()?;
+            let seq = keys::trailing_num(&key).unwrap_or_default();
+            Ok((seq, decode(&value)?))
+        });
+        let mut next_shared = shared.next().transpose()?;
+        let mut next_own = own.next().transpose()?;
+        let mut page = Vec::new();
+        loop {
+            let take_shared = match (&next_shared, &next_own) {
+                (None, None) => break,
+                (Some((s, _)), Some((o, _))) => s > o,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+            };
+            let visible = if take_shared {
+                let Some((_, message)) = next_shared.take() else {
+                    break;
+                };
+                next_shared = shared.next().transpose()?;
+                Some(message)
+            } else {
+                let Some((seq, inbox)) = next_own.take() else {
+                    break;
+                };
+                next_own = own.next().transpose()?;
+                // The shared message at the same seq is this user's to hide or keep.
+                let shared_here = match next_shared.take() {
+                    Some((s, message)) if s == seq => {
+                        next_shared = shared.next().transpose()?;
+                        Some(message)
+                    }
+                    other => {
+                        next_shared = other;
+                        None
+                    }
+                };
+                if inbox.deleted {
+                    None
+                } else {
+                    inbox.private.or(shared_here)
+                }
+            };
+            if let Some(message) = visible {
+                if page.len() == limit {
+                    return Ok((page, true));
+                }
+                page.push(message);
+            }
+        }
+        Ok((page, false))
+    }
+
+    /// Sync events of a user after `after_pts`, oldest first, at most `limit`.
+    pub fn sync_events(
+        &self,
+        tenant: &str,
+        user: &str,
+        after_pts: u64,
+        limit: usize,
+    ) -> Result<Vec<SyncRecord>, CellError> {
+        let mut events = Vec::new();
+        let range = keys::sync_event(tenant, user, after_pts.saturating_add(1))
+            ..keys::sync_event(tenant, user, u64::MAX);
+        for item in self.spaces.sync.range(range).take(limit) {
+            let value = item.value()?;
+            events.push(decode(&value)?);
+        }
+        Ok(events)
+    }
+
+    /// The newest pts of a user's queue.
+    pub fn last_pts(&self, tenant: &str, user: &str) -> Result<u64, CellError> {
+        Ok(
+            get::<records::UserRecord>(&self.spaces.users, &keys::user(tenant, user))?
+                .map(|u| u.last_pts)
+                .unwrap_or(0),
+        )
+    }
+
+    pub fn device_cursor(&self, tenant: &str, user: &str, device: &str) -> Result<u64, CellError> {
+        let Some(value) = self
+            .spaces
+            .devices
+            .get(keys::device(tenant, user, device))?
+        else {
+            return Ok(0);
+        };
+        Ok(decode(&value)?)
+    }
+
+    /// Moves a device's cursor forward (never back). Cursors are the device's own state, not
+    /// part of any conversation, so they are neither logged nor exported.
+    pub fn set_device_cursor(
+        &self,
+        tenant: &str,
+        user: &str,
+        device: &str,
+        pts: u64,
+    ) -> Result<u64, CellError> {
+        let current = self.device_cursor(tenant, user, device)?;
+        let cursor = current.max(pts);
+        if cursor != current {
+            self.spaces
+                .devices
+                .insert(keys::device(tenant, user, device), records::encode(&cursor))?;
+        }
+        Ok(cursor)
+    }
+
+    /// Every grant the cell holds.
+    pub fn grants(&self) -> Result<Vec<(String, String, GrantRecord)>, CellError> {
+        let mut grants = Vec::new();
+        for item in self.spaces.grants.iter() {
+            let (key, value) = item.into_inner()?;
+            let mut parts = key.split(|b| *b == 0);
+            let tenant = parts
+                .next()
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .unwrap_or_default();
+            let conversation = parts
+                .next()
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .unwrap_or_default();
+            grants.push((
+                tenant.to_string(),
+                conversation.to_string(),
+                decode(&value)?,
+            ));
+        }
+        Ok(grants)
+    }
+
+    /// The LSN of the newest cell-log entry.
+    pub fn last_lsn(&self) -> Result<u64, CellError> {
+        match self.spaces.log.last_key_value() {
+            Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    space: &Keyspace,
+    key: &[u8],
+) -> Result<Option<T>, CellError> {
+    match space.get(key)? {
+        Some(value) => Ok(Some(decode(&value)?)),
+        None => Ok(None),
+    }
+}

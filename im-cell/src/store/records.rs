@@ -1,0 +1,146 @@
+//! What the store keeps, encoded with postcard.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Single,
+    Group,
+}
+
+/// A conversation's own row: written on create, membership change and every send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    pub kind: Kind,
+    pub created_ms: u64,
+    /// Seq of the newest message; the next send takes `last_seq + 1`.
+    pub last_seq: u64,
+    pub member_count: u64,
+}
+
+/// A member of a conversation. Per-user state of a conversation lives here, with the
+/// conversation, so one account writing to very many users does not concentrate writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub joined_ms: u64,
+    /// The newest seq the member has read.
+    pub read_seq: u64,
+}
+
+/// One message. A normal message is stored once per conversation; a private one is stored in the
+/// inbox of its sender and each receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub message_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    pub client_msg_id: String,
+    pub body: Vec<u8>,
+    pub server_time_ms: u64,
+    /// Empty for a message to every member.
+    pub receiver_ids: Vec<String>,
+    pub recalled: bool,
+}
+
+/// A user's own state of one message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxRecord {
+    /// A private message to this user (or from them).
+    pub private: Option<MessageRecord>,
+    /// The user deleted the message for themselves.
+    pub deleted: bool,
+}
+
+/// The first answer to a send, kept so a retry returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub message_id: String,
+    pub seq: u64,
+    pub server_time_ms: u64,
+}
+
+/// A user's sync queue head.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub last_pts: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncKind {
+    NewMessage,
+    Read,
+    Recall,
+    Membership,
+    DeleteForMe,
+}
+
+/// One event in a user's sync queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub pts: u64,
+    pub kind: SyncKind,
+    pub conversation_id: String,
+    pub seq: u64,
+    pub message: Option<MessageRecord>,
+    pub user_ids: Vec<String>,
+    pub joined: bool,
+}
+
+/// The cell's grant for a route key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub epoch: u64,
+    pub frozen: bool,
+    /// Set when the key was revoked: where it went, so refused writers learn the new owner.
+    pub moved_to: Option<(String, u64)>,
+}
+
+/// One entry of the cell log: the mutation with everything the cell assigned to it, so
+/// replaying the log reproduces the same state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub lsn: u64,
+    pub tenant_id: String,
+    pub conversation_id: String,
+    pub mutation: Mutation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    CreateConversation {
+        kind: Kind,
+        member_ids: Vec<String>,
+        created_ms: u64,
+    },
+    AddMembers {
+        member_ids: Vec<String>,
+        at_ms: u64,
+    },
+    RemoveMembers {
+        member_ids: Vec<String>,
+    },
+    Send {
+        message: MessageRecord,
+    },
+    MarkRead {
+        user_id: String,
+        seq: u64,
+    },
+    Recall {
+        seq: u64,
+    },
+    DeleteForMe {
+        user_id: String,
+        seq: u64,
+    },
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain records into a Vec cannot fail: postcard fails only on unsupported serde
+    // shapes, which none of these use.
+    postcard::to_stdvec(value).expect("records always encode")
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -1,0 +1,234 @@
+//! The `Sync` gRPC service: every event of a user, to each device, in `pts` order.
+//!
+//! A subscription first joins the hub (so nothing committed from then on is missed), then reads
+//! the device's backlog from the store, then follows pushed events, skipping any it already sent.
+//! A gap in pushed events (the device fell behind and was dropped from the hub) is filled from the
+//! store. A backlog over the rebase threshold is replaced by one REBASE event naming the changed
+//! conversations; the device fetches their state and continues from the REBASE's pts.
+
+pub mod hub;
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+
+use cellplane_api::ids::validate_id;
+use cellplane_api::proto::cell as pb;
+use cellplane_api::proto::cell::sync_server::Sync;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::CellError;
+use crate::messaging::message_to_proto;
+use crate::store::Store;
+use crate::store::records::{SyncKind, SyncRecord};
+use hub::SyncHub;
+
+/// Events read from the store per page while catching up.
+const CATCH_UP_PAGE: usize = 256;
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SyncEvent, Status>> + Send>>;
+
+pub struct SyncService {
+    store: Store,
+    hub: SyncHub,
+    rebase_backlog_events: u64,
+}
+
+impl SyncService {
+    pub fn new(store: Store, hub: SyncHub, rebase_backlog_events: u64) -> Self {
+        Self {
+            store,
+            hub,
+            rebase_backlog_events,
+        }
+    }
+}
+
+pub fn event_to_proto(record: &SyncRecord) -> pb::SyncEvent {
+    let kind = match record.kind {
+        SyncKind::NewMessage => pb::SyncEventKind::NewMessage,
+        SyncKind::Read => pb::SyncEventKind::Read,
+        SyncKind::Recall => pb::SyncEventKind::Recall,
+        SyncKind::Membership => pb::SyncEventKind::Membership,
+        SyncKind::DeleteForMe => pb::SyncEventKind::DeleteForMe,
+    };
+    pb::SyncEvent {
+        pts: record.pts,
+        kind: kind as i32,
+        conversation_id: record.conversation_id.clone(),
+        message: record.message.as_ref().map(message_to_proto),
+        seq: record.seq,
+        user_ids: record.user_ids.clone(),
+        joined: record.joined,
+        changed_conversations: Vec::new(),
+    }
+}
+
+/// One device's stream.
+struct DeviceStream {
+    store: Store,
+    hub: SyncHub,
+    tenant: String,
+    user: String,
+    rebase_backlog_events: u64,
+    out: mpsc::Sender<Result<pb::SyncEvent, Status>>,
+    /// The pts of the last event sent.
+    last: u64,
+}
+
+impl DeviceStream {
+    async fn send(&mut self, event: pb::SyncEvent) -> bool {
+        let pts = event.pts;
+        if self.out.send(Ok(event)).await.is_err() {
+            return false;
+        }
+        self.last = pts;
+        true
+    }
+
+    /// Sends what the store holds after `last`: the events themselves, or one REBASE.
+    async fn catch_up(&mut self) -> Result<bool, CellError> {
+        let head = self.store.last_pts(&self.tenant, &self.user)?;
+        if head.saturating_sub(self.last) > self.rebase_backlog_events {
+            let mut changed = BTreeSet::new();
+            let mut after = self.last;
+            loop {
+                let page = self
+                    .store
+                    .sync_events(&self.tenant, &self.user, after, 4096)?;
+                let Some(last) = page.last() else { break };
+                after = last.pts;
+                changed.extend(page.into_iter().map(|e| e.conversation_id));
+                if after >= head {
+                    break;
+                }
+            }
+            metrics::counter!("cellplane_cell_rebases_total").increment(1);
+            let rebase = pb::SyncEvent {
+                pts: head,
+                kind: pb::SyncEventKind::Rebase as i32,
+                changed_conversations: changed.into_iter().collect(),
+                ..Default::default()
+            };
+            return Ok(self.send(rebase).await);
+        }
+        loop {
+            let page =
+                self.store
+                    .sync_events(&self.tenant, &self.user, self.last, CATCH_UP_PAGE)?;
+            if page.is_empty() {
+                return Ok(true);
+            }
+            for record in &page {
+                if !self.send(event_to_proto(record)).await {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) -> Result<(), CellError> {
+        let mut subscription = self.hub.subscribe(&self.tenant, &self.user);
+        if !self.catch_up().await? {
+            return Ok(());
+        }
+        loop {
+            tokio::select! {
+                pushed = subscription.events.recv() => match pushed {
+                    Some(record) if record.pts <= self.last => {}
+                    Some(record) if record.pts == self.last + 1 => {
+                        if !self.send(event_to_proto(&record)).await {
+                            return Ok(());
+                        }
+                    }
+                    // A gap: something was not pushed to us; the store has it.
+                    Some(_) => {
+                        if !self.catch_up().await? {
+                            return Ok(());
+                        }
+                    }
+                    // Dropped from the hub for falling behind: rejoin, then catch up.
+                    None => {
+                        subscription = self.hub.subscribe(&self.tenant, &self.user);
+                        if !self.catch_up().await? {
+                            return Ok(());
+                        }
+                    }
+                },
+                () = self.out.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Sync for SyncService {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let message = request.into_inner();
+        validate_id("tenant_id", &message.tenant_id)?;
+        validate_id("user_id", &message.user_id)?;
+        validate_id("device_id", &message.device_id)?;
+        let head = self.store.last_pts(&message.tenant_id, &message.user_id)?;
+        if message.cursor > head {
+            return Err(CellError::invalid(
+                "cursor",
+                format!("must be at most the user's newest pts {head}"),
+            )
+            .into());
+        }
+        let start = if message.cursor == 0 {
+            self.store
+                .device_cursor(&message.tenant_id, &message.user_id, &message.device_id)?
+        } else {
+            message.cursor
+        };
+        let (out, events) = mpsc::channel(256);
+        let stream = DeviceStream {
+            store: self.store.clone(),
+            hub: self.hub.clone(),
+            tenant: message.tenant_id,
+            user: message.user_id,
+            rebase_backlog_events: self.rebase_backlog_events,
+            out: out.clone(),
+            last: start,
+        };
+        tokio::spawn(async move {
+            if let Err(err) = stream.run().await {
+                let _ = out.send(Err(err.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let message = request.into_inner();
+        validate_id("tenant_id", &message.tenant_id)?;
+        validate_id("user_id", &message.user_id)?;
+        validate_id("device_id", &message.device_id)?;
+        let head = self.store.last_pts(&message.tenant_id, &message.user_id)?;
+        if message.pts > head {
+            return Err(CellError::invalid(
+                "pts",
+                format!("must be at most the user's newest pts {head}"),
+            )
+            .into());
+        }
+        let cursor = self.store.set_device_cursor(
+            &message.tenant_id,
+            &message.user_id,
+            &message.device_id,
+            message.pts,
+        )?;
+        Ok(Response::new(pb::AckResponse { cursor }))
+    }
+}

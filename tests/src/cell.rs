@@ -1,0 +1,124 @@
+//! A real `im-cell serve` process on a free loopback port with its own data directory.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
+use cellplane_api::proto::cell::messaging_client::MessagingClient;
+use cellplane_api::proto::cell::sync_client::SyncClient;
+use cellplane_api::proto::cell::{CellStatusRequest, GrantRequest};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::{binary, free_port};
+
+pub struct CellProcess {
+    pub cell_id: String,
+    pub addr: String,
+    pub dir: TempDir,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl CellProcess {
+    /// Starts a cell and waits until it answers.
+    pub async fn start(cell_id: &str, extra_args: &[&str]) -> CellProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("cellplane-cell-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cell = CellProcess {
+            cell_id: cell_id.to_string(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        cell.spawn().await;
+        cell
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("cell.log"))
+            .expect("log file");
+        let child = Command::new(binary("im-cell"))
+            .args([
+                "serve",
+                "--cell-id",
+                &self.cell_id,
+                "--listen",
+                &self.addr,
+                "--data-dir",
+            ])
+            .arg(self.data_dir())
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn im-cell");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.admin().cell_status(CellStatusRequest {}).await.is_ok() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cell did not answer within 30s; log in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill cell");
+        }
+    }
+
+    /// Starts the cell again from its data directory.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the cell is still running");
+        self.spawn().await;
+    }
+
+    pub fn channel(&self) -> Channel {
+        cellplane_api::client::channel(&self.addr, Duration::from_millis(500)).expect("channel")
+    }
+
+    pub fn messaging(&self) -> MessagingClient<Channel> {
+        MessagingClient::new(self.channel())
+    }
+
+    pub fn sync(&self) -> SyncClient<Channel> {
+        SyncClient::new(self.channel())
+    }
+
+    pub fn admin(&self) -> CellAdminClient<Channel> {
+        CellAdminClient::new(self.channel())
+    }
+
+    /// Grants the cell a route key at an epoch.
+    pub async fn grant(&self, tenant: &str, conversation: &str, epoch: u64) {
+        self.admin()
+            .grant(GrantRequest {
+                tenant_id: tenant.into(),
+                conversation_id: conversation.into(),
+                epoch,
+            })
+            .await
+            .expect("grant");
+    }
+}
