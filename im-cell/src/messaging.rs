@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::error::CellError;
 use crate::limits::Limits;
 use crate::store::Store;
+use crate::store::mutate::WriteRequest;
 use crate::store::records::{Kind, MessageRecord};
 use crate::store::writer::{ConversationView, Op, Outcome, Writer};
 
@@ -158,12 +159,14 @@ impl Messaging for MessagingService {
             _ => {}
         }
         let view = expect_conversation(
-            self.write(Op::CreateConversation {
+            self.write(Op::Write {
                 tenant: r.tenant_id.clone(),
                 conversation: r.conversation_id.clone(),
-                kind,
-                members: r.member_ids,
                 epoch: r.route_epoch,
+                request: WriteRequest::CreateConversation {
+                    kind,
+                    members: r.member_ids,
+                },
             })
             .await?,
         )?;
@@ -186,11 +189,13 @@ impl Messaging for MessagingService {
             self.limits.max_members_per_call,
         )?;
         let view = expect_conversation(
-            self.write(Op::AddMembers {
+            self.write(Op::Write {
                 tenant: r.tenant_id.clone(),
                 conversation: r.conversation_id.clone(),
-                members: r.member_ids,
                 epoch: r.route_epoch,
+                request: WriteRequest::AddMembers {
+                    members: r.member_ids,
+                },
             })
             .await?,
         )?;
@@ -213,11 +218,13 @@ impl Messaging for MessagingService {
             self.limits.max_members_per_call,
         )?;
         let view = expect_conversation(
-            self.write(Op::RemoveMembers {
+            self.write(Op::Write {
                 tenant: r.tenant_id.clone(),
                 conversation: r.conversation_id.clone(),
-                members: r.member_ids,
                 epoch: r.route_epoch,
+                request: WriteRequest::RemoveMembers {
+                    members: r.member_ids,
+                },
             })
             .await?,
         )?;
@@ -249,14 +256,16 @@ impl Messaging for MessagingService {
         }
         user_ids("receiver_ids", &r.receiver_ids, self.limits.max_receivers)?;
         let outcome = self
-            .write(Op::Send {
+            .write(Op::Write {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
-                sender: r.sender_id,
-                client_msg_id: r.client_msg_id,
-                body: r.body,
-                receivers: r.receiver_ids,
                 epoch: r.route_epoch,
+                request: WriteRequest::Send {
+                    sender: r.sender_id,
+                    client_msg_id: r.client_msg_id,
+                    body: r.body,
+                    receivers: r.receiver_ids,
+                },
             })
             .await?;
         match outcome {
@@ -329,12 +338,14 @@ impl Messaging for MessagingService {
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
         self.message_ref(&r)?;
-        self.write(Op::MarkRead {
+        self.write(Op::Write {
             tenant: r.tenant_id,
             conversation: r.conversation_id,
-            user: r.user_id,
-            seq: r.seq,
             epoch: r.route_epoch,
+            request: WriteRequest::MarkRead {
+                user: r.user_id,
+                seq: r.seq,
+            },
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -346,12 +357,14 @@ impl Messaging for MessagingService {
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
         self.message_ref(&r)?;
-        self.write(Op::Recall {
+        self.write(Op::Write {
             tenant: r.tenant_id,
             conversation: r.conversation_id,
-            user: r.user_id,
-            seq: r.seq,
             epoch: r.route_epoch,
+            request: WriteRequest::Recall {
+                user: r.user_id,
+                seq: r.seq,
+            },
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -363,12 +376,14 @@ impl Messaging for MessagingService {
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
         self.message_ref(&r)?;
-        self.write(Op::DeleteForMe {
+        self.write(Op::Write {
             tenant: r.tenant_id,
             conversation: r.conversation_id,
-            user: r.user_id,
-            seq: r.seq,
             epoch: r.route_epoch,
+            request: WriteRequest::DeleteForMe {
+                user: r.user_id,
+                seq: r.seq,
+            },
         })
         .await?;
         Ok(Response::new(pb::Empty {}))

@@ -44,6 +44,22 @@ pub fn last_id(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(body.get(start..)?).ok()
 }
 
+/// The id segments of a key made only of ids (no trailing number); `None` otherwise.
+pub fn segments(key: &[u8]) -> Option<Vec<&str>> {
+    let body = key.strip_suffix(&[0])?;
+    body.split(|b| *b == 0)
+        .map(|part| std::str::from_utf8(part).ok())
+        .collect()
+}
+
+/// `(tenant, conversation, user)` of a member key.
+pub fn member_parts(key: &[u8]) -> Option<(&str, &str, &str)> {
+    match segments(key)?.as_slice() {
+        [tenant, conversation, user] => Some((tenant, conversation, user)),
+        _ => None,
+    }
+}
+
 pub fn conversation(tenant: &str, conversation: &str) -> Vec<u8> {
     Key::new().id(tenant).id(conversation).into_bytes()
 }
@@ -123,6 +139,13 @@ mod tests {
         assert!(a.starts_with(&members_prefix("t", "c")));
         assert!(!other.starts_with(&members_prefix("t", "c")));
         assert_eq!(trailing_num(&b), Some(10));
+    }
+
+    #[test]
+    fn segments_split_id_keys() {
+        assert_eq!(segments(&member("t", "c", "u")), Some(vec!["t", "c", "u"]));
+        assert_eq!(segments(&grant("t", "")), Some(vec!["t", ""]));
+        assert_eq!(member_parts(&member("t", "c", "u")), Some(("t", "c", "u")));
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! and commits them in batches, one fsync per batch. Reads go straight to the database; they see
 //! only committed (and, before any answer is sent, durable) data.
 
+pub mod fencing;
 pub mod keys;
+pub mod mutate;
 pub mod records;
+pub mod tx;
 pub mod writer;
 
 use std::path::Path;
@@ -31,6 +34,7 @@ pub struct Spaces {
     pub sync: Keyspace,
     pub devices: Keyspace,
     pub grants: Keyspace,
+    pub imports: Keyspace,
     pub log: Keyspace,
 }
 
@@ -46,6 +50,7 @@ pub enum Space {
     Users,
     Sync,
     Grants,
+    Imports,
     Log,
 }
 
@@ -61,6 +66,7 @@ impl Spaces {
             Space::Users => &self.users,
             Space::Sync => &self.sync,
             Space::Grants => &self.grants,
+            Space::Imports => &self.imports,
             Space::Log => &self.log,
         }
     }
@@ -92,6 +98,7 @@ impl Store {
             sync: open_space(&db, "sync")?,
             devices: open_space(&db, "devices")?,
             grants: open_space(&db, "grants")?,
+            imports: open_space(&db, "imports")?,
             log: open_space(&db, "log")?,
         };
         Ok(Self { db, spaces })

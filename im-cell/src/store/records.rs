@@ -126,7 +126,9 @@ pub enum Mutation {
         user_id: String,
         seq: u64,
     },
+    /// The sender recalled a message.
     Recall {
+        user_id: String,
         seq: u64,
     },
     DeleteForMe {

@@ -1,0 +1,181 @@
+//! One batch's staged writes: a fjall write batch plus an overlay, so the batch's later requests
+//! read its earlier writes before anything is committed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::records::{LogRecord, MemberRecord, Mutation, SyncRecord, UserRecord, decode, encode};
+use super::{Space, Store, keys};
+use crate::error::CellError;
+use crate::sync::hub::Delivery;
+
+pub struct Tx {
+    store: Store,
+    pub batch: fjall::OwnedWriteBatch,
+    overlay: HashMap<(Space, Vec<u8>), Option<Vec<u8>>>,
+    /// Membership changes of this batch by conversation: user → member after the change.
+    membership: HashMap<(String, String), BTreeMap<String, bool>>,
+    /// The LSN of the newest cell-log entry, staged ones included.
+    pub lsn: u64,
+    /// Events for the online devices, published once the batch is durable.
+    pub deliveries: Vec<Delivery>,
+    pub writes: usize,
+}
+
+impl Tx {
+    pub fn new(store: Store, lsn: u64) -> Self {
+        let batch = store.db.batch();
+        Self {
+            store,
+            batch,
+            overlay: HashMap::new(),
+            membership: HashMap::new(),
+            lsn,
+            deliveries: Vec::new(),
+            writes: 0,
+        }
+    }
+
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        space: Space,
+        key: &[u8],
+    ) -> Result<Option<T>, CellError> {
+        if let Some(staged) = self.overlay.get(&(space, key.to_vec())) {
+            return match staged {
+                Some(bytes) => Ok(Some(decode(bytes)?)),
+                None => Ok(None),
+            };
+        }
+        match self.store.spaces.get(space).get(key)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put<T: Serialize>(&mut self, space: Space, key: Vec<u8>, value: &T) {
+        self.put_raw(space, key, encode(value));
+    }
+
+    /// Stages an already encoded row (an imported one).
+    pub fn put_raw(&mut self, space: Space, key: Vec<u8>, bytes: Vec<u8>) {
+        if space == Space::Members {
+            if let Some((tenant, conversation, user)) = keys::member_parts(&key) {
+                self.membership
+                    .entry((tenant.to_string(), conversation.to_string()))
+                    .or_default()
+                    .insert(user.to_string(), true);
+            }
+        }
+        self.batch
+            .insert(self.store.spaces.get(space), key.clone(), bytes.clone());
+        self.overlay.insert((space, key), Some(bytes));
+        self.writes += 1;
+    }
+
+    pub fn delete(&mut self, space: Space, key: Vec<u8>) {
+        self.batch.remove(self.store.spaces.get(space), key.clone());
+        self.overlay.insert((space, key), None);
+        self.writes += 1;
+    }
+
+    /// Members after this batch's changes so far.
+    pub fn members(&self, tenant: &str, conversation: &str) -> Result<Vec<String>, CellError> {
+        let mut members: BTreeMap<String, bool> = self
+            .store
+            .members(tenant, conversation)?
+            .into_iter()
+            .map(|m| (m, true))
+            .collect();
+        if let Some(changes) = self
+            .membership
+            .get(&(tenant.to_string(), conversation.to_string()))
+        {
+            for (user, member) in changes {
+                members.insert(user.clone(), *member);
+            }
+        }
+        Ok(members
+            .into_iter()
+            .filter(|(_, m)| *m)
+            .map(|(u, _)| u)
+            .collect())
+    }
+
+    pub fn set_member(
+        &mut self,
+        tenant: &str,
+        conversation: &str,
+        user: &str,
+        record: Option<&MemberRecord>,
+    ) {
+        match record {
+            Some(record) => {
+                self.put(
+                    Space::Members,
+                    keys::member(tenant, conversation, user),
+                    record,
+                );
+                self.put(
+                    Space::UserConversations,
+                    keys::user_conversation(tenant, user, conversation),
+                    &(),
+                );
+            }
+            None => {
+                self.delete(Space::Members, keys::member(tenant, conversation, user));
+                self.delete(
+                    Space::UserConversations,
+                    keys::user_conversation(tenant, user, conversation),
+                );
+            }
+        }
+        self.membership
+            .entry((tenant.to_string(), conversation.to_string()))
+            .or_default()
+            .insert(user.to_string(), record.is_some());
+    }
+
+    /// Appends a mutation to the cell log at the next LSN.
+    pub fn log(&mut self, tenant: &str, conversation: &str, mutation: Mutation) {
+        self.lsn += 1;
+        let record = LogRecord {
+            lsn: self.lsn,
+            tenant_id: tenant.to_string(),
+            conversation_id: conversation.to_string(),
+            mutation,
+        };
+        self.put(Space::Log, keys::lsn(self.lsn), &record);
+    }
+
+    /// Appends an event to a user's sync queue at the user's next pts, in this same batch.
+    pub fn event(
+        &mut self,
+        tenant: &str,
+        user: &str,
+        event: impl FnOnce(u64) -> SyncRecord,
+    ) -> Result<(), CellError> {
+        let key = keys::user(tenant, user);
+        let mut head: UserRecord = self.get(Space::Users, &key)?.unwrap_or_default();
+        head.last_pts += 1;
+        let record = event(head.last_pts);
+        assert_eq!(
+            record.pts, head.last_pts,
+            "an event carries the pts it was given"
+        );
+        self.put(Space::Users, key, &head);
+        self.put(
+            Space::Sync,
+            keys::sync_event(tenant, user, head.last_pts),
+            &record,
+        );
+        self.deliveries.push(Delivery {
+            tenant: tenant.to_string(),
+            user: user.to_string(),
+            event: record,
+        });
+        Ok(())
+    }
+}
