@@ -114,18 +114,38 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks a live request and decides what it writes.
-pub fn decide(
+/// What deciding needs besides the state: who the cell is, its limits and its grants.
+pub struct Decider<'a> {
+    pub cell_id: &'a str,
+    pub limits: &'a Limits,
+    pub grants: &'a Grants,
+}
+
+impl Decider<'_> {
+    /// Checks a live request to `tenant/conversation` at route `epoch` and decides what it
+    /// writes.
+    pub fn decide(
+        &self,
+        tx: &Tx,
+        tenant: &str,
+        conversation: &str,
+        epoch: u64,
+        request: WriteRequest,
+    ) -> Result<Decision, CellError> {
+        check_owner(self.grants, tenant, conversation, epoch)?;
+        decide_owned(self.cell_id, self.limits, tx, tenant, conversation, request)
+    }
+}
+
+/// Decides a request to a key this cell owns at the caller's epoch.
+fn decide_owned(
     cell_id: &str,
     limits: &Limits,
-    grants: &Grants,
     tx: &Tx,
     tenant: &str,
     conversation: &str,
-    epoch: u64,
     request: WriteRequest,
 ) -> Result<Decision, CellError> {
-    check_owner(grants, tenant, conversation, epoch)?;
     match request {
         WriteRequest::CreateConversation { kind, members } => {
             if tx

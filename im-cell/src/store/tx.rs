@@ -61,13 +61,13 @@ impl Tx {
 
     /// Stages an already encoded row (an imported one).
     pub fn put_raw(&mut self, space: Space, key: Vec<u8>, bytes: Vec<u8>) {
-        if space == Space::Members {
-            if let Some((tenant, conversation, user)) = keys::member_parts(&key) {
-                self.membership
-                    .entry((tenant.to_string(), conversation.to_string()))
-                    .or_default()
-                    .insert(user.to_string(), true);
-            }
+        if space == Space::Members
+            && let Some((tenant, conversation, user)) = keys::member_parts(&key)
+        {
+            self.membership
+                .entry((tenant.to_string(), conversation.to_string()))
+                .or_default()
+                .insert(user.to_string(), true);
         }
         self.batch
             .insert(self.store.spaces.get(space), key.clone(), bytes.clone());

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use tokio::sync::{oneshot, watch};
 
 use super::fencing::Grants;
-use super::mutate::{Decision, WriteRequest, apply_mutation, decide, require_conversation};
+use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation};
 use super::tx::Tx;
 use super::{Space, Store, keys};
@@ -277,16 +277,12 @@ impl WriterState {
                         | WriteRequest::AddMembers { .. }
                         | WriteRequest::RemoveMembers { .. }
                 );
-                let decision = decide(
-                    &self.cell_id,
-                    &self.limits,
-                    &self.grants,
-                    tx,
-                    &tenant,
-                    &conversation,
-                    epoch,
-                    request,
-                )?;
+                let decider = Decider {
+                    cell_id: &self.cell_id,
+                    limits: &self.limits,
+                    grants: &self.grants,
+                };
+                let decision = decider.decide(tx, &tenant, &conversation, epoch, request)?;
                 let sent = match decision {
                     Decision::Retry(first) => return Ok(Outcome::Sent(first)),
                     Decision::Unchanged => None,
