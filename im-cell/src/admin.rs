@@ -1,14 +1,26 @@
 //! The `CellAdmin` gRPC service: grants, revocations and freezes from the control plane, and the
 //! cell's status. Grant changes go through the writer, in order with the writes they fence.
 
+use std::pin::Pin;
+
 use cellplane_api::ids::{validate_id, validate_optional_id};
 use cellplane_api::proto::cell as pb;
 use cellplane_api::proto::cell::cell_admin_server::CellAdmin;
-use tonic::{Request, Response, Status};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::CellError;
 use crate::store::Store;
+use crate::store::export::{ExportView, space_named};
+use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
+
+/// Rows or log records per export chunk: a few hundred kilobytes a message.
+const EXPORT_CHUNK_ITEMS: usize = 512;
+
+pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 pub struct AdminService {
     cell_id: String,
@@ -105,6 +117,121 @@ impl CellAdmin for AdminService {
             })
             .await?;
         Ok(Response::new(pb::AdminEmpty {}))
+    }
+
+    type ExportStream = ExportStream;
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let r = request.into_inner();
+        route_key(&r.tenant_id, &r.conversation_id)?;
+        let view = ExportView::open(&self.store)?;
+        let (out, chunks) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let empty = || pb::ExportChunk {
+                tenant_id: r.tenant_id.clone(),
+                conversation_id: r.conversation_id.clone(),
+                ..Default::default()
+            };
+            let mut chunk = empty();
+            let flush = |chunk: &mut pb::ExportChunk| {
+                let full = std::mem::replace(chunk, empty());
+                out.blocking_send(Ok(full)).is_ok()
+            };
+            let result = if r.from_lsn == 0 && !r.log_only {
+                view.rows(&r.tenant_id, &r.conversation_id, |space, key, value| {
+                    chunk.rows.push(pb::ExportRow {
+                        space: space.to_string(),
+                        key,
+                        value,
+                    });
+                    chunk.rows.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                })
+            } else {
+                view.log(&r.tenant_id, &r.conversation_id, r.from_lsn, |record| {
+                    chunk.log_records.push(record);
+                    chunk.log_records.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                })
+            };
+            match result {
+                Ok(()) => {
+                    chunk.through_lsn = view.through_lsn;
+                    flush(&mut chunk);
+                }
+                Err(err) => {
+                    let _ = out.blocking_send(Err(err.into()));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
+    }
+
+    async fn import(
+        &self,
+        request: Request<Streaming<pb::ExportChunk>>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let mut key: Option<(String, String)> = None;
+        let mut source_lsn = 0;
+        while let Some(chunk) = chunks.message().await? {
+            route_key(&chunk.tenant_id, &chunk.conversation_id)?;
+            let chunk_key = (chunk.tenant_id.clone(), chunk.conversation_id.clone());
+            if key.get_or_insert_with(|| chunk_key.clone()) != &chunk_key {
+                return Err(CellError::invalid(
+                    "tenant_id",
+                    "every chunk of one import must name the same key",
+                )
+                .into());
+            }
+            let mut rows = Vec::with_capacity(chunk.rows.len());
+            for (i, row) in chunk.rows.into_iter().enumerate() {
+                let space = space_named(&row.space).ok_or_else(|| {
+                    CellError::invalid(
+                        format!("rows[{i}].space"),
+                        format!("{:?} is not an exported keyspace", row.space),
+                    )
+                })?;
+                rows.push((space, row.key, row.value));
+            }
+            let mut records = Vec::with_capacity(chunk.log_records.len());
+            for (i, bytes) in chunk.log_records.iter().enumerate() {
+                let record: LogRecord = decode(bytes).map_err(|e| {
+                    CellError::invalid(
+                        format!("log_records[{i}]"),
+                        format!("is not a cell-log record: {e}"),
+                    )
+                })?;
+                let belongs = record.tenant_id == chunk_key.0
+                    && (chunk_key.1.is_empty() || record.conversation_id == chunk_key.1);
+                if !belongs {
+                    return Err(CellError::invalid(
+                        format!("log_records[{i}]"),
+                        format!(
+                            "belongs to {}/{}, not the imported key",
+                            record.tenant_id, record.conversation_id
+                        ),
+                    )
+                    .into());
+                }
+                records.push(record);
+            }
+            let outcome = self
+                .writer
+                .submit(Op::Import {
+                    tenant: chunk_key.0,
+                    conversation: chunk_key.1,
+                    rows,
+                    records,
+                    through_lsn: chunk.through_lsn,
+                })
+                .await?;
+            if let Outcome::Imported { source_lsn: lsn } = outcome {
+                source_lsn = lsn;
+            }
+        }
+        Ok(Response::new(pb::ImportResponse { source_lsn }))
     }
 
     async fn cell_status(

@@ -3,6 +3,7 @@
 mod bad_input;
 mod crash;
 mod sync;
+mod transfer;
 
 use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest, SendMessageRequest};
 use cellplane_tests::cell::CellProcess;

@@ -5,6 +5,7 @@
 //! and commits them in batches, one fsync per batch. Reads go straight to the database; they see
 //! only committed (and, before any answer is sent, durable) data.
 
+pub mod export;
 pub mod fencing;
 pub mod keys;
 pub mod mutate;

@@ -62,6 +62,8 @@ pub enum Op {
         conversation: String,
         rows: Vec<(Space, Vec<u8>, Vec<u8>)>,
         records: Vec<LogRecord>,
+        /// The source LSN the chunk covers, records or not.
+        through_lsn: u64,
     },
 }
 
@@ -368,6 +370,7 @@ impl WriterState {
                 conversation,
                 rows,
                 records,
+                through_lsn,
             } => {
                 let position_key = import_key(&tenant, &conversation);
                 let mut position: u64 = tx.get(Space::Imports, &position_key)?.unwrap_or(0);
@@ -389,6 +392,7 @@ impl WriterState {
                     )?;
                     position = lsn;
                 }
+                position = position.max(through_lsn);
                 tx.put(Space::Imports, position_key, &position);
                 Ok(Outcome::Imported {
                     source_lsn: position,
