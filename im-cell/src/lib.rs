@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod messaging;
+pub mod rate;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -24,6 +24,14 @@ pub struct Limits {
     pub max_ops_per_commit: usize,
     /// Longest client message id.
     pub max_client_msg_id_bytes: usize,
+    /// Sends per second into one conversation (a burst of this many passes at once).
+    pub sends_per_conversation_per_sec: u32,
+    /// Sends per second by one sender.
+    pub sends_per_sender_per_sec: u32,
+    /// Sends per second from one client type ("ios", "web", ...).
+    pub sends_per_client_type_per_sec: u32,
+    /// Sends per second from one calling app or integration.
+    pub sends_per_app_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -37,6 +45,10 @@ impl Default for Limits {
             rebase_backlog_events: 1_000,
             max_ops_per_commit: 1_024,
             max_client_msg_id_bytes: 128,
+            sends_per_conversation_per_sec: 500,
+            sends_per_sender_per_sec: 100,
+            sends_per_client_type_per_sec: 100_000,
+            sends_per_app_per_sec: 50_000,
         }
     }
 }

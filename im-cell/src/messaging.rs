@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::CellError;
 use crate::limits::Limits;
+use crate::rate::RateLimiter;
 use crate::store::Store;
 use crate::store::mutate::WriteRequest;
 use crate::store::records::{Kind, MessageRecord};
@@ -22,14 +23,17 @@ pub struct MessagingService {
     store: Store,
     writer: Writer,
     limits: Limits,
+    rates: RateLimiter,
 }
 
 impl MessagingService {
     pub fn new(store: Store, writer: Writer, limits: Limits) -> Self {
+        let rates = RateLimiter::new(&limits);
         Self {
             store,
             writer,
             limits,
+            rates,
         }
     }
 }
@@ -255,6 +259,16 @@ impl Messaging for MessagingService {
             .into());
         }
         user_ids("receiver_ids", &r.receiver_ids, self.limits.max_receivers)?;
+        cellplane_api::ids::validate_optional_id("client_type", &r.client_type)?;
+        cellplane_api::ids::validate_optional_id("app_id", &r.app_id)?;
+        self.rates.admit(
+            &r.tenant_id,
+            &r.conversation_id,
+            &r.sender_id,
+            &r.client_type,
+            &r.app_id,
+            std::time::Instant::now(),
+        )?;
         let outcome = self
             .write(Op::Write {
                 tenant: r.tenant_id,

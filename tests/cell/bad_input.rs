@@ -248,3 +248,47 @@ async fn bad_requests_are_refused_with_their_own_code() {
         .into_inner();
     assert!(status.last_lsn >= frozen_at);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_over_a_rate_limit_are_told_when_to_retry() {
+    let cell =
+        CellProcess::start("hz-a-normal-1", &["--sends-per-conversation-per-sec", "5"]).await;
+    cell.grant("acme", "", 1).await;
+    crate::group(&cell, "acme", "team", &["alice", "bob"]).await;
+    let mut m = cell.messaging();
+    for i in 0..5 {
+        m.send_message(send("acme", "team", "alice", &format!("burst-{i}"), b"x"))
+            .await
+            .expect("within the burst");
+    }
+    let status = refused(
+        m.send_message(send("acme", "team", "bob", "over", b"x"))
+            .await,
+        Code::ResourceExhausted,
+        "conversation rate limit of 5/s exceeded",
+    );
+    let wait = cellplane_im_cell::rate::retry_after_ms(status.message()).expect("a retry-after");
+    assert!(wait > 0 && wait <= 200, "retry after {wait} ms");
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    m.send_message(send("acme", "team", "bob", "over", b"x"))
+        .await
+        .expect("after the wait");
+    // The refused send was not written: bob's message is seq 6, right after the burst.
+    let page = m
+        .get_history(GetHistoryRequest {
+            tenant_id: "acme".into(),
+            conversation_id: "team".into(),
+            user_id: "bob".into(),
+            before_seq: 0,
+            limit: 10,
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(
+        page.messages
+            .first()
+            .map(|m| (m.seq, m.client_msg_id.as_str())),
+        Some((6, "over"))
+    );
+}

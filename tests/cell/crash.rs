@@ -48,7 +48,16 @@ async fn full_history(cell: &CellProcess, conversation: &str) -> Vec<Message> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_cell_keeps_every_acknowledged_message_exactly_once() {
-    let mut cell = CellProcess::start("hz-a-normal-1", &[]).await;
+    let mut cell = CellProcess::start(
+        "hz-a-normal-1",
+        &[
+            "--sends-per-conversation-per-sec",
+            "1000000",
+            "--sends-per-sender-per-sec",
+            "1000000",
+        ],
+    )
+    .await;
     cell.grant("acme", "", 1).await;
     let senders: Vec<String> = (0..SENDERS).map(|s| format!("s{s}")).collect();
     let members: Vec<&str> = senders.iter().map(String::as_str).collect();

@@ -45,6 +45,12 @@ enum Command {
         /// A device further behind than this many events gets one REBASE.
         #[arg(long)]
         rebase_backlog_events: Option<u64>,
+        /// Sends per second into one conversation.
+        #[arg(long)]
+        sends_per_conversation_per_sec: Option<u32>,
+        /// Sends per second by one sender.
+        #[arg(long)]
+        sends_per_sender_per_sec: Option<u32>,
     },
 }
 
@@ -81,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
         metrics_listen,
         max_body_bytes,
         rebase_backlog_events,
+        sends_per_conversation_per_sec,
+        sends_per_sender_per_sec,
     } = Cli::parse().command;
     let mut limits = Limits::default();
     if let Some(n) = max_body_bytes {
@@ -88,6 +96,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = rebase_backlog_events {
         limits.rebase_backlog_events = n;
+    }
+    if let Some(n) = sends_per_conversation_per_sec {
+        limits.sends_per_conversation_per_sec = n;
+    }
+    if let Some(n) = sends_per_sender_per_sec {
+        limits.sends_per_sender_per_sec = n;
     }
     let config = CellConfig {
         cell_id,
