@@ -5,6 +5,7 @@
 //!
 //! Figures go to stdout and, with `--out`, to a Markdown file (docs/benchmarks.md).
 
+mod cell;
 mod lookups;
 mod report;
 mod scale;
@@ -47,6 +48,7 @@ enum Which {
     Updates,
     Lookups,
     Scale,
+    Cell,
 }
 
 #[tokio::main]
@@ -69,6 +71,9 @@ async fn main() -> anyhow::Result<()> {
             cli.cluster_overrides,
         )
         .await?;
+    }
+    if matches!(cli.which, Which::All | Which::Cell) {
+        cell::run(&mut report, phase).await?;
     }
     let text = report.render();
     println!("{text}");

@@ -1,5 +1,6 @@
 //! Scale: the state machine at millions of tenants and overrides — memory, apply rate, snapshot
-//! build and load — and, in a real cluster, snapshot transfer to a wiped follower and restart.
+//! build and load — and, in a real cluster, snapshot transfer to a follower that missed the load,
+//! and restart.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,17 @@ fn mib(bytes: u64) -> String {
 
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Errors a loader waits out: the leader busy (building a snapshot) or changing.
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 fn build_state(tenants: u64, overrides: u64) -> (ControlState, Duration, Duration) {
@@ -158,7 +170,7 @@ pub async fn run(
     report.section(table);
 
     // Snapshots every 20k entries (each entry packs many commands) keep the log short, so a
-    // wiped follower must take a snapshot.
+    // follower that misses the load must take a snapshot.
     let mut cluster = Cluster::start(
         3,
         &[
@@ -179,14 +191,22 @@ pub async fn run(
         )
         .await;
     let leader = cluster.wait_for_leader().await;
+    let followers: Vec<u64> = cluster
+        .running_ids()
+        .into_iter()
+        .filter(|&id| id != leader)
+        .collect();
+    // This follower is down for the whole load: the leader purges the log behind its
+    // snapshots, so the follower can only come back by installing a snapshot.
+    let lagging = followers[0];
+    cluster.kill(lagging).await;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..256 {
+    for _ in 0..256 {
         let channel = cluster.channel(leader);
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let _ = c;
             let mut control =
                 cellplane_api::proto::control::control_client::ControlClient::new(channel);
             loop {
@@ -194,14 +214,24 @@ pub async fn run(
                 if i >= cluster_tenants {
                     return;
                 }
-                control
-                    .create_tenant(CreateTenantRequest {
-                        tenant_id: format!("tenant-{i:09}"),
-                        tier: ProtoTier::Normal as i32,
-                        home_region: "hz".into(),
-                    })
-                    .await
-                    .expect("create tenant");
+                loop {
+                    let created = control
+                        .create_tenant(CreateTenantRequest {
+                            tenant_id: format!("tenant-{i:09}"),
+                            tier: ProtoTier::Normal as i32,
+                            home_region: "hz".into(),
+                        })
+                        .await;
+                    match created {
+                        // A retry of a create that did apply the first time.
+                        Ok(_) => break,
+                        Err(status) if status.code() == tonic::Code::AlreadyExists => break,
+                        Err(status) if retryable(&status) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(status) => panic!("create tenant failed: {status}"),
+                    }
+                }
             }
         }));
     }
@@ -226,7 +256,10 @@ pub async fn run(
                     return;
                 }
                 let tenant = format!("tenant-{:09}", (i * 7) % cluster_tenants);
-                for target in ["cell-a", "cell-b"] {
+                // Each target is tried in turn: the one the tenant already lives on refuses.
+                let mut targets = ["cell-a", "cell-b"].iter().cycle();
+                loop {
+                    let target = targets.next().copied().unwrap_or("cell-a");
                     let moved = control
                         .move_route(MoveRouteRequest {
                             tenant_id: tenant.clone(),
@@ -237,8 +270,12 @@ pub async fn run(
                         .await;
                     match moved {
                         Ok(_) => break,
-                        // The group's tenant already lives on this cell: the other one it is.
-                        Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
+                        // A retry of a move that did apply the first time.
+                        Err(status) if status.code() == tonic::Code::Aborted => break,
+                        Err(status) if retryable(&status) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
                         Err(status) => panic!("override failed: {status}"),
                     }
                 }
@@ -254,11 +291,6 @@ pub async fn run(
         .await
         .map(|s| s.revision)
         .unwrap_or(0);
-    let followers: Vec<u64> = cluster
-        .running_ids()
-        .into_iter()
-        .filter(|&id| id != leader)
-        .collect();
     for id in cluster.running_ids() {
         cluster
             .wait_for_revision_within(id, revision, CATCH_UP_LIMIT)
@@ -266,14 +298,20 @@ pub async fn run(
     }
     let leader_rss = cluster.pid(leader).and_then(rss_bytes).unwrap_or(0);
 
-    // A follower with a wiped disk catches up by snapshot.
-    let wiped = followers[0];
-    cluster.kill(wiped).await;
-    cluster.wipe(wiped);
+    // The follower that missed the load catches up by snapshot.
+    let purged = cluster
+        .status(leader)
+        .await
+        .map(|s| s.purged_index)
+        .unwrap_or(0);
+    assert!(
+        purged > 0,
+        "the leader kept its whole log; no snapshot transfer to measure"
+    );
     let started = Instant::now();
-    cluster.restart(wiped);
+    cluster.restart(lagging);
     cluster
-        .wait_for_revision_within(wiped, revision, CATCH_UP_LIMIT)
+        .wait_for_revision_within(lagging, revision, CATCH_UP_LIMIT)
         .await;
     let transfer_time = started.elapsed();
 
@@ -293,7 +331,7 @@ pub async fn run(
          | load through Control.CreateTenant, 256 clients | {:.0} tenants/s |\n\
          | load through Control.MoveRoute (new overrides), 256 clients | {:.0} overrides/s |\n\
          | leader resident memory | {} |\n\
-         | wiped follower: snapshot transfer + install + catch-up | {} |\n\
+         | follower down during the load: snapshot transfer + install + catch-up | {} |\n\
          | follower restart from its disk until caught up | {} |\n",
         cluster_tenants as f64 / load_time.as_secs_f64(),
         cluster_overrides as f64 / overrides_load_time.as_secs_f64().max(1e-9),

@@ -38,10 +38,14 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `size` nodes and waits until they agree on a leader.
     pub async fn start(size: u64, extra_args: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("cellplane-cluster-")
             .tempdir()
             .expect("temp dir");
+        // Keep the data and logs of a failed run for a look afterwards.
+        if std::env::var_os("CELLPLANE_KEEP_CLUSTER").is_some() {
+            dir.disable_cleanup(true);
+        }
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
             let addr = format!("127.0.0.1:{}", free_port());
@@ -123,15 +127,6 @@ impl Cluster {
     /// The process id of a running node.
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.nodes[&id].child.as_ref().and_then(|c| c.id())
-    }
-
-    /// Wipes a stopped node's data directory, as a replaced disk.
-    pub fn wipe(&self, id: u64) {
-        assert!(
-            self.nodes[&id].child.is_none(),
-            "node {id} is still running"
-        );
-        let _ = std::fs::remove_dir_all(&self.nodes[&id].data_dir);
     }
 
     /// One counter or gauge from a node's Prometheus endpoint (summed over labels).
