@@ -8,6 +8,7 @@ pub mod client;
 pub mod detail;
 pub mod ids;
 pub mod limits;
+pub mod serve;
 
 /// Generated protobuf and tonic code, nested as the proto packages are so cross-package
 /// references resolve, with short aliases.

@@ -11,7 +11,6 @@ use openraft::error::{ForwardToLeader, InitializeError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
@@ -190,19 +189,6 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraf
     Ok(Arc::new(raft.validate().map_err(Box::new)?))
 }
 
-/// Accepted connections with Nagle's algorithm off: small Raft and API answers would otherwise
-/// wait for the peer's delayed ACK (tens of milliseconds) before leaving.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
 /// Runs one node until `shutdown` resolves, then drains in-flight calls and stops Raft.
 pub async fn serve(
     config: NodeConfig,
@@ -281,7 +267,7 @@ pub async fn serve(
         .add_service(proto::control::control_server::ControlServer::new(
             ControlService::new(node.clone()),
         ))
-        .serve_with_incoming_shutdown(incoming(listener), drained)
+        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), drained)
         .await?;
 
     tracing::info!(node_id = config.node_id, "gRPC drained; stopping raft");

@@ -114,6 +114,34 @@ impl MessagingService {
         Ok(self.writer.submit(op).await?)
     }
 
+    /// Adds or removes members: the same checks, another write.
+    async fn change_members(
+        &self,
+        r: pb::ChangeMembersRequest,
+        write: impl FnOnce(Vec<String>) -> WriteRequest,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        key(&r.tenant_id, &r.conversation_id)?;
+        user_ids(
+            "member_ids",
+            &r.member_ids,
+            self.limits.max_members_per_call,
+        )?;
+        let view = expect_conversation(
+            self.write(Op::Write {
+                tenant: r.tenant_id.clone(),
+                conversation: r.conversation_id.clone(),
+                epoch: r.route_epoch,
+                request: write(r.member_ids),
+            })
+            .await?,
+        )?;
+        Ok(Response::new(conversation_to_proto(
+            &r.tenant_id,
+            &r.conversation_id,
+            view,
+        )))
+    }
+
     fn message_ref(&self, request: &pb::MessageRefRequest) -> Result<(), CellError> {
         key(&request.tenant_id, &request.conversation_id)?;
         validate_id("user_id", &request.user_id)?;
@@ -185,58 +213,20 @@ impl Messaging for MessagingService {
         &self,
         request: Request<pb::ChangeMembersRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        let r = request.into_inner();
-        key(&r.tenant_id, &r.conversation_id)?;
-        user_ids(
-            "member_ids",
-            &r.member_ids,
-            self.limits.max_members_per_call,
-        )?;
-        let view = expect_conversation(
-            self.write(Op::Write {
-                tenant: r.tenant_id.clone(),
-                conversation: r.conversation_id.clone(),
-                epoch: r.route_epoch,
-                request: WriteRequest::AddMembers {
-                    members: r.member_ids,
-                },
-            })
-            .await?,
-        )?;
-        Ok(Response::new(conversation_to_proto(
-            &r.tenant_id,
-            &r.conversation_id,
-            view,
-        )))
+        self.change_members(request.into_inner(), |members| WriteRequest::AddMembers {
+            members,
+        })
+        .await
     }
 
     async fn remove_members(
         &self,
         request: Request<pb::ChangeMembersRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        let r = request.into_inner();
-        key(&r.tenant_id, &r.conversation_id)?;
-        user_ids(
-            "member_ids",
-            &r.member_ids,
-            self.limits.max_members_per_call,
-        )?;
-        let view = expect_conversation(
-            self.write(Op::Write {
-                tenant: r.tenant_id.clone(),
-                conversation: r.conversation_id.clone(),
-                epoch: r.route_epoch,
-                request: WriteRequest::RemoveMembers {
-                    members: r.member_ids,
-                },
-            })
-            .await?,
-        )?;
-        Ok(Response::new(conversation_to_proto(
-            &r.tenant_id,
-            &r.conversation_id,
-            view,
-        )))
+        self.change_members(request.into_inner(), |members| {
+            WriteRequest::RemoveMembers { members }
+        })
+        .await
     }
 
     async fn send_message(

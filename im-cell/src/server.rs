@@ -5,7 +5,6 @@ use std::future::Future;
 
 use cellplane_api::proto;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminService;
 use crate::config::{CellConfig, ConfigError};
@@ -28,18 +27,6 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Accepted connections with Nagle's algorithm off, so small answers leave at once.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
 }
 
 /// Serves the cell until `shutdown` resolves, then drains in-flight calls.
@@ -86,7 +73,7 @@ pub async fn serve(
         .add_service(proto::cell::cell_admin_server::CellAdminServer::new(
             AdminService::new(config.cell_id.clone(), store.clone(), writer),
         ))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), shutdown)
         .await?;
     tracing::info!(cell_id = %config.cell_id, "IM cell drained");
     Ok(())
