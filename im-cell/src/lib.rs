@@ -13,6 +13,7 @@ pub mod error;
 pub mod limits;
 pub mod messaging;
 pub mod rate;
+pub mod receipts;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::error::CellError;
 use crate::limits::Limits;
 use crate::rate::RateLimiter;
+use crate::receipts::{Receipt, ReceiptMerger};
 use crate::store::Store;
 use crate::store::mutate::WriteRequest;
 use crate::store::records::{Kind, MessageRecord};
@@ -24,16 +25,19 @@ pub struct MessagingService {
     writer: Writer,
     limits: Limits,
     rates: RateLimiter,
+    receipts: ReceiptMerger,
 }
 
 impl MessagingService {
     pub fn new(store: Store, writer: Writer, limits: Limits) -> Self {
         let rates = RateLimiter::new(&limits);
+        let receipts = ReceiptMerger::start(writer.clone());
         Self {
             store,
             writer,
             limits,
             rates,
+            receipts,
         }
     }
 }
@@ -343,15 +347,23 @@ impl Messaging for MessagingService {
         let r = request.into_inner();
         self.message_ref(&r)?;
         self.write(Op::Write {
-            tenant: r.tenant_id,
-            conversation: r.conversation_id,
+            tenant: r.tenant_id.clone(),
+            conversation: r.conversation_id.clone(),
             epoch: r.route_epoch,
             request: WriteRequest::MarkRead {
-                user: r.user_id,
+                user: r.user_id.clone(),
                 seq: r.seq,
             },
         })
         .await?;
+        // The reader's own devices heard of it in the write; the other members hear of it
+        // merged with the window's other receipts.
+        self.receipts.add(Receipt {
+            tenant: r.tenant_id,
+            conversation: r.conversation_id,
+            user: r.user_id,
+            seq: r.seq,
+        });
         Ok(Response::new(pb::Empty {}))
     }
 

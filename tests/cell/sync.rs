@@ -164,3 +164,53 @@ async fn devices_follow_their_own_cursors_and_far_behind_ones_rebase() {
         .into_inner();
     assert_eq!(next(&mut phone_again).await.pts, head + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_reach_the_other_members_merged() {
+    let cell = CellProcess::start("hz-a-normal-1", &[]).await;
+    cell.grant("acme", "", 1).await;
+    group(&cell, "acme", "team", &["alice", "bob", "carol"]).await;
+    let mut messaging = cell.messaging();
+    for i in 0..5 {
+        messaging
+            .send_message(send("acme", "team", "alice", &format!("m{i}"), b"hello"))
+            .await
+            .expect("send");
+    }
+    let mut alice = cell
+        .sync()
+        .subscribe(SubscribeRequest {
+            tenant_id: "acme".into(),
+            user_id: "alice".into(),
+            device_id: "laptop".into(),
+            cursor: 0,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // The backlog: the group's creation and her own five messages.
+    for _ in 0..6 {
+        next(&mut alice).await;
+    }
+    let read = |user: &str, seq: u64| cellplane_api::proto::cell::MessageRefRequest {
+        tenant_id: "acme".into(),
+        conversation_id: "team".into(),
+        user_id: user.into(),
+        seq,
+        route_epoch: 1,
+    };
+    for seq in 1..=5 {
+        messaging.mark_read(read("bob", seq)).await.expect("bob reads");
+    }
+    messaging.mark_read(read("carol", 5)).await.expect("carol reads");
+
+    let receipt = next(&mut alice).await;
+    assert_eq!(receipt.kind, SyncEventKind::Read as i32);
+    let mut readers = receipt.user_ids.clone();
+    readers.sort();
+    assert_eq!(readers, vec!["bob".to_string(), "carol".to_string()], "one event for the window");
+    assert_eq!(receipt.seq, 5);
+    // Nothing else follows: six receipts became one event.
+    let more = tokio::time::timeout(Duration::from_millis(600), alice.message()).await;
+    assert!(more.is_err(), "unexpected extra event {more:?}");
+}

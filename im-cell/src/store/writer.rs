@@ -15,7 +15,9 @@ use tokio::sync::{oneshot, watch};
 
 use super::fencing::Grants;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
-use super::records::{GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation};
+use super::records::{
+    GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
+};
 use super::tx::Tx;
 use super::{Space, Store, keys};
 use crate::error::CellError;
@@ -53,6 +55,15 @@ pub enum Op {
     Unfreeze {
         tenant: String,
         conversation: String,
+    },
+    /// Merged read receipts of one conversation, fanned out to its members as one READ event
+    /// each. A notification, not state: nothing is logged, and a conversation gone (moved,
+    /// deleted) since simply gets none.
+    Receipts {
+        tenant: String,
+        conversation: String,
+        /// Reader → newest seq read in the window.
+        readers: Vec<(String, u64)>,
     },
     /// Another cell's export of a key: snapshot rows, then log records past `after_lsn` of the
     /// source. Records at or below the key's recorded import position are skipped, so a resumed
@@ -355,6 +366,27 @@ impl WriterState {
                 };
                 tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
                 self.grants.insert(key, record);
+                Ok(Outcome::Done)
+            }
+            Op::Receipts {
+                tenant,
+                conversation,
+                readers,
+            } => {
+                let members = tx.members(&tenant, &conversation)?;
+                let user_ids: Vec<String> = readers.iter().map(|(user, _)| user.clone()).collect();
+                let seq = readers.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+                for member in members.iter().filter(|m| !user_ids.contains(m)) {
+                    tx.event(&tenant, member, |pts| SyncRecord {
+                        pts,
+                        kind: SyncKind::Read,
+                        conversation_id: conversation.clone(),
+                        seq,
+                        message: None,
+                        user_ids: user_ids.clone(),
+                        joined: false,
+                    })?;
+                }
                 Ok(Outcome::Done)
             }
             Op::Freeze {
