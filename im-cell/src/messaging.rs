@@ -146,6 +146,22 @@ impl MessagingService {
         )))
     }
 
+    /// A write about one message of one user (read, recall, delete for me).
+    async fn write_message_ref(
+        &self,
+        r: pb::MessageRefRequest,
+        write: impl FnOnce(String, u64) -> WriteRequest,
+    ) -> Result<Outcome, Status> {
+        self.message_ref(&r)?;
+        self.write(Op::Write {
+            tenant: r.tenant_id,
+            conversation: r.conversation_id,
+            epoch: r.route_epoch,
+            request: write(r.user_id, r.seq),
+        })
+        .await
+    }
+
     fn message_ref(&self, request: &pb::MessageRefRequest) -> Result<(), CellError> {
         key(&request.tenant_id, &request.conversation_id)?;
         validate_id("user_id", &request.user_id)?;
@@ -345,17 +361,8 @@ impl Messaging for MessagingService {
         request: Request<pb::MessageRefRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        self.message_ref(&r)?;
-        self.write(Op::Write {
-            tenant: r.tenant_id.clone(),
-            conversation: r.conversation_id.clone(),
-            epoch: r.route_epoch,
-            request: WriteRequest::MarkRead {
-                user: r.user_id.clone(),
-                seq: r.seq,
-            },
-        })
-        .await?;
+        self.write_message_ref(r.clone(), |user, seq| WriteRequest::MarkRead { user, seq })
+            .await?;
         // The reader's own devices heard of it in the write; the other members hear of it
         // merged with the window's other receipts.
         self.receipts.add(Receipt {
@@ -371,16 +378,9 @@ impl Messaging for MessagingService {
         &self,
         request: Request<pb::MessageRefRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        let r = request.into_inner();
-        self.message_ref(&r)?;
-        self.write(Op::Write {
-            tenant: r.tenant_id,
-            conversation: r.conversation_id,
-            epoch: r.route_epoch,
-            request: WriteRequest::Recall {
-                user: r.user_id,
-                seq: r.seq,
-            },
+        self.write_message_ref(request.into_inner(), |user, seq| WriteRequest::Recall {
+            user,
+            seq,
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -390,16 +390,8 @@ impl Messaging for MessagingService {
         &self,
         request: Request<pb::MessageRefRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        let r = request.into_inner();
-        self.message_ref(&r)?;
-        self.write(Op::Write {
-            tenant: r.tenant_id,
-            conversation: r.conversation_id,
-            epoch: r.route_epoch,
-            request: WriteRequest::DeleteForMe {
-                user: r.user_id,
-                seq: r.seq,
-            },
+        self.write_message_ref(request.into_inner(), |user, seq| {
+            WriteRequest::DeleteForMe { user, seq }
         })
         .await?;
         Ok(Response::new(pb::Empty {}))

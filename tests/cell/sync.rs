@@ -200,15 +200,25 @@ async fn read_receipts_reach_the_other_members_merged() {
         route_epoch: 1,
     };
     for seq in 1..=5 {
-        messaging.mark_read(read("bob", seq)).await.expect("bob reads");
+        messaging
+            .mark_read(read("bob", seq))
+            .await
+            .expect("bob reads");
     }
-    messaging.mark_read(read("carol", 5)).await.expect("carol reads");
+    messaging
+        .mark_read(read("carol", 5))
+        .await
+        .expect("carol reads");
 
     let receipt = next(&mut alice).await;
     assert_eq!(receipt.kind, SyncEventKind::Read as i32);
     let mut readers = receipt.user_ids.clone();
     readers.sort();
-    assert_eq!(readers, vec!["bob".to_string(), "carol".to_string()], "one event for the window");
+    assert_eq!(
+        readers,
+        vec!["bob".to_string(), "carol".to_string()],
+        "one event for the window"
+    );
     assert_eq!(receipt.seq, 5);
     // Nothing else follows: six receipts became one event.
     let more = tokio::time::timeout(Duration::from_millis(600), alice.message()).await;
