@@ -76,3 +76,38 @@ async fn a_node_far_behind_installs_a_snapshot() {
         .wait_for_revision(lagging, leader_status.revision)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_wiped_disk_rejoins_by_snapshot() {
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--snapshot-after-logs",
+            "40",
+            "--logs-kept-after-snapshot",
+            "0",
+        ],
+    )
+    .await;
+    cluster
+        .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
+        .await;
+    let leader = cluster.wait_for_leader().await;
+    let replaced = cluster
+        .running_ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    for i in 0..200 {
+        cluster
+            .create_tenant(leader, &format!("tenant-{i:03}"))
+            .await
+            .expect("create tenant");
+    }
+    let revision = cluster.status(leader).await.expect("status").revision;
+    cluster.wait_for_revision(replaced, revision).await;
+    cluster.kill(replaced).await;
+    std::fs::remove_dir_all(&cluster.nodes[&replaced].data_dir).expect("wipe");
+    cluster.restart(replaced);
+    cluster.wait_for_revision(replaced, revision).await;
+}
