@@ -22,8 +22,6 @@ pub struct Limits {
     pub rebase_backlog_events: u64,
     /// Most requests committed with one fsync.
     pub max_ops_per_commit: usize,
-    /// Longest client message id.
-    pub max_client_msg_id_bytes: usize,
     /// Sends per second into one conversation (a burst of this many passes at once).
     pub sends_per_conversation_per_sec: u32,
     /// Sends per second by one sender.
@@ -44,7 +42,6 @@ impl Default for Limits {
             max_history_page: 200,
             rebase_backlog_events: 1_000,
             max_ops_per_commit: 1_024,
-            max_client_msg_id_bytes: 128,
             sends_per_conversation_per_sec: 500,
             sends_per_sender_per_sec: 100,
             sends_per_client_type_per_sec: 100_000,

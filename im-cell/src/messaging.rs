@@ -414,23 +414,18 @@ impl Messaging for MessagingService {
                 .member(&r.tenant_id, &conversation, &r.user_id)?
                 .map(|m| m.read_seq)
                 .unwrap_or(0);
-            // Computed on read, not kept per member on every send: a large group's send then
-            // writes one row, not one per member.
-            let (newest, _) = self
-                .store
-                .history(&r.tenant_id, &conversation, &r.user_id, 0, 1)?;
-            let unread = if record.last_seq > read_seq {
-                let (after, _) = self.store.history(
-                    &r.tenant_id,
-                    &conversation,
-                    &r.user_id,
-                    0,
-                    MAX_UNREAD_COUNT.min((record.last_seq - read_seq) as usize),
-                )?;
-                after.iter().filter(|m| m.seq > read_seq).count() as u64
-            } else {
-                0
-            };
+            // Computed on read, not counted on every send. One page, newest first, serves both
+            // the last message and the unread count.
+            let unread_window =
+                MAX_UNREAD_COUNT.min(record.last_seq.saturating_sub(read_seq) as usize);
+            let (newest, _) = self.store.history(
+                &r.tenant_id,
+                &conversation,
+                &r.user_id,
+                0,
+                unread_window.max(1),
+            )?;
+            let unread = newest.iter().filter(|m| m.seq > read_seq).count() as u64;
             conversations.push(pb::ConversationSummary {
                 conversation_id: conversation,
                 kind: kind_to_proto(record.kind) as i32,

@@ -199,6 +199,23 @@ async fn read_receipts_reach_the_other_members_merged() {
         seq,
         route_epoch: 1,
     };
+    // Unread counts and the last message, computed on read.
+    let summary = |user: &'static str| {
+        let mut messaging = cell.messaging();
+        async move {
+            let list = messaging
+                .get_conversations(cellplane_api::proto::cell::GetConversationsRequest {
+                    tenant_id: "acme".into(),
+                    user_id: user.into(),
+                })
+                .await
+                .expect("conversations")
+                .into_inner();
+            let team = list.conversations.into_iter().next().expect("team");
+            (team.unread, team.last_message.map(|m| m.client_msg_id))
+        }
+    };
+    assert_eq!(summary("carol").await, (5, Some("m4".to_string())));
     for seq in 1..=5 {
         messaging
             .mark_read(read("bob", seq))
@@ -223,4 +240,5 @@ async fn read_receipts_reach_the_other_members_merged() {
     // Nothing else follows: six receipts became one event.
     let more = tokio::time::timeout(Duration::from_millis(600), alice.message()).await;
     assert!(more.is_err(), "unexpected extra event {more:?}");
+    assert_eq!(summary("carol").await, (0, Some("m4".to_string())));
 }

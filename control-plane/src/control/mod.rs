@@ -61,12 +61,6 @@ fn tenant_output(output: CommandOutput) -> Result<pb::Tenant, Status> {
     }
 }
 
-impl ControlService {
-    async fn propose(&self, command: Command, forwarded: bool) -> Result<Proposal, Status> {
-        self.node.propose(command, forwarded).await
-    }
-}
-
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn register_cell(
@@ -76,7 +70,7 @@ impl Control for ControlService {
         let was_forwarded = is_forwarded(request.metadata());
         let message = request.into_inner();
         let command = convert::register_cell(message.clone())?;
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
             Proposal::Forward(channel) => {
                 ControlClient::new(channel)
@@ -153,7 +147,7 @@ impl Control for ControlService {
         let was_forwarded = is_forwarded(request.metadata());
         let message = request.into_inner();
         let command = convert::set_cell_state(message.clone())?;
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
             Proposal::Forward(channel) => {
                 ControlClient::new(channel)
@@ -170,7 +164,7 @@ impl Control for ControlService {
         let was_forwarded = is_forwarded(request.metadata());
         let message = request.into_inner();
         let command = convert::create_tenant(message.clone())?;
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(output) => Ok(Response::new(tenant_output(output)?)),
             Proposal::Forward(channel) => {
                 ControlClient::new(channel)
@@ -256,7 +250,7 @@ impl Control for ControlService {
         let command = Command::DeleteTenant {
             tenant_id: Arc::from(message.tenant_id.as_str()),
         };
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(CommandOutput::Done { revision }) => {
                 Ok(Response::new(pb::DeleteTenantResponse { revision }))
             }
@@ -276,7 +270,7 @@ impl Control for ControlService {
         let was_forwarded = is_forwarded(request.metadata());
         let message = request.into_inner();
         let command = convert::move_route(message.clone())?;
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(CommandOutput::Route(route)) => {
                 Ok(Response::new(pb::MoveRouteResponse {
                     route: Some(route.to_proto()),
@@ -300,7 +294,7 @@ impl Control for ControlService {
         let command = Command::Compact {
             revision: message.revision,
         };
-        match self.propose(command, was_forwarded).await? {
+        match self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(CommandOutput::Done { revision }) => {
                 Ok(Response::new(pb::CompactResponse { revision }))
             }

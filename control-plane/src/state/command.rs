@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{CellState, RouteKey, RouteView, TenantState, Tier};
+use super::model::{CellState, RouteKey, RouteView, Tier};
 
 /// A change to the control plane's state. Every successfully applied command bumps the revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,12 +87,6 @@ pub struct CellView {
 pub struct TenantView {
     pub tenant_id: Arc<str>,
     pub record: super::model::TenantRecord,
-}
-
-impl TenantView {
-    pub fn state(&self) -> TenantState {
-        self.record.state
-    }
 }
 
 /// The kind of record a refusal is about.

@@ -381,7 +381,6 @@ pub fn apply_mutation(
                 kind: *kind,
                 created_ms: *created_ms,
                 last_seq: 0,
-                member_count: member_ids.len() as u64,
             };
             tx.put(Space::Conversations, conversation_key, &record);
             let member = MemberRecord {
@@ -402,10 +401,8 @@ pub fn apply_mutation(
             }
         }
         Mutation::AddMembers { member_ids, at_ms } => {
-            let mut record = require_conversation(tx, tenant, conversation)?;
+            let record = require_conversation(tx, tenant, conversation)?;
             let current = tx.members(tenant, conversation)?;
-            record.member_count += member_ids.len() as u64;
-            tx.put(Space::Conversations, conversation_key, &record);
             let member = MemberRecord {
                 joined_ms: *at_ms,
                 read_seq: record.last_seq,
@@ -424,10 +421,8 @@ pub fn apply_mutation(
             }
         }
         Mutation::RemoveMembers { member_ids } => {
-            let mut record = require_conversation(tx, tenant, conversation)?;
+            let record = require_conversation(tx, tenant, conversation)?;
             let current = tx.members(tenant, conversation)?;
-            record.member_count = record.member_count.saturating_sub(member_ids.len() as u64);
-            tx.put(Space::Conversations, conversation_key, &record);
             for user in member_ids {
                 tx.set_member(tenant, conversation, user, None);
             }

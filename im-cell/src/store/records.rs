@@ -15,7 +15,6 @@ pub struct ConversationRecord {
     pub created_ms: u64,
     /// Seq of the newest message; the next send takes `last_seq + 1`.
     pub last_seq: u64,
-    pub member_count: u64,
 }
 
 /// A member of a conversation. Per-user state of a conversation lives here, with the

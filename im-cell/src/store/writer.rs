@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, RwLock, mpsc};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use super::fencing::Grants;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
@@ -108,7 +108,6 @@ type Reply = oneshot::Sender<Result<Outcome, CellError>>;
 pub struct Writer {
     queue: mpsc::SyncSender<(Op, Reply)>,
     grants: Arc<RwLock<Grants>>,
-    committed_lsn: watch::Receiver<u64>,
 }
 
 impl Writer {
@@ -126,7 +125,6 @@ impl Writer {
             .collect();
         let shared = Arc::new(RwLock::new(grants.clone()));
         let last_lsn = store.last_lsn()?;
-        let (lsn_tx, committed_lsn) = watch::channel(last_lsn);
         let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
         let mut state = WriterState {
             store,
@@ -136,7 +134,6 @@ impl Writer {
             grants,
             shared: shared.clone(),
             last_lsn,
-            lsn_tx,
         };
         std::thread::Builder::new()
             .name("cell-writer".into())
@@ -145,7 +142,6 @@ impl Writer {
         Ok(Self {
             queue,
             grants: shared,
-            committed_lsn,
         })
     }
 
@@ -167,11 +163,6 @@ impl Writer {
     pub fn grants(&self) -> Grants {
         self.grants.read().map(|g| g.clone()).unwrap_or_default()
     }
-
-    /// The LSN of the newest durable cell-log entry, for followers of the log.
-    pub fn committed_lsn(&self) -> watch::Receiver<u64> {
-        self.committed_lsn.clone()
-    }
 }
 
 struct WriterState {
@@ -184,7 +175,6 @@ struct WriterState {
     grants: Grants,
     shared: Arc<RwLock<Grants>>,
     last_lsn: u64,
-    lsn_tx: watch::Sender<u64>,
 }
 
 fn conversation_view(
@@ -261,7 +251,6 @@ impl WriterState {
                     let _ = reply.send(answer);
                 }
                 self.hub.publish(deliveries);
-                self.lsn_tx.send_replace(lsn);
             }
             Err(err) => {
                 tracing::error!(error = %err, "commit failed; refusing the batch");
