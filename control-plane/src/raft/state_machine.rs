@@ -286,8 +286,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             "ok" => ok
                         )
                         .increment(1);
-                        if !events.is_empty() {
-                            // No receivers is normal: nobody is watching.
+                        // Every applied command is announced, with its route events or none,
+                        // so watchers learn the revision moved. No receivers is normal.
+                        if result.is_ok() {
                             let batch = WatchBatch {
                                 revision: machine.control.revision(),
                                 events,

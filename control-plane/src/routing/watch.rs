@@ -68,7 +68,7 @@ pub fn start(node: &Arc<Node>, from_revision: u64) -> Result<WatchStream, Status
     let node = node.clone();
     tokio::spawn(async move {
         let mut last_sent = from - 1;
-        if let Err(status) = follow(&node, signals, &tx, history, &mut last_sent).await {
+        if let Err(status) = follow(&node, signals, &tx, history, current, &mut last_sent).await {
             let _ = tx.send(Err(status)).await;
         }
     });
@@ -82,17 +82,18 @@ async fn follow(
     mut signals: broadcast::Receiver<WatchSignal>,
     tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
     history: Vec<RouteEvent>,
+    current: u64,
     last_sent: &mut u64,
 ) -> Result<(), Status> {
     let mut shutdown = node.shutdown_signal();
-    if !send_events(tx, &history, last_sent).await {
+    if !send_events(tx, &history, current, last_sent).await {
         return Ok(());
     }
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
                 Ok(WatchSignal::Batch(batch)) => {
-                    if !send_events(tx, &batch.events, last_sent).await {
+                    if !send_events(tx, &batch.events, batch.revision, last_sent).await {
                         return Ok(());
                     }
                 }
@@ -100,7 +101,7 @@ async fn follow(
                     let from = *last_sent + 1;
                     let (events, current) = node.shared.read(|state| (state.events_since(from), state.revision()));
                     let events = events.map_err(|c| detail::compacted(from, c.compacted_revision, current))?;
-                    if !send_events(tx, &events, last_sent).await {
+                    if !send_events(tx, &events, current, last_sent).await {
                         return Ok(());
                     }
                 }
@@ -116,10 +117,13 @@ async fn follow(
     }
 }
 
-/// Sends the events newer than `last_sent`; false when the watcher has gone.
+/// Sends the events newer than `last_sent`, then, when `through` is newer still, a message with no
+/// events at `through`: revisions without route changes (a cell registered, a compaction) still
+/// move a watcher forward, so a cache knows it is current. False when the watcher has gone.
 async fn send_events(
     tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
     events: &[RouteEvent],
+    through: u64,
     last_sent: &mut u64,
 ) -> bool {
     let fresh: Vec<RouteEvent> = events
@@ -133,6 +137,16 @@ async fn send_events(
             return false;
         }
         *last_sent = revision;
+    }
+    if through > *last_sent {
+        let progress = pb::WatchResponse {
+            revision: through,
+            events: Vec::new(),
+        };
+        if tx.send(Ok(progress)).await.is_err() {
+            return false;
+        }
+        *last_sent = through;
     }
     true
 }
