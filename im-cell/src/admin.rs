@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::CellError;
 use crate::store::Store;
-use crate::store::export::{ExportView, space_named};
+use crate::store::export::{Excluded, ExportView, space_named};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
@@ -128,6 +128,16 @@ impl CellAdmin for AdminService {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
         let view = ExportView::open(&self.store)?;
+        let excluded: Excluded = if r.conversation_id.is_empty() {
+            self.writer
+                .grants()
+                .into_keys()
+                .filter(|(tenant, conversation)| *tenant == r.tenant_id && !conversation.is_empty())
+                .map(|(_, conversation)| conversation)
+                .collect()
+        } else {
+            Excluded::new()
+        };
         let (out, chunks) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let empty = || pb::ExportChunk {
@@ -141,7 +151,7 @@ impl CellAdmin for AdminService {
                 out.blocking_send(Ok(full)).is_ok()
             };
             let result = if r.from_lsn == 0 && !r.log_only {
-                view.rows(&r.tenant_id, &r.conversation_id, |space, key, value| {
+                view.rows(&r.tenant_id, &r.conversation_id, &excluded, |space, key, value| {
                     chunk.rows.push(pb::ExportRow {
                         space: space.to_string(),
                         key,
@@ -150,7 +160,7 @@ impl CellAdmin for AdminService {
                     chunk.rows.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
                 })
             } else {
-                view.log(&r.tenant_id, &r.conversation_id, r.from_lsn, |record| {
+                view.log(&r.tenant_id, &r.conversation_id, &excluded, r.from_lsn, |record| {
                     chunk.log_records.push(record);
                     chunk.log_records.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
                 })

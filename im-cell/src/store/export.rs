@@ -1,6 +1,8 @@
 //! Reading one route key's data out of a consistent snapshot of the store: its rows, or its
 //! cell-log records after an LSN. Export feeds migration; the same log records feed replay.
 
+use std::collections::HashSet;
+
 use fjall::{Readable, Snapshot};
 
 use super::records::{LogRecord, decode};
@@ -25,34 +27,40 @@ pub fn space_named(name: &str) -> Option<Space> {
         .map(|(space, _)| *space)
 }
 
-/// Whether a row of `space` belongs to the route key `(tenant, conversation)`.
-fn row_of_key(space: Space, key: &[u8], tenant: &str, conversation: &str) -> bool {
-    let Some(rest) = key
-        .strip_prefix(tenant.as_bytes())
-        .and_then(|r| r.strip_prefix(&[0]))
-    else {
-        return false;
-    };
-    if conversation.is_empty() {
-        return true;
-    }
-    let conversation = conversation.as_bytes();
-    let starts_with_conversation = |bytes: &[u8]| {
-        bytes
-            .strip_prefix(conversation)
-            .is_some_and(|r| r.first() == Some(&0))
-    };
-    match space {
-        // tenant \0 conversation \0 ...
-        Space::Conversations | Space::Members | Space::Messages | Space::Idempotency => {
-            starts_with_conversation(rest)
+/// The conversations a tenant export leaves out: those with route keys of their own on this
+/// cell (granted here, moved away, or frozen alone). They move, or stay, on their own.
+pub type Excluded = HashSet<String>;
+
+/// The conversation a row of `space` belongs to, when the row is the tenant's.
+fn row_conversation<'k>(space: Space, key: &'k [u8], tenant: &str) -> Option<&'k [u8]> {
+    let rest = key.strip_prefix(tenant.as_bytes())?.strip_prefix(&[0])?;
+    let rest = match space {
+        Space::Conversations | Space::Members | Space::Messages | Space::Idempotency => rest,
+        Space::UserConversations | Space::Inbox => {
+            let end = rest.iter().position(|b| *b == 0)?;
+            &rest[end + 1..]
         }
-        // tenant \0 user \0 conversation \0 ...
-        Space::UserConversations | Space::Inbox => match rest.iter().position(|b| *b == 0) {
-            Some(end) => starts_with_conversation(&rest[end + 1..]),
-            None => false,
-        },
-        _ => false,
+        _ => return None,
+    };
+    let end = rest.iter().position(|b| *b == 0)?;
+    Some(&rest[..end])
+}
+
+/// Whether a row of `space` belongs to the route key `(tenant, conversation)`; a tenant key
+/// (empty conversation) leaves out the `excluded` conversations.
+fn row_of_key(
+    space: Space,
+    key: &[u8],
+    tenant: &str,
+    conversation: &str,
+    excluded: &Excluded,
+) -> bool {
+    match row_conversation(space, key, tenant) {
+        None => false,
+        Some(of) if conversation.is_empty() => {
+            std::str::from_utf8(of).is_ok_and(|of| !excluded.contains(of))
+        }
+        Some(of) => of == conversation.as_bytes(),
     }
 }
 
@@ -83,13 +91,14 @@ impl ExportView {
         &self,
         tenant: &str,
         conversation: &str,
+        excluded: &Excluded,
         mut emit: impl FnMut(&str, Vec<u8>, Vec<u8>) -> bool,
     ) -> Result<(), CellError> {
         let prefix = keys::Key::new().id(tenant).into_bytes();
         for (space, name) in EXPORTED_SPACES {
             for item in self.snapshot.prefix(self.store.spaces.get(space), &prefix) {
                 let (key, value) = item.into_inner()?;
-                if row_of_key(space, &key, tenant, conversation)
+                if row_of_key(space, &key, tenant, conversation, excluded)
                     && !emit(name, key.to_vec(), value.to_vec())
                 {
                     return Ok(());
@@ -104,6 +113,7 @@ impl ExportView {
         &self,
         tenant: &str,
         conversation: &str,
+        excluded: &Excluded,
         from_lsn: u64,
         mut emit: impl FnMut(Vec<u8>) -> bool,
     ) -> Result<(), CellError> {
@@ -112,7 +122,11 @@ impl ExportView {
             let value = item.value()?;
             let record: LogRecord = decode(&value)?;
             let matches = record.tenant_id == tenant
-                && (conversation.is_empty() || record.conversation_id == conversation);
+                && if conversation.is_empty() {
+                    !excluded.contains(&record.conversation_id)
+                } else {
+                    record.conversation_id == conversation
+                };
             if matches && !emit(value.to_vec()) {
                 return Ok(());
             }
@@ -127,24 +141,34 @@ mod tests {
 
     #[test]
     fn rows_belong_to_their_tenant_and_conversation() {
+        let none = Excluded::new();
         let inbox = keys::inbox("t", "alice", "c", 5);
-        assert!(row_of_key(Space::Inbox, &inbox, "t", "c"));
-        assert!(row_of_key(Space::Inbox, &inbox, "t", ""));
-        assert!(!row_of_key(Space::Inbox, &inbox, "t", "c2"));
-        assert!(!row_of_key(Space::Inbox, &inbox, "t2", ""));
+        assert!(row_of_key(Space::Inbox, &inbox, "t", "c", &none));
+        assert!(row_of_key(Space::Inbox, &inbox, "t", "", &none));
+        assert!(!row_of_key(Space::Inbox, &inbox, "t", "c2", &none));
+        assert!(!row_of_key(Space::Inbox, &inbox, "t2", "", &none));
         let message = keys::message("t", "c", 7);
-        assert!(row_of_key(Space::Messages, &message, "t", "c"));
+        assert!(row_of_key(Space::Messages, &message, "t", "c", &none));
         assert!(!row_of_key(
             Space::Messages,
             &keys::message("t", "cc", 7),
             "t",
-            "c"
+            "c",
+            &none
         ));
         assert!(row_of_key(
             Space::UserConversations,
             &keys::user_conversation("t", "bob", "c"),
             "t",
-            "c"
+            "c",
+            &none
         ));
+        let hot = Excluded::from(["c".to_string()]);
+        assert!(
+            !row_of_key(Space::Messages, &message, "t", "", &hot),
+            "a conversation with its own route key is not part of its tenant's export"
+        );
+        assert!(!row_of_key(Space::Inbox, &inbox, "t", "", &hot));
+        assert!(row_of_key(Space::Messages, &message, "t", "c", &hot));
     }
 }

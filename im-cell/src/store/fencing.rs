@@ -102,6 +102,7 @@ mod tests {
             epoch,
             frozen: false,
             moved_to: None,
+            inherited: false,
         }
     }
 
@@ -120,6 +121,7 @@ mod tests {
             epoch: 5,
             frozen: false,
             moved_to: Some(("cell-b".into(), 6)),
+            inherited: false,
         };
         let g = grants(&[
             ("t", "", grant(3)),
@@ -147,6 +149,7 @@ mod tests {
                 epoch: 1,
                 frozen: true,
                 moved_to: None,
+                inherited: false,
             },
         )]);
         let err = check_owner(&g, "t", "c", 1).unwrap_err();

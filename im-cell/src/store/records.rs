@@ -92,6 +92,10 @@ pub struct GrantRecord {
     pub frozen: bool,
     /// Set when the key was revoked: where it went, so refused writers learn the new owner.
     pub moved_to: Option<(String, u64)>,
+    /// A conversation entry made from the tenant's grant so that one conversation can be frozen
+    /// alone (it is about to move away from its tenant's cell). Unfreezing removes it, so the
+    /// conversation follows the tenant's grant again, including later epochs.
+    pub inherited: bool,
 }
 
 /// One entry of the cell log: the mutation with everything the cell assigned to it, so

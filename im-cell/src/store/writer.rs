@@ -319,7 +319,8 @@ impl WriterState {
                 epoch,
             } => {
                 let key = (tenant.clone(), conversation.clone());
-                if let Some(existing) = self.grants.get(&key)
+                let existing = self.grants.get(&key);
+                if let Some(existing) = existing
                     && (epoch < existing.epoch
                         || (epoch == existing.epoch && existing.moved_to.is_some()))
                 {
@@ -331,10 +332,19 @@ impl WriterState {
                         ),
                     ));
                 }
+                // Granting the epoch the cell already holds changes nothing: in particular it
+                // does not thaw a key frozen for a move. A newer epoch is new ownership.
+                if let Some(existing) = existing
+                    && existing.epoch == epoch
+                    && !existing.inherited
+                {
+                    return Ok(Outcome::Done);
+                }
                 let record = GrantRecord {
                     epoch,
                     frozen: false,
                     moved_to: None,
+                    inherited: false,
                 };
                 tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
                 self.grants.insert(key, record);
@@ -352,6 +362,7 @@ impl WriterState {
                     epoch,
                     frozen: false,
                     moved_to: Some((new_cell, new_epoch)),
+                    inherited: false,
                 };
                 tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
                 self.grants.insert(key, record);
@@ -430,6 +441,23 @@ impl WriterState {
         frozen: bool,
     ) -> Result<Outcome, CellError> {
         let key = (tenant.clone(), conversation.clone());
+        let tenant_grant = self.grants.get(&(tenant.clone(), String::new())).cloned();
+        if frozen
+            && !conversation.is_empty()
+            && !self.grants.contains_key(&key)
+            && let Some(tenant_grant) = tenant_grant.filter(|g| g.moved_to.is_none())
+        {
+            // The conversation is about to move away from its tenant's cell: freeze it alone.
+            self.grants.insert(
+                key.clone(),
+                GrantRecord {
+                    epoch: tenant_grant.epoch,
+                    frozen: false,
+                    moved_to: None,
+                    inherited: true,
+                },
+            );
+        }
         let Some(record) = self.grants.get_mut(&key) else {
             return Err(CellError::NotFound(format!(
                 "tenant_id: the cell holds no grant for {tenant}/{conversation}"
@@ -442,8 +470,13 @@ impl WriterState {
             ));
         }
         record.frozen = frozen;
-        let record = record.clone();
-        tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
+        if !frozen && record.inherited {
+            self.grants.remove(&key);
+            tx.delete(Space::Grants, keys::grant(&tenant, &conversation));
+        } else {
+            let record = record.clone();
+            tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
+        }
         // Every write to the key so far is at or below this LSN; none comes after while frozen.
         Ok(Outcome::Frozen { last_lsn: tx.lsn })
     }
