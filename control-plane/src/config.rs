@@ -74,6 +74,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub raft: RaftTuning,
+    #[serde(default)]
+    pub migration: crate::migration::step::Settings,
 }
 
 impl NodeConfig {
@@ -131,6 +133,16 @@ impl NodeConfig {
         if raft.snapshot_after_logs == 0 {
             return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
         }
+        let migration = &self.migration;
+        if migration.freeze_timeout_ms == 0 {
+            return Err(invalid("migration.freeze_timeout_ms", "must be at least 1"));
+        }
+        if migration.stall_timeout_ms < migration.freeze_timeout_ms {
+            return Err(invalid(
+                "migration.stall_timeout_ms",
+                "must be at least migration.freeze_timeout_ms",
+            ));
+        }
         Ok(())
     }
 
@@ -170,6 +182,7 @@ mod tests {
             peers: NodeConfig::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").expect("peers"),
             metrics_listen: None,
             raft: RaftTuning::default(),
+            migration: Default::default(),
         }
     }
 

@@ -172,6 +172,7 @@ pub async fn run(
             peers: peers.clone(),
             metrics_listen: None,
             raft: RaftTuning::default(),
+            migration: Default::default(),
         };
         let mut stop = stop_rx.clone();
         nodes.spawn(async move {

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod migration;
 pub mod node;
 pub mod placement;
 pub mod raft;

@@ -68,6 +68,8 @@ pub struct Node {
     channels: Mutex<HashMap<String, Channel>>,
     /// Flips to true on shutdown, so long-lived watch streams end and the server can drain.
     shutdown: watch::Receiver<bool>,
+    /// The coordinator's thresholds.
+    pub migration: crate::migration::step::Settings,
 }
 
 /// The outcome of proposing a command on this node.
@@ -231,7 +233,9 @@ pub async fn serve(
         read_index: ReadIndex::start(raft.clone()),
         channels: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx,
+        migration: config.migration,
     });
+    tokio::spawn(crate::migration::driver::run(node.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -151,19 +151,30 @@ impl CellAdmin for AdminService {
                 out.blocking_send(Ok(full)).is_ok()
             };
             let result = if r.from_lsn == 0 && !r.log_only {
-                view.rows(&r.tenant_id, &r.conversation_id, &excluded, |space, key, value| {
-                    chunk.rows.push(pb::ExportRow {
-                        space: space.to_string(),
-                        key,
-                        value,
-                    });
-                    chunk.rows.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
-                })
+                view.rows(
+                    &r.tenant_id,
+                    &r.conversation_id,
+                    &excluded,
+                    |space, key, value| {
+                        chunk.rows.push(pb::ExportRow {
+                            space: space.to_string(),
+                            key,
+                            value,
+                        });
+                        chunk.rows.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                    },
+                )
             } else {
-                view.log(&r.tenant_id, &r.conversation_id, &excluded, r.from_lsn, |record| {
-                    chunk.log_records.push(record);
-                    chunk.log_records.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
-                })
+                view.log(
+                    &r.tenant_id,
+                    &r.conversation_id,
+                    &excluded,
+                    r.from_lsn,
+                    |record| {
+                        chunk.log_records.push(record);
+                        chunk.log_records.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                    },
+                )
             };
             match result {
                 Ok(()) => {

@@ -152,6 +152,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 peers: NodeConfig::parse_peers(&peers)?,
                 metrics_listen: None,
                 raft: RaftTuning::default(),
+                migration: Default::default(),
             }
         }
     };

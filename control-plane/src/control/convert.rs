@@ -6,8 +6,10 @@ use std::sync::Arc;
 use cellplane_api::ids::{InvalidField, validate_endpoint, validate_id, validate_optional_id};
 use cellplane_api::proto::control as pb;
 
-use crate::state::command::{CellView, Command, TenantView};
-use crate::state::model::{CellState, RouteKey, TenantState, Tier};
+use crate::migration::record::{Phase, Progress, display_id, parse_id};
+use crate::migration::step::Report;
+use crate::state::command::{CellView, Command, MigrationView, TenantView};
+use crate::state::model::{CellHealth, CellState, RouteKey, TenantState, Tier};
 
 fn tier(field: &str, value: i32) -> Result<Tier, InvalidField> {
     Tier::from_proto(value).ok_or_else(|| {
@@ -104,6 +106,140 @@ pub fn cell_to_proto(view: &CellView) -> pb::Cell {
         load: record.load,
         standby_of: record.standby_of.as_deref().unwrap_or_default().to_string(),
         registered_revision: record.registered_revision,
+        health: record.health.map(|h| health_to_proto(&h)),
+    }
+}
+
+pub fn health_to_proto(health: &CellHealth) -> pb::CellHealth {
+    pb::CellHealth {
+        last_heartbeat_ms: health.last_heartbeat_ms,
+        healthy: health.healthy,
+        last_lsn: health.last_lsn,
+        conversations: health.conversations,
+        messages: health.messages,
+        disk_bytes: health.disk_bytes,
+    }
+}
+
+pub fn heartbeat(request: pb::HeartbeatRequest) -> Result<Command, InvalidField> {
+    let Some(health) = request.health else {
+        return Err(InvalidField::new("health", "is required"));
+    };
+    Ok(Command::Heartbeat {
+        cell_id: id("cell_id", request.cell_id)?,
+        health: CellHealth {
+            last_heartbeat_ms: health.last_heartbeat_ms,
+            healthy: health.healthy,
+            last_lsn: health.last_lsn,
+            conversations: health.conversations,
+            messages: health.messages,
+            disk_bytes: health.disk_bytes,
+        },
+    })
+}
+
+/// A migration id from a request: `mig-<n>`.
+pub fn migration_id(value: &str) -> Result<u64, InvalidField> {
+    parse_id(value).ok_or_else(|| {
+        InvalidField::new(
+            "migration_id",
+            format!("must be mig-<number>, got {value:?}"),
+        )
+    })
+}
+
+pub fn migrate_tenant(
+    request: pb::MigrateTenantRequest,
+    now_ms: u64,
+) -> Result<Command, InvalidField> {
+    validate_optional_id("target_cell", &request.target_cell)?;
+    Ok(Command::StartMigration {
+        key: RouteKey::tenant(id("tenant_id", request.tenant_id)?),
+        target_cell: (!request.target_cell.is_empty()).then(|| Arc::from(request.target_cell)),
+        new_tier: None,
+        now_ms,
+    })
+}
+
+pub fn migrate_conversation(
+    request: pb::MigrateConversationRequest,
+    now_ms: u64,
+) -> Result<Command, InvalidField> {
+    Ok(Command::StartMigration {
+        key: RouteKey::conversation(
+            id("tenant_id", request.tenant_id)?,
+            id("conversation_id", request.conversation_id)?,
+        ),
+        target_cell: Some(id("target_cell", request.target_cell)?),
+        new_tier: None,
+        now_ms,
+    })
+}
+
+pub fn set_tenant_tier(
+    request: pb::SetTenantTierRequest,
+    now_ms: u64,
+) -> Result<Command, InvalidField> {
+    Ok(Command::StartMigration {
+        key: RouteKey::tenant(id("tenant_id", request.tenant_id)?),
+        target_cell: None,
+        new_tier: Some(tier("tier", request.tier)?),
+        now_ms,
+    })
+}
+
+/// An agent's report as the coordinator's step function takes it.
+pub fn report(request: &pb::ReportMigrationRequest) -> Result<Report, InvalidField> {
+    let phase = Phase::from_proto(request.phase).ok_or_else(|| {
+        InvalidField::new(
+            "phase",
+            format!(
+                "must be a migration phase, got enum value {}",
+                request.phase
+            ),
+        )
+    })?;
+    Ok(Report {
+        phase: Some(phase),
+        progress: Progress {
+            copied_lsn: request.copied_lsn,
+            source_lsn: request.source_lsn,
+            frozen_lsn: request.frozen_lsn,
+            rows_copied: request.rows_copied,
+            bytes_copied: request.bytes_copied,
+        },
+        phase_done: request.phase_done,
+        error: (!request.error.is_empty()).then(|| request.error.clone()),
+    })
+}
+
+pub fn migration_to_proto(view: &MigrationView) -> pb::Migration {
+    let m = &view.record;
+    pb::Migration {
+        migration_id: display_id(view.id),
+        tenant_id: m.key.tenant_id.to_string(),
+        conversation_id: m
+            .key
+            .conversation_id
+            .as_deref()
+            .unwrap_or_default()
+            .to_string(),
+        source_cell: m.source.to_string(),
+        target_cell: m.target.to_string(),
+        phase: m.phase.to_proto() as i32,
+        source_epoch: m.source_epoch,
+        new_tier: m.new_tier.map(|t| t.to_proto() as i32).unwrap_or_default(),
+        copied_lsn: m.progress.copied_lsn,
+        source_lsn: m.progress.source_lsn,
+        frozen_lsn: m.progress.frozen_lsn,
+        rows_copied: m.progress.rows_copied,
+        bytes_copied: m.progress.bytes_copied,
+        error: m.error.clone().unwrap_or_default(),
+        created_ms: m.created_ms,
+        updated_ms: m.updated_ms,
+        frozen_ms: m.frozen_ms,
+        switched_ms: m.switched_ms,
+        revision: m.updated_revision,
     }
 }
 

@@ -5,6 +5,7 @@
 //! writes whichever node they asked.
 
 pub mod convert;
+pub mod migrations;
 pub mod status;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use cellplane_api::proto::control::control_server::Control;
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
+use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
 use crate::state::command::{CellView, Command, CommandOutput, TenantView};
 
@@ -59,6 +61,24 @@ fn tenant_output(output: CommandOutput) -> Result<pb::Tenant, Status> {
         CommandOutput::Tenant(view) => Ok(convert::tenant_to_proto(&view)),
         other => Err(unexpected(other)),
     }
+}
+
+/// Proposes the command a write request converts to, or forwards the request to the leader:
+/// the shape every plain write of this service has.
+macro_rules! write_or_forward {
+    ($self:ident, $request:ident, $method:ident, |$message:ident| $command:expr, $output:expr) => {{
+        let was_forwarded = is_forwarded($request.metadata());
+        let $message = $request.into_inner();
+        let command = $command;
+        match $self.node.propose(command, was_forwarded).await? {
+            Proposal::Applied(output) => Ok(Response::new($output(output)?)),
+            Proposal::Forward(channel) => {
+                ControlClient::new(channel)
+                    .$method(forwarded($message))
+                    .await
+            }
+        }
+    }};
 }
 
 #[tonic::async_trait]
@@ -346,5 +366,105 @@ impl Control for ControlService {
             role: role.to_string(),
             purged_index: metrics.purged.map(|id| id.index).unwrap_or_default(),
         }))
+    }
+
+    async fn migrate_tenant(
+        &self,
+        request: Request<pb::MigrateTenantRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            migrate_tenant,
+            |message| convert::migrate_tenant(message.clone(), now_ms())?,
+            migrations::migration_output
+        )
+    }
+
+    async fn migrate_conversation(
+        &self,
+        request: Request<pb::MigrateConversationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            migrate_conversation,
+            |message| convert::migrate_conversation(message.clone(), now_ms())?,
+            migrations::migration_output
+        )
+    }
+
+    async fn set_tenant_tier(
+        &self,
+        request: Request<pb::SetTenantTierRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            set_tenant_tier,
+            |message| convert::set_tenant_tier(message.clone(), now_ms())?,
+            migrations::migration_output
+        )
+    }
+
+    async fn get_migration(
+        &self,
+        request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        migrations::get(&self.node, request).await
+    }
+
+    async fn list_migrations(
+        &self,
+        request: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        migrations::list(&self.node, request).await
+    }
+
+    type WatchMigrationStream = migrations::MigrationStream;
+
+    async fn watch_migration(
+        &self,
+        request: Request<pb::WatchMigrationRequest>,
+    ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        let message = request.into_inner();
+        let only = if message.migration_id.is_empty() {
+            None
+        } else {
+            Some(convert::migration_id(&message.migration_id)?)
+        };
+        Ok(Response::new(migrations::watch(&self.node, only)?))
+    }
+
+    async fn cancel_migration(
+        &self,
+        request: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        migrations::cancel(&self.node, request).await
+    }
+
+    async fn report_migration(
+        &self,
+        request: Request<pb::ReportMigrationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        migrations::report(&self.node, request).await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            heartbeat,
+            |message| convert::heartbeat(message.clone())?,
+            |output| match output {
+                CommandOutput::Cell(view) => Ok::<_, Status>(pb::HeartbeatResponse {
+                    state: view.record.state.to_proto() as i32,
+                }),
+                other => Err(unexpected(other)),
+            }
+        )
     }
 }

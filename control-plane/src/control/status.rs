@@ -15,6 +15,7 @@ pub fn command_error(err: CommandError) -> tonic::Status {
             tonic::Status::already_exists(format!("{}: {what} {id:?} already exists", what.field()))
         }
         CommandError::FailedPrecondition(message) => tonic::Status::failed_precondition(message),
+        CommandError::Busy(message) => tonic::Status::already_exists(message),
         CommandError::StaleEpoch {
             key,
             expected,

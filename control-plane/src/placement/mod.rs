@@ -10,17 +10,19 @@ use imbl::OrdMap;
 
 use crate::state::model::{CellRecord, CellState, Tier};
 
-/// The cell a new tenant of `tier` homed in `region` is placed on: an ACTIVE primary cell (not a
-/// standby) of that tier in that region with the most spare capacity; `None` when no cell has
-/// room.
+/// The cell a tenant of `tier` homed in `region` is placed on: an ACTIVE primary cell (not a
+/// standby) of that tier in that region with the most spare capacity, other than `except` (the
+/// cell a migrating tenant leaves); `None` when no cell has room.
 pub fn choose_primary(
     cells: &OrdMap<Arc<str>, CellRecord>,
     tier: Tier,
     region: &str,
+    except: Option<&str>,
 ) -> Option<Arc<str>> {
     let mut best: Option<(&Arc<str>, u64)> = None;
     for (cell_id, cell) in cells {
-        let eligible = cell.state == CellState::Active
+        let eligible = Some(cell_id.as_ref()) != except
+            && cell.state == CellState::Active
             && cell.tier == tier
             && cell.region.as_ref() == region
             && cell.standby_of.is_none()
@@ -51,6 +53,7 @@ mod tests {
             load,
             standby_of: None,
             registered_revision: 1,
+            health: None,
         }
     }
 
@@ -65,11 +68,11 @@ mod tests {
             cell("sh", "a", Tier::High, 100, 0),
         );
         assert_eq!(
-            choose_primary(&cells, Tier::High, "hz").as_deref(),
+            choose_primary(&cells, Tier::High, "hz", None).as_deref(),
             Some("hz-b-high-2")
         );
-        assert_eq!(choose_primary(&cells, Tier::Normal, "hz"), None);
-        assert_eq!(choose_primary(&cells, Tier::High, "bj"), None);
+        assert_eq!(choose_primary(&cells, Tier::Normal, "hz", None), None);
+        assert_eq!(choose_primary(&cells, Tier::High, "bj", None), None);
     }
 
     #[test]
@@ -85,7 +88,7 @@ mod tests {
         cells.insert(Arc::from("e-second"), cell("hz", "a", Tier::Low, 10, 0));
         cells.insert(Arc::from("d-first"), cell("hz", "a", Tier::Low, 10, 0));
         assert_eq!(
-            choose_primary(&cells, Tier::Low, "hz").as_deref(),
+            choose_primary(&cells, Tier::Low, "hz", None).as_deref(),
             Some("d-first")
         );
     }
@@ -96,7 +99,7 @@ mod tests {
         cells.insert(Arc::from("x"), cell("hz", "a", Tier::Normal, 100, 0));
         cells.insert(Arc::from("y"), cell("hz", "b", Tier::Normal, 100, 40));
         for _ in 0..60 {
-            let chosen = choose_primary(&cells, Tier::Normal, "hz").expect("room left");
+            let chosen = choose_primary(&cells, Tier::Normal, "hz", None).expect("room left");
             if let Some(cell) = cells.get_mut(&chosen) {
                 cell.load += 1;
             }

@@ -17,11 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeId;
 use super::codec::{self, CodecError};
+use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
 use crate::state::model::{CellRecord, OverrideRecord, TenantRecord};
 use crate::state::{ControlState, OverrideKey};
 
-const MAGIC: &[u8; 8] = b"CPSNAP01";
+const MAGIC: &[u8; 8] = b"CPSNAP02";
 
 /// Records per frame: large enough to amortize framing, small enough to keep buffers small.
 const CHUNK_RECORDS: usize = 4096;
@@ -51,6 +52,7 @@ struct Counts {
     cells: u64,
     tenants: u64,
     overrides: u64,
+    migrations: u64,
     events: u64,
 }
 
@@ -60,6 +62,7 @@ enum Frame {
     Cells(Vec<(Arc<str>, CellRecord)>),
     Tenants(Vec<(Arc<str>, TenantRecord)>),
     Overrides(Vec<(OverrideKey, OverrideRecord)>),
+    Migrations(Vec<(u64, MigrationRecord)>),
     Events(Vec<RouteEvent>),
     End(Counts),
 }
@@ -146,6 +149,10 @@ pub fn write(
                 .map(|(k, v)| (k.clone(), v.clone())),
             Frame::Overrides,
         )?,
+        migrations: writer.chunks(
+            state.migrations().iter().map(|(k, v)| (*k, v.clone())),
+            Frame::Migrations,
+        )?,
         events: writer.chunks(state.history().events().iter().cloned(), Frame::Events)?,
     };
     writer.write(&Frame::End(counts))?;
@@ -181,6 +188,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut cells: OrdMap<Arc<str>, CellRecord> = OrdMap::new();
     let mut tenants: OrdMap<Arc<str>, TenantRecord> = OrdMap::new();
     let mut overrides: OrdMap<OverrideKey, OverrideRecord> = OrdMap::new();
+    let mut migrations: OrdMap<u64, MigrationRecord> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -217,6 +225,10 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
                     overrides.insert(key, record);
                 }
             }
+            Some(Frame::Migrations(chunk)) => {
+                seen.migrations += chunk.len() as u64;
+                migrations.extend(chunk);
+            }
             Some(Frame::Events(chunk)) => {
                 seen.events += chunk.len() as u64;
                 events.extend(chunk);
@@ -240,6 +252,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         cells,
         tenants,
         overrides,
+        migrations,
         History::from_parts(events, header.compacted_revision),
     );
     Ok((header.meta, state))

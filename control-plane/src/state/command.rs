@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{CellState, RouteKey, RouteView, Tier};
+use super::model::{CellHealth, CellState, RouteKey, RouteView, Tier};
+use crate::migration::record::{MigrationRecord, Phase, Progress};
 
 /// A change to the control plane's state. Every successfully applied command bumps the revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,30 @@ pub enum Command {
     Compact {
         revision: u64,
     },
+    /// Plans a migration of `key` to `target_cell` (chosen by placement when `None`); with
+    /// `new_tier` it is a tier change. Refused while another migration of the tenant runs.
+    StartMigration {
+        key: RouteKey,
+        target_cell: Option<Arc<str>>,
+        new_tier: Option<Tier>,
+        now_ms: u64,
+    },
+    /// Moves migration `id` from phase `from` (compare-and-set) to `to`, merging `progress`.
+    /// Into `Switching` it also moves the route to the target at `epoch + 1`, in this one
+    /// command.
+    AdvanceMigration {
+        id: u64,
+        from: Phase,
+        to: Phase,
+        progress: Progress,
+        error: Option<String>,
+        now_ms: u64,
+    },
+    /// What a cell's agent last saw of it.
+    Heartbeat {
+        cell_id: Arc<str>,
+        health: CellHealth,
+    },
 }
 
 impl Command {
@@ -59,6 +84,9 @@ impl Command {
             Self::DeleteTenant { .. } => "delete_tenant",
             Self::MoveRoute { .. } => "move_route",
             Self::Compact { .. } => "compact",
+            Self::StartMigration { .. } => "start_migration",
+            Self::AdvanceMigration { .. } => "advance_migration",
+            Self::Heartbeat { .. } => "heartbeat",
         }
     }
 }
@@ -69,6 +97,7 @@ pub enum CommandOutput {
     Cell(CellView),
     Tenant(TenantView),
     Route(RouteView),
+    Migration(MigrationView),
     /// The command changed state without a record to return (delete, compact).
     Done {
         revision: u64,
@@ -89,11 +118,19 @@ pub struct TenantView {
     pub record: super::model::TenantRecord,
 }
 
+/// A migration with its id, as answers carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationView {
+    pub id: u64,
+    pub record: MigrationRecord,
+}
+
 /// The kind of record a refusal is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entity {
     Cell,
     Tenant,
+    Migration,
 }
 
 impl Entity {
@@ -102,6 +139,7 @@ impl Entity {
         match self {
             Self::Cell => "cell_id",
             Self::Tenant => "tenant_id",
+            Self::Migration => "migration_id",
         }
     }
 }
@@ -111,6 +149,7 @@ impl std::fmt::Display for Entity {
         f.write_str(match self {
             Self::Cell => "cell",
             Self::Tenant => "tenant",
+            Self::Migration => "migration",
         })
     }
 }
@@ -125,6 +164,9 @@ pub enum CommandError {
     AlreadyExists { what: Entity, id: String },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Another operation holds what the command needs (a tenant already migrating).
+    #[error("{0}")]
+    Busy(String),
     /// The caller's expected epoch is not the key's epoch; carries the current route.
     #[error("expected_epoch: key {key} is at epoch {}, not {expected}", current.epoch)]
     StaleEpoch {

@@ -6,6 +6,7 @@
 
 pub mod command;
 pub mod history;
+mod migrations;
 pub mod model;
 
 use std::ops::Bound;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
+use crate::migration::record::MigrationRecord;
 use crate::placement;
 use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
 use history::{Compacted, EventKind, History, RouteEvent};
@@ -31,6 +33,8 @@ pub struct ControlState {
     cells: OrdMap<Arc<str>, CellRecord>,
     tenants: OrdMap<Arc<str>, TenantRecord>,
     overrides: OrdMap<OverrideKey, OverrideRecord>,
+    /// Every migration by id (the revision that created it), finished ones included.
+    migrations: OrdMap<u64, MigrationRecord>,
     history: History,
 }
 
@@ -41,6 +45,7 @@ impl ControlState {
         cells: OrdMap<Arc<str>, CellRecord>,
         tenants: OrdMap<Arc<str>, TenantRecord>,
         overrides: OrdMap<OverrideKey, OverrideRecord>,
+        migrations: OrdMap<u64, MigrationRecord>,
         history: History,
     ) -> Self {
         Self {
@@ -48,6 +53,7 @@ impl ControlState {
             cells,
             tenants,
             overrides,
+            migrations,
             history,
         }
     }
@@ -70,6 +76,10 @@ impl ControlState {
 
     pub fn overrides(&self) -> &OrdMap<OverrideKey, OverrideRecord> {
         &self.overrides
+    }
+
+    pub fn migrations(&self) -> &OrdMap<u64, MigrationRecord> {
+        &self.migrations
     }
 
     pub fn history(&self) -> &History {
@@ -101,6 +111,7 @@ impl ControlState {
                     load: 0,
                     standby_of: standby_of.clone(),
                     registered_revision: next_revision,
+                    health: None,
                 };
                 self.register_cell(cell_id, record)
             }
@@ -110,20 +121,55 @@ impl ControlState {
                 tier,
                 home_region,
             } => self.create_tenant(tenant_id, *tier, home_region, next_revision, &mut events),
-            Command::DeleteTenant { tenant_id } => {
-                self.delete_tenant(tenant_id, next_revision, &mut events)
-            }
+            Command::DeleteTenant { tenant_id } => self
+                .check_not_migrating(tenant_id)
+                .and_then(|()| self.delete_tenant(tenant_id, next_revision, &mut events)),
             Command::MoveRoute {
                 key,
                 expected_epoch,
                 target_cell,
-            } => self.move_route(
+            } => self.check_not_migrating(&key.tenant_id).and_then(|()| {
+                self.move_route(
+                    key,
+                    *expected_epoch,
+                    target_cell,
+                    next_revision,
+                    &mut events,
+                )
+            }),
+            Command::StartMigration {
                 key,
-                *expected_epoch,
                 target_cell,
+                new_tier,
+                now_ms,
+            } => self.start_migration(key, target_cell.as_ref(), *new_tier, *now_ms, next_revision),
+            Command::AdvanceMigration {
+                id,
+                from,
+                to,
+                progress,
+                error,
+                now_ms,
+            } => self.advance_migration(
+                *id,
+                *from,
+                *to,
+                progress,
+                error.as_ref(),
+                *now_ms,
                 next_revision,
                 &mut events,
             ),
+            Command::Heartbeat { cell_id, health } => match self.cells.get_mut(cell_id) {
+                Some(cell) => {
+                    cell.health = Some(*health);
+                    Ok(CommandOutput::Cell(CellView {
+                        cell_id: cell_id.clone(),
+                        record: cell.clone(),
+                    }))
+                }
+                None => Err(not_found(Entity::Cell, cell_id)),
+            },
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {
@@ -229,7 +275,7 @@ impl ControlState {
                 id: tenant_id.to_string(),
             });
         }
-        let Some(cell_id) = placement::choose_primary(&self.cells, tier, home_region) else {
+        let Some(cell_id) = placement::choose_primary(&self.cells, tier, home_region, None) else {
             return Err(CommandError::FailedPrecondition(format!(
                 "no ACTIVE cell of tier {} with spare capacity in region {home_region:?}",
                 tier.name()

@@ -119,6 +119,20 @@ pub struct CellRecord {
     pub load: u64,
     pub standby_of: Option<Arc<str>>,
     pub registered_revision: u64,
+    /// What the cell's agent last reported; `None` until it first does.
+    pub health: Option<CellHealth>,
+}
+
+/// A cell's health and size as its agent last saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellHealth {
+    /// The agent's clock when it looked, in milliseconds since the Unix epoch.
+    pub last_heartbeat_ms: u64,
+    pub healthy: bool,
+    pub last_lsn: u64,
+    pub conversations: u64,
+    pub messages: u64,
+    pub disk_bytes: u64,
 }
 
 impl CellRecord {

@@ -287,3 +287,251 @@ fn compaction_cannot_pass_the_current_revision() {
     assert!(state.events_since(current).is_err());
     assert_eq!(state.events_since(current + 1).map(|e| e.len()), Ok(0));
 }
+
+mod migrations {
+    use super::*;
+    use crate::migration::record::{Phase, Progress};
+
+    fn start(
+        state: &mut ControlState,
+        key: RouteKey,
+        target: Option<&str>,
+        new_tier: Option<Tier>,
+    ) -> Result<(u64, crate::migration::record::MigrationRecord), CommandError> {
+        match state
+            .apply(&Command::StartMigration {
+                key,
+                target_cell: target.map(Arc::from),
+                new_tier,
+                now_ms: 1,
+            })
+            .0?
+        {
+            CommandOutput::Migration(view) => Ok((view.id, view.record)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn advance(
+        state: &mut ControlState,
+        id: u64,
+        from: Phase,
+        to: Phase,
+        progress: Progress,
+    ) -> Result<CommandOutput, CommandError> {
+        state
+            .apply(&Command::AdvanceMigration {
+                id,
+                from,
+                to,
+                progress,
+                error: None,
+                now_ms: 2,
+            })
+            .0
+    }
+
+    fn at(copied: u64, frozen: u64) -> Progress {
+        Progress {
+            copied_lsn: copied,
+            source_lsn: copied,
+            frozen_lsn: frozen,
+            ..Progress::default()
+        }
+    }
+
+    #[test]
+    fn bad_migrations_are_refused_each_with_its_reason() {
+        let mut state = two_cells();
+        register(&mut state, "cell-h", "c", Tier::High, 100);
+        create(&mut state, "acme", Tier::Normal).expect("create");
+        let tenant = || RouteKey::tenant("acme");
+        assert!(matches!(
+            start(&mut state, RouteKey::tenant("nobody"), Some("cell-b"), None),
+            Err(CommandError::NotFound { .. })
+        ));
+        assert!(matches!(
+            start(&mut state, tenant(), Some("cell-zz"), None),
+            Err(CommandError::NotFound { .. })
+        ));
+        assert!(matches!(
+            start(&mut state, tenant(), Some("cell-a"), None),
+            Err(CommandError::Invalid { ref field, .. }) if field == "target_cell"
+        ));
+        assert!(matches!(
+            start(&mut state, tenant(), Some("cell-h"), None),
+            Err(CommandError::FailedPrecondition(ref m)) if m.contains("tier HIGH")
+        ));
+        state
+            .apply(&Command::SetCellState {
+                cell_id: Arc::from("cell-b"),
+                state: CellState::Draining,
+            })
+            .0
+            .expect("drain");
+        assert!(matches!(
+            start(&mut state, tenant(), Some("cell-b"), None),
+            Err(CommandError::FailedPrecondition(ref m)) if m.contains("DRAINING")
+        ));
+        let revision = state.revision();
+        assert!(
+            start(&mut state, tenant(), None, None).is_err(),
+            "placement finds no other ACTIVE NORMAL cell"
+        );
+        assert_eq!(state.revision(), revision, "refusals change nothing");
+    }
+
+    #[test]
+    fn a_migration_switches_the_route_once_the_target_has_everything() {
+        let mut state = two_cells();
+        create(&mut state, "acme", Tier::Normal).expect("create");
+        let (id, m) = start(&mut state, RouteKey::tenant("acme"), None, None).expect("start");
+        assert_eq!((m.source.as_ref(), m.target.as_ref()), ("cell-a", "cell-b"));
+        assert_eq!(m.source_epoch, 1);
+        assert!(
+            matches!(
+                start(
+                    &mut state,
+                    RouteKey::conversation("acme", "c1"),
+                    Some("cell-b"),
+                    None
+                ),
+                Err(CommandError::Busy(_))
+            ),
+            "one migration per tenant at a time"
+        );
+        assert!(
+            state
+                .apply(&Command::MoveRoute {
+                    key: RouteKey::tenant("acme"),
+                    expected_epoch: 1,
+                    target_cell: Arc::from("cell-b"),
+                })
+                .0
+                .is_err(),
+            "a migrating tenant's route does not move by hand"
+        );
+        advance(&mut state, id, Phase::Planned, Phase::Copying, at(0, 0)).expect("copy");
+        assert!(
+            advance(&mut state, id, Phase::Planned, Phase::Copying, at(0, 0)).is_err(),
+            "phase changes compare the phase first"
+        );
+        advance(&mut state, id, Phase::Copying, Phase::CatchingUp, at(10, 0)).expect("catch up");
+        advance(
+            &mut state,
+            id,
+            Phase::CatchingUp,
+            Phase::Freezing,
+            at(10, 0),
+        )
+        .expect("freeze");
+        let early = advance(
+            &mut state,
+            id,
+            Phase::Freezing,
+            Phase::Switching,
+            at(11, 12),
+        );
+        assert!(
+            early.is_err(),
+            "no switch before the target reached the freeze LSN"
+        );
+        assert_eq!(
+            state
+                .resolve(&RouteKey::tenant("acme"))
+                .expect("route")
+                .epoch,
+            1
+        );
+        let (result, events) = state.apply(&Command::AdvanceMigration {
+            id,
+            from: Phase::Freezing,
+            to: Phase::Switching,
+            progress: at(12, 12),
+            error: None,
+            now_ms: 3,
+        });
+        result.expect("switch");
+        let route = state.resolve(&RouteKey::tenant("acme")).expect("route");
+        assert_eq!((route.cell_id.as_ref(), route.epoch), ("cell-b", 2));
+        assert_eq!(events.len(), 1, "the switch is announced to watches");
+        assert!(
+            advance(
+                &mut state,
+                id,
+                Phase::Switching,
+                Phase::RolledBack,
+                at(12, 12)
+            )
+            .is_err(),
+            "no rollback after the switch"
+        );
+        advance(&mut state, id, Phase::Switching, Phase::Cleanup, at(12, 12)).expect("cleanup");
+        advance(&mut state, id, Phase::Cleanup, Phase::Done, at(12, 12)).expect("done");
+        assert_eq!(
+            state.tenants().get("acme").map(|t| t.state),
+            Some(super::super::model::TenantState::Active)
+        );
+        assert_eq!(state.cells().get("cell-b").map(|c| c.load), Some(1));
+        assert_eq!(state.cells().get("cell-a").map(|c| c.load), Some(0));
+    }
+
+    #[test]
+    fn a_conversation_moves_alone_and_a_tier_change_applies_at_the_switch() {
+        let mut state = two_cells();
+        register(&mut state, "cell-h", "c", Tier::High, 100);
+        create(&mut state, "acme", Tier::Normal).expect("create");
+        let key = RouteKey::conversation("acme", "hot");
+        let (id, _) = start(&mut state, key.clone(), Some("cell-b"), None).expect("start");
+        for (from, to) in [
+            (Phase::Planned, Phase::Copying),
+            (Phase::Copying, Phase::CatchingUp),
+            (Phase::CatchingUp, Phase::Freezing),
+            (Phase::Freezing, Phase::Switching),
+        ] {
+            advance(&mut state, id, from, to, at(5, 5)).expect("advance");
+        }
+        let route = state.resolve(&key).expect("route");
+        assert_eq!(
+            (route.cell_id.as_ref(), route.epoch, route.is_override),
+            ("cell-b", 2, true)
+        );
+        let tenant = state.resolve(&RouteKey::tenant("acme")).expect("tenant");
+        assert_eq!((tenant.cell_id.as_ref(), tenant.epoch), ("cell-a", 1));
+        advance(&mut state, id, Phase::Switching, Phase::Cleanup, at(5, 5)).expect("cleanup");
+        advance(&mut state, id, Phase::Cleanup, Phase::Done, at(5, 5)).expect("done");
+
+        let (id, m) = start(&mut state, RouteKey::tenant("acme"), None, Some(Tier::High))
+            .expect("tier change");
+        assert_eq!(m.target.as_ref(), "cell-h");
+        assert_eq!(
+            state.tenants().get("acme").map(|t| t.tier),
+            Some(Tier::Normal)
+        );
+        for (from, to) in [
+            (Phase::Planned, Phase::Copying),
+            (Phase::Copying, Phase::CatchingUp),
+            (Phase::CatchingUp, Phase::Freezing),
+            (Phase::Freezing, Phase::Switching),
+        ] {
+            advance(&mut state, id, from, to, at(9, 9)).expect("advance");
+        }
+        assert_eq!(
+            state.tenants().get("acme").map(|t| t.tier),
+            Some(Tier::High)
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_migration_leaves_the_route_alone() {
+        let mut state = two_cells();
+        create(&mut state, "acme", Tier::Normal).expect("create");
+        let (id, _) =
+            start(&mut state, RouteKey::tenant("acme"), Some("cell-b"), None).expect("start");
+        advance(&mut state, id, Phase::Planned, Phase::RolledBack, at(0, 0)).expect("cancel");
+        let route = state.resolve(&RouteKey::tenant("acme")).expect("route");
+        assert_eq!((route.cell_id.as_ref(), route.epoch), ("cell-a", 1));
+        start(&mut state, RouteKey::tenant("acme"), Some("cell-b"), None)
+            .expect("a finished migration no longer blocks the tenant");
+    }
+}

@@ -1,0 +1,60 @@
+//! The leader's side of the coordinator: a few times a second it steps every unfinished
+//! migration with the time, which starts planned ones and fails the ones that stopped moving.
+//! Every node runs it, but only the current leader acts, so after a leader change the new
+//! leader picks up where the old one was; the state it reads is the replicated state.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::step::{Decision, Event, step};
+use crate::node::{Node, Proposal};
+
+/// How often the leader looks at unfinished migrations.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Milliseconds since the Unix epoch by this node's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs until the node shuts down.
+pub async fn run(node: Arc<Node>) {
+    let mut shutdown = node.shutdown_signal();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if node.raft.metrics().borrow().current_leader != Some(node.id) {
+            continue;
+        }
+        let now = now_ms();
+        let decisions: Vec<_> = node.shared.read(|state| {
+            state
+                .migrations()
+                .iter()
+                .filter(|(_, m)| !m.phase.is_terminal())
+                .map(|(id, m)| step(*id, m, Event::Tick, now, &node.migration))
+                .collect()
+        });
+        for decision in decisions {
+            if let Decision::Propose(command) = decision {
+                let kind = command.kind();
+                // A refusal here is a lost race with a report or another leader: the next
+                // tick decides again from the newer state.
+                match node.propose(command, true).await {
+                    Ok(Proposal::Applied(_)) => {}
+                    Ok(Proposal::Forward(_)) => {}
+                    Err(status) => {
+                        tracing::debug!(kind, %status, "migration tick refused");
+                    }
+                }
+            }
+        }
+    }
+}

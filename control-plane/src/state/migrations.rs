@@ -1,0 +1,224 @@
+//! Applying migration commands: planning a migration, moving it through its phases, and the
+//! switch, which moves the route in the same command that records it.
+
+use std::sync::Arc;
+
+use super::ControlState;
+use super::command::{CommandError, CommandOutput, CommandResult, Entity, MigrationView};
+use super::history::RouteEvent;
+use super::model::{CellState, RouteKey, TenantState, Tier};
+use crate::migration::record::{MigrationRecord, Phase, Progress, display_id};
+use crate::placement;
+
+impl ControlState {
+    /// The migration of `tenant_id` that has not finished, if any: at most one runs per tenant,
+    /// so a tenant move and a move of one of its conversations never copy the same rows.
+    pub fn active_migration_of(&self, tenant_id: &str) -> Option<(u64, &MigrationRecord)> {
+        self.migrations
+            .iter()
+            .rev()
+            .find(|(_, m)| !m.phase.is_terminal() && *m.key.tenant_id == *tenant_id)
+            .map(|(id, m)| (*id, m))
+    }
+
+    /// Refuses a direct change to `tenant_id`'s routes while it migrates.
+    pub(super) fn check_not_migrating(&self, tenant_id: &str) -> Result<(), CommandError> {
+        match self.active_migration_of(tenant_id) {
+            Some((id, m)) => Err(CommandError::FailedPrecondition(format!(
+                "tenant_id: tenant {tenant_id:?} is migrating ({}, {}); wait for it or cancel it",
+                display_id(id),
+                m.phase.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn start_migration(
+        &mut self,
+        key: &RouteKey,
+        target_cell: Option<&Arc<str>>,
+        new_tier: Option<Tier>,
+        now_ms: u64,
+        revision: u64,
+    ) -> CommandResult {
+        let current = self.resolve(key)?;
+        let Some(tenant) = self.tenants.get(&key.tenant_id) else {
+            return Err(CommandError::NotFound {
+                what: Entity::Tenant,
+                id: key.tenant_id.to_string(),
+            });
+        };
+        if let Some((id, m)) = self.active_migration_of(&key.tenant_id) {
+            return Err(CommandError::Busy(format!(
+                "tenant_id: tenant {:?} is already migrating ({}, {} of {} to {:?}); wait for it or cancel it",
+                key.tenant_id,
+                display_id(id),
+                m.phase.name(),
+                m.key,
+                m.target
+            )));
+        }
+        if new_tier == Some(tenant.tier) {
+            return Err(CommandError::FailedPrecondition(format!(
+                "tier: tenant {:?} is already {}",
+                key.tenant_id,
+                tenant.tier.name()
+            )));
+        }
+        let tier = new_tier.unwrap_or(tenant.tier);
+        let target = match target_cell {
+            Some(target) => target.clone(),
+            None => placement::choose_primary(
+                &self.cells,
+                tier,
+                &tenant.home_region,
+                Some(&current.cell_id),
+            )
+            .ok_or_else(|| {
+                CommandError::FailedPrecondition(format!(
+                    "target_cell: no other ACTIVE cell of tier {} with spare capacity in region {:?}",
+                    tier.name(),
+                    tenant.home_region
+                ))
+            })?,
+        };
+        let Some((target, cell)) = self.cells.get_key_value(&target) else {
+            return Err(CommandError::NotFound {
+                what: Entity::Cell,
+                id: target.to_string(),
+            });
+        };
+        if *target == current.cell_id {
+            return Err(CommandError::Invalid {
+                field: "target_cell".into(),
+                rule: format!("must differ from the source: {key} is already on cell {target:?}"),
+            });
+        }
+        if cell.state != CellState::Active {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target:?} is {}, migrations go only to ACTIVE cells",
+                cell.state.name()
+            )));
+        }
+        if cell.standby_of.is_some() {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target:?} is a standby; migrations go to primary cells"
+            )));
+        }
+        if cell.tier != tier {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target:?} is tier {}, tenant {:?} needs tier {}",
+                cell.tier.name(),
+                key.tenant_id,
+                tier.name()
+            )));
+        }
+        if key.conversation_id.is_none() && cell.spare() == 0 {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target:?} has no spare capacity ({} of {} tenants)",
+                cell.load, cell.capacity
+            )));
+        }
+        let record = MigrationRecord {
+            key: key.clone(),
+            source: current.cell_id.clone(),
+            target: target.clone(),
+            phase: Phase::Planned,
+            source_epoch: current.epoch,
+            new_tier,
+            progress: Progress::default(),
+            error: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            frozen_ms: 0,
+            switched_ms: 0,
+            updated_revision: revision,
+        };
+        self.migrations.insert(revision, record.clone());
+        if let Some(tenant) = self.tenants.get_mut(&key.tenant_id) {
+            tenant.state = TenantState::Migrating;
+        }
+        Ok(CommandOutput::Migration(MigrationView {
+            id: revision,
+            record,
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn advance_migration(
+        &mut self,
+        id: u64,
+        from: Phase,
+        to: Phase,
+        progress: &Progress,
+        error: Option<&String>,
+        now_ms: u64,
+        revision: u64,
+        events: &mut Vec<RouteEvent>,
+    ) -> CommandResult {
+        let Some(mut record) = self.migrations.get(&id).cloned() else {
+            return Err(CommandError::NotFound {
+                what: Entity::Migration,
+                id: display_id(id),
+            });
+        };
+        if record.phase != from {
+            return Err(CommandError::FailedPrecondition(format!(
+                "migration_id: {} is {}, not {}",
+                display_id(id),
+                record.phase.name(),
+                from.name()
+            )));
+        }
+        if !Phase::can_advance(from, to) {
+            return Err(CommandError::FailedPrecondition(format!(
+                "phase: {} cannot go from {} to {}",
+                display_id(id),
+                from.name(),
+                to.name()
+            )));
+        }
+        record.progress.merge(progress);
+        if to == Phase::Switching {
+            let p = record.progress;
+            if p.frozen_lsn == 0 || p.copied_lsn < p.frozen_lsn {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "phase: {} cannot switch: the target has LSN {} of the {} frozen on the source",
+                    display_id(id),
+                    p.copied_lsn,
+                    p.frozen_lsn
+                )));
+            }
+            // The switch: the route moves, fenced by the epoch the migration started from.
+            self.move_route(
+                &record.key,
+                record.source_epoch,
+                &record.target,
+                revision,
+                events,
+            )?;
+            if let Some(tier) = record.new_tier
+                && let Some(tenant) = self.tenants.get_mut(&record.key.tenant_id)
+            {
+                tenant.tier = tier;
+            }
+            record.switched_ms = now_ms;
+        }
+        if to == Phase::Freezing && from != Phase::Freezing {
+            record.frozen_ms = now_ms;
+        }
+        if let Some(error) = error {
+            record.error = Some(error.clone());
+        }
+        record.phase = to;
+        record.updated_ms = now_ms;
+        record.updated_revision = revision;
+        if to.is_terminal()
+            && let Some(tenant) = self.tenants.get_mut(&record.key.tenant_id)
+        {
+            tenant.state = TenantState::Active;
+        }
+        self.migrations.insert(id, record.clone());
+        Ok(CommandOutput::Migration(MigrationView { id, record }))
+    }
+}
