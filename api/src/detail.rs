@@ -54,6 +54,15 @@ pub fn decode(status: &tonic::Status) -> Option<ErrorDetail> {
     ErrorDetail::decode(status.details()).ok()
 }
 
+/// Decodes the `WrongCell` detail of a write a cell refused (FAILED_PRECONDITION): who owns
+/// the key now, or that it is frozen for a move and when to retry.
+pub fn wrong_cell(status: &tonic::Status) -> Option<crate::proto::cell::WrongCell> {
+    if status.code() != tonic::Code::FailedPrecondition || status.details().is_empty() {
+        return None;
+    }
+    crate::proto::cell::WrongCell::decode(status.details()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

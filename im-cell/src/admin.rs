@@ -139,10 +139,12 @@ impl CellAdmin for AdminService {
             Excluded::new()
         };
         let (out, chunks) = mpsc::channel(4);
+        let source_cell_id = self.cell_id.clone();
         tokio::task::spawn_blocking(move || {
             let empty = || pb::ExportChunk {
                 tenant_id: r.tenant_id.clone(),
                 conversation_id: r.conversation_id.clone(),
+                source_cell_id: source_cell_id.clone(),
                 ..Default::default()
             };
             let mut chunk = empty();
@@ -198,6 +200,7 @@ impl CellAdmin for AdminService {
         let mut source_lsn = 0;
         while let Some(chunk) = chunks.message().await? {
             route_key(&chunk.tenant_id, &chunk.conversation_id)?;
+            validate_id("source_cell_id", &chunk.source_cell_id)?;
             let chunk_key = (chunk.tenant_id.clone(), chunk.conversation_id.clone());
             if key.get_or_insert_with(|| chunk_key.clone()) != &chunk_key {
                 return Err(CellError::invalid(
@@ -243,6 +246,7 @@ impl CellAdmin for AdminService {
                 .submit(Op::Import {
                     tenant: chunk_key.0,
                     conversation: chunk_key.1,
+                    source: chunk.source_cell_id,
                     rows,
                     records,
                     through_lsn: chunk.through_lsn,

@@ -87,17 +87,10 @@ impl From<CellError> for tonic::Status {
     }
 }
 
-/// Decodes the WrongCell detail of a refused write.
-pub fn wrong_cell_detail(status: &tonic::Status) -> Option<WrongCell> {
-    if status.code() != tonic::Code::FailedPrecondition || status.details().is_empty() {
-        return None;
-    }
-    WrongCell::decode(status.details()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cellplane_api::detail::wrong_cell as wrong_cell_detail;
 
     #[test]
     fn frozen_and_transient_refusals_are_retryable_the_rest_are_not() {

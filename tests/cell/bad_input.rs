@@ -5,7 +5,7 @@ use cellplane_api::proto::cell::{
     ChangeMembersRequest, ConversationKind, CreateConversationRequest, GetHistoryRequest,
     MessageRefRequest,
 };
-use cellplane_im_cell::error::wrong_cell_detail;
+use cellplane_api::detail::wrong_cell as wrong_cell_detail;
 use cellplane_tests::cell::CellProcess;
 use tonic::Code;
 

@@ -1,10 +1,13 @@
 //! Clients IM services embed.
 //!
 //! [`RouteCache`] keeps every route of the control plane in memory, fed by `Watch`, so a lookup
-//! on the send path is a hash-map read instead of a network round trip.
+//! on the send path is a hash-map read instead of a network round trip. [`Messenger`] writes
+//! to the cell that owns a conversation and follows it through migrations.
 
+mod messenger;
 mod route_cache;
 
+pub use messenger::{Messenger, MessengerOptions};
 pub use route_cache::{CachedRoute, RouteCache, RouteCacheOptions};
 
 use std::time::Duration;

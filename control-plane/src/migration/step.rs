@@ -154,9 +154,8 @@ pub fn step(
                 CatchingUp if progress.lag() <= settings.catch_up_lag => {
                     advance(Freezing, progress, None)
                 }
-                Freezing
-                    if progress.frozen_lsn > 0 && progress.copied_lsn >= progress.frozen_lsn =>
-                {
+                // Done means frozen and pulled up to the frozen LSN (0 on a cell never written).
+                Freezing if report.phase_done && progress.copied_lsn >= progress.frozen_lsn => {
                     advance(Switching, progress, None)
                 }
                 Switching if report.phase_done => advance(Cleanup, progress, None),
@@ -252,13 +251,19 @@ mod tests {
             Some(Freezing)
         );
         let freezing = record(Freezing);
-        let behind = report(Freezing, 149, 150, 150, false);
+        let behind = report(Freezing, 149, 150, 150, true);
         assert_eq!(
             target(step(1, &freezing, Event::Report(&behind), 1_001, &S)),
             Some(Freezing),
             "no switch before the target holds everything up to the freeze"
         );
-        let caught = report(Freezing, 150, 150, 150, false);
+        let unfrozen = report(Freezing, 150, 150, 0, false);
+        assert_eq!(
+            target(step(1, &freezing, Event::Report(&unfrozen), 1_001, &S)),
+            Some(Freezing),
+            "no switch before the agent froze the source"
+        );
+        let caught = report(Freezing, 150, 150, 150, true);
         assert_eq!(
             target(step(1, &freezing, Event::Report(&caught), 1_001, &S)),
             Some(Switching)
@@ -286,7 +291,7 @@ mod tests {
 
     #[test]
     fn errors_fail_before_the_switch_and_are_only_recorded_after_it() {
-        let mut r = report(Phase::Freezing, 1, 1, 1, false);
+        let mut r = report(Phase::Freezing, 1, 1, 1, true);
         r.error = Some("target cell unreachable".into());
         assert_eq!(
             target(step(

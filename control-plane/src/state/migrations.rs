@@ -181,7 +181,7 @@ impl ControlState {
         record.progress.merge(progress);
         if to == Phase::Switching {
             let p = record.progress;
-            if p.frozen_lsn == 0 || p.copied_lsn < p.frozen_lsn {
+            if p.copied_lsn < p.frozen_lsn {
                 return Err(CommandError::FailedPrecondition(format!(
                     "phase: {} cannot switch: the target has LSN {} of the {} frozen on the source",
                     display_id(id),

@@ -71,6 +71,8 @@ pub enum Op {
     Import {
         tenant: String,
         conversation: String,
+        /// The cell the export came from.
+        source: String,
         rows: Vec<(Space, Vec<u8>, Vec<u8>)>,
         records: Vec<LogRecord>,
         /// The source LSN the chunk covers, records or not.
@@ -192,8 +194,15 @@ fn conversation_view(
 }
 
 /// The import position of a key: the newest source LSN applied.
-fn import_key(tenant: &str, conversation: &str) -> Vec<u8> {
-    keys::grant(tenant, conversation)
+/// Where an import of `(tenant, conversation)` from `source` stands. Positions are LSNs of the
+/// source's log, so each source has its own: a key that comes back from another cell starts
+/// over instead of skipping that cell's records.
+fn import_key(tenant: &str, conversation: &str, source: &str) -> Vec<u8> {
+    keys::Key::new()
+        .id(tenant)
+        .id(conversation)
+        .id(source)
+        .into_bytes()
 }
 
 impl WriterState {
@@ -400,11 +409,12 @@ impl WriterState {
             Op::Import {
                 tenant,
                 conversation,
+                source,
                 rows,
                 records,
                 through_lsn,
             } => {
-                let position_key = import_key(&tenant, &conversation);
+                let position_key = import_key(&tenant, &conversation, &source);
                 let mut position: u64 = tx.get(Space::Imports, &position_key)?.unwrap_or(0);
                 for (space, key, value) in rows {
                     tx.put_raw(space, key, value);

@@ -1,0 +1,163 @@
+//! Writes to whichever cell owns a conversation, following it when it moves.
+//!
+//! The route comes from the [`RouteCache`]; the write carries the route's epoch. A cell that
+//! refuses with `WRONG_CELL` says why: the key is frozen for a move (wait the time it names),
+//! it moved (wait until the cache has the new route, then write there), or the new owner has
+//! not been granted the key yet (retry shortly). A migration therefore costs a writer a pause,
+//! never an error, as long as it ends within the deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+use super::{RouteCache, channel};
+use crate::detail;
+use crate::proto::cell::messaging_client::MessagingClient;
+use crate::proto::cell::{
+    Conversation, CreateConversationRequest, SendMessageRequest, SendMessageResponse,
+};
+use crate::proto::routing::Route;
+
+/// Tuning of a [`Messenger`].
+#[derive(Debug, Clone)]
+pub struct MessengerOptions {
+    /// How long one write may keep retrying through a move before its last refusal is
+    /// returned.
+    pub deadline: Duration,
+    /// Wait between retries when the refusal names no time.
+    pub retry_pause: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for MessengerOptions {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(10),
+            retry_pause: Duration::from_millis(5),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Sends writes to the owning cell of each conversation.
+pub struct Messenger {
+    routes: Arc<RouteCache>,
+    clients: Mutex<HashMap<String, MessagingClient<Channel>>>,
+    options: MessengerOptions,
+}
+
+impl Messenger {
+    pub fn new(routes: Arc<RouteCache>, options: MessengerOptions) -> Self {
+        Self {
+            routes,
+            clients: Mutex::new(HashMap::new()),
+            options,
+        }
+    }
+
+    /// The route of a conversation and a client of the cell that owns it.
+    pub fn owner(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+    ) -> Result<(Route, MessagingClient<Channel>), Status> {
+        let route = self
+            .routes
+            .lookup(tenant_id, conversation_id)
+            .ok_or_else(|| {
+                Status::not_found(format!("tenant_id: no route for tenant {tenant_id:?}"))
+            })?;
+        let mut clients = self.clients.lock().expect("messenger client cache poisoned");
+        let client = match clients.get(&route.endpoint) {
+            Some(client) => client.clone(),
+            None => {
+                let client = MessagingClient::new(
+                    channel(&route.endpoint, self.options.connect_timeout)
+                        .map_err(|e| Status::failed_precondition(e.to_string()))?,
+                );
+                clients.insert(route.endpoint.clone(), client.clone());
+                client
+            }
+        };
+        Ok((route, client))
+    }
+
+    /// Runs one write against the owner of `(tenant_id, conversation_id)`; `call` gets the
+    /// client and the route epoch to put in the request, and may be called again after a
+    /// refusal.
+    pub async fn write<T, F, Fut>(
+        &self,
+        tenant_id: &str,
+        conversation_id: &str,
+        mut call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(MessagingClient<Channel>, u64) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + self.options.deadline;
+        // An epoch the route must reach before the next try, learned from a refusal.
+        let mut at_least = 0;
+        loop {
+            let (route, client) = self.owner(tenant_id, conversation_id)?;
+            if route.epoch < at_least && Instant::now() < deadline {
+                tokio::time::sleep(self.options.retry_pause).await;
+                continue;
+            }
+            let status = match call(client, route.epoch).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if Instant::now() >= deadline {
+                return Err(status);
+            }
+            let pause = match detail::wrong_cell(&status) {
+                Some(wrong) if wrong.frozen => Duration::from_millis(wrong.retry_after_ms),
+                Some(wrong) => {
+                    // The key moved on (current_epoch), or the cell already holds a newer
+                    // grant than the cached route (cell_epoch): wait for the cache to catch up.
+                    at_least = at_least
+                        .max(wrong.current_epoch)
+                        .max(wrong.cell_epoch)
+                        .max(route.epoch);
+                    self.options.retry_pause
+                }
+                // The cell restarting or unreachable: the same owner, a moment later.
+                None if status.code() == Code::Unavailable => self.options.retry_pause * 10,
+                None => return Err(status),
+            };
+            tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+        }
+    }
+
+    pub async fn send_message(
+        &self,
+        request: SendMessageRequest,
+    ) -> Result<SendMessageResponse, Status> {
+        let (tenant, conversation) = (request.tenant_id.clone(), request.conversation_id.clone());
+        self.write(&tenant, &conversation, |mut client, epoch| {
+            let mut request = request.clone();
+            request.route_epoch = epoch;
+            async move { client.send_message(request).await }
+        })
+        .await
+    }
+
+    pub async fn create_conversation(
+        &self,
+        request: CreateConversationRequest,
+    ) -> Result<Conversation, Status> {
+        let (tenant, conversation) = (request.tenant_id.clone(), request.conversation_id.clone());
+        self.write(&tenant, &conversation, |mut client, epoch| {
+            let mut request = request.clone();
+            request.route_epoch = epoch;
+            async move { client.create_conversation(request).await }
+        })
+        .await
+    }
+}

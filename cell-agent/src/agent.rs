@@ -1,0 +1,95 @@
+//! Starting and stopping everything an agent does.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::cells::{self, LocalCells};
+use crate::config::AgentConfig;
+use crate::control::ControlPlane;
+use crate::supervisor::Supervisor;
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Client(#[from] cellplane_api::client::ClientError),
+    #[error("cannot find the im-cell binary: {0}")]
+    Binary(String),
+    #[error("control plane refused cell {cell_id}: {status}")]
+    Join { cell_id: String, status: tonic::Status },
+}
+
+/// The `im-cell` binary: as configured, else the one beside this executable.
+pub fn im_cell_binary(config: &AgentConfig) -> Result<PathBuf, AgentError> {
+    if let Some(path) = &config.im_cell_binary {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| AgentError::Binary(e.to_string()))?;
+    let path = exe.with_file_name("im-cell");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(AgentError::Binary(format!(
+            "{} does not exist; set im_cell_binary in the config",
+            path.display()
+        )))
+    }
+}
+
+/// Runs the agent of `region` until `shutdown` resolves, then stops its cells.
+pub async fn run(
+    config: AgentConfig,
+    region: String,
+    control_plane: Vec<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let binary = im_cell_binary(&config)?;
+    let control = ControlPlane::new(control_plane)?;
+    let cells: LocalCells = cells::local_cells(&config.cells)?;
+    let (stop_tx, stop) = watch::channel(false);
+    let supervisor = Supervisor::start(&config.cells, &binary, &config.data_dir, config.restart);
+    tracing::info!(%region, cells = cells.len(), "agent started its cells");
+
+    let joined = async {
+        for cell in cells.values() {
+            cells::join(&control, &region, cell, &stop)
+                .await
+                .map_err(|status| AgentError::Join {
+                    cell_id: cell.spec.cell_id.clone(),
+                    status,
+                })?;
+        }
+        Ok::<(), AgentError>(())
+    };
+    tokio::pin!(shutdown);
+    let joined = tokio::select! {
+        joined = joined => joined,
+        () = &mut shutdown => Ok(()),
+    };
+    if let Err(err) = joined {
+        supervisor.stop().await;
+        return Err(err);
+    }
+    let tasks = [
+        tokio::spawn(cells::heartbeats(
+            control.clone(),
+            cells.clone(),
+            Duration::from_millis(config.heartbeat_interval_ms),
+            stop.clone(),
+        )),
+        tokio::spawn(crate::grants::run(control.clone(), cells.clone(), stop.clone())),
+        tokio::spawn(crate::migrate::run(control.clone(), cells.clone(), stop.clone())),
+    ];
+    tracing::info!(%region, "agent serving");
+    shutdown.await;
+    tracing::info!(%region, "agent stopping");
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    supervisor.stop().await;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The cells of the agent's region as the agent knows them: their admin clients, their
+//! registration with the control plane, and the heartbeats that report their health.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cellplane_api::client::channel;
+use cellplane_api::proto::cell::CellStatusRequest;
+use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
+use cellplane_api::proto::control as pb;
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::config::CellSpec;
+use crate::control::ControlPlane;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a cell may take to answer a status request in a heartbeat.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One cell this agent runs.
+#[derive(Clone)]
+pub struct LocalCell {
+    pub spec: CellSpec,
+    pub endpoint: String,
+    pub admin: CellAdminClient<Channel>,
+}
+
+/// This agent's cells by id.
+pub type LocalCells = Arc<BTreeMap<String, LocalCell>>;
+
+pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::client::ClientError> {
+    let mut cells = BTreeMap::new();
+    for spec in specs {
+        let endpoint = spec.listen.to_string();
+        let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT)?);
+        cells.insert(
+            spec.cell_id.clone(),
+            LocalCell {
+                spec: spec.clone(),
+                endpoint,
+                admin,
+            },
+        );
+    }
+    Ok(Arc::new(cells))
+}
+
+/// An admin client for a cell of another agent, by its registered endpoint.
+pub fn remote_admin(endpoint: &str) -> Result<CellAdminClient<Channel>, Status> {
+    channel(endpoint, CONNECT_TIMEOUT)
+        .map(CellAdminClient::new)
+        .map_err(|e| Status::failed_precondition(format!("cell endpoint {endpoint:?}: {e}")))
+}
+
+fn tier(name: &str) -> pb::Tier {
+    match name {
+        "HIGH" => pb::Tier::High,
+        "NORMAL" => pb::Tier::Normal,
+        _ => pb::Tier::Low,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Registers `cell` (idempotent: an agent restart registers the same cell again), waits until
+/// the cell process answers, then makes a joining cell ACTIVE so placement may use it. A cell
+/// the control plane demoted or failed stays as it is: only ops bring it back.
+pub async fn join(
+    control: &ControlPlane,
+    region: &str,
+    cell: &LocalCell,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), Status> {
+    let spec = &cell.spec;
+    let request = pb::RegisterCellRequest {
+        cell_id: spec.cell_id.clone(),
+        region: region.to_string(),
+        zone: spec.zone.clone(),
+        tier: tier(&spec.tier) as i32,
+        endpoint: cell.endpoint.clone(),
+        capacity: spec.capacity,
+        standby_of: spec.standby_of.clone().unwrap_or_default(),
+    };
+    let registered = loop {
+        let request = request.clone();
+        match control
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.register_cell(request).await }
+            })
+            .await
+        {
+            Ok(registered) => break registered,
+            Err(status) if crate::control::retryable(&status) && !*shutdown.borrow() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    };
+    let mut admin = cell.admin.clone();
+    while admin.cell_status(CellStatusRequest {}).await.is_err() {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if registered.state == pb::CellState::Joining as i32 {
+        let cell_id = spec.cell_id.clone();
+        control
+            .call(|mut c| {
+                let request = pb::SetCellStateRequest {
+                    cell_id: cell_id.clone(),
+                    state: pb::CellState::Active as i32,
+                };
+                async move { c.set_cell_state(request).await }
+            })
+            .await?;
+        tracing::info!(cell_id = %spec.cell_id, "cell is ACTIVE");
+    }
+    Ok(())
+}
+
+/// Reports every cell's health and size each `interval` until shutdown.
+pub async fn heartbeats(
+    control: ControlPlane,
+    cells: LocalCells,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        for cell in cells.values() {
+            let mut admin = cell.admin.clone();
+            let status = tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
+            let health = match status {
+                Ok(Ok(status)) => {
+                    let s = status.into_inner();
+                    pb::CellHealth {
+                        last_heartbeat_ms: now_ms(),
+                        healthy: true,
+                        last_lsn: s.last_lsn,
+                        conversations: s.conversations,
+                        messages: s.messages,
+                        disk_bytes: s.disk_bytes,
+                    }
+                }
+                _ => pb::CellHealth {
+                    last_heartbeat_ms: now_ms(),
+                    healthy: false,
+                    ..Default::default()
+                },
+            };
+            let request = pb::HeartbeatRequest {
+                cell_id: cell.spec.cell_id.clone(),
+                health: Some(health),
+            };
+            if let Err(status) = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.heartbeat(request).await }
+                })
+                .await
+            {
+                tracing::warn!(cell_id = %cell.spec.cell_id, %status, "heartbeat not recorded");
+            }
+        }
+    }
+}

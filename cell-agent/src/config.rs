@@ -1,0 +1,179 @@
+//! What an agent runs: one TOML file listing its region's cells.
+//!
+//! ```toml
+//! data_dir = "/var/lib/cellplane/agent-hz"
+//! [[cells]]
+//! cell_id = "hz-a-high-1"
+//! zone = "a"
+//! tier = "HIGH"
+//! listen = "10.0.0.5:7101"
+//! capacity = 1000
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cellplane_api::ids::{validate_id, validate_optional_id};
+use serde::Deserialize;
+
+/// A config field that breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field {field}: {rule}")]
+pub struct ConfigError {
+    pub field: String,
+    pub rule: String,
+}
+
+fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        rule: rule.into(),
+    }
+}
+
+/// How a crashed cell is restarted: after `initial_backoff_ms`, doubling up to
+/// `max_backoff_ms`, back to the start once a cell stayed up for `stable_after_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartPolicy {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub stable_after_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 200,
+            max_backoff_ms: 5_000,
+            stable_after_ms: 30_000,
+        }
+    }
+}
+
+/// One IM cell the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSpec {
+    pub cell_id: String,
+    pub zone: String,
+    /// `HIGH`, `NORMAL` or `LOW`.
+    pub tier: String,
+    /// Where the cell serves; also the endpoint registered in routes.
+    pub listen: SocketAddr,
+    /// Tenants the cell is sized for.
+    pub capacity: u64,
+    #[serde(default)]
+    pub standby_of: Option<String>,
+    /// Extra `im-cell serve` flags (limits, rate limits, metrics).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// The agent's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Each cell stores its data in `data_dir/<cell_id>` and logs to `data_dir/<cell_id>.log`.
+    pub data_dir: PathBuf,
+    /// The `im-cell` binary; by default the one beside the agent's own executable.
+    #[serde(default)]
+    pub im_cell_binary: Option<PathBuf>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    pub cells: Vec<CellSpec>,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1_000
+}
+
+pub const TIERS: [&str; 3] = ["HIGH", "NORMAL", "LOW"];
+
+impl AgentConfig {
+    /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| invalid("(file)", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cells.is_empty() {
+            return Err(invalid("cells", "must list at least one cell"));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be at least 1"));
+        }
+        if self.restart.initial_backoff_ms == 0
+            || self.restart.max_backoff_ms < self.restart.initial_backoff_ms
+        {
+            return Err(invalid(
+                "restart",
+                "initial_backoff_ms must be at least 1 and at most max_backoff_ms",
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut listens = HashSet::new();
+        for (i, cell) in self.cells.iter().enumerate() {
+            let field = |name: &str| format!("cells[{i}].{name}");
+            let check = |name: &str, value: &str| {
+                validate_id(&field(name), value).map_err(|e| invalid(e.field, e.rule))
+            };
+            check("cell_id", &cell.cell_id)?;
+            check("zone", &cell.zone)?;
+            validate_optional_id(&field("standby_of"), cell.standby_of.as_deref().unwrap_or(""))
+                .map_err(|e| invalid(e.field, e.rule))?;
+            if !TIERS.contains(&cell.tier.as_str()) {
+                return Err(invalid(field("tier"), "must be HIGH, NORMAL or LOW"));
+            }
+            if cell.capacity == 0 {
+                return Err(invalid(field("capacity"), "must be at least 1"));
+            }
+            if !ids.insert(cell.cell_id.as_str()) {
+                return Err(invalid(field("cell_id"), "is listed twice"));
+            }
+            if !listens.insert(cell.listen) {
+                return Err(invalid(field("listen"), "is used by another cell"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOUND: &str = r#"
+        data_dir = "/tmp/agent"
+        [[cells]]
+        cell_id = "hz-a-high-1"
+        zone = "a"
+        tier = "HIGH"
+        listen = "127.0.0.1:7101"
+        capacity = 10
+    "#;
+
+    #[test]
+    fn a_sound_config_parses_with_defaults() {
+        let config = AgentConfig::from_toml(SOUND).expect("parse");
+        assert_eq!(config.heartbeat_interval_ms, 1_000);
+        assert_eq!(config.restart, RestartPolicy::default());
+        assert_eq!(config.cells[0].tier, "HIGH");
+    }
+
+    #[test]
+    fn each_broken_rule_names_its_field() {
+        let field = |text: &str| AgentConfig::from_toml(text).map(|_| ()).map_err(|e| e.field);
+        assert_eq!(field(&SOUND.replace("HIGH", "GOLD")), Err("cells[0].tier".into()));
+        assert_eq!(field(&SOUND.replace("hz-a-high-1", "a b")), Err("cells[0].cell_id".into()));
+        assert_eq!(field(&SOUND.replace("capacity = 10", "capacity = 0")), Err("cells[0].capacity".into()));
+        let twice = format!("{SOUND}{}", &SOUND[SOUND.find("[[cells]]").unwrap_or(0)..]);
+        assert_eq!(field(&twice), Err("cells[1].cell_id".into()));
+        assert_eq!(field(&SOUND.replace("zone", "zonee")), Err("(file)".into()));
+    }
+}

@@ -1,0 +1,101 @@
+//! The agent's connection to the control plane: every node's address, and calls that move on
+//! to the next node when one is down. Any node serves: followers forward writes to the leader.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cellplane_api::client::{ClientError, channel};
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::routing::routing_client::RoutingClient;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long one call keeps trying other nodes before it gives up.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether another node, or the same one a moment later, may answer differently.
+pub fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    endpoints: Arc<Vec<String>>,
+    channels: Arc<Vec<Channel>>,
+    current: Arc<AtomicUsize>,
+}
+
+impl ControlPlane {
+    pub fn new(endpoints: Vec<String>) -> Result<Self, ClientError> {
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let channels = endpoints
+            .iter()
+            .map(|endpoint| channel(endpoint, CONNECT_TIMEOUT))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            endpoints: Arc::new(endpoints),
+            channels: Arc::new(channels),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self) -> Channel {
+        let i = self.current.load(Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
+
+    /// Moves on to the next node after this one failed.
+    fn rotate(&self, failed: usize) {
+        let _ = self.current.compare_exchange(
+            failed,
+            (failed + 1) % self.channels.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn control(&self) -> ControlClient<Channel> {
+        ControlClient::new(self.channel())
+    }
+
+    pub fn routing(&self) -> RoutingClient<Channel> {
+        RoutingClient::new(self.channel())
+    }
+
+    /// Calls the Control service, trying the nodes in turn while they are unreachable or
+    /// without a leader; any other answer is final.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let node = self.current.load(Ordering::Relaxed) % self.channels.len();
+            match call(ControlClient::new(self.channels[node].clone())).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if retryable(&status) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(node = %self.endpoints[node], %status, "control plane call failed; trying the next node");
+                    self.rotate(node);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+}

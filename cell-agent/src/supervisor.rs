@@ -1,0 +1,144 @@
+//! Runs each IM cell as a child process and restarts it when it dies, with back-off.
+//!
+//! A cell restarts from its own data directory: everything it acknowledged is on its disk, and
+//! its grants are too, so a restart needs nothing from the control plane. On shutdown each
+//! cell is asked to stop (SIGTERM) and killed if it has not within a grace period.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{CellSpec, RestartPolicy};
+
+/// How long a cell may take to drain after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Supervisor {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Where a cell keeps its data and its log.
+pub fn cell_paths(data_dir: &Path, cell_id: &str) -> (PathBuf, PathBuf) {
+    (
+        data_dir.join(cell_id),
+        data_dir.join(format!("{cell_id}.log")),
+    )
+}
+
+impl Supervisor {
+    /// Starts every cell and keeps it running until [`Supervisor::stop`].
+    pub fn start(
+        cells: &[CellSpec],
+        binary: &Path,
+        data_dir: &Path,
+        policy: RestartPolicy,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let tasks = cells
+            .iter()
+            .map(|spec| {
+                tokio::spawn(supervise(
+                    spec.clone(),
+                    binary.to_path_buf(),
+                    data_dir.to_path_buf(),
+                    policy,
+                    stopped.clone(),
+                ))
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops every cell and waits until they are gone.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Child> {
+    let (dir, log) = cell_paths(data_dir, &spec.cell_id);
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(binary)
+        .arg("serve")
+        .arg("--cell-id")
+        .arg(&spec.cell_id)
+        .arg("--listen")
+        .arg(spec.listen.to_string())
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+}
+
+async fn supervise(
+    spec: CellSpec,
+    binary: PathBuf,
+    data_dir: PathBuf,
+    policy: RestartPolicy,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let initial = Duration::from_millis(policy.initial_backoff_ms);
+    let mut backoff = initial;
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        match spawn(&spec, &binary, &data_dir) {
+            Ok(mut child) => {
+                tracing::info!(cell_id = %spec.cell_id, pid = child.id(), "cell started");
+                tokio::select! {
+                    status = child.wait() => {
+                        tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
+                    }
+                    _ = stopped.changed() => {
+                        terminate(&spec.cell_id, &mut child).await;
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(cell_id = %spec.cell_id, binary = %binary.display(), error = %err, "cannot start cell");
+            }
+        }
+        if started.elapsed() >= Duration::from_millis(policy.stable_after_ms) {
+            backoff = initial;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_millis(policy.max_backoff_ms));
+    }
+}
+
+async fn terminate(cell_id: &str, child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            tracing::info!(cell_id, "cell stopped");
+            return;
+        }
+        tracing::warn!(cell_id, "cell did not stop within {STOP_GRACE:?}; killing it");
+    }
+    let _ = child.kill().await;
+}
