@@ -19,7 +19,10 @@ pub enum AgentError {
     #[error("cannot find the im-cell binary: {0}")]
     Binary(String),
     #[error("control plane refused cell {cell_id}: {status}")]
-    Join { cell_id: String, status: tonic::Status },
+    Join {
+        cell_id: String,
+        status: tonic::Status,
+    },
 }
 
 /// The `im-cell` binary: as configured, else the one beside this executable.
@@ -80,8 +83,16 @@ pub async fn run(
             Duration::from_millis(config.heartbeat_interval_ms),
             stop.clone(),
         )),
-        tokio::spawn(crate::grants::run(control.clone(), cells.clone(), stop.clone())),
-        tokio::spawn(crate::migrate::run(control.clone(), cells.clone(), stop.clone())),
+        tokio::spawn(crate::grants::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(crate::migrate::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
     ];
     tracing::info!(%region, "agent serving");
     shutdown.await;

@@ -145,7 +145,8 @@ pub async fn heartbeats(
         }
         for cell in cells.values() {
             let mut admin = cell.admin.clone();
-            let status = tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
+            let status =
+                tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
             let health = match status {
                 Ok(Ok(status)) => {
                     let s = status.into_inner();

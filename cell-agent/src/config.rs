@@ -125,8 +125,11 @@ impl AgentConfig {
             };
             check("cell_id", &cell.cell_id)?;
             check("zone", &cell.zone)?;
-            validate_optional_id(&field("standby_of"), cell.standby_of.as_deref().unwrap_or(""))
-                .map_err(|e| invalid(e.field, e.rule))?;
+            validate_optional_id(
+                &field("standby_of"),
+                cell.standby_of.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| invalid(e.field, e.rule))?;
             if !TIERS.contains(&cell.tier.as_str()) {
                 return Err(invalid(field("tier"), "must be HIGH, NORMAL or LOW"));
             }
@@ -168,10 +171,23 @@ mod tests {
 
     #[test]
     fn each_broken_rule_names_its_field() {
-        let field = |text: &str| AgentConfig::from_toml(text).map(|_| ()).map_err(|e| e.field);
-        assert_eq!(field(&SOUND.replace("HIGH", "GOLD")), Err("cells[0].tier".into()));
-        assert_eq!(field(&SOUND.replace("hz-a-high-1", "a b")), Err("cells[0].cell_id".into()));
-        assert_eq!(field(&SOUND.replace("capacity = 10", "capacity = 0")), Err("cells[0].capacity".into()));
+        let field = |text: &str| {
+            AgentConfig::from_toml(text)
+                .map(|_| ())
+                .map_err(|e| e.field)
+        };
+        assert_eq!(
+            field(&SOUND.replace("HIGH", "GOLD")),
+            Err("cells[0].tier".into())
+        );
+        assert_eq!(
+            field(&SOUND.replace("hz-a-high-1", "a b")),
+            Err("cells[0].cell_id".into())
+        );
+        assert_eq!(
+            field(&SOUND.replace("capacity = 10", "capacity = 0")),
+            Err("cells[0].capacity".into())
+        );
         let twice = format!("{SOUND}{}", &SOUND[SOUND.find("[[cells]]").unwrap_or(0)..]);
         assert_eq!(field(&twice), Err("cells[1].cell_id".into()));
         assert_eq!(field(&SOUND.replace("zone", "zonee")), Err("(file)".into()));

@@ -112,10 +112,14 @@ async fn thaw(cells: &LocalCells, m: &pb::Migration) {
         return;
     };
     match cell.admin.clone().unfreeze(key_request(m)).await {
-        Ok(_) => tracing::info!(migration = %m.migration_id, "source key unfrozen after {}", phase(m).as_str_name()),
+        Ok(_) => {
+            tracing::info!(migration = %m.migration_id, "source key unfrozen after {}", phase(m).as_str_name())
+        }
         // Never frozen, or already revoked: nothing to thaw.
         Err(status) if matches!(status.code(), Code::NotFound | Code::InvalidArgument) => {}
-        Err(status) => tracing::warn!(migration = %m.migration_id, %status, "could not unfreeze the source key"),
+        Err(status) => {
+            tracing::warn!(migration = %m.migration_id, %status, "could not unfreeze the source key")
+        }
     }
 }
 
@@ -247,13 +251,19 @@ impl Worker {
                         Phase::Copying | Phase::CatchingUp | Phase::Freezing
                     );
                     if !(before_switch && failures >= MAX_STEP_FAILURES) {
-                        tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(10)))).await;
+                        tokio::time::sleep(Duration::from_millis(
+                            100 * u64::from(failures.min(10)),
+                        ))
+                        .await;
                         continue;
                     }
                     pb::ReportMigrationRequest {
                         migration_id: id.clone(),
                         phase: current as i32,
-                        error: format!("{} failed {failures} times: {status}", current.as_str_name()),
+                        error: format!(
+                            "{} failed {failures} times: {status}",
+                            current.as_str_name()
+                        ),
                         ..Default::default()
                     }
                 }
@@ -287,7 +297,10 @@ impl Worker {
         self.control
             .call(|mut c| {
                 let migration_id = id.clone();
-                async move { c.get_migration(pb::GetMigrationRequest { migration_id }).await }
+                async move {
+                    c.get_migration(pb::GetMigrationRequest { migration_id })
+                        .await
+                }
             })
             .await
     }
@@ -423,7 +436,11 @@ async fn pull(
                     .iter()
                     .map(|r| (r.key.len() + r.value.len()) as u64)
                     .sum::<u64>()
-                    + chunk.log_records.iter().map(|r| r.len() as u64).sum::<u64>();
+                    + chunk
+                        .log_records
+                        .iter()
+                        .map(|r| r.len() as u64)
+                        .sum::<u64>();
                 if tx.send(chunk).await.is_err() {
                     break;
                 }

@@ -81,6 +81,7 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         .arg(spec.listen.to_string())
         .arg("--data-dir")
         .arg(&dir)
+        .arg("--exit-with-parent")
         .args(&spec.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -138,7 +139,10 @@ async fn terminate(cell_id: &str, child: &mut Child) {
             tracing::info!(cell_id, "cell stopped");
             return;
         }
-        tracing::warn!(cell_id, "cell did not stop within {STOP_GRACE:?}; killing it");
+        tracing::warn!(
+            cell_id,
+            "cell did not stop within {STOP_GRACE:?}; killing it"
+        );
     }
     let _ = child.kill().await;
 }

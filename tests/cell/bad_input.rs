@@ -1,11 +1,11 @@
 //! Bad requests to a cell: each gets its own code and a message naming the field and the rule,
 //! and nothing is written.
 
+use cellplane_api::detail::wrong_cell as wrong_cell_detail;
 use cellplane_api::proto::cell::{
     ChangeMembersRequest, ConversationKind, CreateConversationRequest, GetHistoryRequest,
     MessageRefRequest,
 };
-use cellplane_api::detail::wrong_cell as wrong_cell_detail;
 use cellplane_tests::cell::CellProcess;
 use tonic::Code;
 

@@ -5,6 +5,7 @@
 //! Binaries are taken from the cargo target directory beside the test executable (or
 //! `CELLPLANE_BIN_DIR`); the test script builds them before running the tests.
 
+pub mod agent;
 pub mod cell;
 pub mod cluster;
 pub mod measure;

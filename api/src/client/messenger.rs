@@ -72,7 +72,10 @@ impl Messenger {
             .ok_or_else(|| {
                 Status::not_found(format!("tenant_id: no route for tenant {tenant_id:?}"))
             })?;
-        let mut clients = self.clients.lock().expect("messenger client cache poisoned");
+        let mut clients = self
+            .clients
+            .lock()
+            .expect("messenger client cache poisoned");
         let client = match clients.get(&route.endpoint) {
             Some(client) => client.clone(),
             None => {

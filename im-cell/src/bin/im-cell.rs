@@ -51,10 +51,34 @@ enum Command {
         /// Sends per second by one sender.
         #[arg(long)]
         sends_per_sender_per_sec: Option<u32>,
+        /// Stop (gracefully) when the process that started this one exits, so a supervisor
+        /// killed outright leaves no cell behind holding the port.
+        #[arg(long)]
+        exit_with_parent: bool,
     },
 }
 
-async fn shutdown_signal() {
+/// Resolves once this process's parent is gone (it was re-parented).
+async fn parent_exit() {
+    let parent = std::os::unix::process::parent_id();
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        ticker.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            tracing::warn!(parent, "the supervising process exited; stopping");
+            return;
+        }
+    }
+}
+
+async fn shutdown_signal(exit_with_parent: bool) {
+    let parent = async {
+        if exit_with_parent {
+            parent_exit().await
+        } else {
+            std::future::pending::<()>().await
+        }
+    };
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -69,6 +93,7 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+        () = parent => {}
     }
 }
 
@@ -89,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         rebase_backlog_events,
         sends_per_conversation_per_sec,
         sends_per_sender_per_sec,
+        exit_with_parent,
     } = Cli::parse().command;
     let mut limits = Limits::default();
     if let Some(n) = max_body_bytes {
@@ -119,6 +145,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tokio::spawn(server::serve(config, listener, shutdown_signal())).await??;
+    tokio::spawn(server::serve(
+        config,
+        listener,
+        shutdown_signal(exit_with_parent),
+    ))
+    .await??;
     Ok(())
 }

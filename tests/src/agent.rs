@@ -1,0 +1,187 @@
+//! A real `cell-agent serve` process running its region's cells, on free loopback ports.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
+use cellplane_api::proto::cell::messaging_client::MessagingClient;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::{binary, free_port};
+
+/// One cell an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentCell {
+    pub cell_id: String,
+    pub zone: String,
+    pub tier: String,
+    pub addr: String,
+}
+
+impl AgentCell {
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("cell address")
+            .connect_lazy()
+    }
+
+    pub fn messaging(&self) -> MessagingClient<Channel> {
+        MessagingClient::new(self.channel())
+    }
+
+    pub fn admin(&self) -> CellAdminClient<Channel> {
+        CellAdminClient::new(self.channel())
+    }
+}
+
+pub struct AgentProcess {
+    pub region: String,
+    pub cells: Vec<AgentCell>,
+    pub dir: TempDir,
+    control_plane: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Starts the agent of `region` with `cells` as `(cell_id, zone, tier)`, each started with
+    /// `cell_args` too; returns at once: the agent registers its cells in the background.
+    pub fn start(
+        region: &str,
+        control_plane: &[String],
+        cells: &[(&str, &str, &str)],
+        cell_args: &[&str],
+    ) -> Self {
+        let mut dir = tempfile::Builder::new()
+            .prefix("cellplane-agent-")
+            .tempdir()
+            .expect("temp dir");
+        if std::env::var_os("CELLPLANE_KEEP_CLUSTER").is_some() {
+            dir.disable_cleanup(true);
+        }
+        let cells: Vec<AgentCell> = cells
+            .iter()
+            .map(|(cell_id, zone, tier)| AgentCell {
+                cell_id: cell_id.to_string(),
+                zone: zone.to_string(),
+                tier: tier.to_string(),
+                addr: format!("127.0.0.1:{}", free_port()),
+            })
+            .collect();
+        let mut config = format!(
+            "data_dir = {:?}\nheartbeat_interval_ms = 500\n[restart]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+            dir.path().join("data")
+        );
+        for cell in &cells {
+            config.push_str(&format!(
+                "[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = 1000\nargs = {:?}\n",
+                cell.cell_id, cell.zone, cell.tier, cell.addr, cell_args
+            ));
+        }
+        std::fs::write(dir.path().join("agent.toml"), config).expect("write agent config");
+        let mut agent = AgentProcess {
+            region: region.to_string(),
+            cells,
+            dir,
+            control_plane: control_plane.to_vec(),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("log file");
+        let child = Command::new(binary("cell-agent"))
+            .arg("serve")
+            .arg("--region")
+            .arg(&self.region)
+            .arg("--control-plane")
+            .arg(self.control_plane.join(","))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cell-agent");
+        self.child = Some(child);
+    }
+
+    pub fn cell(&self, cell_id: &str) -> &AgentCell {
+        self.cells
+            .iter()
+            .find(|c| c.cell_id == cell_id)
+            .expect("a cell of this agent")
+    }
+
+    /// SIGKILLs the agent; its cells notice and stop shortly after.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill agent");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the agent is still running");
+        self.spawn();
+    }
+
+    /// SIGKILLs one of the agent's cells, as a crash; the agent restarts it.
+    pub fn kill_cell(&self, cell_id: &str) {
+        let needle = format!("--cell-id\0{cell_id}\0");
+        let data = self.dir.path().join("data");
+        let data = data.to_string_lossy();
+        let mut killed = 0;
+        for entry in std::fs::read_dir("/proc").expect("/proc") {
+            let Ok(entry) = entry else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains(&needle) && cmdline.contains(data.as_ref()) {
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+                killed += 1;
+            }
+        }
+        assert_eq!(killed, 1, "expected one process of cell {cell_id}");
+    }
+
+    /// Waits until every cell of this agent answers.
+    pub async fn wait_for_cells(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        for cell in &self.cells {
+            loop {
+                let answered = cell
+                    .admin()
+                    .cell_status(cellplane_api::proto::cell::CellStatusRequest {})
+                    .await
+                    .is_ok();
+                if answered {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "cell {} did not come up within {limit:?}",
+                    cell.cell_id
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
