@@ -22,6 +22,9 @@ const CELL_ARGS: &[&str] = &[
     "1000000",
 ];
 
+/// A cell an agent runs: `(cell_id, zone, tier)`.
+pub type CellSpec<'a> = (&'a str, &'a str, &'a str);
+
 /// A control plane of three nodes and one agent per region.
 pub struct System {
     pub cluster: Cluster,
@@ -30,7 +33,7 @@ pub struct System {
 
 impl System {
     /// Starts the cluster and the agents, and waits until every cell is ACTIVE.
-    pub async fn start(regions: &[(&str, &[(&str, &str, &str)])]) -> System {
+    pub async fn start(regions: &[(&str, &[CellSpec<'_>])]) -> System {
         let cluster = Cluster::start(3, &[]).await;
         let endpoints = cluster.endpoints();
         let agents: Vec<AgentProcess> = regions
