@@ -273,3 +273,182 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
         refused.expect("move off the draining cell");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_migrations_each_get_their_own_code_and_change_nothing() {
+    use cellplane_api::proto::control::{
+        CancelMigrationRequest, GetMigrationRequest, MigrateConversationRequest,
+        MigrateTenantRequest, ReportMigrationRequest, SetTenantTierRequest,
+    };
+    let cluster = Cluster::start(3, &[]).await;
+    cluster
+        .add_cells(&[
+            ("cell-a", "a", Tier::Normal),
+            ("cell-b", "b", Tier::Normal),
+            ("cell-h", "c", Tier::High),
+            ("cell-d", "d", Tier::Normal),
+        ])
+        .await;
+    let leader = cluster.wait_for_leader().await;
+    let mut control = cluster.control(leader);
+    control
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "cell-d".into(),
+            state: cellplane_api::proto::control::CellState::Draining as i32,
+        })
+        .await
+        .expect("drain cell-d");
+    cluster
+        .create_tenant(leader, "acme")
+        .await
+        .expect("create acme");
+    let home = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner()
+        .primary_cell;
+    let other = if home == "cell-a" { "cell-b" } else { "cell-a" };
+    let before = cluster.status(leader).await.expect("status").revision;
+    let follower = cluster
+        .running_ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+
+    for via in [leader, follower] {
+        let mut control = cluster.control(via);
+        let tenant = |tenant_id: &str, target: &str| MigrateTenantRequest {
+            tenant_id: tenant_id.into(),
+            target_cell: target.into(),
+        };
+        assert_status(
+            control.migrate_tenant(tenant("nobody", other)).await,
+            Code::NotFound,
+            "tenant_id: tenant \"nobody\" does not exist",
+        );
+        assert_status(
+            control.migrate_tenant(tenant("acme", "cell-zz")).await,
+            Code::NotFound,
+            "target_cell: cell \"cell-zz\" does not exist",
+        );
+        assert_status(
+            control.migrate_tenant(tenant("acme", &home)).await,
+            Code::InvalidArgument,
+            "target_cell: must differ from the source",
+        );
+        assert_status(
+            control.migrate_tenant(tenant("acme", "cell-d")).await,
+            Code::FailedPrecondition,
+            "is DRAINING",
+        );
+        assert_status(
+            control.migrate_tenant(tenant("acme", "cell-h")).await,
+            Code::FailedPrecondition,
+            "is tier HIGH, tenant \"acme\" needs tier NORMAL",
+        );
+        assert_status(
+            control.migrate_tenant(tenant("a b", other)).await,
+            Code::InvalidArgument,
+            "tenant_id:",
+        );
+        assert_status(
+            control
+                .migrate_conversation(MigrateConversationRequest {
+                    tenant_id: "acme".into(),
+                    conversation_id: String::new(),
+                    target_cell: other.into(),
+                })
+                .await,
+            Code::InvalidArgument,
+            "conversation_id: must not be empty",
+        );
+        assert_status(
+            control
+                .set_tenant_tier(SetTenantTierRequest {
+                    tenant_id: "acme".into(),
+                    tier: Tier::Normal as i32,
+                })
+                .await,
+            Code::FailedPrecondition,
+            "tier: tenant \"acme\" is already NORMAL",
+        );
+        assert_status(
+            control
+                .set_tenant_tier(SetTenantTierRequest {
+                    tenant_id: "acme".into(),
+                    tier: 0,
+                })
+                .await,
+            Code::InvalidArgument,
+            "tier: must be HIGH, NORMAL or LOW",
+        );
+        assert_status(
+            control
+                .get_migration(GetMigrationRequest {
+                    migration_id: "42".into(),
+                })
+                .await,
+            Code::InvalidArgument,
+            "migration_id: must be mig-<number>",
+        );
+        assert_status(
+            control
+                .cancel_migration(CancelMigrationRequest {
+                    migration_id: "mig-999999".into(),
+                })
+                .await,
+            Code::NotFound,
+            "migration_id: migration mig-999999 does not exist",
+        );
+        assert_status(
+            control
+                .report_migration(ReportMigrationRequest {
+                    migration_id: "mig-1".into(),
+                    phase: 77,
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+            "phase: must be a migration phase",
+        );
+    }
+    let after = cluster.status(leader).await.expect("status").revision;
+    assert_eq!(before, after, "no refused migration changed the state");
+
+    // One migration per tenant: a second one, of the tenant or one of its conversations, is
+    // refused while the first runs.
+    let first = control
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: "acme".into(),
+            target_cell: other.into(),
+        })
+        .await
+        .expect("first migration")
+        .into_inner();
+    assert_status(
+        control
+            .migrate_conversation(MigrateConversationRequest {
+                tenant_id: "acme".into(),
+                conversation_id: "hot".into(),
+                target_cell: other.into(),
+            })
+            .await,
+        Code::AlreadyExists,
+        &format!("is already migrating ({}", first.migration_id),
+    );
+    assert_status(
+        control
+            .move_route(MoveRouteRequest {
+                tenant_id: "acme".into(),
+                conversation_id: String::new(),
+                expected_epoch: 1,
+                target_cell: other.into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "is migrating",
+    );
+}

@@ -11,6 +11,7 @@ pub fn command_error(err: CommandError) -> tonic::Status {
         CommandError::NotFound { what, id } => {
             tonic::Status::not_found(format!("{}: {what} {id:?} does not exist", what.field()))
         }
+        err @ CommandError::Dangling { .. } => tonic::Status::not_found(err.to_string()),
         CommandError::AlreadyExists { what, id } => {
             tonic::Status::already_exists(format!("{}: {what} {id:?} already exists", what.field()))
         }

@@ -160,6 +160,13 @@ impl std::fmt::Display for Entity {
 pub enum CommandError {
     #[error("{what} {id:?} not found")]
     NotFound { what: Entity, id: String },
+    /// A request field names a record that does not exist (`target_cell`, say).
+    #[error("{field}: {what} {id:?} does not exist")]
+    Dangling {
+        field: String,
+        what: Entity,
+        id: String,
+    },
     #[error("{what} {id:?} already exists")]
     AlreadyExists { what: Entity, id: String },
     #[error("{0}")]

@@ -83,7 +83,8 @@ impl ControlState {
             })?,
         };
         let Some((target, cell)) = self.cells.get_key_value(&target) else {
-            return Err(CommandError::NotFound {
+            return Err(CommandError::Dangling {
+                field: "target_cell".into(),
                 what: Entity::Cell,
                 id: target.to_string(),
             });

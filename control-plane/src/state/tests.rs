@@ -352,7 +352,7 @@ mod migrations {
         ));
         assert!(matches!(
             start(&mut state, tenant(), Some("cell-zz"), None),
-            Err(CommandError::NotFound { .. })
+            Err(CommandError::Dangling { .. })
         ));
         assert!(matches!(
             start(&mut state, tenant(), Some("cell-a"), None),
