@@ -17,8 +17,12 @@ use crate::store::export::{Excluded, ExportView, space_named};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
-/// Rows or log records per export chunk: a few hundred kilobytes a message.
+/// Rows or log records per export chunk at most.
 const EXPORT_CHUNK_ITEMS: usize = 512;
+
+/// Bytes per export chunk at most (one row may exceed it alone): well below gRPC's default
+/// 4 MiB message limit, whatever the bodies' sizes.
+const EXPORT_CHUNK_BYTES: usize = 1 << 20;
 
 pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
@@ -148,7 +152,9 @@ impl CellAdmin for AdminService {
                 ..Default::default()
             };
             let mut chunk = empty();
-            let flush = |chunk: &mut pb::ExportChunk| {
+            let mut bytes = 0usize;
+            let flush = |chunk: &mut pb::ExportChunk, bytes: &mut usize| {
+                *bytes = 0;
                 let full = std::mem::replace(chunk, empty());
                 out.blocking_send(Ok(full)).is_ok()
             };
@@ -158,12 +164,15 @@ impl CellAdmin for AdminService {
                     &r.conversation_id,
                     &excluded,
                     |space, key, value| {
+                        bytes += key.len() + value.len();
                         chunk.rows.push(pb::ExportRow {
                             space: space.to_string(),
                             key,
                             value,
                         });
-                        chunk.rows.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                        let full =
+                            chunk.rows.len() >= EXPORT_CHUNK_ITEMS || bytes >= EXPORT_CHUNK_BYTES;
+                        !full || flush(&mut chunk, &mut bytes)
                     },
                 )
             } else {
@@ -173,15 +182,18 @@ impl CellAdmin for AdminService {
                     &excluded,
                     r.from_lsn,
                     |record| {
+                        bytes += record.len();
                         chunk.log_records.push(record);
-                        chunk.log_records.len() < EXPORT_CHUNK_ITEMS || flush(&mut chunk)
+                        let full = chunk.log_records.len() >= EXPORT_CHUNK_ITEMS
+                            || bytes >= EXPORT_CHUNK_BYTES;
+                        !full || flush(&mut chunk, &mut bytes)
                     },
                 )
             };
             match result {
                 Ok(()) => {
                     chunk.through_lsn = view.through_lsn;
-                    flush(&mut chunk);
+                    flush(&mut chunk, &mut bytes);
                 }
                 Err(err) => {
                     let _ = out.blocking_send(Err(err.into()));

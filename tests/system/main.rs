@@ -2,7 +2,9 @@
 //! and writers that follow routes through migrations.
 
 mod cancel;
+mod crash;
 mod migration;
+mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -130,8 +130,16 @@ impl Messenger {
                         .max(route.epoch);
                     self.options.retry_pause
                 }
-                // The cell restarting or unreachable: the same owner, a moment later.
-                None if status.code() == Code::Unavailable => self.options.retry_pause * 10,
+                // The cell restarting, unreachable, or its connection cut mid-call: the same
+                // owner, a moment later. Writes carry ids that make a resent one answer as the
+                // first did, so resending after a cut is safe.
+                None if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ) =>
+                {
+                    self.options.retry_pause * 10
+                }
                 None => return Err(status),
             };
             tokio::time::sleep(pause.min(deadline - Instant::now())).await;
