@@ -40,7 +40,8 @@ enum LogFormat {
 enum Command {
     /// Run one control-plane node.
     Serve(ServeArgs),
-    /// Run a 3-node control plane on loopback until Ctrl-C.
+    /// Run the whole system on this machine until Ctrl-C: a 3-node control plane and an agent
+    /// per region running IM cells of every tier.
     Dev(DevArgs),
 }
 
@@ -76,12 +77,18 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DevArgs {
-    /// Where the three nodes keep their data; a second run restarts the same cluster.
+    /// Where the nodes, agents and cells keep their data; a second run restarts the same
+    /// system.
     #[arg(long, default_value = ".cellplane-dev")]
     data_dir: PathBuf,
-    /// Write {"control_plane": [...], "cells": [...]} here once the cluster has a leader.
+    /// Write {"control_plane": [...], "cells": [{cell_id, region, zone, tier, endpoint}...]}
+    /// here once every cell is ACTIVE.
     #[arg(long)]
     endpoints_file: Option<PathBuf>,
+    /// Also create tenants, send traffic, migrate a tenant and a conversation mid-stream, and
+    /// print what happened with the measured write pause.
+    #[arg(long)]
+    demo: bool,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -189,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 dev::DevOptions {
                     data_dir: args.data_dir,
                     endpoints_file: args.endpoints_file,
+                    demo: args.demo,
                 },
                 shutdown_signal(),
             ))

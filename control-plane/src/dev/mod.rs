@@ -1,16 +1,21 @@
-//! `cellplane dev`: a whole control plane on one machine — three Raft nodes on loopback, each
-//! with its own data directory — serving until stopped.
+//! `cellplane dev`: the whole system on one machine, serving until stopped — three Raft nodes
+//! on loopback, each with its own data directory, and one cell agent per region running IM
+//! cells of every tier ([`regions`]). With `--demo` it also drives traffic through a migration
+//! of a tenant and of one conversation and reports the write pause ([`demo`]).
 //!
-//! The node addresses are remembered in the data directory, so a second run restarts the same
-//! cluster from disk instead of creating a new one.
+//! Addresses are remembered in the data directory, so a second run restarts the same system
+//! from disk instead of creating a new one.
+
+pub mod demo;
+pub mod regions;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cellplane_api::proto::control::ClusterStatusRequest;
 use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{CellState, ClusterStatusRequest, ListCellsRequest};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,6 +47,16 @@ pub enum DevError {
     NoLeader(Duration),
     #[error("node {id}: {source}")]
     Node { id: u64, source: NodeError },
+    #[error("{0} is missing: build every binary first (cargo build --release --workspace --bins)")]
+    MissingBinary(PathBuf),
+    #[error("the cell agent of region {0} exited; see its log in the data directory")]
+    AgentExited(String),
+    #[error(
+        "cells did not all become ACTIVE within {0:?}; see the agent logs in the data directory"
+    )]
+    CellsNotActive(Duration),
+    #[error("demo: {0}")]
+    Demo(String),
     #[error("writing the endpoints file {path}: {source}")]
     EndpointsFile {
         path: PathBuf,
@@ -50,10 +65,10 @@ pub enum DevError {
 }
 
 /// What scripts and tools read to find the running system.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Endpoints {
     pub control_plane: Vec<String>,
-    pub cells: Vec<serde_json::Value>,
+    pub cells: Vec<regions::DevCell>,
 }
 
 /// The addresses of a dev cluster, kept in its data directory.
@@ -67,6 +82,45 @@ struct ClusterFile {
 pub struct DevOptions {
     pub data_dir: PathBuf,
     pub endpoints_file: Option<PathBuf>,
+    /// Drive traffic through migrations once everything is up, and report what happened.
+    pub demo: bool,
+}
+
+/// How long the cells may take to register and become ACTIVE.
+const CELLS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until every cell of the layout is ACTIVE, watching that no agent died meanwhile.
+async fn wait_for_cells(
+    endpoints: &[String],
+    agents: &mut regions::Agents,
+) -> Result<(), DevError> {
+    let deadline = tokio::time::Instant::now() + CELLS_TIMEOUT;
+    let wanted = agents.cells.len();
+    while tokio::time::Instant::now() < deadline {
+        if let Some(region) = agents.exited() {
+            return Err(DevError::AgentExited(region));
+        }
+        for endpoint in endpoints {
+            let Ok(mut client) = ControlClient::connect(format!("http://{endpoint}")).await else {
+                continue;
+            };
+            let Ok(cells) = client.list_cells(ListCellsRequest::default()).await else {
+                continue;
+            };
+            let active = cells
+                .into_inner()
+                .cells
+                .iter()
+                .filter(|c| c.state == CellState::Active as i32)
+                .count();
+            if active >= wanted {
+                return Ok(());
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(DevError::CellsNotActive(CELLS_TIMEOUT))
 }
 
 async fn bind_nodes(data_dir: &Path) -> Result<Vec<(u64, TcpListener)>, DevError> {
@@ -144,6 +198,7 @@ pub async fn run(
     options: DevOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DevError> {
+    let mut shutdown = Box::pin(shutdown);
     std::fs::create_dir_all(&options.data_dir).map_err(|source| DevError::DataDir {
         path: options.data_dir.clone(),
         source,
@@ -190,16 +245,41 @@ pub async fn run(
         Some(Ok(Err(err))) = nodes.join_next() => return Err(err),
     };
     println!("cellplane dev: control plane of {DEV_NODES} nodes is up (leader: node {leader})");
+    let mut agents = match regions::Agents::start(&options.data_dir, &endpoints) {
+        Ok(agents) => agents,
+        Err(err) => {
+            let _ = stop_tx.send(true);
+            return Err(err);
+        }
+    };
+    if let Err(err) = wait_for_cells(&endpoints, &mut agents).await {
+        agents.stop().await;
+        let _ = stop_tx.send(true);
+        return Err(err);
+    }
     println!("  data:          {}", options.data_dir.display());
     for (id, addr) in &peers {
         println!("  node {id}:        {addr}  (Routing, Control, health, reflection)");
     }
+    for region in regions::LAYOUT.iter().map(|(region, _)| *region) {
+        println!("  region {region}:");
+        for cell in agents.cells.iter().filter(|c| c.region == region) {
+            println!(
+                "    {:<15} {:<7} zone {:<5} {}",
+                cell.cell_id, cell.tier, cell.zone, cell.endpoint
+            );
+        }
+    }
     println!("  transport:     plaintext on loopback (dev mode; configure TLS for production)");
+    println!(
+        "  ops:           cellctl --endpoints {} status",
+        endpoints.join(",")
+    );
     println!("  stop with Ctrl-C");
     if let Some(path) = &options.endpoints_file {
         let endpoints = Endpoints {
             control_plane: endpoints.clone(),
-            cells: Vec::new(),
+            cells: agents.cells.clone(),
         };
         let text =
             serde_json::to_string_pretty(&endpoints).map_err(|e| DevError::EndpointsFile {
@@ -215,16 +295,36 @@ pub async fn run(
                 source,
             })?;
     }
-
-    tokio::select! {
-        () = shutdown => {}
-        Some(Ok(Err(err))) = nodes.join_next() => {
+    if options.demo {
+        let report = tokio::select! {
+            report = demo::run(&endpoints) => report,
+            () = &mut shutdown => Ok(()),
+        };
+        if let Err(err) = report {
+            agents.stop().await;
             let _ = stop_tx.send(true);
-            return Err(err);
+            return Err(DevError::Demo(err));
         }
     }
+
+    let mut watch_agents = tokio::time::interval(Duration::from_secs(1));
+    let failed = loop {
+        tokio::select! {
+            () = &mut shutdown => break None,
+            Some(Ok(Err(err))) = nodes.join_next() => break Some(err),
+            _ = watch_agents.tick() => {
+                if let Some(region) = agents.exited() {
+                    break Some(DevError::AgentExited(region));
+                }
+            }
+        }
+    };
     println!("cellplane dev: stopping");
+    agents.stop().await;
     let _ = stop_tx.send(true);
+    if let Some(err) = failed {
+        return Err(err);
+    }
     while let Some(joined) = nodes.join_next().await {
         if let Ok(Err(err)) = joined {
             return Err(err);

@@ -1,0 +1,285 @@
+//! `cellplane dev --demo`: what the system does, shown on the running system. It creates a
+//! tenant of each tier, keeps writers sending to a NORMAL tenant's groups, moves that tenant
+//! to its region's other NORMAL cell and then one of its groups back, and prints each phase as
+//! it happens, the write pause the coordinator measured and the longest wait any writer saw.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest, SendMessageRequest};
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{
+    CreateTenantRequest, MigrateConversationRequest, MigrateTenantRequest, Migration,
+    MigrationPhase, Tier, WatchMigrationRequest,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TENANTS: [(&str, Tier, &str); 3] = [
+    ("demo-high", Tier::High, "cn-hangzhou"),
+    ("demo-normal", Tier::Normal, "cn-hangzhou"),
+    ("demo-low", Tier::Low, "cn-beijing"),
+];
+const MOVING: &str = "demo-normal";
+const GROUPS: usize = 8;
+const WRITERS: usize = 8;
+const MEMBERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+/// Writers that keep sending until stopped, keeping count and the longest wait.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    /// Microseconds.
+    slowest: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(messenger: Arc<Messenger>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let slowest = Arc::new(AtomicU64::new(0));
+        let run = std::process::id();
+        let tasks = (0..WRITERS)
+            .map(|w| {
+                let (messenger, stop, sent, failed, slowest) = (
+                    messenger.clone(),
+                    stop.clone(),
+                    sent.clone(),
+                    failed.clone(),
+                    slowest.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let result = messenger
+                            .send_message(SendMessageRequest {
+                                tenant_id: MOVING.into(),
+                                conversation_id: format!("group-{}", (w + n as usize) % GROUPS),
+                                sender_id: MEMBERS[w % MEMBERS.len()].into(),
+                                client_msg_id: format!("demo-{run}-{w}-{n}"),
+                                body: format!("hello #{n} from writer {w}").into_bytes(),
+                                receiver_ids: Vec::new(),
+                                route_epoch: 0,
+                                client_type: "demo".into(),
+                                app_id: "cellplane-dev".into(),
+                            })
+                            .await;
+                        let waited = started.elapsed().as_micros() as u64;
+                        slowest.fetch_max(waited, Ordering::Relaxed);
+                        match result {
+                            Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                        n += 1;
+                        // A steady, moderate load: about 100 sends a second per writer.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            failed,
+            slowest,
+            tasks,
+        }
+    }
+
+    /// Resets the longest wait, to measure one migration.
+    fn reset_slowest(&self) {
+        self.slowest.store(0, Ordering::Relaxed);
+    }
+
+    fn slowest_ms(&self) -> f64 {
+        self.slowest.load(Ordering::Relaxed) as f64 / 1e3
+    }
+
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn phase_name(m: &Migration) -> &'static str {
+    MigrationPhase::try_from(m.phase)
+        .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
+        .unwrap_or("?")
+}
+
+/// Prints each phase of a migration as it happens; answers its last state.
+async fn follow(
+    control: &mut ControlClient<Channel>,
+    migration: Migration,
+) -> Result<Migration, String> {
+    let started = Instant::now();
+    let mut stream = control
+        .watch_migration(WatchMigrationRequest {
+            migration_id: migration.migration_id.clone(),
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let mut last = migration;
+    let mut shown = String::new();
+    while let Some(m) = stream.message().await.map_err(|s| s.to_string())? {
+        let phase = phase_name(&m);
+        if phase != shown {
+            println!(
+                "    {:>7.1} ms  {:<12} copied LSN {:>8}, source LSN {:>8}",
+                started.elapsed().as_secs_f64() * 1e3,
+                phase,
+                m.copied_lsn,
+                m.source_lsn
+            );
+            shown = phase.to_string();
+        }
+        last = m;
+    }
+    Ok(last)
+}
+
+fn report(m: &Migration, traffic: &Traffic) -> Result<(), String> {
+    if phase_name(m) != "DONE" {
+        return Err(format!(
+            "migration {} ended {}: {}",
+            m.migration_id,
+            phase_name(m),
+            m.error
+        ));
+    }
+    println!(
+        "    write pause (FREEZING → SWITCHING): {} ms by the coordinator's clock; the slowest send waited {:.1} ms",
+        m.switched_ms.saturating_sub(m.frozen_ms),
+        traffic.slowest_ms()
+    );
+    Ok(())
+}
+
+/// Runs the demo against the dev system at `control_plane`.
+pub async fn run(control_plane: &[String]) -> Result<(), String> {
+    let endpoint = control_plane.first().ok_or("no control-plane endpoint")?;
+    let mut control = ControlClient::connect(format!("http://{endpoint}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("demo: tenants");
+    for (tenant_id, tier, region) in TENANTS {
+        let placed = control
+            .create_tenant(CreateTenantRequest {
+                tenant_id: tenant_id.into(),
+                tier: tier as i32,
+                home_region: region.into(),
+            })
+            .await;
+        match placed {
+            Ok(t) => println!(
+                "    {tenant_id:<12} {:<7} placed on {}",
+                tier.as_str_name(),
+                t.into_inner().primary_cell
+            ),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                println!("    {tenant_id:<12} exists already (a second demo run)")
+            }
+            Err(s) => return Err(format!("create {tenant_id}: {s}")),
+        }
+    }
+    let routes = Arc::new(
+        RouteCache::start(control_plane.to_vec(), RouteCacheOptions::default())
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let messenger = Arc::new(Messenger::new(routes.clone(), MessengerOptions::default()));
+    for g in 0..GROUPS {
+        let created = messenger
+            .create_conversation(CreateConversationRequest {
+                tenant_id: MOVING.into(),
+                conversation_id: format!("group-{g}"),
+                kind: ConversationKind::Group as i32,
+                member_ids: MEMBERS.iter().map(|m| m.to_string()).collect(),
+                route_epoch: 0,
+            })
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(format!("create group-{g}: {s}")),
+        }
+    }
+    let source = routes
+        .lookup(MOVING, "")
+        .ok_or("the moving tenant has no route")?
+        .cell_id;
+    println!("demo: {WRITERS} writers send to {GROUPS} groups of {MOVING} (on {source})");
+    let traffic = Traffic::start(messenger.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    println!("demo: moving tenant {MOVING} to another NORMAL cell of its region, history first");
+    traffic.reset_slowest();
+    let migration = control
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: MOVING.into(),
+            target_cell: String::new(),
+        })
+        .await
+        .map_err(|s| format!("migrate {MOVING}: {s}"))?
+        .into_inner();
+    println!(
+        "    {} : {} → {} (epoch {} → {})",
+        migration.migration_id,
+        migration.source_cell,
+        migration.target_cell,
+        migration.source_epoch,
+        migration.source_epoch + 1
+    );
+    let done = follow(&mut control, migration).await?;
+    report(&done, &traffic)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    println!("demo: moving group-0 alone back to {source} (a hot group gets its own route)");
+    traffic.reset_slowest();
+    let migration = control
+        .migrate_conversation(MigrateConversationRequest {
+            tenant_id: MOVING.into(),
+            conversation_id: "group-0".into(),
+            target_cell: source.clone(),
+        })
+        .await
+        .map_err(|s| format!("migrate group-0: {s}"))?
+        .into_inner();
+    println!(
+        "    {} : {} → {}",
+        migration.migration_id, migration.source_cell, migration.target_cell
+    );
+    let done = follow(&mut control, migration).await?;
+    report(&done, &traffic)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (sent, failed) = traffic.stop().await;
+    println!(
+        "demo: {sent} messages acknowledged, {failed} failed; {MOVING} is on {}, group-0 on {}",
+        routes
+            .lookup(MOVING, "group-1")
+            .map(|r| r.cell_id)
+            .unwrap_or_default(),
+        routes
+            .lookup(MOVING, "group-0")
+            .map(|r| r.cell_id)
+            .unwrap_or_default()
+    );
+    if failed > 0 {
+        return Err(format!("{failed} sends failed during the migrations"));
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The regions of `cellplane dev`: which cells run where, and the agent processes that run
+//! them.
+//!
+//! Each region gets one `cell-agent` process, started from the binary beside `cellplane`,
+//! with a config file in the dev data directory. Cell ports are chosen on the first run and
+//! kept in those files, so a restarted `cellplane dev` finds its cells' data and addresses
+//! again.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+use tokio::process::{Child, Command};
+
+use super::DevError;
+
+/// One cell of the dev system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevCell {
+    pub cell_id: String,
+    pub region: String,
+    pub zone: String,
+    pub tier: String,
+    pub endpoint: String,
+}
+
+/// Two regions; every tier in each, in different zones, and two cells of HIGH and NORMAL in
+/// the first so tenants can move within their tier.
+pub const LAYOUT: &[(&str, &[(&str, &str, &str)])] = &[
+    (
+        "cn-hangzhou",
+        &[
+            ("hz-a-high-1", "hz-a", "HIGH"),
+            ("hz-b-high-2", "hz-b", "HIGH"),
+            ("hz-a-normal-1", "hz-a", "NORMAL"),
+            ("hz-b-normal-2", "hz-b", "NORMAL"),
+            ("hz-c-low-1", "hz-c", "LOW"),
+        ],
+    ),
+    (
+        "cn-beijing",
+        &[
+            ("bj-a-high-1", "bj-a", "HIGH"),
+            ("bj-b-normal-1", "bj-b", "NORMAL"),
+            ("bj-c-low-1", "bj-c", "LOW"),
+        ],
+    ),
+];
+
+/// Tenants each dev cell is sized for.
+const DEV_CELL_CAPACITY: u64 = 10_000;
+
+/// How long an agent may take to stop its cells before it is killed.
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+fn io_error(path: &Path, source: std::io::Error) -> DevError {
+    DevError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_address(dir: &Path) -> Result<String, DevError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| io_error(dir, e))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| io_error(dir, e))?
+        .to_string())
+}
+
+/// The cells of `region` with their addresses: read from its agent config when one exists,
+/// else chosen now and written there.
+fn region_cells(
+    agents_dir: &Path,
+    region: &str,
+    cells: &[(&str, &str, &str)],
+) -> Result<Vec<DevCell>, DevError> {
+    let config_path = agents_dir.join(format!("{region}.toml"));
+    let known: Vec<(String, String)> = match std::fs::read_to_string(&config_path) {
+        Ok(text) => {
+            let parsed: toml::Table = toml::from_str(&text).map_err(|e| DevError::ClusterFile {
+                path: config_path.clone(),
+                message: e.to_string(),
+            })?;
+            parsed
+                .get("cells")
+                .and_then(|c| c.as_array())
+                .map(|cells| {
+                    cells
+                        .iter()
+                        .filter_map(|c| {
+                            Some((
+                                c.get("cell_id")?.as_str()?.to_string(),
+                                c.get("listen")?.as_str()?.to_string(),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_error(&config_path, e)),
+    };
+    let mut out = Vec::new();
+    for (cell_id, zone, tier) in cells {
+        let endpoint = match known.iter().find(|(id, _)| id == cell_id) {
+            Some((_, listen)) => listen.clone(),
+            None => free_address(agents_dir)?,
+        };
+        out.push(DevCell {
+            cell_id: cell_id.to_string(),
+            region: region.to_string(),
+            zone: zone.to_string(),
+            tier: tier.to_string(),
+            endpoint,
+        });
+    }
+    let mut config = format!(
+        "# Written by `cellplane dev`.\ndata_dir = {:?}\nheartbeat_interval_ms = 1000\n",
+        agents_dir.join(region)
+    );
+    for cell in &out {
+        config.push_str(&format!(
+            "\n[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = {DEV_CELL_CAPACITY}\n",
+            cell.cell_id, cell.zone, cell.tier, cell.endpoint
+        ));
+    }
+    std::fs::write(&config_path, config).map_err(|e| io_error(&config_path, e))?;
+    Ok(out)
+}
+
+/// The running agents of the dev system.
+pub struct Agents {
+    children: Vec<(String, Child)>,
+    pub cells: Vec<DevCell>,
+}
+
+/// The `cell-agent` binary beside this executable.
+fn agent_binary() -> Result<PathBuf, DevError> {
+    let exe = std::env::current_exe().map_err(|e| io_error(Path::new("."), e))?;
+    let path = exe.with_file_name("cell-agent");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(DevError::MissingBinary(path))
+    }
+}
+
+impl Agents {
+    /// Starts one agent per region of [`LAYOUT`].
+    pub fn start(data_dir: &Path, control_plane: &[String]) -> Result<Self, DevError> {
+        let binary = agent_binary()?;
+        let agents_dir = data_dir.join("agents");
+        std::fs::create_dir_all(&agents_dir).map_err(|e| io_error(&agents_dir, e))?;
+        let mut children = Vec::new();
+        let mut all = Vec::new();
+        for (region, cells) in LAYOUT {
+            all.extend(region_cells(&agents_dir, region, cells)?);
+            let log_path = agents_dir.join(format!("{region}.log"));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| io_error(&log_path, e))?;
+            let child = Command::new(&binary)
+                .arg("serve")
+                .arg("--region")
+                .arg(region)
+                .arg("--control-plane")
+                .arg(control_plane.join(","))
+                .arg("--config")
+                .arg(agents_dir.join(format!("{region}.toml")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| io_error(&binary, e))?;
+            children.push((region.to_string(), child));
+        }
+        Ok(Self {
+            children,
+            cells: all,
+        })
+    }
+
+    /// The first agent that exited, if any: the dev system cannot run without it.
+    pub fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|(region, child)| {
+            matches!(child.try_wait(), Ok(Some(_))).then(|| region.clone())
+        })
+    }
+
+    /// Asks every agent to stop its cells and waits for them.
+    pub async fn stop(mut self) {
+        for (_, child) in &self.children {
+            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        for (region, child) in &mut self.children {
+            if tokio::time::timeout(AGENT_STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%region, "agent did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
