@@ -46,7 +46,7 @@ pub enum DevError {
     #[error("no leader was elected within {0:?}")]
     NoLeader(Duration),
     #[error("node {id}: {source}")]
-    Node { id: u64, source: NodeError },
+    Node { id: u64, source: Box<NodeError> },
     #[error("{0} is missing: build every binary first (cargo build --release --workspace --bins)")]
     MissingBinary(PathBuf),
     #[error("the cell agent of region {0} exited; see its log in the data directory")]
@@ -236,7 +236,10 @@ pub async fn run(
             };
             node::serve(config, listener, stopped)
                 .await
-                .map_err(|source| DevError::Node { id, source })
+                .map_err(|source| DevError::Node {
+                    id,
+                    source: Box::new(source),
+                })
         });
     }
 

@@ -27,9 +27,12 @@ pub struct DevCell {
     pub endpoint: String,
 }
 
+/// A cell of the layout: `(cell_id, zone, tier)`.
+pub type CellLayout = (&'static str, &'static str, &'static str);
+
 /// Two regions; every tier in each, in different zones, and two cells of HIGH and NORMAL in
 /// the first so tenants can move within their tier.
-pub const LAYOUT: &[(&str, &[(&str, &str, &str)])] = &[
+pub const LAYOUT: &[(&str, &[CellLayout])] = &[
     (
         "cn-hangzhou",
         &[
