@@ -8,8 +8,8 @@ use tokio::sync::watch;
 
 use crate::cells::{self, LocalCells};
 use crate::config::AgentConfig;
-use crate::control::ControlPlane;
 use crate::supervisor::Supervisor;
+use cellplane_api::client::ControlPlane;
 
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]

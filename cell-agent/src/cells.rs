@@ -14,7 +14,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::config::CellSpec;
-use crate::control::ControlPlane;
+use cellplane_api::client::ControlPlane;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -100,7 +100,7 @@ pub async fn join(
             .await
         {
             Ok(registered) => break registered,
-            Err(status) if crate::control::retryable(&status) && !*shutdown.borrow() => {
+            Err(status) if cellplane_api::client::retryable(&status) && !*shutdown.borrow() => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(status) => return Err(status),

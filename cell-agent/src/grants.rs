@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 
 use crate::cells::LocalCells;
-use crate::control::ControlPlane;
+use cellplane_api::client::ControlPlane;
 
 const PAGE_SIZE: u32 = 5_000;
 const RETRY: Duration = Duration::from_millis(200);

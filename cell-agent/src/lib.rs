@@ -9,7 +9,6 @@
 pub mod agent;
 pub mod cells;
 pub mod config;
-pub mod control;
 pub mod grants;
 pub mod migrate;
 pub mod supervisor;

@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::cells::{LocalCells, remote_admin};
-use crate::control::ControlPlane;
+use cellplane_api::client::ControlPlane;
 
 /// Pause between catch-up passes, so a migration of an idle key does not spin.
 const CATCH_UP_PAUSE: Duration = Duration::from_millis(20);

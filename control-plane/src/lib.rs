@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod dev;
 pub mod migration;
 pub mod node;

@@ -2,6 +2,7 @@
 //! and writers that follow routes through migrations.
 
 mod cancel;
+mod cellctl;
 mod crash;
 mod migration;
 mod traffic;

@@ -4,9 +4,11 @@
 //! on the send path is a hash-map read instead of a network round trip. [`Messenger`] writes
 //! to the cell that owns a conversation and follows it through migrations.
 
+mod control_plane;
 mod messenger;
 mod route_cache;
 
+pub use control_plane::{ControlPlane, retryable};
 pub use messenger::{Messenger, MessengerOptions};
 pub use route_cache::{CachedRoute, RouteCache, RouteCacheOptions};
 

@@ -86,6 +86,24 @@ pub struct DevOptions {
     pub demo: bool,
 }
 
+/// The endpoints file `cellplane dev` keeps in its data directory.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+/// Writes the endpoints file atomically, so a script polling for it never reads half of it.
+fn write_endpoints(path: &Path, endpoints: &Endpoints) -> Result<(), DevError> {
+    let text = serde_json::to_string_pretty(endpoints).map_err(|e| DevError::EndpointsFile {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| DevError::EndpointsFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// How long the cells may take to register and become ACTIVE.
 const CELLS_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -279,24 +297,14 @@ pub async fn run(
         endpoints.join(",")
     );
     println!("  stop with Ctrl-C");
-    if let Some(path) = &options.endpoints_file {
-        let endpoints = Endpoints {
-            control_plane: endpoints.clone(),
-            cells: agents.cells.clone(),
-        };
-        let text =
-            serde_json::to_string_pretty(&endpoints).map_err(|e| DevError::EndpointsFile {
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
-        // Write then rename, so a script polling for the file never reads half of it.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| DevError::EndpointsFile {
-                path: path.clone(),
-                source,
-            })?;
+    let written = Endpoints {
+        control_plane: endpoints.clone(),
+        cells: agents.cells.clone(),
+    };
+    // Always beside the data, where `cellctl` looks by default; also where asked.
+    let default_file = options.data_dir.join(ENDPOINTS_FILE);
+    for path in std::iter::once(&default_file).chain(options.endpoints_file.as_ref()) {
+        write_endpoints(path, &written)?;
     }
     if options.demo {
         let report = tokio::select! {

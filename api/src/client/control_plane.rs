@@ -1,14 +1,15 @@
-//! The agent's connection to the control plane: every node's address, and calls that move on
-//! to the next node when one is down. Any node serves: followers forward writes to the leader.
+//! A connection to the control plane as a whole: every node's address, and calls that move on
+//! to the next node while one is down or has no leader. Any node serves: followers forward
+//! writes to the leader. Agents and `cellctl` talk to the control plane through it.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cellplane_api::client::{ClientError, channel};
-use cellplane_api::proto::control::control_client::ControlClient;
-use cellplane_api::proto::routing::routing_client::RoutingClient;
+use super::{ClientError, channel};
+use crate::proto::control::control_client::ControlClient;
+use crate::proto::routing::routing_client::RoutingClient;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
@@ -77,16 +78,37 @@ impl ControlPlane {
 
     /// Calls the Control service, trying the nodes in turn while they are unreachable or
     /// without a leader; any other answer is final.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
         F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call_on(ControlClient::new, call).await
+    }
+
+    /// Calls the Routing service like [`ControlPlane::call`].
+    pub async fn call_routing<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: FnMut(RoutingClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call_on(RoutingClient::new, call).await
+    }
+
+    async fn call_on<C, T, F, Fut>(
+        &self,
+        client: impl Fn(Channel) -> C,
+        mut call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(C) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
         let mut backoff = Duration::from_millis(20);
         loop {
             let node = self.current.load(Ordering::Relaxed) % self.channels.len();
-            match call(ControlClient::new(self.channels[node].clone())).await {
+            match call(client(self.channels[node].clone())).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retryable(&status) && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(node = %self.endpoints[node], %status, "control plane call failed; trying the next node");

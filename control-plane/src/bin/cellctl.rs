@@ -1,0 +1,521 @@
+//! `cellctl`: ops on a running cellplane — see the cluster, cells, tenants and routes, create
+//! tenants, change their tier, migrate tenants and conversations, follow and cancel migrations.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cellplane_api::client::ControlPlane;
+use cellplane_api::proto::control as pb;
+use cellplane_api::proto::routing::{Consistency, LookupRequest};
+use cellplane_control_plane::ctl::exit;
+use cellplane_control_plane::ctl::table;
+use cellplane_control_plane::ctl::views::{
+    CellView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "cellctl",
+    version,
+    about = "Operate a cellplane control plane: cells, tenants, routes and migrations",
+    long_about = "Operate a cellplane control plane: cells, tenants, routes and migrations.\n\n\
+        Endpoints come from --endpoints, else $CELLCTL_ENDPOINTS, else the endpoints file that \
+        `cellplane dev` keeps in .cellplane-dev/endpoints.json. Any node serves: writes sent to \
+        a follower are forwarded to the leader, and an unreachable node is skipped.\n\n\
+        Exit codes: 0 success; 1 unexpected error; 2 bad usage; 3 not found; 4 refused (bad \
+        input, or a rule of the current state); 5 control plane unavailable; 6 a migration \
+        waited for was rolled back or failed.",
+    after_help = "Examples:\n  cellctl status\n  cellctl tenant create acme --tier NORMAL --region cn-hangzhou\n  \
+        cellctl migrate acme --wait\n  cellctl migrate acme --conversation hot-group --to hz-b-normal-2\n  \
+        cellctl migrations --output json"
+)]
+struct Cli {
+    /// Control-plane nodes, comma-separated host:port.
+    #[arg(long, global = true, value_delimiter = ',', env = "CELLCTL_ENDPOINTS")]
+    endpoints: Vec<String>,
+    /// Read the endpoints from a file written by `cellplane dev --endpoints-file`.
+    #[arg(long, global = true, conflicts_with = "endpoints")]
+    endpoints_file: Option<PathBuf>,
+    /// Tables for people, or JSON for scripts.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "UPPER")]
+enum TierArg {
+    High,
+    Normal,
+    Low,
+}
+
+impl TierArg {
+    fn proto(self) -> pb::Tier {
+        match self {
+            Self::High => pb::Tier::High,
+            Self::Normal => pb::Tier::Normal,
+            Self::Low => pb::Tier::Low,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every control-plane node: its role, term and revision.
+    Status,
+    /// Cells with their state, load and health.
+    Cells {
+        /// Only this region's cells.
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Tenants with their tier, cell and epoch.
+    Tenants {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Which cell owns a tenant or one of its conversations, at which epoch (linearizable).
+    Route {
+        tenant: String,
+        conversation: Option<String>,
+    },
+    /// Create a tenant or change its tier.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Move a tenant, or one conversation, to another cell: history first, then the route.
+    Migrate {
+        tenant: String,
+        /// Move only this conversation (a hot group); requires --to.
+        #[arg(long, requires = "to")]
+        conversation: Option<String>,
+        /// The target cell; placement chooses one of the tenant's tier when absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// Follow the migration until it ends, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Migrations that have not finished (all of them with --all).
+    Migrations {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Roll back a migration that has not switched its route yet.
+    Cancel { migration_id: String },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; placement puts it on a cell of its tier in its home region.
+    Create {
+        tenant: String,
+        #[arg(long)]
+        tier: TierArg,
+        #[arg(long)]
+        region: String,
+    },
+    /// Change a tenant's tier: a migration to a cell of the new tier.
+    SetTier {
+        tenant: String,
+        tier: TierArg,
+        /// Follow the migration until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Why a command failed, and the exit code that says so.
+struct Failure {
+    code: u8,
+    kind: String,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Self {
+            code: exit::for_status(status.code()),
+            kind: format!("{:?}", status.code()),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+fn failure(code: u8, kind: &str, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        kind: kind.into(),
+        message: message.into(),
+    }
+}
+
+fn endpoints(cli: &Cli) -> Result<Vec<String>, Failure> {
+    if !cli.endpoints.is_empty() {
+        return Ok(cli.endpoints.clone());
+    }
+    let path = cli
+        .endpoints_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".cellplane-dev/endpoints.json"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        failure(
+            exit::USAGE,
+            "Usage",
+            format!(
+                "no --endpoints given and {} is unreadable ({e}); start `cellplane dev` or pass --endpoints",
+                path.display()
+            ),
+        )
+    })?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| failure(exit::USAGE, "Usage", format!("{}: {e}", path.display())))?;
+    let list: Vec<String> = parsed["control_plane"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        return Err(failure(
+            exit::USAGE,
+            "Usage",
+            format!("{} lists no control_plane endpoints", path.display()),
+        ));
+    }
+    Ok(list)
+}
+
+fn print_list<T: Row + Serialize>(output: Output, items: &[T]) -> Result<(), Failure> {
+    match output {
+        Output::Table => {
+            let rows: Vec<Vec<String>> = items.iter().map(Row::cells).collect();
+            print!("{}", table::render(T::HEADERS, &rows));
+        }
+        Output::Json => println!("{}", json(&items)?),
+    }
+    Ok(())
+}
+
+fn print_one<T: Row + Serialize>(output: Output, item: &T) -> Result<(), Failure> {
+    match output {
+        Output::Table => print!("{}", table::render(T::HEADERS, &[item.cells()])),
+        Output::Json => println!("{}", json(item)?),
+    }
+    Ok(())
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, Failure> {
+    serde_json::to_string_pretty(value)
+        .map_err(|e| failure(exit::INTERNAL, "Internal", e.to_string()))
+}
+
+fn finished(m: &pb::Migration) -> bool {
+    matches!(
+        pb::MigrationPhase::try_from(m.phase),
+        Ok(pb::MigrationPhase::Done | pb::MigrationPhase::RolledBack | pb::MigrationPhase::Failed)
+    )
+}
+
+/// Follows a migration until it ends; a progress bar on a terminal unless JSON is asked for.
+async fn wait(
+    control: &ControlPlane,
+    output: Output,
+    start: pb::Migration,
+) -> Result<pb::Migration, Failure> {
+    let bar = if output == Output::Table {
+        ProgressBar::new(6)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:24}] {msg}")
+            .map_err(|e| failure(exit::INTERNAL, "Internal", e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(start.migration_id.clone());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut last = start;
+    while !finished(&last) {
+        let id = last.migration_id.clone();
+        let stream = control
+            .call(|mut c| {
+                let migration_id = id.clone();
+                async move {
+                    c.watch_migration(pb::WatchMigrationRequest { migration_id })
+                        .await
+                }
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(status) => {
+                bar.abandon();
+                return Err(status.into());
+            }
+        };
+        // A stream cut by a node going away is watched again from another.
+        while let Ok(Some(m)) = stream.message().await {
+            let rank = match pb::MigrationPhase::try_from(m.phase) {
+                Ok(pb::MigrationPhase::Planned) => 0,
+                Ok(pb::MigrationPhase::Copying) => 1,
+                Ok(pb::MigrationPhase::CatchingUp) => 2,
+                Ok(pb::MigrationPhase::Freezing) => 3,
+                Ok(pb::MigrationPhase::Switching) => 4,
+                Ok(pb::MigrationPhase::Cleanup) => 5,
+                _ => 6,
+            };
+            bar.set_position(rank);
+            bar.set_message(format!(
+                "{:<11} lag {:>6}  {} rows  {:.1} MB",
+                phase(m.phase),
+                m.source_lsn.saturating_sub(m.copied_lsn),
+                m.rows_copied,
+                m.bytes_copied as f64 / 1e6
+            ));
+            last = m;
+        }
+    }
+    bar.finish();
+    Ok(last)
+}
+
+/// Prints a migration, following it first with `--wait`; a failed wait exits with its own code.
+async fn migration_outcome(
+    control: &ControlPlane,
+    output: Output,
+    started: pb::Migration,
+    follow: bool,
+) -> Result<u8, Failure> {
+    let shown = if follow {
+        wait(control, output, started).await?
+    } else {
+        started
+    };
+    print_one(output, &MigrationView::from(&shown))?;
+    let failed = follow
+        && matches!(
+            pb::MigrationPhase::try_from(shown.phase),
+            Ok(pb::MigrationPhase::RolledBack | pb::MigrationPhase::Failed)
+        );
+    Ok(if failed {
+        exit::MIGRATION_FAILED
+    } else {
+        exit::OK
+    })
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let endpoints = endpoints(&cli)?;
+    let output = cli.output;
+    let control = ControlPlane::new(endpoints.clone())
+        .map_err(|e| failure(exit::USAGE, "Usage", e.to_string()))?;
+    match cli.command {
+        Command::Status => {
+            let mut nodes = Vec::new();
+            for endpoint in &endpoints {
+                let status = match ControlPlane::new(vec![endpoint.clone()]) {
+                    Ok(one) => tokio::time::timeout(
+                        Duration::from_secs(2),
+                        one.control().cluster_status(pb::ClusterStatusRequest {}),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                    Err(_) => None,
+                };
+                nodes.push(match status {
+                    Some(s) => NodeView::from_status(endpoint, s.get_ref()),
+                    None => NodeView::unreachable(endpoint),
+                });
+            }
+            print_list(output, &nodes)?;
+            if !nodes.iter().any(|n| n.reachable && n.leader_id != 0) {
+                return Err(failure(
+                    exit::UNAVAILABLE,
+                    "Unavailable",
+                    "no node answered with a leader",
+                ));
+            }
+        }
+        Command::Cells { region } => {
+            let cells = control
+                .call(|mut c| {
+                    let region = region.clone().unwrap_or_default();
+                    async move { c.list_cells(pb::ListCellsRequest { region }).await }
+                })
+                .await?;
+            let views: Vec<CellView> = cells.cells.iter().map(CellView::from).collect();
+            print_list(output, &views)?;
+        }
+        Command::Tenants { limit } => {
+            let mut views: Vec<TenantView> = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = control
+                    .call(|mut c| {
+                        let page_token = token.clone();
+                        async move {
+                            c.list_tenants(pb::ListTenantsRequest {
+                                page_size: 1000,
+                                page_token,
+                            })
+                            .await
+                        }
+                    })
+                    .await?;
+                views.extend(page.tenants.iter().map(TenantView::from));
+                token = page.next_page_token;
+                if token.is_empty() || views.len() >= limit {
+                    break;
+                }
+            }
+            views.truncate(limit);
+            print_list(output, &views)?;
+        }
+        Command::Route {
+            tenant,
+            conversation,
+        } => {
+            let request = LookupRequest {
+                tenant_id: tenant,
+                conversation_id: conversation.unwrap_or_default(),
+                consistency: Consistency::Linearizable as i32,
+            };
+            let found = control
+                .call_routing(|mut c| {
+                    let request = request.clone();
+                    async move { c.lookup(request).await }
+                })
+                .await?;
+            let route = found
+                .route
+                .ok_or_else(|| failure(exit::INTERNAL, "Internal", "lookup answered no route"))?;
+            print_one(output, &RouteView::from(&route))?;
+        }
+        Command::Tenant(TenantCommand::Create {
+            tenant,
+            tier,
+            region,
+        }) => {
+            let created = control
+                .call(|mut c| {
+                    let request = pb::CreateTenantRequest {
+                        tenant_id: tenant.clone(),
+                        tier: tier.proto() as i32,
+                        home_region: region.clone(),
+                    };
+                    async move { c.create_tenant(request).await }
+                })
+                .await?;
+            print_one(output, &TenantView::from(&created))?;
+        }
+        Command::Tenant(TenantCommand::SetTier { tenant, tier, wait }) => {
+            let started = control
+                .call(|mut c| {
+                    let request = pb::SetTenantTierRequest {
+                        tenant_id: tenant.clone(),
+                        tier: tier.proto() as i32,
+                    };
+                    async move { c.set_tenant_tier(request).await }
+                })
+                .await?;
+            return migration_outcome(&control, output, started, wait).await;
+        }
+        Command::Migrate {
+            tenant,
+            conversation,
+            to,
+            wait,
+        } => {
+            let started = match conversation {
+                Some(conversation) => {
+                    control
+                        .call(|mut c| {
+                            let request = pb::MigrateConversationRequest {
+                                tenant_id: tenant.clone(),
+                                conversation_id: conversation.clone(),
+                                target_cell: to.clone().unwrap_or_default(),
+                            };
+                            async move { c.migrate_conversation(request).await }
+                        })
+                        .await?
+                }
+                None => {
+                    control
+                        .call(|mut c| {
+                            let request = pb::MigrateTenantRequest {
+                                tenant_id: tenant.clone(),
+                                target_cell: to.clone().unwrap_or_default(),
+                            };
+                            async move { c.migrate_tenant(request).await }
+                        })
+                        .await?
+                }
+            };
+            return migration_outcome(&control, output, started, wait).await;
+        }
+        Command::Migrations { all, tenant } => {
+            let list = control
+                .call(|mut c| {
+                    let request = pb::ListMigrationsRequest {
+                        active_only: !all,
+                        tenant_id: tenant.clone().unwrap_or_default(),
+                    };
+                    async move { c.list_migrations(request).await }
+                })
+                .await?;
+            let views: Vec<MigrationView> =
+                list.migrations.iter().map(MigrationView::from).collect();
+            print_list(output, &views)?;
+        }
+        Command::Cancel { migration_id } => {
+            let cancelled = control
+                .call(|mut c| {
+                    let migration_id = migration_id.clone();
+                    async move {
+                        c.cancel_migration(pb::CancelMigrationRequest { migration_id })
+                            .await
+                    }
+                })
+                .await?;
+            print_one(output, &MigrationView::from(&cancelled))?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let output = cli.output;
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": { "code": failure.kind, "message": failure.message } })
+                );
+            }
+            eprintln!("cellctl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! What `cellctl` shows of each record: one struct per table, serialized as is for
+//! `--output json`, so the JSON keys are the table's columns in snake case.
+
+use cellplane_api::proto::control as pb;
+use cellplane_api::proto::routing::Route;
+use serde::Serialize;
+
+fn tier(value: i32) -> String {
+    pb::Tier::try_from(value)
+        .map(|t| t.as_str_name().to_string())
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn cell_state(value: i32) -> String {
+    pb::CellState::try_from(value)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| value.to_string())
+}
+
+/// The phase without its enum prefix: `COPYING`.
+pub fn phase(value: i32) -> String {
+    pb::MigrationPhase::try_from(value)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("MIGRATION_PHASE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| value.to_string())
+}
+
+/// Anything `cellctl` prints as a table.
+pub trait Row {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub endpoint: String,
+    pub node_id: u64,
+    pub role: String,
+    pub leader_id: u64,
+    pub term: u64,
+    pub revision: u64,
+    pub applied_index: u64,
+    pub reachable: bool,
+}
+
+impl NodeView {
+    pub fn from_status(endpoint: &str, s: &pb::ClusterStatusResponse) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            node_id: s.node_id,
+            role: s.role.clone(),
+            leader_id: s.leader_id,
+            term: s.term,
+            revision: s.revision,
+            applied_index: s.applied_index,
+            reachable: true,
+        }
+    }
+
+    pub fn unreachable(endpoint: &str) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            node_id: 0,
+            role: "UNREACHABLE".into(),
+            leader_id: 0,
+            term: 0,
+            revision: 0,
+            applied_index: 0,
+            reachable: false,
+        }
+    }
+}
+
+impl Row for NodeView {
+    const HEADERS: &'static [&'static str] = &[
+        "ENDPOINT", "NODE", "ROLE", "LEADER", "TERM", "REVISION", "APPLIED",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.endpoint.clone(),
+            self.node_id.to_string(),
+            self.role.clone(),
+            self.leader_id.to_string(),
+            self.term.to_string(),
+            self.revision.to_string(),
+            self.applied_index.to_string(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CellView {
+    pub cell_id: String,
+    pub region: String,
+    pub zone: String,
+    pub tier: String,
+    pub state: String,
+    pub load: u64,
+    pub capacity: u64,
+    pub healthy: Option<bool>,
+    pub last_heartbeat_ms: Option<u64>,
+    pub last_lsn: Option<u64>,
+    pub messages: Option<u64>,
+    pub endpoint: String,
+}
+
+impl From<&pb::Cell> for CellView {
+    fn from(c: &pb::Cell) -> Self {
+        Self {
+            cell_id: c.cell_id.clone(),
+            region: c.region.clone(),
+            zone: c.zone.clone(),
+            tier: tier(c.tier),
+            state: cell_state(c.state),
+            load: c.load,
+            capacity: c.capacity,
+            healthy: c.health.map(|h| h.healthy),
+            last_heartbeat_ms: c.health.map(|h| h.last_heartbeat_ms),
+            last_lsn: c.health.map(|h| h.last_lsn),
+            messages: c.health.map(|h| h.messages),
+            endpoint: c.endpoint.clone(),
+        }
+    }
+}
+
+fn optional<T: ToString>(value: Option<T>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+impl Row for CellView {
+    const HEADERS: &'static [&'static str] = &[
+        "CELL", "REGION", "ZONE", "TIER", "STATE", "TENANTS", "CAPACITY", "HEALTHY", "LSN",
+        "MESSAGES", "ENDPOINT",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.cell_id.clone(),
+            self.region.clone(),
+            self.zone.clone(),
+            self.tier.clone(),
+            self.state.clone(),
+            self.load.to_string(),
+            self.capacity.to_string(),
+            match self.healthy {
+                Some(true) => "yes".into(),
+                Some(false) => "NO".into(),
+                None => "-".into(),
+            },
+            optional(self.last_lsn),
+            optional(self.messages),
+            self.endpoint.clone(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantView {
+    pub tenant_id: String,
+    pub tier: String,
+    pub home_region: String,
+    pub primary_cell: String,
+    pub epoch: u64,
+    pub state: String,
+    pub overrides: u64,
+}
+
+impl From<&pb::Tenant> for TenantView {
+    fn from(t: &pb::Tenant) -> Self {
+        Self {
+            tenant_id: t.tenant_id.clone(),
+            tier: tier(t.tier),
+            home_region: t.home_region.clone(),
+            primary_cell: t.primary_cell.clone(),
+            epoch: t.epoch,
+            state: pb::TenantState::try_from(t.state)
+                .map(|s| s.as_str_name().trim_start_matches("TENANT_").to_string())
+                .unwrap_or_else(|_| t.state.to_string()),
+            overrides: t.override_count,
+        }
+    }
+}
+
+impl Row for TenantView {
+    const HEADERS: &'static [&'static str] = &[
+        "TENANT",
+        "TIER",
+        "REGION",
+        "CELL",
+        "EPOCH",
+        "STATE",
+        "OVERRIDES",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.tenant_id.clone(),
+            self.tier.clone(),
+            self.home_region.clone(),
+            self.primary_cell.clone(),
+            self.epoch.to_string(),
+            self.state.clone(),
+            self.overrides.to_string(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    pub tenant_id: String,
+    pub conversation_id: String,
+    pub cell_id: String,
+    pub endpoint: String,
+    pub epoch: u64,
+    pub revision: u64,
+    pub is_override: bool,
+}
+
+impl From<&Route> for RouteView {
+    fn from(r: &Route) -> Self {
+        Self {
+            tenant_id: r.tenant_id.clone(),
+            conversation_id: r.conversation_id.clone(),
+            cell_id: r.cell_id.clone(),
+            endpoint: r.endpoint.clone(),
+            epoch: r.epoch,
+            revision: r.revision,
+            is_override: r.is_override,
+        }
+    }
+}
+
+impl Row for RouteView {
+    const HEADERS: &'static [&'static str] = &[
+        "TENANT",
+        "CONVERSATION",
+        "CELL",
+        "EPOCH",
+        "OVERRIDE",
+        "REVISION",
+        "ENDPOINT",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.tenant_id.clone(),
+            if self.conversation_id.is_empty() {
+                "-".into()
+            } else {
+                self.conversation_id.clone()
+            },
+            self.cell_id.clone(),
+            self.epoch.to_string(),
+            if self.is_override { "yes" } else { "no" }.into(),
+            self.revision.to_string(),
+            self.endpoint.clone(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationView {
+    pub migration_id: String,
+    pub tenant_id: String,
+    pub conversation_id: String,
+    pub source_cell: String,
+    pub target_cell: String,
+    pub phase: String,
+    pub source_epoch: u64,
+    pub copied_lsn: u64,
+    pub source_lsn: u64,
+    pub lag: u64,
+    pub rows_copied: u64,
+    pub bytes_copied: u64,
+    /// FREEZING → SWITCHING, once switched.
+    pub pause_ms: Option<u64>,
+    pub error: String,
+}
+
+impl From<&pb::Migration> for MigrationView {
+    fn from(m: &pb::Migration) -> Self {
+        Self {
+            migration_id: m.migration_id.clone(),
+            tenant_id: m.tenant_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            source_cell: m.source_cell.clone(),
+            target_cell: m.target_cell.clone(),
+            phase: phase(m.phase),
+            source_epoch: m.source_epoch,
+            copied_lsn: m.copied_lsn,
+            source_lsn: m.source_lsn,
+            lag: m.source_lsn.saturating_sub(m.copied_lsn),
+            rows_copied: m.rows_copied,
+            bytes_copied: m.bytes_copied,
+            pause_ms: (m.switched_ms > 0).then(|| m.switched_ms.saturating_sub(m.frozen_ms)),
+            error: m.error.clone(),
+        }
+    }
+}
+
+impl Row for MigrationView {
+    const HEADERS: &'static [&'static str] = &[
+        "MIGRATION",
+        "KEY",
+        "FROM",
+        "TO",
+        "PHASE",
+        "LAG",
+        "ROWS",
+        "PAUSE_MS",
+        "ERROR",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let key = if self.conversation_id.is_empty() {
+            self.tenant_id.clone()
+        } else {
+            format!("{}/{}", self.tenant_id, self.conversation_id)
+        };
+        vec![
+            self.migration_id.clone(),
+            key,
+            self.source_cell.clone(),
+            self.target_cell.clone(),
+            self.phase.clone(),
+            self.lag.to_string(),
+            self.rows_copied.to_string(),
+            optional(self.pause_ms),
+            self.error.clone(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_shows_its_key_phase_and_pause() {
+        let m = pb::Migration {
+            migration_id: "mig-7".into(),
+            tenant_id: "acme".into(),
+            conversation_id: "hot".into(),
+            source_cell: "a".into(),
+            target_cell: "b".into(),
+            phase: pb::MigrationPhase::Done as i32,
+            copied_lsn: 90,
+            source_lsn: 100,
+            frozen_ms: 1_000,
+            switched_ms: 1_012,
+            ..Default::default()
+        };
+        let view = MigrationView::from(&m);
+        assert_eq!(view.phase, "DONE");
+        assert_eq!(view.lag, 10);
+        assert_eq!(view.pause_ms, Some(12));
+        assert_eq!(view.cells()[1], "acme/hot");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["phase"], "DONE");
+        assert_eq!(json["pause_ms"], 12);
+    }
+}

@@ -1,0 +1,209 @@
+//! `cellctl` against a running `cellplane dev`: the whole system as ops meet it. JSON output
+//! is parsed, exit codes are checked, and the dev system stops cleanly on SIGTERM.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellplane_tests::binary;
+use serde_json::Value;
+
+/// Runs `cellctl -o json ARGS` against the dev system; answers the exit code and the JSON.
+fn cellctl(endpoints_file: &Path, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(binary("cellctl"))
+        .arg("--endpoints-file")
+        .arg(endpoints_file)
+        .args(["--output", "json"])
+        .args(args)
+        .output()
+        .expect("run cellctl");
+    let code = out.status.code().expect("cellctl exited");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "cellctl {args:?} printed no JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, json)
+}
+
+fn ok(endpoints_file: &Path, args: &[&str]) -> Value {
+    let (code, json) = cellctl(endpoints_file, args);
+    assert_eq!(code, 0, "cellctl {args:?}: {json}");
+    json
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
+        .count()
+}
+
+#[test]
+fn cellctl_drives_a_running_dev_system() {
+    let dir = tempfile::Builder::new()
+        .prefix("cellplane-dev-")
+        .tempdir()
+        .expect("temp dir");
+    let data = dir.path().join("data");
+    let endpoints_file = dir.path().join("endpoints.json");
+    let log = std::fs::File::create(dir.path().join("dev.log")).expect("log");
+    let mut dev = Command::new(binary("cellplane"))
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--endpoints-file")
+        .arg(&endpoints_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start cellplane dev");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !endpoints_file.exists() {
+        assert!(
+            dev.try_wait().expect("dev status").is_none(),
+            "cellplane dev exited; log in {}",
+            dir.path().display()
+        );
+        assert!(Instant::now() < deadline, "cellplane dev did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let endpoints: Value =
+        serde_json::from_str(&std::fs::read_to_string(&endpoints_file).expect("read endpoints"))
+            .expect("endpoints JSON");
+    let cells = endpoints["cells"].as_array().expect("cells");
+    for tier in ["HIGH", "NORMAL", "LOW"] {
+        for region in ["cn-hangzhou", "cn-beijing"] {
+            assert!(
+                cells
+                    .iter()
+                    .any(|c| c["tier"] == tier && c["region"] == region),
+                "a {tier} cell in {region}"
+            );
+        }
+    }
+    assert_eq!(endpoints["control_plane"].as_array().map(Vec::len), Some(3));
+
+    let status = ok(&endpoints_file, &["status"]);
+    let roles: Vec<&str> = status
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["role"].as_str())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "Leader").count(),
+        1,
+        "{status}"
+    );
+
+    let listed = ok(&endpoints_file, &["cells"]);
+    let listed = listed.as_array().expect("cells");
+    assert_eq!(listed.len(), cells.len());
+    assert!(listed.iter().all(|c| c["state"] == "ACTIVE"), "{listed:?}");
+
+    let tenant = ok(
+        &endpoints_file,
+        &[
+            "tenant",
+            "create",
+            "umbrella",
+            "--tier",
+            "NORMAL",
+            "--region",
+            "cn-hangzhou",
+        ],
+    );
+    let first_cell = tenant["primary_cell"].as_str().expect("cell").to_string();
+    let route = ok(&endpoints_file, &["route", "umbrella"]);
+    assert_eq!(
+        (route["cell_id"].as_str(), route["epoch"].as_u64()),
+        (Some(first_cell.as_str()), Some(1))
+    );
+
+    let moved = ok(&endpoints_file, &["migrate", "umbrella", "--wait"]);
+    assert_eq!(moved["phase"], "DONE", "{moved}");
+    assert_ne!(moved["target_cell"].as_str(), Some(first_cell.as_str()));
+    let route = ok(&endpoints_file, &["route", "umbrella", "some-group"]);
+    assert_eq!(route["cell_id"], moved["target_cell"]);
+    assert_eq!(route["epoch"], 2);
+
+    let all = ok(&endpoints_file, &["migrations", "--all"]);
+    assert!(
+        all.as_array()
+            .expect("migrations")
+            .iter()
+            .any(|m| m["migration_id"] == moved["migration_id"])
+    );
+    let active = ok(&endpoints_file, &["migrations"]);
+    assert_eq!(active.as_array().map(Vec::len), Some(0), "{active}");
+
+    let tiered = ok(
+        &endpoints_file,
+        &["tenant", "set-tier", "umbrella", "HIGH", "--wait"],
+    );
+    assert_eq!(tiered["phase"], "DONE", "{tiered}");
+    let tenants = ok(&endpoints_file, &["tenants"]);
+    let umbrella = tenants
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["tenant_id"] == "umbrella")
+        .expect("umbrella listed")
+        .clone();
+    assert_eq!(umbrella["tier"], "HIGH");
+    assert_eq!(umbrella["primary_cell"], tiered["target_cell"]);
+
+    // Exit codes scripts can trust, with the error in JSON.
+    let (code, json) = cellctl(&endpoints_file, &["route", "nobody"]);
+    assert_eq!(code, 3, "not found: {json}");
+    assert_eq!(json["error"]["code"], "NotFound");
+    let (code, json) = cellctl(
+        &endpoints_file,
+        &["migrate", "umbrella", "--to", "bj-c-low-1"],
+    );
+    assert_eq!(code, 4, "refused: {json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("target_cell")),
+        "{json}"
+    );
+    let (code, _) = cellctl(&endpoints_file, &["cancel", "mig-999999"]);
+    assert_eq!(code, 3);
+    let (code, _) = cellctl(
+        &endpoints_file,
+        &["cancel", moved["migration_id"].as_str().expect("id")],
+    );
+    assert_eq!(code, 4, "a finished migration cannot be cancelled");
+    let usage = Command::new(binary("cellctl"))
+        .args(["migrate"])
+        .output()
+        .expect("run cellctl");
+    assert_eq!(usage.status.code(), Some(2), "bad usage");
+
+    // SIGTERM stops the whole system: control plane, agents and cells.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(dev.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = dev.try_wait().expect("dev status") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "cellplane dev did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "cellplane dev exited with {status}");
+    let data = data.to_string_lossy().to_string();
+    assert_eq!(
+        processes_mentioning(&data),
+        0,
+        "no agent or cell is left running"
+    );
+}
