@@ -7,6 +7,7 @@
 
 mod cell;
 mod lookups;
+mod migration;
 mod report;
 mod scale;
 mod updates;
@@ -37,6 +38,12 @@ struct Cli {
     /// Overrides loaded through Raft into that cluster.
     #[arg(long, default_value_t = 1_000_000)]
     cluster_overrides: u64,
+    /// Messages in the tenant whose copy the migration benchmark times.
+    #[arg(long, default_value_t = 1_000_000)]
+    migration_messages: u64,
+    /// Migrations under load whose write pause is measured.
+    #[arg(long, default_value_t = 50)]
+    migrations: usize,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -49,6 +56,7 @@ enum Which {
     Lookups,
     Scale,
     Cell,
+    Migration,
 }
 
 #[tokio::main]
@@ -74,6 +82,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Cell) {
         cell::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Migration) {
+        migration::run(&mut report, cli.migration_messages, cli.migrations).await?;
     }
     let text = report.render();
     println!("{text}");

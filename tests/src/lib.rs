@@ -9,6 +9,8 @@ pub mod agent;
 pub mod cell;
 pub mod cluster;
 pub mod measure;
+pub mod system;
+pub mod traffic;
 
 use std::path::PathBuf;
 

@@ -11,8 +11,10 @@ use cellplane_api::proto::control::{
     MigrateTenantRequest, MigrationPhase, Tier, WatchMigrationRequest,
 };
 
-use super::traffic::{Ack, MEMBERS, Writers, conversation, create_groups, send_request, verify};
 use super::{System, phase_name};
+use cellplane_tests::traffic::{
+    Ack, MEMBERS, Writers, conversation, create_groups, send_request, verify,
+};
 
 const TENANT: &str = "initech";
 const CONVERSATIONS: usize = 8;

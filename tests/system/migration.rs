@@ -11,10 +11,10 @@ use cellplane_api::proto::control::{
 use cellplane_api::proto::routing::WatchRequest;
 use cellplane_tests::measure::ms;
 
-use super::traffic::{
+use super::{System, phase_name};
+use cellplane_tests::traffic::{
     MEMBERS, Writers, conversation, create_groups, history, send_request, verify,
 };
-use super::{System, phase_name};
 
 const TENANT: &str = "acme";
 const WRITERS: usize = 16;

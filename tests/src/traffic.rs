@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::measure::Samples;
 use cellplane_api::client::Messenger;
 use cellplane_api::proto::cell::messaging_client::MessagingClient;
 use cellplane_api::proto::cell::{
     ConversationKind, CreateConversationRequest, GetHistoryRequest, Message, SendMessageRequest,
 };
-use cellplane_tests::measure::Samples;
 use tonic::transport::Channel;
 
 pub const MEMBERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
@@ -173,6 +173,11 @@ impl Writers {
             errors,
             tasks,
         }
+    }
+
+    /// The latencies recorded since the last call, to measure one window of time.
+    pub fn take_latencies(&self) -> Samples {
+        std::mem::take(&mut *self.latencies.lock().expect("latencies"))
     }
 
     pub fn count(&self) -> usize {

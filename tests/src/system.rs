@@ -1,0 +1,166 @@
+//! The whole system in real processes: a control plane of three `cellplane serve` nodes and
+//! one `cell-agent` per region running its IM cells, with helpers to drive migrations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::AgentProcess;
+use crate::cluster::Cluster;
+use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::control::{
+    CellState, CreateTenantRequest, ListCellsRequest, Migration, MigrationPhase, Tier,
+    WatchMigrationRequest,
+};
+
+/// Cells in these tests take load generators, not people: rate limits out of the way.
+const CELL_ARGS: &[&str] = &[
+    "--sends-per-conversation-per-sec",
+    "1000000",
+    "--sends-per-sender-per-sec",
+    "1000000",
+];
+
+/// A cell an agent runs: `(cell_id, zone, tier)`.
+pub type CellSpec<'a> = (&'a str, &'a str, &'a str);
+
+/// A control plane of three nodes and one agent per region.
+pub struct System {
+    pub cluster: Cluster,
+    pub agents: Vec<AgentProcess>,
+}
+
+impl System {
+    /// Starts the cluster and the agents, and waits until every cell is ACTIVE.
+    pub async fn start(regions: &[(&str, &[CellSpec<'_>])]) -> System {
+        let cluster = Cluster::start(3, &[]).await;
+        let endpoints = cluster.endpoints();
+        let agents: Vec<AgentProcess> = regions
+            .iter()
+            .map(|(region, cells)| AgentProcess::start(region, &endpoints, cells, CELL_ARGS))
+            .collect();
+        let system = System { cluster, agents };
+        let expected: usize = regions.iter().map(|(_, cells)| cells.len()).sum();
+        system.wait_for_active(expected).await;
+        system
+    }
+
+    pub async fn wait_for_active(&self, expected: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let id = self.cluster.wait_for_leader().await;
+            let active = match self
+                .cluster
+                .control(id)
+                .list_cells(ListCellsRequest::default())
+                .await
+            {
+                Ok(cells) => cells
+                    .into_inner()
+                    .cells
+                    .iter()
+                    .filter(|c| c.state == CellState::Active as i32)
+                    .count(),
+                Err(_) => 0,
+            };
+            if active >= expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {active} of {expected} cells became ACTIVE"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn create_tenant(&self, tenant_id: &str, tier: Tier, region: &str) -> String {
+        let id = self.cluster.wait_for_leader().await;
+        self.cluster
+            .control(id)
+            .create_tenant(CreateTenantRequest {
+                tenant_id: tenant_id.into(),
+                tier: tier as i32,
+                home_region: region.into(),
+            })
+            .await
+            .expect("create tenant")
+            .into_inner()
+            .primary_cell
+    }
+
+    /// A writer's view: a route cache and a messenger that follows moves.
+    pub async fn messenger(&self) -> (Arc<RouteCache>, Arc<Messenger>) {
+        let routes = Arc::new(
+            RouteCache::start(self.cluster.endpoints(), RouteCacheOptions::default())
+                .await
+                .expect("route cache"),
+        );
+        let messenger = Arc::new(Messenger::new(
+            routes.clone(),
+            MessengerOptions {
+                deadline: Duration::from_secs(20),
+                ..MessengerOptions::default()
+            },
+        ));
+        (routes, messenger)
+    }
+
+    pub fn agent(&self, region: &str) -> &AgentProcess {
+        self.agents
+            .iter()
+            .find(|a| a.region == region)
+            .expect("an agent of the region")
+    }
+
+    /// Follows a migration until it finishes; returns its last state.
+    pub async fn wait_for_migration(&self, migration_id: &str, limit: Duration) -> Migration {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let id = self.cluster.wait_for_leader().await;
+            let stream = self
+                .cluster
+                .control(id)
+                .watch_migration(WatchMigrationRequest {
+                    migration_id: migration_id.into(),
+                })
+                .await;
+            if let Ok(stream) = stream {
+                let mut stream = stream.into_inner();
+                let mut last = None;
+                loop {
+                    let next = tokio::time::timeout_at(deadline, stream.message()).await;
+                    match next {
+                        Ok(Ok(Some(m))) => last = Some(m),
+                        Ok(_) => break,
+                        Err(_) => panic!(
+                            "migration {migration_id} did not finish within {limit:?}: {last:?}"
+                        ),
+                    }
+                }
+                if let Some(m) = last
+                    && is_finished(&m)
+                {
+                    return m;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "migration {migration_id} did not finish within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn is_finished(m: &Migration) -> bool {
+    matches!(
+        MigrationPhase::try_from(m.phase),
+        Ok(MigrationPhase::Done | MigrationPhase::RolledBack | MigrationPhase::Failed)
+    )
+}
+
+pub fn phase_name(m: &Migration) -> &'static str {
+    MigrationPhase::try_from(m.phase)
+        .map(|p| p.as_str_name())
+        .unwrap_or("?")
+}
