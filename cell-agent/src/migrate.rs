@@ -389,8 +389,18 @@ impl Worker {
                 report.phase_done = true;
             }
             Phase::Cleanup => {
-                // The source keeps the key's rows as a backup; it no longer accepts writes for
-                // the key, so they can only be read by ops.
+                // The source drops the key's rows, once it is surely revoked: its cell log
+                // records the purge like any change.
+                let epoch = m.source_epoch + 1;
+                source
+                    .revoke(cell_pb::RevokeRequest {
+                        tenant_id: m.tenant_id.clone(),
+                        conversation_id: m.conversation_id.clone(),
+                        new_cell_id: m.target_cell.clone(),
+                        new_epoch: epoch,
+                    })
+                    .await?;
+                source.purge(key_request(m)).await?;
                 report.phase_done = true;
             }
             _ => {}

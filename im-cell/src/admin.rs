@@ -123,6 +123,21 @@ impl CellAdmin for AdminService {
         Ok(Response::new(pb::AdminEmpty {}))
     }
 
+    async fn purge(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::AdminEmpty>, Status> {
+        let r = request.into_inner();
+        route_key(&r.tenant_id, &r.conversation_id)?;
+        self.writer
+            .submit(Op::Purge {
+                tenant: r.tenant_id,
+                conversation: r.conversation_id,
+            })
+            .await?;
+        Ok(Response::new(pb::AdminEmpty {}))
+    }
+
     type ExportStream = ExportStream;
 
     async fn export(

@@ -21,6 +21,9 @@ pub enum CellError {
     },
     #[error("{0}")]
     ResourceExhausted(String),
+    /// An admin request the key's state does not allow (dropping a key the cell still owns).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("storage: {0}")]
     Storage(String),
 }
@@ -80,6 +83,7 @@ impl From<CellError> for tonic::Status {
                 detail.as_ref().encode_to_vec().into(),
             ),
             CellError::ResourceExhausted(message) => tonic::Status::resource_exhausted(message),
+            CellError::FailedPrecondition(message) => tonic::Status::failed_precondition(message),
             CellError::Storage(message) => {
                 tonic::Status::unavailable(format!("storage: {message}"))
             }

@@ -134,7 +134,7 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
     let copy = catching_up.duration_since(copying);
     let catch_up = freezing.duration_since(catching_up);
     let copied_messages = messages as f64;
-    let mut text = format!(
+    let text = format!(
         "## Migration\n\n\
          A 3-node control plane and one agent running two NORMAL cells (release build, loopback). \
          The tenant holds {messages} messages of {BODY_BYTES} bytes in {BULK_GROUPS} groups, \
@@ -152,6 +152,8 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
         ms(catch_up),
         done.switched_ms.saturating_sub(done.frozen_ms),
     );
+
+    report.section(text);
 
     // The write pause over many migrations of a tenant under steady load.
     system.create_tenant(PAUSE_TENANT, Tier::Normal, "hz").await;
@@ -196,8 +198,8 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
     }
     let (acks, rest) = writers.stop().await;
     outside.merge(rest);
-    text.push_str(&format!(
-        "\n{migrations} migrations of a tenant of {PAUSE_GROUPS} groups back and forth between the \
+    report.section(format!(
+        "{migrations} migrations of a tenant of {PAUSE_GROUPS} groups back and forth between the \
          two cells while {PAUSE_WRITERS} writers send to it without pause ({} sends, every one \
          acknowledged; send latency outside the windows p50 {} ms, p99 {} ms). The pause by the \
          coordinator's clock is FREEZING entered → route switched; the slowest send is the \
@@ -220,6 +222,5 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
         ms(whole.percentile(99.0)),
         ms(whole.percentile(100.0)),
     ));
-    report.section(text);
     Ok(())
 }

@@ -172,3 +172,70 @@ async fn a_key_moves_by_snapshot_and_tail_and_replays_from_its_log() {
         "replaying the cell log gave another state"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_key_is_purged_only_once_revoked_and_the_purge_replays_from_the_log() {
+    use cellplane_api::proto::cell::{KeyRequest, RevokeRequest};
+    let source = CellProcess::start("hz-a-normal-1", &[]).await;
+    source.grant("acme", "", 1).await;
+    group(&source, "acme", "team", &["alice", "bob", "carol"]).await;
+    group(&source, "acme", "ops", &["alice", "dave"]).await;
+    traffic(&source, "r1").await;
+    let key = KeyRequest {
+        tenant_id: "acme".into(),
+        conversation_id: String::new(),
+    };
+    let refused = source
+        .admin()
+        .purge(key.clone())
+        .await
+        .expect_err("an owned key is not purged");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("has not moved away"),
+        "{refused:?}"
+    );
+    assert!(
+        !view(&source)
+            .await
+            .iter()
+            .all(|line| line.ends_with("[] }"))
+    );
+
+    source
+        .admin()
+        .revoke(RevokeRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            new_cell_id: "sh-b-normal-1".into(),
+            new_epoch: 2,
+        })
+        .await
+        .expect("revoke");
+    source.admin().purge(key.clone()).await.expect("purge");
+    let history = source
+        .messaging()
+        .get_history(GetHistoryRequest {
+            tenant_id: "acme".into(),
+            conversation_id: "team".into(),
+            user_id: "alice".into(),
+            before_seq: 0,
+            limit: 10,
+        })
+        .await
+        .expect_err("purged");
+    assert_eq!(history.code(), tonic::Code::NotFound);
+    let emptied = view(&source).await;
+    assert!(
+        emptied
+            .iter()
+            .all(|line| line.contains("conversations: []")),
+        "nothing of the tenant is left: {emptied:?}"
+    );
+    // Purging again changes nothing; the purge is in the cell log, so replaying the log gives
+    // the same empty state rather than bringing the rows back.
+    source.admin().purge(key).await.expect("purge again");
+    let replayed = CellProcess::start("bj-c-normal-1", &[]).await;
+    import(&replayed, export(&source, 0, true).await).await;
+    assert_eq!(view(&replayed).await, emptied);
+}

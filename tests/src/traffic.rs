@@ -48,8 +48,17 @@ pub fn send_request(
     }
 }
 
-/// Creates `count` groups `c0..` of [`MEMBERS`] through the messenger.
+/// Creates `count` groups `c0..` of [`MEMBERS`] through the messenger, once its route cache
+/// knows the tenant (a tenant created a moment ago reaches the cache through its watch).
 pub async fn create_groups(messenger: &Messenger, tenant: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while messenger.owner(tenant, "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the route cache never learned of tenant {tenant}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for i in 0..count {
         messenger
             .create_conversation(CreateConversationRequest {

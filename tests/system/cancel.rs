@@ -17,6 +17,8 @@ use cellplane_tests::cell::CellProcess;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use cellplane_tests::traffic::history;
+
 use super::System;
 
 const TENANT: &str = "globex";
@@ -234,6 +236,14 @@ async fn cancel_before_the_switch_thaws_the_source_and_after_it_is_refused() {
         .last_lsn;
     assert!(frozen_again >= frozen);
     let copied = source_process.copy_to(&target).await;
+    // Frozen and copied: the target's history is the source's, message for message.
+    let source_history = history(&mut source.messaging(), TENANT, "c0").await;
+    assert_eq!(source_history.len(), 2);
+    assert_eq!(
+        history(&mut target.messaging(), TENANT, "c0").await,
+        source_history,
+        "history read from the target equals history read from the source before the switch"
+    );
     let early = report(
         &mut control,
         &id,

@@ -48,7 +48,7 @@ fn row_conversation<'k>(space: Space, key: &'k [u8], tenant: &str) -> Option<&'k
 
 /// Whether a row of `space` belongs to the route key `(tenant, conversation)`; a tenant key
 /// (empty conversation) leaves out the `excluded` conversations.
-fn row_of_key(
+pub fn row_of_key(
     space: Space,
     key: &[u8],
     tenant: &str,

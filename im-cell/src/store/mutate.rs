@@ -4,6 +4,7 @@
 //! events and its cell-log entry. Live requests take both steps; an import or a log replay takes
 //! only the second, so there is one path for the same data.
 
+use super::export::Excluded;
 use super::fencing::{Grants, check_owner};
 use super::records::{
     ConversationRecord, IdempotencyRecord, InboxRecord, Kind, MemberRecord, MessageRecord,
@@ -547,6 +548,10 @@ pub fn apply_mutation(
                     event(SyncKind::DeleteForMe, conversation, *seq),
                 )?;
             }
+        }
+        Mutation::Purge { excluded } => {
+            let excluded: Excluded = excluded.iter().cloned().collect();
+            tx.purge(tenant, conversation, &excluded)?;
         }
     }
     tx.log(tenant, conversation, mutation);

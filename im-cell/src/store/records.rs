@@ -138,6 +138,11 @@ pub enum Mutation {
         user_id: String,
         seq: u64,
     },
+    /// The key moved to another cell and its rows here are dropped; a tenant keeps the
+    /// conversations that have route keys of their own on this cell.
+    Purge {
+        excluded: Vec<String>,
+    },
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::export::{EXPORTED_SPACES, Excluded, row_of_key};
 use super::records::{LogRecord, MemberRecord, Mutation, SyncRecord, UserRecord, decode, encode};
 use super::{Space, Store, keys};
 use crate::error::CellError;
@@ -79,6 +80,45 @@ impl Tx {
         self.batch.remove(self.store.spaces.get(space), key.clone());
         self.overlay.insert((space, key), None);
         self.writes += 1;
+    }
+
+    /// Deletes every row of the route key `(tenant, conversation)` that moves with it (a tenant
+    /// keeps its `excluded` conversations), rows staged in this batch included, and the key's
+    /// import positions.
+    pub fn purge(
+        &mut self,
+        tenant: &str,
+        conversation: &str,
+        excluded: &Excluded,
+    ) -> Result<usize, CellError> {
+        let prefix = keys::Key::new().id(tenant).into_bytes();
+        let mut doomed: Vec<(Space, Vec<u8>)> = Vec::new();
+        for (space, _) in EXPORTED_SPACES {
+            for item in self.store.spaces.get(space).prefix(&prefix) {
+                let key = item.key()?;
+                if row_of_key(space, &key, tenant, conversation, excluded) {
+                    doomed.push((space, key.to_vec()));
+                }
+            }
+        }
+        for ((space, key), value) in &self.overlay {
+            let exported = EXPORTED_SPACES.iter().any(|(s, _)| s == space);
+            if exported
+                && value.is_some()
+                && row_of_key(*space, key, tenant, conversation, excluded)
+            {
+                doomed.push((*space, key.clone()));
+            }
+        }
+        let positions = keys::Key::new().id(tenant).id(conversation).into_bytes();
+        for item in self.store.spaces.get(Space::Imports).prefix(&positions) {
+            doomed.push((Space::Imports, item.key()?.to_vec()));
+        }
+        let purged = doomed.len();
+        for (space, key) in doomed {
+            self.delete(space, key);
+        }
+        Ok(purged)
     }
 
     /// Members after this batch's changes so far.

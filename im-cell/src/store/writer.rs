@@ -68,6 +68,11 @@ pub enum Op {
     /// Another cell's export of a key: snapshot rows, then log records past `after_lsn` of the
     /// source. Records at or below the key's recorded import position are skipped, so a resumed
     /// import never applies a record twice.
+    /// Drops the rows of a key that moved away (its grant here is revoked).
+    Purge {
+        tenant: String,
+        conversation: String,
+    },
     Import {
         tenant: String,
         conversation: String,
@@ -406,6 +411,34 @@ impl WriterState {
                 tenant,
                 conversation,
             } => self.set_frozen(tx, tenant, conversation, false),
+            Op::Purge {
+                tenant,
+                conversation,
+            } => {
+                let key = (tenant.clone(), conversation.clone());
+                if self.grants.get(&key).is_none_or(|g| g.moved_to.is_none()) {
+                    return Err(CellError::FailedPrecondition(format!(
+                        "{tenant}/{conversation} has not moved away from this cell; only a revoked key's rows are dropped"
+                    )));
+                }
+                let excluded: Vec<String> = if conversation.is_empty() {
+                    self.grants
+                        .keys()
+                        .filter(|(t, c)| *t == tenant && !c.is_empty())
+                        .map(|(_, c)| c.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                apply_mutation(
+                    tx,
+                    &tenant,
+                    &conversation,
+                    Mutation::Purge { excluded },
+                    false,
+                )?;
+                Ok(Outcome::Done)
+            }
             Op::Import {
                 tenant,
                 conversation,
