@@ -129,13 +129,18 @@ impl CellAdmin for AdminService {
     ) -> Result<Response<pb::AdminEmpty>, Status> {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
-        self.writer
-            .submit(Op::Purge {
-                tenant: r.tenant_id,
-                conversation: r.conversation_id,
-            })
-            .await?;
-        Ok(Response::new(pb::AdminEmpty {}))
+        loop {
+            let outcome = self
+                .writer
+                .submit(Op::Purge {
+                    tenant: r.tenant_id.clone(),
+                    conversation: r.conversation_id.clone(),
+                })
+                .await?;
+            if !matches!(outcome, Outcome::Purged { more: true }) {
+                return Ok(Response::new(pb::AdminEmpty {}));
+            }
+        }
     }
 
     type ExportStream = ExportStream;

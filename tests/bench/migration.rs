@@ -23,9 +23,9 @@ const BULK: &str = "bulk";
 const BULK_GROUPS: usize = 1_000;
 const FILL_SENDERS: usize = 64;
 const BODY_BYTES: usize = 200;
-const PAUSE_TENANT: &str = "pauses";
-const PAUSE_GROUPS: usize = 16;
-const PAUSE_WRITERS: usize = 16;
+const PAUSE_GROUPS: usize = 2;
+const PAUSE_WRITERS: usize = 2;
+const PAUSE_PACE: Duration = Duration::from_millis(50);
 
 /// When each phase was first seen, by the bench's clock.
 async fn follow(
@@ -61,6 +61,19 @@ async fn migrate(system: &System, tenant: &str, to: &str) -> anyhow::Result<Migr
         })
         .await?
         .into_inner())
+}
+
+/// When each phase began, relative to the request: where a slow migration spent its time.
+fn phase_times(begun: Instant, seen: &BTreeMap<i32, Instant>) -> String {
+    seen.iter()
+        .map(|(phase, at)| {
+            let name = MigrationPhase::try_from(*phase)
+                .map(|p| p.as_str_name().trim_start_matches("MIGRATION_PHASE_"))
+                .unwrap_or("?");
+            format!("{name} at {} ms", ms(at.duration_since(begun)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Sends `total` messages into the bulk tenant's groups from [`FILL_SENDERS`] senders.
@@ -155,33 +168,48 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
 
     report.section(text);
 
-    // The write pause over many migrations of a tenant under steady load.
-    system.create_tenant(PAUSE_TENANT, Tier::Normal, "hz").await;
-    create_groups(&messenger, PAUSE_TENANT, PAUSE_GROUPS).await;
-    let writers = Writers::start(
-        messenger.clone(),
-        PAUSE_TENANT,
-        "pause",
-        PAUSE_WRITERS,
-        PAUSE_GROUPS,
-    );
-    writers.let_write(500).await;
+    // The write pause over many migrations, each of another small tenant, under steady load on
+    // all of them.
+    let tenants: Vec<String> = (0..migrations).map(|i| format!("pause-{i}")).collect();
+    let mut writers = Vec::new();
+    for tenant in &tenants {
+        system.create_tenant(tenant, Tier::Normal, "hz").await;
+        create_groups(&messenger, tenant, PAUSE_GROUPS).await;
+        writers.push(Writers::start_paced(
+            messenger.clone(),
+            tenant,
+            "pause",
+            PAUSE_WRITERS,
+            PAUSE_GROUPS,
+            PAUSE_PACE,
+        ));
+    }
+    for w in &writers {
+        w.let_write(20).await;
+    }
     let mut coordinator = Samples::default();
     let mut slowest_send = Samples::default();
     let mut whole = Samples::default();
     let mut outside = Samples::default();
-    let mut on = messenger
-        .owner(PAUSE_TENANT, "")
-        .map_err(|s| anyhow::anyhow!("{s}"))?
-        .0
-        .cell_id;
-    for i in 0..migrations {
+    let mut slowest_migration: Option<(Duration, String)> = None;
+    for (i, tenant) in tenants.iter().enumerate() {
+        let on = messenger
+            .owner(tenant, "")
+            .map_err(|s| anyhow::anyhow!("{s}"))?
+            .0
+            .cell_id;
         let to = if on == CELLS[0] { CELLS[1] } else { CELLS[0] };
-        outside.merge(writers.take_latencies());
+        for w in &writers {
+            outside.merge(w.take_latencies());
+        }
         let begun = Instant::now();
-        let started = migrate(&system, PAUSE_TENANT, to).await?;
-        let (done, _) = follow(&system, &started).await?;
-        whole.record(begun.elapsed());
+        let started = migrate(&system, tenant, to).await?;
+        let (done, seen) = follow(&system, &started).await?;
+        let took = begun.elapsed();
+        whole.record(took);
+        if slowest_migration.as_ref().is_none_or(|(t, _)| took > *t) {
+            slowest_migration = Some((took, phase_times(begun, &seen)));
+        }
         anyhow::ensure!(
             done.phase == MigrationPhase::Done as i32,
             "migration {i} ended {:?}: {}",
@@ -191,27 +219,34 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
         coordinator.record(Duration::from_millis(
             done.switched_ms.saturating_sub(done.frozen_ms),
         ));
-        let mut window = writers.take_latencies();
+        let mut window = writers[i].take_latencies();
         slowest_send.record(window.percentile(100.0));
-        on = to.to_string();
-        writers.let_write(100).await;
     }
-    let (acks, rest) = writers.stop().await;
-    outside.merge(rest);
+    let mut sends = 0;
+    for w in writers {
+        let (acks, rest) = w.stop().await;
+        sends += acks.len();
+        outside.merge(rest);
+    }
+    let (_, breakdown) = slowest_migration.unwrap_or_default();
     report.section(format!(
-        "{migrations} migrations of a tenant of {PAUSE_GROUPS} groups back and forth between the \
-         two cells while {PAUSE_WRITERS} writers send to it without pause ({} sends, every one \
-         acknowledged; send latency outside the windows p50 {} ms, p99 {} ms). The pause by the \
+        "{migrations} migrations, each of another tenant of {PAUSE_GROUPS} groups to the other \
+         cell, while {PAUSE_WRITERS} writers per tenant send to each ({} writers, one send every \
+         {} ms each; {} sends, every one acknowledged; send latency outside the migrations p50 \
+         {} ms, p99 {} ms, max {} ms). The slowest migration: {breakdown}. The pause by the \
          coordinator's clock is FREEZING entered → route switched; the slowest send is the \
-         longest any writer waited for one send during each migration (it includes the retry \
-         after a frozen answer and the route cache catching up).\n\n\
+         longest any writer of the moving tenant waited for one send during its migration (it \
+         includes the retry after a frozen answer and the route cache catching up).\n\n\
          | measure | p50 | p99 | max |\n|---|---|---|---|\n\
          | write pause, coordinator (ms) | {} | {} | {} |\n\
          | slowest send per migration (ms) | {} | {} | {} |\n\
          | whole migration, request → DONE (ms) | {} | {} | {} |\n",
-        acks.len(),
+        migrations * PAUSE_WRITERS,
+        PAUSE_PACE.as_millis(),
+        sends,
         ms(outside.percentile(50.0)),
         ms(outside.percentile(99.0)),
+        ms(outside.percentile(100.0)),
         ms(coordinator.percentile(50.0)),
         ms(coordinator.percentile(99.0)),
         ms(coordinator.percentile(100.0)),

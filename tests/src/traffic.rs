@@ -123,6 +123,26 @@ impl Writers {
         writers: usize,
         conversations: usize,
     ) -> Writers {
+        Self::start_paced(
+            messenger,
+            tenant,
+            run,
+            writers,
+            conversations,
+            Duration::ZERO,
+        )
+    }
+
+    /// Like [`Writers::start`], each writer waiting `pace` after each acknowledged send: a
+    /// steady load rather than as much as the cell takes.
+    pub fn start_paced(
+        messenger: Arc<Messenger>,
+        tenant: &str,
+        run: &str,
+        writers: usize,
+        conversations: usize,
+        pace: Duration,
+    ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acks = Arc::new(Mutex::new(Vec::new()));
         let latencies = Arc::new(Mutex::new(Samples::default()));
@@ -170,6 +190,9 @@ impl Writers {
                             seq: answer.seq,
                         });
                         n += 1;
+                        if !pace.is_zero() {
+                            tokio::time::sleep(pace).await;
+                        }
                     }
                     Ok(())
                 })

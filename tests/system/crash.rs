@@ -1,7 +1,8 @@
 //! Migrations survive crashes: SIGKILL the control-plane leader in COPYING and in FREEZING, the
-//! target cell in COPYING, the source cell in CATCHING_UP. Each migration is expected to
-//! complete (every crash here heals well within the coordinator's timeouts: an election, a
-//! cell restarted by its agent), with no acknowledged message lost and one writer per key.
+//! target cell in COPYING, the source cell in CATCHING_UP, and the whole control plane in
+//! CATCHING_UP. Each migration is expected to complete (every crash here heals well within the
+//! coordinator's timeouts: an election, a cell restarted by its agent, a cluster restarted from
+//! its disks), with no acknowledged message lost and one writer per key.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +29,8 @@ enum Crash {
     Leader,
     TargetCell,
     SourceCell,
+    /// Every control-plane node at once, restarted half a second later.
+    ControlPlane,
 }
 
 fn rank(phase: MigrationPhase) -> u8 {
@@ -118,6 +121,7 @@ async fn migrations_complete_through_crashes_of_the_leader_and_of_either_cell() 
         (Crash::Leader, MigrationPhase::Freezing),
         (Crash::TargetCell, MigrationPhase::Copying),
         (Crash::SourceCell, MigrationPhase::CatchingUp),
+        (Crash::ControlPlane, MigrationPhase::CatchingUp),
     ];
     for (run, (crash, at)) in scenarios.into_iter().enumerate() {
         let (source, target) = (cells[on], cells[1 - on]);
@@ -150,6 +154,17 @@ async fn migrations_complete_through_crashes_of_the_leader_and_of_either_cell() 
             }
             Crash::TargetCell => system.agent("hz").kill_cell(target),
             Crash::SourceCell => system.agent("hz").kill_cell(source),
+            Crash::ControlPlane => {
+                let nodes = system.cluster.running_ids();
+                for node in &nodes {
+                    system.cluster.kill(*node).await;
+                }
+                // Cells keep taking writes for the keys they own while no node is up.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for node in nodes {
+                    system.cluster.restart(node);
+                }
+            }
         }
         let done = system
             .wait_for_migration(&migration.migration_id, Duration::from_secs(90))

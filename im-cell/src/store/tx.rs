@@ -82,21 +82,29 @@ impl Tx {
         self.writes += 1;
     }
 
-    /// Deletes every row of the route key `(tenant, conversation)` that moves with it (a tenant
+    /// Deletes the rows of the route key `(tenant, conversation)` that move with it (a tenant
     /// keeps its `excluded` conversations), rows staged in this batch included, and the key's
-    /// import positions.
+    /// import positions: all of them, or at most `limit` stored rows. Answers whether stored
+    /// rows remain.
     pub fn purge(
         &mut self,
         tenant: &str,
         conversation: &str,
         excluded: &Excluded,
-    ) -> Result<usize, CellError> {
+        limit: Option<usize>,
+    ) -> Result<bool, CellError> {
         let prefix = keys::Key::new().id(tenant).into_bytes();
+        let limit = limit.unwrap_or(usize::MAX);
         let mut doomed: Vec<(Space, Vec<u8>)> = Vec::new();
-        for (space, _) in EXPORTED_SPACES {
+        let mut more = false;
+        'spaces: for (space, _) in EXPORTED_SPACES {
             for item in self.store.spaces.get(space).prefix(&prefix) {
                 let key = item.key()?;
                 if row_of_key(space, &key, tenant, conversation, excluded) {
+                    if doomed.len() == limit {
+                        more = true;
+                        break 'spaces;
+                    }
                     doomed.push((space, key.to_vec()));
                 }
             }
@@ -114,11 +122,10 @@ impl Tx {
         for item in self.store.spaces.get(Space::Imports).prefix(&positions) {
             doomed.push((Space::Imports, item.key()?.to_vec()));
         }
-        let purged = doomed.len();
         for (space, key) in doomed {
             self.delete(space, key);
         }
-        Ok(purged)
+        Ok(more)
     }
 
     /// Members after this batch's changes so far.

@@ -106,9 +106,16 @@ pub enum Outcome {
     Imported {
         source_lsn: u64,
     },
+    /// A slice of a key's rows was dropped; `more` remain.
+    Purged {
+        more: bool,
+    },
 }
 
 type Reply = oneshot::Sender<Result<Outcome, CellError>>;
+
+/// Rows a purge drops in one batch: a few milliseconds of the writer's time.
+const PURGE_ROWS_PER_BATCH: usize = 5_000;
 
 /// A handle to the writer thread. Cheap to clone; the thread stops when every handle is gone.
 #[derive(Clone)]
@@ -430,14 +437,18 @@ impl WriterState {
                 } else {
                     Vec::new()
                 };
-                apply_mutation(
-                    tx,
+                let excluded_set = excluded.iter().cloned().collect();
+                // A bounded slice per batch, so dropping a large tenant never stalls the
+                // cell's other writes; the caller repeats until nothing remains. Each slice is
+                // logged; replaying the first drops everything, the rest then find nothing.
+                let more = tx.purge(
                     &tenant,
                     &conversation,
-                    Mutation::Purge { excluded },
-                    false,
+                    &excluded_set,
+                    Some(PURGE_ROWS_PER_BATCH),
                 )?;
-                Ok(Outcome::Done)
+                tx.log(&tenant, &conversation, Mutation::Purge { excluded });
+                Ok(Outcome::Purged { more })
             }
             Op::Import {
                 tenant,
