@@ -129,16 +129,19 @@ impl CellAdmin for AdminService {
     ) -> Result<Response<pb::AdminEmpty>, Status> {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
+        let mut after = None;
         loop {
             let outcome = self
                 .writer
                 .submit(Op::Purge {
                     tenant: r.tenant_id.clone(),
                     conversation: r.conversation_id.clone(),
+                    after,
                 })
                 .await?;
-            if !matches!(outcome, Outcome::Purged { more: true }) {
-                return Ok(Response::new(pb::AdminEmpty {}));
+            match outcome {
+                Outcome::Purged { next: Some(next) } => after = Some(next),
+                _ => return Ok(Response::new(pb::AdminEmpty {})),
             }
         }
     }

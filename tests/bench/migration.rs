@@ -137,15 +137,18 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
         done.error
     );
     let at = |phase: MigrationPhase| seen.get(&(phase as i32)).copied();
-    let (Some(copying), Some(catching_up), Some(freezing)) = (
+    let (Some(copying), Some(catching_up), Some(freezing), Some(cleanup), Some(finished)) = (
         at(MigrationPhase::Copying),
         at(MigrationPhase::CatchingUp),
         at(MigrationPhase::Freezing),
+        at(MigrationPhase::Cleanup),
+        at(MigrationPhase::Done),
     ) else {
         anyhow::bail!("a phase of the bulk migration was not seen: {seen:?}");
     };
     let copy = catching_up.duration_since(copying);
     let catch_up = freezing.duration_since(catching_up);
+    let purge = finished.duration_since(cleanup);
     let copied_messages = messages as f64;
     let text = format!(
         "## Migration\n\n\
@@ -153,9 +156,9 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
          The tenant holds {messages} messages of {BODY_BYTES} bytes in {BULK_GROUPS} groups, \
          written at {fill_rate:.0} sends/s by {FILL_SENDERS} senders; 8 writers keep sending to \
          it while it moves ({} sends during the move, all acknowledged).\n\n\
-         | tenant size | snapshot copy | messages/s | MB/s | rows copied | catch-up (CATCHING_UP → FREEZING) | pause |\n\
-         |---|---|---|---|---|---|---|\n\
-         | {messages} messages, {:.1} MB | {:.2} s | {:.0} | {:.1} | {} | {} ms | {} ms |\n",
+         | tenant size | snapshot copy | messages/s | MB/s | rows copied | catch-up (CATCHING_UP → FREEZING) | pause | source purge (CLEANUP) |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | {messages} messages, {:.1} MB | {:.2} s | {:.0} | {:.1} | {} | {} ms | {} ms | {:.2} s |\n",
         acks.len(),
         done.bytes_copied as f64 / 1e6,
         copy.as_secs_f64(),
@@ -164,6 +167,7 @@ pub async fn run(report: &mut Report, messages: u64, migrations: usize) -> anyho
         done.rows_copied,
         ms(catch_up),
         done.switched_ms.saturating_sub(done.frozen_ms),
+        purge.as_secs_f64(),
     );
 
     report.section(text);

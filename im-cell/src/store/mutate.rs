@@ -551,7 +551,7 @@ pub fn apply_mutation(
         }
         Mutation::Purge { excluded } => {
             let excluded: Excluded = excluded.iter().cloned().collect();
-            tx.purge(tenant, conversation, &excluded, None)?;
+            tx.purge(tenant, conversation, &excluded, None, None)?;
         }
     }
     tx.log(tenant, conversation, mutation);

@@ -12,6 +12,10 @@ use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::sync::hub::Delivery;
 
+/// Where a purge in slices goes on: an index into the exported keyspaces and the last key it
+/// dropped there.
+pub type PurgeCursor = (usize, Vec<u8>);
+
 pub struct Tx {
     store: Store,
     pub batch: fjall::OwnedWriteBatch,
@@ -84,31 +88,52 @@ impl Tx {
 
     /// Deletes the rows of the route key `(tenant, conversation)` that move with it (a tenant
     /// keeps its `excluded` conversations), rows staged in this batch included, and the key's
-    /// import positions: all of them, or at most `limit` stored rows. Answers whether stored
-    /// rows remain.
+    /// import positions: all of them, or at most `limit` stored rows after `from`. Answers
+    /// where to go on when stored rows remain.
     pub fn purge(
         &mut self,
         tenant: &str,
         conversation: &str,
         excluded: &Excluded,
         limit: Option<usize>,
-    ) -> Result<bool, CellError> {
+        from: Option<&PurgeCursor>,
+    ) -> Result<Option<PurgeCursor>, CellError> {
         let prefix = keys::Key::new().id(tenant).into_bytes();
         let limit = limit.unwrap_or(usize::MAX);
-        let mut doomed: Vec<(Space, Vec<u8>)> = Vec::new();
-        let mut more = false;
-        'spaces: for (space, _) in EXPORTED_SPACES {
-            for item in self.store.spaces.get(space).prefix(&prefix) {
+        let (first_space, after) = match from {
+            Some((space, key)) => (*space, Some(key.clone())),
+            None => (0, None),
+        };
+        let mut doomed: Vec<(usize, Space, Vec<u8>)> = Vec::new();
+        let mut next = None;
+        'spaces: for (i, (space, _)) in EXPORTED_SPACES.iter().enumerate().skip(first_space) {
+            let keyspace = self.store.spaces.get(*space);
+            // Resume after the last dropped key rather than walking its tombstones again.
+            let rows = match (&after, i == first_space) {
+                (Some(key), true) => keyspace.range::<Vec<u8>, _>((
+                    std::ops::Bound::Excluded(key.clone()),
+                    std::ops::Bound::Unbounded,
+                )),
+                _ => keyspace.prefix(&prefix),
+            };
+            for item in rows {
                 let key = item.key()?;
-                if row_of_key(space, &key, tenant, conversation, excluded) {
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                if row_of_key(*space, &key, tenant, conversation, excluded) {
                     if doomed.len() == limit {
-                        more = true;
+                        next = doomed.last().map(|(i, _, key)| (*i, key.clone()));
                         break 'spaces;
                     }
-                    doomed.push((space, key.to_vec()));
+                    doomed.push((i, *space, key.to_vec()));
                 }
             }
         }
+        let mut doomed: Vec<(Space, Vec<u8>)> = doomed
+            .into_iter()
+            .map(|(_, space, key)| (space, key))
+            .collect();
         for ((space, key), value) in &self.overlay {
             let exported = EXPORTED_SPACES.iter().any(|(s, _)| s == space);
             if exported
@@ -125,7 +150,7 @@ impl Tx {
         for (space, key) in doomed {
             self.delete(space, key);
         }
-        Ok(more)
+        Ok(next)
     }
 
     /// Members after this batch's changes so far.
@@ -224,5 +249,59 @@ impl Tx {
             event: record,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(tx: Tx) {
+        tx.batch.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_purge_in_slices_drops_every_row_of_the_key_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut tx = Tx::new(store.clone(), 0);
+        for seq in 1..=25 {
+            tx.put_raw(Space::Messages, keys::message("t", "c", seq), vec![1]);
+            tx.put_raw(Space::Messages, keys::message("t", "keep", seq), vec![2]);
+            tx.put_raw(Space::Messages, keys::message("other", "c", seq), vec![3]);
+        }
+        tx.put_raw(Space::Members, keys::member("t", "c", "alice"), vec![4]);
+        commit(tx);
+
+        let keep = Excluded::from(["keep".to_string()]);
+        let mut after = None;
+        let mut slices = 0;
+        loop {
+            let mut tx = Tx::new(store.clone(), 0);
+            let next = tx
+                .purge("t", "", &keep, Some(4), after.as_ref())
+                .expect("purge");
+            commit(tx);
+            slices += 1;
+            match next {
+                Some(cursor) => after = Some(cursor),
+                None => break,
+            }
+            assert!(slices < 100, "the purge must make progress");
+        }
+        assert_eq!(slices, 7, "26 rows in slices of 4");
+        let left = |tenant: &str| {
+            store
+                .spaces
+                .messages
+                .prefix(keys::Key::new().id(tenant).into_bytes())
+                .count()
+        };
+        assert_eq!(left("t"), 25, "the excluded conversation stays");
+        assert_eq!(left("other"), 25, "another tenant is untouched");
+        assert_eq!(
+            store.members("t", "c").expect("members"),
+            Vec::<String>::new()
+        );
     }
 }

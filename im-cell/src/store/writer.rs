@@ -18,7 +18,7 @@ use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_con
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
 };
-use super::tx::Tx;
+use super::tx::{PurgeCursor, Tx};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::limits::Limits;
@@ -72,6 +72,8 @@ pub enum Op {
     Purge {
         tenant: String,
         conversation: String,
+        /// Where the previous slice stopped.
+        after: Option<PurgeCursor>,
     },
     Import {
         tenant: String,
@@ -106,9 +108,9 @@ pub enum Outcome {
     Imported {
         source_lsn: u64,
     },
-    /// A slice of a key's rows was dropped; `more` remain.
+    /// A slice of a key's rows was dropped; rows remain after `next`.
     Purged {
-        more: bool,
+        next: Option<PurgeCursor>,
     },
 }
 
@@ -421,6 +423,7 @@ impl WriterState {
             Op::Purge {
                 tenant,
                 conversation,
+                after,
             } => {
                 let key = (tenant.clone(), conversation.clone());
                 if self.grants.get(&key).is_none_or(|g| g.moved_to.is_none()) {
@@ -441,14 +444,15 @@ impl WriterState {
                 // A bounded slice per batch, so dropping a large tenant never stalls the
                 // cell's other writes; the caller repeats until nothing remains. Each slice is
                 // logged; replaying the first drops everything, the rest then find nothing.
-                let more = tx.purge(
+                let next = tx.purge(
                     &tenant,
                     &conversation,
                     &excluded_set,
                     Some(PURGE_ROWS_PER_BATCH),
+                    after.as_ref(),
                 )?;
                 tx.log(&tenant, &conversation, Mutation::Purge { excluded });
-                Ok(Outcome::Purged { more })
+                Ok(Outcome::Purged { next })
             }
             Op::Import {
                 tenant,
