@@ -1,19 +1,36 @@
-//! What a cell is told to be, validated once.
+//! What a cell is told to be — one TOML file, flags, or both (flags win) — validated once
+//! with errors that name the field.
+//!
+//! ```toml
+//! cell_id = "hz-a-normal-1"
+//! listen = "10.0.1.5:7100"
+//! data_dir = "/var/lib/cellplane/hz-a-normal-1"
+//! metrics_listen = "10.0.1.5:9100"
+//! [limits]
+//! max_body_bytes = 65536
+//! sends_per_sender_per_sec = 100
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use cellplane_api::ids::validate_id;
+use serde::Deserialize;
 
 use crate::limits::Limits;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CellConfig {
     /// The cell's id as the control plane knows it; part of every message id.
     pub cell_id: String,
     pub listen: SocketAddr,
     /// Where the cell's store lives; the cell restarts from it.
     pub data_dir: PathBuf,
+    /// Where to serve Prometheus metrics over HTTP; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
     pub limits: Limits,
 }
 
@@ -25,6 +42,14 @@ pub struct ConfigError {
 }
 
 impl CellConfig {
+    /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            field: "(file)".into(),
+            rule: e.to_string(),
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_id("cell_id", &self.cell_id).map_err(|e| ConfigError {
             field: e.field,
@@ -59,5 +84,39 @@ impl CellConfig {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_parses_with_default_limits_and_unknown_fields_are_refused() {
+        let text = r#"
+            cell_id = "hz-a-normal-1"
+            listen = "127.0.0.1:7100"
+            data_dir = "/tmp/cell"
+            [limits]
+            max_body_bytes = 1024
+        "#;
+        let config = CellConfig::from_toml(text).expect("parse");
+        assert_eq!(config.limits.max_body_bytes, 1024);
+        assert_eq!(
+            config.limits.max_group_members,
+            Limits::default().max_group_members
+        );
+        assert_eq!(config.validate(), Ok(()));
+        assert!(CellConfig::from_toml(&text.replace("max_body_bytes", "max_bodyy")).is_err());
+        let zero = CellConfig::from_toml(&text.replace("1024", "0")).expect("parse");
+        assert_eq!(
+            zero.validate().map_err(|e| e.field),
+            Err("limits.max_body_bytes".into())
+        );
+        let bad_id = CellConfig::from_toml(&text.replace("hz-a-normal-1", "a b")).expect("parse");
+        assert_eq!(
+            bad_id.validate().map_err(|e| e.field),
+            Err("cell_id".into())
+        );
     }
 }

@@ -30,6 +30,10 @@ pub struct Limits {
     pub sends_per_client_type_per_sec: u32,
     /// Sends per second from one calling app or integration.
     pub sends_per_app_per_sec: u32,
+    /// Longest a LOW-priority send over a rate limit waits for its turn before it is refused.
+    pub low_priority_max_wait_ms: u64,
+    /// Most LOW-priority sends waiting at once; past it they are refused like NORMAL ones.
+    pub low_priority_max_waiting: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +50,8 @@ impl Default for Limits {
             sends_per_sender_per_sec: 100,
             sends_per_client_type_per_sec: 100_000,
             sends_per_app_per_sec: 50_000,
+            low_priority_max_wait_ms: 5_000,
+            low_priority_max_waiting: 10_000,
         }
     }
 }

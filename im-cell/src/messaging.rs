@@ -2,15 +2,18 @@
 //! checked and changed by the writer; reads go to the store.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cellplane_api::ids::validate_id;
 use cellplane_api::proto::cell as pb;
 use cellplane_api::proto::cell::messaging_server::Messaging;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::error::CellError;
 use crate::limits::Limits;
-use crate::rate::RateLimiter;
+use crate::rate::{RateLimiter, retry_after_ms};
 use crate::receipts::{Receipt, ReceiptMerger};
 use crate::store::Store;
 use crate::store::mutate::WriteRequest;
@@ -26,18 +29,78 @@ pub struct MessagingService {
     limits: Limits,
     rates: RateLimiter,
     receipts: ReceiptMerger,
+    /// Places for LOW-priority sends waiting for their turn under the rate limits.
+    low_priority: Arc<Semaphore>,
 }
 
 impl MessagingService {
     pub fn new(store: Store, writer: Writer, limits: Limits) -> Self {
         let rates = RateLimiter::new(&limits);
         let receipts = ReceiptMerger::start(writer.clone());
+        let low_priority = Arc::new(Semaphore::new(limits.low_priority_max_waiting));
         Self {
             store,
             writer,
             limits,
             rates,
             receipts,
+            low_priority,
+        }
+    }
+
+    /// Admits a send under the rate limits. A NORMAL send is admitted now or refused; a LOW
+    /// one over a limit waits for its turn (as many of them as there are places), up to
+    /// `low_priority_max_wait_ms`, so bursts of reactions or bot pushes are smoothed rather
+    /// than refused.
+    async fn admit(&self, r: &pb::SendMessageRequest) -> Result<(), CellError> {
+        let low = match pb::Priority::try_from(r.priority) {
+            Ok(pb::Priority::Normal) => false,
+            Ok(pb::Priority::Low) => true,
+            Err(_) => {
+                return Err(CellError::invalid(
+                    "priority",
+                    format!("must be NORMAL or LOW, got enum value {}", r.priority),
+                ));
+            }
+        };
+        let try_admit = || {
+            self.rates.admit(
+                &r.tenant_id,
+                &r.conversation_id,
+                &r.sender_id,
+                &r.client_type,
+                &r.app_id,
+                Instant::now(),
+            )
+        };
+        let mut refused = match try_admit() {
+            Ok(()) => return Ok(()),
+            Err(refused) => refused,
+        };
+        if !low {
+            return Err(refused);
+        }
+        let Ok(_place) = self.low_priority.clone().try_acquire_owned() else {
+            return Err(refused);
+        };
+        metrics::counter!("cellplane_cell_low_priority_waits_total").increment(1);
+        let deadline = Instant::now() + Duration::from_millis(self.limits.low_priority_max_wait_ms);
+        loop {
+            let CellError::ResourceExhausted(message) = &refused else {
+                return Err(refused);
+            };
+            let wait = Duration::from_millis(retry_after_ms(message).unwrap_or(10).max(1));
+            if Instant::now() + wait > deadline {
+                return Err(CellError::ResourceExhausted(format!(
+                    "{message} (a LOW-priority send waits at most {} ms)",
+                    self.limits.low_priority_max_wait_ms
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            refused = match try_admit() {
+                Ok(()) => return Ok(()),
+                Err(refused) => refused,
+            };
         }
     }
 }
@@ -271,14 +334,7 @@ impl Messaging for MessagingService {
         user_ids("receiver_ids", &r.receiver_ids, self.limits.max_receivers)?;
         cellplane_api::ids::validate_optional_id("client_type", &r.client_type)?;
         cellplane_api::ids::validate_optional_id("app_id", &r.app_id)?;
-        self.rates.admit(
-            &r.tenant_id,
-            &r.conversation_id,
-            &r.sender_id,
-            &r.client_type,
-            &r.app_id,
-            std::time::Instant::now(),
-        )?;
+        self.admit(&r).await?;
         let outcome = self
             .write(Op::Write {
                 tenant: r.tenant_id,

@@ -32,6 +32,7 @@ fn send(conversation: &str, sender: &str, id: u64) -> SendMessageRequest {
         route_epoch: 1,
         client_type: "bench".into(),
         app_id: "bench".into(),
+        ..Default::default()
     }
 }
 

@@ -39,5 +39,6 @@ pub fn send(
         route_epoch: 1,
         client_type: "test".into(),
         app_id: "tests".into(),
+        ..Default::default()
     }
 }

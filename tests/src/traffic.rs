@@ -45,6 +45,7 @@ pub fn send_request(
         route_epoch: 0,
         client_type: "test".into(),
         app_id: "system-tests".into(),
+        ..Default::default()
     }
 }
 

@@ -34,6 +34,7 @@ fn send(client_msg_id: &str, epoch: u64) -> SendMessageRequest {
         route_epoch: epoch,
         client_type: "test".into(),
         app_id: "system-tests".into(),
+        ..Default::default()
     }
 }
 

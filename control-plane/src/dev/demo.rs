@@ -68,6 +68,7 @@ impl Traffic {
                                 route_epoch: 0,
                                 client_type: "demo".into(),
                                 app_id: "cellplane-dev".into(),
+                                ..Default::default()
                             })
                             .await;
                         let waited = started.elapsed().as_micros() as u64;

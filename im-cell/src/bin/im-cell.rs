@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use cellplane_im_cell::config::CellConfig;
 use cellplane_im_cell::limits::Limits;
 use cellplane_im_cell::server;
@@ -27,15 +27,19 @@ struct Cli {
 enum Command {
     /// Serve Messaging, Sync and CellAdmin on one port.
     Serve {
+        /// A TOML file with every setting (cell_id, listen, data_dir, metrics_listen,
+        /// [limits]); flags given as well override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The cell's id, as registered with the control plane.
         #[arg(long)]
-        cell_id: String,
+        cell_id: Option<String>,
         /// Address to serve gRPC on.
         #[arg(long)]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         /// Directory of the cell's store; the cell restarts from it.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         /// Serve Prometheus metrics over HTTP on this address.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let Command::Serve {
+        config,
         cell_id,
         listen,
         data_dir,
@@ -116,7 +121,33 @@ async fn main() -> anyhow::Result<()> {
         sends_per_sender_per_sec,
         exit_with_parent,
     } = Cli::parse().command;
-    let mut limits = Limits::default();
+    let mut config = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let mut config = CellConfig::from_toml(&text)?;
+            config.cell_id = cell_id.unwrap_or(config.cell_id);
+            config.listen = listen.unwrap_or(config.listen);
+            config.data_dir = data_dir.unwrap_or(config.data_dir);
+            config
+        }
+        None => {
+            let (Some(cell_id), Some(listen), Some(data_dir)) = (cell_id, listen, data_dir) else {
+                bail!("give --config FILE, or all of --cell-id, --listen and --data-dir");
+            };
+            CellConfig {
+                cell_id,
+                listen,
+                data_dir,
+                metrics_listen: None,
+                limits: Limits::default(),
+            }
+        }
+    };
+    if metrics_listen.is_some() {
+        config.metrics_listen = metrics_listen;
+    }
+    let limits = &mut config.limits;
     if let Some(n) = max_body_bytes {
         limits.max_body_bytes = n;
     }
@@ -129,14 +160,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(n) = sends_per_sender_per_sec {
         limits.sends_per_sender_per_sec = n;
     }
-    let config = CellConfig {
-        cell_id,
-        listen,
-        data_dir,
-        limits,
-    };
     config.validate()?;
-    if let Some(addr) = metrics_listen {
+    if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
