@@ -320,6 +320,7 @@ impl CellAdmin for AdminService {
             conversations: self.store.spaces.conversations.approximate_len() as u64,
             messages: self.store.spaces.messages.approximate_len() as u64,
             disk_bytes: self.store.db.disk_space().unwrap_or(0),
+            undelivered_notifications: self.store.spaces.undelivered.iter().count() as u64,
         }))
     }
 }

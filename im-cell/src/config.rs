@@ -9,6 +9,8 @@
 //! [limits]
 //! max_body_bytes = 65536
 //! sends_per_sender_per_sec = 100
+//! [pns]
+//! webhook = "http://10.0.9.1:8080/notify"
 //! ```
 
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use cellplane_api::ids::validate_id;
 use serde::Deserialize;
 
 use crate::limits::Limits;
+use crate::pns::PnsConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +35,9 @@ pub struct CellConfig {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub limits: Limits,
+    /// Where notifications for offline members go; none when absent.
+    #[serde(default)]
+    pub pns: Option<PnsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +82,9 @@ impl CellConfig {
                     rule: "must be at least 1".into(),
                 });
             }
+        }
+        if let Some(pns) = &self.pns {
+            pns.validate()?;
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError {

@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the fjall store, its keys and records, and the group-committing [`store::writer`];
 //! - [`messaging`], [`sync`], [`admin`]: the gRPC services;
+//! - [`pns`]: offline notifications to a webhook;
 //! - [`server`]: `serve(config, listener, shutdown)`.
 //!
 //! The cell knows nothing of the control plane: it obeys grants, revocations and freezes sent to
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod messaging;
+pub mod pns;
 pub mod rate;
 pub mod receipts;
 pub mod server;

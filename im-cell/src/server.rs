@@ -10,6 +10,7 @@ use crate::admin::AdminService;
 use crate::config::{CellConfig, ConfigError};
 use crate::error::CellError;
 use crate::messaging::MessagingService;
+use crate::pns::Notifier;
 use crate::store::Store;
 use crate::store::writer::Writer;
 use crate::sync::SyncService;
@@ -38,7 +39,12 @@ pub async fn serve(
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Store::open(&config.data_dir)?;
-    let hub = SyncHub::default();
+    let notifier = config
+        .pns
+        .clone()
+        .map(|pns| Notifier::start(config.cell_id.clone(), pns, store.clone()))
+        .transpose()?;
+    let hub = SyncHub::with_notifier(notifier);
     let writer = Writer::start(
         store.clone(),
         config.cell_id.clone(),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use cellplane_im_cell::config::CellConfig;
 use cellplane_im_cell::limits::Limits;
+use cellplane_im_cell::pns::PnsConfig;
 use cellplane_im_cell::server;
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,10 @@ enum Command {
         /// Sends per second by one sender.
         #[arg(long)]
         sends_per_sender_per_sec: Option<u32>,
+        /// POST notifications for members with no device online to this webhook
+        /// (http://host:port/path), in batches.
+        #[arg(long)]
+        pns_webhook: Option<String>,
         /// Stop (gracefully) when the process that started this one exits, so a supervisor
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
@@ -119,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         rebase_backlog_events,
         sends_per_conversation_per_sec,
         sends_per_sender_per_sec,
+        pns_webhook,
         exit_with_parent,
     } = Cli::parse().command;
     let mut config = match config {
@@ -141,11 +147,15 @@ async fn main() -> anyhow::Result<()> {
                 data_dir,
                 metrics_listen: None,
                 limits: Limits::default(),
+                pns: None,
             }
         }
     };
     if metrics_listen.is_some() {
         config.metrics_listen = metrics_listen;
+    }
+    if let Some(webhook) = pns_webhook {
+        config.pns = Some(PnsConfig::webhook(webhook));
     }
     let limits = &mut config.limits;
     if let Some(n) = max_body_bytes {

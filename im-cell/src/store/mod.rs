@@ -37,6 +37,8 @@ pub struct Spaces {
     pub grants: Keyspace,
     pub imports: Keyspace,
     pub log: Keyspace,
+    /// Offline notifications the notification sink did not take, kept for ops.
+    pub undelivered: Keyspace,
 }
 
 /// Names a keyspace in the writer's overlay of uncommitted rows.
@@ -101,6 +103,7 @@ impl Store {
             grants: open_space(&db, "grants")?,
             imports: open_space(&db, "imports")?,
             log: open_space(&db, "log")?,
+            undelivered: open_space(&db, "undelivered")?,
         };
         Ok(Self { db, spaces })
     }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::store::records::SyncRecord;
+use crate::pns::{Notification, Notifier};
+use crate::store::records::{SyncKind, SyncRecord};
 
 /// Events one device may have queued before it is made to catch up from the store.
 pub const DEVICE_QUEUE: usize = 1_024;
@@ -30,6 +31,8 @@ struct Device {
 #[derive(Clone, Default)]
 pub struct SyncHub {
     inner: Arc<Mutex<HubInner>>,
+    /// Where new messages for members with no device online go, when a sink is configured.
+    notifier: Option<Notifier>,
 }
 
 #[derive(Default)]
@@ -59,6 +62,14 @@ impl Drop for Subscription {
 }
 
 impl SyncHub {
+    /// A hub that hands new messages for offline members to `notifier`.
+    pub fn with_notifier(notifier: Option<Notifier>) -> Self {
+        Self {
+            inner: Arc::default(),
+            notifier,
+        }
+    }
+
     /// Registers a device of `user`; events committed from now on reach its queue.
     pub fn subscribe(&self, tenant: &str, user: &str) -> Subscription {
         let (queue, events) = mpsc::channel(DEVICE_QUEUE);
@@ -91,11 +102,33 @@ impl SyncHub {
         for delivery in deliveries {
             let key = (delivery.tenant, delivery.user);
             let Some(devices) = inner.devices.get_mut(&key) else {
+                self.notify_offline(key, delivery.event);
                 continue;
             };
             // A full queue drops the device from the hub: its stream sees the queue close and
             // reads the store from its last pts.
             devices.retain(|device| device.queue.try_send(delivery.event.clone()).is_ok());
         }
+    }
+
+    /// A new message for a member with no device online, but for the sender's own.
+    fn notify_offline(&self, (tenant_id, user_id): (String, String), event: SyncRecord) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        let Some(message) = event.message.filter(|_| event.kind == SyncKind::NewMessage) else {
+            return;
+        };
+        if message.sender_id == user_id {
+            return;
+        }
+        notifier.offer(Notification {
+            tenant_id,
+            user_id,
+            conversation_id: event.conversation_id,
+            seq: event.seq,
+            message_id: message.message_id,
+            sender_id: message.sender_id,
+        });
     }
 }
