@@ -18,6 +18,9 @@ use cellplane_api::client::ControlPlane;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Largest answer the agent takes from its own cells.
+const MAX_STATUS_BYTES: usize = 256 << 20;
+
 /// How long a cell may take to answer a status request in a heartbeat.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -36,7 +39,9 @@ pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::clie
     let mut cells = BTreeMap::new();
     for spec in specs {
         let endpoint = spec.listen.to_string();
-        let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT)?);
+        // A cell's status lists every key it holds: a million tenants are tens of megabytes.
+        let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT)?)
+            .max_decoding_message_size(MAX_STATUS_BYTES);
         cells.insert(
             spec.cell_id.clone(),
             LocalCell {

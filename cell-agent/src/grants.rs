@@ -14,6 +14,7 @@ use cellplane_api::proto::cell::{CellStatusRequest, GrantRequest, RevokeRequest}
 use cellplane_api::proto::routing::{
     Consistency, ListRoutesRequest, LookupRequest, Route, RouteEventKind, WatchRequest,
 };
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
@@ -21,6 +22,8 @@ use crate::cells::LocalCells;
 use cellplane_api::client::ControlPlane;
 
 const PAGE_SIZE: u32 = 5_000;
+/// Grants sent at once while reloading.
+const GRANTS_IN_FLIGHT: usize = 128;
 const RETRY: Duration = Duration::from_millis(200);
 
 /// `(tenant_id, conversation_id)`.
@@ -110,11 +113,9 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
             break;
         }
     }
-    for (key, (cell_id, epoch)) in &mine {
-        grant(cells, cell_id, key, *epoch).await?;
-    }
-    // Keys a cell holds that no route gives it: revoke them towards their owner. A
-    // conversation frozen alone on its tenant's cell resolves to that same cell and stays.
+    // What each cell holds already, so a reload grants only what changed, many at a time
+    // (the cell commits concurrent grants together).
+    let mut statuses = Vec::new();
     for (cell_id, cell) in cells.iter() {
         let status = cell
             .admin
@@ -122,7 +123,41 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
             .cell_status(CellStatusRequest {})
             .await?
             .into_inner();
-        for held in status.keys {
+        statuses.push((cell_id.clone(), status));
+    }
+    let held: HashMap<(&str, Key), u64> = statuses
+        .iter()
+        .flat_map(|(cell_id, status)| {
+            status.keys.iter().map(move |k| {
+                (
+                    (
+                        cell_id.as_str(),
+                        (k.tenant_id.clone(), k.conversation_id.clone()),
+                    ),
+                    k.epoch,
+                )
+            })
+        })
+        .collect();
+    let missing: Vec<(Key, String, u64)> = mine
+        .iter()
+        .filter(|(key, (cell_id, epoch))| {
+            held.get(&(cell_id.as_str(), (*key).clone())) != Some(epoch)
+        })
+        .map(|(key, (cell_id, epoch))| (key.clone(), cell_id.clone(), *epoch))
+        .collect();
+    futures::stream::iter(missing)
+        .map(|(key, cell_id, epoch)| {
+            let cells = cells.clone();
+            async move { grant(&cells, &cell_id, &key, epoch).await }
+        })
+        .buffer_unordered(GRANTS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    // Keys a cell holds that no route gives it: revoke them towards their owner. A
+    // conversation frozen alone on its tenant's cell resolves to that same cell and stays.
+    for (cell_id, status) in &statuses {
+        for held in &status.keys {
             let key = (held.tenant_id.clone(), held.conversation_id.clone());
             if mine.get(&key).is_some_and(|(owner, _)| owner == cell_id) {
                 continue;

@@ -1,6 +1,7 @@
 //! The whole system in real processes: a control-plane cluster, cell agents running IM cells,
 //! and writers that follow routes through migrations.
 
+mod agent;
 mod cancel;
 mod cellctl;
 mod crash;
