@@ -5,12 +5,13 @@
 //! leaves is revoked with its new owner, so writers that still reach the old cell are told
 //! where to go. Any failure (a cell down, the watch cut) starts over with a full load, which
 //! also repairs whatever a crash left half done. Granting the epoch a cell already holds
-//! changes nothing there, so starting over is harmless.
+//! changes nothing there, so starting over is harmless. A key whose tenant was deleted is
+//! revoked with no new owner and its rows are dropped.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cellplane_api::proto::cell::{CellStatusRequest, GrantRequest, RevokeRequest};
+use cellplane_api::proto::cell::{CellStatusRequest, GrantRequest, KeyRequest, RevokeRequest};
 use cellplane_api::proto::routing::{
     Consistency, ListRoutesRequest, LookupRequest, Route, RouteEventKind, WatchRequest,
 };
@@ -70,6 +71,30 @@ async fn grant(cells: &LocalCells, cell_id: &str, key: &Key, epoch: u64) -> Resu
         }
         Err(status) => Err(status),
     }
+}
+
+/// Revokes a key whose tenant was deleted and drops its rows: no writer reaches it again.
+async fn drop_deleted(cells: &LocalCells, cell_id: &str, key: &Key) -> Result<(), Status> {
+    let Some(cell) = cells.get(cell_id) else {
+        return Ok(());
+    };
+    let mut admin = cell.admin.clone();
+    admin
+        .revoke(RevokeRequest {
+            tenant_id: key.0.clone(),
+            conversation_id: key.1.clone(),
+            new_cell_id: String::new(),
+            new_epoch: 0,
+        })
+        .await?;
+    admin
+        .purge(KeyRequest {
+            tenant_id: key.0.clone(),
+            conversation_id: key.1.clone(),
+        })
+        .await?;
+    tracing::info!(cell_id, tenant = %key.0, conversation = %key.1, "dropped a deleted key");
+    Ok(())
 }
 
 async fn revoke(cells: &LocalCells, cell_id: &str, key: &Key, to: &Route) -> Result<(), Status> {
@@ -177,7 +202,9 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
                         revoke(cells, cell_id, &key, &route).await?;
                     }
                 }
-                Err(status) if status.code() == Code::NotFound => {}
+                Err(status) if status.code() == Code::NotFound => {
+                    drop_deleted(cells, cell_id, &key).await?;
+                }
                 Err(status) => return Err(status),
             }
         }
@@ -192,7 +219,9 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
             let Some(route) = event.route else { continue };
             let key = key_of(&route);
             if event.kind != RouteEventKind::Put as i32 {
-                mine.remove(&key);
+                if let Some((cell_id, _)) = mine.remove(&key) {
+                    drop_deleted(cells, &cell_id, &key).await?;
+                }
                 continue;
             }
             let previous = mine.remove(&key);

@@ -75,7 +75,8 @@ impl CellAdmin for AdminService {
     ) -> Result<Response<pb::AdminEmpty>, Status> {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
-        validate_id("new_cell_id", &r.new_cell_id)?;
+        // Empty: the key no longer exists anywhere (its tenant was deleted).
+        validate_optional_id("new_cell_id", &r.new_cell_id)?;
         self.writer
             .submit(Op::Revoke {
                 tenant: r.tenant_id,

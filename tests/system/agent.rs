@@ -72,3 +72,72 @@ async fn a_restarted_agent_restores_its_cells_and_grants_what_changed_meanwhile(
         .collect();
     assert_eq!(seen, ["one", "two"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_tenant_is_revoked_and_dropped_on_its_cell() {
+    use cellplane_api::detail::wrong_cell;
+    use cellplane_api::proto::cell::GetHistoryRequest;
+    use cellplane_api::proto::control::DeleteTenantRequest;
+
+    let system = System::start(&[("hz", &[("hz-a-normal-1", "a", "NORMAL")])]).await;
+    system.create_tenant("gone", Tier::Normal, "hz").await;
+    let (_, messenger) = system.messenger().await;
+    create_groups(&messenger, "gone", 1).await;
+    messenger
+        .send_message(send_request("gone", "c0", MEMBERS[0], "one", b"1".to_vec()))
+        .await
+        .expect("send");
+    let leader = system.cluster.wait_for_leader().await;
+    system
+        .cluster
+        .control(leader)
+        .delete_tenant(DeleteTenantRequest {
+            tenant_id: "gone".into(),
+        })
+        .await
+        .expect("delete");
+
+    let cell = system.agents[0].cell("hz-a-normal-1").clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut late = send_request("gone", "c0", MEMBERS[0], "late", b"2".to_vec());
+        late.route_epoch = 1;
+        match cell.messaging().send_message(late).await {
+            Err(status) if wrong_cell(&status).is_some() => {
+                assert!(status.message().contains("no longer exists"), "{status:?}");
+                break;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the deleted tenant is still writable: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let history = cell
+            .messaging()
+            .get_history(GetHistoryRequest {
+                tenant_id: "gone".into(),
+                conversation_id: "c0".into(),
+                user_id: MEMBERS[0].into(),
+                before_seq: 0,
+                limit: 10,
+            })
+            .await;
+        if history
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::NotFound)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted tenant's rows are still there: {history:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

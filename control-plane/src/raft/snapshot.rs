@@ -53,6 +53,7 @@ struct Counts {
     tenants: u64,
     overrides: u64,
     migrations: u64,
+    retired: u64,
     events: u64,
 }
 
@@ -63,6 +64,7 @@ enum Frame {
     Tenants(Vec<(Arc<str>, TenantRecord)>),
     Overrides(Vec<(OverrideKey, OverrideRecord)>),
     Migrations(Vec<(u64, MigrationRecord)>),
+    Retired(Vec<(Arc<str>, u64)>),
     Events(Vec<RouteEvent>),
     End(Counts),
 }
@@ -153,6 +155,10 @@ pub fn write(
             state.migrations().iter().map(|(k, v)| (*k, v.clone())),
             Frame::Migrations,
         )?,
+        retired: writer.chunks(
+            state.retired().iter().map(|(k, v)| (k.clone(), *v)),
+            Frame::Retired,
+        )?,
         events: writer.chunks(state.history().events().iter().cloned(), Frame::Events)?,
     };
     writer.write(&Frame::End(counts))?;
@@ -189,6 +195,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut tenants: OrdMap<Arc<str>, TenantRecord> = OrdMap::new();
     let mut overrides: OrdMap<OverrideKey, OverrideRecord> = OrdMap::new();
     let mut migrations: OrdMap<u64, MigrationRecord> = OrdMap::new();
+    let mut retired: OrdMap<Arc<str>, u64> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -229,6 +236,10 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
                 seen.migrations += chunk.len() as u64;
                 migrations.extend(chunk);
             }
+            Some(Frame::Retired(chunk)) => {
+                seen.retired += chunk.len() as u64;
+                retired.extend(chunk);
+            }
             Some(Frame::Events(chunk)) => {
                 seen.events += chunk.len() as u64;
                 events.extend(chunk);
@@ -253,6 +264,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         tenants,
         overrides,
         migrations,
+        retired,
         History::from_parts(events, header.compacted_revision),
     );
     Ok((header.meta, state))

@@ -35,6 +35,10 @@ pub struct ControlState {
     overrides: OrdMap<OverrideKey, OverrideRecord>,
     /// Every migration by id (the revision that created it), finished ones included.
     migrations: OrdMap<u64, MigrationRecord>,
+    /// The highest epoch each deleted tenant's routes reached: a tenant created again under
+    /// the same id starts above it, so a writer still holding an epoch of the deleted tenant
+    /// can never write into the new one.
+    retired: OrdMap<Arc<str>, u64>,
     history: History,
 }
 
@@ -46,6 +50,7 @@ impl ControlState {
         tenants: OrdMap<Arc<str>, TenantRecord>,
         overrides: OrdMap<OverrideKey, OverrideRecord>,
         migrations: OrdMap<u64, MigrationRecord>,
+        retired: OrdMap<Arc<str>, u64>,
         history: History,
     ) -> Self {
         Self {
@@ -54,6 +59,7 @@ impl ControlState {
             tenants,
             overrides,
             migrations,
+            retired,
             history,
         }
     }
@@ -80,6 +86,10 @@ impl ControlState {
 
     pub fn migrations(&self) -> &OrdMap<u64, MigrationRecord> {
         &self.migrations
+    }
+
+    pub fn retired(&self) -> &OrdMap<Arc<str>, u64> {
+        &self.retired
     }
 
     pub fn history(&self) -> &History {
@@ -286,11 +296,12 @@ impl ControlState {
         };
         cell.load += 1;
         let endpoint = cell.endpoint.clone();
+        let epoch = self.retired.remove(tenant_id).map_or(1, |last| last + 1);
         let record = TenantRecord {
             tier,
             home_region: home_region.clone(),
             primary_cell: cell_id.clone(),
-            epoch: 1,
+            epoch,
             state: TenantState::Active,
             override_count: 0,
         };
@@ -302,7 +313,7 @@ impl ControlState {
                 key: RouteKey::tenant(tenant_id.clone()),
                 cell_id,
                 endpoint,
-                epoch: 1,
+                epoch,
                 revision,
                 is_override: false,
             },
@@ -326,6 +337,11 @@ impl ControlState {
             .tenant_overrides(tenant_id)
             .map(|(key, _)| key.clone())
             .collect();
+        let last_epoch = self
+            .tenant_overrides(tenant_id)
+            .map(|(_, o)| o.epoch)
+            .fold(tenant.epoch, u64::max);
+        self.retired.insert(tenant_id.clone(), last_epoch);
         for key in keys {
             if let Some(record) = self.overrides.remove(&key) {
                 let route = self.view(

@@ -535,3 +535,32 @@ mod migrations {
             .expect("a finished migration no longer blocks the tenant");
     }
 }
+
+#[test]
+fn a_tenant_created_again_starts_above_every_epoch_of_the_deleted_one() {
+    let mut state = two_cells();
+    create(&mut state, "acme", Tier::Normal).expect("create");
+    let hot = RouteKey::conversation("acme", "hot");
+    state
+        .apply(&Command::MoveRoute {
+            key: hot.clone(),
+            expected_epoch: 1,
+            target_cell: Arc::from("cell-b"),
+        })
+        .0
+        .expect("move the hot group");
+    assert_eq!(state.resolve(&hot).expect("route").epoch, 2);
+    state
+        .apply(&Command::DeleteTenant {
+            tenant_id: Arc::from("acme"),
+        })
+        .0
+        .expect("delete");
+    create(&mut state, "acme", Tier::Normal).expect("create again");
+    let again = state.resolve(&hot).expect("route");
+    assert_eq!(
+        again.epoch, 3,
+        "a writer holding epoch 1 or 2 of the deleted tenant is fenced off"
+    );
+    assert!(state.retired().is_empty(), "the tombstone is consumed");
+}

@@ -52,6 +52,16 @@ pub fn check_owner(
             detail(None),
         ));
     };
+    if let Some((cell, _)) = &record.moved_to
+        && cell.is_empty()
+    {
+        return Err(wrong_cell(
+            format!(
+                "route_epoch: {tenant}/{conversation} no longer exists (its tenant was deleted)"
+            ),
+            detail(Some(record)),
+        ));
+    }
     if let Some((cell, new_epoch)) = &record.moved_to {
         return Err(wrong_cell(
             format!(
