@@ -10,6 +10,9 @@ use super::model::{CellState, RouteKey, TenantState, Tier};
 use crate::migration::record::{MigrationRecord, Phase, Progress, display_id};
 use crate::placement;
 
+/// Finished migrations kept for people to look at; older ones are forgotten.
+pub const MAX_FINISHED_MIGRATIONS: usize = 10_000;
+
 impl ControlState {
     /// The migration of `tenant_id` that has not finished, if any: at most one runs per tenant,
     /// so a tenant move and a move of one of its conversations never copy the same rows.
@@ -220,6 +223,29 @@ impl ControlState {
             tenant.state = TenantState::Active;
         }
         self.migrations.insert(id, record.clone());
+        if to.is_terminal() {
+            self.forget_old_migrations();
+        }
         Ok(CommandOutput::Migration(MigrationView { id, record }))
+    }
+
+    /// Keeps the newest [`MAX_FINISHED_MIGRATIONS`] finished migrations, so the state does not
+    /// grow with every migration ever run.
+    fn forget_old_migrations(&mut self) {
+        if self.migrations.len() <= MAX_FINISHED_MIGRATIONS {
+            return;
+        }
+        let finished: Vec<u64> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| m.phase.is_terminal())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in finished
+            .iter()
+            .take(finished.len().saturating_sub(MAX_FINISHED_MIGRATIONS))
+        {
+            self.migrations.remove(id);
+        }
     }
 }

@@ -523,6 +523,27 @@ mod migrations {
     }
 
     #[test]
+    fn only_the_newest_finished_migrations_are_kept() {
+        use crate::state::migrations::MAX_FINISHED_MIGRATIONS;
+        let mut state = two_cells();
+        create(&mut state, "acme", Tier::Normal).expect("create");
+        let mut first = None;
+        for _ in 0..=MAX_FINISHED_MIGRATIONS {
+            let (id, _) =
+                start(&mut state, RouteKey::tenant("acme"), Some("cell-b"), None).expect("start");
+            first.get_or_insert(id);
+            advance(&mut state, id, Phase::Planned, Phase::RolledBack, at(0, 0)).expect("cancel");
+        }
+        assert_eq!(state.migrations().len(), MAX_FINISHED_MIGRATIONS);
+        assert!(
+            !state
+                .migrations()
+                .contains_key(&first.expect("a migration")),
+            "the oldest finished migration is forgotten"
+        );
+    }
+
+    #[test]
     fn a_rolled_back_migration_leaves_the_route_alone() {
         let mut state = two_cells();
         create(&mut state, "acme", Tier::Normal).expect("create");
