@@ -269,6 +269,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            // A range that starts in the purged part answers nothing rather than the entries
+            // after the purge point: openraft sends what it reads after the range's previous log
+            // id, so a suffix from a later index would reach a follower with no log before it
+            // (a follower whose disk was wiped, raced by a purge) as if it followed on. With
+            // nothing read, openraft sends a heartbeat and then the snapshot.
+            let purged: Option<LogId<NodeId>> = self.read_meta(PURGED)?;
+            let start = match range.start_bound() {
+                std::ops::Bound::Included(i) => *i,
+                std::ops::Bound::Excluded(i) => i + 1,
+                std::ops::Bound::Unbounded => 0,
+            };
+            if purged.is_some_and(|purged| start <= purged.index) {
+                return Ok(Vec::new());
+            }
             let txn = self.db.begin_read().map_err(redb_error)?;
             let table = txn.open_table(LOGS).map_err(redb_error)?;
             let mut entries = Vec::new();
@@ -402,5 +416,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Self::wait(wait)
             .await
             .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use openraft::{CommittedLeaderId, RaftLogReader};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_range_that_starts_in_the_purged_part_reads_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = LogStore::open(&dir.path().join("log.redb")).expect("open");
+        let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        {
+            let txn = store.db.begin_write().expect("write");
+            {
+                let mut logs = txn.open_table(LOGS).expect("logs");
+                for index in 6..=10 {
+                    let entry = Entry::<TypeConfig>::new_blank(log_id(index));
+                    let bytes = codec::encode(&entry).expect("encode");
+                    logs.insert(index, bytes.as_slice()).expect("insert");
+                }
+                let mut meta = txn.open_table(META).expect("meta");
+                let purged = codec::encode(&log_id(5)).expect("encode");
+                meta.insert(PURGED, purged.as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let indexes = |entries: Vec<Entry<TypeConfig>>| -> Vec<u64> {
+            entries.iter().map(|e| e.log_id.index).collect()
+        };
+        assert_eq!(
+            indexes(store.try_get_log_entries(0..11).await.expect("read")),
+            Vec::<u64>::new(),
+            "never a suffix of a range whose start was purged"
+        );
+        assert_eq!(
+            indexes(store.try_get_log_entries(5..8).await.expect("read")),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            indexes(store.try_get_log_entries(6..9).await.expect("read")),
+            vec![6, 7, 8]
+        );
     }
 }
