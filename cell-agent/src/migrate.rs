@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::cells::{LocalCells, remote_admin};
+use crate::cells::{LocalCells, now_ms, remote_admin};
 use cellplane_api::client::ControlPlane;
 
 /// Pause between catch-up passes, so a migration of an idle key does not spin.
@@ -239,10 +239,12 @@ impl Worker {
                 ))),
             };
             let report = match step {
-                Ok(report) => {
+                Ok(Some(report)) => {
                     failures = 0;
                     report
                 }
+                // Nothing to report yet (a grace period running): do the phase again.
+                Ok(None) => continue,
                 Err(status) => {
                     failures += 1;
                     tracing::warn!(migration = %id, phase = current.as_str_name(), failures, %status, "migration step failed");
@@ -320,7 +322,8 @@ impl Worker {
         remote_admin(&cell.endpoint)
     }
 
-    /// Does the agent's part of `phase` once and says what to report.
+    /// Does the agent's part of `phase` once and says what to report (nothing yet, when the
+    /// phase has to wait).
     async fn step(
         &self,
         m: &pb::Migration,
@@ -328,7 +331,7 @@ impl Worker {
         source: &mut CellAdminClient<Channel>,
         target: &CellAdminClient<Channel>,
         copied: &mut Copied,
-    ) -> Result<pb::ReportMigrationRequest, Status> {
+    ) -> Result<Option<pb::ReportMigrationRequest>, Status> {
         let mut report = pb::ReportMigrationRequest {
             migration_id: m.migration_id.clone(),
             phase: phase as i32,
@@ -389,8 +392,7 @@ impl Worker {
                 report.phase_done = true;
             }
             Phase::Cleanup => {
-                // The source drops the key's rows, once it is surely revoked: its cell log
-                // records the purge like any change.
+                // The source is surely revoked before anything is dropped.
                 let epoch = m.source_epoch + 1;
                 source
                     .revoke(cell_pb::RevokeRequest {
@@ -400,7 +402,16 @@ impl Worker {
                         new_epoch: epoch,
                     })
                     .await?;
-                source.purge(key_request(m)).await?;
+                if !m.keep_source_data {
+                    // After the grace period the source drops the key's rows; its cell log
+                    // records the purge like any change.
+                    let wait = m.purge_after_ms.saturating_sub(now_ms());
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_millis(wait.min(1_000))).await;
+                        return Ok(None);
+                    }
+                    source.purge(key_request(m)).await?;
+                }
                 report.phase_done = true;
             }
             _ => {}
@@ -408,7 +419,7 @@ impl Worker {
         report.copied_lsn = copied.lsn;
         report.rows_copied = copied.rows;
         report.bytes_copied = copied.bytes;
-        Ok(report)
+        Ok(Some(report))
     }
 }
 

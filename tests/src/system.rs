@@ -32,7 +32,12 @@ pub struct System {
 impl System {
     /// Starts the cluster and the agents, and waits until every cell is ACTIVE.
     pub async fn start(regions: &[(&str, &[CellSpec<'_>])]) -> System {
-        let cluster = Cluster::start(3, &[]).await;
+        Self::start_with(&[], regions).await
+    }
+
+    /// Like [`System::start`], each control-plane node started with `node_args` too.
+    pub async fn start_with(node_args: &[&str], regions: &[(&str, &[CellSpec<'_>])]) -> System {
+        let cluster = Cluster::start(3, node_args).await;
         let endpoints = cluster.endpoints();
         let agents: Vec<AgentProcess> = regions
             .iter()

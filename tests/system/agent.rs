@@ -141,3 +141,60 @@ async fn a_deleted_tenant_is_revoked_and_dropped_on_its_cell() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_keeps_a_moved_tenant_as_a_backup_when_configured() {
+    use cellplane_api::proto::control::MigrateTenantRequest;
+
+    let system = System::start_with(
+        &["--migration-keep-source-data"],
+        &[(
+            "hz",
+            &[
+                ("hz-a-normal-1", "a", "NORMAL"),
+                ("hz-b-normal-2", "b", "NORMAL"),
+            ],
+        )],
+    )
+    .await;
+    let source = system.create_tenant("kept", Tier::Normal, "hz").await;
+    let (_, messenger) = system.messenger().await;
+    create_groups(&messenger, "kept", 1).await;
+    messenger
+        .send_message(send_request("kept", "c0", MEMBERS[0], "one", b"1".to_vec()))
+        .await
+        .expect("send");
+    let leader = system.cluster.wait_for_leader().await;
+    let migration = system
+        .cluster
+        .control(leader)
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: "kept".into(),
+            target_cell: String::new(),
+        })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let done = system
+        .wait_for_migration(&migration.migration_id, Duration::from_secs(30))
+        .await;
+    assert_eq!(super::phase_name(&done), "MIGRATION_PHASE_DONE", "{done:?}");
+    assert!(
+        done.keep_source_data && done.purge_after_ms == 0,
+        "{done:?}"
+    );
+    // The source still holds the history, and still refuses writes to it.
+    let mut old = system.agents[0].cell(&source).messaging();
+    let kept: Vec<String> = history(&mut old, "kept", "c0")
+        .await
+        .into_iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(kept, ["one"]);
+    let mut late = send_request("kept", "c0", MEMBERS[0], "late", b"2".to_vec());
+    late.route_epoch = 1;
+    assert!(
+        old.send_message(late).await.is_err(),
+        "the backup takes no writes"
+    );
+}

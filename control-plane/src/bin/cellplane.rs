@@ -73,6 +73,12 @@ struct ServeArgs {
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long)]
     logs_kept_after_snapshot: Option<u64>,
+    /// How long a migration's source keeps the moved key's rows before dropping them.
+    #[arg(long)]
+    migration_cleanup_grace_ms: Option<u64>,
+    /// Keep moved keys' rows on migration sources as a backup instead of dropping them.
+    #[arg(long)]
+    migration_keep_source_data: bool,
 }
 
 #[derive(Args)]
@@ -171,6 +177,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(n) = args.logs_kept_after_snapshot {
         config.raft.logs_kept_after_snapshot = n;
+    }
+    if let Some(ms) = args.migration_cleanup_grace_ms {
+        config.migration.cleanup_grace_ms = ms;
+    }
+    if args.migration_keep_source_data {
+        config.migration.keep_source_data = true;
     }
     config.validate()?;
     Ok(config)

@@ -240,6 +240,8 @@ pub fn migration_to_proto(view: &MigrationView) -> pb::Migration {
         frozen_ms: m.frozen_ms,
         switched_ms: m.switched_ms,
         revision: m.updated_revision,
+        purge_after_ms: m.purge_after_ms.unwrap_or(0),
+        keep_source_data: m.switched_ms > 0 && m.purge_after_ms.is_none(),
     }
 }
 

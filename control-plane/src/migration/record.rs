@@ -150,6 +150,9 @@ pub struct MigrationRecord {
     pub updated_ms: u64,
     pub frozen_ms: u64,
     pub switched_ms: u64,
+    /// Fixed at the switch: when the source may drop the key's rows; `None` keeps them as a
+    /// backup.
+    pub purge_after_ms: Option<u64>,
     pub updated_revision: u64,
 }
 

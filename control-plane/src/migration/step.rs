@@ -20,6 +20,11 @@ pub struct Settings {
     /// Fail a migration that stays frozen this long without the target catching up: the bound
     /// on the write pause when something goes wrong.
     pub freeze_timeout_ms: u64,
+    /// How long the source keeps a moved key's rows after the switch before dropping them (a
+    /// tier change drops them at once).
+    pub cleanup_grace_ms: u64,
+    /// Keep moved keys' rows on the source as a backup instead of dropping them.
+    pub keep_source_data: bool,
 }
 
 impl Default for Settings {
@@ -28,6 +33,8 @@ impl Default for Settings {
             catch_up_lag: 1000,
             stall_timeout_ms: 30_000,
             freeze_timeout_ms: 3_000,
+            cleanup_grace_ms: 0,
+            keep_source_data: false,
         }
     }
 }
@@ -69,6 +76,14 @@ pub fn step(
 ) -> Decision {
     use Phase::*;
     let phase = record.phase;
+    // Fixed at the switch: when the source may drop the key's rows (None: never).
+    let purge_after_ms = if settings.keep_source_data {
+        None
+    } else if record.new_tier.is_some() {
+        Some(now_ms)
+    } else {
+        Some(now_ms.saturating_add(settings.cleanup_grace_ms))
+    };
     let advance = |to: Phase, progress: Progress, error: Option<String>| {
         Decision::Propose(Command::AdvanceMigration {
             id,
@@ -77,6 +92,7 @@ pub fn step(
             progress,
             error,
             now_ms,
+            purge_after_ms,
         })
     };
     match event {
@@ -189,6 +205,7 @@ mod tests {
             updated_ms: 1_000,
             frozen_ms: 0,
             switched_ms: 0,
+            purge_after_ms: None,
             updated_revision: 1,
         }
     }
@@ -218,7 +235,37 @@ mod tests {
         catch_up_lag: 10,
         stall_timeout_ms: 1_000,
         freeze_timeout_ms: 500,
+        cleanup_grace_ms: 60_000,
+        keep_source_data: false,
     };
+
+    #[test]
+    fn the_switch_fixes_when_the_source_drops_the_rows() {
+        let purge = |record: &MigrationRecord, settings: &Settings| {
+            let r = report(Phase::Freezing, 5, 5, 5, true);
+            match step(1, record, Event::Report(&r), 2_000, settings) {
+                Decision::Propose(Command::AdvanceMigration {
+                    to: Phase::Switching,
+                    purge_after_ms,
+                    ..
+                }) => purge_after_ms,
+                other => panic!("expected the switch, got {other:?}"),
+            }
+        };
+        let mut record = record(Phase::Freezing);
+        assert_eq!(purge(&record, &S), Some(62_000), "after the grace period");
+        let keep = Settings {
+            keep_source_data: true,
+            ..S
+        };
+        assert_eq!(purge(&record, &keep), None, "kept as a backup");
+        record.new_tier = Some(crate::state::model::Tier::High);
+        assert_eq!(
+            purge(&record, &S),
+            Some(2_000),
+            "a tier change drops them at once"
+        );
+    }
 
     #[test]
     fn a_migration_walks_every_phase_on_reports() {

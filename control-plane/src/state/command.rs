@@ -66,6 +66,8 @@ pub enum Command {
         progress: Progress,
         error: Option<String>,
         now_ms: u64,
+        /// Recorded at the switch: when the source may drop the key's rows; `None` keeps them.
+        purge_after_ms: Option<u64>,
     },
     /// What a cell's agent last saw of it.
     Heartbeat {

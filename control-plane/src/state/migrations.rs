@@ -136,6 +136,7 @@ impl ControlState {
             updated_ms: now_ms,
             frozen_ms: 0,
             switched_ms: 0,
+            purge_after_ms: None,
             updated_revision: revision,
         };
         self.migrations.insert(revision, record.clone());
@@ -148,15 +149,14 @@ impl ControlState {
         }))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `(from, to)` phases; `(now_ms, purge_after_ms)` as the command carries them.
     pub(super) fn advance_migration(
         &mut self,
         id: u64,
-        from: Phase,
-        to: Phase,
+        (from, to): (Phase, Phase),
         progress: &Progress,
         error: Option<&String>,
-        now_ms: u64,
+        (now_ms, purge_after_ms): (u64, Option<u64>),
         revision: u64,
         events: &mut Vec<RouteEvent>,
     ) -> CommandResult {
@@ -207,6 +207,7 @@ impl ControlState {
                 tenant.tier = tier;
             }
             record.switched_ms = now_ms;
+            record.purge_after_ms = purge_after_ms;
         }
         if to == Phase::Freezing && from != Phase::Freezing {
             record.frozen_ms = now_ms;

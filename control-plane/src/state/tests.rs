@@ -327,6 +327,7 @@ mod migrations {
                 progress,
                 error: None,
                 now_ms: 2,
+                purge_after_ms: Some(2),
             })
             .0
     }
@@ -450,6 +451,7 @@ mod migrations {
             progress: at(12, 12),
             error: None,
             now_ms: 3,
+            purge_after_ms: Some(3),
         });
         result.expect("switch");
         let route = state.resolve(&RouteKey::tenant("acme")).expect("route");
