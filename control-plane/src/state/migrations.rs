@@ -149,14 +149,17 @@ impl ControlState {
         }))
     }
 
-    /// `(from, to)` phases; `(now_ms, purge_after_ms)` as the command carries them.
+    /// Applies `AdvanceMigration`, whose fields are passed as they are.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn advance_migration(
         &mut self,
         id: u64,
-        (from, to): (Phase, Phase),
+        from: Phase,
+        to: Phase,
         progress: &Progress,
         error: Option<&String>,
-        (now_ms, purge_after_ms): (u64, Option<u64>),
+        now_ms: u64,
+        purge_after_ms: Option<u64>,
         revision: u64,
         events: &mut Vec<RouteEvent>,
     ) -> CommandResult {
