@@ -25,6 +25,33 @@ impl InvalidField {
     }
 }
 
+/// A config field that breaks a rule: what every binary's config check answers, so a bad
+/// config file or flag is refused at start naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field {field}: {rule}")]
+pub struct ConfigError {
+    pub field: String,
+    pub rule: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+}
+
+impl From<InvalidField> for ConfigError {
+    fn from(err: InvalidField) -> Self {
+        Self {
+            field: err.field,
+            rule: err.rule,
+        }
+    }
+}
+
 impl From<InvalidField> for tonic::Status {
     fn from(err: InvalidField) -> Self {
         tonic::Status::invalid_argument(err.to_string())

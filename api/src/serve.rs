@@ -13,3 +13,22 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
         Ok(stream)
     })
 }
+
+/// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

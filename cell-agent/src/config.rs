@@ -17,20 +17,7 @@ use std::path::PathBuf;
 use cellplane_api::ids::{validate_id, validate_optional_id};
 use serde::Deserialize;
 
-/// A config field that breaks a rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config field {field}: {rule}")]
-pub struct ConfigError {
-    pub field: String,
-    pub rule: String,
-}
-
-fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        rule: rule.into(),
-    }
-}
+pub use cellplane_api::ids::ConfigError;
 
 /// How a crashed cell is restarted: after `initial_backoff_ms`, doubling up to
 /// `max_backoff_ms`, back to the start once a cell stayed up for `stable_after_ms`.
@@ -96,22 +83,26 @@ pub const TIERS: [&str; 3] = ["HIGH", "NORMAL", "LOW"];
 impl AgentConfig {
     /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| invalid("(file)", e.to_string()))?;
+        let config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cells.is_empty() {
-            return Err(invalid("cells", "must list at least one cell"));
+            return Err(ConfigError::new("cells", "must list at least one cell"));
         }
         if self.heartbeat_interval_ms == 0 {
-            return Err(invalid("heartbeat_interval_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "heartbeat_interval_ms",
+                "must be at least 1",
+            ));
         }
         if self.restart.initial_backoff_ms == 0
             || self.restart.max_backoff_ms < self.restart.initial_backoff_ms
         {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "restart",
                 "initial_backoff_ms must be at least 1 and at most max_backoff_ms",
             ));
@@ -120,27 +111,28 @@ impl AgentConfig {
         let mut listens = HashSet::new();
         for (i, cell) in self.cells.iter().enumerate() {
             let field = |name: &str| format!("cells[{i}].{name}");
-            let check = |name: &str, value: &str| {
-                validate_id(&field(name), value).map_err(|e| invalid(e.field, e.rule))
-            };
+            let check = |name: &str, value: &str| validate_id(&field(name), value);
             check("cell_id", &cell.cell_id)?;
             check("zone", &cell.zone)?;
             validate_optional_id(
                 &field("standby_of"),
                 cell.standby_of.as_deref().unwrap_or(""),
             )
-            .map_err(|e| invalid(e.field, e.rule))?;
+            .map_err(|e| ConfigError::new(e.field, e.rule))?;
             if !TIERS.contains(&cell.tier.as_str()) {
-                return Err(invalid(field("tier"), "must be HIGH, NORMAL or LOW"));
+                return Err(ConfigError::new(
+                    field("tier"),
+                    "must be HIGH, NORMAL or LOW",
+                ));
             }
             if cell.capacity == 0 {
-                return Err(invalid(field("capacity"), "must be at least 1"));
+                return Err(ConfigError::new(field("capacity"), "must be at least 1"));
             }
             if !ids.insert(cell.cell_id.as_str()) {
-                return Err(invalid(field("cell_id"), "is listed twice"));
+                return Err(ConfigError::new(field("cell_id"), "is listed twice"));
             }
             if !listens.insert(cell.listen) {
-                return Err(invalid(field("listen"), "is used by another cell"));
+                return Err(ConfigError::new(field("listen"), "is used by another cell"));
             }
         }
         Ok(())

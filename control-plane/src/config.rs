@@ -8,20 +8,7 @@ use std::path::PathBuf;
 use cellplane_api::ids::validate_endpoint;
 use serde::Deserialize;
 
-/// A config field that breaks a rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config field {field}: {rule}")]
-pub struct ConfigError {
-    pub field: String,
-    pub rule: String,
-}
-
-fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        rule: rule.into(),
-    }
-}
+pub use cellplane_api::ids::ConfigError;
 
 /// Raft timing and log retention. Defaults suit nodes on one LAN or loopback; spread over
 /// regions, raise the election timeouts above the worst round trip.
@@ -81,64 +68,72 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Reads a TOML config file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| invalid("(file)", e.to_string()))
+        toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))
     }
 
     /// Checks every rule that can be checked before starting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
-            return Err(invalid("node_id", "must be at least 1"));
+            return Err(ConfigError::new("node_id", "must be at least 1"));
         }
         if self.peers.is_empty() {
-            return Err(invalid("peers", "must list at least this node"));
+            return Err(ConfigError::new("peers", "must list at least this node"));
         }
         if !self.peers.contains_key(&self.node_id) {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "peers",
                 format!("must include this node's id {}", self.node_id),
             ));
         }
         for (id, addr) in &self.peers {
             if *id == 0 {
-                return Err(invalid("peers", "node ids must be at least 1"));
+                return Err(ConfigError::new("peers", "node ids must be at least 1"));
             }
-            validate_endpoint(&format!("peers.{id}"), addr)
-                .map_err(|e| invalid(e.field, e.rule))?;
+            validate_endpoint(&format!("peers.{id}"), addr)?;
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(invalid("data_dir", "must not be empty"));
+            return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0 {
-            return Err(invalid("raft.heartbeat_interval_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "raft.heartbeat_interval_ms",
+                "must be at least 1",
+            ));
         }
         if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "raft.election_timeout_min_ms",
                 "must be greater than raft.heartbeat_interval_ms",
             ));
         }
         if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "raft.election_timeout_max_ms",
                 "must be greater than raft.election_timeout_min_ms",
             ));
         }
         if raft.snapshot_install_timeout_ms < raft.heartbeat_interval_ms {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "raft.snapshot_install_timeout_ms",
                 "must be at least raft.heartbeat_interval_ms",
             ));
         }
         if raft.snapshot_after_logs == 0 {
-            return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
+            return Err(ConfigError::new(
+                "raft.snapshot_after_logs",
+                "must be at least 1",
+            ));
         }
         let migration = &self.migration;
         if migration.freeze_timeout_ms == 0 {
-            return Err(invalid("migration.freeze_timeout_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "migration.freeze_timeout_ms",
+                "must be at least 1",
+            ));
         }
         if migration.stall_timeout_ms < migration.freeze_timeout_ms {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "migration.stall_timeout_ms",
                 "must be at least migration.freeze_timeout_ms",
             ));
@@ -151,14 +146,20 @@ impl NodeConfig {
         let mut peers = BTreeMap::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((id, addr)) = part.split_once('=') else {
-                return Err(invalid("peers", format!("{part:?} is not ID=HOST:PORT")));
+                return Err(ConfigError::new(
+                    "peers",
+                    format!("{part:?} is not ID=HOST:PORT"),
+                ));
             };
             let id: u64 = id
                 .trim()
                 .parse()
-                .map_err(|_| invalid("peers", format!("{id:?} is not a node id")))?;
+                .map_err(|_| ConfigError::new("peers", format!("{id:?} is not a node id")))?;
             if peers.insert(id, addr.trim().to_string()).is_some() {
-                return Err(invalid("peers", format!("node id {id} is listed twice")));
+                return Err(ConfigError::new(
+                    "peers",
+                    format!("node id {id} is listed twice"),
+                ));
             }
         }
         Ok(peers)

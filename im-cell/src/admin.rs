@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::CellError;
 use crate::store::Store;
 use crate::store::export::{Excluded, ExportView, space_named};
+use crate::store::fencing::own_conversations;
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
@@ -157,12 +158,7 @@ impl CellAdmin for AdminService {
         route_key(&r.tenant_id, &r.conversation_id)?;
         let view = ExportView::open(&self.store)?;
         let excluded: Excluded = if r.conversation_id.is_empty() {
-            self.writer
-                .grants()
-                .into_keys()
-                .filter(|(tenant, conversation)| *tenant == r.tenant_id && !conversation.is_empty())
-                .map(|(_, conversation)| conversation)
-                .collect()
+            own_conversations(&self.writer.grants(), &r.tenant_id).collect()
         } else {
             Excluded::new()
         };
@@ -321,7 +317,8 @@ impl CellAdmin for AdminService {
             conversations: self.store.spaces.conversations.approximate_len() as u64,
             messages: self.store.spaces.messages.approximate_len() as u64,
             disk_bytes: self.store.db.disk_space().unwrap_or(0),
-            undelivered_notifications: self.store.spaces.undelivered.iter().count() as u64,
+            // Only ever appended to, so the estimate is the count, without a scan per heartbeat.
+            undelivered_notifications: self.store.spaces.undelivered.approximate_len() as u64,
         }))
     }
 }

@@ -40,27 +40,16 @@ pub struct CellConfig {
     pub pns: Option<PnsConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config field {field}: {rule}")]
-pub struct ConfigError {
-    pub field: String,
-    pub rule: String,
-}
+pub use cellplane_api::ids::ConfigError;
 
 impl CellConfig {
     /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError {
-            field: "(file)".into(),
-            rule: e.to_string(),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_id("cell_id", &self.cell_id).map_err(|e| ConfigError {
-            field: e.field,
-            rule: e.rule,
-        })?;
+        validate_id("cell_id", &self.cell_id)?;
         let positive = [
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_group_members", self.limits.max_group_members),
@@ -77,20 +66,14 @@ impl CellConfig {
         ];
         for (field, value) in positive {
             if value == 0 {
-                return Err(ConfigError {
-                    field: field.into(),
-                    rule: "must be at least 1".into(),
-                });
+                return Err(ConfigError::new(field, "must be at least 1"));
             }
         }
         if let Some(pns) = &self.pns {
             pns.validate()?;
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError {
-                field: "data_dir".into(),
-                rule: "must not be empty".into(),
-            });
+            return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         Ok(())
     }

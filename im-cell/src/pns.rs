@@ -73,10 +73,7 @@ impl PnsConfig {
             ("pns.queue", self.queue),
         ] {
             if value == 0 {
-                return Err(ConfigError {
-                    field: field.into(),
-                    rule: "must be at least 1".into(),
-                });
+                return Err(ConfigError::new(field, "must be at least 1"));
             }
         }
         Ok(())
@@ -92,10 +89,7 @@ struct Webhook {
 
 impl Webhook {
     fn parse(url: &str) -> Result<Self, ConfigError> {
-        let invalid = |rule: &str| ConfigError {
-            field: "pns.webhook".into(),
-            rule: format!("{rule}, got {url:?}"),
-        };
+        let invalid = |rule: &str| ConfigError::new("pns.webhook", format!("{rule}, got {url:?}"));
         let rest = url
             .strip_prefix("http://")
             .ok_or_else(|| invalid("must start with http://"))?;

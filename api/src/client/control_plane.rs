@@ -49,10 +49,6 @@ impl ControlPlane {
         })
     }
 
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
-    }
-
     fn channel(&self) -> Channel {
         let i = self.current.load(Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()

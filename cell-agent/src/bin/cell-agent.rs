@@ -1,6 +1,7 @@
 //! `cell-agent`: the agent of one region.
 
 use anyhow::Context;
+use cellplane_api::serve::shutdown_signal;
 use cellplane_cell_agent::agent;
 use cellplane_cell_agent::config::AgentConfig;
 use clap::{Parser, Subcommand};
@@ -34,24 +35,6 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 #[tokio::main]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use cellplane_api::serve::shutdown_signal;
 use cellplane_control_plane::config::{NodeConfig, RaftTuning};
 use cellplane_control_plane::{dev, node};
 use clap::{Args, Parser, Subcommand};
@@ -121,28 +122,6 @@ fn install_metrics(addr: Option<SocketAddr>) -> anyhow::Result<()> {
         tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM, the two ways a process is asked to stop.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }
 
 fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {

@@ -244,6 +244,10 @@ async fn follow(
             _ = tx.closed() => return Err(()),
         }
         let (changed, revision) = node.shared.read(|state| {
+            // Most commands are route changes: look at the migrations only when one changed.
+            if state.migrations_revision() <= seen {
+                return (Vec::new(), state.revision());
+            }
             let mut changed: Vec<MigrationView> = state
                 .migrations()
                 .iter()

@@ -87,17 +87,13 @@ impl Control for ControlService {
         &self,
         request: Request<pb::RegisterCellRequest>,
     ) -> Result<Response<pb::Cell>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        let command = convert::register_cell(message.clone())?;
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .register_cell(forwarded(message))
-                    .await
-            }
-        }
+        write_or_forward!(
+            self,
+            request,
+            register_cell,
+            |message| convert::register_cell(message.clone())?,
+            cell_output
+        )
     }
 
     async fn get_cell(
@@ -164,34 +160,26 @@ impl Control for ControlService {
         &self,
         request: Request<pb::SetCellStateRequest>,
     ) -> Result<Response<pb::Cell>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        let command = convert::set_cell_state(message.clone())?;
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(output) => Ok(Response::new(cell_output(output)?)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .set_cell_state(forwarded(message))
-                    .await
-            }
-        }
+        write_or_forward!(
+            self,
+            request,
+            set_cell_state,
+            |message| convert::set_cell_state(message.clone())?,
+            cell_output
+        )
     }
 
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        let command = convert::create_tenant(message.clone())?;
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(output) => Ok(Response::new(tenant_output(output)?)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .create_tenant(forwarded(message))
-                    .await
-            }
-        }
+        write_or_forward!(
+            self,
+            request,
+            create_tenant,
+            |message| convert::create_tenant(message.clone())?,
+            tenant_output
+        )
     }
 
     async fn get_tenant(
@@ -264,67 +252,57 @@ impl Control for ControlService {
         &self,
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        validate_id("tenant_id", &message.tenant_id)?;
-        let command = Command::DeleteTenant {
-            tenant_id: Arc::from(message.tenant_id.as_str()),
-        };
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(CommandOutput::Done { revision }) => {
-                Ok(Response::new(pb::DeleteTenantResponse { revision }))
+        write_or_forward!(
+            self,
+            request,
+            delete_tenant,
+            |message| {
+                validate_id("tenant_id", &message.tenant_id)?;
+                Command::DeleteTenant {
+                    tenant_id: Arc::from(message.tenant_id.as_str()),
+                }
+            },
+            |output| match output {
+                CommandOutput::Done { revision } => Ok(pb::DeleteTenantResponse { revision }),
+                other => Err(unexpected(other)),
             }
-            Proposal::Applied(other) => Err(unexpected(other)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .delete_tenant(forwarded(message))
-                    .await
-            }
-        }
+        )
     }
 
     async fn move_route(
         &self,
         request: Request<pb::MoveRouteRequest>,
     ) -> Result<Response<pb::MoveRouteResponse>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        let command = convert::move_route(message.clone())?;
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(CommandOutput::Route(route)) => {
-                Ok(Response::new(pb::MoveRouteResponse {
+        write_or_forward!(
+            self,
+            request,
+            move_route,
+            |message| convert::move_route(message.clone())?,
+            |output| match output {
+                CommandOutput::Route(route) => Ok(pb::MoveRouteResponse {
                     route: Some(route.to_proto()),
-                }))
+                }),
+                other => Err(unexpected(other)),
             }
-            Proposal::Applied(other) => Err(unexpected(other)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .move_route(forwarded(message))
-                    .await
-            }
-        }
+        )
     }
 
     async fn compact(
         &self,
         request: Request<pb::CompactRequest>,
     ) -> Result<Response<pb::CompactResponse>, Status> {
-        let was_forwarded = is_forwarded(request.metadata());
-        let message = request.into_inner();
-        let command = Command::Compact {
-            revision: message.revision,
-        };
-        match self.node.propose(command, was_forwarded).await? {
-            Proposal::Applied(CommandOutput::Done { revision }) => {
-                Ok(Response::new(pb::CompactResponse { revision }))
+        write_or_forward!(
+            self,
+            request,
+            compact,
+            |message| Command::Compact {
+                revision: message.revision,
+            },
+            |output| match output {
+                CommandOutput::Done { revision } => Ok(pb::CompactResponse { revision }),
+                other => Err(unexpected(other)),
             }
-            Proposal::Applied(other) => Err(unexpected(other)),
-            Proposal::Forward(channel) => {
-                ControlClient::new(channel)
-                    .compact(forwarded(message))
-                    .await
-            }
-        }
+        )
     }
 
     async fn cluster_status(

@@ -140,6 +140,7 @@ impl ControlState {
             updated_revision: revision,
         };
         self.migrations.insert(revision, record.clone());
+        self.migrations_revision = revision;
         if let Some(tenant) = self.tenants.get_mut(&key.tenant_id) {
             tenant.state = TenantState::Migrating;
         }
@@ -227,6 +228,7 @@ impl ControlState {
             tenant.state = TenantState::Active;
         }
         self.migrations.insert(id, record.clone());
+        self.migrations_revision = revision;
         if to.is_terminal() {
             self.forget_old_migrations();
         }

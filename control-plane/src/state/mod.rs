@@ -39,6 +39,9 @@ pub struct ControlState {
     /// the same id starts above it, so a writer still holding an epoch of the deleted tenant
     /// can never write into the new one.
     retired: OrdMap<Arc<str>, u64>,
+    /// The revision of the newest change to a migration, so migration watchers skip the many
+    /// commands that touch none. Derived from the records when a snapshot is loaded.
+    migrations_revision: u64,
     history: History,
 }
 
@@ -53,6 +56,11 @@ impl ControlState {
         retired: OrdMap<Arc<str>, u64>,
         history: History,
     ) -> Self {
+        let migrations_revision = migrations
+            .values()
+            .map(|m| m.updated_revision)
+            .max()
+            .unwrap_or(0);
         Self {
             revision,
             cells,
@@ -60,6 +68,7 @@ impl ControlState {
             overrides,
             migrations,
             retired,
+            migrations_revision,
             history,
         }
     }
@@ -90,6 +99,10 @@ impl ControlState {
 
     pub fn retired(&self) -> &OrdMap<Arc<str>, u64> {
         &self.retired
+    }
+
+    pub fn migrations_revision(&self) -> u64 {
+        self.migrations_revision
     }
 
     pub fn history(&self) -> &History {

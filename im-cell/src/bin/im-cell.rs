@@ -80,6 +80,7 @@ async fn parent_exit() {
     }
 }
 
+/// Ctrl-C, SIGTERM, or (with `--exit-with-parent`) the supervising process gone.
 async fn shutdown_signal(exit_with_parent: bool) {
     let parent = async {
         if exit_with_parent {
@@ -88,20 +89,8 @@ async fn shutdown_signal(exit_with_parent: bool) {
             std::future::pending::<()>().await
         }
     };
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
     tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        () = cellplane_api::serve::shutdown_signal() => {}
         () = parent => {}
     }
 }

@@ -24,6 +24,15 @@ fn wrong_cell(message: String, detail: WrongCell) -> CellError {
     }
 }
 
+/// The conversations of `tenant` with route keys of their own on this cell (granted here,
+/// moved away, or frozen alone): a tenant's export and purge leave them out.
+pub fn own_conversations(grants: &Grants, tenant: &str) -> impl Iterator<Item = String> {
+    grants
+        .keys()
+        .filter(move |(t, c)| t == tenant && !c.is_empty())
+        .map(|(_, c)| c.clone())
+}
+
 /// Checks that this cell may write `(tenant, conversation)` at `epoch` now.
 pub fn check_owner(
     grants: &Grants,

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::fencing::Grants;
+use super::fencing::{Grants, own_conversations};
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
@@ -432,11 +432,7 @@ impl WriterState {
                     )));
                 }
                 let excluded: Vec<String> = if conversation.is_empty() {
-                    self.grants
-                        .keys()
-                        .filter(|(t, c)| *t == tenant && !c.is_empty())
-                        .map(|(_, c)| c.clone())
-                        .collect()
+                    own_conversations(&self.grants, &tenant).collect()
                 } else {
                     Vec::new()
                 };
