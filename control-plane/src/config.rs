@@ -43,6 +43,75 @@ impl Default for RaftTuning {
     }
 }
 
+/// Where the node keeps the routing state.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// The embedded Raft cluster of `peers`, logging to `data_dir`.
+    #[default]
+    Raft,
+    /// An etcd cluster; `peers` and `data_dir` are not used.
+    Etcd(EtcdConfig),
+}
+
+impl StoreConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Raft => "raft",
+            Self::Etcd(_) => "etcd",
+        }
+    }
+}
+
+/// How to reach etcd and where in it the state lives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `host:port` of etcd members; any one that answers will do.
+    pub endpoints: Vec<String>,
+    /// Every key of the state starts with this; several control planes can share one etcd
+    /// under different prefixes.
+    #[serde(default = "EtcdConfig::default_prefix")]
+    pub prefix: String,
+}
+
+impl EtcdConfig {
+    pub fn default_prefix() -> String {
+        "/cellplane/".into()
+    }
+
+    /// Parses `--etcd-endpoints host:port,host:port`.
+    pub fn parse_endpoints(text: &str) -> Vec<String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Err(ConfigError::new(
+                "store.endpoints",
+                "must list at least one etcd member",
+            ));
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            validate_endpoint(&format!("store.endpoints[{i}]"), endpoint)?;
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(ConfigError::new(
+                "store.prefix",
+                format!(
+                    "must start and end with '/' and name something, got {:?}",
+                    self.prefix
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One node's configuration, as written in a TOML file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,11 +120,15 @@ pub struct NodeConfig {
     pub node_id: u64,
     /// Where this node serves gRPC (Routing, Control, Raft, health, reflection).
     pub listen: SocketAddr,
-    /// Directory of the Raft log and snapshots; a node restarts from it.
+    /// Directory of the Raft log and snapshots; a node restarts from it. Raft store only.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// Every voter of the cluster, `node id → host:port`, this node included. The lowest id
-    /// initializes the cluster when its data directory is empty.
+    /// initializes the cluster when its data directory is empty. Raft store only.
+    #[serde(default)]
     pub peers: BTreeMap<u64, String>,
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Where to serve Prometheus metrics over HTTP; none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -76,6 +149,14 @@ impl NodeConfig {
         if self.node_id == 0 {
             return Err(ConfigError::new("node_id", "must be at least 1"));
         }
+        self.validate_migration()?;
+        match &self.store {
+            StoreConfig::Raft => self.validate_raft(),
+            StoreConfig::Etcd(etcd) => etcd.validate(),
+        }
+    }
+
+    fn validate_raft(&self) -> Result<(), ConfigError> {
         if self.peers.is_empty() {
             return Err(ConfigError::new("peers", "must list at least this node"));
         }
@@ -125,6 +206,10 @@ impl NodeConfig {
                 "must be at least 1",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_migration(&self) -> Result<(), ConfigError> {
         let migration = &self.migration;
         if migration.freeze_timeout_ms == 0 {
             return Err(ConfigError::new(
@@ -181,6 +266,7 @@ mod tests {
             listen: "127.0.0.1:7001".parse().expect("addr"),
             data_dir: PathBuf::from("/tmp/cp"),
             peers: NodeConfig::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").expect("peers"),
+            store: StoreConfig::Raft,
             metrics_listen: None,
             raft: RaftTuning::default(),
             migration: Default::default(),
@@ -236,5 +322,46 @@ mod tests {
         assert_eq!(parsed.raft.snapshot_after_logs, 1000);
         assert_eq!(parsed.validate(), Ok(()));
         assert!(NodeConfig::from_toml("node_idd = 1").is_err());
+    }
+
+    #[test]
+    fn an_etcd_node_needs_endpoints_and_a_prefix_but_no_peers() {
+        let text = r#"
+            node_id = 1
+            listen = "127.0.0.1:7001"
+            [store]
+            kind = "etcd"
+            endpoints = ["127.0.0.1:2379", "127.0.0.1:22379"]
+        "#;
+        let parsed = NodeConfig::from_toml(text).expect("parse");
+        assert_eq!(parsed.validate(), Ok(()));
+        let StoreConfig::Etcd(etcd) = &parsed.store else {
+            panic!("etcd store expected");
+        };
+        assert_eq!(etcd.prefix, "/cellplane/");
+
+        let mut broken = parsed.clone();
+        broken.store = StoreConfig::Etcd(EtcdConfig {
+            endpoints: vec![],
+            prefix: "/x/".into(),
+        });
+        assert_eq!(
+            broken.validate().map_err(|e| e.field),
+            Err("store.endpoints".into())
+        );
+        broken.store = StoreConfig::Etcd(EtcdConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "cellplane".into(),
+        });
+        assert_eq!(
+            broken.validate().map_err(|e| e.field),
+            Err("store.prefix".into())
+        );
+        assert!(
+            NodeConfig::from_toml(
+                "node_id = 1\nlisten = \"127.0.0.1:1\"\n[store]\nkind = \"zookeeper\""
+            )
+            .is_err()
+        );
     }
 }

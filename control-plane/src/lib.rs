@@ -1,8 +1,9 @@
-//! The cellplane control plane: a Raft-replicated map from conversations to the cells that own
-//! them, served over gRPC.
+//! The cellplane control plane: a replicated map from conversations to the cells that own them,
+//! served over gRPC.
 //!
 //! - [`state`]: the replicated state and the deterministic apply of commands (no I/O);
 //! - [`placement`]: the pure choice of a cell for a tenant;
+//! - [`store`]: where the state is kept, behind one trait: the embedded Raft cluster or etcd;
 //! - [`raft`]: openraft's log store, state machine, snapshots and network;
 //! - [`routing`] and [`control`]: the public gRPC services;
 //! - [`node`]: one control-plane node, `serve(listener, shutdown)`;
@@ -18,3 +19,4 @@ pub mod placement;
 pub mod raft;
 pub mod routing;
 pub mod state;
+pub mod store;

@@ -1,6 +1,6 @@
 //! `cellplane`: the control-plane server.
 //!
-//! `cellplane serve` runs one node of a Raft cluster; `cellplane dev` runs a whole control plane
+//! `cellplane serve` runs one node of a Raft cluster (or, with `--store etcd`, a node on etcd); `cellplane dev` runs a whole control plane
 //! on this machine for development and demos.
 
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use cellplane_api::serve::shutdown_signal;
-use cellplane_control_plane::config::{NodeConfig, RaftTuning};
+use cellplane_control_plane::config::{EtcdConfig, NodeConfig, RaftTuning, StoreConfig};
 use cellplane_control_plane::{dev, node};
 use clap::{Args, Parser, Subcommand};
 
@@ -18,8 +18,8 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Control plane of a cell-based, multi-region IM service",
     long_about = "Control plane of a cell-based, multi-region IM service.\n\n\
-        A Raft-replicated RoutingService maps every conversation to the cell that owns it, with \
-        epochs that fence stale writers. Every node serves the Routing and Control gRPC APIs, \
+        A RoutingService replicated by Raft (or kept in etcd) maps every conversation to the cell \
+        that owns it, with epochs that fence stale writers. Every node serves the Routing and Control gRPC APIs, \
         gRPC health and reflection on one port.\n\n\
         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level."
 )]
@@ -49,9 +49,18 @@ enum Command {
 #[derive(Args)]
 struct ServeArgs {
     /// A TOML config file with every setting (node_id, listen, data_dir, peers, metrics_listen,
-    /// [raft]); the flags below are ignored when it is given.
-    #[arg(long, conflicts_with_all = ["node_id", "listen", "data_dir", "peers"])]
+    /// [store], [raft], [migration]); the flags below are ignored when it is given.
+    #[arg(long, conflicts_with_all = ["node_id", "listen", "data_dir", "peers", "store"])]
     config: Option<PathBuf>,
+    /// Where the routing state is kept: the embedded Raft cluster of --peers, or etcd.
+    #[arg(long, value_enum, default_value = "raft")]
+    store: StoreKind,
+    /// etcd members to use with --store etcd: host:port,host:port.
+    #[arg(long, required_if_eq("store", "etcd"))]
+    etcd_endpoints: Option<String>,
+    /// The etcd key prefix of this control plane's state.
+    #[arg(long, default_value = "/cellplane/")]
+    etcd_prefix: String,
     /// This node's id, one of the ids in --peers.
     #[arg(long)]
     node_id: Option<u64>,
@@ -80,6 +89,12 @@ struct ServeArgs {
     /// Keep moved keys' rows on migration sources as a backup instead of dropping them.
     #[arg(long)]
     migration_keep_source_data: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Raft,
+    Etcd,
 }
 
 #[derive(Args)]
@@ -131,6 +146,26 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 .with_context(|| format!("reading config file {}", path.display()))?;
             NodeConfig::from_toml(&text)?
         }
+        None if args.store == StoreKind::Etcd => {
+            let (Some(node_id), Some(listen), Some(endpoints)) =
+                (args.node_id, args.listen, &args.etcd_endpoints)
+            else {
+                bail!("--store etcd needs --node-id, --listen and --etcd-endpoints");
+            };
+            NodeConfig {
+                node_id,
+                listen,
+                data_dir: PathBuf::new(),
+                peers: Default::default(),
+                store: StoreConfig::Etcd(EtcdConfig {
+                    endpoints: EtcdConfig::parse_endpoints(endpoints),
+                    prefix: args.etcd_prefix.clone(),
+                }),
+                metrics_listen: None,
+                raft: RaftTuning::default(),
+                migration: Default::default(),
+            }
+        }
         None => {
             let (Some(node_id), Some(listen), Some(data_dir), Some(peers)) =
                 (args.node_id, args.listen, args.data_dir, args.peers)
@@ -142,6 +177,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 listen,
                 data_dir,
                 peers: NodeConfig::parse_peers(&peers)?,
+                store: StoreConfig::Raft,
                 metrics_listen: None,
                 raft: RaftTuning::default(),
                 migration: Default::default(),

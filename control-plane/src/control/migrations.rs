@@ -20,9 +20,9 @@ use crate::migration::driver::now_ms;
 use crate::migration::record::display_id;
 use crate::migration::step::{Decision, Event, Report, step};
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
-use crate::raft::state_machine::WatchSignal;
 use crate::state::ControlState;
 use crate::state::command::{CommandOutput, MigrationView};
+use crate::store::view::WatchSignal;
 
 pub type MigrationStream = Pin<Box<dyn Stream<Item = Result<pb::Migration, Status>> + Send>>;
 
@@ -68,7 +68,7 @@ pub async fn decide(
     }
     for _ in 0..DECIDE_ATTEMPTS {
         let now = now_ms();
-        let decided = node.shared.read(|state| {
+        let decided = node.view().read(|state| {
             view(state, id).map(|current| {
                 let decision = step(id, &current.record, event.clone(), now, &node.migration);
                 (current, decision)
@@ -87,7 +87,7 @@ pub async fn decide(
                 // state.
                 Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                     let moved = node
-                        .shared
+                        .view()
                         .read(|state| view(state, id))
                         .is_some_and(|now| now.record.phase != current.record.phase);
                     if !moved {
@@ -151,7 +151,7 @@ pub async fn get(
             .get_migration(forwarded(message))
             .await;
     }
-    match node.shared.read(|state| view(state, id)) {
+    match node.view().read(|state| view(state, id)) {
         Some(view) => Ok(Response::new(convert::migration_to_proto(&view))),
         None => Err(not_found(id)),
     }
@@ -169,7 +169,7 @@ pub async fn list(
             .list_migrations(forwarded(message))
             .await;
     }
-    let migrations = node.shared.read(|state| {
+    let migrations = node.view().read(|state| {
         state
             .migrations()
             .iter()
@@ -189,7 +189,7 @@ pub async fn list(
 /// Starts a watch of one migration (`Some(id)`: its current state, then each change, ending
 /// when it finishes) or of all (`None`: the unfinished ones, then every change).
 pub fn watch(node: &Arc<Node>, only: Option<u64>) -> Result<MigrationStream, Status> {
-    let (signals, (initial, revision)) = node.shared.subscribe(|state| {
+    let (signals, (initial, revision)) = node.view().subscribe(|state| {
         let initial: Vec<MigrationView> = match only {
             Some(id) => view(state, id).into_iter().collect(),
             None => state
@@ -243,7 +243,7 @@ async fn follow(
             }
             _ = tx.closed() => return Err(()),
         }
-        let (changed, revision) = node.shared.read(|state| {
+        let (changed, revision) = node.view().read(|state| {
             // Most commands are route changes: look at the migrations only when one changed.
             if state.migrations_revision() <= seen {
                 return (Vec::new(), state.revision());

@@ -15,7 +15,6 @@ use cellplane_api::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use cellplane_api::proto::control as pb;
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::control_server::Control;
-use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use crate::migration::driver::now_ms;
@@ -108,7 +107,7 @@ impl Control for ControlService {
                 .get_cell(forwarded(message))
                 .await;
         }
-        let found = self.node.shared.read(|state| {
+        let found = self.node.view().read(|state| {
             state
                 .cells()
                 .get_key_value(message.cell_id.as_str())
@@ -138,7 +137,7 @@ impl Control for ControlService {
                 .list_cells(forwarded(message))
                 .await;
         }
-        let cells = self.node.shared.read(|state| {
+        let cells = self.node.view().read(|state| {
             state
                 .cells()
                 .iter()
@@ -194,7 +193,7 @@ impl Control for ControlService {
                 .get_tenant(forwarded(message))
                 .await;
         }
-        let found = self.node.shared.read(|state| {
+        let found = self.node.view().read(|state| {
             state
                 .tenants()
                 .get_key_value(message.tenant_id.as_str())
@@ -231,7 +230,7 @@ impl Control for ControlService {
         // One more than asked tells whether another page exists.
         let mut page = self
             .node
-            .shared
+            .view()
             .read(|state| state.tenants_after(after, limit + 1));
         let more = page.len() > limit;
         page.truncate(limit);
@@ -309,41 +308,9 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let metrics = self.node.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| pb::Member {
-                node_id: *id,
-                addr: node.addr.clone(),
-                voter: voters.contains(id),
-            })
-            .collect();
-        let (revision, compacted_revision) = self
-            .node
-            .shared
-            .read(|state| (state.revision(), state.compacted_revision()));
-        let role = match metrics.state {
-            ServerState::Leader => "Leader",
-            ServerState::Follower => "Follower",
-            ServerState::Candidate => "Candidate",
-            ServerState::Learner => "Learner",
-            ServerState::Shutdown => "Shutdown",
-        };
-        Ok(Response::new(pb::ClusterStatusResponse {
-            node_id: self.node.id,
-            leader_id: metrics.current_leader.unwrap_or_default(),
-            term: metrics.current_term,
-            last_log_index: metrics.last_log_index.unwrap_or_default(),
-            applied_index: metrics.last_applied.map(|id| id.index).unwrap_or_default(),
-            snapshot_index: metrics.snapshot.map(|id| id.index).unwrap_or_default(),
-            revision,
-            compacted_revision,
-            members,
-            role: role.to_string(),
-            purged_index: metrics.purged.map(|id| id.index).unwrap_or_default(),
-        }))
+        let mut status = self.node.store.status().await?;
+        status.node_id = self.node.id;
+        Ok(Response::new(status))
     }
 
     async fn migrate_tenant(

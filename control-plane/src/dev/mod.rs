@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{NodeConfig, RaftTuning};
+use crate::config::{NodeConfig, RaftTuning, StoreConfig};
 use crate::node::{self, NodeError};
 
 /// Nodes in the dev control plane: the smallest cluster that survives losing one.
@@ -243,6 +243,7 @@ pub async fn run(
             })?,
             data_dir: options.data_dir.join(format!("node-{id}")),
             peers: peers.clone(),
+            store: StoreConfig::Raft,
             metrics_listen: None,
             raft: RaftTuning::default(),
             migration: Default::default(),

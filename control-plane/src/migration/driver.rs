@@ -30,11 +30,11 @@ pub async fn run(node: Arc<Node>) {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        if node.raft.metrics().borrow().current_leader != Some(node.id) {
+        if !node.store.drives_migrations() {
             continue;
         }
         let now = now_ms();
-        let decisions: Vec<_> = node.shared.read(|state| {
+        let decisions: Vec<_> = node.view().read(|state| {
             state
                 .migrations()
                 .iter()

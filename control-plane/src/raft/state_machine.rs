@@ -7,7 +7,7 @@
 //! written out.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -15,87 +15,14 @@ use openraft::{
     SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
 use tokio::io::AsyncSeekExt;
-use tokio::sync::broadcast;
 
 use super::snapshot::{self, SnapshotError};
 use super::{NodeId, TypeConfig};
 use crate::state::ControlState;
 use crate::state::command::{Applied, CommandBatch};
-use crate::state::history::RouteEvent;
+use crate::store::view::{MachineState, SharedState, WatchBatch, WatchSignal};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
-
-/// How many watch signals a slow watcher may fall behind before it re-reads the history.
-const WATCH_CHANNEL_CAPACITY: usize = 4096;
-
-/// The route events of one applied command.
-#[derive(Debug)]
-pub struct WatchBatch {
-    pub revision: u64,
-    pub events: Vec<RouteEvent>,
-}
-
-/// What watchers are told after each apply.
-#[derive(Debug, Clone)]
-pub enum WatchSignal {
-    Batch(Arc<WatchBatch>),
-    /// The state jumped (a snapshot was installed): re-read the history from where you were.
-    Reset,
-}
-
-/// The state machine's contents: Raft's bookkeeping and the control state, replaced together.
-#[derive(Debug, Clone, Default)]
-pub struct MachineState {
-    pub last_applied: Option<LogId<NodeId>>,
-    pub membership: StoredMembership<NodeId, BasicNode>,
-    pub control: ControlState,
-}
-
-/// The state shared between the state machine (the only writer) and the services (readers).
-#[derive(Debug)]
-pub struct SharedState {
-    machine: RwLock<MachineState>,
-    watch_tx: broadcast::Sender<WatchSignal>,
-}
-
-impl SharedState {
-    fn new(machine: MachineState) -> Self {
-        let (watch_tx, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
-        Self {
-            machine: RwLock::new(machine),
-            watch_tx,
-        }
-    }
-
-    /// Reads the state under the lock; keep `read` short.
-    pub fn read<T>(&self, read: impl FnOnce(&ControlState) -> T) -> T {
-        let machine = self
-            .machine
-            .read()
-            .expect("state lock poisoned: an apply panicked");
-        read(&machine.control)
-    }
-
-    /// Subscribes to route events and reads the state at the same instant, so every event is
-    /// either in what `read` saw or comes through the receiver, never both or neither.
-    pub fn subscribe<T>(
-        &self,
-        read: impl FnOnce(&ControlState) -> T,
-    ) -> (broadcast::Receiver<WatchSignal>, T) {
-        let machine = self
-            .machine
-            .read()
-            .expect("state lock poisoned: an apply panicked");
-        (self.watch_tx.subscribe(), read(&machine.control))
-    }
-
-    fn snapshot_source(&self) -> MachineState {
-        self.machine
-            .read()
-            .expect("state lock poisoned: an apply panicked")
-            .clone()
-    }
-}
 
 /// Snapshot files in one directory, named by the last log index they contain.
 #[derive(Debug, Clone)]
@@ -183,6 +110,7 @@ impl StateMachineStore {
                     last_applied: meta.last_log_id,
                     membership: meta.last_membership,
                     control,
+                    ..Default::default()
                 }
             }
             None => MachineState::default(),
@@ -210,7 +138,7 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let source = self.shared.snapshot_source();
+        let source = self.shared.snapshot();
         let meta = SnapshotMeta {
             last_log_id: source.last_applied,
             last_membership: source.membership.clone(),
@@ -376,6 +304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
                 control,
+                ..Default::default()
             };
             let _ = self.shared.watch_tx.send(WatchSignal::Reset);
         }

@@ -100,7 +100,7 @@ impl Routing for RoutingService {
         }
         let route = self
             .node
-            .shared
+            .view()
             .read(|state| state.resolve(&key))
             .map_err(command_error)?;
         Ok(Response::new(pb::LookupResponse {
@@ -145,7 +145,7 @@ impl Routing for RoutingService {
                 .batch_lookup(forwarded(message))
                 .await;
         }
-        let (results, revision) = self.node.shared.read(|state| {
+        let (results, revision) = self.node.view().read(|state| {
             let results = keys
                 .iter()
                 .zip(&message.keys)
@@ -194,7 +194,7 @@ impl Routing for RoutingService {
         let message = request.into_inner();
         let limit = page_size(message.page_size)?;
         let after = parse_route_token(&message.page_token)?;
-        let (mut page, revision) = self.node.shared.read(|state| {
+        let (mut page, revision) = self.node.view().read(|state| {
             (
                 state.routes_after(after.as_ref(), limit + 1),
                 state.revision(),
@@ -229,7 +229,7 @@ impl Routing for RoutingService {
                 .await;
         }
         let tenant_id: Arc<str> = Arc::from(message.tenant_id.as_str());
-        let answer = self.node.shared.read(|state| {
+        let answer = self.node.view().read(|state| {
             let tenant = state
                 .resolve(&RouteKey::tenant(tenant_id.clone()))
                 .map_err(command_error)?;

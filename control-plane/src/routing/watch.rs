@@ -17,8 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::node::Node;
-use crate::raft::state_machine::WatchSignal;
 use crate::state::history::{EventKind, RouteEvent};
+use crate::store::view::WatchSignal;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
@@ -53,7 +53,7 @@ fn group(events: &[RouteEvent]) -> Vec<pb::WatchResponse> {
 
 /// Starts a watch from `from_revision` (0 = from now on). A compacted start fails at once.
 pub fn start(node: &Arc<Node>, from_revision: u64) -> Result<WatchStream, Status> {
-    let (signals, initial) = node.shared.subscribe(|state| {
+    let (signals, initial) = node.view().subscribe(|state| {
         let from = if from_revision == 0 {
             state.revision() + 1
         } else {
@@ -99,7 +99,7 @@ async fn follow(
                 }
                 Ok(WatchSignal::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     let from = *last_sent + 1;
-                    let (events, current) = node.shared.read(|state| (state.events_since(from), state.revision()));
+                    let (events, current) = node.view().read(|state| (state.events_since(from), state.revision()));
                     let events = events.map_err(|c| detail::compacted(from, c.compacted_revision, current))?;
                     if !send_events(tx, &events, current, last_sent).await {
                         return Ok(());

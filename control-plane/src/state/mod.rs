@@ -8,6 +8,7 @@ pub mod command;
 pub mod history;
 mod migrations;
 pub mod model;
+pub mod records;
 
 use std::ops::Bound;
 use std::sync::Arc;
