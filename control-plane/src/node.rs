@@ -146,7 +146,7 @@ pub async fn serve(
     }
 }
 
-/// Serves the public services (and, for Raft, its transport) over `store`.
+/// Serves the public services (and, for Raft, its transport) over an opened `store`.
 pub async fn serve_store(
     config: &NodeConfig,
     store: Arc<dyn RouteStore>,

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cell;
 pub mod cluster;
+pub mod etcd;
 pub mod measure;
 pub mod system;
 pub mod traffic;

@@ -1,0 +1,230 @@
+//! The etcd store through an etcd leader failure: two `cellplane serve --store etcd` processes
+//! share a real 3-member etcd cluster; writers move their tenants' routes through both while the
+//! etcd leader is SIGKILLed. No acknowledged route may be lost, and every node agrees with what
+//! etcd holds.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{
+    CellState, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest, SetCellStateRequest,
+    Tier,
+};
+use cellplane_api::proto::routing::routing_client::RoutingClient;
+use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
+use cellplane_tests::etcd::EtcdCluster;
+use cellplane_tests::{binary, free_port};
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::suite::CELLS;
+
+struct Node {
+    addr: String,
+    _child: Child,
+}
+
+async fn start_node(id: u64, etcd: &EtcdCluster, log: &std::path::Path) -> Node {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(binary("cellplane"))
+        .args([
+            "serve",
+            "--store",
+            "etcd",
+            "--node-id",
+            &id.to_string(),
+            "--listen",
+            &addr,
+            "--etcd-endpoints",
+            &etcd.endpoints().join(","),
+            "--etcd-prefix",
+            "/failure/",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).expect("log file")))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cellplane");
+    let node = Node {
+        addr,
+        _child: child,
+    };
+    for _ in 0..100 {
+        if control(&node)
+            .cluster_status(cellplane_api::proto::control::ClusterStatusRequest {})
+            .await
+            .is_ok()
+        {
+            return node;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cellplane on etcd did not serve; see {}", log.display());
+}
+
+fn channel(node: &Node) -> Channel {
+    Endpoint::from_shared(format!("http://{}", node.addr))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(15))
+        .connect_lazy()
+}
+
+fn control(node: &Node) -> ControlClient<Channel> {
+    ControlClient::new(channel(node))
+}
+
+fn routing(node: &Node) -> RoutingClient<Channel> {
+    RoutingClient::new(channel(node))
+}
+
+async fn lookup(node: &Node, tenant_id: &str) -> Result<Route, tonic::Status> {
+    routing(node)
+        .lookup(LookupRequest {
+            tenant_id: tenant_id.into(),
+            conversation_id: String::new(),
+            consistency: Consistency::Linearizable as i32,
+        })
+        .await
+        .map(|r| r.into_inner().route.expect("route"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_etcd_leader_loses_no_acknowledged_route() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let nodes = Arc::new([
+        start_node(1, &etcd, &etcd.dir.path().join("cellplane-1.log")).await,
+        start_node(2, &etcd, &etcd.dir.path().join("cellplane-2.log")).await,
+    ]);
+    let mut admin = control(&nodes[0]);
+    for (i, cell_id) in CELLS.iter().enumerate() {
+        admin
+            .register_cell(RegisterCellRequest {
+                cell_id: cell_id.to_string(),
+                region: "r1".into(),
+                zone: format!("z{i}"),
+                tier: Tier::Normal as i32,
+                endpoint: format!("127.0.0.1:{}", 22_000 + i),
+                capacity: 1_000,
+                standby_of: String::new(),
+            })
+            .await
+            .expect("register");
+        admin
+            .set_cell_state(SetCellStateRequest {
+                cell_id: cell_id.to_string(),
+                state: CellState::Active as i32,
+            })
+            .await
+            .expect("activate");
+    }
+    const WRITERS: usize = 8;
+    for w in 0..WRITERS {
+        admin
+            .create_tenant(CreateTenantRequest {
+                tenant_id: format!("w{w}"),
+                tier: Tier::Normal as i32,
+                home_region: "r1".into(),
+            })
+            .await
+            .expect("create");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let nodes = nodes.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let tenant_id = format!("w{w}");
+                let mut acked: Vec<Route> = Vec::new();
+                let mut failures = 0u64;
+                let mut round = w;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    // Alternate nodes, so both write the same keys' neighbours concurrently.
+                    let node = &nodes[round % 2];
+                    let Ok(current) = lookup(node, &tenant_id).await else {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let target = CELLS
+                        .iter()
+                        .find(|c| **c != current.cell_id)
+                        .expect("another cell");
+                    match control(node)
+                        .move_route(MoveRouteRequest {
+                            tenant_id: tenant_id.clone(),
+                            conversation_id: String::new(),
+                            expected_epoch: current.epoch,
+                            target_cell: target.to_string(),
+                        })
+                        .await
+                    {
+                        Ok(response) => acked.push(response.into_inner().route.expect("route")),
+                        Err(_) => {
+                            failures += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (tenant_id, acked, failures)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let leader = etcd.leader().await;
+    etcd.kill(leader).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    etcd.restart(leader);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total = 0;
+    for writer in writers {
+        let (tenant_id, acked, _failures) = writer.await.expect("writer");
+        assert!(
+            acked.len() >= 5,
+            "{tenant_id}: writes went on around the failure, only {} acknowledged",
+            acked.len()
+        );
+        total += acked.len();
+        assert!(
+            acked.windows(2).all(|w| w[0].epoch < w[1].epoch),
+            "{tenant_id}: acknowledged epochs grow"
+        );
+        let last = acked.last().expect("acked");
+        for node in nodes.iter() {
+            let now = lookup(node, &tenant_id).await.expect("lookup");
+            // Only a move whose answer was lost in the failure may have come after the last
+            // acknowledged one.
+            assert!(
+                now.epoch > last.epoch || (now.epoch == last.epoch && now.cell_id == last.cell_id),
+                "{tenant_id} on {}: acknowledged {last:?}, now {now:?}",
+                node.addr
+            );
+        }
+    }
+    assert!(total > WRITERS * 5);
+
+    // etcd itself holds what the nodes answered.
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .expect("etcd client");
+    for w in 0..WRITERS {
+        let tenant_id = format!("w{w}");
+        let stored = client
+            .get(format!("/failure/tenants/{tenant_id}"), None)
+            .await
+            .expect("get");
+        let value: serde_json::Value =
+            serde_json::from_slice(stored.kvs()[0].value()).expect("tenant JSON");
+        let route = lookup(&nodes[0], &tenant_id).await.expect("lookup");
+        assert_eq!(value["epoch"].as_u64(), Some(route.epoch));
+        assert_eq!(value["primary_cell"].as_str(), Some(route.cell_id.as_str()));
+    }
+}

@@ -1,0 +1,659 @@
+//! The conformance suite: what every route store must do, written once and run against each
+//! (as openraft's storage `Suite` is). Each test drives a served store through the public gRPC
+//! API, so both stores are held to the same codes, messages, revisions and watch behaviour.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cellplane_api::proto::control::{
+    self as cpb, CancelMigrationRequest, CellState, CompactRequest, CreateTenantRequest,
+    DeleteTenantRequest, GetTenantRequest, ListTenantsRequest, MigrateTenantRequest,
+    MoveRouteRequest, RegisterCellRequest, SetCellStateRequest, Tier,
+};
+use cellplane_api::proto::routing::{
+    Consistency, ListRoutesRequest, LookupRequest, Route, RouteEventKind, WatchRequest,
+    WatchResponse,
+};
+use futures::StreamExt;
+use tonic::Code;
+
+use crate::harness::{Backend, Served};
+
+pub const CELLS: [&str; 3] = ["cell-a", "cell-b", "cell-c"];
+
+/// Registers and activates the three NORMAL cells of region `r1`.
+pub async fn add_cells<B: Backend>(served: &Served<B>) {
+    let mut control = served.control();
+    for (i, cell_id) in CELLS.iter().enumerate() {
+        control
+            .register_cell(RegisterCellRequest {
+                cell_id: cell_id.to_string(),
+                region: "r1".into(),
+                zone: format!("z{i}"),
+                tier: Tier::Normal as i32,
+                endpoint: format!("127.0.0.1:{}", 21_000 + i),
+                capacity: 100_000,
+                standby_of: String::new(),
+            })
+            .await
+            .expect("register cell");
+        control
+            .set_cell_state(SetCellStateRequest {
+                cell_id: cell_id.to_string(),
+                state: CellState::Active as i32,
+            })
+            .await
+            .expect("activate cell");
+    }
+}
+
+pub async fn create_tenant<B: Backend>(
+    served: &Served<B>,
+    tenant_id: &str,
+) -> Result<cpb::Tenant, tonic::Status> {
+    served
+        .control()
+        .create_tenant(CreateTenantRequest {
+            tenant_id: tenant_id.into(),
+            tier: Tier::Normal as i32,
+            home_region: "r1".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn lookup<B: Backend>(
+    served: &Served<B>,
+    tenant_id: &str,
+    conversation_id: &str,
+) -> Result<Route, tonic::Status> {
+    served
+        .routing()
+        .lookup(LookupRequest {
+            tenant_id: tenant_id.into(),
+            conversation_id: conversation_id.into(),
+            consistency: Consistency::Linearizable as i32,
+        })
+        .await
+        .map(|r| r.into_inner().route.expect("route"))
+}
+
+pub async fn move_route<B: Backend>(
+    served: &Served<B>,
+    tenant_id: &str,
+    conversation_id: &str,
+    expected_epoch: u64,
+    target_cell: &str,
+) -> Result<Route, tonic::Status> {
+    served
+        .control()
+        .move_route(MoveRouteRequest {
+            tenant_id: tenant_id.into(),
+            conversation_id: conversation_id.into(),
+            expected_epoch,
+            target_cell: target_cell.into(),
+        })
+        .await
+        .map(|r| r.into_inner().route.expect("route"))
+}
+
+/// A cell of `CELLS` other than `cell`.
+fn other_than(cell: &str) -> &'static str {
+    CELLS.iter().find(|c| **c != cell).expect("another cell")
+}
+
+/// Create, read, move, delete, recreate: the records and their routes.
+pub async fn crud<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let status = served
+        .control()
+        .cluster_status(cpb::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(!status.store.is_empty(), "status names its store");
+
+    let tenant = create_tenant(&served, "acme").await.expect("create");
+    assert_eq!(tenant.epoch, 1);
+    assert!(CELLS.contains(&tenant.primary_cell.as_str()));
+    let err = create_tenant(&served, "acme").await.expect_err("twice");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    let route = lookup(&served, "acme", "").await.expect("lookup");
+    assert_eq!(route.cell_id, tenant.primary_cell);
+    assert_eq!(route.epoch, 1);
+    assert!(route.endpoint.starts_with("127.0.0.1:"));
+    // A conversation without its own route follows the tenant.
+    let conversation = lookup(&served, "acme", "g1").await.expect("lookup");
+    assert_eq!(
+        (conversation.cell_id.as_str(), conversation.is_override),
+        (route.cell_id.as_str(), false)
+    );
+
+    let target = other_than(&route.cell_id);
+    let moved = move_route(&served, "acme", "", 1, target)
+        .await
+        .expect("move");
+    assert_eq!((moved.cell_id.as_str(), moved.epoch), (target, 2));
+    assert!(
+        moved.revision > route.revision,
+        "a write moves the revision"
+    );
+    let own = move_route(&served, "acme", "g1", 2, other_than(target))
+        .await
+        .expect("override");
+    assert!(own.is_override);
+    assert_eq!(own.epoch, 3);
+    let got = served
+        .control()
+        .get_tenant(GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!((got.primary_cell.as_str(), got.epoch), (target, 2));
+
+    served
+        .control()
+        .delete_tenant(DeleteTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("delete");
+    let err = lookup(&served, "acme", "g1").await.expect_err("deleted");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("tenant_id"), "{}", err.message());
+    // Created again, the tenant starts above every epoch the deleted one reached.
+    let again = create_tenant(&served, "acme").await.expect("recreate");
+    assert_eq!(again.epoch, 4);
+    let conversation = lookup(&served, "acme", "g1").await.expect("lookup");
+    assert!(
+        !conversation.is_override,
+        "the override went with the tenant"
+    );
+}
+
+/// Many writers race for one compare-and-set: exactly one wins, the rest are told why.
+pub async fn cas_races<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let tenant = create_tenant(&served, "race").await.expect("create");
+    let target = other_than(&tenant.primary_cell);
+
+    let attempts: Vec<_> = (0..32)
+        .map(|_| {
+            let control = served.control();
+            tokio::spawn(async move {
+                let mut control = control;
+                control
+                    .move_route(MoveRouteRequest {
+                        tenant_id: "race".into(),
+                        conversation_id: String::new(),
+                        expected_epoch: 1,
+                        target_cell: target.into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for attempt in attempts {
+        match attempt.await.expect("task") {
+            Ok(_) => won += 1,
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+        }
+    }
+    assert_eq!(
+        won, 1,
+        "exactly one move at epoch 1 wins; the rest learn the new epoch"
+    );
+    assert_eq!(lookup(&served, "race", "").await.expect("lookup").epoch, 2);
+
+    // Creating one tenant from many tasks: one creates it.
+    let creates: Vec<_> = (0..16)
+        .map(|_| {
+            let control = served.control();
+            tokio::spawn(async move {
+                let mut control = control;
+                control
+                    .create_tenant(CreateTenantRequest {
+                        tenant_id: "contested".into(),
+                        tier: Tier::Normal as i32,
+                        home_region: "r1".into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for create in creates {
+        match create.await.expect("task") {
+            Ok(_) => created += 1,
+            Err(status) => assert_eq!(status.code(), Code::AlreadyExists, "{status:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+
+    // Disjoint keys do not block each other: every conversation move wins.
+    let moves: Vec<_> = (0..24)
+        .map(|i| {
+            let control = served.control();
+            tokio::spawn(async move {
+                let mut control = control;
+                control
+                    .move_route(MoveRouteRequest {
+                        tenant_id: "race".into(),
+                        conversation_id: format!("c{i}"),
+                        expected_epoch: 2,
+                        target_cell: other_than(target).into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for m in moves {
+        m.await.expect("task").expect("a move of its own key");
+    }
+}
+
+/// Reads one watch message, failing the test if none comes within a few seconds.
+async fn next(
+    stream: &mut tonic::Streaming<WatchResponse>,
+) -> Result<WatchResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a watch message within 10 s")
+        .expect("the stream stays open")
+}
+
+/// Collects watch messages until one at `revision` or later arrives.
+async fn until(stream: &mut tonic::Streaming<WatchResponse>, revision: u64) -> Vec<WatchResponse> {
+    let mut seen = Vec::new();
+    loop {
+        let message = next(stream).await.expect("watch message");
+        let at = message.revision;
+        seen.push(message);
+        if at >= revision {
+            return seen;
+        }
+    }
+}
+
+/// Route events of messages, as (revision, tenant/conversation, cell, epoch, put?).
+fn events(messages: &[WatchResponse]) -> Vec<(u64, String, String, u64, bool)> {
+    messages
+        .iter()
+        .flat_map(|m| {
+            m.events.iter().map(|e| {
+                let route = e.route.as_ref().expect("route");
+                (
+                    e.revision,
+                    format!("{}/{}", route.tenant_id, route.conversation_id),
+                    route.cell_id.clone(),
+                    route.epoch,
+                    e.kind == RouteEventKind::Put as i32,
+                )
+            })
+        })
+        .collect()
+}
+
+/// A watch sees every route change once, in revision order, and resumes where it left off,
+/// across a restart of the store.
+pub async fn watch_order_and_resume<B: Backend>() {
+    let mut served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let mut watch = served
+        .routing()
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .expect("watch")
+        .into_inner();
+    let tenant = create_tenant(&served, "w").await.expect("create");
+    let mut cell = tenant.primary_cell.clone();
+    let mut last = lookup(&served, "w", "").await.expect("lookup");
+    for epoch in 1..=5 {
+        let target = other_than(&cell);
+        last = move_route(&served, "w", "", epoch, target)
+            .await
+            .expect("move");
+        cell = target.to_string();
+    }
+    let seen = events(&until(&mut watch, last.revision).await);
+    let epochs: Vec<u64> = seen.iter().map(|e| e.3).collect();
+    assert_eq!(
+        epochs,
+        vec![1, 2, 3, 4, 5, 6],
+        "every change once, in order: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "revisions grow");
+    assert_eq!(seen.last().map(|e| e.0), Some(last.revision));
+    let resume_from = seen[2].0 + 1;
+
+    // Resuming from a revision replays exactly what came after it.
+    let mut resumed = served
+        .routing()
+        .watch(WatchRequest {
+            from_revision: resume_from,
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let replay = events(&until(&mut resumed, last.revision).await);
+    assert_eq!(replay, seen[3..].to_vec());
+
+    // The same after the store restarts.
+    served.restart().await;
+    let mut after = served
+        .routing()
+        .watch(WatchRequest {
+            from_revision: resume_from,
+        })
+        .await
+        .expect("resume after restart")
+        .into_inner();
+    let replay = events(&until(&mut after, last.revision).await);
+    assert_eq!(replay, seen[3..].to_vec(), "history survives a restart");
+    let moved = move_route(&served, "w", "", 6, other_than(&cell))
+        .await
+        .expect("move after restart");
+    let more = events(&until(&mut after, moved.revision).await);
+    assert_eq!(more.last().map(|e| e.3), Some(7));
+    assert!(moved.revision > last.revision, "revisions never go back");
+}
+
+/// Compaction drops history: a watch from before it is told OUT_OF_RANGE with where to resume;
+/// one from after it works; compacting the future is refused.
+pub async fn compaction<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let tenant = create_tenant(&served, "k").await.expect("create");
+    let first = lookup(&served, "k", "").await.expect("lookup");
+    let moved = move_route(&served, "k", "", 1, other_than(&tenant.primary_cell))
+        .await
+        .expect("move");
+    served
+        .control()
+        .compact(CompactRequest {
+            revision: moved.revision,
+        })
+        .await
+        .expect("compact");
+    let err = served
+        .routing()
+        .watch(WatchRequest {
+            from_revision: first.revision,
+        })
+        .await
+        .map(|_| ())
+        .err();
+    let err = match err {
+        Some(err) => err,
+        None => {
+            let mut stream = served
+                .routing()
+                .watch(WatchRequest {
+                    from_revision: first.revision,
+                })
+                .await
+                .expect("watch")
+                .into_inner();
+            next(&mut stream).await.expect_err("compacted")
+        }
+    };
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let mut stream = served
+        .routing()
+        .watch(WatchRequest {
+            from_revision: moved.revision + 1,
+        })
+        .await
+        .expect("watch after the compaction point")
+        .into_inner();
+    let again = move_route(&served, "k", "", 2, &tenant.primary_cell)
+        .await
+        .expect("move");
+    let seen = events(&until(&mut stream, again.revision).await);
+    assert_eq!(seen.last().map(|e| e.3), Some(3));
+
+    let err = served
+        .control()
+        .compact(CompactRequest {
+            revision: again.revision + 1_000_000,
+        })
+        .await
+        .expect_err("the future");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("revision:"), "{}", err.message());
+}
+
+/// Pages cover everything once, in order; bad page sizes and tokens are refused.
+pub async fn pagination<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    for i in 0..120 {
+        create_tenant(&served, &format!("t{i:03}"))
+            .await
+            .expect("create");
+    }
+    for i in 0..30 {
+        let route = lookup(&served, "t007", "").await.expect("lookup");
+        move_route(
+            &served,
+            "t007",
+            &format!("c{i:02}"),
+            route.epoch,
+            other_than(&route.cell_id),
+        )
+        .await
+        .expect("override");
+    }
+    let mut keys = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = served
+            .routing()
+            .list_routes(ListRoutesRequest {
+                page_size: 40,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        assert!(page.routes.len() <= 40);
+        keys.extend(
+            page.routes
+                .iter()
+                .map(|r| format!("{}/{}", r.tenant_id, r.conversation_id)),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(keys.len(), 150);
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "routes come in key order");
+    assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), 150, "each once");
+
+    let mut tenants = 0;
+    let mut token = String::new();
+    loop {
+        let page = served
+            .control()
+            .list_tenants(ListTenantsRequest {
+                page_size: 50,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("tenants")
+            .into_inner();
+        tenants += page.tenants.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(tenants, 120);
+    let err = served
+        .routing()
+        .list_routes(ListRoutesRequest {
+            page_size: 1_000_000,
+            page_token: String::new(),
+        })
+        .await
+        .expect_err("too big");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("page_size"), "{}", err.message());
+    let err = served
+        .routing()
+        .list_routes(ListRoutesRequest {
+            page_size: 10,
+            page_token: "not a token!".into(),
+        })
+        .await
+        .expect_err("garbage token");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Bad input gets its code and a message naming the field; nothing is half applied.
+pub async fn bad_input<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let tenant = create_tenant(&served, "b").await.expect("create");
+    let before = lookup(&served, "b", "").await.expect("lookup");
+
+    let err = create_tenant(&served, "no spaces")
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("tenant_id"), "{}", err.message());
+    let err = move_route(&served, "b", "", 1, "nowhere")
+        .await
+        .expect_err("unknown cell");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("target_cell"), "{}", err.message());
+    let err = move_route(&served, "b", "", 7, other_than(&tenant.primary_cell))
+        .await
+        .expect_err("stale epoch");
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(
+        err.message().starts_with("expected_epoch"),
+        "{}",
+        err.message()
+    );
+    let err = move_route(&served, "ghost", "", 1, "cell-a")
+        .await
+        .expect_err("unknown tenant");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = served
+        .control()
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "cell-a".into(),
+            state: 42,
+        })
+        .await
+        .expect_err("bad enum");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = served
+        .control()
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "cell-a".into(),
+            state: CellState::Joining as i32,
+        })
+        .await
+        .expect_err("a forbidden transition");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let after = lookup(&served, "b", "").await.expect("lookup");
+    assert_eq!(
+        (after.cell_id, after.epoch),
+        (before.cell_id, before.epoch),
+        "nothing changed"
+    );
+}
+
+/// One migration per tenant: a second is refused, direct moves are refused meanwhile, and a
+/// cancel before the switch leaves the route where it was.
+pub async fn migration_records<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let tenant = create_tenant(&served, "m").await.expect("create");
+    let target = other_than(&tenant.primary_cell);
+    let migration = served
+        .control()
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: "m".into(),
+            target_cell: target.into(),
+        })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let err = served
+        .control()
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: "m".into(),
+            target_cell: other_than(target).into(),
+        })
+        .await
+        .expect_err("a second migration");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = move_route(&served, "m", "", 1, target)
+        .await
+        .expect_err("a direct move meanwhile");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let cancelled = served
+        .control()
+        .cancel_migration(CancelMigrationRequest {
+            migration_id: migration.migration_id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(
+        cancelled.phase,
+        cpb::MigrationPhase::RolledBack as i32,
+        "{cancelled:?}"
+    );
+    let route = lookup(&served, "m", "").await.expect("lookup");
+    assert_eq!(
+        (route.cell_id.as_str(), route.epoch),
+        (tenant.primary_cell.as_str(), 1)
+    );
+    move_route(&served, "m", "", 1, target)
+        .await
+        .expect("moves are allowed again");
+}
+
+/// Everything written is there after the store restarts, and writes go on.
+pub async fn restart<B: Backend>() {
+    let mut served = Served::<B>::start().await;
+    add_cells(&served).await;
+    let mut routes = Vec::new();
+    for i in 0..20 {
+        let tenant_id = format!("r{i}");
+        let tenant = create_tenant(&served, &tenant_id).await.expect("create");
+        let route = if i % 2 == 0 {
+            move_route(&served, &tenant_id, "", 1, other_than(&tenant.primary_cell))
+                .await
+                .expect("move")
+        } else {
+            lookup(&served, &tenant_id, "").await.expect("lookup")
+        };
+        routes.push(route);
+    }
+    let revision = routes.iter().map(|r| r.revision).max().unwrap_or(0);
+    served.restart().await;
+    for route in &routes {
+        let now = lookup(&served, &route.tenant_id, "").await.expect("lookup");
+        assert_eq!((&now.cell_id, now.epoch), (&route.cell_id, route.epoch));
+        assert!(now.revision >= revision, "the revision never goes back");
+    }
+    let tenant = create_tenant(&served, "after")
+        .await
+        .expect("create after restart");
+    assert_eq!(tenant.epoch, 1);
+}
