@@ -12,6 +12,9 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+# etcd-client's build runs protoc; the route-store tests start real etcd servers.
+./scripts/ensure-tools.sh protoc etcd
+
 # Cluster tests start real `cellplane serve` processes from the target directory.
 cargo build --workspace --bins --locked
 

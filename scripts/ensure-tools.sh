@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Makes sure the tools the build and the tests need are installed, installing Debian's packages
+# when one is missing:
+#
+#   protoc  the protobuf compiler etcd-client's build script runs (package protobuf-compiler;
+#           set PROTOC to use another one)
+#   etcd    the etcd server the route-store tests start (package etcd-server; set ETCD_BIN to
+#           use another one)
+#
+#   ./scripts/ensure-tools.sh protoc        # what building needs
+#   ./scripts/ensure-tools.sh protoc etcd   # what the tests need
+set -euo pipefail
+
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "missing $1 and no apt-get here: install $1 and run again" >&2
+        exit 1
+    fi
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    echo "installing Debian package $1" >&2
+    $sudo apt-get update -qq >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1" >/dev/null
+}
+
+for tool in "$@"; do
+    case "$tool" in
+        protoc)
+            if [ -n "${PROTOC:-}" ] || command -v protoc >/dev/null 2>&1; then
+                continue
+            fi
+            apt_install protobuf-compiler
+            ;;
+        etcd)
+            if [ -n "${ETCD_BIN:-}" ] || command -v etcd >/dev/null 2>&1; then
+                continue
+            fi
+            apt_install etcd-server
+            # Debian's package may start a system etcd on the default ports; the tests start
+            # their own on free ports and do not need it.
+            ;;
+        *)
+            echo "unknown tool $tool (known: protoc, etcd)" >&2
+            exit 2
+            ;;
+    esac
+done
