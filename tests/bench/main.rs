@@ -11,6 +11,7 @@ mod migration;
 mod report;
 mod scale;
 mod updates;
+mod versus_etcd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,6 +58,8 @@ enum Which {
     Scale,
     Cell,
     Migration,
+    /// cellplane beside etcd: updates, lookups and watch fan-out in one run.
+    Etcd,
 }
 
 #[tokio::main]
@@ -66,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
     let mut report = report::Report::new();
     if matches!(cli.which, Which::All | Which::Updates) {
         updates::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Etcd) {
+        versus_etcd::run(&mut report, phase).await?;
     }
     if matches!(cli.which, Which::All | Which::Lookups) {
         lookups::run(&mut report, phase).await?;

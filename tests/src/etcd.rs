@@ -11,7 +11,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use crate::free_port;
+use crate::{binary, free_port};
 
 /// One etcd member.
 pub struct EtcdMember {
@@ -184,5 +184,59 @@ impl EtcdCluster {
     pub fn restart(&mut self, index: usize) {
         assert!(self.members[index].child.is_none(), "member is running");
         self.spawn(index);
+    }
+}
+
+/// A `cellplane serve --store etcd` process.
+pub struct NodeOnEtcd {
+    pub addr: String,
+    _child: Child,
+}
+
+impl NodeOnEtcd {
+    /// Starts node `id` on `etcd` under `prefix`, logging to `log`, and waits until it serves.
+    pub async fn start(id: u64, etcd: &EtcdCluster, prefix: &str, log: &std::path::Path) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(binary("cellplane"))
+            .args([
+                "serve",
+                "--store",
+                "etcd",
+                "--node-id",
+                &id.to_string(),
+                "--listen",
+                &addr,
+                "--etcd-endpoints",
+                &etcd.endpoints().join(","),
+                "--etcd-prefix",
+                prefix,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(log).expect("log file")))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start cellplane");
+        let node = Self {
+            addr,
+            _child: child,
+        };
+        for _ in 0..100 {
+            let status =
+                cellplane_api::proto::control::control_client::ControlClient::new(node.channel())
+                    .cluster_status(cellplane_api::proto::control::ClusterStatusRequest {})
+                    .await;
+            if status.is_ok() {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cellplane on etcd did not serve; see {}", log.display());
+    }
+
+    pub fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .timeout(Duration::from_secs(15))
+            .connect_lazy()
     }
 }

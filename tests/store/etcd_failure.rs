@@ -3,7 +3,6 @@
 //! etcd leader is SIGKILLed. No acknowledged route may be lost, and every node agrees with what
 //! etcd holds.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,69 +14,23 @@ use cellplane_api::proto::control::{
 };
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
-use cellplane_tests::etcd::EtcdCluster;
-use cellplane_tests::{binary, free_port};
-use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint};
+use cellplane_tests::etcd::{EtcdCluster, NodeOnEtcd};
+use tonic::transport::Channel;
 
 use crate::suite::CELLS;
 
-struct Node {
-    addr: String,
-    _child: Child,
-}
+type Node = NodeOnEtcd;
 
 async fn start_node(id: u64, etcd: &EtcdCluster, log: &std::path::Path) -> Node {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(binary("cellplane"))
-        .args([
-            "serve",
-            "--store",
-            "etcd",
-            "--node-id",
-            &id.to_string(),
-            "--listen",
-            &addr,
-            "--etcd-endpoints",
-            &etcd.endpoints().join(","),
-            "--etcd-prefix",
-            "/failure/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).expect("log file")))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start cellplane");
-    let node = Node {
-        addr,
-        _child: child,
-    };
-    for _ in 0..100 {
-        if control(&node)
-            .cluster_status(cellplane_api::proto::control::ClusterStatusRequest {})
-            .await
-            .is_ok()
-        {
-            return node;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cellplane on etcd did not serve; see {}", log.display());
-}
-
-fn channel(node: &Node) -> Channel {
-    Endpoint::from_shared(format!("http://{}", node.addr))
-        .expect("endpoint")
-        .timeout(Duration::from_secs(15))
-        .connect_lazy()
+    NodeOnEtcd::start(id, etcd, "/failure/", log).await
 }
 
 fn control(node: &Node) -> ControlClient<Channel> {
-    ControlClient::new(channel(node))
+    ControlClient::new(node.channel())
 }
 
 fn routing(node: &Node) -> RoutingClient<Channel> {
-    RoutingClient::new(channel(node))
+    RoutingClient::new(node.channel())
 }
 
 async fn lookup(node: &Node, tenant_id: &str) -> Result<Route, tonic::Status> {
