@@ -1,6 +1,7 @@
 //! `cellplane-bench`: the control plane's benchmarks, run against real `cellplane serve`
 //! processes (release build) on loopback, with the load generator on the same machine.
 //!
+//!   ./scripts/ensure-tools.sh protoc etcd
 //!   cargo build --release --workspace --bins && target/release/cellplane-bench all
 //!
 //! Figures go to stdout and, with `--out`, to a Markdown file (docs/benchmarks.md).

@@ -8,11 +8,12 @@
 //! If etcd compacted further on its own, or the watch fell behind a compaction, the mirror
 //! reloads the current records and tells watchers to re-read (they get OUT_OF_RANGE).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KvClient, WatchOptions};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::layout::{self, Layout, MetaKey, Parsed};
@@ -29,9 +30,62 @@ const REWATCH_BACKOFF: Duration = Duration::from_millis(200);
 /// A running mirror; dropping it does not stop it, [`Mirror::stop`] does.
 pub struct Mirror {
     shared: Arc<SharedState>,
-    /// The revision through which the mirror holds every change under the prefix.
-    seen: watch::Receiver<u64>,
+    seen: Arc<Seen>,
     task: JoinHandle<()>,
+}
+
+/// The revision through which the mirror holds every change under the prefix, and the callers
+/// waiting for a later one. Each waiter is woken once, when its revision arrives, so hundreds of
+/// writers waiting on their own commits cost nothing while other revisions go by.
+#[derive(Debug, Default)]
+struct Seen {
+    state: Mutex<SeenState>,
+}
+
+#[derive(Debug, Default)]
+struct SeenState {
+    revision: u64,
+    waiting: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+impl Seen {
+    fn new(revision: u64) -> Self {
+        Self {
+            state: Mutex::new(SeenState {
+                revision,
+                waiting: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn revision(&self) -> u64 {
+        self.state.lock().expect("seen lock").revision
+    }
+
+    /// Records that the mirror holds everything through `revision` and wakes whoever waited
+    /// for it.
+    fn advance(&self, revision: u64) {
+        let ready = {
+            let mut state = self.state.lock().expect("seen lock");
+            state.revision = state.revision.max(revision);
+            let later = state.waiting.split_off(&(revision + 1));
+            std::mem::replace(&mut state.waiting, later)
+        };
+        for waiter in ready.into_values().flatten() {
+            let _ = waiter.send(());
+        }
+    }
+
+    /// `None` when `revision` is already held, else what fires once it is.
+    fn wait(&self, revision: u64) -> Option<oneshot::Receiver<()>> {
+        let mut state = self.state.lock().expect("seen lock");
+        if state.revision >= revision {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        state.waiting.entry(revision).or_default().push(tx);
+        Some(rx)
+    }
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -185,8 +239,8 @@ impl Mirror {
             }
         };
         let shared = Arc::new(SharedState::new(machine));
-        let (seen_tx, seen) = watch::channel(revision);
-        let task = tokio::spawn(follow(client.clone(), layout, shared.clone(), seen_tx));
+        let seen = Arc::new(Seen::new(revision));
+        let task = tokio::spawn(follow(client.clone(), layout, shared.clone(), seen.clone()));
         Ok(Self { shared, seen, task })
     }
 
@@ -196,9 +250,11 @@ impl Mirror {
 
     /// Waits until the mirror holds every change up to `revision`.
     pub async fn wait_for(&self, revision: u64, timeout: Duration) -> Result<(), StoreError> {
-        let mut seen = self.seen.clone();
-        match tokio::time::timeout(timeout, seen.wait_for(|seen| *seen >= revision)).await {
-            Ok(Ok(_)) => Ok(()),
+        let Some(reached) = self.seen.wait(revision) else {
+            return Ok(());
+        };
+        match tokio::time::timeout(timeout, reached).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(StoreError::Unavailable("the etcd mirror stopped".into())),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "the etcd watch did not deliver revision {revision} within {timeout:?}; retry"
@@ -213,16 +269,11 @@ impl Mirror {
 
 /// Follows the prefix from the mirror's revision on, forever: re-opens a broken watch where it
 /// stopped, and reloads when etcd no longer has the history in between.
-async fn follow(
-    client: Client,
-    layout: Layout,
-    shared: Arc<SharedState>,
-    seen: watch::Sender<u64>,
-) {
+async fn follow(client: Client, layout: Layout, shared: Arc<SharedState>, seen: Arc<Seen>) {
     let mut watch_client = client.watch_client();
     let mut kv = client.kv_client();
     loop {
-        let from = *seen.borrow() + 1;
+        let from = seen.revision() + 1;
         let options = WatchOptions::new()
             .with_range(prefix_end(layout.prefix()))
             .with_start_revision(from as i64);
@@ -256,7 +307,7 @@ async fn follow(
                                 *current = machine;
                                 shared.publish(WatchSignal::Reset);
                             });
-                            seen.send_replace(revision);
+                            seen.advance(revision);
                         }
                         Err(err) => tracing::warn!(error = %err, "reloading from etcd failed"),
                     }
@@ -274,7 +325,7 @@ async fn follow(
 fn apply_response(
     shared: &SharedState,
     layout: &Layout,
-    seen: &watch::Sender<u64>,
+    seen: &Seen,
     events: &[etcd_client::Event],
 ) {
     let mut start = 0;
@@ -303,7 +354,7 @@ fn apply_response(
                 events: changed,
             })));
         });
-        seen.send_replace(revision);
+        seen.advance(revision);
         start = end;
     }
 }

@@ -183,20 +183,8 @@ impl RouteStore for EtcdStore {
             let mut after = before.control.clone();
             let assumed = before.control.revision() + 1;
             let (result, _) = after.apply(&command);
-            let changes = match result {
-                Ok(_) if !caught_up && after.changes_since(&before.control).is_empty() => {
-                    // Nothing to write: make sure that is true of the newest state.
-                    self.catch_up().await?;
-                    caught_up = true;
-                    continue;
-                }
-                Ok(output) => {
-                    let changes = after.changes_since(&before.control);
-                    if changes.is_empty() {
-                        return Ok(Routed::Here(output));
-                    }
-                    (output, changes)
-                }
+            let (output, changes) = match result {
+                Ok(output) => (output, after.changes_since(&before.control)),
                 Err(refusal) if caught_up => return Err(refusal.into()),
                 Err(_) => {
                     self.catch_up().await?;
@@ -204,7 +192,15 @@ impl RouteStore for EtcdStore {
                     continue;
                 }
             };
-            let (output, changes) = changes;
+            if changes.is_empty() {
+                if caught_up {
+                    return Ok(Routed::Here(output));
+                }
+                // Nothing to write: make sure that is true of the newest state.
+                self.catch_up().await?;
+                caught_up = true;
+                continue;
+            }
             let txn = txn::build(&self.layout, &before, changes);
             let response = self
                 .client
