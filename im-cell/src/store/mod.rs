@@ -252,7 +252,10 @@ impl Store {
         Ok((page, false))
     }
 
-    /// Sync events of a user after `after_pts`, oldest first, at most `limit`.
+    /// Sync events of a user after `after_pts`, oldest first, at most `limit`. A new message's
+    /// event is stored without the message; it is read here from where the message is kept
+    /// (the conversation, or the user's inbox for a private one) as it is now, recalled or
+    /// not. A message no longer on this cell (its conversation moved away) comes without one.
     pub fn sync_events(
         &self,
         tenant: &str,
@@ -265,9 +268,37 @@ impl Store {
             ..keys::sync_event(tenant, user, u64::MAX);
         for item in self.spaces.sync.range(range).take(limit) {
             let value = item.value()?;
-            events.push(decode(&value)?);
+            let mut event: SyncRecord = decode(&value)?;
+            if event.kind == records::SyncKind::NewMessage && event.message.is_none() {
+                event.message = self
+                    .message_for(tenant, user, &event.conversation_id, event.seq)?
+                    .map(std::sync::Arc::new);
+            }
+            events.push(event);
         }
         Ok(events)
+    }
+
+    /// Message `seq` of a conversation as `user` sees it: the shared copy, or the private one
+    /// in the user's inbox.
+    fn message_for(
+        &self,
+        tenant: &str,
+        user: &str,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<Option<MessageRecord>, CellError> {
+        if let Some(message) = get::<MessageRecord>(
+            &self.spaces.messages,
+            &keys::message(tenant, conversation, seq),
+        )? {
+            return Ok(Some(message));
+        }
+        Ok(get::<InboxRecord>(
+            &self.spaces.inbox,
+            &keys::inbox(tenant, user, conversation, seq),
+        )?
+        .and_then(|inbox| inbox.private))
     }
 
     /// The newest pts of a user's queue.

@@ -479,11 +479,14 @@ pub fn apply_mutation(
                 &answer,
             );
             if events {
+                let shared = std::sync::Arc::new(message.clone());
                 for user in &audience {
-                    tx.event(tenant, user, |pts| SyncRecord {
-                        message: Some(message.clone()),
-                        ..event(SyncKind::NewMessage, conversation, message.seq)(pts)
-                    })?;
+                    tx.event_about(
+                        tenant,
+                        user,
+                        event(SyncKind::NewMessage, conversation, message.seq),
+                        Some(&shared),
+                    )?;
                 }
             }
             metrics::counter!("cellplane_cell_messages_stored_total").increment(1);

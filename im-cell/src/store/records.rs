@@ -1,5 +1,7 @@
 //! What the store keeps, encoded with postcard.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +82,9 @@ pub struct SyncRecord {
     pub kind: SyncKind,
     pub conversation_id: String,
     pub seq: u64,
-    pub message: Option<MessageRecord>,
+    /// The new message, on events pushed to online devices and read back from the queue; the
+    /// stored event leaves it out. Shared, so a group's hundreds of pushes copy no message.
+    pub message: Option<Arc<MessageRecord>>,
     pub user_ids: Vec<String>,
     pub joined: bool,
 }

@@ -2,12 +2,15 @@
 //! read its earlier writes before anything is committed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::export::{EXPORTED_SPACES, Excluded, row_of_key};
-use super::records::{LogRecord, MemberRecord, Mutation, SyncRecord, UserRecord, decode, encode};
+use super::records::{
+    LogRecord, MemberRecord, MessageRecord, Mutation, SyncRecord, UserRecord, decode, encode,
+};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::sync::hub::Delivery;
@@ -24,13 +27,48 @@ pub struct Tx {
     membership: HashMap<(String, String), BTreeMap<String, bool>>,
     /// The LSN of the newest cell-log entry, staged ones included.
     pub lsn: u64,
+    /// Users' newest pts, carried from batch to batch by the writer (see [`Heads`]).
+    pub heads: Heads,
     /// Events for the online devices, published once the batch is durable.
     pub deliveries: Vec<Delivery>,
     pub writes: usize,
 }
 
+/// Users' newest pts by user key, as the writer last wrote them. The writer is the only one that
+/// assigns pts, so it need not read a user's head row back from the store for every event: a
+/// send to a 500-member group would otherwise make 500 point reads. Any other write to a head
+/// row (an import, a purge) drops the entry, and a batch that fails to commit drops them all.
+#[derive(Debug, Default)]
+pub struct Heads {
+    pts: HashMap<Vec<u8>, u64>,
+}
+
+impl Heads {
+    /// Users remembered at most; past it the cache starts over (and reads the store again).
+    const MAX_USERS: usize = 1 << 20;
+
+    fn get(&self, key: &[u8]) -> Option<u64> {
+        self.pts.get(key).copied()
+    }
+
+    fn set(&mut self, key: Vec<u8>, pts: u64) {
+        if self.pts.len() >= Self::MAX_USERS {
+            self.pts.clear();
+        }
+        self.pts.insert(key, pts);
+    }
+
+    fn forget(&mut self, key: &[u8]) {
+        self.pts.remove(key);
+    }
+
+    pub fn clear(&mut self) {
+        self.pts.clear();
+    }
+}
+
 impl Tx {
-    pub fn new(store: Store, lsn: u64) -> Self {
+    pub fn new(store: Store, lsn: u64, heads: Heads) -> Self {
         let batch = store.db.batch();
         Self {
             store,
@@ -38,6 +76,7 @@ impl Tx {
             overlay: HashMap::new(),
             membership: HashMap::new(),
             lsn,
+            heads,
             deliveries: Vec::new(),
             writes: 0,
         }
@@ -74,13 +113,24 @@ impl Tx {
                 .or_default()
                 .insert(user.to_string(), true);
         }
+        if space == Space::Users {
+            self.heads.forget(&key);
+        }
+        self.writes += 1;
+        if space == Space::Sync {
+            // Queue rows are appended, never read back within a batch: no overlay copy.
+            self.batch.insert(self.store.spaces.get(space), key, bytes);
+            return;
+        }
         self.batch
             .insert(self.store.spaces.get(space), key.clone(), bytes.clone());
         self.overlay.insert((space, key), Some(bytes));
-        self.writes += 1;
     }
 
     pub fn delete(&mut self, space: Space, key: Vec<u8>) {
+        if space == Space::Users {
+            self.heads.forget(&key);
+        }
         self.batch.remove(self.store.spaces.get(space), key.clone());
         self.overlay.insert((space, key), None);
         self.writes += 1;
@@ -229,20 +279,45 @@ impl Tx {
         user: &str,
         event: impl FnOnce(u64) -> SyncRecord,
     ) -> Result<(), CellError> {
+        self.event_about(tenant, user, event, None)
+    }
+
+    /// Appends one event to a user's queue. A new message's event is stored without the
+    /// message, which is stored once with its conversation (or in the user's inbox, private):
+    /// the queue names it by seq and readers fetch it ([`Store::sync_events`]); online devices
+    /// get it pushed with the message attached.
+    pub fn event_about(
+        &mut self,
+        tenant: &str,
+        user: &str,
+        event: impl FnOnce(u64) -> SyncRecord,
+        message: Option<&Arc<MessageRecord>>,
+    ) -> Result<(), CellError> {
         let key = keys::user(tenant, user);
-        let mut head: UserRecord = self.get(Space::Users, &key)?.unwrap_or_default();
-        head.last_pts += 1;
-        let record = event(head.last_pts);
+        let last_pts = match self.heads.get(&key) {
+            Some(pts) => pts,
+            None => {
+                self.get::<UserRecord>(Space::Users, &key)?
+                    .unwrap_or_default()
+                    .last_pts
+            }
+        };
+        let head = UserRecord {
+            last_pts: last_pts + 1,
+        };
+        let mut record = event(head.last_pts);
         assert_eq!(
             record.pts, head.last_pts,
             "an event carries the pts it was given"
         );
-        self.put(Space::Users, key, &head);
+        self.put(Space::Users, key.clone(), &head);
+        self.heads.set(key, head.last_pts);
         self.put(
             Space::Sync,
             keys::sync_event(tenant, user, head.last_pts),
             &record,
         );
+        record.message = message.cloned();
         self.deliveries.push(Delivery {
             tenant: tenant.to_string(),
             user: user.to_string(),
@@ -260,11 +335,54 @@ mod tests {
         tx.batch.commit().expect("commit");
     }
 
+    fn blank(pts: u64) -> SyncRecord {
+        SyncRecord {
+            pts,
+            kind: super::super::records::SyncKind::Read,
+            conversation_id: "c".into(),
+            seq: 0,
+            message: None,
+            user_ids: Vec::new(),
+            joined: false,
+        }
+    }
+
+    /// pts carry on across batches from the writer's memory, and a head row written any other
+    /// way (an import) is what the next event continues from.
+    #[test]
+    fn pts_continue_across_batches_and_from_imported_heads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut tx = Tx::new(store.clone(), 0, Heads::default());
+        tx.event("t", "alice", blank).expect("event");
+        tx.event("t", "alice", blank).expect("event");
+        let heads = std::mem::take(&mut tx.heads);
+        commit(tx);
+        assert_eq!(store.last_pts("t", "alice").expect("read"), 2);
+
+        let mut tx = Tx::new(store.clone(), 0, heads);
+        tx.event("t", "alice", blank).expect("event");
+        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(3));
+        tx.put(
+            Space::Users,
+            keys::user("t", "alice"),
+            &UserRecord { last_pts: 40 },
+        );
+        tx.event("t", "alice", blank).expect("event");
+        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(41));
+        commit(tx);
+
+        // A fresh cache (a restart, a refused batch) reads the store.
+        let mut tx = Tx::new(store.clone(), 0, Heads::default());
+        tx.event("t", "alice", blank).expect("event");
+        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(42));
+    }
+
     #[test]
     fn a_purge_in_slices_drops_every_row_of_the_key_and_nothing_else() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
-        let mut tx = Tx::new(store.clone(), 0);
+        let mut tx = Tx::new(store.clone(), 0, Heads::default());
         for seq in 1..=25 {
             tx.put_raw(Space::Messages, keys::message("t", "c", seq), vec![1]);
             tx.put_raw(Space::Messages, keys::message("t", "keep", seq), vec![2]);
@@ -277,7 +395,7 @@ mod tests {
         let mut after = None;
         let mut slices = 0;
         loop {
-            let mut tx = Tx::new(store.clone(), 0);
+            let mut tx = Tx::new(store.clone(), 0, Heads::default());
             let next = tx
                 .purge("t", "", &keep, Some(4), after.as_ref())
                 .expect("purge");

@@ -18,7 +18,7 @@ use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_con
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
 };
-use super::tx::{PurgeCursor, Tx};
+use super::tx::{Heads, PurgeCursor, Tx};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::limits::Limits;
@@ -150,6 +150,7 @@ impl Writer {
             grants,
             shared: shared.clone(),
             last_lsn,
+            heads: Default::default(),
         };
         std::thread::Builder::new()
             .name("cell-writer".into())
@@ -191,6 +192,8 @@ struct WriterState {
     grants: Grants,
     shared: Arc<RwLock<Grants>>,
     last_lsn: u64,
+    /// Users' newest pts, handed to each batch and taken back after it.
+    heads: Heads,
 }
 
 fn conversation_view(
@@ -234,7 +237,11 @@ impl WriterState {
     }
 
     fn commit_batch(&mut self, pending: Vec<(Op, Reply)>) {
-        let mut tx = Tx::new(self.store.clone(), self.last_lsn);
+        let mut tx = Tx::new(
+            self.store.clone(),
+            self.last_lsn,
+            std::mem::take(&mut self.heads),
+        );
         let mut answers = Vec::with_capacity(pending.len());
         // A request that fails after staging part of its writes would leave them in the batch:
         // the whole batch is then refused rather than committed half-applied.
@@ -251,6 +258,7 @@ impl WriterState {
         }
         let lsn = tx.lsn;
         let deliveries = std::mem::take(&mut tx.deliveries);
+        let mut heads = std::mem::take(&mut tx.heads);
         let ops = answers.len();
         let committed = match poisoned {
             Some(err) => Err(CellError::Storage(format!(
@@ -267,6 +275,7 @@ impl WriterState {
         match committed {
             Ok(()) => {
                 self.last_lsn = lsn;
+                self.heads = heads;
                 if let Ok(mut shared) = self.shared.write() {
                     shared.clone_from(&self.grants);
                 }
@@ -277,6 +286,9 @@ impl WriterState {
             }
             Err(err) => {
                 tracing::error!(error = %err, "commit failed; refusing the batch");
+                // The heads may name pts of the refused batch: read them from the store again.
+                heads.clear();
+                self.heads = heads;
                 // Nothing of the batch is durable: forget its grant changes too.
                 if let Ok(grants) = self.store.grants() {
                     self.grants = grants.into_iter().map(|(t, c, g)| ((t, c), g)).collect();

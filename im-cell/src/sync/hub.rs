@@ -127,8 +127,8 @@ impl SyncHub {
             user_id,
             conversation_id: event.conversation_id,
             seq: event.seq,
-            message_id: message.message_id,
-            sender_id: message.sender_id,
+            message_id: message.message_id.clone(),
+            sender_id: message.sender_id.clone(),
         });
     }
 }

@@ -58,7 +58,7 @@ pub fn event_to_proto(record: &SyncRecord) -> pb::SyncEvent {
         pts: record.pts,
         kind: kind as i32,
         conversation_id: record.conversation_id.clone(),
-        message: record.message.as_ref().map(message_to_proto),
+        message: record.message.as_deref().map(message_to_proto),
         seq: record.seq,
         user_ids: record.user_ids.clone(),
         joined: record.joined,
