@@ -29,6 +29,9 @@ pub struct Tx {
     pub lsn: u64,
     /// Users' newest pts, carried from batch to batch by the writer (see [`Heads`]).
     pub heads: Heads,
+    /// Heads this batch moved, written once each when the batch is finished: a batch of 64
+    /// sends to one 500-member group writes 500 head rows, not 32,000.
+    moved_heads: HashMap<Vec<u8>, u64>,
     /// Events for the online devices, published once the batch is durable.
     pub deliveries: Vec<Delivery>,
     pub writes: usize,
@@ -77,6 +80,7 @@ impl Tx {
             membership: HashMap::new(),
             lsn,
             heads,
+            moved_heads: HashMap::new(),
             deliveries: Vec::new(),
             writes: 0,
         }
@@ -115,6 +119,7 @@ impl Tx {
         }
         if space == Space::Users {
             self.heads.forget(&key);
+            self.moved_heads.remove(&key);
         }
         self.writes += 1;
         if space == Space::Sync {
@@ -130,6 +135,7 @@ impl Tx {
     pub fn delete(&mut self, space: Space, key: Vec<u8>) {
         if space == Space::Users {
             self.heads.forget(&key);
+            self.moved_heads.remove(&key);
         }
         self.batch.remove(self.store.spaces.get(space), key.clone());
         self.overlay.insert((space, key), None);
@@ -282,6 +288,15 @@ impl Tx {
         self.event_about(tenant, user, event, None)
     }
 
+    /// Stages the head rows this batch moved; call once, before committing.
+    pub fn finish(&mut self) {
+        let users = self.store.spaces.get(Space::Users);
+        for (key, last_pts) in self.moved_heads.drain() {
+            self.batch
+                .insert(users, key, encode(&UserRecord { last_pts }));
+        }
+    }
+
     /// Appends one event to a user's queue. A new message's event is stored without the
     /// message, which is stored once with its conversation (or in the user's inbox, private):
     /// the queue names it by seq and readers fetch it ([`Store::sync_events`]); online devices
@@ -310,7 +325,7 @@ impl Tx {
             record.pts, head.last_pts,
             "an event carries the pts it was given"
         );
-        self.put(Space::Users, key.clone(), &head);
+        self.moved_heads.insert(key.clone(), head.last_pts);
         self.heads.set(key, head.last_pts);
         self.put(
             Space::Sync,
@@ -331,7 +346,8 @@ impl Tx {
 mod tests {
     use super::*;
 
-    fn commit(tx: Tx) {
+    fn commit(mut tx: Tx) {
+        tx.finish();
         tx.batch.commit().expect("commit");
     }
 

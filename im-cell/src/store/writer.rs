@@ -256,6 +256,7 @@ impl WriterState {
             }
             answers.push((reply, answer));
         }
+        tx.finish();
         let lsn = tx.lsn;
         let deliveries = std::mem::take(&mut tx.deliveries);
         let mut heads = std::mem::take(&mut tx.heads);
