@@ -61,6 +61,7 @@ pub enum Proposal {
 }
 
 impl Node {
+    /// A node serving `store`; long-lived streams end when `shutdown` flips.
     pub fn new(
         id: u64,
         store: Arc<dyn RouteStore>,

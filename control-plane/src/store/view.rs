@@ -52,6 +52,7 @@ pub struct SharedState {
 }
 
 impl SharedState {
+    /// A view starting from `machine`, with no watchers yet.
     pub fn new(machine: MachineState) -> Self {
         let (watch_tx, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
         Self {

@@ -62,6 +62,7 @@ impl Layout {
         &self.prefix
     }
 
+    /// The etcd key a record is stored under.
     pub fn key(&self, key: &RecordKey) -> String {
         let p = &self.prefix;
         match key {
@@ -75,6 +76,7 @@ impl Layout {
         }
     }
 
+    /// The etcd key of a bookkeeping entry.
     pub fn meta(&self, key: MetaKey) -> String {
         match key {
             MetaKey::Compacted => format!("{}meta/compacted", self.prefix),

@@ -244,6 +244,7 @@ impl Mirror {
         Ok(Self { shared, seen, task })
     }
 
+    /// The mirrored state, as reads and watches see it.
     pub fn shared(&self) -> &Arc<SharedState> {
         &self.shared
     }
@@ -262,6 +263,7 @@ impl Mirror {
         }
     }
 
+    /// Stops following etcd; the state stays readable as it was.
     pub fn stop(&self) {
         self.task.abort();
     }
