@@ -12,7 +12,9 @@ use cellplane_api::proto::cell::{
 use cellplane_tests::cell::CellProcess;
 use cellplane_tests::measure::{Samples, ms};
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+use tonic::transport::Channel;
 
+use crate::drive::{Client, Measured, drive};
 use crate::report::Report;
 
 const CONCURRENCY: [usize; 3] = [1, 64, 512];
@@ -49,87 +51,83 @@ async fn conversation(cell: &CellProcess, id: &str, kind: ConversationKind, memb
         .expect("create conversation");
 }
 
-/// Runs `senders` closed-loop senders for `phase`; sender `i` writes to `target(i)` as `user(i)`.
-/// Closed-loop health checks: the most calls/s this machine's gRPC stack gives the cell.
-async fn ceiling(cell: &CellProcess, clients: usize, phase: Duration) -> (f64, Samples) {
-    let channels: Vec<_> = (0..clients.div_ceil(SENDERS_PER_CHANNEL))
-        .map(|_| cell.channel())
-        .collect();
-    let started = Instant::now();
-    let deadline = started + phase;
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let mut client = tonic_health::pb::health_client::HealthClient::new(
-                channels[c / SENDERS_PER_CHANNEL].clone(),
-            );
-            tokio::spawn(async move {
-                let mut samples = Samples::default();
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    client
-                        .check(tonic_health::pb::HealthCheckRequest {
-                            service: String::new(),
-                        })
-                        .await
-                        .expect("health check");
-                    samples.record(sent.elapsed());
-                }
-                samples
+/// Asks the cell's health service: a call that does no work and touches no disk.
+struct HealthCheck(tonic_health::pb::health_client::HealthClient<Channel>);
+
+#[tonic::async_trait]
+impl Client for HealthCheck {
+    async fn call(&mut self) -> anyhow::Result<()> {
+        self.0
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
             })
-        })
-        .collect();
-    let mut samples = Samples::default();
-    for task in tasks {
-        samples.merge(task.await.expect("client"));
+            .await?;
+        Ok(())
     }
-    (
-        samples.len() as f64 / started.elapsed().as_secs_f64(),
-        samples,
-    )
 }
 
+/// Sends message after message to one conversation as one sender, each with a new id.
+struct Sender {
+    client: MessagingClient<Channel>,
+    conversation: String,
+    sender: String,
+    next_id: u64,
+}
+
+#[tonic::async_trait]
+impl Client for Sender {
+    async fn call(&mut self) -> anyhow::Result<()> {
+        self.next_id += 1;
+        self.client
+            .send_message(send(&self.conversation, &self.sender, self.next_id))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Closed-loop health checks: the most calls/s this machine's gRPC stack gives the cell.
+async fn ceiling(cell: &CellProcess, clients: usize, phase: Duration) -> anyhow::Result<Measured> {
+    let channels = channels(cell, clients);
+    let checks = (0..clients)
+        .map(|c| {
+            let client = tonic_health::pb::health_client::HealthClient::new(
+                channels[c / SENDERS_PER_CHANNEL].clone(),
+            );
+            Box::new(HealthCheck(client)) as Box<dyn Client>
+        })
+        .collect();
+    drive(checks, phase).await
+}
+
+/// Runs `senders` closed-loop senders for `phase`; sender `i` writes to the conversation
+/// `target(i)` names, as the user it names.
 async fn load(
     cell: &CellProcess,
     senders: usize,
     phase: Duration,
     target: impl Fn(usize) -> (String, String),
-) -> (f64, Samples) {
-    let channels: Vec<_> = (0..senders.div_ceil(SENDERS_PER_CHANNEL))
-        .map(|_| cell.channel())
+) -> anyhow::Result<Measured> {
+    let channels = channels(cell, senders);
+    let clients = (0..senders)
+        .map(|s| {
+            let (conversation, sender) = target(s);
+            Box::new(Sender {
+                client: MessagingClient::new(channels[s / SENDERS_PER_CHANNEL].clone()),
+                conversation,
+                sender,
+                // Ids of different senders never meet.
+                next_id: (s as u64) * 1_000_000_000,
+            }) as Box<dyn Client>
+        })
         .collect();
-    let started = Instant::now();
-    let deadline = started + phase;
-    let mut tasks = Vec::new();
-    for s in 0..senders {
-        let (conversation, sender) = target(s);
-        let mut client = MessagingClient::new(channels[s / SENDERS_PER_CHANNEL].clone());
-        tasks.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            let mut id = 0u64;
-            while Instant::now() < deadline {
-                id += 1;
-                let sent = Instant::now();
-                client
-                    .send_message(send(
-                        &conversation,
-                        &sender,
-                        id + (s as u64) * 1_000_000_000,
-                    ))
-                    .await
-                    .expect("send");
-                samples.record(sent.elapsed());
-            }
-            samples
-        }));
-    }
-    let mut samples = Samples::default();
-    for task in tasks {
-        samples.merge(task.await.expect("sender"));
-    }
-    (
-        samples.len() as f64 / started.elapsed().as_secs_f64(),
-        samples,
-    )
+    drive(clients, phase).await
+}
+
+/// One connection per [`SENDERS_PER_CHANNEL`] clients.
+fn channels(cell: &CellProcess, clients: usize) -> Vec<Channel> {
+    (0..clients.div_ceil(SENDERS_PER_CHANNEL))
+        .map(|_| cell.channel())
+        .collect()
 }
 
 /// The store alone: batches of `batch` single-chat sends' worth of rows, one fsync each.
@@ -217,31 +215,33 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let mut single_at_max = 0.0;
     let mut single_at_64 = 0.0;
     for senders in CONCURRENCY {
-        let (rate, mut samples) = load(&cell, senders, phase, |s| {
+        let measured = load(&cell, senders, phase, |s| {
             (format!("dm-{s}"), format!("u{s}"))
         })
-        .await;
+        .await?;
         if senders == max {
-            single_at_max = rate;
+            single_at_max = measured.rate;
         }
         if senders == 64 {
-            single_at_64 = rate;
+            single_at_64 = measured.rate;
         }
         table.push_str(&format!(
-            "| {senders} | single chats | {rate:.0} | {} | {} |\n",
-            ms(samples.percentile(50.0)),
-            ms(samples.percentile(99.0))
+            "| {senders} | single chats | {:.0} | {} | {} |\n",
+            measured.rate,
+            ms(measured.p50),
+            ms(measured.p99)
         ));
     }
     for senders in CONCURRENCY {
-        let (rate, mut samples) = load(&cell, senders, phase, |s| {
+        let measured = load(&cell, senders, phase, |s| {
             ("big-group".to_string(), format!("u{}", s % GROUP_MEMBERS))
         })
-        .await;
+        .await?;
         table.push_str(&format!(
-            "| {senders} | {GROUP_MEMBERS}-member group | {rate:.0} | {} | {} |\n",
-            ms(samples.percentile(50.0)),
-            ms(samples.percentile(99.0))
+            "| {senders} | {GROUP_MEMBERS}-member group | {:.0} | {} | {} |\n",
+            measured.rate,
+            ms(measured.p50),
+            ms(measured.p99)
         ));
     }
 
@@ -311,7 +311,7 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
 
     // What any call costs here: the cell's own gRPC server answering health checks, from the
     // same load generator over the same connections.
-    let (calls, _) = ceiling(&cell, 64, phase).await;
+    let calls = ceiling(&cell, 64, phase).await?.rate;
     table.push_str(&format!(
         "\n### Against an empty call\n\n64 clients calling the cell's gRPC health check (no \
          work, no disk) over the same connections: **{calls:.0} calls/s**. The cell's durable \

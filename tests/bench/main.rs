@@ -7,6 +7,7 @@
 //! Figures go to stdout and, with `--out`, to a Markdown file (docs/benchmarks.md).
 
 mod cell;
+mod drive;
 mod lookups;
 mod migration;
 mod report;

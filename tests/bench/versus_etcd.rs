@@ -10,13 +10,14 @@ use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{GetTenantRequest, MoveRouteRequest, Tier};
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest, WatchRequest};
-use cellplane_tests::cluster::Cluster;
+use cellplane_tests::cluster::{Cluster, add_active_cells};
 use cellplane_tests::etcd::{EtcdCluster, NodeOnEtcd};
 use cellplane_tests::measure::{Samples, ms};
 use etcd_client::{GetOptions, KvClient};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::drive::{Client, drive};
 use crate::report::Report;
 use crate::updates::CONCURRENCY;
 
@@ -32,12 +33,6 @@ const FANOUT_ROUNDS: usize = 5;
 
 /// A JSON value the size of a stored tenant record.
 const VALUE: &[u8] = br#"{"tier":"Normal","home_region":"r1","primary_cell":"cell-a","epoch":12345,"state":"Active","override_count":0}"#;
-
-/// One client's request loop.
-#[tonic::async_trait]
-trait Client: Send + 'static {
-    async fn call(&mut self) -> anyhow::Result<()>;
-}
 
 /// Moves its own tenant between two cells, compare-and-set on the epoch.
 struct Mover {
@@ -126,41 +121,6 @@ impl Client for Getter {
     }
 }
 
-/// Throughput and latency of one phase.
-struct Measured {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-async fn drive(clients: Vec<Box<dyn Client>>, phase: Duration) -> anyhow::Result<Measured> {
-    let started = Instant::now();
-    let deadline = started + phase;
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|mut client| {
-            tokio::spawn(async move {
-                let mut samples = Samples::default();
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    client.call().await?;
-                    samples.record(sent.elapsed());
-                }
-                anyhow::Ok(samples)
-            })
-        })
-        .collect();
-    let mut samples = Samples::default();
-    for task in tasks {
-        samples.merge(task.await??);
-    }
-    Ok(Measured {
-        rate: samples.len() as f64 / started.elapsed().as_secs_f64(),
-        p50: samples.percentile(50.0),
-        p99: samples.percentile(99.0),
-    })
-}
-
 async fn etcd_kv(endpoint: &str) -> anyhow::Result<KvClient> {
     Ok(etcd_client::Client::connect([endpoint], None)
         .await?
@@ -198,27 +158,16 @@ async fn movers(
 
 async fn create_tenants(channel: Channel, prefix: &str, count: usize) -> anyhow::Result<()> {
     let mut control = ControlClient::new(channel);
-    for (i, cell_id) in ["cell-a", "cell-b"].iter().enumerate() {
-        let registered = control
-            .register_cell(cellplane_api::proto::control::RegisterCellRequest {
-                cell_id: cell_id.to_string(),
-                region: "hz".into(),
-                zone: format!("z{i}"),
-                tier: Tier::Normal as i32,
-                endpoint: format!("127.0.0.1:{}", 23_000 + i),
-                capacity: 1_000_000,
-                standby_of: String::new(),
-            })
-            .await;
-        if registered.is_ok() {
-            control
-                .set_cell_state(cellplane_api::proto::control::SetCellStateRequest {
-                    cell_id: cell_id.to_string(),
-                    state: cellplane_api::proto::control::CellState::Active as i32,
-                })
-                .await?;
-        }
-    }
+    add_active_cells(
+        &mut control,
+        "hz",
+        &[
+            ("cell-a", "z0", Tier::Normal),
+            ("cell-b", "z1", Tier::Normal),
+        ],
+        1_000_000,
+    )
+    .await?;
     for i in 0..count {
         control
             .create_tenant(cellplane_api::proto::control::CreateTenantRequest {

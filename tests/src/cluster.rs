@@ -252,27 +252,9 @@ impl Cluster {
     /// Like [`Cluster::add_cells`], each cell sized for `capacity` tenants.
     pub async fn add_cells_with_capacity(&self, cells: &[(&str, &str, Tier)], capacity: u64) {
         let mut control = self.control(self.wait_for_leader().await);
-        for (i, (cell_id, zone, tier)) in cells.iter().enumerate() {
-            control
-                .register_cell(RegisterCellRequest {
-                    cell_id: cell_id.to_string(),
-                    region: "hz".into(),
-                    zone: zone.to_string(),
-                    tier: *tier as i32,
-                    endpoint: format!("127.0.0.1:{}", 20_000 + i),
-                    capacity,
-                    standby_of: String::new(),
-                })
-                .await
-                .expect("register cell");
-            control
-                .set_cell_state(SetCellStateRequest {
-                    cell_id: cell_id.to_string(),
-                    state: cellplane_api::proto::control::CellState::Active as i32,
-                })
-                .await
-                .expect("activate cell");
-        }
+        add_active_cells(&mut control, "hz", cells, capacity)
+            .await
+            .expect("register and activate cells");
     }
 
     /// Creates a tenant of tier NORMAL in `hz`.
@@ -286,4 +268,35 @@ impl Cluster {
             .await
             .map(|r| r.into_inner().epoch)
     }
+}
+
+/// Registers cells (`cell_id`, `zone`, tier) in `region`, each sized for `capacity` tenants, and
+/// makes them ACTIVE, through any control plane (Raft or etcd). Endpoints are placeholders: no
+/// cell process answers there.
+pub async fn add_active_cells(
+    control: &mut ControlClient<Channel>,
+    region: &str,
+    cells: &[(&str, &str, Tier)],
+    capacity: u64,
+) -> Result<(), tonic::Status> {
+    for (i, (cell_id, zone, tier)) in cells.iter().enumerate() {
+        control
+            .register_cell(RegisterCellRequest {
+                cell_id: cell_id.to_string(),
+                region: region.into(),
+                zone: zone.to_string(),
+                tier: *tier as i32,
+                endpoint: format!("127.0.0.1:{}", 20_000 + i),
+                capacity,
+                standby_of: String::new(),
+            })
+            .await?;
+        control
+            .set_cell_state(SetCellStateRequest {
+                cell_id: cell_id.to_string(),
+                state: cellplane_api::proto::control::CellState::Active as i32,
+            })
+            .await?;
+    }
+    Ok(())
 }

@@ -8,32 +8,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cellplane_api::proto::control::control_client::ControlClient;
-use cellplane_api::proto::control::{
-    CellState, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest, SetCellStateRequest,
-    Tier,
-};
+use cellplane_api::proto::control::{CreateTenantRequest, MoveRouteRequest, Tier};
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
+use cellplane_tests::cluster::add_active_cells;
 use cellplane_tests::etcd::{EtcdCluster, NodeOnEtcd};
 use tonic::transport::Channel;
 
-use crate::suite::CELLS;
+use crate::suite::{CELL_ZONES, other_than};
 
-type Node = NodeOnEtcd;
-
-async fn start_node(id: u64, etcd: &EtcdCluster, log: &std::path::Path) -> Node {
-    NodeOnEtcd::start(id, etcd, "/failure/", log).await
-}
-
-fn control(node: &Node) -> ControlClient<Channel> {
+fn control(node: &NodeOnEtcd) -> ControlClient<Channel> {
     ControlClient::new(node.channel())
 }
 
-fn routing(node: &Node) -> RoutingClient<Channel> {
+fn routing(node: &NodeOnEtcd) -> RoutingClient<Channel> {
     RoutingClient::new(node.channel())
 }
 
-async fn lookup(node: &Node, tenant_id: &str) -> Result<Route, tonic::Status> {
+async fn lookup(node: &NodeOnEtcd, tenant_id: &str) -> Result<Route, tonic::Status> {
     routing(node)
         .lookup(LookupRequest {
             tenant_id: tenant_id.into(),
@@ -48,31 +40,25 @@ async fn lookup(node: &Node, tenant_id: &str) -> Result<Route, tonic::Status> {
 async fn killing_the_etcd_leader_loses_no_acknowledged_route() {
     let mut etcd = EtcdCluster::start(3).await;
     let nodes = Arc::new([
-        start_node(1, &etcd, &etcd.dir.path().join("cellplane-1.log")).await,
-        start_node(2, &etcd, &etcd.dir.path().join("cellplane-2.log")).await,
+        NodeOnEtcd::start(
+            1,
+            &etcd,
+            "/failure/",
+            &etcd.dir.path().join("cellplane-1.log"),
+        )
+        .await,
+        NodeOnEtcd::start(
+            2,
+            &etcd,
+            "/failure/",
+            &etcd.dir.path().join("cellplane-2.log"),
+        )
+        .await,
     ]);
     let mut admin = control(&nodes[0]);
-    for (i, cell_id) in CELLS.iter().enumerate() {
-        admin
-            .register_cell(RegisterCellRequest {
-                cell_id: cell_id.to_string(),
-                region: "r1".into(),
-                zone: format!("z{i}"),
-                tier: Tier::Normal as i32,
-                endpoint: format!("127.0.0.1:{}", 22_000 + i),
-                capacity: 1_000,
-                standby_of: String::new(),
-            })
-            .await
-            .expect("register");
-        admin
-            .set_cell_state(SetCellStateRequest {
-                cell_id: cell_id.to_string(),
-                state: CellState::Active as i32,
-            })
-            .await
-            .expect("activate");
-    }
+    add_active_cells(&mut admin, "r1", &CELL_ZONES, 1_000)
+        .await
+        .expect("register and activate cells");
     const WRITERS: usize = 8;
     for w in 0..WRITERS {
         admin
@@ -104,10 +90,7 @@ async fn killing_the_etcd_leader_loses_no_acknowledged_route() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     };
-                    let target = CELLS
-                        .iter()
-                        .find(|c| **c != current.cell_id)
-                        .expect("another cell");
+                    let target = other_than(&current.cell_id);
                     match control(node)
                         .move_route(MoveRouteRequest {
                             tenant_id: tenant_id.clone(),

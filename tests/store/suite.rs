@@ -8,7 +8,7 @@ use std::time::Duration;
 use cellplane_api::proto::control::{
     self as cpb, CancelMigrationRequest, CellState, CompactRequest, CreateTenantRequest,
     DeleteTenantRequest, GetTenantRequest, ListTenantsRequest, MigrateTenantRequest,
-    MoveRouteRequest, RegisterCellRequest, SetCellStateRequest, Tier,
+    MoveRouteRequest, SetCellStateRequest, Tier,
 };
 use cellplane_api::proto::routing::{
     Consistency, ListRoutesRequest, LookupRequest, Route, RouteEventKind, WatchRequest,
@@ -17,34 +17,22 @@ use cellplane_api::proto::routing::{
 use futures::StreamExt;
 use tonic::Code;
 
+use cellplane_tests::cluster::add_active_cells;
+
 use crate::harness::{Backend, Served};
 
-pub const CELLS: [&str; 3] = ["cell-a", "cell-b", "cell-c"];
+/// The three NORMAL cells of region `r1`, in zones of their own.
+pub const CELL_ZONES: [(&str, &str, Tier); 3] = [
+    ("cell-a", "z0", Tier::Normal),
+    ("cell-b", "z1", Tier::Normal),
+    ("cell-c", "z2", Tier::Normal),
+];
 
-/// Registers and activates the three NORMAL cells of region `r1`.
+/// Registers and activates [`CELL_ZONES`].
 pub async fn add_cells<B: Backend>(served: &Served<B>) {
-    let mut control = served.control();
-    for (i, cell_id) in CELLS.iter().enumerate() {
-        control
-            .register_cell(RegisterCellRequest {
-                cell_id: cell_id.to_string(),
-                region: "r1".into(),
-                zone: format!("z{i}"),
-                tier: Tier::Normal as i32,
-                endpoint: format!("127.0.0.1:{}", 21_000 + i),
-                capacity: 100_000,
-                standby_of: String::new(),
-            })
-            .await
-            .expect("register cell");
-        control
-            .set_cell_state(SetCellStateRequest {
-                cell_id: cell_id.to_string(),
-                state: CellState::Active as i32,
-            })
-            .await
-            .expect("activate cell");
-    }
+    add_active_cells(&mut served.control(), "r1", &CELL_ZONES, 100_000)
+        .await
+        .expect("register and activate cells");
 }
 
 pub async fn create_tenant<B: Backend>(
@@ -97,9 +85,13 @@ pub async fn move_route<B: Backend>(
         .map(|r| r.into_inner().route.expect("route"))
 }
 
-/// A cell of `CELLS` other than `cell`.
-fn other_than(cell: &str) -> &'static str {
-    CELLS.iter().find(|c| **c != cell).expect("another cell")
+/// A cell of [`CELL_ZONES`] other than `cell`.
+pub fn other_than(cell: &str) -> &'static str {
+    CELL_ZONES
+        .iter()
+        .map(|(id, _, _)| *id)
+        .find(|id| *id != cell)
+        .expect("another cell")
 }
 
 /// Create, read, move, delete, recreate: the records and their routes.
@@ -112,11 +104,19 @@ pub async fn crud<B: Backend>() {
         .await
         .expect("status")
         .into_inner();
-    assert!(!status.store.is_empty(), "status names its store");
+    assert_eq!(
+        status.store,
+        served.backend.store_config().name(),
+        "status names its store"
+    );
 
     let tenant = create_tenant(&served, "acme").await.expect("create");
     assert_eq!(tenant.epoch, 1);
-    assert!(CELLS.contains(&tenant.primary_cell.as_str()));
+    assert!(
+        CELL_ZONES
+            .iter()
+            .any(|(id, _, _)| *id == tenant.primary_cell)
+    );
     let err = create_tenant(&served, "acme").await.expect_err("twice");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
 

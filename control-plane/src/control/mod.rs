@@ -308,9 +308,7 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let mut status = self.node.store.status().await?;
-        status.node_id = self.node.id;
-        Ok(Response::new(status))
+        Ok(Response::new(self.node.store.status().await?))
     }
 
     async fn migrate_tenant(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::history::{EventKind, RouteEvent};
-use super::model::{CellRecord, OverrideRecord, RouteKey, RouteView, TenantRecord};
+use super::model::{CellRecord, OverrideRecord, RouteKey, TenantRecord};
 use super::{ControlState, OverrideKey};
 use crate::migration::record::MigrationRecord;
 
@@ -157,8 +157,10 @@ impl ControlState {
     }
 
     /// Writes one record read back from the store at `revision` (the record was created at
-    /// `created_revision`), keeping the derived counters; records and returns the route event
-    /// it causes. The caller moves the state's revision once the whole revision is applied.
+    /// `created_revision`), keeping the derived counters, and returns the route event it
+    /// causes. The caller records events in the history ([`ControlState::record_events`]) when
+    /// they are news, not when loading, and moves the revision once the whole revision is
+    /// applied.
     pub fn put_record(
         &mut self,
         key: RecordKey,
@@ -244,21 +246,22 @@ impl ControlState {
             }
             (key, _) => return Err(RecordMismatch(key)),
         };
-        Ok(event.map(|(kind, route)| self.record_event(kind, route, revision)))
-    }
-
-    fn record_event(&mut self, kind: EventKind, route: RouteView, revision: u64) -> RouteEvent {
-        let event = RouteEvent {
+        Ok(event.map(|(kind, route)| RouteEvent {
             revision,
             kind,
             route,
-        };
-        self.history.push(event.clone());
-        event
+        }))
     }
 
-    /// Removes one record deleted in the store at `revision`, keeping the derived counters;
-    /// records and returns the route event it causes.
+    /// Appends route events to the history watches resume from.
+    pub fn record_events(&mut self, events: &[RouteEvent]) {
+        for event in events {
+            self.history.push(event.clone());
+        }
+    }
+
+    /// Removes one record deleted in the store at `revision`, keeping the derived counters, and
+    /// returns the route event it causes (see [`ControlState::put_record`]).
     pub fn delete_record(&mut self, key: &RecordKey, revision: u64) -> Option<RouteEvent> {
         let event = match key {
             RecordKey::Cell(cell_id) => {
@@ -299,7 +302,11 @@ impl ControlState {
                 None
             }
         };
-        event.map(|route| self.record_event(EventKind::Delete, route, revision))
+        event.map(|route| RouteEvent {
+            revision,
+            kind: EventKind::Delete,
+            route,
+        })
     }
 }
 

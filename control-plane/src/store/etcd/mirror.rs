@@ -349,6 +349,7 @@ fn apply_response(
                     }
                 })
                 .collect();
+            machine.control.record_events(&changed);
             machine.control.advance_to(revision);
             // Published under the lock, so a new watcher sees each change exactly once.
             shared.publish(WatchSignal::Batch(Arc::new(WatchBatch {
