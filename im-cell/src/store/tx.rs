@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::export::{EXPORTED_SPACES, Excluded, row_of_key};
+use super::memory::Memory;
 use super::records::{
     LogRecord, MemberRecord, MessageRecord, Mutation, SyncRecord, UserRecord, decode, encode,
 };
@@ -22,13 +23,14 @@ pub type PurgeCursor = (usize, Vec<u8>);
 pub struct Tx {
     store: Store,
     pub batch: fjall::OwnedWriteBatch,
-    overlay: HashMap<(Space, Vec<u8>), Option<Vec<u8>>>,
+    /// Rows staged by this batch, by space (`None`: deleted).
+    overlay: HashMap<Space, HashMap<Vec<u8>, Option<Vec<u8>>>>,
     /// Membership changes of this batch by conversation: user → member after the change.
     membership: HashMap<(String, String), BTreeMap<String, bool>>,
     /// The LSN of the newest cell-log entry, staged ones included.
     pub lsn: u64,
-    /// Users' newest pts, carried from batch to batch by the writer (see [`Heads`]).
-    pub heads: Heads,
+    /// What the writer remembers between batches (see [`Memory`]).
+    pub memory: Memory,
     /// Heads this batch moved, written once each when the batch is finished: a batch of 64
     /// sends to one 500-member group writes 500 head rows, not 32,000.
     moved_heads: HashMap<Vec<u8>, u64>,
@@ -37,41 +39,8 @@ pub struct Tx {
     pub writes: usize,
 }
 
-/// Users' newest pts by user key, as the writer last wrote them. The writer is the only one that
-/// assigns pts, so it need not read a user's head row back from the store for every event: a
-/// send to a 500-member group would otherwise make 500 point reads. Any other write to a head
-/// row (an import, a purge) drops the entry, and a batch that fails to commit drops them all.
-#[derive(Debug, Default)]
-pub struct Heads {
-    pts: HashMap<Vec<u8>, u64>,
-}
-
-impl Heads {
-    /// Users remembered at most; past it the cache starts over (and reads the store again).
-    const MAX_USERS: usize = 1 << 20;
-
-    fn get(&self, key: &[u8]) -> Option<u64> {
-        self.pts.get(key).copied()
-    }
-
-    fn set(&mut self, key: Vec<u8>, pts: u64) {
-        if self.pts.len() >= Self::MAX_USERS {
-            self.pts.clear();
-        }
-        self.pts.insert(key, pts);
-    }
-
-    fn forget(&mut self, key: &[u8]) {
-        self.pts.remove(key);
-    }
-
-    pub fn clear(&mut self) {
-        self.pts.clear();
-    }
-}
-
 impl Tx {
-    pub fn new(store: Store, lsn: u64, heads: Heads) -> Self {
+    pub fn new(store: Store, lsn: u64, memory: Memory) -> Self {
         let batch = store.db.batch();
         Self {
             store,
@@ -79,7 +48,7 @@ impl Tx {
             overlay: HashMap::new(),
             membership: HashMap::new(),
             lsn,
-            heads,
+            memory,
             moved_heads: HashMap::new(),
             deliveries: Vec::new(),
             writes: 0,
@@ -91,14 +60,26 @@ impl Tx {
         space: Space,
         key: &[u8],
     ) -> Result<Option<T>, CellError> {
-        if let Some(staged) = self.overlay.get(&(space, key.to_vec())) {
+        if let Some(staged) = self.overlay.get(&space).and_then(|rows| rows.get(key)) {
             return match staged {
                 Some(bytes) => Ok(Some(decode(bytes)?)),
                 None => Ok(None),
             };
         }
+        if !Memory::remembers(space) {
+            return match self.store.spaces.get(space).get(key)? {
+                Some(bytes) => Ok(Some(decode(&bytes)?)),
+                None => Ok(None),
+            };
+        }
+        if let Some(bytes) = self.memory.row(space, key) {
+            return Ok(Some(decode(&bytes)?));
+        }
         match self.store.spaces.get(space).get(key)? {
-            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            Some(bytes) => {
+                self.memory.keep_row(space, key, &bytes);
+                Ok(Some(decode(&bytes)?))
+            }
             None => Ok(None),
         }
     }
@@ -118,7 +99,7 @@ impl Tx {
                 .insert(user.to_string(), true);
         }
         if space == Space::Users {
-            self.heads.forget(&key);
+            self.memory.heads.forget(&key);
             self.moved_heads.remove(&key);
         }
         self.writes += 1;
@@ -129,16 +110,27 @@ impl Tx {
         }
         self.batch
             .insert(self.store.spaces.get(space), key.clone(), bytes.clone());
-        self.overlay.insert((space, key), Some(bytes));
+        self.overlay
+            .entry(space)
+            .or_default()
+            .insert(key, Some(bytes));
     }
 
     pub fn delete(&mut self, space: Space, key: Vec<u8>) {
+        if space == Space::Members
+            && let Some((tenant, conversation, user)) = keys::member_parts(&key)
+        {
+            self.membership
+                .entry((tenant.to_string(), conversation.to_string()))
+                .or_default()
+                .insert(user.to_string(), false);
+        }
         if space == Space::Users {
-            self.heads.forget(&key);
+            self.memory.heads.forget(&key);
             self.moved_heads.remove(&key);
         }
         self.batch.remove(self.store.spaces.get(space), key.clone());
-        self.overlay.insert((space, key), None);
+        self.overlay.entry(space).or_default().insert(key, None);
         self.writes += 1;
     }
 
@@ -190,13 +182,11 @@ impl Tx {
             .into_iter()
             .map(|(_, space, key)| (space, key))
             .collect();
-        for ((space, key), value) in &self.overlay {
-            let exported = EXPORTED_SPACES.iter().any(|(s, _)| s == space);
-            if exported
-                && value.is_some()
-                && row_of_key(*space, key, tenant, conversation, excluded)
+        for (space, key, value) in self.staged() {
+            let exported = EXPORTED_SPACES.iter().any(|(s, _)| *s == space);
+            if exported && value.is_some() && row_of_key(space, key, tenant, conversation, excluded)
             {
-                doomed.push((*space, key.clone()));
+                doomed.push((space, key.to_vec()));
             }
         }
         let positions = keys::Key::new().id(tenant).id(conversation).into_bytes();
@@ -209,26 +199,40 @@ impl Tx {
         Ok(next)
     }
 
-    /// Members after this batch's changes so far.
+    /// Rows staged by this batch so far (`None`: deleted).
+    pub fn staged(&self) -> impl Iterator<Item = (Space, &[u8], Option<&[u8]>)> {
+        self.overlay.iter().flat_map(|(space, rows)| {
+            rows.iter()
+                .map(|(key, value)| (*space, key.as_slice(), value.as_deref()))
+        })
+    }
+
+    /// Members after this batch's changes so far, in id order.
     pub fn members(&self, tenant: &str, conversation: &str) -> Result<Vec<String>, CellError> {
-        let mut members: BTreeMap<String, bool> = self
-            .store
-            .members(tenant, conversation)?
-            .into_iter()
-            .map(|m| (m, true))
-            .collect();
-        if let Some(changes) = self
+        let prefix = keys::members_prefix(tenant, conversation);
+        let committed = match self.memory.member_list(&prefix) {
+            Some(list) => list,
+            None => {
+                let list = Arc::new(self.store.members(tenant, conversation)?);
+                self.memory.keep_member_list(prefix, list.clone());
+                list
+            }
+        };
+        let Some(changes) = self
             .membership
             .get(&(tenant.to_string(), conversation.to_string()))
-        {
-            for (user, member) in changes {
-                members.insert(user.clone(), *member);
-            }
+        else {
+            return Ok(committed.as_ref().clone());
+        };
+        let mut members: BTreeMap<&str, bool> =
+            committed.iter().map(|m| (m.as_str(), true)).collect();
+        for (user, member) in changes {
+            members.insert(user, *member);
         }
         Ok(members
             .into_iter()
             .filter(|(_, m)| *m)
-            .map(|(u, _)| u)
+            .map(|(u, _)| u.to_string())
             .collect())
     }
 
@@ -288,6 +292,16 @@ impl Tx {
         self.event_about(tenant, user, event, None)
     }
 
+    /// Commits the staged rows and makes them durable (one fsync). The staged rows stay
+    /// readable through [`Tx::staged`] for the writer to remember.
+    pub fn commit_durably(&mut self) -> Result<(), CellError> {
+        let batch = std::mem::replace(&mut self.batch, self.store.db.batch());
+        batch
+            .commit()
+            .and_then(|()| self.store.db.persist(fjall::PersistMode::SyncAll))
+            .map_err(|e| CellError::Storage(e.to_string()))
+    }
+
     /// Stages the head rows this batch moved; call once, before committing.
     pub fn finish(&mut self) {
         let users = self.store.spaces.get(Space::Users);
@@ -309,7 +323,7 @@ impl Tx {
         message: Option<&Arc<MessageRecord>>,
     ) -> Result<(), CellError> {
         let key = keys::user(tenant, user);
-        let last_pts = match self.heads.get(&key) {
+        let last_pts = match self.memory.heads.get(&key) {
             Some(pts) => pts,
             None => {
                 self.get::<UserRecord>(Space::Users, &key)?
@@ -326,7 +340,7 @@ impl Tx {
             "an event carries the pts it was given"
         );
         self.moved_heads.insert(key.clone(), head.last_pts);
-        self.heads.set(key, head.last_pts);
+        self.memory.heads.set(key, head.last_pts);
         self.put(
             Space::Sync,
             keys::sync_event(tenant, user, head.last_pts),
@@ -369,14 +383,14 @@ mod tests {
     fn pts_continue_across_batches_and_from_imported_heads() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
-        let mut tx = Tx::new(store.clone(), 0, Heads::default());
+        let mut tx = Tx::new(store.clone(), 0, Memory::default());
         tx.event("t", "alice", blank).expect("event");
         tx.event("t", "alice", blank).expect("event");
-        let heads = std::mem::take(&mut tx.heads);
+        let memory = std::mem::take(&mut tx.memory);
         commit(tx);
         assert_eq!(store.last_pts("t", "alice").expect("read"), 2);
 
-        let mut tx = Tx::new(store.clone(), 0, heads);
+        let mut tx = Tx::new(store.clone(), 0, memory);
         tx.event("t", "alice", blank).expect("event");
         assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(3));
         tx.put(
@@ -389,7 +403,7 @@ mod tests {
         commit(tx);
 
         // A fresh cache (a restart, a refused batch) reads the store.
-        let mut tx = Tx::new(store.clone(), 0, Heads::default());
+        let mut tx = Tx::new(store.clone(), 0, Memory::default());
         tx.event("t", "alice", blank).expect("event");
         assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(42));
     }
@@ -398,7 +412,7 @@ mod tests {
     fn a_purge_in_slices_drops_every_row_of_the_key_and_nothing_else() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
-        let mut tx = Tx::new(store.clone(), 0, Heads::default());
+        let mut tx = Tx::new(store.clone(), 0, Memory::default());
         for seq in 1..=25 {
             tx.put_raw(Space::Messages, keys::message("t", "c", seq), vec![1]);
             tx.put_raw(Space::Messages, keys::message("t", "keep", seq), vec![2]);
@@ -411,7 +425,7 @@ mod tests {
         let mut after = None;
         let mut slices = 0;
         loop {
-            let mut tx = Tx::new(store.clone(), 0, Heads::default());
+            let mut tx = Tx::new(store.clone(), 0, Memory::default());
             let next = tx
                 .purge("t", "", &keep, Some(4), after.as_ref())
                 .expect("purge");

@@ -14,11 +14,12 @@ use std::sync::{Arc, RwLock, mpsc};
 use tokio::sync::oneshot;
 
 use super::fencing::{Grants, own_conversations};
+use super::memory::Memory;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
 };
-use super::tx::{Heads, PurgeCursor, Tx};
+use super::tx::{PurgeCursor, Tx};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::limits::Limits;
@@ -150,7 +151,7 @@ impl Writer {
             grants,
             shared: shared.clone(),
             last_lsn,
-            heads: Default::default(),
+            memory: Memory::default(),
         };
         std::thread::Builder::new()
             .name("cell-writer".into())
@@ -192,8 +193,8 @@ struct WriterState {
     grants: Grants,
     shared: Arc<RwLock<Grants>>,
     last_lsn: u64,
-    /// Users' newest pts, handed to each batch and taken back after it.
-    heads: Heads,
+    /// What the writer remembers between batches, handed to each batch and taken back after it.
+    memory: Memory,
 }
 
 fn conversation_view(
@@ -240,7 +241,7 @@ impl WriterState {
         let mut tx = Tx::new(
             self.store.clone(),
             self.last_lsn,
-            std::mem::take(&mut self.heads),
+            std::mem::take(&mut self.memory),
         );
         let mut answers = Vec::with_capacity(pending.len());
         // A request that fails after staging part of its writes would leave them in the batch:
@@ -259,24 +260,21 @@ impl WriterState {
         tx.finish();
         let lsn = tx.lsn;
         let deliveries = std::mem::take(&mut tx.deliveries);
-        let mut heads = std::mem::take(&mut tx.heads);
+        let mut memory = std::mem::take(&mut tx.memory);
         let ops = answers.len();
         let committed = match poisoned {
             Some(err) => Err(CellError::Storage(format!(
                 "a request failed mid-write: {err}"
             ))),
             None if tx.writes == 0 => Ok(()),
-            None => tx
-                .batch
-                .commit()
-                .and_then(|()| self.store.db.persist(fjall::PersistMode::SyncAll))
-                .map_err(|e| CellError::Storage(e.to_string())),
+            None => tx.commit_durably(),
         };
         metrics::histogram!("cellplane_cell_ops_per_commit").record(ops as f64);
         match committed {
             Ok(()) => {
                 self.last_lsn = lsn;
-                self.heads = heads;
+                memory.settle(tx.staged());
+                self.memory = memory;
                 if let Ok(mut shared) = self.shared.write() {
                     shared.clone_from(&self.grants);
                 }
@@ -287,9 +285,10 @@ impl WriterState {
             }
             Err(err) => {
                 tracing::error!(error = %err, "commit failed; refusing the batch");
-                // The heads may name pts of the refused batch: read them from the store again.
-                heads.clear();
-                self.heads = heads;
+                // What it remembers may name rows and pts of the refused batch: read them from
+                // the store again.
+                memory.clear();
+                self.memory = memory;
                 // Nothing of the batch is durable: forget its grant changes too.
                 if let Ok(grants) = self.store.grants() {
                     self.grants = grants.into_iter().map(|(t, c, g)| ((t, c), g)).collect();
