@@ -38,7 +38,12 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)?;
-    let store = Store::open(&config.data_dir)?;
+    // Twice the rebase threshold: a device that was just told to read its backlog still finds
+    // it while its user's head moves on.
+    let store = Store::open(
+        &config.data_dir,
+        config.limits.rebase_backlog_events.saturating_mul(2),
+    )?;
     let notifier = config
         .pns
         .clone()

@@ -11,11 +11,14 @@ pub mod keys;
 pub mod memory;
 pub mod mutate;
 pub mod records;
+pub mod retention;
 pub mod tx;
 pub mod writer;
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
+use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use crate::error::CellError;
@@ -88,9 +91,21 @@ fn open_space(db: &Database, name: &str) -> Result<Keyspace, fjall::Error> {
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Self, CellError> {
+    /// Opens (or creates) the store in `dir`, keeping at least `kept_events` sync events behind
+    /// each user's newest ([`retention`]).
+    pub fn open(dir: &Path, kept_events: u64) -> Result<Self, CellError> {
+        let users_for_retention = Arc::new(OnceLock::new());
+        let retention: Arc<dyn Factory> = Arc::new(retention::SyncRetention::new(
+            kept_events,
+            users_for_retention.clone(),
+        ));
         // fsyncs are ours to issue (one per batch), not the journal's.
-        let db = Database::builder(dir).manual_journal_persist(true).open()?;
+        let db = Database::builder(dir)
+            .manual_journal_persist(true)
+            .with_compaction_filter_factories(Arc::new(move |name| {
+                (name == "sync").then(|| retention.clone())
+            }))
+            .open()?;
         let spaces = Spaces {
             conversations: open_space(&db, "conversations")?,
             members: open_space(&db, "members")?,
@@ -106,6 +121,7 @@ impl Store {
             log: open_space(&db, "log")?,
             undelivered: open_space(&db, "undelivered")?,
         };
+        let _ = users_for_retention.set(spaces.users.clone());
         Ok(Self { db, spaces })
     }
 

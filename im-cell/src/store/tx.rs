@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn pts_continue_across_batches_and_from_imported_heads() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("store");
+        let store = Store::open(dir.path(), 1_000).expect("store");
         let mut tx = Tx::new(store.clone(), 0, Memory::default());
         tx.event("t", "alice", blank).expect("event");
         tx.event("t", "alice", blank).expect("event");
@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn a_purge_in_slices_drops_every_row_of_the_key_and_nothing_else() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("store");
+        let store = Store::open(dir.path(), 1_000).expect("store");
         let mut tx = Tx::new(store.clone(), 0, Memory::default());
         for seq in 1..=25 {
             tx.put_raw(Space::Messages, keys::message("t", "c", seq), vec![1]);

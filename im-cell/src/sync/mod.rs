@@ -92,34 +92,20 @@ impl DeviceStream {
     async fn catch_up(&mut self) -> Result<bool, CellError> {
         let head = self.store.last_pts(&self.tenant, &self.user)?;
         if head.saturating_sub(self.last) > self.rebase_backlog_events {
-            let mut changed = BTreeSet::new();
-            let mut after = self.last;
-            loop {
-                let page = self
-                    .store
-                    .sync_events(&self.tenant, &self.user, after, 4096)?;
-                let Some(last) = page.last() else { break };
-                after = last.pts;
-                changed.extend(page.into_iter().map(|e| e.conversation_id));
-                if after >= head {
-                    break;
-                }
-            }
-            metrics::counter!("cellplane_cell_rebases_total").increment(1);
-            let rebase = pb::SyncEvent {
-                pts: head,
-                kind: pb::SyncEventKind::Rebase as i32,
-                changed_conversations: changed.into_iter().collect(),
-                ..Default::default()
-            };
-            return Ok(self.send(rebase).await);
+            return self.rebase(head).await;
         }
         loop {
             let page =
                 self.store
                     .sync_events(&self.tenant, &self.user, self.last, CATCH_UP_PAGE)?;
-            if page.is_empty() {
+            let Some(first) = page.first() else {
                 return Ok(true);
+            };
+            if first.pts != self.last + 1 {
+                // The user's head moved on while the device read, and the events after its
+                // cursor were dropped as too old (`store::retention`).
+                let head = self.store.last_pts(&self.tenant, &self.user)?;
+                return self.rebase(head).await;
             }
             for record in &page {
                 if !self.send(event_to_proto(record)).await {
@@ -127,6 +113,46 @@ impl DeviceStream {
                 }
             }
         }
+    }
+
+    /// Sends one REBASE at `head` naming the conversations changed since `last`: those of the
+    /// events after it, or every conversation of the user when some of them are no longer kept.
+    async fn rebase(&mut self, head: u64) -> Result<bool, CellError> {
+        let mut changed = BTreeSet::new();
+        let mut after = self.last;
+        let mut complete = true;
+        loop {
+            let page = self
+                .store
+                .sync_events(&self.tenant, &self.user, after, 4096)?;
+            let (Some(first), Some(last)) = (page.first(), page.last()) else {
+                break;
+            };
+            if first.pts != after + 1 {
+                complete = false;
+                break;
+            }
+            after = last.pts;
+            changed.extend(page.into_iter().map(|e| e.conversation_id));
+            if after >= head {
+                break;
+            }
+        }
+        if !complete {
+            changed = self
+                .store
+                .user_conversations(&self.tenant, &self.user)?
+                .into_iter()
+                .collect();
+        }
+        metrics::counter!("cellplane_cell_rebases_total").increment(1);
+        let rebase = pb::SyncEvent {
+            pts: head,
+            kind: pb::SyncEventKind::Rebase as i32,
+            changed_conversations: changed.into_iter().collect(),
+            ..Default::default()
+        };
+        Ok(self.send(rebase).await)
     }
 
     async fn run(mut self) -> Result<(), CellError> {
@@ -230,5 +256,92 @@ impl Sync for SyncService {
             message.pts,
         )?;
         Ok(Response::new(pb::AckResponse { cursor }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::store::memory::Memory;
+    use crate::store::records::MemberRecord;
+    use crate::store::tx::Tx;
+
+    /// Appends `count` events of `conversation` to alice's queue, in one batch.
+    fn events(store: &Store, conversation: &str, count: usize) {
+        let mut tx = Tx::new(store.clone(), 0, Memory::default());
+        let member = MemberRecord {
+            joined_ms: 0,
+            read_seq: 0,
+        };
+        tx.set_member("t", conversation, "alice", Some(&member));
+        for _ in 0..count {
+            tx.event("t", "alice", |pts| SyncRecord {
+                pts,
+                kind: SyncKind::Read,
+                conversation_id: conversation.into(),
+                seq: 0,
+                message: None,
+                user_ids: Vec::new(),
+                joined: false,
+            })
+            .expect("event");
+        }
+        tx.finish();
+        tx.commit_durably().expect("commit");
+    }
+
+    async fn first_event(service: &SyncService, cursor: u64) -> pb::SyncEvent {
+        let request = Request::new(pb::SubscribeRequest {
+            tenant_id: "t".into(),
+            user_id: "alice".into(),
+            device_id: format!("d{cursor}"),
+            cursor,
+        });
+        let mut stream = service
+            .subscribe(request)
+            .await
+            .expect("subscribe")
+            .into_inner();
+        stream
+            .next()
+            .await
+            .expect("an event")
+            .expect("not an error")
+    }
+
+    /// Events far enough behind the head are dropped by compaction, and a device whose cursor
+    /// points into what was dropped gets a REBASE naming every conversation, not a silent gap.
+    #[tokio::test]
+    async fn old_events_are_dropped_and_a_device_behind_them_rebases() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 10).expect("store");
+        events(&store, "c1", 30);
+        events(&store, "c2", 20);
+        let sync = &store.spaces.sync;
+        sync.rotate_memtable_and_wait().expect("flush");
+        sync.major_compact().expect("compact");
+
+        let kept = store.sync_events("t", "alice", 0, 100).expect("read");
+        let kept: Vec<u64> = kept.iter().map(|e| e.pts).collect();
+        assert_eq!(kept, (41..=50).collect::<Vec<_>>(), "the newest 10 stay");
+
+        // A backlog of 15 is under the threshold of 20, but its first 5 events are gone.
+        let service = SyncService::new(store.clone(), SyncHub::default(), 20);
+        let rebase = first_event(&service, 35).await;
+        assert_eq!(rebase.kind, pb::SyncEventKind::Rebase as i32);
+        assert_eq!(rebase.pts, 50);
+        assert_eq!(rebase.changed_conversations, vec!["c1", "c2"]);
+
+        // A device whose backlog is all kept reads it.
+        let next = first_event(&service, 42).await;
+        assert_eq!(next.kind, pb::SyncEventKind::Read as i32);
+        assert_eq!(next.pts, 43);
+
+        // Over the threshold with its events gone: one REBASE too.
+        let rebase = first_event(&service, 2).await;
+        assert_eq!(rebase.kind, pb::SyncEventKind::Rebase as i32);
+        assert_eq!(rebase.changed_conversations, vec!["c1", "c2"]);
     }
 }

@@ -1,0 +1,94 @@
+//! How long sync events are kept. A device more than the rebase threshold behind its user's
+//! newest pts is sent one REBASE instead of the events, so events further back are read by
+//! nobody; without a bound every user's queue would grow by one row per event forever. They are
+//! dropped by a compaction filter, in the background and without a write of their own: an
+//! event at least `kept` behind its user's head (read from the user's head row) does not
+//! survive the next compaction of its table.
+//!
+//! A reader can still race a compaction; it checks that the events it reads start right after
+//! its cursor and sends a REBASE when they do not (`sync::DeviceStream`).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+
+use fjall::Keyspace;
+use fjall::compaction::filter::{
+    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
+};
+
+use super::keys;
+use super::records::{UserRecord, decode};
+
+/// Makes the filter for each compaction of the sync keyspace.
+pub struct SyncRetention {
+    /// Events kept behind each user's head.
+    kept: u64,
+    /// The users keyspace (head rows), set once the database is open: compactions before that
+    /// keep everything. Only read, so a panic in a compaction cannot leave it half-changed.
+    users: AssertUnwindSafe<Arc<OnceLock<Keyspace>>>,
+}
+
+impl SyncRetention {
+    pub fn new(kept: u64, users: Arc<OnceLock<Keyspace>>) -> Self {
+        Self {
+            kept,
+            users: AssertUnwindSafe(users),
+        }
+    }
+}
+
+impl Factory for SyncRetention {
+    fn name(&self) -> &str {
+        "sync-retention"
+    }
+
+    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(Filter {
+            kept: self.kept,
+            users: self.users.get().cloned(),
+            user: Vec::new(),
+            head: 0,
+        })
+    }
+}
+
+/// One compaction's filter. Keys come in order, so a user's events are together: the head is
+/// read once per user.
+struct Filter {
+    kept: u64,
+    users: Option<Keyspace>,
+    /// The user key (`tenant\0user\0`) whose head is `head`.
+    user: Vec<u8>,
+    head: u64,
+}
+
+impl Filter {
+    /// The newest pts of the user whose key is `user`; 0 when unknown (everything is kept).
+    fn head_of(&mut self, user: &[u8]) -> u64 {
+        if self.user != user {
+            self.user = user.to_vec();
+            self.head = self
+                .users
+                .as_ref()
+                .and_then(|users| users.get(user).ok().flatten())
+                .and_then(|row| decode::<UserRecord>(&row).ok())
+                .map_or(0, |record| record.last_pts);
+        }
+        self.head
+    }
+}
+
+impl CompactionFilter for Filter {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
+        let key: &[u8] = item.key();
+        let user = key.len().checked_sub(8).and_then(|end| key.get(..end));
+        let (Some(pts), Some(user)) = (keys::trailing_num(key), user) else {
+            return Ok(Verdict::Keep);
+        };
+        if pts.saturating_add(self.kept) <= self.head_of(user) {
+            Ok(Verdict::Remove)
+        } else {
+            Ok(Verdict::Keep)
+        }
+    }
+}
