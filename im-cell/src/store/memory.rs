@@ -20,9 +20,8 @@ const MAX_ROWS: usize = 1 << 18;
 const MAX_MEMBER_NAMES: usize = 1 << 20;
 
 /// Users' newest pts by user key, as the writer last wrote them. The writer alone assigns pts,
-/// so it need not read a user's head row back for every event: a send to a 500-member group
-/// would otherwise make 500 point reads. Any other write to a head row (an import, a purge)
-/// drops the entry.
+/// so it need not find a user's newest event in the store for every event: a send to a
+/// 500-member group would otherwise make 500 reads.
 #[derive(Debug, Default)]
 pub struct Heads {
     pts: HashMap<Vec<u8>, u64>,

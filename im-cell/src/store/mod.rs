@@ -35,7 +35,6 @@ pub struct Spaces {
     pub messages: Keyspace,
     pub inbox: Keyspace,
     pub idempotency: Keyspace,
-    pub users: Keyspace,
     pub sync: Keyspace,
     pub devices: Keyspace,
     pub grants: Keyspace,
@@ -54,7 +53,6 @@ pub enum Space {
     Messages,
     Inbox,
     Idempotency,
-    Users,
     Sync,
     Grants,
     Imports,
@@ -70,7 +68,6 @@ impl Spaces {
             Space::Messages => &self.messages,
             Space::Inbox => &self.inbox,
             Space::Idempotency => &self.idempotency,
-            Space::Users => &self.users,
             Space::Sync => &self.sync,
             Space::Grants => &self.grants,
             Space::Imports => &self.imports,
@@ -94,11 +91,9 @@ impl Store {
     /// Opens (or creates) the store in `dir`, keeping at least `kept_events` sync events behind
     /// each user's newest ([`retention`]).
     pub fn open(dir: &Path, kept_events: u64) -> Result<Self, CellError> {
-        let users_for_retention = Arc::new(OnceLock::new());
-        let retention: Arc<dyn Factory> = Arc::new(retention::SyncRetention::new(
-            kept_events,
-            users_for_retention.clone(),
-        ));
+        let queues = Arc::new(OnceLock::new());
+        let retention: Arc<dyn Factory> =
+            Arc::new(retention::SyncRetention::new(kept_events, queues.clone()));
         // fsyncs are ours to issue (one per batch), not the journal's.
         let db = Database::builder(dir)
             .manual_journal_persist(true)
@@ -113,7 +108,6 @@ impl Store {
             messages: open_space(&db, "messages")?,
             inbox: open_space(&db, "inbox")?,
             idempotency: open_space(&db, "idempotency")?,
-            users: open_space(&db, "users")?,
             sync: open_space(&db, "sync")?,
             devices: open_space(&db, "devices")?,
             grants: open_space(&db, "grants")?,
@@ -121,7 +115,7 @@ impl Store {
             log: open_space(&db, "log")?,
             undelivered: open_space(&db, "undelivered")?,
         };
-        let _ = users_for_retention.set(spaces.users.clone());
+        let _ = queues.set(spaces.sync.clone());
         Ok(Self { db, spaces })
     }
 
@@ -318,13 +312,18 @@ impl Store {
         .and_then(|inbox| inbox.private))
     }
 
-    /// The newest pts of a user's queue.
+    /// The newest pts of a user's queue: the key of its newest event (retention never drops
+    /// that one), 0 when it has none.
     pub fn last_pts(&self, tenant: &str, user: &str) -> Result<u64, CellError> {
-        Ok(
-            get::<records::UserRecord>(&self.spaces.users, &keys::user(tenant, user))?
-                .map(|u| u.last_pts)
-                .unwrap_or(0),
-        )
+        match self
+            .spaces
+            .sync
+            .prefix(keys::user(tenant, user))
+            .next_back()
+        {
+            Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
     }
 
     pub fn device_cursor(&self, tenant: &str, user: &str, device: &str) -> Result<u64, CellError> {

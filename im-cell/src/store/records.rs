@@ -60,12 +60,6 @@ pub struct IdempotencyRecord {
     pub server_time_ms: u64,
 }
 
-/// A user's sync queue head.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserRecord {
-    pub last_pts: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncKind {
     NewMessage,

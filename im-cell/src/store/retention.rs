@@ -2,8 +2,8 @@
 //! newest pts is sent one REBASE instead of the events, so events further back are read by
 //! nobody; without a bound every user's queue would grow by one row per event forever. They are
 //! dropped by a compaction filter, in the background and without a write of their own: an
-//! event at least `kept` behind its user's head (read from the user's head row) does not
-//! survive the next compaction of its table.
+//! event at least `kept` behind its user's newest does not survive the next compaction of its
+//! table. The newest event of a queue always stays: its key is the user's newest pts.
 //!
 //! A reader can still race a compaction; it checks that the events it reads start right after
 //! its cursor and sends a REBASE when they do not (`sync::DeviceStream`).
@@ -17,22 +17,22 @@ use fjall::compaction::filter::{
 };
 
 use super::keys;
-use super::records::{UserRecord, decode};
 
 /// Makes the filter for each compaction of the sync keyspace.
 pub struct SyncRetention {
-    /// Events kept behind each user's head.
+    /// Events kept behind each user's head (at least 1: the newest).
     kept: u64,
-    /// The users keyspace (head rows), set once the database is open: compactions before that
-    /// keep everything. Only read, so a panic in a compaction cannot leave it half-changed.
-    users: AssertUnwindSafe<Arc<OnceLock<Keyspace>>>,
+    /// The sync keyspace, read for each user's newest pts; set once the database is open:
+    /// compactions before that keep everything. Only read, so a panic in a compaction cannot
+    /// leave it half-changed.
+    queues: AssertUnwindSafe<Arc<OnceLock<Keyspace>>>,
 }
 
 impl SyncRetention {
-    pub fn new(kept: u64, users: Arc<OnceLock<Keyspace>>) -> Self {
+    pub fn new(kept: u64, queues: Arc<OnceLock<Keyspace>>) -> Self {
         Self {
-            kept,
-            users: AssertUnwindSafe(users),
+            kept: kept.max(1),
+            queues: AssertUnwindSafe(queues),
         }
     }
 }
@@ -45,7 +45,7 @@ impl Factory for SyncRetention {
     fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
         Box::new(Filter {
             kept: self.kept,
-            users: self.users.get().cloned(),
+            queues: self.queues.get().cloned(),
             user: Vec::new(),
             head: 0,
         })
@@ -56,7 +56,7 @@ impl Factory for SyncRetention {
 /// read once per user.
 struct Filter {
     kept: u64,
-    users: Option<Keyspace>,
+    queues: Option<Keyspace>,
     /// The user key (`tenant\0user\0`) whose head is `head`.
     user: Vec<u8>,
     head: u64,
@@ -68,11 +68,12 @@ impl Filter {
         if self.user != user {
             self.user = user.to_vec();
             self.head = self
-                .users
+                .queues
                 .as_ref()
-                .and_then(|users| users.get(user).ok().flatten())
-                .and_then(|row| decode::<UserRecord>(&row).ok())
-                .map_or(0, |record| record.last_pts);
+                .and_then(|queues| queues.prefix(user).next_back())
+                .and_then(|newest| newest.key().ok())
+                .and_then(|key| keys::trailing_num(&key))
+                .unwrap_or(0);
         }
         self.head
     }

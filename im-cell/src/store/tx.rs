@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use super::export::{EXPORTED_SPACES, Excluded, row_of_key};
 use super::memory::Memory;
 use super::records::{
-    LogRecord, MemberRecord, MessageRecord, Mutation, SyncRecord, UserRecord, decode, encode,
+    LogRecord, MemberRecord, MessageRecord, Mutation, SyncRecord, decode, encode,
 };
 use super::{Space, Store, keys};
 use crate::error::CellError;
@@ -31,9 +31,6 @@ pub struct Tx {
     pub lsn: u64,
     /// What the writer remembers between batches (see [`Memory`]).
     pub memory: Memory,
-    /// Heads this batch moved, written once each when the batch is finished: a batch of 64
-    /// sends to one 500-member group writes 500 head rows, not 32,000.
-    moved_heads: HashMap<Vec<u8>, u64>,
     /// Events for the online devices, published once the batch is durable.
     pub deliveries: Vec<Delivery>,
     pub writes: usize,
@@ -49,7 +46,6 @@ impl Tx {
             membership: HashMap::new(),
             lsn,
             memory,
-            moved_heads: HashMap::new(),
             deliveries: Vec::new(),
             writes: 0,
         }
@@ -98,10 +94,6 @@ impl Tx {
                 .or_default()
                 .insert(user.to_string(), true);
         }
-        if space == Space::Users {
-            self.memory.heads.forget(&key);
-            self.moved_heads.remove(&key);
-        }
         self.writes += 1;
         if space == Space::Sync {
             // Queue rows are appended, never read back within a batch: no overlay copy.
@@ -124,10 +116,6 @@ impl Tx {
                 .entry((tenant.to_string(), conversation.to_string()))
                 .or_default()
                 .insert(user.to_string(), false);
-        }
-        if space == Space::Users {
-            self.memory.heads.forget(&key);
-            self.moved_heads.remove(&key);
         }
         self.batch.remove(self.store.spaces.get(space), key.clone());
         self.overlay.entry(space).or_default().insert(key, None);
@@ -302,15 +290,6 @@ impl Tx {
             .map_err(|e| CellError::Storage(e.to_string()))
     }
 
-    /// Stages the head rows this batch moved; call once, before committing.
-    pub fn finish(&mut self) {
-        let users = self.store.spaces.get(Space::Users);
-        for (key, last_pts) in self.moved_heads.drain() {
-            self.batch
-                .insert(users, key, encode(&UserRecord { last_pts }));
-        }
-    }
-
     /// Appends one event to a user's queue. A new message's event is stored without the
     /// message, which is stored once with its conversation (or in the user's inbox, private):
     /// the queue names it by seq and readers fetch it ([`Store::sync_events`]); online devices
@@ -322,30 +301,18 @@ impl Tx {
         event: impl FnOnce(u64) -> SyncRecord,
         message: Option<&Arc<MessageRecord>>,
     ) -> Result<(), CellError> {
+        // A user's newest pts is the key of the newest event in the queue: it is stored in the
+        // same write as the event itself, and the writer remembers it between batches.
         let key = keys::user(tenant, user);
         let last_pts = match self.memory.heads.get(&key) {
             Some(pts) => pts,
-            None => {
-                self.get::<UserRecord>(Space::Users, &key)?
-                    .unwrap_or_default()
-                    .last_pts
-            }
+            None => self.store.last_pts(tenant, user)?,
         };
-        let head = UserRecord {
-            last_pts: last_pts + 1,
-        };
-        let mut record = event(head.last_pts);
-        assert_eq!(
-            record.pts, head.last_pts,
-            "an event carries the pts it was given"
-        );
-        self.moved_heads.insert(key.clone(), head.last_pts);
-        self.memory.heads.set(key, head.last_pts);
-        self.put(
-            Space::Sync,
-            keys::sync_event(tenant, user, head.last_pts),
-            &record,
-        );
+        let pts = last_pts + 1;
+        let mut record = event(pts);
+        assert_eq!(record.pts, pts, "an event carries the pts it was given");
+        self.memory.heads.set(key, pts);
+        self.put(Space::Sync, keys::sync_event(tenant, user, pts), &record);
         record.message = message.cloned();
         self.deliveries.push(Delivery {
             tenant: tenant.to_string(),
@@ -361,8 +328,7 @@ mod tests {
     use super::*;
 
     fn commit(mut tx: Tx) {
-        tx.finish();
-        tx.batch.commit().expect("commit");
+        tx.commit_durably().expect("commit");
     }
 
     fn blank(pts: u64) -> SyncRecord {
@@ -377,35 +343,32 @@ mod tests {
         }
     }
 
-    /// pts carry on across batches from the writer's memory, and a head row written any other
-    /// way (an import) is what the next event continues from.
+    /// pts carry on across batches from the writer's memory, and without it (a restart, a
+    /// refused batch) from the newest event in the user's own queue.
     #[test]
-    fn pts_continue_across_batches_and_from_imported_heads() {
+    fn pts_continue_across_batches_and_from_the_stored_queue() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), 1_000).expect("store");
         let mut tx = Tx::new(store.clone(), 0, Memory::default());
         tx.event("t", "alice", blank).expect("event");
         tx.event("t", "alice", blank).expect("event");
+        for _ in 0..5 {
+            tx.event("t", "alice2", blank).expect("event");
+        }
         let memory = std::mem::take(&mut tx.memory);
         commit(tx);
         assert_eq!(store.last_pts("t", "alice").expect("read"), 2);
+        assert_eq!(store.last_pts("t", "alice2").expect("read"), 5);
+        assert_eq!(store.last_pts("t", "nobody").expect("read"), 0);
 
         let mut tx = Tx::new(store.clone(), 0, memory);
         tx.event("t", "alice", blank).expect("event");
         assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(3));
-        tx.put(
-            Space::Users,
-            keys::user("t", "alice"),
-            &UserRecord { last_pts: 40 },
-        );
-        tx.event("t", "alice", blank).expect("event");
-        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(41));
         commit(tx);
 
-        // A fresh cache (a restart, a refused batch) reads the store.
         let mut tx = Tx::new(store.clone(), 0, Memory::default());
         tx.event("t", "alice", blank).expect("event");
-        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(42));
+        assert_eq!(tx.deliveries.last().map(|d| d.event.pts), Some(4));
     }
 
     #[test]

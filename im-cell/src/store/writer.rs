@@ -257,7 +257,6 @@ impl WriterState {
             }
             answers.push((reply, answer));
         }
-        tx.finish();
         let lsn = tx.lsn;
         let deliveries = std::mem::take(&mut tx.deliveries);
         let mut memory = std::mem::take(&mut tx.memory);

@@ -288,7 +288,6 @@ mod tests {
             })
             .expect("event");
         }
-        tx.finish();
         tx.commit_durably().expect("commit");
     }
 
