@@ -137,19 +137,13 @@ fn raw_store_limit(batch: usize, phase: Duration) -> f64 {
         .manual_journal_persist(true)
         .open()
         .expect("open");
-    let spaces: Vec<_> = [
-        "conversations",
-        "messages",
-        "idempotency",
-        "sync",
-        "log",
-    ]
-    .iter()
-    .map(|name| {
-        db.keyspace(name, KeyspaceCreateOptions::default)
-            .expect("keyspace")
-    })
-    .collect();
+    let spaces: Vec<_> = ["conversations", "messages", "idempotency", "sync", "log"]
+        .iter()
+        .map(|name| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .expect("keyspace")
+        })
+        .collect();
     let started = Instant::now();
     let mut messages = 0u64;
     while started.elapsed() < phase {
@@ -173,6 +167,66 @@ fn raw_store_limit(batch: usize, phase: Duration) -> f64 {
         db.persist(PersistMode::SyncAll).expect("fsync");
     }
     messages as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Send → push: one online device, a sender at a moderate rate; from the send call to the
+/// pushed event at the device.
+async fn push_latency(cell: &CellProcess, run: &str, phase: Duration) -> anyhow::Result<Samples> {
+    let mut device = cell
+        .sync()
+        .subscribe(SubscribeRequest {
+            tenant_id: "bench".into(),
+            user_id: "peer0".into(),
+            device_id: "phone".into(),
+            cursor: 0,
+        })
+        .await?
+        .into_inner();
+    // Drain the backlog the load left in peer0's queue (a REBASE or the events themselves).
+    let drain_until = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), device.message()).await {
+            Ok(Ok(Some(_))) if Instant::now() < drain_until => continue,
+            _ => break,
+        }
+    }
+    let sent_at = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        Instant,
+    >::new()));
+    let mut push = Samples::default();
+    let mut client = cell.messaging();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < phase {
+        n += 1;
+        let id = format!("push-{run}-{n}");
+        sent_at
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), Instant::now());
+        let mut request = send("dm-0", "u0", 0);
+        request.client_msg_id = id.clone();
+        client.send_message(request).await?;
+        loop {
+            let event = device
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("push stream ended"))?;
+            let Some(message) = event.message else {
+                continue;
+            };
+            if let Some(at) = sent_at.lock().expect("lock").remove(&message.client_msg_id) {
+                push.record(at.elapsed());
+                if message.client_msg_id == id {
+                    break;
+                }
+            }
+        }
+        // Moderate load: about 200 sends per second.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(push)
 }
 
 pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
@@ -199,6 +253,8 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     }
     let members: Vec<String> = (0..GROUP_MEMBERS).map(|m| format!("u{m}")).collect();
     conversation(&cell, "big-group", ConversationKind::Group, members).await;
+
+    let mut push_quiet = push_latency(&cell, "quiet", phase).await?;
 
     let mut table = format!(
         "## IM cell: durable sends\n\n\
@@ -242,68 +298,20 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         ));
     }
 
-    // Send → push: one online device, a sender at a moderate rate.
-    let mut device = cell
-        .sync()
-        .subscribe(SubscribeRequest {
-            tenant_id: "bench".into(),
-            user_id: "peer0".into(),
-            device_id: "phone".into(),
-            cursor: 0,
-        })
-        .await?
-        .into_inner();
-    // Drain the backlog the load left in peer0's queue (a REBASE or the events themselves).
-    let drain_until = Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), device.message()).await {
-            Ok(Ok(Some(_))) if Instant::now() < drain_until => continue,
-            _ => break,
-        }
-    }
-    let sent_at = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        String,
-        Instant,
-    >::new()));
-    let mut push = Samples::default();
-    let mut client = cell.messaging();
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < phase {
-        n += 1;
-        let id = format!("push-{n}");
-        sent_at
-            .lock()
-            .expect("lock")
-            .insert(id.clone(), Instant::now());
-        let mut request = send("dm-0", "u0", 0);
-        request.client_msg_id = id.clone();
-        client.send_message(request).await?;
-        loop {
-            let event = device
-                .message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("push stream ended"))?;
-            let Some(message) = event.message else {
-                continue;
-            };
-            if let Some(at) = sent_at.lock().expect("lock").remove(&message.client_msg_id) {
-                push.record(at.elapsed());
-                if message.client_msg_id == id {
-                    break;
-                }
-            }
-        }
-        // Moderate load: about 200 sends per second.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut push_after_load = push_latency(&cell, "loaded", phase).await?;
     table.push_str(&format!(
         "\n### Send → push\n\nOne sender at about 200 sends/s in a single chat, the peer's device online; \
-         from the send call to the pushed event at the device.\n\n\
-         | pushes | p50 ms | p99 ms |\n|---:|---:|---:|\n| {} | {} | {} |\n",
-        push.len(),
-        ms(push.percentile(50.0)),
-        ms(push.percentile(99.0))
+         from the send call to the pushed event at the device. Measured on the fresh cell before the \
+         load above, and again right after it, while the cell still flushes and compacts what the \
+         load wrote.\n\n\
+         | when | pushes | p50 ms | p99 ms |\n|---|---:|---:|---:|\n\
+         | before the load | {} | {} | {} |\n| after the load | {} | {} | {} |\n",
+        push_quiet.len(),
+        ms(push_quiet.percentile(50.0)),
+        ms(push_quiet.percentile(99.0)),
+        push_after_load.len(),
+        ms(push_after_load.percentile(50.0)),
+        ms(push_after_load.percentile(99.0))
     ));
 
     // What any call costs here: the cell's own gRPC server answering health checks, from the
