@@ -86,14 +86,7 @@ impl Tx {
 
     /// Stages an already encoded row (an imported one).
     pub fn put_raw(&mut self, space: Space, key: Vec<u8>, bytes: Vec<u8>) {
-        if space == Space::Members
-            && let Some((tenant, conversation, user)) = keys::member_parts(&key)
-        {
-            self.membership
-                .entry((tenant.to_string(), conversation.to_string()))
-                .or_default()
-                .insert(user.to_string(), true);
-        }
+        self.note_membership(space, &key, true);
         self.writes += 1;
         if space == Space::Sync {
             // Queue rows are appended, never read back within a batch: no overlay copy.
@@ -109,17 +102,23 @@ impl Tx {
     }
 
     pub fn delete(&mut self, space: Space, key: Vec<u8>) {
+        self.note_membership(space, &key, false);
+        self.batch.remove(self.store.spaces.get(space), key.clone());
+        self.overlay.entry(space).or_default().insert(key, None);
+        self.writes += 1;
+    }
+
+    /// Records a member row written (`member`) or deleted, so [`Tx::members`] sees the change
+    /// before the batch commits.
+    fn note_membership(&mut self, space: Space, key: &[u8], member: bool) {
         if space == Space::Members
-            && let Some((tenant, conversation, user)) = keys::member_parts(&key)
+            && let Some((tenant, conversation, user)) = keys::member_parts(key)
         {
             self.membership
                 .entry((tenant.to_string(), conversation.to_string()))
                 .or_default()
-                .insert(user.to_string(), false);
+                .insert(user.to_string(), member);
         }
-        self.batch.remove(self.store.spaces.get(space), key.clone());
-        self.overlay.entry(space).or_default().insert(key, None);
-        self.writes += 1;
     }
 
     /// Deletes the rows of the route key `(tenant, conversation)` that move with it (a tenant
@@ -252,10 +251,6 @@ impl Tx {
                 );
             }
         }
-        self.membership
-            .entry((tenant.to_string(), conversation.to_string()))
-            .or_default()
-            .insert(user.to_string(), record.is_some());
     }
 
     /// Appends a mutation to the cell log at the next LSN.
