@@ -18,7 +18,8 @@ pub struct Limits {
     pub max_receivers: usize,
     /// Largest page of history.
     pub max_history_page: u32,
-    /// A device further behind than this many events gets one REBASE instead of the backlog.
+    /// A device further behind than this many events gets one REBASE instead of the backlog;
+    /// events twice this far behind their user's newest are dropped (`store::retention`).
     pub rebase_backlog_events: u64,
     /// Most requests committed with one fsync.
     pub max_ops_per_commit: usize,

@@ -52,7 +52,8 @@ enum Command {
         /// Largest message body in bytes.
         #[arg(long)]
         max_body_bytes: Option<usize>,
-        /// A device further behind than this many events gets one REBASE.
+        /// A device further behind than this many events gets one REBASE; events twice this
+        /// far behind are dropped.
         #[arg(long)]
         rebase_backlog_events: Option<u64>,
         /// Sends per second into one conversation.
