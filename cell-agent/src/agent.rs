@@ -70,7 +70,13 @@ pub async fn run(
     tokio::pin!(shutdown);
     let joined = tokio::select! {
         joined = joined => joined,
-        () = &mut shutdown => Ok(()),
+        () = &mut shutdown => {
+            // Asked to stop while still registering (the control plane unreachable, say): the
+            // shutdown is spent, so stop here rather than wait for another.
+            tracing::info!(%region, "agent stopping before its cells joined");
+            supervisor.stop().await;
+            return Ok(());
+        }
     };
     if let Err(err) = joined {
         supervisor.stop().await;

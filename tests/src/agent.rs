@@ -133,6 +133,28 @@ impl AgentProcess {
         }
     }
 
+    /// SIGTERMs the agent and waits up to `limit` for it to exit; answers its exit status, or
+    /// `None` if it is still running (it is then killed).
+    pub async fn terminate(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().and_then(|pid| i32::try_from(pid).ok())?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => Some(status.expect("wait for the agent")),
+            Err(_) => {
+                let _ = child.kill().await;
+                None
+            }
+        }
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the agent is still running");
         self.spawn();

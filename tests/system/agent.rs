@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::Tier;
+use cellplane_tests::agent::AgentProcess;
+use cellplane_tests::processes_mentioning;
 use cellplane_tests::traffic::{MEMBERS, create_groups, history, send_request};
 
 use super::System;
@@ -197,4 +199,40 @@ async fn a_source_keeps_a_moved_tenant_as_a_backup_when_configured() {
         old.send_message(late).await.is_err(),
         "the backup takes no writes"
     );
+}
+
+/// An agent that cannot reach its control plane keeps trying to register its cells; SIGTERM
+/// must still stop it, and its cells with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_reached_its_control_plane_stops_on_sigterm() {
+    let nowhere = vec![format!("127.0.0.1:{}", cellplane_tests::free_port())];
+    let mut agent = AgentProcess::start(
+        "cn-hangzhou",
+        &nowhere,
+        &[("lonely-1", "hz-a", "NORMAL")],
+        &[],
+    );
+    let data = agent.dir.path().join("data").to_string_lossy().into_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The cell's command line names its data directory under the agent's.
+    while processes_mentioning(&data) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not start its cell"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = agent
+        .terminate(Duration::from_secs(15))
+        .await
+        .expect("the agent stops within 15 s of SIGTERM");
+    assert!(status.success(), "{status}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while processes_mentioning(&data) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent's cell outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

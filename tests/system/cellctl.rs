@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cellplane_tests::binary;
+use cellplane_tests::{binary, processes_mentioning};
 use serde_json::Value;
 
 /// Runs `cellctl -o json ARGS` against the dev system; answers the exit code and the JSON.
@@ -32,17 +32,6 @@ fn ok(endpoints_file: &Path, args: &[&str]) -> Value {
     let (code, json) = cellctl(endpoints_file, args);
     assert_eq!(code, 0, "cellctl {args:?}: {json}");
     json
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
-        .count()
 }
 
 #[test]

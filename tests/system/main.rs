@@ -5,6 +5,7 @@ mod agent;
 mod cancel;
 mod cellctl;
 mod crash;
+mod demo;
 mod migration;
 
 pub use cellplane_tests::system::{System, phase_name};

@@ -3,8 +3,8 @@
 //! to its region's other NORMAL cell and then one of its groups back, and prints each phase as
 //! it happens, the write pause the coordinator measured and the longest wait any writer saw.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
@@ -25,13 +25,18 @@ const TENANTS: [(&str, Tier, &str); 3] = [
 const MOVING: &str = "demo-normal";
 const GROUPS: usize = 8;
 const WRITERS: usize = 8;
-const MEMBERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// Each writer sends as its own member, so no sender goes past the cell's per-sender rate limit.
+const MEMBERS: [&str; WRITERS] = [
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+];
 
 /// Writers that keep sending until stopped, keeping count and the longest wait.
 struct Traffic {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// The first failure, to say what went wrong.
+    first_failure: Arc<Mutex<Option<String>>>,
     /// Microseconds.
     slowest: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -42,6 +47,7 @@ impl Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let first_failure = Arc::new(Mutex::new(None));
         let slowest = Arc::new(AtomicU64::new(0));
         let run = std::process::id();
         let tasks = (0..WRITERS)
@@ -53,6 +59,7 @@ impl Traffic {
                     failed.clone(),
                     slowest.clone(),
                 );
+                let first_failure = first_failure.clone();
                 tokio::spawn(async move {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -61,7 +68,7 @@ impl Traffic {
                             .send_message(SendMessageRequest {
                                 tenant_id: MOVING.into(),
                                 conversation_id: format!("group-{}", (w + n as usize) % GROUPS),
-                                sender_id: MEMBERS[w % MEMBERS.len()].into(),
+                                sender_id: MEMBERS[w].into(),
                                 client_msg_id: format!("demo-{run}-{w}-{n}"),
                                 body: format!("hello #{n} from writer {w}").into_bytes(),
                                 receiver_ids: Vec::new(),
@@ -74,12 +81,20 @@ impl Traffic {
                         let waited = started.elapsed().as_micros() as u64;
                         slowest.fetch_max(waited, Ordering::Relaxed);
                         match result {
-                            Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                        };
+                            Ok(_) => {
+                                sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(err) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let mut first =
+                                    first_failure.lock().unwrap_or_else(|e| e.into_inner());
+                                first.get_or_insert_with(|| err.to_string());
+                            }
+                        }
                         n += 1;
-                        // A steady, moderate load: about 100 sends a second per writer.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // A steady, moderate load: under 50 sends a second per writer, half the
+                        // cell's default per-sender limit.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 })
             })
@@ -88,6 +103,7 @@ impl Traffic {
             stop,
             sent,
             failed,
+            first_failure,
             slowest,
             tasks,
         }
@@ -102,14 +118,21 @@ impl Traffic {
         self.slowest.load(Ordering::Relaxed) as f64 / 1e3
     }
 
-    async fn stop(self) -> (u64, u64) {
+    /// Stops the writers; answers the sends acknowledged, failed, and the first failure.
+    async fn stop(self) -> (u64, u64, Option<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             let _ = task.await;
         }
+        let first = self
+            .first_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         (
             self.sent.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
+            first,
         )
     }
 }
@@ -267,7 +290,7 @@ pub async fn run(control_plane: &[String]) -> Result<(), String> {
     report(&done, &traffic)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let (sent, failed) = traffic.stop().await;
+    let (sent, failed, first_failure) = traffic.stop().await;
     println!(
         "demo: {sent} messages acknowledged, {failed} failed; {MOVING} is on {}, group-0 on {}",
         routes
@@ -280,7 +303,10 @@ pub async fn run(control_plane: &[String]) -> Result<(), String> {
             .unwrap_or_default()
     );
     if failed > 0 {
-        return Err(format!("{failed} sends failed during the migrations"));
+        return Err(format!(
+            "{failed} sends failed during the migrations; the first: {}",
+            first_failure.unwrap_or_default()
+        ));
     }
     Ok(())
 }
