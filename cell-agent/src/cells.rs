@@ -148,41 +148,51 @@ pub async fn heartbeats(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        for cell in cells.values() {
-            let mut admin = cell.admin.clone();
-            let status =
-                tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
-            let health = match status {
-                Ok(Ok(status)) => {
-                    let s = status.into_inner();
-                    pb::CellHealth {
-                        last_heartbeat_ms: now_ms(),
-                        healthy: true,
-                        last_lsn: s.last_lsn,
-                        conversations: s.conversations,
-                        messages: s.messages,
-                        disk_bytes: s.disk_bytes,
-                    }
-                }
-                _ => pb::CellHealth {
+        // A round of reports waits on the control plane (each call retries for a while when
+        // it is unreachable); shutdown must not wait for it.
+        tokio::select! {
+            () = report(&control, &cells) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Reports each cell's health and size once.
+async fn report(control: &ControlPlane, cells: &LocalCells) {
+    for cell in cells.values() {
+        let mut admin = cell.admin.clone();
+        let status =
+            tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
+        let health = match status {
+            Ok(Ok(status)) => {
+                let s = status.into_inner();
+                pb::CellHealth {
                     last_heartbeat_ms: now_ms(),
-                    healthy: false,
-                    ..Default::default()
-                },
-            };
-            let request = pb::HeartbeatRequest {
-                cell_id: cell.spec.cell_id.clone(),
-                health: Some(health),
-            };
-            if let Err(status) = control
-                .call(|mut c| {
-                    let request = request.clone();
-                    async move { c.heartbeat(request).await }
-                })
-                .await
-            {
-                tracing::warn!(cell_id = %cell.spec.cell_id, %status, "heartbeat not recorded");
+                    healthy: true,
+                    last_lsn: s.last_lsn,
+                    conversations: s.conversations,
+                    messages: s.messages,
+                    disk_bytes: s.disk_bytes,
+                }
             }
+            _ => pb::CellHealth {
+                last_heartbeat_ms: now_ms(),
+                healthy: false,
+                ..Default::default()
+            },
+        };
+        let request = pb::HeartbeatRequest {
+            cell_id: cell.spec.cell_id.clone(),
+            health: Some(health),
+        };
+        if let Err(status) = control
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.heartbeat(request).await }
+            })
+            .await
+        {
+            tracing::warn!(cell_id = %cell.spec.cell_id, %status, "heartbeat not recorded");
         }
     }
 }

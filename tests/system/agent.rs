@@ -236,3 +236,27 @@ async fn an_agent_that_never_reached_its_control_plane_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An agent whose control plane went away stops promptly on SIGTERM: its heartbeats, retrying
+/// against nobody, do not hold it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_lost_its_control_plane_stops_promptly_on_sigterm() {
+    let mut system = System::start(&[(
+        "hz",
+        &[
+            ("hz-a-normal-1", "a", "NORMAL"),
+            ("hz-b-normal-1", "b", "NORMAL"),
+        ],
+    )])
+    .await;
+    for id in system.cluster.running_ids() {
+        system.cluster.kill(id).await;
+    }
+    // Long enough for a round of heartbeats to be retrying against the dead control plane.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = system.agents[0]
+        .terminate(Duration::from_secs(5))
+        .await
+        .expect("the agent stops within 5 s of SIGTERM");
+    assert!(status.success(), "{status}");
+}
