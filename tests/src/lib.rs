@@ -47,6 +47,34 @@ pub fn processes_mentioning(needle: &str) -> usize {
         .count()
 }
 
+/// SIGTERMs a `cellplane dev` process and checks it stops cleanly within 30 s, leaving no
+/// agent or cell of its data directory `data` running.
+pub fn stop_dev(dev: &mut std::process::Child, data: &std::path::Path) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(dev.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = dev.try_wait().expect("dev status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cellplane dev did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "cellplane dev exited with {status}");
+    let data = data.to_string_lossy();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while processes_mentioning(&data) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an agent or cell outlived cellplane dev"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cellplane_tests::{binary, processes_mentioning};
+use cellplane_tests::{binary, stop_dev};
 use serde_json::Value;
 
 /// Runs `cellctl -o json ARGS` against the dev system; answers the exit code and the JSON.
@@ -178,21 +178,5 @@ fn cellctl_drives_a_running_dev_system() {
     assert_eq!(usage.status.code(), Some(2), "bad usage");
 
     // SIGTERM stops the whole system: control plane, agents and cells.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(dev.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = dev.try_wait().expect("dev status") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "cellplane dev did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "cellplane dev exited with {status}");
-    let data = data.to_string_lossy().to_string();
-    assert_eq!(
-        processes_mentioning(&data),
-        0,
-        "no agent or cell is left running"
-    );
+    stop_dev(&mut dev, &data);
 }

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cellplane_tests::{binary, processes_mentioning};
+use cellplane_tests::{binary, stop_dev};
 
 #[test]
 fn the_dev_demo_moves_a_tenant_and_a_group_without_a_failed_send() {
@@ -55,24 +55,5 @@ fn the_dev_demo_moves_a_tenant_and_a_group_without_a_failed_send() {
         "both migrations finish:\n{printed}"
     );
 
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(demo.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = demo.try_wait().expect("demo status") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "cellplane dev did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}");
-    let data = data.to_string_lossy();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while processes_mentioning(&data) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "processes of the demo outlived it"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    stop_dev(&mut demo, &data);
 }
