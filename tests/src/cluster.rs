@@ -271,8 +271,8 @@ impl Cluster {
 }
 
 /// Registers cells (`cell_id`, `zone`, tier) in `region`, each sized for `capacity` tenants, and
-/// makes them ACTIVE, through any control plane (Raft or etcd). Endpoints are placeholders: no
-/// cell process answers there.
+/// makes them ACTIVE, through any control plane (Raft or etcd). The tests using it exercise the
+/// control plane alone, so no cell process listens at the registered endpoints.
 pub async fn add_active_cells(
     control: &mut ControlClient<Channel>,
     region: &str,

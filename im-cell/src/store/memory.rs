@@ -8,7 +8,7 @@
 //! ([`Memory::clear`]), and each part starts over when it grows past its bound. Nothing here is
 //! ever the only copy: a forgotten entry is read from the store again.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -57,10 +57,10 @@ pub struct Memory {
     /// Committed rows of the remembered spaces, by space and key. Filled as the writer reads
     /// them (hence the cell: reads go through `&Tx`).
     rows: RefCell<HashMap<Space, Rows>>,
-    row_count: RefCell<usize>,
+    row_count: Cell<usize>,
     /// Committed member lists by members prefix (`tenant\0conversation\0`), in id order.
     members: RefCell<HashMap<Vec<u8>, Arc<Vec<String>>>>,
-    member_names: RefCell<usize>,
+    member_names: Cell<usize>,
 }
 
 impl Memory {
@@ -69,18 +69,17 @@ impl Memory {
         matches!(space, Space::Conversations | Space::Members)
     }
 
-    /// A committed row, if remembered.
-    pub fn row(&self, space: Space, key: &[u8]) -> Option<Vec<u8>> {
-        self.rows.borrow().get(&space)?.get(key).cloned()
+    /// `f` of a committed row, if remembered: the row is read in place, not copied.
+    pub fn with_row<R>(&self, space: Space, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.rows.borrow().get(&space)?.get(key).map(|row| f(row))
     }
 
     /// Remembers a committed row read from the store.
     pub fn keep_row(&self, space: Space, key: &[u8], value: &[u8]) {
-        let mut count = self.row_count.borrow_mut();
         let mut rows = self.rows.borrow_mut();
-        if *count >= MAX_ROWS {
+        if self.row_count.get() >= MAX_ROWS {
             rows.clear();
-            *count = 0;
+            self.row_count.set(0);
         }
         if rows
             .entry(space)
@@ -88,7 +87,7 @@ impl Memory {
             .insert(key.to_vec(), value.to_vec())
             .is_none()
         {
-            *count += 1;
+            self.row_count.set(self.row_count.get() + 1);
         }
     }
 
@@ -99,16 +98,16 @@ impl Memory {
 
     /// Remembers a committed member list read from the store.
     pub fn keep_member_list(&self, prefix: Vec<u8>, list: Arc<Vec<String>>) {
-        let mut names = self.member_names.borrow_mut();
         let mut members = self.members.borrow_mut();
-        if *names + list.len() > MAX_MEMBER_NAMES {
+        if self.member_names.get() + list.len() > MAX_MEMBER_NAMES {
             members.clear();
-            *names = 0;
+            self.member_names.set(0);
         }
-        *names += list.len();
+        let mut names = self.member_names.get() + list.len();
         if let Some(previous) = members.insert(prefix, list) {
-            *names -= previous.len();
+            names -= previous.len();
         }
+        self.member_names.set(names);
     }
 
     /// Takes in what a durable batch wrote to the remembered spaces (`None`: deleted). A
@@ -126,7 +125,7 @@ impl Memory {
             {
                 let prefix = keys::members_prefix(tenant, conversation);
                 if let Some(list) = self.members.get_mut().remove(&prefix) {
-                    *self.member_names.get_mut() -= list.len();
+                    self.member_names.set(self.member_names.get() - list.len());
                 }
             }
             match value {
@@ -135,7 +134,7 @@ impl Memory {
                     if let Some(rows) = self.rows.get_mut().get_mut(&space)
                         && rows.remove(key).is_some()
                     {
-                        *self.row_count.get_mut() -= 1;
+                        self.row_count.set(self.row_count.get() - 1);
                     }
                 }
             }
@@ -146,9 +145,9 @@ impl Memory {
     pub fn clear(&mut self) {
         self.heads.pts.clear();
         self.rows.get_mut().clear();
-        *self.row_count.get_mut() = 0;
+        self.row_count.set(0);
         self.members.get_mut().clear();
-        *self.member_names.get_mut() = 0;
+        self.member_names.set(0);
     }
 }
 
@@ -183,11 +182,17 @@ mod tests {
             .into_iter(),
         );
         assert_eq!(
-            memory.row(Space::Conversations, &conversation),
+            memory.with_row(Space::Conversations, &conversation, <[u8]>::to_vec),
             Some(b"v2".to_vec())
         );
-        assert_eq!(memory.row(Space::Members, &member), Some(b"m".to_vec()));
-        assert_eq!(memory.row(Space::Messages, b"ignored"), None);
+        assert_eq!(
+            memory.with_row(Space::Members, &member, <[u8]>::to_vec),
+            Some(b"m".to_vec())
+        );
+        assert_eq!(
+            memory.with_row(Space::Messages, b"ignored", <[u8]>::to_vec),
+            None
+        );
         assert!(
             memory
                 .member_list(&keys::members_prefix("t", "c"))
@@ -200,11 +205,17 @@ mod tests {
         );
 
         memory.settle([(Space::Members, member.as_slice(), None)].into_iter());
-        assert_eq!(memory.row(Space::Members, &member), None);
+        assert_eq!(
+            memory.with_row(Space::Members, &member, <[u8]>::to_vec),
+            None
+        );
 
         memory.heads.set(b"u".to_vec(), 7);
         memory.clear();
         assert_eq!(memory.heads.get(b"u"), None);
-        assert_eq!(memory.row(Space::Conversations, &conversation), None);
+        assert_eq!(
+            memory.with_row(Space::Conversations, &conversation, <[u8]>::to_vec),
+            None
+        );
     }
 }

@@ -263,8 +263,26 @@ impl Store {
         Ok((page, false))
     }
 
-    /// Sync events of a user after `after_pts`, oldest first, at most `limit`. A new message's
-    /// event is stored without the message; it is read here from where the message is kept
+    /// Sync events of a user after `after_pts`, oldest first, at most `limit`, as queued: a
+    /// new message's event names the message without carrying it.
+    pub fn queued_events(
+        &self,
+        tenant: &str,
+        user: &str,
+        after_pts: u64,
+        limit: usize,
+    ) -> Result<Vec<SyncRecord>, CellError> {
+        let range = keys::sync_event(tenant, user, after_pts.saturating_add(1))
+            ..keys::sync_event(tenant, user, u64::MAX);
+        self.spaces
+            .sync
+            .range(range)
+            .take(limit)
+            .map(|item| Ok(decode(&item.value()?)?))
+            .collect()
+    }
+
+    /// [`Store::queued_events`] with each new message attached, read from where it is kept
     /// (the conversation, or the user's inbox for a private one) as it is now, recalled or
     /// not. A message no longer on this cell (its conversation moved away) comes without one.
     pub fn sync_events(
@@ -274,18 +292,13 @@ impl Store {
         after_pts: u64,
         limit: usize,
     ) -> Result<Vec<SyncRecord>, CellError> {
-        let mut events = Vec::new();
-        let range = keys::sync_event(tenant, user, after_pts.saturating_add(1))
-            ..keys::sync_event(tenant, user, u64::MAX);
-        for item in self.spaces.sync.range(range).take(limit) {
-            let value = item.value()?;
-            let mut event: SyncRecord = decode(&value)?;
+        let mut events = self.queued_events(tenant, user, after_pts, limit)?;
+        for event in &mut events {
             if event.kind == records::SyncKind::NewMessage && event.message.is_none() {
                 event.message = self
                     .message_for(tenant, user, &event.conversation_id, event.seq)?
                     .map(std::sync::Arc::new);
             }
-            events.push(event);
         }
         Ok(events)
     }
@@ -315,15 +328,7 @@ impl Store {
     /// The newest pts of a user's queue: the key of its newest event (retention never drops
     /// that one), 0 when it has none.
     pub fn last_pts(&self, tenant: &str, user: &str) -> Result<u64, CellError> {
-        match self
-            .spaces
-            .sync
-            .prefix(keys::user(tenant, user))
-            .next_back()
-        {
-            Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
-            None => Ok(0),
-        }
+        Ok(newest_pts(&self.spaces.sync, &keys::user(tenant, user))?)
     }
 
     pub fn device_cursor(&self, tenant: &str, user: &str, device: &str) -> Result<u64, CellError> {
@@ -395,5 +400,14 @@ fn get<T: serde::de::DeserializeOwned>(
     match space.get(key)? {
         Some(value) => Ok(Some(decode(&value)?)),
         None => Ok(None),
+    }
+}
+
+/// The pts of the newest event in the queue whose key prefix is `user` (`tenant\0user\0`),
+/// read from the sync keyspace `queues`; 0 for an empty queue.
+pub fn newest_pts(queues: &Keyspace, user: &[u8]) -> Result<u64, fjall::Error> {
+    match queues.prefix(user).next_back() {
+        Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
+        None => Ok(0),
     }
 }

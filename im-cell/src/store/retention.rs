@@ -70,9 +70,7 @@ impl Filter {
             self.head = self
                 .queues
                 .as_ref()
-                .and_then(|queues| queues.prefix(user).next_back())
-                .and_then(|newest| newest.key().ok())
-                .and_then(|key| keys::trailing_num(&key))
+                .and_then(|queues| super::newest_pts(queues, user).ok())
                 .unwrap_or(0);
         }
         self.head

@@ -62,18 +62,15 @@ impl Tx {
                 None => Ok(None),
             };
         }
-        if !Memory::remembers(space) {
-            return match self.store.spaces.get(space).get(key)? {
-                Some(bytes) => Ok(Some(decode(&bytes)?)),
-                None => Ok(None),
-            };
-        }
-        if let Some(bytes) = self.memory.row(space, key) {
-            return Ok(Some(decode(&bytes)?));
+        let remembered = Memory::remembers(space);
+        if remembered && let Some(decoded) = self.memory.with_row(space, key, decode) {
+            return Ok(Some(decoded?));
         }
         match self.store.spaces.get(space).get(key)? {
             Some(bytes) => {
-                self.memory.keep_row(space, key, &bytes);
+                if remembered {
+                    self.memory.keep_row(space, key, &bytes);
+                }
                 Ok(Some(decode(&bytes)?))
             }
             None => Ok(None),

@@ -122,9 +122,10 @@ impl DeviceStream {
         let mut after = self.last;
         let mut complete = true;
         loop {
+            // Only the conversations are needed: the events as queued, no message read.
             let page = self
                 .store
-                .sync_events(&self.tenant, &self.user, after, 4096)?;
+                .queued_events(&self.tenant, &self.user, after, 4096)?;
             let (Some(first), Some(last)) = (page.first(), page.last()) else {
                 break;
             };
