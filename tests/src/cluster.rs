@@ -124,6 +124,25 @@ impl Cluster {
         self.spawn(id);
     }
 
+    /// Freezes a running node with SIGSTOP: it keeps its sockets but answers nothing, as a
+    /// stalled machine does, until [`Cluster::resume`].
+    pub fn pause(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused node go on with SIGCONT.
+    pub fn resume(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, signal: nix::sys::signal::Signal) {
+        let pid = self
+            .pid(id)
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .unwrap_or_else(|e| panic!("{signal} to node {id}: {e}"));
+    }
+
     /// The process id of a running node.
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.nodes[&id].child.as_ref().and_then(|c| c.id())
