@@ -38,6 +38,7 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// handed to openraft as the log reader reads through its own transactions.
 #[derive(Clone)]
 pub struct LogStore {
+    node_id: NodeId,
     db: Arc<Database>,
     /// Entries handed to the writer and not yet written, readable meanwhile.
     pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
@@ -68,6 +69,26 @@ enum Job {
         upto: LogId<NodeId>,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// The vote a node restarts with. A node that crashed as leader comes back with its own vote
+/// not committed, so it restarts as a follower (openraft would otherwise resume its leadership
+/// at once). A resumed leader knows only the commit index on its disk, which lags what it
+/// acknowledged (the writer stores it with its next batch), and would answer linearizable
+/// reads from that older state: its read index is the larger of that commit index and the
+/// first entry of its term, long committed. It must win an election instead, and a leader
+/// serves reads only once an entry of its own term is committed and applied. The term and whom
+/// it voted for are unchanged, so it still never votes twice in one term. A follower's vote
+/// stays committed: it keeps waiting a full leader lease before it campaigns, as before.
+fn vote_after_restart(stored: Vote<NodeId>, me: NodeId) -> Vote<NodeId> {
+    if stored.leader_id().voted_for() == Some(me) {
+        Vote {
+            committed: false,
+            ..stored
+        }
+    } else {
+        stored
+    }
 }
 
 fn redb_error(err: impl Into<redb::Error>) -> AnyError {
@@ -177,7 +198,8 @@ fn run_writer(
 
 impl LogStore {
     /// Opens (or creates) the log in `path` and starts its writer thread.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+    /// Opens (or creates) the log of node `node_id` at `path`.
+    pub fn open(path: &Path, node_id: NodeId) -> Result<Self, redb::Error> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(LOGS)?;
@@ -194,6 +216,7 @@ impl LogStore {
             .spawn(move || run_writer(writer_db, writer_pending, writer_committed, receiver))
             .map_err(redb::Error::Io)?;
         Ok(Self {
+            node_id,
             db,
             pending,
             committed,
@@ -351,8 +374,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.read_meta(VOTE)
-            .map_err(|e| StorageIOError::read_vote(e).into())
+        let stored: Option<Vote<NodeId>> = self
+            .read_meta(VOTE)
+            .map_err(StorageIOError::read_vote)?;
+        Ok(stored.map(|vote| vote_after_restart(vote, self.node_id)))
     }
 
     /// The commit index may lag on disk: the writer stores it with its next batch, and a node
@@ -429,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn a_range_that_starts_in_the_purged_part_reads_nothing() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = LogStore::open(&dir.path().join("log.redb")).expect("open");
+        let mut store = LogStore::open(&dir.path().join("log.redb"), 1).expect("open");
         let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
         {
             let txn = store.db.begin_write().expect("write");
@@ -462,5 +487,22 @@ mod tests {
             indexes(store.try_get_log_entries(6..9).await.expect("read")),
             vec![6, 7, 8]
         );
+    }
+
+    /// openraft reads the vote once, when the node starts.
+    #[tokio::test]
+    async fn a_leader_restarts_as_a_follower_of_the_same_term() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let led = Vote::new_committed(7, 1);
+        let mut leader = LogStore::open(&dir.path().join("leader.redb"), 1).expect("open");
+        leader.save_vote(&led).await.expect("save");
+        let restarted = leader.read_vote().await.expect("read").expect("a vote");
+        assert_eq!(restarted, Vote::new(7, 1), "same term and candidate");
+        assert!(!restarted.is_committed(), "no leadership resumed");
+
+        // Node 2 followed node 1: it keeps the committed vote, and so its leader lease.
+        let mut follower = LogStore::open(&dir.path().join("follower.redb"), 2).expect("open");
+        follower.save_vote(&led).await.expect("save");
+        assert_eq!(follower.read_vote().await.expect("read"), Some(led));
     }
 }

@@ -78,7 +78,7 @@ impl RaftStore {
     /// the lowest peer id initializes a new cluster.
     pub async fn open(config: &NodeConfig) -> Result<Self, RaftOpenError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"))?;
+        let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"), config.node_id)?;
         let (state_machine, shared) = StateMachineStore::open(&config.data_dir.join("snapshots"))?;
         let raft = Raft::new(
             config.node_id,
