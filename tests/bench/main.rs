@@ -8,6 +8,7 @@
 
 mod cell;
 mod drive;
+mod leader_kill;
 mod lookups;
 mod migration;
 mod report;
@@ -47,6 +48,9 @@ struct Cli {
     /// Migrations under load whose write pause is measured.
     #[arg(long, default_value_t = 50)]
     migrations: usize,
+    /// Leader SIGKILLs timed on each side in the leader-kill benchmark.
+    #[arg(long, default_value_t = 30)]
+    kills: usize,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -62,6 +66,8 @@ enum Which {
     Migration,
     /// cellplane beside etcd: updates, lookups and watch fan-out in one run.
     Etcd,
+    /// The write pause after a leader's SIGKILL, cellplane beside etcd.
+    LeaderKill,
 }
 
 #[tokio::main]
@@ -74,6 +80,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Etcd) {
         versus_etcd::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::LeaderKill) {
+        leader_kill::run(&mut report, cli.kills).await?;
     }
     if matches!(cli.which, Which::All | Which::Lookups) {
         lookups::run(&mut report, phase).await?;

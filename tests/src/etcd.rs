@@ -27,6 +27,8 @@ pub struct EtcdCluster {
     pub dir: TempDir,
     pub members: Vec<EtcdMember>,
     initial_cluster: String,
+    /// `--heartbeat-interval` and `--election-timeout`, in ms.
+    timing: (u64, u64),
 }
 
 fn etcd_binary() -> String {
@@ -34,8 +36,19 @@ fn etcd_binary() -> String {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members and waits until the cluster answers.
+    /// Starts `size` members and waits until the cluster answers. Heartbeats every 50 ms and
+    /// an election timeout of 500 ms keep tests that kill the leader short.
     pub async fn start(size: usize) -> EtcdCluster {
+        Self::start_with_timing(size, 50, 500).await
+    }
+
+    /// Like [`EtcdCluster::start`] with etcd's `--heartbeat-interval` and `--election-timeout`
+    /// (ms); etcd waits a random time in `[election, 2 × election)` before it campaigns.
+    pub async fn start_with_timing(
+        size: usize,
+        heartbeat_ms: u64,
+        election_ms: u64,
+    ) -> EtcdCluster {
         let dir = tempfile::Builder::new()
             .prefix("cellplane-etcd-")
             .tempdir()
@@ -58,6 +71,7 @@ impl EtcdCluster {
             dir,
             members,
             initial_cluster,
+            timing: (heartbeat_ms, election_ms),
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -91,9 +105,9 @@ impl EtcdCluster {
                 "--initial-cluster-token",
                 "cellplane-test",
                 "--heartbeat-interval",
-                "50",
+                &self.timing.0.to_string(),
                 "--election-timeout",
-                "500",
+                &self.timing.1.to_string(),
                 "--logger",
                 "zap",
                 "--log-level",
