@@ -74,7 +74,14 @@ async fn grant(cells: &LocalCells, cell_id: &str, key: &Key, epoch: u64) -> Resu
 }
 
 /// Revokes a key whose tenant was deleted and drops its rows: no writer reaches it again.
-async fn drop_deleted(cells: &LocalCells, cell_id: &str, key: &Key) -> Result<(), Status> {
+/// `epoch` is the key's epoch when it was deleted: a cell that holds it at a newer one (the
+/// tenant was created again and placed here since) keeps it.
+async fn drop_deleted(
+    cells: &LocalCells,
+    cell_id: &str,
+    key: &Key,
+    epoch: u64,
+) -> Result<(), Status> {
     let Some(cell) = cells.get(cell_id) else {
         return Ok(());
     };
@@ -84,7 +91,7 @@ async fn drop_deleted(cells: &LocalCells, cell_id: &str, key: &Key) -> Result<()
             tenant_id: key.0.clone(),
             conversation_id: key.1.clone(),
             new_cell_id: String::new(),
-            new_epoch: 0,
+            new_epoch: epoch,
         })
         .await?;
     admin
@@ -203,7 +210,7 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
                     }
                 }
                 Err(status) if status.code() == Code::NotFound => {
-                    drop_deleted(cells, cell_id, &key).await?;
+                    drop_deleted(cells, cell_id, &key, held.epoch).await?;
                 }
                 Err(status) => return Err(status),
             }
@@ -219,8 +226,8 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
             let Some(route) = event.route else { continue };
             let key = key_of(&route);
             if event.kind != RouteEventKind::Put as i32 {
-                if let Some((cell_id, _)) = mine.remove(&key) {
-                    drop_deleted(cells, &cell_id, &key).await?;
+                if let Some((cell_id, epoch)) = mine.remove(&key) {
+                    drop_deleted(cells, &cell_id, &key, epoch).await?;
                 }
                 continue;
             }

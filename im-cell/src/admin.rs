@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::CellError;
 use crate::store::Store;
 use crate::store::export::{Excluded, ExportView, space_named};
-use crate::store::fencing::own_conversations;
+use crate::store::fencing::{GrantChange, own_conversations};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
@@ -61,10 +61,10 @@ impl CellAdmin for AdminService {
             return Err(CellError::invalid("epoch", "must be at least 1").into());
         }
         self.writer
-            .submit(Op::Grant {
+            .submit(Op::Change {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
-                epoch: r.epoch,
+                change: GrantChange::Grant { epoch: r.epoch },
             })
             .await?;
         Ok(Response::new(pb::AdminEmpty {}))
@@ -76,14 +76,27 @@ impl CellAdmin for AdminService {
     ) -> Result<Response<pb::AdminEmpty>, Status> {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
-        // Empty: the key no longer exists anywhere (its tenant was deleted).
+        // Empty: the key no longer exists anywhere (its tenant was deleted at `new_epoch`).
         validate_optional_id("new_cell_id", &r.new_cell_id)?;
+        let change = if r.new_cell_id.is_empty() {
+            GrantChange::Delete { epoch: r.new_epoch }
+        } else if r.new_epoch == 0 {
+            return Err(CellError::invalid(
+                "new_epoch",
+                "must be at least 1 when new_cell_id names the new owner",
+            )
+            .into());
+        } else {
+            GrantChange::Revoke {
+                cell: r.new_cell_id,
+                epoch: r.new_epoch,
+            }
+        };
         self.writer
-            .submit(Op::Revoke {
+            .submit(Op::Change {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
-                new_cell: r.new_cell_id,
-                new_epoch: r.new_epoch,
+                change,
             })
             .await?;
         Ok(Response::new(pb::AdminEmpty {}))
@@ -97,9 +110,10 @@ impl CellAdmin for AdminService {
         route_key(&r.tenant_id, &r.conversation_id)?;
         match self
             .writer
-            .submit(Op::Freeze {
+            .submit(Op::Change {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
+                change: GrantChange::Freeze,
             })
             .await?
         {
@@ -117,9 +131,10 @@ impl CellAdmin for AdminService {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
         self.writer
-            .submit(Op::Unfreeze {
+            .submit(Op::Change {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
+                change: GrantChange::Unfreeze,
             })
             .await?;
         Ok(Response::new(pb::AdminEmpty {}))
@@ -299,12 +314,12 @@ impl CellAdmin for AdminService {
             .writer
             .grants()
             .into_iter()
-            .filter(|(_, grant)| grant.moved_to.is_none())
+            .filter(|(_, grant)| grant.is_owned())
             .map(|((tenant_id, conversation_id), grant)| pb::OwnedKey {
                 tenant_id,
                 conversation_id,
-                epoch: grant.epoch,
-                frozen: grant.frozen,
+                epoch: grant.epoch(),
+                frozen: grant.is_frozen(),
             })
             .collect();
         keys.sort_by(|a, b| {

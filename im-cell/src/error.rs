@@ -3,7 +3,7 @@
 use cellplane_api::proto::cell::WrongCell;
 use prost::Message;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CellError {
     #[error("{field}: {rule}")]
     Invalid { field: String, rule: String },

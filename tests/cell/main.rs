@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod crash;
+mod fencing;
 mod pns;
 mod sync;
 mod transfer;

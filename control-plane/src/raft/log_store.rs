@@ -374,9 +374,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        let stored: Option<Vote<NodeId>> = self
-            .read_meta(VOTE)
-            .map_err(StorageIOError::read_vote)?;
+        let stored: Option<Vote<NodeId>> =
+            self.read_meta(VOTE).map_err(StorageIOError::read_vote)?;
         Ok(stored.map(|vote| vote_after_restart(vote, self.node_id)))
     }
 

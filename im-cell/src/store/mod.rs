@@ -22,6 +22,7 @@ use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use crate::error::CellError;
+use fencing::{Grant, Grants};
 use records::{
     ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, SyncRecord, decode,
 };
@@ -362,8 +363,8 @@ impl Store {
     }
 
     /// Every grant the cell holds.
-    pub fn grants(&self) -> Result<Vec<(String, String, GrantRecord)>, CellError> {
-        let mut grants = Vec::new();
+    pub fn grants(&self) -> Result<Grants, CellError> {
+        let mut grants = Grants::new();
         for item in self.spaces.grants.iter() {
             let (key, value) = item.into_inner()?;
             let mut parts = key.split(|b| *b == 0);
@@ -375,11 +376,11 @@ impl Store {
                 .next()
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .unwrap_or_default();
-            grants.push((
-                tenant.to_string(),
-                conversation.to_string(),
-                decode(&value)?,
-            ));
+            let record: GrantRecord = decode(&value)?;
+            grants.insert(
+                (tenant.to_string(), conversation.to_string()),
+                Grant::from(record),
+            );
         }
         Ok(grants)
     }

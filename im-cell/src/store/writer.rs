@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::fencing::{Grants, own_conversations};
+use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
 use super::memory::Memory;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{
@@ -38,24 +38,11 @@ pub enum Op {
         epoch: u64,
         request: WriteRequest,
     },
-    Grant {
+    /// A change of a route key's grant, decided by the fencing transition table.
+    Change {
         tenant: String,
         conversation: String,
-        epoch: u64,
-    },
-    Revoke {
-        tenant: String,
-        conversation: String,
-        new_cell: String,
-        new_epoch: u64,
-    },
-    Freeze {
-        tenant: String,
-        conversation: String,
-    },
-    Unfreeze {
-        tenant: String,
-        conversation: String,
+        change: GrantChange,
     },
     /// Merged read receipts of one conversation, fanned out to its members as one READ event
     /// each. A notification, not state: nothing is logged, and a conversation gone (moved,
@@ -66,16 +53,16 @@ pub enum Op {
         /// Reader → newest seq read in the window.
         readers: Vec<(String, u64)>,
     },
-    /// Another cell's export of a key: snapshot rows, then log records past `after_lsn` of the
-    /// source. Records at or below the key's recorded import position are skipped, so a resumed
-    /// import never applies a record twice.
-    /// Drops the rows of a key that moved away (its grant here is revoked).
+    /// Drops the rows of a key that moved away (its grant here is revoked or deleted).
     Purge {
         tenant: String,
         conversation: String,
         /// Where the previous slice stopped.
         after: Option<PurgeCursor>,
     },
+    /// Another cell's export of a key: snapshot rows, then log records past `after_lsn` of the
+    /// source. Records at or below the key's recorded import position are skipped, so a resumed
+    /// import never applies a record twice.
     Import {
         tenant: String,
         conversation: String,
@@ -135,11 +122,7 @@ impl Writer {
         limits: Limits,
         hub: SyncHub,
     ) -> Result<Self, CellError> {
-        let grants: Grants = store
-            .grants()?
-            .into_iter()
-            .map(|(tenant, conversation, grant)| ((tenant, conversation), grant))
-            .collect();
+        let grants = store.grants()?;
         let shared = Arc::new(RwLock::new(grants.clone()));
         let last_lsn = store.last_lsn()?;
         let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
@@ -290,7 +273,7 @@ impl WriterState {
                 self.memory = memory;
                 // Nothing of the batch is durable: forget its grant changes too.
                 if let Ok(grants) = self.store.grants() {
-                    self.grants = grants.into_iter().map(|(t, c, g)| ((t, c), g)).collect();
+                    self.grants = grants;
                 }
                 for (reply, _) in answers {
                     let _ = reply.send(Err(err.clone()));
@@ -306,161 +289,22 @@ impl WriterState {
                 conversation,
                 epoch,
                 request,
-            } => {
-                let returns_conversation = matches!(
-                    request,
-                    WriteRequest::CreateConversation { .. }
-                        | WriteRequest::AddMembers { .. }
-                        | WriteRequest::RemoveMembers { .. }
-                );
-                let decider = Decider {
-                    cell_id: &self.cell_id,
-                    limits: &self.limits,
-                    grants: &self.grants,
-                };
-                let decision = decider.decide(tx, &tenant, &conversation, epoch, request)?;
-                let sent = match decision {
-                    Decision::Retry(first) => return Ok(Outcome::Sent(first)),
-                    Decision::Unchanged => None,
-                    Decision::Apply(mutation) => {
-                        let sent = match &mutation {
-                            Mutation::Send { message } => Some(IdempotencyRecord {
-                                message_id: message.message_id.clone(),
-                                seq: message.seq,
-                                server_time_ms: message.server_time_ms,
-                            }),
-                            _ => None,
-                        };
-                        apply_mutation(tx, &tenant, &conversation, mutation, true)?;
-                        sent
-                    }
-                };
-                if let Some(sent) = sent {
-                    Ok(Outcome::Sent(sent))
-                } else if returns_conversation {
-                    Ok(Outcome::Conversation(conversation_view(
-                        tx,
-                        &tenant,
-                        &conversation,
-                    )?))
-                } else {
-                    Ok(Outcome::Done)
-                }
-            }
-            Op::Grant {
+            } => self.write(tx, &tenant, &conversation, epoch, request),
+            Op::Change {
                 tenant,
                 conversation,
-                epoch,
-            } => {
-                let key = (tenant.clone(), conversation.clone());
-                let existing = self.grants.get(&key);
-                if let Some(existing) = existing
-                    && (epoch < existing.epoch
-                        || (epoch == existing.epoch && existing.moved_to.is_some()))
-                {
-                    return Err(CellError::invalid(
-                        "epoch",
-                        format!(
-                            "must not go back: the cell held {tenant}/{conversation} at epoch {}",
-                            existing.epoch
-                        ),
-                    ));
-                }
-                // Granting the epoch the cell already holds changes nothing: in particular it
-                // does not thaw a key frozen for a move. A newer epoch is new ownership.
-                if let Some(existing) = existing
-                    && existing.epoch == epoch
-                    && !existing.inherited
-                {
-                    return Ok(Outcome::Done);
-                }
-                let record = GrantRecord {
-                    epoch,
-                    frozen: false,
-                    moved_to: None,
-                    inherited: false,
-                };
-                tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
-                self.grants.insert(key, record);
-                Ok(Outcome::Done)
-            }
-            Op::Revoke {
-                tenant,
-                conversation,
-                new_cell,
-                new_epoch,
-            } => {
-                let key = (tenant.clone(), conversation.clone());
-                let epoch = self.grants.get(&key).map(|g| g.epoch).unwrap_or(0);
-                let record = GrantRecord {
-                    epoch,
-                    frozen: false,
-                    moved_to: Some((new_cell, new_epoch)),
-                    inherited: false,
-                };
-                tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
-                self.grants.insert(key, record);
-                Ok(Outcome::Done)
-            }
+                change,
+            } => self.change_grant(tx, tenant, conversation, change),
             Op::Receipts {
                 tenant,
                 conversation,
                 readers,
-            } => {
-                let members = tx.members(&tenant, &conversation)?;
-                let user_ids: Vec<String> = readers.iter().map(|(user, _)| user.clone()).collect();
-                let seq = readers.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
-                for member in members.iter().filter(|m| !user_ids.contains(m)) {
-                    tx.event(&tenant, member, |pts| SyncRecord {
-                        pts,
-                        kind: SyncKind::Read,
-                        conversation_id: conversation.clone(),
-                        seq,
-                        message: None,
-                        user_ids: user_ids.clone(),
-                        joined: false,
-                    })?;
-                }
-                Ok(Outcome::Done)
-            }
-            Op::Freeze {
-                tenant,
-                conversation,
-            } => self.set_frozen(tx, tenant, conversation, true),
-            Op::Unfreeze {
-                tenant,
-                conversation,
-            } => self.set_frozen(tx, tenant, conversation, false),
+            } => receipts(tx, &tenant, &conversation, readers),
             Op::Purge {
                 tenant,
                 conversation,
                 after,
-            } => {
-                let key = (tenant.clone(), conversation.clone());
-                if self.grants.get(&key).is_none_or(|g| g.moved_to.is_none()) {
-                    return Err(CellError::FailedPrecondition(format!(
-                        "{tenant}/{conversation} has not moved away from this cell; only a revoked key's rows are dropped"
-                    )));
-                }
-                let excluded: Vec<String> = if conversation.is_empty() {
-                    own_conversations(&self.grants, &tenant).collect()
-                } else {
-                    Vec::new()
-                };
-                let excluded_set = excluded.iter().cloned().collect();
-                // A bounded slice per batch, so dropping a large tenant never stalls the
-                // cell's other writes; the caller repeats until nothing remains. Each slice is
-                // logged; replaying the first drops everything, the rest then find nothing.
-                let next = tx.purge(
-                    &tenant,
-                    &conversation,
-                    &excluded_set,
-                    Some(PURGE_ROWS_PER_BATCH),
-                    after.as_ref(),
-                )?;
-                tx.log(&tenant, &conversation, Mutation::Purge { excluded });
-                Ok(Outcome::Purged { next })
-            }
+            } => self.purge(tx, &tenant, &conversation, after),
             Op::Import {
                 tenant,
                 conversation,
@@ -468,81 +312,194 @@ impl WriterState {
                 rows,
                 records,
                 through_lsn,
-            } => {
-                let position_key = import_key(&tenant, &conversation, &source);
-                let mut position: u64 = tx.get(Space::Imports, &position_key)?.unwrap_or(0);
-                for (space, key, value) in rows {
-                    tx.put_raw(space, key, value);
-                }
-                for record in records {
-                    if record.lsn <= position {
-                        continue;
-                    }
-                    let lsn = record.lsn;
-                    // Imported history reaches devices as a REBASE after the move, not as events.
-                    apply_mutation(
-                        tx,
-                        &record.tenant_id,
-                        &record.conversation_id,
-                        record.mutation,
-                        false,
-                    )?;
-                    position = lsn;
-                }
-                position = position.max(through_lsn);
-                tx.put(Space::Imports, position_key, &position);
-                Ok(Outcome::Imported {
-                    source_lsn: position,
-                })
-            }
+            } => import(
+                tx,
+                &import_key(&tenant, &conversation, &source),
+                rows,
+                records,
+                through_lsn,
+            ),
         }
     }
 
-    fn set_frozen(
+    /// An end user's write: decided against the batch so far, then applied.
+    fn write(
+        &mut self,
+        tx: &mut Tx,
+        tenant: &str,
+        conversation: &str,
+        epoch: u64,
+        request: WriteRequest,
+    ) -> Result<Outcome, CellError> {
+        let returns_conversation = matches!(
+            request,
+            WriteRequest::CreateConversation { .. }
+                | WriteRequest::AddMembers { .. }
+                | WriteRequest::RemoveMembers { .. }
+        );
+        let decider = Decider {
+            cell_id: &self.cell_id,
+            limits: &self.limits,
+            grants: &self.grants,
+        };
+        let mutation = match decider.decide(tx, tenant, conversation, epoch, request)? {
+            Decision::Retry(first) => return Ok(Outcome::Sent(first)),
+            Decision::Unchanged => None,
+            Decision::Apply(mutation) => Some(mutation),
+        };
+        let sent = mutation.as_ref().and_then(|mutation| match mutation {
+            Mutation::Send { message } => Some(IdempotencyRecord {
+                message_id: message.message_id.clone(),
+                seq: message.seq,
+                server_time_ms: message.server_time_ms,
+            }),
+            _ => None,
+        });
+        if let Some(mutation) = mutation {
+            apply_mutation(tx, tenant, conversation, mutation, true)?;
+        }
+        if let Some(sent) = sent {
+            Ok(Outcome::Sent(sent))
+        } else if returns_conversation {
+            Ok(Outcome::Conversation(conversation_view(
+                tx,
+                tenant,
+                conversation,
+            )?))
+        } else {
+            Ok(Outcome::Done)
+        }
+    }
+
+    /// A grant, revocation, delete, freeze or thaw, as the fencing table decides it.
+    fn change_grant(
         &mut self,
         tx: &mut Tx,
         tenant: String,
         conversation: String,
-        frozen: bool,
+        change: GrantChange,
     ) -> Result<Outcome, CellError> {
-        let key = (tenant.clone(), conversation.clone());
-        let tenant_grant = self.grants.get(&(tenant.clone(), String::new())).cloned();
-        if frozen
-            && !conversation.is_empty()
-            && !self.grants.contains_key(&key)
-            && let Some(tenant_grant) = tenant_grant.filter(|g| g.moved_to.is_none())
-        {
-            // The conversation is about to move away from its tenant's cell: freeze it alone.
-            self.grants.insert(
-                key.clone(),
-                GrantRecord {
-                    epoch: tenant_grant.epoch,
-                    frozen: false,
-                    moved_to: None,
-                    inherited: true,
-                },
-            );
+        let key = (tenant, conversation);
+        let tenant_grant = self.grants.get(&(key.0.clone(), String::new()));
+        let transition = fencing::transition(
+            (&key.0, &key.1),
+            self.grants.get(&key),
+            tenant_grant,
+            &change,
+        )?;
+        match transition {
+            Transition::Put(grant) => {
+                tx.put(
+                    Space::Grants,
+                    keys::grant(&key.0, &key.1),
+                    &GrantRecord::from(&grant),
+                );
+                self.grants.insert(key, grant);
+            }
+            Transition::Remove => {
+                tx.delete(Space::Grants, keys::grant(&key.0, &key.1));
+                self.grants.remove(&key);
+            }
+            Transition::Unchanged => {}
         }
-        let Some(record) = self.grants.get_mut(&key) else {
-            return Err(CellError::NotFound(format!(
-                "tenant_id: the cell holds no grant for {tenant}/{conversation}"
-            )));
-        };
-        if record.moved_to.is_some() {
-            return Err(CellError::invalid(
-                "conversation_id",
-                format!("{tenant}/{conversation} was revoked"),
-            ));
-        }
-        record.frozen = frozen;
-        if !frozen && record.inherited {
-            self.grants.remove(&key);
-            tx.delete(Space::Grants, keys::grant(&tenant, &conversation));
-        } else {
-            let record = record.clone();
-            tx.put(Space::Grants, keys::grant(&tenant, &conversation), &record);
-        }
-        // Every write to the key so far is at or below this LSN; none comes after while frozen.
-        Ok(Outcome::Frozen { last_lsn: tx.lsn })
+        Ok(match change {
+            // Every write to the key so far is at or below this LSN; none comes after while
+            // it is frozen.
+            GrantChange::Freeze => Outcome::Frozen { last_lsn: tx.lsn },
+            _ => Outcome::Done,
+        })
     }
+
+    /// One bounded slice of a moved-away key's rows.
+    fn purge(
+        &mut self,
+        tx: &mut Tx,
+        tenant: &str,
+        conversation: &str,
+        after: Option<PurgeCursor>,
+    ) -> Result<Outcome, CellError> {
+        let key = (tenant.to_string(), conversation.to_string());
+        if self.grants.get(&key).is_none_or(|g| g.is_owned()) {
+            return Err(CellError::FailedPrecondition(format!(
+                "{tenant}/{conversation} has not moved away from this cell; only a revoked key's rows are dropped"
+            )));
+        }
+        let excluded: Vec<String> = if conversation.is_empty() {
+            own_conversations(&self.grants, tenant).collect()
+        } else {
+            Vec::new()
+        };
+        let excluded_set = excluded.iter().cloned().collect();
+        // A bounded slice per batch, so dropping a large tenant never stalls the cell's other
+        // writes; the caller repeats until nothing remains. Each slice is logged; replaying the
+        // first drops everything, the rest then find nothing.
+        let next = tx.purge(
+            tenant,
+            conversation,
+            &excluded_set,
+            Some(PURGE_ROWS_PER_BATCH),
+            after.as_ref(),
+        )?;
+        tx.log(tenant, conversation, Mutation::Purge { excluded });
+        Ok(Outcome::Purged { next })
+    }
+}
+
+/// Merged read receipts: one READ event for each member who is not among the readers.
+fn receipts(
+    tx: &mut Tx,
+    tenant: &str,
+    conversation: &str,
+    readers: Vec<(String, u64)>,
+) -> Result<Outcome, CellError> {
+    let members = tx.members(tenant, conversation)?;
+    let user_ids: Vec<String> = readers.iter().map(|(user, _)| user.clone()).collect();
+    let seq = readers.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+    for member in members.iter().filter(|m| !user_ids.contains(m)) {
+        tx.event(tenant, member, |pts| SyncRecord {
+            pts,
+            kind: SyncKind::Read,
+            conversation_id: conversation.to_string(),
+            seq,
+            message: None,
+            user_ids: user_ids.clone(),
+            joined: false,
+        })?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// Applies one chunk of another cell's export, skipping log records at or below the position
+/// recorded under `position_key`, and records the new position.
+fn import(
+    tx: &mut Tx,
+    position_key: &[u8],
+    rows: Vec<(Space, Vec<u8>, Vec<u8>)>,
+    records: Vec<LogRecord>,
+    through_lsn: u64,
+) -> Result<Outcome, CellError> {
+    let mut position: u64 = tx.get(Space::Imports, position_key)?.unwrap_or(0);
+    for (space, key, value) in rows {
+        tx.put_raw(space, key, value);
+    }
+    for record in records {
+        if record.lsn <= position {
+            continue;
+        }
+        let lsn = record.lsn;
+        // Imported history reaches devices as a REBASE after the move, not as events.
+        apply_mutation(
+            tx,
+            &record.tenant_id,
+            &record.conversation_id,
+            record.mutation,
+            false,
+        )?;
+        position = lsn;
+    }
+    position = position.max(through_lsn);
+    tx.put(Space::Imports, position_key.to_vec(), &position);
+    Ok(Outcome::Imported {
+        source_lsn: position,
+    })
 }
