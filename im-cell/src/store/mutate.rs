@@ -147,181 +147,235 @@ fn decide_owned(
     conversation: &str,
     request: WriteRequest,
 ) -> Result<Decision, CellError> {
+    let key = (tenant, conversation);
     match request {
-        WriteRequest::CreateConversation { kind, members } => {
-            if tx
-                .get::<ConversationRecord>(
-                    Space::Conversations,
-                    &keys::conversation(tenant, conversation),
-                )?
-                .is_some()
-            {
-                return Err(CellError::AlreadyExists(format!(
-                    "conversation_id: conversation {conversation:?} of tenant {tenant:?} already exists"
-                )));
-            }
-            Ok(Decision::Apply(Mutation::CreateConversation {
-                kind,
-                member_ids: members,
-                created_ms: now_ms(),
-            }))
-        }
-        WriteRequest::AddMembers { members } => {
-            let record = require_conversation(tx, tenant, conversation)?;
-            if record.kind == Kind::Single {
-                return Err(CellError::invalid(
-                    "conversation_id",
-                    "a single chat has fixed members; create a group",
-                ));
-            }
-            let current = tx.members(tenant, conversation)?;
-            let new: Vec<String> = members
-                .into_iter()
-                .filter(|m| !current.contains(m))
-                .collect();
-            if current.len() + new.len() > limits.max_group_members {
-                return Err(CellError::invalid(
-                    "member_ids",
-                    format!(
-                        "a group has at most {} members; it has {} and {} would join",
-                        limits.max_group_members,
-                        current.len(),
-                        new.len()
-                    ),
-                ));
-            }
-            if new.is_empty() {
-                return Ok(Decision::Unchanged);
-            }
-            Ok(Decision::Apply(Mutation::AddMembers {
-                member_ids: new,
-                at_ms: now_ms(),
-            }))
-        }
-        WriteRequest::RemoveMembers { members } => {
-            let record = require_conversation(tx, tenant, conversation)?;
-            if record.kind == Kind::Single {
-                return Err(CellError::invalid(
-                    "conversation_id",
-                    "a single chat has fixed members",
-                ));
-            }
-            let current = tx.members(tenant, conversation)?;
-            let gone: Vec<String> = members
-                .into_iter()
-                .filter(|m| current.contains(m))
-                .collect();
-            if gone.is_empty() {
-                return Ok(Decision::Unchanged);
-            }
-            Ok(Decision::Apply(Mutation::RemoveMembers {
-                member_ids: gone,
-            }))
-        }
+        WriteRequest::CreateConversation { kind, members } => create(tx, key, kind, members),
+        WriteRequest::AddMembers { members } => add_members(limits, tx, key, members),
+        WriteRequest::RemoveMembers { members } => remove_members(tx, key, members),
         WriteRequest::Send {
             sender,
             client_msg_id,
             body,
             receivers,
-        } => {
-            let idempotency_key = keys::idempotency(tenant, conversation, &sender, &client_msg_id);
-            if let Some(first) =
-                tx.get::<IdempotencyRecord>(Space::Idempotency, &idempotency_key)?
-            {
-                let stored = find_message(tx, tenant, conversation, &sender, first.seq)?;
-                let same = stored
-                    .is_some_and(|m| m.recalled || (m.body == body && m.receiver_ids == receivers));
-                return if same {
-                    Ok(Decision::Retry(first))
-                } else {
-                    Err(CellError::AlreadyExists(format!(
-                        "client_msg_id: {client_msg_id:?} was already used by {sender:?} for a different message (seq {})",
-                        first.seq
-                    )))
-                };
-            }
-            let record = require_conversation(tx, tenant, conversation)?;
-            require_member(tx, tenant, conversation, &sender, "sender_id")?;
-            for (i, receiver) in receivers.iter().enumerate() {
-                if tx
-                    .get::<MemberRecord>(
-                        Space::Members,
-                        &keys::member(tenant, conversation, receiver),
-                    )?
-                    .is_none()
-                {
-                    return Err(CellError::PermissionDenied(format!(
-                        "receiver_ids[{i}]: {receiver:?} is not a member of {conversation:?}"
-                    )));
-                }
-            }
-            let seq = record.last_seq + 1;
-            Ok(Decision::Apply(Mutation::Send {
-                message: MessageRecord {
-                    message_id: format!("{cell_id}/{tenant}/{conversation}/{seq}"),
-                    seq,
-                    sender_id: sender,
-                    client_msg_id,
-                    body,
-                    server_time_ms: now_ms(),
-                    receiver_ids: receivers,
-                    recalled: false,
-                },
-            }))
-        }
-        WriteRequest::MarkRead { user, seq } => {
-            let record = require_conversation(tx, tenant, conversation)?;
-            let member = require_member(tx, tenant, conversation, &user, "user_id")?;
-            if seq > record.last_seq {
-                return Err(CellError::invalid(
-                    "seq",
-                    format!("must be at most the newest seq {}", record.last_seq),
-                ));
-            }
-            if seq <= member.read_seq {
-                return Ok(Decision::Unchanged);
-            }
-            Ok(Decision::Apply(Mutation::MarkRead { user_id: user, seq }))
-        }
-        WriteRequest::Recall { user, seq } => {
-            require_conversation(tx, tenant, conversation)?;
-            require_member(tx, tenant, conversation, &user, "user_id")?;
-            let Some(message) = find_message(tx, tenant, conversation, &user, seq)? else {
-                return Err(CellError::NotFound(format!(
-                    "seq: no message {seq} in {conversation:?}"
-                )));
-            };
-            if message.sender_id != user {
-                return Err(CellError::PermissionDenied(format!(
-                    "user_id: only the sender {:?} may recall message {seq}",
-                    message.sender_id
-                )));
-            }
-            if message.recalled {
-                return Ok(Decision::Unchanged);
-            }
-            Ok(Decision::Apply(Mutation::Recall { user_id: user, seq }))
-        }
-        WriteRequest::DeleteForMe { user, seq } => {
-            require_conversation(tx, tenant, conversation)?;
-            require_member(tx, tenant, conversation, &user, "user_id")?;
-            if find_message(tx, tenant, conversation, &user, seq)?.is_none() {
-                return Err(CellError::NotFound(format!(
-                    "seq: no message {seq} in {conversation:?}"
-                )));
-            }
-            let inbox: InboxRecord = tx
-                .get(Space::Inbox, &keys::inbox(tenant, &user, conversation, seq))?
-                .unwrap_or_default();
-            if inbox.deleted {
-                return Ok(Decision::Unchanged);
-            }
-            Ok(Decision::Apply(Mutation::DeleteForMe {
-                user_id: user,
-                seq,
-            }))
+        } => send(cell_id, tx, key, sender, client_msg_id, body, receivers),
+        WriteRequest::MarkRead { user, seq } => mark_read(tx, key, user, seq),
+        WriteRequest::Recall { user, seq } => recall(tx, key, user, seq),
+        WriteRequest::DeleteForMe { user, seq } => delete_for_me(tx, key, user, seq),
+    }
+}
+
+/// `(tenant, conversation)`.
+type ConversationKey<'a> = (&'a str, &'a str);
+
+fn create(
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    kind: Kind,
+    members: Vec<String>,
+) -> Result<Decision, CellError> {
+    if tx
+        .get::<ConversationRecord>(
+            Space::Conversations,
+            &keys::conversation(tenant, conversation),
+        )?
+        .is_some()
+    {
+        return Err(CellError::AlreadyExists(format!(
+            "conversation_id: conversation {conversation:?} of tenant {tenant:?} already exists"
+        )));
+    }
+    Ok(Decision::Apply(Mutation::CreateConversation {
+        kind,
+        member_ids: members,
+        created_ms: now_ms(),
+    }))
+}
+
+fn add_members(
+    limits: &Limits,
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    members: Vec<String>,
+) -> Result<Decision, CellError> {
+    let record = require_conversation(tx, tenant, conversation)?;
+    if record.kind == Kind::Single {
+        return Err(CellError::invalid(
+            "conversation_id",
+            "a single chat has fixed members; create a group",
+        ));
+    }
+    let current = tx.members(tenant, conversation)?;
+    let new: Vec<String> = members
+        .into_iter()
+        .filter(|m| !current.contains(m))
+        .collect();
+    if current.len() + new.len() > limits.max_group_members {
+        return Err(CellError::invalid(
+            "member_ids",
+            format!(
+                "a group has at most {} members; it has {} and {} would join",
+                limits.max_group_members,
+                current.len(),
+                new.len()
+            ),
+        ));
+    }
+    if new.is_empty() {
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Apply(Mutation::AddMembers {
+        member_ids: new,
+        at_ms: now_ms(),
+    }))
+}
+
+fn remove_members(
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    members: Vec<String>,
+) -> Result<Decision, CellError> {
+    let record = require_conversation(tx, tenant, conversation)?;
+    if record.kind == Kind::Single {
+        return Err(CellError::invalid(
+            "conversation_id",
+            "a single chat has fixed members",
+        ));
+    }
+    let current = tx.members(tenant, conversation)?;
+    let gone: Vec<String> = members
+        .into_iter()
+        .filter(|m| current.contains(m))
+        .collect();
+    if gone.is_empty() {
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Apply(Mutation::RemoveMembers {
+        member_ids: gone,
+    }))
+}
+
+/// A send: a retry of an earlier one answers as the first time; a new one gets the next seq.
+fn send(
+    cell_id: &str,
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    sender: String,
+    client_msg_id: String,
+    body: Vec<u8>,
+    receivers: Vec<String>,
+) -> Result<Decision, CellError> {
+    let idempotency_key = keys::idempotency(tenant, conversation, &sender, &client_msg_id);
+    if let Some(first) = tx.get::<IdempotencyRecord>(Space::Idempotency, &idempotency_key)? {
+        let stored = find_message(tx, tenant, conversation, &sender, first.seq)?;
+        let same =
+            stored.is_some_and(|m| m.recalled || (m.body == body && m.receiver_ids == receivers));
+        return if same {
+            Ok(Decision::Retry(first))
+        } else {
+            Err(CellError::AlreadyExists(format!(
+                "client_msg_id: {client_msg_id:?} was already used by {sender:?} for a different message (seq {})",
+                first.seq
+            )))
+        };
+    }
+    let record = require_conversation(tx, tenant, conversation)?;
+    require_member(tx, tenant, conversation, &sender, "sender_id")?;
+    for (i, receiver) in receivers.iter().enumerate() {
+        if tx
+            .get::<MemberRecord>(
+                Space::Members,
+                &keys::member(tenant, conversation, receiver),
+            )?
+            .is_none()
+        {
+            return Err(CellError::PermissionDenied(format!(
+                "receiver_ids[{i}]: {receiver:?} is not a member of {conversation:?}"
+            )));
         }
     }
+    let seq = record.last_seq + 1;
+    Ok(Decision::Apply(Mutation::Send {
+        message: MessageRecord {
+            message_id: format!("{cell_id}/{tenant}/{conversation}/{seq}"),
+            seq,
+            sender_id: sender,
+            client_msg_id,
+            body,
+            server_time_ms: now_ms(),
+            receiver_ids: receivers,
+            recalled: false,
+        },
+    }))
+}
+
+fn mark_read(
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    user: String,
+    seq: u64,
+) -> Result<Decision, CellError> {
+    let record = require_conversation(tx, tenant, conversation)?;
+    let member = require_member(tx, tenant, conversation, &user, "user_id")?;
+    if seq > record.last_seq {
+        return Err(CellError::invalid(
+            "seq",
+            format!("must be at most the newest seq {}", record.last_seq),
+        ));
+    }
+    if seq <= member.read_seq {
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Apply(Mutation::MarkRead { user_id: user, seq }))
+}
+
+fn recall(
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    user: String,
+    seq: u64,
+) -> Result<Decision, CellError> {
+    require_conversation(tx, tenant, conversation)?;
+    require_member(tx, tenant, conversation, &user, "user_id")?;
+    let Some(message) = find_message(tx, tenant, conversation, &user, seq)? else {
+        return Err(CellError::NotFound(format!(
+            "seq: no message {seq} in {conversation:?}"
+        )));
+    };
+    if message.sender_id != user {
+        return Err(CellError::PermissionDenied(format!(
+            "user_id: only the sender {:?} may recall message {seq}",
+            message.sender_id
+        )));
+    }
+    if message.recalled {
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Apply(Mutation::Recall { user_id: user, seq }))
+}
+
+fn delete_for_me(
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    user: String,
+    seq: u64,
+) -> Result<Decision, CellError> {
+    require_conversation(tx, tenant, conversation)?;
+    require_member(tx, tenant, conversation, &user, "user_id")?;
+    if find_message(tx, tenant, conversation, &user, seq)?.is_none() {
+        return Err(CellError::NotFound(format!(
+            "seq: no message {seq} in {conversation:?}"
+        )));
+    }
+    let inbox: InboxRecord = tx
+        .get(Space::Inbox, &keys::inbox(tenant, &user, conversation, seq))?
+        .unwrap_or_default();
+    if inbox.deleted {
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Apply(Mutation::DeleteForMe {
+        user_id: user,
+        seq,
+    }))
 }
 
 /// Who sees a message: every member, or the receivers of a private one and its sender.
@@ -559,4 +613,183 @@ pub fn apply_mutation(
     }
     tx.log(tenant, conversation, mutation);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::store::fencing::Grant;
+    use crate::store::memory::Memory;
+
+    /// A cell's store, its grants and one open batch, as the writer has them.
+    struct Batch {
+        _dir: tempfile::TempDir,
+        tx: Tx,
+        grants: Grants,
+        limits: Limits,
+    }
+
+    impl Batch {
+        fn new(grant: Grant) -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Store::open(dir.path(), 1_000).expect("store");
+            Self {
+                tx: Tx::new(store, 0, Memory::default()),
+                grants: Grants::from([(("t".to_string(), String::new()), grant)]),
+                limits: Limits::default(),
+                _dir: dir,
+            }
+        }
+
+        fn decide(&self, epoch: u64, request: WriteRequest) -> Result<Decision, CellError> {
+            let decider = Decider {
+                cell_id: "cell-a",
+                limits: &self.limits,
+                grants: &self.grants,
+            };
+            decider.decide(&self.tx, "t", "g", epoch, request)
+        }
+
+        /// Decides at epoch 1 and applies what was decided, as the writer does.
+        fn write(&mut self, request: WriteRequest) -> Result<Decision, CellError> {
+            let decision = self.decide(1, request)?;
+            if let Decision::Apply(mutation) = &decision {
+                apply_mutation(&mut self.tx, "t", "g", mutation.clone(), true)?;
+            }
+            Ok(decision)
+        }
+    }
+
+    fn group(members: &[&str]) -> WriteRequest {
+        WriteRequest::CreateConversation {
+            kind: Kind::Group,
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn send(sender: &str, id: &str, body: &[u8]) -> WriteRequest {
+        WriteRequest::Send {
+            sender: sender.into(),
+            client_msg_id: id.into(),
+            body: body.to_vec(),
+            receivers: Vec::new(),
+        }
+    }
+
+    fn seq(decision: Decision) -> u64 {
+        match decision {
+            Decision::Apply(Mutation::Send { message }) => message.seq,
+            Decision::Retry(first) => first.seq,
+            other => panic!("not a send: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sends_take_the_next_seq_and_a_retry_gets_the_first_answer() {
+        let mut batch = Batch::new(Grant::Owned { epoch: 1 });
+        batch.write(group(&["alice", "bob"])).expect("create");
+        assert_eq!(
+            seq(batch.write(send("alice", "m1", b"hi")).expect("send")),
+            1
+        );
+        assert_eq!(seq(batch.write(send("bob", "m1", b"yo")).expect("send")), 2);
+        let retry = batch.write(send("alice", "m1", b"hi")).expect("retry");
+        assert!(
+            matches!(retry, Decision::Retry(ref first) if first.seq == 1),
+            "{retry:?}"
+        );
+        let reused = batch
+            .write(send("alice", "m1", b"other"))
+            .expect_err("reused id");
+        assert!(matches!(reused, CellError::AlreadyExists(_)), "{reused:?}");
+        assert_eq!(
+            seq(batch.write(send("alice", "m2", b"hi")).expect("send")),
+            3
+        );
+    }
+
+    #[test]
+    fn only_members_send_and_receive() {
+        let mut batch = Batch::new(Grant::Owned { epoch: 1 });
+        batch.write(group(&["alice", "bob"])).expect("create");
+        let stranger = batch
+            .write(send("carol", "m1", b"hi"))
+            .expect_err("not a member");
+        assert!(stranger.to_string().starts_with("sender_id"), "{stranger}");
+        let private = WriteRequest::Send {
+            sender: "alice".into(),
+            client_msg_id: "m2".into(),
+            body: b"psst".to_vec(),
+            receivers: vec!["bob".into(), "carol".into()],
+        };
+        let refused = batch.write(private).expect_err("carol is no member");
+        assert!(
+            refused.to_string().starts_with("receiver_ids[1]"),
+            "{refused}"
+        );
+        let missing = batch.decide(1, send("alice", "m3", b"hi"));
+        assert!(missing.is_ok(), "the group exists in the batch");
+    }
+
+    #[test]
+    fn the_route_epoch_is_checked_before_anything_is_decided() {
+        let batch = Batch::new(Grant::Owned { epoch: 3 });
+        for epoch in [2, 4] {
+            let err = batch
+                .decide(epoch, group(&["alice"]))
+                .expect_err("wrong epoch");
+            assert!(matches!(err, CellError::WrongCell { .. }), "{err:?}");
+            assert!(!err.retryable());
+        }
+        let frozen = Batch::new(Grant::Frozen { epoch: 1 });
+        let err = frozen.decide(1, group(&["alice"])).expect_err("frozen");
+        assert!(err.retryable(), "{err:?}");
+    }
+
+    #[test]
+    fn repeated_changes_decide_to_change_nothing() {
+        let mut batch = Batch::new(Grant::Owned { epoch: 1 });
+        batch.write(group(&["alice", "bob"])).expect("create");
+        batch.write(send("alice", "m1", b"hi")).expect("send");
+        let read = || WriteRequest::MarkRead {
+            user: "bob".into(),
+            seq: 1,
+        };
+        assert!(matches!(batch.write(read()), Ok(Decision::Apply(_))));
+        assert!(matches!(batch.write(read()), Ok(Decision::Unchanged)));
+        let ahead = batch.write(WriteRequest::MarkRead {
+            user: "bob".into(),
+            seq: 2,
+        });
+        assert!(matches!(ahead, Err(CellError::Invalid { ref field, .. }) if field == "seq"));
+        let recall = |user: &str| WriteRequest::Recall {
+            user: user.into(),
+            seq: 1,
+        };
+        assert!(matches!(
+            batch.write(recall("bob")),
+            Err(CellError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            batch.write(recall("alice")),
+            Ok(Decision::Apply(_))
+        ));
+        assert!(matches!(
+            batch.write(recall("alice")),
+            Ok(Decision::Unchanged)
+        ));
+        let again = WriteRequest::AddMembers {
+            members: vec!["alice".into()],
+        };
+        assert!(matches!(batch.write(again), Ok(Decision::Unchanged)));
+        let delete = || WriteRequest::DeleteForMe {
+            user: "bob".into(),
+            seq: 1,
+        };
+        assert!(matches!(batch.write(delete()), Ok(Decision::Apply(_))));
+        assert!(matches!(batch.write(delete()), Ok(Decision::Unchanged)));
+        let exists = batch.write(group(&["alice"])).expect_err("exists");
+        assert!(matches!(exists, CellError::AlreadyExists(_)));
+    }
 }
