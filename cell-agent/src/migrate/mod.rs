@@ -6,7 +6,10 @@
 //! source (`Export` into `Import`); in CATCHING_UP it pulls the source's log tail and reports
 //! the lag; in FREEZING it freezes the key on the source and pulls the tail up to the frozen
 //! LSN; after the switch it grants the target the new epoch and revokes the source. Every step
-//! can be repeated, so an agent that restarts mid-phase simply does its phase again.
+//! can be repeated, so an agent that restarts mid-phase simply does its phase again. What to do
+//! next is decided by the pure functions of `step.rs`; this module carries it out.
+
+mod step;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,20 +26,13 @@ use tonic::{Code, Status};
 
 use crate::cells::{LocalCells, now_ms, remote_admin};
 use cellplane_api::client::ControlPlane;
+use step::{OnFailure, Purge, Repair, Step, Work, next_step, on_failure, phase, repair_frozen};
 
 /// Pause between catch-up passes, so a migration of an idle key does not spin.
 const CATCH_UP_PAUSE: Duration = Duration::from_millis(20);
 
 /// How often the agent re-checks the frozen keys of its cells against their migrations.
 const THAW_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Consecutive failed attempts at a step before the agent reports the migration failed (only
-/// before the switch; after it, the agent keeps trying).
-const MAX_STEP_FAILURES: u32 = 25;
-
-fn phase(m: &pb::Migration) -> Phase {
-    Phase::try_from(m.phase).unwrap_or(Phase::Unspecified)
-}
 
 fn is_terminal(phase: Phase) -> bool {
     matches!(phase, Phase::Done | Phase::RolledBack | Phase::Failed)
@@ -159,21 +155,21 @@ async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
                     m.conversation_id == key.conversation_id && m.source_cell == *cell_id
                 });
                 let Some(m) = latest else { continue };
-                match phase(&m) {
-                    Phase::RolledBack | Phase::Failed => thaw(&cells, &m).await,
-                    Phase::Switching | Phase::Cleanup | Phase::Done => {
+                match repair_frozen(&m) {
+                    Some(Repair::Thaw) => thaw(&cells, &m).await,
+                    Some(Repair::Revoke { to_cell, to_epoch }) => {
                         let _ = cell
                             .admin
                             .clone()
                             .revoke(cell_pb::RevokeRequest {
                                 tenant_id: m.tenant_id.clone(),
                                 conversation_id: m.conversation_id.clone(),
-                                new_cell_id: m.target_cell.clone(),
-                                new_epoch: m.source_epoch + 1,
+                                new_cell_id: to_cell,
+                                new_epoch: to_epoch,
                             })
                             .await;
                     }
-                    _ => {}
+                    None => {}
                 }
             }
         }
@@ -209,36 +205,32 @@ impl Worker {
         tracing::info!(migration = %id, tenant = %m.tenant_id, conversation = %m.conversation_id, from = %m.source_cell, to = %m.target_cell, "carrying out migration");
         loop {
             let current = phase(&m);
-            if is_terminal(current) {
-                if matches!(current, Phase::RolledBack | Phase::Failed) {
-                    // This agent may have frozen the source: thaw it now rather than waiting
-                    // for the source's agent.
-                    if let Some(source) = &mut source {
+            let work = match next_step(&m, now_ms()) {
+                Step::Do(work) => work,
+                Step::Finish { thaw_source } => {
+                    if thaw_source && let Some(source) = &mut source {
                         let _ = source.unfreeze(key_request(&m)).await;
                     }
+                    tracing::info!(migration = %id, phase = current.as_str_name(), error = %m.error, "migration finished");
+                    return;
                 }
-                tracing::info!(migration = %id, phase = current.as_str_name(), error = %m.error, "migration finished");
-                return;
-            }
-            if current == Phase::Planned {
-                tokio::time::sleep(CATCH_UP_PAUSE).await;
-                m = match self.get(&id).await {
-                    Ok(m) => m,
-                    Err(_) => m,
-                };
-                continue;
-            }
+                Step::Poll => {
+                    tokio::time::sleep(CATCH_UP_PAUSE).await;
+                    m = self.get(&id).await.unwrap_or(m);
+                    continue;
+                }
+            };
             if source.is_none() {
                 source = self.source_admin(&m.source_cell).await.ok();
             }
-            let step = match &mut source {
-                Some(source) => self.step(&m, current, source, &target, &mut copied).await,
+            let done = match &mut source {
+                Some(source) => self.execute(&m, work, source, &target, &mut copied).await,
                 None => Err(Status::unavailable(format!(
                     "source cell {:?} is not known to the control plane",
                     m.source_cell
                 ))),
             };
-            let report = match step {
+            let report = match done {
                 Ok(Some(report)) => {
                     failures = 0;
                     report
@@ -248,25 +240,20 @@ impl Worker {
                 Err(status) => {
                     failures += 1;
                     tracing::warn!(migration = %id, phase = current.as_str_name(), failures, %status, "migration step failed");
-                    let before_switch = matches!(
-                        current,
-                        Phase::Copying | Phase::CatchingUp | Phase::Freezing
-                    );
-                    if !(before_switch && failures >= MAX_STEP_FAILURES) {
-                        tokio::time::sleep(Duration::from_millis(
-                            100 * u64::from(failures.min(10)),
-                        ))
-                        .await;
-                        continue;
-                    }
-                    pb::ReportMigrationRequest {
-                        migration_id: id.clone(),
-                        phase: current as i32,
-                        error: format!(
-                            "{} failed {failures} times: {status}",
-                            current.as_str_name()
-                        ),
-                        ..Default::default()
+                    match on_failure(current, failures) {
+                        OnFailure::Retry(pause) => {
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        OnFailure::Report => pb::ReportMigrationRequest {
+                            migration_id: id.clone(),
+                            phase: current as i32,
+                            error: format!(
+                                "{} failed {failures} times: {status}",
+                                current.as_str_name()
+                            ),
+                            ..Default::default()
+                        },
                     }
                 }
             };
@@ -322,28 +309,33 @@ impl Worker {
         remote_admin(&cell.endpoint)
     }
 
-    /// Does the agent's part of `phase` once and says what to report (nothing yet, when the
-    /// phase has to wait).
-    async fn step(
+    /// Does `work` once and says what to report (nothing yet, when it has to wait).
+    async fn execute(
         &self,
         m: &pb::Migration,
-        phase: Phase,
+        work: Work,
         source: &mut CellAdminClient<Channel>,
         target: &CellAdminClient<Channel>,
         copied: &mut Copied,
     ) -> Result<Option<pb::ReportMigrationRequest>, Status> {
         let mut report = pb::ReportMigrationRequest {
             migration_id: m.migration_id.clone(),
-            phase: phase as i32,
+            phase: m.phase,
             ..Default::default()
         };
-        match phase {
-            Phase::Copying => {
+        let revoke_source = |epoch| cell_pb::RevokeRequest {
+            tenant_id: m.tenant_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            new_cell_id: m.target_cell.clone(),
+            new_epoch: epoch,
+        };
+        match work {
+            Work::Copy => {
                 pull(m, source, target, 0, false, copied).await?;
                 report.source_lsn = copied.lsn;
                 report.phase_done = true;
             }
-            Phase::CatchingUp => {
+            Work::CatchUp => {
                 pull(m, source, target, copied.lsn, true, copied).await?;
                 report.source_lsn = source
                     .cell_status(cell_pb::CellStatusRequest {})
@@ -351,7 +343,7 @@ impl Worker {
                     .into_inner()
                     .last_lsn;
             }
-            Phase::Freezing => {
+            Work::Freeze => {
                 let frozen = source.freeze(key_request(m)).await?.into_inner().last_lsn;
                 while copied.lsn < frozen {
                     let before = copied.lsn;
@@ -366,8 +358,7 @@ impl Worker {
                 report.source_lsn = frozen;
                 report.phase_done = true;
             }
-            Phase::Switching => {
-                let epoch = m.source_epoch + 1;
+            Work::Switch { epoch } => {
                 target
                     .clone()
                     .grant(cell_pb::GrantRequest {
@@ -378,43 +369,27 @@ impl Worker {
                     .await?;
                 // The source is frozen, so it takes no writes either way; the revocation tells
                 // writers that still reach it where the key went. Its own agent revokes it too.
-                if let Err(status) = source
-                    .revoke(cell_pb::RevokeRequest {
-                        tenant_id: m.tenant_id.clone(),
-                        conversation_id: m.conversation_id.clone(),
-                        new_cell_id: m.target_cell.clone(),
-                        new_epoch: epoch,
-                    })
-                    .await
-                {
+                if let Err(status) = source.revoke(revoke_source(epoch)).await {
                     tracing::warn!(migration = %m.migration_id, %status, "source not revoked yet; its agent will");
                 }
                 report.phase_done = true;
             }
-            Phase::Cleanup => {
+            Work::Cleanup { epoch, purge } => {
                 // The source is surely revoked before anything is dropped.
-                let epoch = m.source_epoch + 1;
-                source
-                    .revoke(cell_pb::RevokeRequest {
-                        tenant_id: m.tenant_id.clone(),
-                        conversation_id: m.conversation_id.clone(),
-                        new_cell_id: m.target_cell.clone(),
-                        new_epoch: epoch,
-                    })
-                    .await?;
-                if !m.keep_source_data {
-                    // After the grace period the source drops the key's rows; its cell log
-                    // records the purge like any change.
-                    let wait = m.purge_after_ms.saturating_sub(now_ms());
-                    if wait > 0 {
-                        tokio::time::sleep(Duration::from_millis(wait.min(1_000))).await;
+                source.revoke(revoke_source(epoch)).await?;
+                match purge {
+                    Purge::After(wait) => {
+                        tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
                         return Ok(None);
                     }
-                    source.purge(key_request(m)).await?;
+                    // The source's cell log records the purge like any change.
+                    Purge::Now => {
+                        source.purge(key_request(m)).await?;
+                    }
+                    Purge::Never => {}
                 }
                 report.phase_done = true;
             }
-            _ => {}
         }
         report.copied_lsn = copied.lsn;
         report.rows_copied = copied.rows;
