@@ -292,20 +292,6 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
-            // A range that starts in the purged part answers nothing rather than the entries
-            // after the purge point: openraft sends what it reads after the range's previous log
-            // id, so a suffix from a later index would reach a follower with no log before it
-            // (a follower whose disk was wiped, raced by a purge) as if it followed on. With
-            // nothing read, openraft sends a heartbeat and then the snapshot.
-            let purged: Option<LogId<NodeId>> = self.read_meta(PURGED)?;
-            let start = match range.start_bound() {
-                std::ops::Bound::Included(i) => *i,
-                std::ops::Bound::Excluded(i) => i + 1,
-                std::ops::Bound::Unbounded => 0,
-            };
-            if purged.is_some_and(|purged| start <= purged.index) {
-                return Ok(Vec::new());
-            }
             let txn = self.db.begin_read().map_err(redb_error)?;
             let table = txn.open_table(LOGS).map_err(redb_error)?;
             let mut entries = Vec::new();
@@ -330,6 +316,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Ok(merged.into_values().collect())
         };
         read().map_err(|e| StorageIOError::read_logs(e).into())
+    }
+
+    /// What replication sends: entries that follow on from `start` exactly, or none. openraft
+    /// sends what this returns after the log id before `start`, so entries from a later index
+    /// (the range began in the purged part, or raced a purge) would reach a follower as if
+    /// they followed on — a follower whose disk was wiped would take them with no log before
+    /// them. With nothing read, openraft sends a heartbeat and then the snapshot.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let entries = self.try_get_log_entries(start..end).await?;
+        if entries
+            .first()
+            .is_some_and(|first| first.log_id.index != start)
+        {
+            return Ok(Vec::new());
+        }
+        Ok(entries)
     }
 }
 
@@ -451,7 +457,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_range_that_starts_in_the_purged_part_reads_nothing() {
+    async fn replication_reads_nothing_from_a_range_that_starts_in_the_purged_part() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = LogStore::open(&dir.path().join("log.redb"), 1).expect("open");
         let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
@@ -474,17 +480,22 @@ mod tests {
             entries.iter().map(|e| e.log_id.index).collect()
         };
         assert_eq!(
-            indexes(store.try_get_log_entries(0..11).await.expect("read")),
+            indexes(store.limited_get_log_entries(0, 11).await.expect("read")),
             Vec::<u64>::new(),
-            "never a suffix of a range whose start was purged"
+            "replication never gets a suffix of a range whose start was purged"
         );
         assert_eq!(
-            indexes(store.try_get_log_entries(5..8).await.expect("read")),
+            indexes(store.limited_get_log_entries(5, 8).await.expect("read")),
             Vec::<u64>::new()
         );
         assert_eq!(
-            indexes(store.try_get_log_entries(6..9).await.expect("read")),
+            indexes(store.limited_get_log_entries(6, 9).await.expect("read")),
             vec![6, 7, 8]
+        );
+        // A plain read answers what is left of the range.
+        assert_eq!(
+            indexes(store.try_get_log_entries(0..11).await.expect("read")),
+            vec![6, 7, 8, 9, 10]
         );
     }
 

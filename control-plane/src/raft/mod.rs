@@ -9,6 +9,8 @@ pub mod proposer;
 pub mod read_index;
 pub mod snapshot;
 pub mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 pub mod transport;
 
 use crate::state::command::{Applied, CommandBatch};
