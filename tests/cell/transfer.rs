@@ -1,6 +1,7 @@
 //! Export and import: a cell rebuilt from another cell's export of a key — a snapshot, then the
 //! log tail — holds byte-identical history; and a cell fed only the key's cell log from LSN 0
-//! reaches the same state, because every mutation is in that log.
+//! (the source's, or the target's after the move) reaches the same state, because every
+//! mutation, imported snapshot rows included, is in that log.
 
 use cellplane_api::proto::cell::{
     ChangeMembersRequest, ExportChunk, ExportRequest, GetConversationsRequest, GetHistoryRequest,
@@ -170,6 +171,15 @@ async fn a_key_moves_by_snapshot_and_tail_and_replays_from_its_log() {
         view(&replayed).await,
         expected,
         "replaying the cell log gave another state"
+    );
+    // So does the target's own log: it holds the snapshot rows the import took in, then the
+    // tail, so the key's history does not depend on the cell it came from.
+    let from_target = CellProcess::start("bj-d-normal-1", &[]).await;
+    import(&from_target, export(&target, 0, true).await).await;
+    assert_eq!(
+        view(&from_target).await,
+        expected,
+        "replaying the target's cell log gave another state"
     );
 }
 

@@ -20,6 +20,13 @@ pub const EXPORTED_SPACES: [(Space, &str); 6] = [
     (Space::Idempotency, "idempotency"),
 ];
 
+pub fn name_of(space: Space) -> Option<&'static str> {
+    EXPORTED_SPACES
+        .iter()
+        .find(|(s, _)| *s == space)
+        .map(|(_, name)| *name)
+}
+
 pub fn space_named(name: &str) -> Option<Space> {
     EXPORTED_SPACES
         .iter()

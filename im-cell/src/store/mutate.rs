@@ -4,7 +4,7 @@
 //! events and its cell-log entry. Live requests take both steps; an import or a log replay takes
 //! only the second, so there is one path for the same data.
 
-use super::export::Excluded;
+use super::export::{Excluded, space_named};
 use super::fencing::{Grants, check_owner};
 use super::records::{
     ConversationRecord, IdempotencyRecord, InboxRecord, Kind, MemberRecord, MessageRecord,
@@ -609,6 +609,14 @@ pub fn apply_mutation(
         Mutation::Purge { excluded } => {
             let excluded: Excluded = excluded.iter().cloned().collect();
             tx.purge(tenant, conversation, &excluded, None, None)?;
+        }
+        Mutation::ImportRows { rows } => {
+            for (name, key, value) in rows {
+                let space = space_named(name).ok_or_else(|| {
+                    CellError::Storage(format!("imported rows name no keyspace {name:?}"))
+                })?;
+                tx.put_raw(space, key.clone(), value.clone());
+            }
         }
     }
     tx.log(tenant, conversation, mutation);

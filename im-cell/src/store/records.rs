@@ -141,6 +141,12 @@ pub enum Mutation {
     Purge {
         excluded: Vec<String>,
     },
+    /// Rows of another cell's snapshot of the key, taken in by an import: (keyspace name, key,
+    /// value). Logged like any change, so the cell log alone rebuilds a key that moved in
+    /// (a replay, a standby).
+    ImportRows {
+        rows: Vec<(String, Vec<u8>, Vec<u8>)>,
+    },
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

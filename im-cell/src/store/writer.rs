@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::oneshot;
 
+use super::export::name_of;
 use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
 use super::memory::Memory;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
@@ -314,6 +315,7 @@ impl WriterState {
                 through_lsn,
             } => import(
                 tx,
+                (&tenant, &conversation),
                 &import_key(&tenant, &conversation, &source),
                 rows,
                 records,
@@ -469,18 +471,35 @@ fn receipts(
     Ok(Outcome::Done)
 }
 
-/// Applies one chunk of another cell's export, skipping log records at or below the position
-/// recorded under `position_key`, and records the new position.
+/// Applies one chunk of another cell's export of `(tenant, conversation)`: its snapshot rows,
+/// logged as one `ImportRows`, then its log records, skipping those at or below the position
+/// recorded under `position_key`; records the new position.
 fn import(
     tx: &mut Tx,
+    (tenant, conversation): (&str, &str),
     position_key: &[u8],
     rows: Vec<(Space, Vec<u8>, Vec<u8>)>,
     records: Vec<LogRecord>,
     through_lsn: u64,
 ) -> Result<Outcome, CellError> {
     let mut position: u64 = tx.get(Space::Imports, position_key)?.unwrap_or(0);
-    for (space, key, value) in rows {
-        tx.put_raw(space, key, value);
+    if !rows.is_empty() {
+        let rows = rows
+            .into_iter()
+            .map(|(space, key, value)| {
+                let name = name_of(space).ok_or_else(|| {
+                    CellError::invalid("rows", format!("{space:?} is not an exported keyspace"))
+                })?;
+                Ok((name.to_string(), key, value))
+            })
+            .collect::<Result<Vec<_>, CellError>>()?;
+        apply_mutation(
+            tx,
+            tenant,
+            conversation,
+            Mutation::ImportRows { rows },
+            false,
+        )?;
     }
     for record in records {
         if record.lsn <= position {
