@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "cellplane/cell/v1/messaging.proto",
     "cellplane/cell/v1/sync.proto",
     "cellplane/cell/v1/admin.proto",
+    "cellplane/cell/v1/replication.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,6 +2,7 @@
 //! cell's status. Grant changes go through the writer, in order with the writes they fence.
 
 use std::pin::Pin;
+use std::time::Instant;
 
 use cellplane_api::ids::{validate_id, validate_optional_id};
 use cellplane_api::proto::cell as pb;
@@ -12,33 +13,40 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::CellError;
+use crate::replication::ReplicationState;
 use crate::store::Store;
-use crate::store::export::{Excluded, ExportView, space_named};
+use crate::store::export::{
+    EXPORT_CHUNK_BYTES, EXPORT_CHUNK_ITEMS, Excluded, ExportView, space_named,
+};
 use crate::store::fencing::{GrantChange, own_conversations};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
-
-/// Rows or log records per export chunk at most.
-const EXPORT_CHUNK_ITEMS: usize = 512;
-
-/// Bytes per export chunk at most (one row may exceed it alone): well below gRPC's default
-/// 4 MiB message limit, whatever the bodies' sizes.
-const EXPORT_CHUNK_BYTES: usize = 1 << 20;
 
 pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 pub struct AdminService {
     cell_id: String,
+    /// The primary this cell is a standby of.
+    standby_of: Option<String>,
     store: Store,
     writer: Writer,
+    replication: ReplicationState,
 }
 
 impl AdminService {
-    pub fn new(cell_id: String, store: Store, writer: Writer) -> Self {
+    pub fn new(
+        cell_id: String,
+        standby_of: Option<String>,
+        store: Store,
+        writer: Writer,
+        replication: ReplicationState,
+    ) -> Self {
         Self {
             cell_id,
+            standby_of,
             store,
             writer,
+            replication,
         }
     }
 }
@@ -325,9 +333,13 @@ impl CellAdmin for AdminService {
         keys.sort_by(|a, b| {
             (&a.tenant_id, &a.conversation_id).cmp(&(&b.tenant_id, &b.conversation_id))
         });
+        let last_lsn = self.store.last_lsn()?;
         Ok(Response::new(pb::CellStatusResponse {
             cell_id: self.cell_id.clone(),
-            last_lsn: self.store.last_lsn()?,
+            last_lsn,
+            standby_of: self.standby_of.clone().unwrap_or_default(),
+            replica: self.standby_of.as_ref().map(|_| self.replication.replica()),
+            standbys: self.replication.standbys(last_lsn, Instant::now()),
             keys,
             conversations: self.store.spaces.conversations.approximate_len() as u64,
             messages: self.store.spaces.messages.approximate_len() as u64,

@@ -11,6 +11,9 @@
 //! sends_per_sender_per_sec = 100
 //! [pns]
 //! webhook = "http://10.0.9.1:8080/notify"
+//! [standby]                          # only on a standby
+//! primary_cell_id = "hz-b-normal-1"
+//! primary_endpoint = "10.0.2.5:7100"
 //! ```
 
 use std::net::SocketAddr;
@@ -38,6 +41,19 @@ pub struct CellConfig {
     /// Where notifications for offline members go; none when absent.
     #[serde(default)]
     pub pns: Option<PnsConfig>,
+    /// Run as the standby of another cell: follow its cell log and take no writes.
+    #[serde(default)]
+    pub standby: Option<StandbyConfig>,
+}
+
+/// The primary a standby follows.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// The primary's cell id.
+    pub primary_cell_id: String,
+    /// Where the primary serves gRPC (`host:port`).
+    pub primary_endpoint: String,
 }
 
 pub use cellplane_api::ids::ConfigError;
@@ -71,6 +87,21 @@ impl CellConfig {
         }
         if let Some(pns) = &self.pns {
             pns.validate()?;
+        }
+        if let Some(standby) = &self.standby {
+            validate_id("standby.primary_cell_id", &standby.primary_cell_id)?;
+            if standby.primary_cell_id == self.cell_id {
+                return Err(ConfigError::new(
+                    "standby.primary_cell_id",
+                    "must name another cell than cell_id",
+                ));
+            }
+            if standby.primary_endpoint.is_empty() {
+                return Err(ConfigError::new(
+                    "standby.primary_endpoint",
+                    "must be host:port of the primary",
+                ));
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));

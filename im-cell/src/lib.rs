@@ -3,6 +3,7 @@
 //! - [`store`]: the fjall store, its keys and records, and the group-committing [`store::writer`];
 //! - [`messaging`], [`sync`], [`admin`]: the gRPC services;
 //! - [`pns`]: offline notifications to a webhook;
+//! - [`replication`]: standbys that follow a primary's cell log;
 //! - [`server`]: `serve(config, listener, shutdown)`.
 //!
 //! The cell knows nothing of the control plane: it obeys grants, revocations and freezes sent to
@@ -16,6 +17,7 @@ pub mod messaging;
 pub mod pns;
 pub mod rate;
 pub mod receipts;
+pub mod replication;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -1,16 +1,21 @@
 //! One IM cell: opens its store, starts the writer, and serves Messaging, Sync, CellAdmin,
-//! health and reflection on one listener until told to stop.
+//! Replication, health and reflection on one listener until told to stop. A standby also
+//! follows its primary's cell log.
 
 use std::future::Future;
 
 use cellplane_api::proto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::admin::AdminService;
 use crate::config::{CellConfig, ConfigError};
 use crate::error::CellError;
 use crate::messaging::MessagingService;
 use crate::pns::Notifier;
+use crate::replication::ReplicationState;
+use crate::replication::primary::{self, ReplicationService};
+use crate::replication::standby;
 use crate::store::Store;
 use crate::store::writer::Writer;
 use crate::sync::SyncService;
@@ -50,12 +55,31 @@ pub async fn serve(
         .map(|pns| Notifier::start(config.cell_id.clone(), pns, store.clone()))
         .transpose()?;
     let hub = SyncHub::with_notifier(notifier);
+    let standby_of = config.standby.as_ref().map(|s| s.primary_cell_id.clone());
     let writer = Writer::start(
         store.clone(),
         config.cell_id.clone(),
+        standby_of.clone(),
         config.limits.clone(),
         hub.clone(),
     )?;
+    let replication = ReplicationState::default();
+    primary::track_commits(writer.commits(), replication.clone());
+    let (closing_tx, closing) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
+    if let Some(primary) = config.standby.clone() {
+        tokio::spawn(standby::run(
+            config.cell_id.clone(),
+            primary,
+            store.clone(),
+            writer.clone(),
+            replication.clone(),
+            closing.clone(),
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -69,7 +93,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, "IM cell serving");
+    tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), "IM cell serving");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -81,8 +105,22 @@ pub async fn serve(
             hub,
             config.limits.rebase_backlog_events,
         )))
+        .add_service(proto::cell::replication_server::ReplicationServer::new(
+            ReplicationService::new(
+                store.clone(),
+                writer.commits(),
+                replication.clone(),
+                closing,
+            ),
+        ))
         .add_service(proto::cell::cell_admin_server::CellAdminServer::new(
-            AdminService::new(config.cell_id.clone(), store.clone(), writer),
+            AdminService::new(
+                config.cell_id.clone(),
+                standby_of,
+                store.clone(),
+                writer,
+                replication,
+            ),
         ))
         .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), shutdown)
         .await?;

@@ -4,6 +4,7 @@ mod bad_input;
 mod crash;
 mod fencing;
 mod pns;
+mod standby;
 mod sync;
 mod transfer;
 

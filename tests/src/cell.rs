@@ -88,6 +88,21 @@ impl CellProcess {
         }
     }
 
+    /// Deletes the data directory of a killed cell, as a lost disk.
+    pub fn wipe(&self) {
+        assert!(self.child.is_none(), "the cell is still running");
+        std::fs::remove_dir_all(self.data_dir()).expect("wipe the data directory");
+    }
+
+    /// The cell's own status.
+    pub async fn status(&self) -> cellplane_api::proto::cell::CellStatusResponse {
+        self.admin()
+            .cell_status(CellStatusRequest {})
+            .await
+            .expect("cell status")
+            .into_inner()
+    }
+
     /// Starts the cell again from its data directory.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "the cell is still running");

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use cellplane_im_cell::config::CellConfig;
+use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 use cellplane_im_cell::limits::Limits;
 use cellplane_im_cell::pns::PnsConfig;
 use cellplane_im_cell::server;
@@ -66,6 +66,13 @@ enum Command {
         /// (http://host:port/path), in batches.
         #[arg(long)]
         pns_webhook: Option<String>,
+        /// Run as the standby of this primary cell: follow its cell log, take no writes
+        /// (needs --primary-endpoint).
+        #[arg(long, requires = "primary_endpoint")]
+        standby_of: Option<String>,
+        /// Where the primary of --standby-of serves gRPC (host:port).
+        #[arg(long, requires = "standby_of")]
+        primary_endpoint: Option<String>,
         /// Stop (gracefully) when the process that started this one exits, so a supervisor
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
@@ -120,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
         sends_per_conversation_per_sec,
         sends_per_sender_per_sec,
         pns_webhook,
+        standby_of,
+        primary_endpoint,
         exit_with_parent,
     } = Cli::parse().command;
     let mut config = match config {
@@ -143,11 +152,18 @@ async fn main() -> anyhow::Result<()> {
                 metrics_listen: None,
                 limits: Limits::default(),
                 pns: None,
+                standby: None,
             }
         }
     };
     if metrics_listen.is_some() {
         config.metrics_listen = metrics_listen;
+    }
+    if let (Some(primary_cell_id), Some(primary_endpoint)) = (standby_of, primary_endpoint) {
+        config.standby = Some(StandbyConfig {
+            primary_cell_id,
+            primary_endpoint,
+        });
     }
     if let Some(webhook) = pns_webhook {
         config.pns = Some(PnsConfig::webhook(webhook));

@@ -9,6 +9,13 @@ use super::records::{LogRecord, decode};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 
+/// Rows or log records per export or replication chunk at most.
+pub const EXPORT_CHUNK_ITEMS: usize = 512;
+
+/// Bytes per chunk at most (one row may exceed it alone): well below gRPC's default 4 MiB
+/// message limit, whatever the bodies' sizes.
+pub const EXPORT_CHUNK_BYTES: usize = 1 << 20;
+
 /// Keyspaces that hold a key's data and move with it. Sync queues, device cursors, grants and
 /// import positions are the cell's own and stay.
 pub const EXPORTED_SPACES: [(Space, &str); 6] = [
@@ -108,6 +115,23 @@ impl ExportView {
                 if row_of_key(space, &key, tenant, conversation, excluded)
                     && !emit(name, key.to_vec(), value.to_vec())
                 {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `emit` with every row of every exported keyspace (a standby's bootstrap), space by
+    /// space, in key order.
+    pub fn all_rows(
+        &self,
+        mut emit: impl FnMut(&str, Vec<u8>, Vec<u8>) -> bool,
+    ) -> Result<(), CellError> {
+        for (space, name) in EXPORTED_SPACES {
+            for item in self.snapshot.iter(self.store.spaces.get(space)) {
+                let (key, value) = item.into_inner()?;
+                if !emit(name, key.to_vec(), value.to_vec()) {
                     return Ok(());
                 }
             }

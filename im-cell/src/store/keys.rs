@@ -122,6 +122,9 @@ pub fn grant(tenant: &str, conversation: &str) -> Vec<u8> {
     Key::new().id(tenant).id(conversation).into_bytes()
 }
 
+/// The one row of the `replica` keyspace.
+pub const REPLICA_POSITION: &[u8] = b"position";
+
 pub fn lsn(lsn: u64) -> Vec<u8> {
     Key::new().num(lsn).into_bytes()
 }

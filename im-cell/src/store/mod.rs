@@ -24,7 +24,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use crate::error::CellError;
 use fencing::{Grant, Grants};
 use records::{
-    ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, SyncRecord, decode,
+    ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, ReplicaRecord,
+    SyncRecord, decode,
 };
 
 /// The keyspaces, one per kind of row.
@@ -41,6 +42,8 @@ pub struct Spaces {
     pub grants: Keyspace,
     pub imports: Keyspace,
     pub log: Keyspace,
+    /// A standby's position in its primary's cell log.
+    pub replica: Keyspace,
     /// Offline notifications the notification sink did not take, kept for ops.
     pub undelivered: Keyspace,
 }
@@ -58,6 +61,7 @@ pub enum Space {
     Grants,
     Imports,
     Log,
+    Replica,
 }
 
 impl Spaces {
@@ -73,6 +77,7 @@ impl Spaces {
             Space::Grants => &self.grants,
             Space::Imports => &self.imports,
             Space::Log => &self.log,
+            Space::Replica => &self.replica,
         }
     }
 }
@@ -114,6 +119,7 @@ impl Store {
             grants: open_space(&db, "grants")?,
             imports: open_space(&db, "imports")?,
             log: open_space(&db, "log")?,
+            replica: open_space(&db, "replica")?,
             undelivered: open_space(&db, "undelivered")?,
         };
         let _ = queues.set(spaces.sync.clone());
@@ -383,6 +389,43 @@ impl Store {
             );
         }
         Ok(grants)
+    }
+
+    /// Where this cell stands as a standby in its primary's log (nothing applied yet when it
+    /// never was one).
+    pub fn replica(&self) -> Result<ReplicaRecord, CellError> {
+        Ok(get(&self.spaces.replica, keys::REPLICA_POSITION)?.unwrap_or_default())
+    }
+
+    /// The encoded cell-log records after `after`, up to `through`, at most `max` of them (and
+    /// about `max_bytes`), with their LSNs.
+    pub fn log_after(
+        &self,
+        after: u64,
+        through: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, CellError> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        let range = keys::lsn(after.saturating_add(1))..=keys::lsn(through);
+        for item in self.spaces.log.range(range) {
+            let (key, value) = item.into_inner()?;
+            bytes += value.len();
+            records.push((keys::trailing_num(&key).unwrap_or(0), value.to_vec()));
+            if records.len() >= max || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(records)
+    }
+
+    /// The LSN of the oldest cell-log entry the cell still keeps (0 when the log is empty).
+    pub fn first_lsn(&self) -> Result<u64, CellError> {
+        match self.spaces.log.first_key_value() {
+            Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
+            None => Ok(0),
+        }
     }
 
     /// The LSN of the newest cell-log entry.

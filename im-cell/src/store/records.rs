@@ -96,6 +96,17 @@ pub struct GrantRecord {
     pub inherited: bool,
 }
 
+/// A standby's position in its primary's cell log, written in the same batch as what it
+/// applied, so it is exactly what the standby holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The newest primary LSN applied.
+    pub applied_lsn: u64,
+    /// A bootstrap began and has not finished: the rows are partial, and the standby starts
+    /// over from nothing.
+    pub bootstrapping: bool,
+}
+
 /// One entry of the cell log: the mutation with everything the cell assigned to it, so
 /// replaying the log reproduces the same state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,11 @@ pub struct Tx {
 }
 
 impl Tx {
+    /// The store as of the last commit, without this batch's writes.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn new(store: Store, lsn: u64, memory: Memory) -> Self {
         let batch = store.db.batch();
         Self {

@@ -11,14 +11,14 @@
 
 use std::sync::{Arc, RwLock, mpsc};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use super::export::name_of;
+use super::export::{EXPORTED_SPACES, name_of};
 use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
 use super::memory::Memory;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{
-    GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, SyncKind, SyncRecord,
+    GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, ReplicaRecord, SyncKind, SyncRecord,
 };
 use super::tx::{PurgeCursor, Tx};
 use super::{Space, Store, keys};
@@ -64,6 +64,8 @@ pub enum Op {
     /// Another cell's export of a key: snapshot rows, then log records past `after_lsn` of the
     /// source. Records at or below the key's recorded import position are skipped, so a resumed
     /// import never applies a record twice.
+    /// A batch of the primary's replication stream, on a standby.
+    Replicate(Replicated),
     Import {
         tenant: String,
         conversation: String,
@@ -74,6 +76,21 @@ pub enum Op {
         /// The source LSN the chunk covers, records or not.
         through_lsn: u64,
     },
+}
+
+/// What a standby's writer takes from its primary's replication stream.
+#[derive(Debug, Clone, Default)]
+pub struct Replicated {
+    /// The first batch of a bootstrap: drop every exported row held before.
+    pub begin: bool,
+    /// Snapshot rows of the whole primary.
+    pub rows: Vec<(Space, Vec<u8>, Vec<u8>)>,
+    /// Primary cell-log records, each the one after the position.
+    pub records: Vec<LogRecord>,
+    /// The last batch of a bootstrap: the rows cover the primary's log up to `through_lsn`.
+    pub done: bool,
+    /// Where the batch brings the standby in the primary's log.
+    pub through_lsn: u64,
 }
 
 /// A conversation as answers show it.
@@ -101,6 +118,8 @@ pub enum Outcome {
     Purged {
         next: Option<PurgeCursor>,
     },
+    /// Where a standby stands in its primary's log now.
+    Replica(ReplicaRecord),
 }
 
 type Reply = oneshot::Sender<Result<Outcome, CellError>>;
@@ -113,13 +132,16 @@ const PURGE_ROWS_PER_BATCH: usize = 5_000;
 pub struct Writer {
     queue: mpsc::SyncSender<(Op, Reply)>,
     grants: Arc<RwLock<Grants>>,
+    commits: watch::Receiver<u64>,
 }
 
 impl Writer {
-    /// Starts the writer over `store`.
+    /// Starts the writer over `store`. A standby (`standby_of` its primary) takes only its
+    /// primary's replication stream and refuses every other write.
     pub fn start(
         store: Store,
         cell_id: String,
+        standby_of: Option<String>,
         limits: Limits,
         hub: SyncHub,
     ) -> Result<Self, CellError> {
@@ -127,9 +149,12 @@ impl Writer {
         let shared = Arc::new(RwLock::new(grants.clone()));
         let last_lsn = store.last_lsn()?;
         let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
+        let (commits, committed) = watch::channel(last_lsn);
         let mut state = WriterState {
             store,
             cell_id,
+            standby_of,
+            commits,
             limits,
             hub,
             grants,
@@ -144,6 +169,7 @@ impl Writer {
         Ok(Self {
             queue,
             grants: shared,
+            commits: committed,
         })
     }
 
@@ -161,6 +187,11 @@ impl Writer {
             .map_err(|_| CellError::Storage("the writer dropped the request".into()))?
     }
 
+    /// The newest LSN of the cell log that is durable, as it moves.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
+    }
+
     /// The grants as of the last committed batch.
     pub fn grants(&self) -> Grants {
         self.grants.read().map(|g| g.clone()).unwrap_or_default()
@@ -170,6 +201,10 @@ impl Writer {
 struct WriterState {
     store: Store,
     cell_id: String,
+    /// The primary this cell is a standby of.
+    standby_of: Option<String>,
+    /// Told the newest durable LSN after every commit (replication follows it).
+    commits: watch::Sender<u64>,
     limits: Limits,
     hub: SyncHub,
     /// Authoritative while the writer runs: changed by grant ops as they are applied, reloaded
@@ -256,6 +291,11 @@ impl WriterState {
         match committed {
             Ok(()) => {
                 self.last_lsn = lsn;
+                self.commits.send_if_modified(|durable| {
+                    let moved = *durable != lsn;
+                    *durable = lsn;
+                    moved
+                });
                 memory.settle(tx.staged());
                 self.memory = memory;
                 if let Ok(mut shared) = self.shared.write() {
@@ -284,7 +324,33 @@ impl WriterState {
     }
 
     fn apply(&mut self, tx: &mut Tx, op: Op) -> Result<Outcome, CellError> {
+        if let Some(primary) = &self.standby_of {
+            return match op {
+                Op::Replicate(batch) => replicate(tx, batch),
+                Op::Write {
+                    tenant,
+                    conversation,
+                    ..
+                } => Err(CellError::WrongCell {
+                    message: format!(
+                        "this cell is a standby of {primary:?} and takes no writes; write to the primary"
+                    ),
+                    detail: Box::new(cellplane_api::proto::cell::WrongCell {
+                        tenant_id: tenant,
+                        conversation_id: conversation,
+                        current_cell_id: primary.clone(),
+                        ..Default::default()
+                    }),
+                }),
+                _ => Err(CellError::FailedPrecondition(format!(
+                    "this cell is a standby of {primary:?}: it changes only by following its primary's log"
+                ))),
+            };
+        }
         match op {
+            Op::Replicate(_) => Err(CellError::FailedPrecondition(
+                "this cell is no standby: it takes no replication stream".into(),
+            )),
             Op::Write {
                 tenant,
                 conversation,
@@ -521,4 +587,65 @@ fn import(
     Ok(Outcome::Imported {
         source_lsn: position,
     })
+}
+
+/// Applies a batch of the primary's replication stream on a standby: a bootstrap's snapshot
+/// rows (the first batch drops what the standby held), then log records in order, and the new
+/// position in the same write. Records are applied without sync events: devices of a promoted
+/// standby catch up with a REBASE.
+fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
+    let mut position: ReplicaRecord = tx
+        .get(Space::Replica, keys::REPLICA_POSITION)?
+        .unwrap_or_default();
+    if batch.begin {
+        for (space, _) in EXPORTED_SPACES {
+            for item in tx.store().spaces.get(space).iter() {
+                let key = item.key()?;
+                tx.delete(space, key.to_vec());
+            }
+        }
+        position = ReplicaRecord {
+            applied_lsn: 0,
+            bootstrapping: true,
+        };
+    } else if !batch.rows.is_empty() && !position.bootstrapping {
+        return Err(CellError::FailedPrecondition(
+            "snapshot rows arrived outside a bootstrap".into(),
+        ));
+    }
+    for (space, key, value) in batch.rows {
+        tx.put_raw(space, key, value);
+    }
+    if batch.done {
+        position = ReplicaRecord {
+            applied_lsn: batch.through_lsn,
+            bootstrapping: false,
+        };
+    }
+    for record in batch.records {
+        if position.bootstrapping {
+            return Err(CellError::FailedPrecondition(
+                "log records arrived before the bootstrap finished".into(),
+            ));
+        }
+        if record.lsn <= position.applied_lsn {
+            continue;
+        }
+        if record.lsn != position.applied_lsn + 1 {
+            return Err(CellError::FailedPrecondition(format!(
+                "the primary's log jumped from LSN {} to {}",
+                position.applied_lsn, record.lsn
+            )));
+        }
+        position.applied_lsn = record.lsn;
+        apply_mutation(
+            tx,
+            &record.tenant_id,
+            &record.conversation_id,
+            record.mutation,
+            false,
+        )?;
+    }
+    tx.put(Space::Replica, keys::REPLICA_POSITION.to_vec(), &position);
+    Ok(Outcome::Replica(position))
 }

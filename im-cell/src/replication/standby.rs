@@ -1,0 +1,152 @@
+//! The standby's side: follows its primary's cell log, applying each batch through the writer
+//! durably before it acknowledges the LSN. It reconnects after any failure, from the position
+//! it made durable; a bootstrap cut short starts over from nothing.
+
+use std::time::Duration;
+
+use cellplane_api::proto::cell as pb;
+use cellplane_api::proto::cell::replication_client::ReplicationClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::ReplicationState;
+use crate::config::StandbyConfig;
+use crate::error::CellError;
+use crate::store::Store;
+use crate::store::export::space_named;
+use crate::store::records::{LogRecord, decode};
+use crate::store::writer::{Op, Outcome, Replicated, Writer};
+
+/// Pause before reconnecting after a failure; doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Follows the primary until `shutdown` turns true.
+pub async fn run(
+    cell_id: String,
+    primary: StandbyConfig,
+    store: Store,
+    writer: Writer,
+    state: ReplicationState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let followed = tokio::select! {
+            result = follow(&cell_id, &primary, &store, &writer, &state) => result,
+            _ = shutdown.changed() => return,
+        };
+        state.update_replica(|r| r.connected = false);
+        match followed {
+            // It streamed for a while: the next failure starts the back-off over.
+            Ok(()) => backoff = FIRST_BACKOFF,
+            Err(status) => {
+                tracing::warn!(primary = %primary.primary_cell_id, %status, "following the primary failed; retrying");
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Decodes a batch into what the writer applies.
+fn decode_batch(batch: pb::ReplicationBatch) -> Result<Replicated, CellError> {
+    let rows = batch
+        .snapshot_rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let space = space_named(&row.space).ok_or_else(|| {
+                CellError::invalid(
+                    format!("snapshot_rows[{i}].space"),
+                    format!("{:?} is not an exported keyspace", row.space),
+                )
+            })?;
+            Ok((space, row.key, row.value))
+        })
+        .collect::<Result<Vec<_>, CellError>>()?;
+    let records = batch
+        .log_records
+        .iter()
+        .map(|bytes| decode::<LogRecord>(bytes).map_err(CellError::from))
+        .collect::<Result<Vec<_>, CellError>>()?;
+    Ok(Replicated {
+        begin: batch.snapshot_begin,
+        rows,
+        records,
+        done: batch.snapshot_done,
+        through_lsn: batch.through_lsn,
+    })
+}
+
+/// One connection: returns `Ok` when the primary ended the stream after it had streamed.
+async fn follow(
+    cell_id: &str,
+    primary: &StandbyConfig,
+    store: &Store,
+    writer: &Writer,
+    state: &ReplicationState,
+) -> Result<(), Status> {
+    let channel = cellplane_api::client::channel(&primary.primary_endpoint, Duration::from_secs(1))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let position = store.replica()?;
+    let applied = if position.bootstrapping {
+        0
+    } else {
+        position.applied_lsn
+    };
+    state.update_replica(|r| {
+        r.applied_lsn = applied;
+        r.bootstrapping = position.bootstrapping;
+    });
+    let (acks, outgoing) = mpsc::channel(64);
+    acks.send(pb::StandbyMessage {
+        standby_cell_id: cell_id.to_string(),
+        applied_lsn: applied,
+    })
+    .await
+    .map_err(|_| Status::internal("ack channel closed"))?;
+    let mut stream = ReplicationClient::new(channel)
+        .follow(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    state.update_replica(|r| r.connected = true);
+    let mut streamed = false;
+    while let Some(batch) = stream.message().await? {
+        streamed = true;
+        let primary_lsn = batch.primary_lsn;
+        let rows = batch.snapshot_rows.len() as u64;
+        let begin = batch.snapshot_begin;
+        let replicated = decode_batch(batch)?;
+        let Outcome::Replica(position) = writer.submit(Op::Replicate(replicated)).await? else {
+            return Err(Status::internal(
+                "the writer answered a replication batch oddly",
+            ));
+        };
+        state.update_replica(|r| {
+            r.applied_lsn = position.applied_lsn;
+            r.primary_lsn = r.primary_lsn.max(primary_lsn);
+            r.bootstrapping = position.bootstrapping;
+            r.bootstrap_rows = if begin { rows } else { r.bootstrap_rows + rows };
+        });
+        if !position.bootstrapping {
+            // Durable: the writer answers only after its batch is fsynced.
+            let ack = pb::StandbyMessage {
+                standby_cell_id: String::new(),
+                applied_lsn: position.applied_lsn,
+            };
+            if acks.send(ack).await.is_err() {
+                break;
+            }
+        }
+    }
+    if streamed {
+        Ok(())
+    } else {
+        Err(Status::unavailable("the primary ended the stream at once"))
+    }
+}
