@@ -155,6 +155,50 @@ async fn bad_requests_get_the_right_code_and_change_nothing() {
             Code::AlreadyExists,
             "cell_id: cell \"cell-a\" already exists",
         );
+        // Standbys follow the tiers; each refusal names standby_of and its rule.
+        let standby = |region: &str, zone: &str, tier: Tier, of: &str| RegisterCellRequest {
+            cell_id: "cell-s".into(),
+            region: region.into(),
+            zone: zone.into(),
+            tier: tier as i32,
+            endpoint: "127.0.0.1:2".into(),
+            capacity: 5,
+            standby_of: of.into(),
+        };
+        let refusals = [
+            (
+                standby("hz", "a", Tier::Normal, "cell-a"),
+                "must not share its primary's zone",
+            ),
+            (
+                standby("hz", "c", Tier::High, "cell-a"),
+                "must have its primary's tier NORMAL",
+            ),
+            (
+                standby("bj", "a", Tier::Normal, "cell-a"),
+                "only HIGH cells have a remote standby",
+            ),
+            (
+                standby("hz", "c", Tier::Normal, "cell-x"),
+                "cell \"cell-x\" is not registered",
+            ),
+        ];
+        for (request, rule) in refusals {
+            let refused = control.register_cell(request).await.expect_err(rule);
+            assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+            assert!(
+                refused.message().starts_with("standby_of:") && refused.message().contains(rule),
+                "{:?} should name standby_of and {rule:?}",
+                refused.message()
+            );
+        }
+        assert_status(
+            control
+                .register_cell(standby("hz", "c", Tier::Normal, "cell-s"))
+                .await,
+            Code::InvalidArgument,
+            "standby_of: a cell cannot be its own standby",
+        );
 
         let move_to = |target: &str, epoch: u64| MoveRouteRequest {
             tenant_id: "acme".into(),

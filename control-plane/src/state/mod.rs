@@ -249,18 +249,13 @@ impl ControlState {
                     "standby_of: cell {primary_id:?} is not registered"
                 )));
             };
-            if primary.region == record.region && primary.zone == record.zone {
-                return Err(CommandError::FailedPrecondition(format!(
-                    "standby_of: a standby must not share its primary's zone {}/{}",
-                    record.region, record.zone
-                )));
-            }
-            if primary.tier != record.tier {
-                return Err(CommandError::FailedPrecondition(format!(
-                    "standby_of: a standby must have its primary's tier {}",
-                    primary.tier.name()
-                )));
-            }
+            let siblings: Vec<&CellRecord> = self
+                .cells
+                .values()
+                .filter(|cell| cell.standby_of.as_ref() == Some(primary_id))
+                .collect();
+            standby_fits(primary_id, primary, &siblings, &record)
+                .map_err(CommandError::FailedPrecondition)?;
         }
         self.cells.insert(cell_id.clone(), record.clone());
         Ok(CommandOutput::Cell(CellView {
@@ -418,6 +413,11 @@ impl ControlState {
             return Err(CommandError::FailedPrecondition(format!(
                 "target_cell: cell {target_cell:?} is {}, routes move only to ACTIVE cells",
                 target.state.name()
+            )));
+        }
+        if let Some(primary) = &target.standby_of {
+            return Err(CommandError::FailedPrecondition(format!(
+                "target_cell: cell {target_cell:?} is a standby of {primary:?}; routes go to primary cells"
             )));
         }
         if current.cell_id == *target_cell {
@@ -631,6 +631,57 @@ fn not_found(what: Entity, id: &Arc<str>) -> CommandError {
         what,
         id: id.to_string(),
     }
+}
+
+/// Whether a cell may be registered as a standby of `primary` (whose other standbys are
+/// `siblings`), as the tiers say: a NORMAL or HIGH primary has one in-region standby, in another
+/// zone of its region; a HIGH primary also has one remote standby, in another region; a LOW
+/// primary has none; a standby has its primary's tier and no standby of its own. The error
+/// names the field and the rule.
+pub fn standby_fits(
+    primary_id: &str,
+    primary: &CellRecord,
+    siblings: &[&CellRecord],
+    standby: &CellRecord,
+) -> Result<(), String> {
+    if primary.standby_of.is_some() {
+        return Err(format!(
+            "standby_of: cell {primary_id:?} is itself a standby; a standby follows a primary"
+        ));
+    }
+    if primary.tier != standby.tier {
+        return Err(format!(
+            "standby_of: a standby must have its primary's tier {}",
+            primary.tier.name()
+        ));
+    }
+    if primary.tier == model::Tier::Low {
+        return Err("standby_of: LOW cells keep one copy and have no standby".into());
+    }
+    let in_region = standby.region == primary.region;
+    if in_region && standby.zone == primary.zone {
+        return Err(format!(
+            "standby_of: a standby must not share its primary's zone {}/{}",
+            standby.region, standby.zone
+        ));
+    }
+    if !in_region && primary.tier != model::Tier::High {
+        return Err(format!(
+            "standby_of: a {} primary's standby is in its own region {:?}; only HIGH cells have a remote standby",
+            primary.tier.name(),
+            primary.region
+        ));
+    }
+    let taken = siblings
+        .iter()
+        .any(|sibling| (sibling.region == primary.region) == in_region);
+    if taken {
+        let which = if in_region { "in-region" } else { "remote" };
+        return Err(format!(
+            "standby_of: cell {primary_id:?} already has its {which} standby"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

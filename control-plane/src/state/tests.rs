@@ -256,19 +256,112 @@ fn registering_the_same_cell_again_is_idempotent_but_a_different_one_is_refused(
     assert!(matches!(different, Err(CommandError::AlreadyExists { .. })));
 }
 
-#[test]
-fn a_standby_never_shares_its_primarys_zone() {
-    let mut state = two_cells();
+/// Registers `cell_id` in `region`/`zone` as a standby of `primary`; the refusal's message.
+fn register_standby(
+    state: &mut ControlState,
+    cell_id: &str,
+    (region, zone): (&str, &str),
+    tier: Tier,
+    primary: &str,
+) -> Result<(), String> {
     let (result, _) = state.apply(&Command::RegisterCell {
-        cell_id: Arc::from("cell-a-standby"),
-        region: Arc::from("hz"),
-        zone: Arc::from("a"),
-        tier: Tier::Normal,
+        cell_id: Arc::from(cell_id),
+        region: Arc::from(region),
+        zone: Arc::from(zone),
+        tier,
         endpoint: Arc::from("127.0.0.1:9"),
         capacity: 10,
-        standby_of: Some(Arc::from("cell-a")),
+        standby_of: Some(Arc::from(primary)),
     });
-    assert!(matches!(result, Err(CommandError::FailedPrecondition(m)) if m.contains("zone")));
+    match result {
+        Ok(_) => Ok(()),
+        Err(CommandError::FailedPrecondition(message)) => Err(message),
+        Err(other) => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+    }
+}
+
+#[test]
+fn standbys_follow_the_tiers() {
+    let mut state = ControlState::default();
+    register(&mut state, "high", "a", Tier::High, 10);
+    register(&mut state, "normal", "a", Tier::Normal, 10);
+    register(&mut state, "low", "a", Tier::Low, 10);
+    let refused = |result: Result<(), String>, rule: &str| {
+        let message = result.expect_err("refused");
+        assert!(
+            message.starts_with("standby_of:") && message.contains(rule),
+            "{message:?} should name standby_of and {rule:?}"
+        );
+    };
+    let revision = state.revision();
+    refused(
+        register_standby(&mut state, "s", ("hz", "a"), Tier::High, "high"),
+        "zone",
+    );
+    refused(
+        register_standby(&mut state, "s", ("hz", "b"), Tier::Normal, "high"),
+        "tier HIGH",
+    );
+    refused(
+        register_standby(&mut state, "s", ("hz", "b"), Tier::Low, "low"),
+        "no standby",
+    );
+    refused(
+        register_standby(&mut state, "s", ("bj", "a"), Tier::Normal, "normal"),
+        "only HIGH cells have a remote standby",
+    );
+    refused(
+        register_standby(&mut state, "s", ("hz", "b"), Tier::High, "nobody"),
+        "not registered",
+    );
+    assert_eq!(state.revision(), revision, "refusals change nothing");
+
+    register_standby(&mut state, "high-b", ("hz", "b"), Tier::High, "high").expect("in-region");
+    register_standby(&mut state, "high-bj", ("bj", "a"), Tier::High, "high").expect("remote");
+    register_standby(&mut state, "normal-b", ("hz", "b"), Tier::Normal, "normal")
+        .expect("in-region");
+    refused(
+        register_standby(&mut state, "high-c", ("hz", "c"), Tier::High, "high"),
+        "already has its in-region standby",
+    );
+    refused(
+        register_standby(&mut state, "high-sh", ("sh", "a"), Tier::High, "high"),
+        "already has its remote standby",
+    );
+    refused(
+        register_standby(&mut state, "chained", ("hz", "c"), Tier::High, "high-b"),
+        "is itself a standby",
+    );
+}
+
+#[test]
+fn a_standby_is_never_placed_on_nor_routed_to() {
+    let mut state = ControlState::default();
+    register(&mut state, "primary", "a", Tier::Normal, 10);
+    register_standby(&mut state, "standby", ("hz", "b"), Tier::Normal, "primary").expect("standby");
+    state
+        .apply(&Command::SetCellState {
+            cell_id: Arc::from("standby"),
+            state: CellState::Active,
+        })
+        .0
+        .expect("activate");
+    for i in 0..5 {
+        create(&mut state, &format!("t{i}"), Tier::Normal).expect("create");
+        let route = state
+            .resolve(&RouteKey::tenant(format!("t{i}")))
+            .expect("route");
+        assert_eq!(&*route.cell_id, "primary");
+    }
+    let (moved, _) = state.apply(&Command::MoveRoute {
+        key: RouteKey::tenant("t0"),
+        expected_epoch: 1,
+        target_cell: Arc::from("standby"),
+    });
+    assert!(
+        matches!(moved, Err(CommandError::FailedPrecondition(ref m)) if m.contains("is a standby")),
+        "{moved:?}"
+    );
 }
 
 #[test]
