@@ -57,7 +57,12 @@ pub async fn run(
     tracing::info!(%region, cells = cells.len(), "agent started its cells");
 
     let joined = async {
-        for cell in cells.values() {
+        // Primaries first: a standby joins once its primary is registered, and a remote
+        // standby's primary is another agent's, which may still be joining its own.
+        let (standbys, primaries): (Vec<_>, Vec<_>) = cells
+            .values()
+            .partition(|cell| cell.spec.standby_of.is_some());
+        for cell in primaries.into_iter().chain(standbys) {
             cells::join(&control, &region, cell, &stop)
                 .await
                 .map_err(|status| AgentError::Join {

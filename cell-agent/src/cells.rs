@@ -95,6 +95,9 @@ pub async fn join(
         capacity: spec.capacity,
         standby_of: spec.standby_of.clone().unwrap_or_default(),
     };
+    if let Some(primary) = &spec.standby_of {
+        wait_for_primary(control, primary, shutdown).await?;
+    }
     let registered = loop {
         let request = request.clone();
         match control
@@ -132,6 +135,31 @@ pub async fn join(
         tracing::info!(cell_id = %spec.cell_id, "cell is ACTIVE");
     }
     Ok(())
+}
+
+/// Waits until `primary` is registered: the control plane takes a standby only after its
+/// primary.
+async fn wait_for_primary(
+    control: &ControlPlane,
+    primary: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), Status> {
+    loop {
+        let found = control
+            .call(|mut c| {
+                let cell_id = primary.to_string();
+                async move { c.get_cell(pb::GetCellRequest { cell_id }).await }
+            })
+            .await;
+        match found {
+            Ok(_) => return Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound && !*shutdown.borrow() => {
+                tracing::info!(%primary, "waiting for the primary to register");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
 }
 
 /// Reports every cell's health and size each `interval` until shutdown.

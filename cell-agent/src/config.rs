@@ -8,6 +8,13 @@
 //! tier = "HIGH"
 //! listen = "10.0.0.5:7101"
 //! capacity = 1000
+//! [[cells]]
+//! cell_id = "hz-b-high-s1"          # its in-region standby
+//! zone = "b"
+//! tier = "HIGH"
+//! listen = "10.0.0.6:7101"
+//! capacity = 1000
+//! standby_of = "hz-a-high-1"
 //! ```
 
 use std::collections::HashSet;
@@ -51,8 +58,14 @@ pub struct CellSpec {
     pub listen: SocketAddr,
     /// Tenants the cell is sized for.
     pub capacity: u64,
+    /// Run the cell as the standby of this primary cell (which follows the tiers' rules: another
+    /// zone of the region, or another region for a HIGH primary's remote standby).
     #[serde(default)]
     pub standby_of: Option<String>,
+    /// Where the primary of `standby_of` serves; found in this file when the primary is one of
+    /// this agent's cells, needed here otherwise.
+    #[serde(default)]
+    pub primary_endpoint: Option<String>,
     /// Extra `im-cell serve` flags (limits, rate limits, metrics).
     #[serde(default)]
     pub args: Vec<String>,
@@ -83,9 +96,10 @@ pub const TIERS: [&str; 3] = ["HIGH", "NORMAL", "LOW"];
 impl AgentConfig {
     /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self =
+        let mut config: Self =
             toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))?;
         config.validate()?;
+        config.resolve_primaries();
         Ok(config)
     }
 
@@ -134,8 +148,48 @@ impl AgentConfig {
             if !listens.insert(cell.listen) {
                 return Err(ConfigError::new(field("listen"), "is used by another cell"));
             }
+            match (&cell.standby_of, &cell.primary_endpoint) {
+                (Some(primary), _) if *primary == cell.cell_id => {
+                    return Err(ConfigError::new(
+                        field("standby_of"),
+                        "must name another cell than cell_id",
+                    ));
+                }
+                (Some(primary), None) if !self.cells.iter().any(|c| c.cell_id == *primary) => {
+                    return Err(ConfigError::new(
+                        field("primary_endpoint"),
+                        format!(
+                            "is needed: the primary {primary:?} is not one of this agent's cells"
+                        ),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        field("primary_endpoint"),
+                        "is for a standby: set standby_of too",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(())
+    }
+
+    /// Fills in the endpoint of each standby's primary that is one of this agent's cells.
+    fn resolve_primaries(&mut self) {
+        let listens: Vec<(String, String)> = self
+            .cells
+            .iter()
+            .map(|c| (c.cell_id.clone(), c.listen.to_string()))
+            .collect();
+        for cell in &mut self.cells {
+            if let (Some(primary), None) = (&cell.standby_of, &cell.primary_endpoint) {
+                cell.primary_endpoint = listens
+                    .iter()
+                    .find(|(id, _)| id == primary)
+                    .map(|(_, listen)| listen.clone());
+            }
+        }
     }
 }
 
@@ -162,6 +216,39 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_finds_its_local_primarys_endpoint() {
+        let text = format!(
+            "{SOUND}{}",
+            r#"
+            [[cells]]
+            cell_id = "hz-b-high-s1"
+            zone = "b"
+            tier = "HIGH"
+            listen = "127.0.0.1:7102"
+            capacity = 10
+            standby_of = "hz-a-high-1"
+            [[cells]]
+            cell_id = "hz-c-high-r1"
+            zone = "c"
+            tier = "HIGH"
+            listen = "127.0.0.1:7103"
+            capacity = 10
+            standby_of = "bj-a-high-1"
+            primary_endpoint = "10.1.0.5:7101"
+            "#
+        );
+        let config = AgentConfig::from_toml(&text).expect("parse");
+        assert_eq!(
+            config.cells[1].primary_endpoint.as_deref(),
+            Some("127.0.0.1:7101")
+        );
+        assert_eq!(
+            config.cells[2].primary_endpoint.as_deref(),
+            Some("10.1.0.5:7101")
+        );
+    }
+
+    #[test]
     fn each_broken_rule_names_its_field() {
         let field = |text: &str| {
             AgentConfig::from_toml(text)
@@ -182,6 +269,10 @@ mod tests {
         );
         let twice = format!("{SOUND}{}", &SOUND[SOUND.find("[[cells]]").unwrap_or(0)..]);
         assert_eq!(field(&twice), Err("cells[1].cell_id".into()));
+        let remote = format!("{SOUND}standby_of = \"bj-a-high-1\"\n");
+        assert_eq!(field(&remote), Err("cells[0].primary_endpoint".into()));
+        let own = format!("{SOUND}standby_of = \"hz-a-high-1\"\n");
+        assert_eq!(field(&own), Err("cells[0].standby_of".into()));
         assert_eq!(field(&SOUND.replace("zone", "zonee")), Err("(file)".into()));
     }
 }

@@ -73,6 +73,15 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         .create(true)
         .append(true)
         .open(log)?;
+    let standby = match (&spec.standby_of, &spec.primary_endpoint) {
+        (Some(primary), Some(endpoint)) => vec![
+            "--standby-of".to_string(),
+            primary.clone(),
+            "--primary-endpoint".to_string(),
+            endpoint.clone(),
+        ],
+        _ => Vec::new(),
+    };
     Command::new(binary)
         .arg("serve")
         .arg("--cell-id")
@@ -82,6 +91,7 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         .arg("--data-dir")
         .arg(&dir)
         .arg("--exit-with-parent")
+        .args(standby)
         .args(&spec.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -286,8 +286,12 @@ pub async fn run(
     for region in regions::LAYOUT.iter().map(|(region, _)| *region) {
         println!("  region {region}:");
         for cell in agents.cells.iter().filter(|c| c.region == region) {
+            let role = match &cell.standby_of {
+                Some(primary) => format!("  standby of {primary}"),
+                None => String::new(),
+            };
             println!(
-                "    {:<15} {:<7} zone {:<5} {}",
+                "    {:<15} {:<7} zone {:<5} {}{role}",
                 cell.cell_id, cell.tier, cell.zone, cell.endpoint
             );
         }

@@ -25,35 +25,50 @@ pub struct DevCell {
     pub zone: String,
     pub tier: String,
     pub endpoint: String,
+    /// The primary this cell is a standby of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<String>,
 }
 
-/// A cell of the layout: `(cell_id, zone, tier)`.
-pub type CellLayout = (&'static str, &'static str, &'static str);
+/// A cell of the layout: `(cell_id, zone, tier, standby_of)`.
+pub type CellLayout = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+);
 
-/// Two regions; every tier in each, in different zones, and two cells of HIGH and NORMAL in
-/// the first so tenants can move within their tier.
+/// The dev system's cells by region, as the tiers say: every NORMAL primary has an in-region
+/// standby in another zone; every HIGH primary has one too, and a remote standby in the other
+/// region; LOW cells have none. Two NORMAL primaries in cn-hangzhou give `--demo` somewhere to
+/// move a tenant.
 pub const LAYOUT: &[(&str, &[CellLayout])] = &[
     (
         "cn-hangzhou",
         &[
-            ("hz-a-high-1", "hz-a", "HIGH"),
-            ("hz-b-high-2", "hz-b", "HIGH"),
-            ("hz-a-normal-1", "hz-a", "NORMAL"),
-            ("hz-b-normal-2", "hz-b", "NORMAL"),
-            ("hz-c-low-1", "hz-c", "LOW"),
+            ("hz-a-high-1", "hz-a", "HIGH", None),
+            ("hz-a-normal-1", "hz-a", "NORMAL", None),
+            ("hz-b-normal-2", "hz-b", "NORMAL", None),
+            ("hz-c-low-1", "hz-c", "LOW", None),
+            ("hz-b-high-s1", "hz-b", "HIGH", Some("hz-a-high-1")),
+            ("hz-c-normal-s1", "hz-c", "NORMAL", Some("hz-a-normal-1")),
+            ("hz-c-normal-s2", "hz-c", "NORMAL", Some("hz-b-normal-2")),
+            ("hz-c-high-r1", "hz-c", "HIGH", Some("bj-a-high-1")),
         ],
     ),
     (
         "cn-beijing",
         &[
-            ("bj-a-high-1", "bj-a", "HIGH"),
-            ("bj-b-normal-1", "bj-b", "NORMAL"),
-            ("bj-c-low-1", "bj-c", "LOW"),
+            ("bj-a-high-1", "bj-a", "HIGH", None),
+            ("bj-b-normal-1", "bj-b", "NORMAL", None),
+            ("bj-c-low-1", "bj-c", "LOW", None),
+            ("bj-b-high-s1", "bj-b", "HIGH", Some("bj-a-high-1")),
+            ("bj-c-normal-s1", "bj-c", "NORMAL", Some("bj-b-normal-1")),
+            ("bj-c-high-r1", "bj-c", "HIGH", Some("hz-a-high-1")),
         ],
     ),
 ];
 
-/// Tenants each dev cell is sized for.
 const DEV_CELL_CAPACITY: u64 = 10_000;
 
 /// How long an agent may take to stop its cells before it is killed.
@@ -76,11 +91,11 @@ fn free_address(dir: &Path) -> Result<String, DevError> {
 }
 
 /// The cells of `region` with their addresses: read from its agent config when one exists,
-/// else chosen now and written there.
+/// else chosen now.
 fn region_cells(
     agents_dir: &Path,
     region: &str,
-    cells: &[(&str, &str, &str)],
+    cells: &[CellLayout],
 ) -> Result<Vec<DevCell>, DevError> {
     let config_path = agents_dir.join(format!("{region}.toml"));
     let known: Vec<(String, String)> = match std::fs::read_to_string(&config_path) {
@@ -109,7 +124,7 @@ fn region_cells(
         Err(e) => return Err(io_error(&config_path, e)),
     };
     let mut out = Vec::new();
-    for (cell_id, zone, tier) in cells {
+    for (cell_id, zone, tier, standby_of) in cells {
         let endpoint = match known.iter().find(|(id, _)| id == cell_id) {
             Some((_, listen)) => listen.clone(),
             None => free_address(agents_dir)?,
@@ -120,20 +135,37 @@ fn region_cells(
             zone: zone.to_string(),
             tier: tier.to_string(),
             endpoint,
+            standby_of: standby_of.map(str::to_string),
         });
     }
+    Ok(out)
+}
+
+/// Writes the agent config of `region`; standbys name their primary's endpoint, which for a
+/// remote standby is another region's cell.
+fn write_config(agents_dir: &Path, region: &str, all: &[DevCell]) -> Result<(), DevError> {
+    let config_path = agents_dir.join(format!("{region}.toml"));
     let mut config = format!(
         "# Written by `cellplane dev`.\ndata_dir = {:?}\nheartbeat_interval_ms = 1000\n",
         agents_dir.join(region)
     );
-    for cell in &out {
+    for cell in all.iter().filter(|c| c.region == region) {
         config.push_str(&format!(
             "\n[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = {DEV_CELL_CAPACITY}\n",
             cell.cell_id, cell.zone, cell.tier, cell.endpoint
         ));
+        if let Some(primary) = &cell.standby_of {
+            let endpoint = all
+                .iter()
+                .find(|c| c.cell_id == *primary)
+                .map(|c| c.endpoint.as_str())
+                .unwrap_or_default();
+            config.push_str(&format!(
+                "standby_of = {primary:?}\nprimary_endpoint = {endpoint:?}\n"
+            ));
+        }
     }
-    std::fs::write(&config_path, config).map_err(|e| io_error(&config_path, e))?;
-    Ok(out)
+    std::fs::write(&config_path, config).map_err(|e| io_error(&config_path, e))
 }
 
 /// The running agents of the dev system.
@@ -163,6 +195,9 @@ impl Agents {
         let mut all = Vec::new();
         for (region, cells) in LAYOUT {
             all.extend(region_cells(&agents_dir, region, cells)?);
+        }
+        for (region, _) in LAYOUT {
+            write_config(&agents_dir, region, &all)?;
             let log_path = agents_dir.join(format!("{region}.log"));
             let log = std::fs::OpenOptions::new()
                 .create(true)
