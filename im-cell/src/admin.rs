@@ -314,6 +314,16 @@ impl CellAdmin for AdminService {
         Ok(Response::new(pb::ImportResponse { source_lsn }))
     }
 
+    async fn release_sync(
+        &self,
+        request: Request<pb::ReleaseSyncRequest>,
+    ) -> Result<Response<pb::AdminEmpty>, Status> {
+        self.replication
+            .gate()
+            .release(request.into_inner().episode)?;
+        Ok(Response::new(pb::AdminEmpty {}))
+    }
+
     async fn cell_status(
         &self,
         _request: Request<pb::CellStatusRequest>,
@@ -340,6 +350,7 @@ impl CellAdmin for AdminService {
             standby_of: self.standby_of.clone().unwrap_or_default(),
             replica: self.standby_of.as_ref().map(|_| self.replication.replica()),
             standbys: self.replication.standbys(last_lsn, Instant::now()),
+            sync: Some(self.replication.gate().status()),
             keys,
             conversations: self.store.spaces.conversations.approximate_len() as u64,
             messages: self.store.spaces.messages.approximate_len() as u64,

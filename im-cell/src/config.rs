@@ -11,6 +11,9 @@
 //! sends_per_sender_per_sec = 100
 //! [pns]
 //! webhook = "http://10.0.9.1:8080/notify"
+//! [replication]                      # only on a primary
+//! sync_standbys = ["hz-b-normal-s1"] # a send waits for these
+//! sync_timeout_ms = 1000
 //! [standby]                          # only on a standby
 //! primary_cell_id = "hz-b-normal-1"
 //! primary_endpoint = "10.0.2.5:7100"
@@ -44,6 +47,29 @@ pub struct CellConfig {
     /// Run as the standby of another cell: follow its cell log and take no writes.
     #[serde(default)]
     pub standby: Option<StandbyConfig>,
+    /// On a primary: the standbys a send waits for.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+}
+
+/// A primary's synchronous standbys.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Standbys (cell ids) every send waits for: it is answered once each has it durably.
+    pub sync_standbys: Vec<String>,
+    /// How long answers may wait for them before the cell stalls and asks (through its agent)
+    /// to be recorded as not in sync.
+    pub sync_timeout_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            sync_standbys: Vec::new(),
+            sync_timeout_ms: 1_000,
+        }
+    }
 }
 
 /// The primary a standby follows.
@@ -87,6 +113,21 @@ impl CellConfig {
         }
         if let Some(pns) = &self.pns {
             pns.validate()?;
+        }
+        for (i, standby) in self.replication.sync_standbys.iter().enumerate() {
+            validate_id(&format!("replication.sync_standbys[{i}]"), standby)?;
+        }
+        if self.replication.sync_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "replication.sync_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.standby.is_some() && !self.replication.sync_standbys.is_empty() {
+            return Err(ConfigError::new(
+                "replication.sync_standbys",
+                "is for a primary; a standby has none",
+            ));
         }
         if let Some(standby) = &self.standby {
             validate_id("standby.primary_cell_id", &standby.primary_cell_id)?;

@@ -3,6 +3,7 @@
 //! follows its primary's cell log.
 
 use std::future::Future;
+use std::time::Duration;
 
 use cellplane_api::proto;
 use tokio::net::TcpListener;
@@ -14,12 +15,16 @@ use crate::error::CellError;
 use crate::messaging::MessagingService;
 use crate::pns::Notifier;
 use crate::replication::ReplicationState;
+use crate::replication::gate::SyncGate;
 use crate::replication::primary::{self, ReplicationService};
 use crate::replication::standby;
 use crate::store::Store;
 use crate::store::writer::Writer;
 use crate::sync::SyncService;
 use crate::sync::hub::SyncHub;
+
+/// How often a synchronous primary checks whether its answers waited too long.
+const GATE_TICK: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -56,14 +61,30 @@ pub async fn serve(
         .transpose()?;
     let hub = SyncHub::with_notifier(notifier);
     let standby_of = config.standby.as_ref().map(|s| s.primary_cell_id.clone());
+    let gate = SyncGate::new(
+        &config.replication.sync_standbys,
+        Duration::from_millis(config.replication.sync_timeout_ms),
+        store.last_lsn()?,
+        hub.clone(),
+    );
+    if !config.replication.sync_standbys.is_empty() {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(GATE_TICK);
+            loop {
+                ticker.tick().await;
+                gate.tick(std::time::Instant::now());
+            }
+        });
+    }
     let writer = Writer::start(
         store.clone(),
         config.cell_id.clone(),
         standby_of.clone(),
         config.limits.clone(),
-        hub.clone(),
+        gate.clone(),
     )?;
-    let replication = ReplicationState::default();
+    let replication = ReplicationState::new(gate);
     primary::track_commits(writer.commits(), replication.clone());
     let (closing_tx, closing) = watch::channel(false);
     let shutdown = async move {

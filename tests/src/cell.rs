@@ -88,6 +88,33 @@ impl CellProcess {
         }
     }
 
+    /// Freezes the cell with SIGSTOP: it keeps its sockets and answers nothing until
+    /// [`CellProcess::resume`].
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused cell go on with SIGCONT.
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("the cell is running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .unwrap_or_else(|e| panic!("{signal} to the cell: {e}"));
+    }
+
+    /// The flags the next restart starts the cell with (a standby restarted as a plain cell,
+    /// say).
+    pub fn set_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Deletes the data directory of a killed cell, as a lost disk.
     pub fn wipe(&self) {
         assert!(self.child.is_none(), "the cell is still running");

@@ -73,6 +73,14 @@ enum Command {
         /// Where the primary of --standby-of serves gRPC (host:port).
         #[arg(long, requires = "standby_of")]
         primary_endpoint: Option<String>,
+        /// A standby every send waits for (repeat for several): a send is answered once each
+        /// has it durably.
+        #[arg(long = "sync-standby")]
+        sync_standbys: Vec<String>,
+        /// How long sends may wait for the synchronous standbys before the cell stalls and
+        /// asks to be recorded as not in sync.
+        #[arg(long)]
+        sync_timeout_ms: Option<u64>,
         /// Stop (gracefully) when the process that started this one exits, so a supervisor
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
@@ -129,6 +137,8 @@ async fn main() -> anyhow::Result<()> {
         pns_webhook,
         standby_of,
         primary_endpoint,
+        sync_standbys,
+        sync_timeout_ms,
         exit_with_parent,
     } = Cli::parse().command;
     let mut config = match config {
@@ -153,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 limits: Limits::default(),
                 pns: None,
                 standby: None,
+                replication: Default::default(),
             }
         }
     };
@@ -164,6 +175,12 @@ async fn main() -> anyhow::Result<()> {
             primary_cell_id,
             primary_endpoint,
         });
+    }
+    if !sync_standbys.is_empty() {
+        config.replication.sync_standbys = sync_standbys;
+    }
+    if let Some(ms) = sync_timeout_ms {
+        config.replication.sync_timeout_ms = ms;
     }
     if let Some(webhook) = pns_webhook {
         config.pns = Some(PnsConfig::webhook(webhook));

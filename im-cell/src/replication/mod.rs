@@ -3,6 +3,7 @@
 //! whole cell when it has nothing or fell behind what the primary keeps ([`standby`]).
 //! [`ReplicationState`] is what both sides know for status and metrics.
 
+pub mod gate;
 pub mod primary;
 pub mod standby;
 
@@ -11,6 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cellplane_api::proto::cell as pb;
+
+use gate::SyncGate;
 
 /// Commits remembered for measuring standbys' lag in time.
 const COMMITS_REMEMBERED: usize = 100_000;
@@ -34,12 +37,25 @@ struct Inner {
 }
 
 /// What this cell knows of replication, shared by the services; cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct ReplicationState {
     inner: Arc<Mutex<Inner>>,
+    /// Told every acknowledgement, so synchronous answers go once the standbys have them.
+    gate: SyncGate,
 }
 
 impl ReplicationState {
+    pub fn new(gate: SyncGate) -> Self {
+        Self {
+            inner: Arc::default(),
+            gate,
+        }
+    }
+
+    pub fn gate(&self) -> &SyncGate {
+        &self.gate
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner
             .lock()
@@ -56,10 +72,14 @@ impl ReplicationState {
     }
 
     fn follower_connected(&self, standby: &str, acked_lsn: u64) {
-        let mut inner = self.lock();
-        let follower = inner.followers.entry(standby.to_string()).or_default();
-        follower.connected = true;
-        follower.acked_lsn = acked_lsn;
+        {
+            let mut inner = self.lock();
+            let follower = inner.followers.entry(standby.to_string()).or_default();
+            follower.connected = true;
+            follower.acked_lsn = acked_lsn;
+        }
+        // What it applied before it connected is durable there.
+        self.gate.acked(standby, acked_lsn);
     }
 
     fn follower_bootstraps(&self, standby: &str) {
@@ -74,9 +94,12 @@ impl ReplicationState {
     }
 
     fn follower_acked(&self, standby: &str, lsn: u64) {
-        let mut inner = self.lock();
-        let follower = inner.followers.entry(standby.to_string()).or_default();
-        follower.acked_lsn = follower.acked_lsn.max(lsn);
+        {
+            let mut inner = self.lock();
+            let follower = inner.followers.entry(standby.to_string()).or_default();
+            follower.acked_lsn = follower.acked_lsn.max(lsn);
+        }
+        self.gate.acked(standby, lsn);
     }
 
     fn follower_gone(&self, standby: &str) {

@@ -24,7 +24,6 @@ use super::tx::{PurgeCursor, Tx};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 use crate::limits::Limits;
-use crate::sync::hub::SyncHub;
 
 /// Requests waiting for the writer before new ones are refused with RESOURCE_EXHAUSTED.
 const QUEUE_DEPTH: usize = 65_536;
@@ -122,7 +121,7 @@ pub enum Outcome {
     Replica(ReplicaRecord),
 }
 
-type Reply = oneshot::Sender<Result<Outcome, CellError>>;
+use crate::replication::gate::{Reply, SyncGate};
 
 /// Rows a purge drops in one batch: a few milliseconds of the writer's time.
 const PURGE_ROWS_PER_BATCH: usize = 5_000;
@@ -143,7 +142,7 @@ impl Writer {
         cell_id: String,
         standby_of: Option<String>,
         limits: Limits,
-        hub: SyncHub,
+        gate: SyncGate,
     ) -> Result<Self, CellError> {
         let grants = store.grants()?;
         let shared = Arc::new(RwLock::new(grants.clone()));
@@ -156,7 +155,7 @@ impl Writer {
             standby_of,
             commits,
             limits,
-            hub,
+            gate,
             grants,
             shared: shared.clone(),
             last_lsn,
@@ -206,7 +205,8 @@ struct WriterState {
     /// Told the newest durable LSN after every commit (replication follows it).
     commits: watch::Sender<u64>,
     limits: Limits,
-    hub: SyncHub,
+    /// Answers a committed batch, at once or once the synchronous standbys have it.
+    gate: SyncGate,
     /// Authoritative while the writer runs: changed by grant ops as they are applied, reloaded
     /// from the store if a batch fails to commit.
     grants: Grants,
@@ -301,10 +301,7 @@ impl WriterState {
                 if let Ok(mut shared) = self.shared.write() {
                     shared.clone_from(&self.grants);
                 }
-                for (reply, answer) in answers {
-                    let _ = reply.send(answer);
-                }
-                self.hub.publish(deliveries);
+                self.gate.committed(lsn, answers, deliveries);
             }
             Err(err) => {
                 tracing::error!(error = %err, "commit failed; refusing the batch");

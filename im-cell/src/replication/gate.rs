@@ -1,0 +1,335 @@
+//! The synchronous standby's gate: a primary with synchronous standbys answers a batch (and
+//! pushes its events) only once every one of them has acknowledged the batch's last LSN as
+//! durable.
+//!
+//! When they stop acknowledging for `timeout` while answers wait, the gate is *stalled*: the
+//! answers keep waiting, because the cell may go on alone only after the control plane has
+//! recorded that it is no longer in sync (its agent does that, then calls [`SyncGate::release`]
+//! naming the stall). Going on alone it answers at once. As soon as every synchronous standby
+//! has acknowledged everything durable it waits for them again by itself — waiting more is
+//! always safe — and its agent records the cell in sync again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cellplane_api::proto::cell as pb;
+use tokio::sync::oneshot;
+
+use crate::error::CellError;
+use crate::store::writer::Outcome;
+use crate::sync::hub::{Delivery, SyncHub};
+
+pub type Reply = oneshot::Sender<Result<Outcome, CellError>>;
+
+/// A committed batch's answers and events.
+pub type Answers = Vec<(Reply, Result<Outcome, CellError>)>;
+
+/// What the gate does with answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No synchronous standby: answers go at once.
+    Unguarded,
+    /// Answers wait for every synchronous standby.
+    Waiting,
+    /// They waited longer than the timeout: still waiting, until released.
+    Stalled,
+    /// Released after a stall: answers go at once until the standbys catch up.
+    Alone,
+}
+
+impl Mode {
+    fn proto(self) -> pb::SyncMode {
+        match self {
+            Self::Unguarded => pb::SyncMode::Unguarded,
+            Self::Waiting => pb::SyncMode::Waiting,
+            Self::Stalled => pb::SyncMode::Stalled,
+            Self::Alone => pb::SyncMode::Alone,
+        }
+    }
+}
+
+struct Held {
+    lsn: u64,
+    since: Instant,
+    answers: Answers,
+    deliveries: Vec<Delivery>,
+}
+
+struct Inner {
+    mode: Mode,
+    /// Counts stalls, so a release meant for an earlier one is not taken for this one.
+    episode: u64,
+    /// The newest LSN each synchronous standby acknowledged.
+    acked: BTreeMap<String, u64>,
+    /// The newest LSN committed.
+    durable: u64,
+    held: VecDeque<Held>,
+}
+
+impl Inner {
+    /// The LSN every synchronous standby has.
+    fn all_acked(&self) -> u64 {
+        self.acked.values().copied().min().unwrap_or(u64::MAX)
+    }
+}
+
+/// Shared by the writer (which hands it committed batches), the replication service (acks),
+/// a timer and the admin service (release); cheap to clone.
+#[derive(Clone)]
+pub struct SyncGate {
+    inner: Arc<Mutex<Inner>>,
+    hub: SyncHub,
+    timeout: Duration,
+}
+
+/// Sends held answers and their events.
+fn send(held: impl IntoIterator<Item = Held>, hub: &SyncHub) {
+    for batch in held {
+        for (reply, answer) in batch.answers {
+            let _ = reply.send(answer);
+        }
+        hub.publish(batch.deliveries);
+    }
+}
+
+impl SyncGate {
+    /// A gate over `standbys` (none: answers go at once), starting out waiting for them.
+    pub fn new(standbys: &[String], timeout: Duration, durable: u64, hub: SyncHub) -> Self {
+        let mode = if standbys.is_empty() {
+            Mode::Unguarded
+        } else {
+            Mode::Waiting
+        };
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                mode,
+                episode: 0,
+                acked: standbys.iter().map(|s| (s.clone(), 0)).collect(),
+                durable,
+                held: VecDeque::new(),
+            })),
+            hub,
+            timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch is durable at `lsn`: answer it, or hold it for the standbys.
+    pub fn committed(&self, lsn: u64, answers: Answers, deliveries: Vec<Delivery>) {
+        let batch = Held {
+            lsn,
+            since: Instant::now(),
+            answers,
+            deliveries,
+        };
+        let go = {
+            let mut inner = self.lock();
+            inner.durable = inner.durable.max(lsn);
+            let waits =
+                matches!(inner.mode, Mode::Waiting | Mode::Stalled) && inner.all_acked() < lsn;
+            if waits {
+                inner.held.push_back(batch);
+                None
+            } else {
+                Some(batch)
+            }
+        };
+        send(go, &self.hub);
+    }
+
+    /// A standby acknowledged `lsn` as durable.
+    pub fn acked(&self, standby: &str, lsn: u64) {
+        let released = {
+            let mut inner = self.lock();
+            let Some(acked) = inner.acked.get_mut(standby) else {
+                return;
+            };
+            *acked = (*acked).max(lsn);
+            let all = inner.all_acked();
+            let mut released = Vec::new();
+            while inner.held.front().is_some_and(|held| held.lsn <= all) {
+                released.extend(inner.held.pop_front());
+            }
+            match inner.mode {
+                Mode::Stalled if inner.held.is_empty() => inner.mode = Mode::Waiting,
+                Mode::Alone if all >= inner.durable => {
+                    tracing::info!(
+                        lsn = all,
+                        "synchronous standbys caught up; waiting for them again"
+                    );
+                    inner.mode = Mode::Waiting;
+                }
+                _ => {}
+            }
+            released
+        };
+        send(released, &self.hub);
+    }
+
+    /// Marks the gate stalled when answers have waited longer than the timeout; called by a
+    /// timer.
+    pub fn tick(&self, now: Instant) {
+        let mut inner = self.lock();
+        let late = inner
+            .held
+            .front()
+            .is_some_and(|held| now.saturating_duration_since(held.since) >= self.timeout);
+        if inner.mode == Mode::Waiting && late {
+            inner.mode = Mode::Stalled;
+            inner.episode += 1;
+            tracing::warn!(
+                episode = inner.episode,
+                held = inner.held.len(),
+                "synchronous standbys silent; sends wait until the control plane records the cell out of sync"
+            );
+            metrics::counter!("cellplane_cell_sync_stalls_total").increment(1);
+        }
+    }
+
+    /// Goes on alone after stall `episode`, answering everything held: the control plane has
+    /// recorded the cell as not in sync. A release for another stall is refused.
+    pub fn release(&self, episode: u64) -> Result<(), CellError> {
+        let released = {
+            let mut inner = self.lock();
+            match inner.mode {
+                Mode::Alone => return Ok(()),
+                Mode::Stalled if inner.episode == episode => {
+                    inner.mode = Mode::Alone;
+                    tracing::warn!(
+                        episode,
+                        held = inner.held.len(),
+                        "going on without the synchronous standbys"
+                    );
+                    std::mem::take(&mut inner.held)
+                }
+                mode => {
+                    return Err(CellError::FailedPrecondition(format!(
+                        "episode: the cell is {} at stall {}, not stalled at {episode}",
+                        mode.proto().as_str_name(),
+                        inner.episode
+                    )));
+                }
+            }
+        };
+        send(released, &self.hub);
+        Ok(())
+    }
+
+    pub fn status(&self) -> pb::SyncStatus {
+        let inner = self.lock();
+        pb::SyncStatus {
+            standbys: inner.acked.keys().cloned().collect(),
+            mode: inner.mode.proto() as i32,
+            episode: inner.episode,
+            held_batches: inner.held.len() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answers(n: usize) -> (Answers, Vec<oneshot::Receiver<Result<Outcome, CellError>>>) {
+        (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                ((tx, Ok(Outcome::Done)), rx)
+            })
+            .unzip()
+    }
+
+    fn answered(rx: &mut oneshot::Receiver<Result<Outcome, CellError>>) -> bool {
+        rx.try_recv().is_ok()
+    }
+
+    fn mode(gate: &SyncGate) -> pb::SyncMode {
+        pb::SyncMode::try_from(gate.status().mode).expect("mode")
+    }
+
+    #[test]
+    fn answers_wait_for_every_synchronous_standby() {
+        let gate = SyncGate::new(
+            &["s1".into(), "s2".into()],
+            Duration::from_secs(5),
+            0,
+            SyncHub::with_notifier(None),
+        );
+        let (first, mut first_rx) = answers(2);
+        gate.committed(3, first, Vec::new());
+        let (second, mut second_rx) = answers(1);
+        gate.committed(5, second, Vec::new());
+        gate.acked("s1", 5);
+        assert!(!answered(&mut first_rx[0]), "s2 has not acknowledged");
+        gate.acked("s2", 4);
+        assert!(answered(&mut first_rx[0]) && answered(&mut first_rx[1]));
+        assert!(!answered(&mut second_rx[0]));
+        gate.acked("unknown", 9);
+        gate.acked("s2", 5);
+        assert!(answered(&mut second_rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Waiting);
+    }
+
+    #[test]
+    fn a_stall_goes_on_alone_only_when_released_and_waits_again_once_caught_up() {
+        let gate = SyncGate::new(
+            &["s1".into()],
+            Duration::from_millis(100),
+            0,
+            SyncHub::with_notifier(None),
+        );
+        let (held, mut rx) = answers(1);
+        gate.committed(1, held, Vec::new());
+        let start = Instant::now();
+        gate.tick(start);
+        assert_eq!(mode(&gate), pb::SyncMode::Waiting, "not late yet");
+        gate.tick(start + Duration::from_millis(150));
+        assert_eq!(mode(&gate), pb::SyncMode::Stalled);
+        assert_eq!(gate.status().episode, 1);
+        assert!(!answered(&mut rx[0]), "a stall does not answer by itself");
+        assert!(gate.release(0).is_err(), "a release for another stall");
+        gate.release(1).expect("release");
+        assert!(answered(&mut rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Alone);
+        let (alone, mut alone_rx) = answers(1);
+        gate.committed(2, alone, Vec::new());
+        assert!(answered(&mut alone_rx[0]), "alone, answers go at once");
+        gate.acked("s1", 1);
+        assert_eq!(mode(&gate), pb::SyncMode::Alone, "still behind LSN 2");
+        gate.acked("s1", 2);
+        assert_eq!(mode(&gate), pb::SyncMode::Waiting, "caught up: waits again");
+        let (again, mut again_rx) = answers(1);
+        gate.committed(3, again, Vec::new());
+        assert!(!answered(&mut again_rx[0]));
+    }
+
+    #[test]
+    fn a_stall_ends_by_itself_when_the_standby_answers_in_the_end() {
+        let gate = SyncGate::new(
+            &["s1".into()],
+            Duration::from_millis(10),
+            0,
+            SyncHub::with_notifier(None),
+        );
+        let (held, mut rx) = answers(1);
+        gate.committed(1, held, Vec::new());
+        gate.tick(Instant::now() + Duration::from_secs(1));
+        assert_eq!(mode(&gate), pb::SyncMode::Stalled);
+        gate.acked("s1", 1);
+        assert!(answered(&mut rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Waiting);
+    }
+
+    #[test]
+    fn without_synchronous_standbys_answers_go_at_once() {
+        let gate = SyncGate::new(&[], Duration::from_secs(1), 0, SyncHub::with_notifier(None));
+        let (answers, mut rx) = answers(1);
+        gate.committed(1, answers, Vec::new());
+        assert!(answered(&mut rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Unguarded);
+    }
+}
