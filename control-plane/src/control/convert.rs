@@ -9,7 +9,7 @@ use cellplane_api::proto::control as pb;
 use crate::migration::record::{Phase, Progress, display_id, parse_id};
 use crate::migration::step::Report;
 use crate::state::command::{CellView, Command, MigrationView, TenantView};
-use crate::state::model::{CellHealth, CellState, RouteKey, TenantState, Tier};
+use crate::state::model::{CellHealth, CellState, Protection, RouteKey, TenantState, Tier};
 
 fn tier(field: &str, value: i32) -> Result<Tier, InvalidField> {
     Tier::from_proto(value).ok_or_else(|| {
@@ -107,7 +107,29 @@ pub fn cell_to_proto(view: &CellView) -> pb::Cell {
         standby_of: record.standby_of.as_deref().unwrap_or_default().to_string(),
         registered_revision: record.registered_revision,
         health: record.health.map(|h| health_to_proto(&h)),
+        protection: view
+            .protection
+            .map_or(pb::Protection::Unspecified, |p| p.protection.to_proto())
+            as i32,
+        protection_revision: view.protection.map_or(0, |p| p.revision),
+        standbys: view.standbys.iter().map(|s| s.to_string()).collect(),
     }
+}
+
+pub fn record_protection(request: pb::RecordProtectionRequest) -> Result<Command, InvalidField> {
+    let protection = Protection::from_proto(request.protection).ok_or_else(|| {
+        InvalidField::new(
+            "protection",
+            format!(
+                "must be NONE, CATCHING_UP, IN_SYNC or DEGRADED, got enum value {}",
+                request.protection
+            ),
+        )
+    })?;
+    Ok(Command::RecordProtection {
+        cell_id: id("cell_id", request.cell_id)?,
+        protection,
+    })
 }
 
 pub fn health_to_proto(health: &CellHealth) -> pb::CellHealth {
@@ -258,6 +280,17 @@ pub fn tenant_to_proto(view: &TenantView) -> pb::Tenant {
             TenantState::Migrating => pb::TenantState::TenantMigrating,
         } as i32,
         override_count: record.override_count,
+        standby_cells: view.standby_cells.iter().map(|s| s.to_string()).collect(),
+        protection: view
+            .protection
+            .map_or(pb::Protection::Unspecified, |p| p.protection.to_proto())
+            as i32,
+        guarantee_holds: match record.tier {
+            Tier::Low => true,
+            Tier::Normal | Tier::High => {
+                view.protection.map(|p| p.protection) == Some(Protection::InSync)
+            }
+        },
     }
 }
 

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
-use crate::state::command::{CellView, Command, CommandOutput, TenantView};
+use crate::state::command::{Command, CommandOutput};
 
 pub struct ControlService {
     node: Arc<Node>,
@@ -111,10 +111,7 @@ impl Control for ControlService {
             state
                 .cells()
                 .get_key_value(message.cell_id.as_str())
-                .map(|(cell_id, record)| CellView {
-                    cell_id: cell_id.clone(),
-                    record: record.clone(),
-                })
+                .map(|(cell_id, record)| state.cell_view(cell_id, record.clone()))
         });
         match found {
             Some(view) => Ok(Response::new(convert::cell_to_proto(&view))),
@@ -145,10 +142,7 @@ impl Control for ControlService {
                     message.region.is_empty() || *record.region == *message.region
                 })
                 .map(|(cell_id, record)| {
-                    convert::cell_to_proto(&CellView {
-                        cell_id: cell_id.clone(),
-                        record: record.clone(),
-                    })
+                    convert::cell_to_proto(&state.cell_view(cell_id, record.clone()))
                 })
                 .collect()
         });
@@ -197,10 +191,7 @@ impl Control for ControlService {
             state
                 .tenants()
                 .get_key_value(message.tenant_id.as_str())
-                .map(|(tenant_id, record)| TenantView {
-                    tenant_id: tenant_id.clone(),
-                    record: record.clone(),
-                })
+                .map(|(tenant_id, record)| state.tenant_view(tenant_id, record.clone()))
         });
         match found {
             Some(view) => Ok(Response::new(convert::tenant_to_proto(&view))),
@@ -391,6 +382,19 @@ impl Control for ControlService {
         request: Request<pb::ReportMigrationRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
         migrations::report(&self.node, request).await
+    }
+
+    async fn record_protection(
+        &self,
+        request: Request<pb::RecordProtectionRequest>,
+    ) -> Result<Response<pb::Cell>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            record_protection,
+            |message| convert::record_protection(message.clone())?,
+            cell_output
+        )
     }
 
     async fn heartbeat(

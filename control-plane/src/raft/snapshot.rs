@@ -19,7 +19,7 @@ use super::NodeId;
 use super::codec::{self, CodecError};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
-use crate::state::model::{CellRecord, OverrideRecord, TenantRecord};
+use crate::state::model::{CellRecord, OverrideRecord, ProtectionRecord, TenantRecord};
 use crate::state::{ControlState, OverrideKey};
 
 const MAGIC: &[u8; 8] = b"CPSNAP02";
@@ -67,6 +67,9 @@ enum Frame {
     Retired(Vec<(Arc<str>, u64)>),
     Events(Vec<RouteEvent>),
     End(Counts),
+    /// Primaries' protection: after the frames above in the enum so that snapshots written
+    /// before it existed still read; written before `End`, outside its counts.
+    Protection(Vec<(Arc<str>, ProtectionRecord)>),
 }
 
 struct FrameWriter<W: Write> {
@@ -161,6 +164,10 @@ pub fn write(
         )?,
         events: writer.chunks(state.history().events().iter().cloned(), Frame::Events)?,
     };
+    writer.chunks(
+        state.protection().iter().map(|(k, v)| (k.clone(), *v)),
+        Frame::Protection,
+    )?;
     writer.write(&Frame::End(counts))?;
     let file = writer
         .out
@@ -196,6 +203,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut overrides: OrdMap<OverrideKey, OverrideRecord> = OrdMap::new();
     let mut migrations: OrdMap<u64, MigrationRecord> = OrdMap::new();
     let mut retired: OrdMap<Arc<str>, u64> = OrdMap::new();
+    let mut protection: OrdMap<Arc<str>, ProtectionRecord> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -244,6 +252,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
                 seen.events += chunk.len() as u64;
                 events.extend(chunk);
             }
+            Some(Frame::Protection(chunk)) => protection.extend(chunk),
             Some(Frame::End(counts)) => {
                 if counts != seen {
                     return Err(SnapshotError::Corrupt(format!(
@@ -265,6 +274,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         overrides,
         migrations,
         retired,
+        protection,
         History::from_parts(events, header.compacted_revision),
     );
     Ok((header.meta, state))
@@ -363,6 +373,13 @@ mod tests {
             .0
             .expect("override");
         state
+            .apply(&Command::RecordProtection {
+                cell_id: Arc::from("cell-a"),
+                protection: crate::state::model::Protection::Degraded,
+            })
+            .0
+            .expect("protection");
+        state
     }
 
     fn meta() -> SnapshotMeta<NodeId, BasicNode> {
@@ -386,6 +403,8 @@ mod tests {
         assert_eq!(read_back.cells(), state.cells());
         assert_eq!(read_back.tenants(), state.tenants());
         assert_eq!(read_back.overrides(), state.overrides());
+        assert_eq!(read_back.protection(), state.protection());
+        assert_eq!(read_back.protection().len(), 1);
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
         let cell_key = read_back

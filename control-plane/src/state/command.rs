@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{CellHealth, CellState, RouteKey, RouteView, Tier};
+use super::model::{
+    CellHealth, CellState, Protection, ProtectionRecord, RouteKey, RouteView, Tier,
+};
 use crate::migration::record::{MigrationRecord, Phase, Progress};
 
 /// A change to the control plane's state. Every successfully applied command bumps the revision.
@@ -74,6 +76,12 @@ pub enum Command {
         cell_id: Arc<str>,
         health: CellHealth,
     },
+    /// A primary's protection, as its agent saw it (appended last: log entries written before
+    /// it existed decode as they were).
+    RecordProtection {
+        cell_id: Arc<str>,
+        protection: Protection,
+    },
 }
 
 impl Command {
@@ -89,6 +97,7 @@ impl Command {
             Self::StartMigration { .. } => "start_migration",
             Self::AdvanceMigration { .. } => "advance_migration",
             Self::Heartbeat { .. } => "heartbeat",
+            Self::RecordProtection { .. } => "record_protection",
         }
     }
 }
@@ -111,6 +120,10 @@ pub enum CommandOutput {
 pub struct CellView {
     pub cell_id: Arc<str>,
     pub record: super::model::CellRecord,
+    /// A primary's protection, once its agent recorded one.
+    pub protection: Option<ProtectionRecord>,
+    /// The cells registered as its standbys.
+    pub standbys: Vec<Arc<str>>,
 }
 
 /// A tenant with its id, as answers carry it.
@@ -118,6 +131,10 @@ pub struct CellView {
 pub struct TenantView {
     pub tenant_id: Arc<str>,
     pub record: super::model::TenantRecord,
+    /// Its primary cell's protection, once recorded.
+    pub protection: Option<ProtectionRecord>,
+    /// Its primary cell's standbys.
+    pub standby_cells: Vec<Arc<str>>,
 }
 
 /// A migration with its id, as answers carry it.

@@ -20,7 +20,8 @@ use crate::placement;
 use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
 use history::{Compacted, EventKind, History, RouteEvent};
 use model::{
-    CellRecord, CellState, OverrideRecord, RouteKey, RouteView, TenantRecord, TenantState,
+    CellRecord, CellState, OverrideRecord, Protection, ProtectionRecord, RouteKey, RouteView,
+    TenantRecord, TenantState,
 };
 
 /// Key of a conversation override: `(tenant_id, conversation_id)`, ordered so one tenant's
@@ -40,6 +41,8 @@ pub struct ControlState {
     /// the same id starts above it, so a writer still holding an epoch of the deleted tenant
     /// can never write into the new one.
     retired: OrdMap<Arc<str>, u64>,
+    /// Each primary's protection, as its agent last recorded it.
+    protection: OrdMap<Arc<str>, ProtectionRecord>,
     /// The revision of the newest change to a migration, so migration watchers skip the many
     /// commands that touch none. Derived from the records when a snapshot is loaded.
     migrations_revision: u64,
@@ -55,6 +58,7 @@ impl ControlState {
         overrides: OrdMap<OverrideKey, OverrideRecord>,
         migrations: OrdMap<u64, MigrationRecord>,
         retired: OrdMap<Arc<str>, u64>,
+        protection: OrdMap<Arc<str>, ProtectionRecord>,
         history: History,
     ) -> Self {
         let migrations_revision = migrations
@@ -69,8 +73,43 @@ impl ControlState {
             overrides,
             migrations,
             retired,
+            protection,
             migrations_revision,
             history,
+        }
+    }
+
+    pub fn protection(&self) -> &OrdMap<Arc<str>, ProtectionRecord> {
+        &self.protection
+    }
+
+    /// A tenant as answers show it, with its primary cell's protection and standbys.
+    pub fn tenant_view(&self, tenant_id: &Arc<str>, record: TenantRecord) -> TenantView {
+        let primary = &record.primary_cell;
+        TenantView {
+            tenant_id: tenant_id.clone(),
+            protection: self.protection.get(primary).copied(),
+            standby_cells: self.standbys_of(primary),
+            record,
+        }
+    }
+
+    /// The cells registered as standbys of `cell_id`.
+    fn standbys_of(&self, cell_id: &Arc<str>) -> Vec<Arc<str>> {
+        self.cells
+            .iter()
+            .filter(|(_, cell)| cell.standby_of.as_ref() == Some(cell_id))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A cell as answers show it: its record, its protection and its standbys.
+    pub fn cell_view(&self, cell_id: &Arc<str>, record: CellRecord) -> CellView {
+        CellView {
+            cell_id: cell_id.clone(),
+            record,
+            protection: self.protection.get(cell_id).copied(),
+            standbys: self.standbys_of(cell_id),
         }
     }
 
@@ -189,13 +228,15 @@ impl ControlState {
             Command::Heartbeat { cell_id, health } => match self.cells.get_mut(cell_id) {
                 Some(cell) => {
                     cell.health = Some(*health);
-                    Ok(CommandOutput::Cell(CellView {
-                        cell_id: cell_id.clone(),
-                        record: cell.clone(),
-                    }))
+                    let record = cell.clone();
+                    Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
                 }
                 None => Err(not_found(Entity::Cell, cell_id)),
             },
+            Command::RecordProtection {
+                cell_id,
+                protection,
+            } => self.record_protection(cell_id, *protection, next_revision),
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {
@@ -232,10 +273,9 @@ impl ControlState {
             // Registering the same cell again is how an agent restarts; a different cell under
             // the same id is a mistake.
             return if same {
-                Ok(CommandOutput::Cell(CellView {
-                    cell_id: cell_id.clone(),
-                    record: existing.clone(),
-                }))
+                Ok(CommandOutput::Cell(
+                    self.cell_view(cell_id, existing.clone()),
+                ))
             } else {
                 Err(CommandError::AlreadyExists {
                     what: Entity::Cell,
@@ -258,10 +298,32 @@ impl ControlState {
                 .map_err(CommandError::FailedPrecondition)?;
         }
         self.cells.insert(cell_id.clone(), record.clone());
-        Ok(CommandOutput::Cell(CellView {
-            cell_id: cell_id.clone(),
-            record,
-        }))
+        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+    }
+
+    fn record_protection(
+        &mut self,
+        cell_id: &Arc<str>,
+        protection: Protection,
+        revision: u64,
+    ) -> CommandResult {
+        let Some(cell) = self.cells.get(cell_id) else {
+            return Err(not_found(Entity::Cell, cell_id));
+        };
+        if let Some(primary) = &cell.standby_of {
+            return Err(CommandError::FailedPrecondition(format!(
+                "cell_id: cell {cell_id:?} is a standby of {primary:?}; protection is a primary's"
+            )));
+        }
+        let record = cell.clone();
+        self.protection.insert(
+            cell_id.clone(),
+            ProtectionRecord {
+                protection,
+                revision,
+            },
+        );
+        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
     }
 
     fn set_cell_state(&mut self, cell_id: &Arc<str>, state: CellState) -> CommandResult {
@@ -276,10 +338,8 @@ impl ControlState {
             )));
         }
         cell.state = state;
-        Ok(CommandOutput::Cell(CellView {
-            cell_id: cell_id.clone(),
-            record: cell.clone(),
-        }))
+        let record = cell.clone();
+        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
     }
 
     fn create_tenant(
@@ -329,10 +389,7 @@ impl ControlState {
                 is_override: false,
             },
         });
-        Ok(CommandOutput::Tenant(TenantView {
-            tenant_id: tenant_id.clone(),
-            record,
-        }))
+        Ok(CommandOutput::Tenant(self.tenant_view(tenant_id, record)))
     }
 
     fn delete_tenant(
@@ -551,10 +608,7 @@ impl ControlState {
         self.tenants
             .range((lower, Bound::Unbounded))
             .take(limit)
-            .map(|(tenant_id, record)| TenantView {
-                tenant_id: tenant_id.clone(),
-                record: record.clone(),
-            })
+            .map(|(tenant_id, record)| self.tenant_view(tenant_id, record.clone()))
             .collect()
     }
 

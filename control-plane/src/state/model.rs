@@ -104,6 +104,49 @@ impl CellState {
     }
 }
 
+/// How a primary's data is protected now, as its agent recorded it. A synchronous primary goes
+/// on without its standby only after `Degraded` is recorded, so the control plane never
+/// believes a standby is in sync when it is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Protection {
+    /// No synchronous standby.
+    None,
+    /// The primary waits for its synchronous standby, which may still lack earlier messages.
+    CatchingUp,
+    /// The synchronous standby has every message the primary acknowledged.
+    InSync,
+    /// The primary goes on without its synchronous standby.
+    Degraded,
+}
+
+impl Protection {
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::Protection::try_from(value).ok()? {
+            pb::Protection::None => Some(Self::None),
+            pb::Protection::CatchingUp => Some(Self::CatchingUp),
+            pb::Protection::InSync => Some(Self::InSync),
+            pb::Protection::Degraded => Some(Self::Degraded),
+            pb::Protection::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> pb::Protection {
+        match self {
+            Self::None => pb::Protection::None,
+            Self::CatchingUp => pb::Protection::CatchingUp,
+            Self::InSync => pb::Protection::InSync,
+            Self::Degraded => pb::Protection::Degraded,
+        }
+    }
+}
+
+/// A primary's protection and the revision it was recorded at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectionRecord {
+    pub protection: Protection,
+    pub revision: u64,
+}
+
 /// One IM cell as the control plane knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellRecord {

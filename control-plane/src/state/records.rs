@@ -12,7 +12,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::history::{EventKind, RouteEvent};
-use super::model::{CellRecord, OverrideRecord, RouteKey, TenantRecord};
+use super::model::{CellRecord, OverrideRecord, ProtectionRecord, RouteKey, TenantRecord};
 use super::{ControlState, OverrideKey};
 use crate::migration::record::MigrationRecord;
 
@@ -25,6 +25,8 @@ pub enum RecordKey {
     Migration(u64),
     /// The last epoch of a deleted tenant.
     Retired(Arc<str>),
+    /// A primary's protection.
+    Protection(Arc<str>),
 }
 
 /// One record's value, without the fields the state derives.
@@ -35,6 +37,7 @@ pub enum Record {
     Override(OverrideRecord),
     Migration(MigrationRecord),
     Retired(u64),
+    Protection(ProtectionRecord),
 }
 
 impl Record {
@@ -53,6 +56,10 @@ impl Record {
             Self::Migration(migration) => Self::Migration(MigrationRecord {
                 updated_revision: 0,
                 ..migration
+            }),
+            Self::Protection(protection) => Self::Protection(ProtectionRecord {
+                revision: 0,
+                ..protection
             }),
             other => other,
         }
@@ -100,7 +107,7 @@ fn diff_map<K: Ord + Clone, V: Clone + PartialEq>(
 
 impl ControlState {
     /// The records that differ between `before` and this state, in record-kind order: cells,
-    /// tenants, overrides, migrations, retired epochs.
+    /// tenants, overrides, migrations, retired epochs, protection.
     pub fn changes_since(&self, before: &ControlState) -> Vec<RecordChange> {
         let mut out = Vec::new();
         diff_map(
@@ -136,6 +143,13 @@ impl ControlState {
             &self.retired,
             |k| RecordKey::Retired(k.clone()),
             |v| Record::Retired(*v),
+            &mut out,
+        );
+        diff_map(
+            &before.protection,
+            &self.protection,
+            |k| RecordKey::Protection(k.clone()),
+            |v| Record::Protection(*v),
             &mut out,
         );
         out
@@ -244,6 +258,11 @@ impl ControlState {
                 self.retired.insert(tenant_id, epoch);
                 None
             }
+            (RecordKey::Protection(cell_id), Record::Protection(mut protection)) => {
+                protection.revision = revision;
+                self.protection.insert(cell_id, protection);
+                None
+            }
             (key, _) => return Err(RecordMismatch(key)),
         };
         Ok(event.map(|(kind, route)| RouteEvent {
@@ -299,6 +318,10 @@ impl ControlState {
             }
             RecordKey::Retired(tenant_id) => {
                 self.retired.remove(tenant_id);
+                None
+            }
+            RecordKey::Protection(cell_id) => {
+                self.protection.remove(cell_id);
                 None
             }
         };

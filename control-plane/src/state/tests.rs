@@ -335,6 +335,39 @@ fn standbys_follow_the_tiers() {
 }
 
 #[test]
+fn protection_is_recorded_for_primaries_at_its_revision() {
+    use super::model::Protection;
+    let mut state = ControlState::default();
+    register(&mut state, "primary", "a", Tier::Normal, 10);
+    register_standby(&mut state, "standby", ("hz", "b"), Tier::Normal, "primary").expect("standby");
+    let record = |state: &mut ControlState, cell: &str, protection| {
+        state
+            .apply(&Command::RecordProtection {
+                cell_id: Arc::from(cell),
+                protection,
+            })
+            .0
+    };
+    let Ok(CommandOutput::Cell(view)) = record(&mut state, "primary", Protection::Degraded) else {
+        panic!("recorded");
+    };
+    let recorded = view.protection.expect("protection");
+    assert_eq!(recorded.protection, Protection::Degraded);
+    assert_eq!(recorded.revision, state.revision());
+    assert_eq!(view.standbys, vec![Arc::<str>::from("standby")]);
+    let before = state.revision();
+    let refused = record(&mut state, "standby", Protection::InSync);
+    assert!(
+        matches!(refused, Err(CommandError::FailedPrecondition(ref m)) if m.contains("standby"))
+    );
+    assert!(matches!(
+        record(&mut state, "nobody", Protection::InSync),
+        Err(CommandError::NotFound { .. })
+    ));
+    assert_eq!(state.revision(), before, "refusals change nothing");
+}
+
+#[test]
 fn a_standby_is_never_placed_on_nor_routed_to() {
     let mut state = ControlState::default();
     register(&mut state, "primary", "a", Tier::Normal, 10);
@@ -823,6 +856,20 @@ fn record_changes_rebuild_the_same_state_and_events() {
             home_region: Arc::from("hz"),
         },
     );
+    for protection in [
+        super::model::Protection::CatchingUp,
+        super::model::Protection::InSync,
+    ] {
+        step(
+            &mut state,
+            &mut mirror,
+            Command::RecordProtection {
+                cell_id: Arc::from("cell-a"),
+                protection,
+            },
+        );
+    }
+    assert_eq!(mirror.protection(), state.protection());
 
     let loads = |s: &ControlState| -> Vec<(String, u64)> {
         s.cells()

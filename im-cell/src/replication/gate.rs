@@ -2,12 +2,17 @@
 //! pushes its events) only once every one of them has acknowledged the batch's last LSN as
 //! durable.
 //!
+//! It starts out *catching up*: it waits, but the standbys may still lack what the cell
+//! acknowledged before (in an earlier life, or while it went on alone), so it is not in sync
+//! yet. Once every synchronous standby has acknowledged everything durable it is *in sync*:
+//! every answer it gave is on every synchronous standby.
+//!
 //! When they stop acknowledging for `timeout` while answers wait, the gate is *stalled*: the
 //! answers keep waiting, because the cell may go on alone only after the control plane has
 //! recorded that it is no longer in sync (its agent does that, then calls [`SyncGate::release`]
 //! naming the stall). Going on alone it answers at once. As soon as every synchronous standby
-//! has acknowledged everything durable it waits for them again by itself — waiting more is
-//! always safe — and its agent records the cell in sync again.
+//! has acknowledged everything durable it is in sync again by itself — waiting more is always
+//! safe — and its agent records that.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +35,9 @@ pub type Answers = Vec<(Reply, Result<Outcome, CellError>)>;
 pub enum Mode {
     /// No synchronous standby: answers go at once.
     Unguarded,
-    /// Answers wait for every synchronous standby.
+    /// Answers wait for every synchronous standby, which may still lack earlier answers.
+    CatchingUp,
+    /// Answers wait for every synchronous standby, which has every earlier one: in sync.
     Waiting,
     /// They waited longer than the timeout: still waiting, until released.
     Stalled,
@@ -42,6 +49,7 @@ impl Mode {
     fn proto(self) -> pb::SyncMode {
         match self {
             Self::Unguarded => pb::SyncMode::Unguarded,
+            Self::CatchingUp => pb::SyncMode::CatchingUp,
             Self::Waiting => pb::SyncMode::Waiting,
             Self::Stalled => pb::SyncMode::Stalled,
             Self::Alone => pb::SyncMode::Alone,
@@ -94,12 +102,12 @@ fn send(held: impl IntoIterator<Item = Held>, hub: &SyncHub) {
 }
 
 impl SyncGate {
-    /// A gate over `standbys` (none: answers go at once), starting out waiting for them.
+    /// A gate over `standbys` (none: answers go at once), starting out catching up with them.
     pub fn new(standbys: &[String], timeout: Duration, durable: u64, hub: SyncHub) -> Self {
         let mode = if standbys.is_empty() {
             Mode::Unguarded
         } else {
-            Mode::Waiting
+            Mode::CatchingUp
         };
         Self {
             inner: Arc::new(Mutex::new(Inner {
@@ -129,8 +137,8 @@ impl SyncGate {
         let go = {
             let mut inner = self.lock();
             inner.durable = inner.durable.max(lsn);
-            let waits =
-                matches!(inner.mode, Mode::Waiting | Mode::Stalled) && inner.all_acked() < lsn;
+            let waits = matches!(inner.mode, Mode::CatchingUp | Mode::Waiting | Mode::Stalled)
+                && inner.all_acked() < lsn;
             if waits {
                 inner.held.push_back(batch);
                 None
@@ -154,14 +162,18 @@ impl SyncGate {
             while inner.held.front().is_some_and(|held| held.lsn <= all) {
                 released.extend(inner.held.pop_front());
             }
+            let caught_up = all >= inner.durable;
             match inner.mode {
-                Mode::Stalled if inner.held.is_empty() => inner.mode = Mode::Waiting,
-                Mode::Alone if all >= inner.durable => {
-                    tracing::info!(
-                        lsn = all,
-                        "synchronous standbys caught up; waiting for them again"
-                    );
+                Mode::CatchingUp | Mode::Alone if caught_up => {
+                    tracing::info!(lsn = all, "synchronous standbys have everything; in sync");
                     inner.mode = Mode::Waiting;
+                }
+                Mode::Stalled if inner.held.is_empty() => {
+                    inner.mode = if caught_up {
+                        Mode::Waiting
+                    } else {
+                        Mode::CatchingUp
+                    };
                 }
                 _ => {}
             }
@@ -178,7 +190,7 @@ impl SyncGate {
             .held
             .front()
             .is_some_and(|held| now.saturating_duration_since(held.since) >= self.timeout);
-        if inner.mode == Mode::Waiting && late {
+        if matches!(inner.mode, Mode::CatchingUp | Mode::Waiting) && late {
             inner.mode = Mode::Stalled;
             inner.episode += 1;
             tracing::warn!(
@@ -259,6 +271,7 @@ mod tests {
             0,
             SyncHub::with_notifier(None),
         );
+        assert_eq!(mode(&gate), pb::SyncMode::CatchingUp);
         let (first, mut first_rx) = answers(2);
         gate.committed(3, first, Vec::new());
         let (second, mut second_rx) = answers(1);
@@ -281,6 +294,12 @@ mod tests {
             Duration::from_millis(100),
             0,
             SyncHub::with_notifier(None),
+        );
+        gate.acked("s1", 0);
+        assert_eq!(
+            mode(&gate),
+            pb::SyncMode::Waiting,
+            "nothing durable yet: in sync"
         );
         let (held, mut rx) = answers(1);
         gate.committed(1, held, Vec::new());
@@ -320,6 +339,28 @@ mod tests {
         gate.tick(Instant::now() + Duration::from_secs(1));
         assert_eq!(mode(&gate), pb::SyncMode::Stalled);
         gate.acked("s1", 1);
+        assert!(answered(&mut rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Waiting);
+    }
+
+    #[test]
+    fn a_restarted_primary_is_in_sync_only_once_its_standby_has_all_it_holds() {
+        let gate = SyncGate::new(
+            &["s1".into()],
+            Duration::from_secs(1),
+            40,
+            SyncHub::with_notifier(None),
+        );
+        gate.acked("s1", 30);
+        assert_eq!(
+            mode(&gate),
+            pb::SyncMode::CatchingUp,
+            "LSNs 31..40 may be missing"
+        );
+        let (held, mut rx) = answers(1);
+        gate.committed(41, held, Vec::new());
+        assert!(!answered(&mut rx[0]), "catching up, answers still wait");
+        gate.acked("s1", 41);
         assert!(answered(&mut rx[0]));
         assert_eq!(mode(&gate), pb::SyncMode::Waiting);
     }

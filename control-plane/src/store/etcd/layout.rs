@@ -9,6 +9,7 @@
 //! | `P/overrides/{tenant}/{conv}`     | a conversation's own route (JSON)      |
 //! | `P/migrations/{id:020}`           | a migration (JSON)                     |
 //! | `P/retired/{tenant_id}`           | the last epoch of a deleted tenant     |
+//! | `P/protection/{cell_id}`          | a primary's protection (JSON)          |
 //! | `P/meta/compacted`                | the revision history was compacted to  |
 //! | `P/meta/written`                  | touched by every write                 |
 //!
@@ -73,6 +74,7 @@ impl Layout {
             }
             RecordKey::Migration(id) => format!("{p}migrations/{id:020}"),
             RecordKey::Retired(id) => format!("{p}retired/{id}"),
+            RecordKey::Protection(id) => format!("{p}protection/{id}"),
         }
     }
 
@@ -109,6 +111,7 @@ impl Layout {
             }
             "migrations" => Parsed::Record(RecordKey::Migration(rest.parse().ok()?)),
             "retired" => Parsed::Record(RecordKey::Retired(id()?)),
+            "protection" => Parsed::Record(RecordKey::Protection(id()?)),
             "meta" => match rest {
                 "compacted" => Parsed::Meta(MetaKey::Compacted),
                 "written" => Parsed::Meta(MetaKey::Written),
@@ -127,6 +130,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
         Record::Override(record) => serde_json::to_vec(record),
         Record::Migration(migration) => serde_json::to_vec(migration),
         Record::Retired(epoch) => serde_json::to_vec(epoch),
+        Record::Protection(protection) => serde_json::to_vec(protection),
     };
     encoded.expect("records always serialize to JSON")
 }
@@ -139,6 +143,7 @@ pub fn decode(key: &RecordKey, value: &[u8]) -> Result<Record, LayoutError> {
         RecordKey::Override(_) => serde_json::from_slice(value).map(Record::Override),
         RecordKey::Migration(_) => serde_json::from_slice(value).map(Record::Migration),
         RecordKey::Retired(_) => serde_json::from_slice(value).map(Record::Retired),
+        RecordKey::Protection(_) => serde_json::from_slice(value).map(Record::Protection),
     };
     decoded.map_err(|e| LayoutError {
         key: format!("{key:?}"),
@@ -159,6 +164,7 @@ mod tests {
             RecordKey::Override((Arc::from("acme"), Arc::from("g1"))),
             RecordKey::Migration(42),
             RecordKey::Retired(Arc::from("gone")),
+            RecordKey::Protection(Arc::from("hz-a-1")),
         ] {
             let text = layout.key(&key);
             assert_eq!(layout.parse(text.as_bytes()), Some(Parsed::Record(key)));
