@@ -20,7 +20,7 @@ use super::codec::{self, CodecError};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
 use crate::state::model::{CellRecord, OverrideRecord, ProtectionRecord, TenantRecord};
-use crate::state::{ControlState, OverrideKey};
+use crate::state::{ControlState, OverrideKey, Parts};
 
 const MAGIC: &[u8; 8] = b"CPSNAP02";
 
@@ -267,16 +267,16 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
             None => return Err(SnapshotError::Corrupt("truncated: no end frame".into())),
         }
     }
-    let state = ControlState::from_parts(
-        header.revision,
+    let state = ControlState::from_parts(Parts {
+        revision: header.revision,
         cells,
         tenants,
         overrides,
         migrations,
         retired,
         protection,
-        History::from_parts(events, header.compacted_revision),
-    );
+        history: History::from_parts(events, header.compacted_revision),
+    });
     Ok((header.meta, state))
 }
 

@@ -49,18 +49,31 @@ pub struct ControlState {
     history: History,
 }
 
+/// A state's parts, as a snapshot stores them.
+pub struct Parts {
+    pub revision: u64,
+    pub cells: OrdMap<Arc<str>, CellRecord>,
+    pub tenants: OrdMap<Arc<str>, TenantRecord>,
+    pub overrides: OrdMap<OverrideKey, OverrideRecord>,
+    pub migrations: OrdMap<u64, MigrationRecord>,
+    pub retired: OrdMap<Arc<str>, u64>,
+    pub protection: OrdMap<Arc<str>, ProtectionRecord>,
+    pub history: History,
+}
+
 impl ControlState {
     /// Reassembles a state from its parts, as a snapshot stores them.
-    pub fn from_parts(
-        revision: u64,
-        cells: OrdMap<Arc<str>, CellRecord>,
-        tenants: OrdMap<Arc<str>, TenantRecord>,
-        overrides: OrdMap<OverrideKey, OverrideRecord>,
-        migrations: OrdMap<u64, MigrationRecord>,
-        retired: OrdMap<Arc<str>, u64>,
-        protection: OrdMap<Arc<str>, ProtectionRecord>,
-        history: History,
-    ) -> Self {
+    pub fn from_parts(parts: Parts) -> Self {
+        let Parts {
+            revision,
+            cells,
+            tenants,
+            overrides,
+            migrations,
+            retired,
+            protection,
+            history,
+        } = parts;
         let migrations_revision = migrations
             .values()
             .map(|m| m.updated_revision)
