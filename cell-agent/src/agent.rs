@@ -104,6 +104,11 @@ pub async fn run(
             cells.clone(),
             stop.clone(),
         )),
+        tokio::spawn(crate::protection::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
     ];
     tracing::info!(%region, "agent serving");
     shutdown.await;

@@ -66,6 +66,14 @@ pub struct CellSpec {
     /// this agent's cells, needed here otherwise.
     #[serde(default)]
     pub primary_endpoint: Option<String>,
+    /// On a primary: the standbys every send waits for. By default its in-region standby (the
+    /// cell of this file that is its standby); list a remote standby here to make it
+    /// synchronous too, or none for an asynchronous in-region standby.
+    #[serde(default)]
+    pub sync_standbys: Option<Vec<String>>,
+    /// How long sends may wait for them before the primary asks to be recorded out of sync.
+    #[serde(default)]
+    pub sync_timeout_ms: Option<u64>,
     /// Extra `im-cell serve` flags (limits, rate limits, metrics).
     #[serde(default)]
     pub args: Vec<String>,
@@ -175,8 +183,32 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Fills in the endpoint of each standby's primary that is one of this agent's cells.
+    /// The standbys the primary `cell` waits for: as configured, or else its in-region
+    /// standby among this agent's cells.
+    pub fn sync_standbys(&self, cell: &CellSpec) -> Vec<String> {
+        if cell.standby_of.is_some() {
+            return Vec::new();
+        }
+        match &cell.sync_standbys {
+            Some(listed) => listed.clone(),
+            None => self
+                .cells
+                .iter()
+                .filter(|c| c.standby_of.as_deref() == Some(cell.cell_id.as_str()))
+                .map(|c| c.cell_id.clone())
+                .collect(),
+        }
+    }
+
+    /// Fills in the endpoint of each standby's primary that is one of this agent's cells, and
+    /// each primary's synchronous standbys.
     fn resolve_primaries(&mut self) {
+        let sync: Vec<Vec<String>> = self.cells.iter().map(|c| self.sync_standbys(c)).collect();
+        for (cell, sync) in self.cells.iter_mut().zip(sync) {
+            if cell.standby_of.is_none() {
+                cell.sync_standbys = Some(sync);
+            }
+        }
         let listens: Vec<(String, String)> = self
             .cells
             .iter()
@@ -242,6 +274,12 @@ mod tests {
             config.cells[1].primary_endpoint.as_deref(),
             Some("127.0.0.1:7101")
         );
+        assert_eq!(
+            config.sync_standbys(&config.cells[0]),
+            vec!["hz-b-high-s1".to_string()],
+            "the in-region standby is synchronous by default"
+        );
+        assert!(config.sync_standbys(&config.cells[1]).is_empty());
         assert_eq!(
             config.cells[2].primary_endpoint.as_deref(),
             Some("10.1.0.5:7101")

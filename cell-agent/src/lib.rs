@@ -11,4 +11,5 @@ pub mod cells;
 pub mod config;
 pub mod grants;
 pub mod migrate;
+pub mod protection;
 pub mod supervisor;

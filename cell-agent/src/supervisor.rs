@@ -73,7 +73,7 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         .create(true)
         .append(true)
         .open(log)?;
-    let standby = match (&spec.standby_of, &spec.primary_endpoint) {
+    let mut standby = match (&spec.standby_of, &spec.primary_endpoint) {
         (Some(primary), Some(endpoint)) => vec![
             "--standby-of".to_string(),
             primary.clone(),
@@ -82,6 +82,12 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         ],
         _ => Vec::new(),
     };
+    for sync in spec.sync_standbys.iter().flatten() {
+        standby.extend(["--sync-standby".to_string(), sync.clone()]);
+    }
+    if let Some(ms) = spec.sync_timeout_ms {
+        standby.extend(["--sync-timeout-ms".to_string(), ms.to_string()]);
+    }
     Command::new(binary)
         .arg("serve")
         .arg("--cell-id")

@@ -54,6 +54,18 @@ impl AgentProcess {
         cells: &[(&str, &str, &str)],
         cell_args: &[&str],
     ) -> Self {
+        Self::start_with_standbys(region, control_plane, cells, &[], cell_args)
+    }
+
+    /// Like [`AgentProcess::start`], with some cells the standbys of others: `(standby,
+    /// primary)` pairs, both among `cells`.
+    pub fn start_with_standbys(
+        region: &str,
+        control_plane: &[String],
+        cells: &[(&str, &str, &str)],
+        standbys: &[(&str, &str)],
+        cell_args: &[&str],
+    ) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("cellplane-agent-")
             .tempdir()
@@ -79,6 +91,9 @@ impl AgentProcess {
                 "[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = 1000\nargs = {:?}\n",
                 cell.cell_id, cell.zone, cell.tier, cell.addr, cell_args
             ));
+            if let Some((_, primary)) = standbys.iter().find(|(s, _)| *s == cell.cell_id) {
+                config.push_str(&format!("standby_of = {primary:?}\n"));
+            }
         }
         std::fs::write(dir.path().join("agent.toml"), config).expect("write agent config");
         let mut agent = AgentProcess {
@@ -162,10 +177,15 @@ impl AgentProcess {
 
     /// SIGKILLs one of the agent's cells, as a crash; the agent restarts it.
     pub fn kill_cell(&self, cell_id: &str) {
+        self.signal_cell(cell_id, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Sends `signal` to the process of one of the agent's cells (SIGSTOP: a stalled cell).
+    pub fn signal_cell(&self, cell_id: &str, signal: nix::sys::signal::Signal) {
         let needle = format!("--cell-id\0{cell_id}\0");
         let data = self.dir.path().join("data");
         let data = data.to_string_lossy();
-        let mut killed = 0;
+        let mut signalled = 0;
         for entry in std::fs::read_dir("/proc").expect("/proc") {
             let Ok(entry) = entry else { continue };
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -177,11 +197,11 @@ impl AgentProcess {
             let cmdline = String::from_utf8_lossy(&cmdline);
             if cmdline.contains(&needle) && cmdline.contains(data.as_ref()) {
                 let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
-                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
-                killed += 1;
+                nix::sys::signal::kill(pid, signal).expect("signal");
+                signalled += 1;
             }
         }
-        assert_eq!(killed, 1, "expected one process of cell {cell_id}");
+        assert_eq!(signalled, 1, "expected one process of cell {cell_id}");
     }
 
     /// Waits until every cell of this agent answers.

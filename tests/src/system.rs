@@ -37,11 +37,25 @@ impl System {
 
     /// Like [`System::start`], each control-plane node started with `node_args` too.
     pub async fn start_with(node_args: &[&str], regions: &[(&str, &[CellSpec<'_>])]) -> System {
+        Self::start_with_standbys(node_args, regions, &[], &[]).await
+    }
+
+    /// Like [`System::start_with`], with `(standby, primary)` pairs among the cells and
+    /// `cell_args` for every cell.
+    pub async fn start_with_standbys(
+        node_args: &[&str],
+        regions: &[(&str, &[CellSpec<'_>])],
+        standbys: &[(&str, &str)],
+        cell_args: &[&str],
+    ) -> System {
         let cluster = Cluster::start(3, node_args).await;
         let endpoints = cluster.endpoints();
+        let args: Vec<&str> = CELL_ARGS.iter().chain(cell_args).copied().collect();
         let agents: Vec<AgentProcess> = regions
             .iter()
-            .map(|(region, cells)| AgentProcess::start(region, &endpoints, cells, CELL_ARGS))
+            .map(|(region, cells)| {
+                AgentProcess::start_with_standbys(region, &endpoints, cells, standbys, &args)
+            })
             .collect();
         let system = System { cluster, agents };
         let expected: usize = regions.iter().map(|(_, cells)| cells.len()).sum();

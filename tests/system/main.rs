@@ -7,5 +7,6 @@ mod cellctl;
 mod crash;
 mod demo;
 mod migration;
+mod standby;
 
 pub use cellplane_tests::system::{System, phase_name};
