@@ -96,6 +96,28 @@ fn cellctl_drives_a_running_dev_system() {
     let listed = listed.as_array().expect("cells");
     assert_eq!(listed.len(), cells.len());
     assert!(listed.iter().all(|c| c["state"] == "ACTIVE"), "{listed:?}");
+    // Every NORMAL and HIGH primary waits for its in-region standby and says so; LOW cells
+    // have no standby and no protection beyond their one copy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = ok(&endpoints_file, &["cells"]);
+        let listed = listed.as_array().expect("cells");
+        let primaries = listed.iter().filter(|c| c["standby_of"].is_null());
+        let (protected, unprotected): (Vec<&Value>, Vec<&Value>) =
+            primaries.partition(|c| c["tier"] != "LOW");
+        let in_sync = protected.iter().all(|c| {
+            c["protection"] == "IN_SYNC" && !c["standbys"].as_array().expect("standbys").is_empty()
+        });
+        let none = unprotected.iter().all(|c| c["protection"] == "NONE");
+        if in_sync && none {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protection never settled: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let tenant = ok(
         &endpoints_file,
@@ -110,6 +132,13 @@ fn cellctl_drives_a_running_dev_system() {
         ],
     );
     let first_cell = tenant["primary_cell"].as_str().expect("cell").to_string();
+    let shown = ok(&endpoints_file, &["tenant", "show", "umbrella"]);
+    assert_eq!(
+        shown["standby_cells"].as_array().map(Vec::len),
+        Some(1),
+        "a NORMAL tenant's primary has its in-region standby: {shown}"
+    );
+    assert_eq!(shown["guarantee_holds"], true, "{shown}");
     let route = ok(&endpoints_file, &["route", "umbrella"]);
     assert_eq!(
         (route["cell_id"].as_str(), route["epoch"].as_u64()),

@@ -121,6 +121,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TenantCommand {
+    /// One tenant: its cell and epoch, its cell's standbys and protection, and whether its
+    /// tier's promise holds now.
+    Show { tenant: String },
     /// Create a tenant; placement puts it on a cell of its tier in its home region.
     Create {
         tenant: String,
@@ -408,6 +411,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .route
                 .ok_or_else(|| failure(exit::INTERNAL, "Internal", "lookup answered no route"))?;
             print_one(output, &RouteView::from(&route))?;
+        }
+        Command::Tenant(TenantCommand::Show { tenant }) => {
+            let found = control
+                .call(|mut c| {
+                    let request = pb::GetTenantRequest {
+                        tenant_id: tenant.clone(),
+                    };
+                    async move { c.get_tenant(request).await }
+                })
+                .await?;
+            print_one(output, &TenantView::from(&found))?;
         }
         Command::Tenant(TenantCommand::Create {
             tenant,

@@ -105,6 +105,24 @@ pub struct CellView {
     pub last_lsn: Option<u64>,
     pub messages: Option<u64>,
     pub endpoint: String,
+    /// A standby's primary.
+    pub standby_of: Option<String>,
+    /// A primary's standbys and protection.
+    pub standbys: Vec<String>,
+    pub protection: Option<String>,
+}
+
+/// `IN_SYNC`, `DEGRADED`, ...; `None` until recorded.
+fn protection(value: i32) -> Option<String> {
+    match pb::Protection::try_from(value) {
+        Ok(pb::Protection::Unspecified) => None,
+        Ok(p) => Some(
+            p.as_str_name()
+                .trim_start_matches("PROTECTION_")
+                .to_string(),
+        ),
+        Err(_) => Some(value.to_string()),
+    }
 }
 
 impl From<&pb::Cell> for CellView {
@@ -122,6 +140,9 @@ impl From<&pb::Cell> for CellView {
             last_lsn: c.health.map(|h| h.last_lsn),
             messages: c.health.map(|h| h.messages),
             endpoint: c.endpoint.clone(),
+            standby_of: (!c.standby_of.is_empty()).then(|| c.standby_of.clone()),
+            standbys: c.standbys.clone(),
+            protection: protection(c.protection),
         }
     }
 }
@@ -132,8 +153,19 @@ fn optional<T: ToString>(value: Option<T>) -> String {
 
 impl Row for CellView {
     const HEADERS: &'static [&'static str] = &[
-        "CELL", "REGION", "ZONE", "TIER", "STATE", "TENANTS", "CAPACITY", "HEALTHY", "LSN",
-        "MESSAGES", "ENDPOINT",
+        "CELL",
+        "REGION",
+        "ZONE",
+        "TIER",
+        "STATE",
+        "ROLE",
+        "PROTECTION",
+        "TENANTS",
+        "CAPACITY",
+        "HEALTHY",
+        "LSN",
+        "MESSAGES",
+        "ENDPOINT",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -142,6 +174,11 @@ impl Row for CellView {
             self.zone.clone(),
             self.tier.clone(),
             self.state.clone(),
+            match &self.standby_of {
+                Some(primary) => format!("standby of {primary}"),
+                None => "primary".into(),
+            },
+            optional(self.protection.clone()),
             self.load.to_string(),
             self.capacity.to_string(),
             match self.healthy {
@@ -165,6 +202,10 @@ pub struct TenantView {
     pub epoch: u64,
     pub state: String,
     pub overrides: u64,
+    pub standby_cells: Vec<String>,
+    pub protection: Option<String>,
+    /// Whether the tier's promise holds now (NORMAL and HIGH: the primary is in sync).
+    pub guarantee_holds: bool,
 }
 
 impl From<&pb::Tenant> for TenantView {
@@ -179,6 +220,9 @@ impl From<&pb::Tenant> for TenantView {
                 .map(|s| s.as_str_name().trim_start_matches("TENANT_").to_string())
                 .unwrap_or_else(|_| t.state.to_string()),
             overrides: t.override_count,
+            standby_cells: t.standby_cells.clone(),
+            protection: protection(t.protection),
+            guarantee_holds: t.guarantee_holds,
         }
     }
 }
@@ -192,6 +236,8 @@ impl Row for TenantView {
         "EPOCH",
         "STATE",
         "OVERRIDES",
+        "STANDBYS",
+        "PROTECTION",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -202,6 +248,16 @@ impl Row for TenantView {
             self.epoch.to_string(),
             self.state.clone(),
             self.overrides.to_string(),
+            if self.standby_cells.is_empty() {
+                "-".into()
+            } else {
+                self.standby_cells.join(",")
+            },
+            match (&self.protection, self.guarantee_holds) {
+                (None, _) => "-".into(),
+                (Some(p), true) => p.clone(),
+                (Some(p), false) => format!("{p} (below its tier)"),
+            },
         ]
     }
 }
