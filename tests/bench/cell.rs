@@ -38,7 +38,12 @@ fn send(conversation: &str, sender: &str, id: u64) -> SendMessageRequest {
     }
 }
 
-async fn conversation(cell: &CellProcess, id: &str, kind: ConversationKind, members: Vec<String>) {
+pub async fn conversation(
+    cell: &CellProcess,
+    id: &str,
+    kind: ConversationKind,
+    members: Vec<String>,
+) {
     cell.messaging()
         .create_conversation(CreateConversationRequest {
             tenant_id: "bench".into(),
@@ -101,7 +106,7 @@ async fn ceiling(cell: &CellProcess, clients: usize, phase: Duration) -> anyhow:
 
 /// Runs `senders` closed-loop senders for `phase`; sender `i` writes to the conversation
 /// `target(i)` names, as the user it names.
-async fn load(
+pub async fn load(
     cell: &CellProcess,
     senders: usize,
     phase: Duration,

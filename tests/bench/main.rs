@@ -13,6 +13,7 @@ mod lookups;
 mod migration;
 mod report;
 mod scale;
+mod standby;
 mod updates;
 mod versus_etcd;
 
@@ -48,6 +49,9 @@ struct Cli {
     /// Migrations under load whose write pause is measured.
     #[arg(long, default_value_t = 50)]
     migrations: usize,
+    /// Seconds a standby is down in the standby benchmark's catch-up phase.
+    #[arg(long, default_value_t = 60)]
+    outage: u64,
     /// Leader SIGKILLs timed on each side in the leader-kill benchmark.
     #[arg(long, default_value_t = 30)]
     kills: usize,
@@ -68,6 +72,8 @@ enum Which {
     Etcd,
     /// The write pause after a leader's SIGKILL, cellplane beside etcd.
     LeaderKill,
+    /// What standbys cost a cell's sends, their catch-up and their lag.
+    Standby,
 }
 
 #[tokio::main]
@@ -99,6 +105,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Cell) {
         cell::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Standby) {
+        standby::run(&mut report, phase, Duration::from_secs(cli.outage)).await?;
     }
     if matches!(cli.which, Which::All | Which::Migration) {
         migration::run(&mut report, cli.migration_messages, cli.migrations).await?;

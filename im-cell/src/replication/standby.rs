@@ -2,6 +2,9 @@
 //! durably before it acknowledges the LSN. It reconnects after any failure, from the position
 //! it made durable; a bootstrap cut short starts over from nothing.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use cellplane_api::proto::cell as pb;
@@ -17,6 +20,17 @@ use crate::store::Store;
 use crate::store::export::space_named;
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Replicated, Writer};
+
+/// Batches applied at once: queued in the writer while earlier ones commit.
+const IN_FLIGHT: usize = 32;
+
+/// A batch queued in the writer.
+struct Applying {
+    outcome: Pin<Box<dyn Future<Output = Result<Outcome, CellError>> + Send>>,
+    primary_lsn: u64,
+    rows: u64,
+    begin: bool,
+}
 
 /// Pause before reconnecting after a failure; doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -116,34 +130,55 @@ async fn follow(
         .into_inner();
     state.update_replica(|r| r.connected = true);
     let mut streamed = false;
-    while let Some(batch) = stream.message().await? {
-        streamed = true;
-        let primary_lsn = batch.primary_lsn;
-        let rows = batch.snapshot_rows.len() as u64;
-        let begin = batch.snapshot_begin;
-        let replicated = decode_batch(batch)?;
-        let Outcome::Replica(position) = writer.submit(Op::Replicate(replicated)).await? else {
-            return Err(Status::internal(
-                "the writer answered a replication batch oddly",
-            ));
-        };
-        state.update_replica(|r| {
-            r.applied_lsn = position.applied_lsn;
-            r.primary_lsn = r.primary_lsn.max(primary_lsn);
-            r.bootstrapping = position.bootstrapping;
-            r.bootstrap_rows = if begin { rows } else { r.bootstrap_rows + rows };
-        });
-        if !position.bootstrapping {
-            // Durable: the writer answers only after its batch is fsynced.
-            let ack = pb::StandbyMessage {
-                standby_cell_id: String::new(),
-                applied_lsn: position.applied_lsn,
-            };
-            if acks.send(ack).await.is_err() {
-                break;
+    // Batches queued in the writer and not yet durable, oldest first: the next is queued while
+    // earlier ones commit, so several share one fsync; each is acknowledged in order once
+    // durable.
+    let mut in_flight: VecDeque<Applying> = VecDeque::new();
+    loop {
+        let receive = in_flight.len() < IN_FLIGHT;
+        tokio::select! {
+            biased;
+            applied = async { in_flight.front_mut().expect("in flight").outcome.as_mut().await },
+                if !in_flight.is_empty() =>
+            {
+                let done = in_flight.pop_front().expect("in flight");
+                let Outcome::Replica(position) = applied? else {
+                    return Err(Status::internal("the writer answered a replication batch oddly"));
+                };
+                state.update_replica(|r| {
+                    r.applied_lsn = position.applied_lsn;
+                    r.primary_lsn = r.primary_lsn.max(done.primary_lsn);
+                    r.bootstrapping = position.bootstrapping;
+                    r.bootstrap_rows = if done.begin { done.rows } else { r.bootstrap_rows + done.rows };
+                });
+                if !position.bootstrapping {
+                    // Durable: the writer answers only after its batch is fsynced.
+                    let ack = pb::StandbyMessage {
+                        standby_cell_id: String::new(),
+                        applied_lsn: position.applied_lsn,
+                    };
+                    if acks.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            batch = stream.message(), if receive => {
+                let Some(batch) = batch? else { break };
+                streamed = true;
+                let primary_lsn = batch.primary_lsn;
+                let rows = batch.snapshot_rows.len() as u64;
+                let begin = batch.snapshot_begin;
+                let replicated = decode_batch(batch)?;
+                in_flight.push_back(Applying {
+                    outcome: Box::pin(writer.enqueue(Op::Replicate(replicated))?),
+                    primary_lsn,
+                    rows,
+                    begin,
+                });
             }
         }
     }
+    // What was queued still lands; the next connection starts from what is durable.
     if streamed {
         Ok(())
     } else {

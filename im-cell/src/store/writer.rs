@@ -174,6 +174,16 @@ impl Writer {
 
     /// Submits a write and waits until it is durable (or refused).
     pub async fn submit(&self, op: Op) -> Result<Outcome, CellError> {
+        self.enqueue(op)?.await
+    }
+
+    /// Queues a write now, in order with every write queued before it, and returns what
+    /// resolves once it is durable (or refused): a caller can queue the next before this one
+    /// commits, and the writer commits them together.
+    pub fn enqueue(
+        &self,
+        op: Op,
+    ) -> Result<impl Future<Output = Result<Outcome, CellError>> + use<>, CellError> {
         let (reply, answer) = oneshot::channel();
         self.queue.try_send((op, reply)).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => CellError::ResourceExhausted(
@@ -181,9 +191,11 @@ impl Writer {
             ),
             mpsc::TrySendError::Disconnected(_) => CellError::Storage("the writer stopped".into()),
         })?;
-        answer
-            .await
-            .map_err(|_| CellError::Storage("the writer dropped the request".into()))?
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| CellError::Storage("the writer dropped the request".into()))?
+        })
     }
 
     /// The newest LSN of the cell log that is durable, as it moves.
