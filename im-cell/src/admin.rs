@@ -180,6 +180,14 @@ impl CellAdmin for AdminService {
         let r = request.into_inner();
         route_key(&r.tenant_id, &r.conversation_id)?;
         let view = ExportView::open(&self.store)?;
+        let tail = r.from_lsn > 0 || r.log_only;
+        let first = self.store.first_lsn()?;
+        if tail && first > 1 && r.from_lsn + 1 < first {
+            return Err(Status::out_of_range(format!(
+                "from_lsn: the cell keeps its log from LSN {first}; {} is gone, copy a snapshot (from_lsn 0) instead",
+                r.from_lsn + 1
+            )));
+        }
         let excluded: Excluded = if r.conversation_id.is_empty() {
             own_conversations(&self.writer.grants(), &r.tenant_id).collect()
         } else {
@@ -351,6 +359,7 @@ impl CellAdmin for AdminService {
             replica: self.standby_of.as_ref().map(|_| self.replication.replica()),
             standbys: self.replication.standbys(last_lsn, Instant::now()),
             sync: Some(self.replication.gate().status()),
+            first_lsn: self.store.first_lsn()?,
             keys,
             conversations: self.store.spaces.conversations.approximate_len() as u64,
             messages: self.store.spaces.messages.approximate_len() as u64,

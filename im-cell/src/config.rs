@@ -14,6 +14,8 @@
 //! [replication]                      # only on a primary
 //! sync_standbys = ["hz-b-normal-s1"] # a send waits for these
 //! sync_timeout_ms = 1000
+//! log_retention_bytes = 1073741824   # the cell log kept: 1 GiB,
+//! log_retention_ms = 86400000        # and a day
 //! [standby]                          # only on a standby
 //! primary_cell_id = "hz-b-normal-1"
 //! primary_endpoint = "10.0.2.5:7100"
@@ -61,6 +63,11 @@ pub struct ReplicationConfig {
     /// How long answers may wait for them before the cell stalls and asks (through its agent)
     /// to be recorded as not in sync.
     pub sync_timeout_ms: u64,
+    /// The cell log kept, in bytes: a standby or migration further behind starts over from a
+    /// snapshot.
+    pub log_retention_bytes: u64,
+    /// The cell log kept, in age.
+    pub log_retention_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -68,6 +75,8 @@ impl Default for ReplicationConfig {
         Self {
             sync_standbys: Vec::new(),
             sync_timeout_ms: 1_000,
+            log_retention_bytes: 1 << 30,
+            log_retention_ms: 24 * 3_600_000,
         }
     }
 }
@@ -116,6 +125,12 @@ impl CellConfig {
         }
         for (i, standby) in self.replication.sync_standbys.iter().enumerate() {
             validate_id(&format!("replication.sync_standbys[{i}]"), standby)?;
+        }
+        if self.replication.log_retention_ms == 0 {
+            return Err(ConfigError::new(
+                "replication.log_retention_ms",
+                "must be at least 1",
+            ));
         }
         if self.replication.sync_timeout_ms == 0 {
             return Err(ConfigError::new(

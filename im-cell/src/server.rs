@@ -19,6 +19,7 @@ use crate::replication::gate::SyncGate;
 use crate::replication::primary::{self, ReplicationService};
 use crate::replication::standby;
 use crate::store::Store;
+use crate::store::log_trim::LogBound;
 use crate::store::writer::Writer;
 use crate::sync::SyncService;
 use crate::sync::hub::SyncHub;
@@ -82,6 +83,10 @@ pub async fn serve(
         config.cell_id.clone(),
         standby_of.clone(),
         config.limits.clone(),
+        LogBound {
+            max_bytes: config.replication.log_retention_bytes,
+            max_age: Duration::from_millis(config.replication.log_retention_ms),
+        },
         gate.clone(),
     )?;
     let replication = ReplicationState::new(gate);

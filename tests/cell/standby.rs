@@ -499,3 +499,85 @@ async fn a_silent_synchronous_standby_stalls_sends_until_released() {
     caught_up(&primary, &standby).await;
     same_rows(&primary, &standby, "after the standby came back").await;
 }
+
+/// A primary keeps a bounded cell log: a standby that fell behind it bootstraps again, and
+/// says so; an export of a log tail from before it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_behind_the_kept_log_bootstraps_again() {
+    let primary = CellProcess::start(
+        "hz-a-high-1",
+        &[
+            "--log-retention-bytes",
+            "4000",
+            "--sends-per-sender-per-sec",
+            "1000000",
+            "--sends-per-conversation-per-sec",
+            "1000000",
+        ],
+    )
+    .await;
+    let mut standby = CellProcess::start(
+        "hz-b-high-1",
+        &[
+            "--standby-of",
+            "hz-a-high-1",
+            "--primary-endpoint",
+            &primary.addr,
+        ],
+    )
+    .await;
+    primary.grant("acme", "", 1).await;
+    primary.grant("beta", "", 1).await;
+    primary.grant("gamma", "", 1).await;
+    group(&primary, "acme", "team", &["alice", "bob", "carol"]).await;
+    caught_up(&primary, &standby).await;
+    let applied = standby.status().await.replica.expect("replica").applied_lsn;
+    let bootstraps = |status: &cellplane_api::proto::cell::CellStatusResponse| {
+        status.standbys.first().map_or(0, |s| s.bootstraps)
+    };
+    let before = bootstraps(&primary.status().await);
+
+    standby.kill().await;
+    let mut m = primary.messaging();
+    for i in 0..300 {
+        m.send_message(send(
+            "acme",
+            "team",
+            "alice",
+            &format!("gone-{i}"),
+            b"while it was down",
+        ))
+        .await
+        .expect("send");
+    }
+    let status = primary.status().await;
+    assert!(
+        status.first_lsn > applied + 1,
+        "the primary keeps its log from {} on; the standby needs {}",
+        status.first_lsn,
+        applied + 1
+    );
+    let refused = primary
+        .admin()
+        .export(ExportRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            from_lsn: applied,
+            log_only: true,
+        })
+        .await
+        .expect_err("that tail is gone");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().starts_with("from_lsn:"), "{refused:?}");
+
+    standby.restart().await;
+    caught_up(&primary, &standby).await;
+    same_rows(&primary, &standby, "after a bootstrap past the kept log").await;
+    let status = primary.status().await;
+    assert_eq!(
+        bootstraps(&status),
+        before + 1,
+        "one bootstrap more: {:?}",
+        status.standbys
+    );
+}

@@ -81,6 +81,13 @@ enum Command {
         /// asks to be recorded as not in sync.
         #[arg(long)]
         sync_timeout_ms: Option<u64>,
+        /// Bytes of cell log kept; a standby or migration behind it starts over from a
+        /// snapshot.
+        #[arg(long)]
+        log_retention_bytes: Option<u64>,
+        /// Milliseconds of cell log kept.
+        #[arg(long)]
+        log_retention_ms: Option<u64>,
         /// Stop (gracefully) when the process that started this one exits, so a supervisor
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
@@ -139,6 +146,8 @@ async fn main() -> anyhow::Result<()> {
         primary_endpoint,
         sync_standbys,
         sync_timeout_ms,
+        log_retention_bytes,
+        log_retention_ms,
         exit_with_parent,
     } = Cli::parse().command;
     let mut config = match config {
@@ -181,6 +190,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = sync_timeout_ms {
         config.replication.sync_timeout_ms = ms;
+    }
+    if let Some(bytes) = log_retention_bytes {
+        config.replication.log_retention_bytes = bytes;
+    }
+    if let Some(ms) = log_retention_ms {
+        config.replication.log_retention_ms = ms;
     }
     if let Some(webhook) = pns_webhook {
         config.pns = Some(PnsConfig::webhook(webhook));

@@ -8,6 +8,7 @@
 pub mod export;
 pub mod fencing;
 pub mod keys;
+pub mod log_trim;
 pub mod memory;
 pub mod mutate;
 pub mod records;

@@ -34,6 +34,8 @@ pub struct Tx {
     /// Events for the online devices, published once the batch is durable.
     pub deliveries: Vec<Delivery>,
     pub writes: usize,
+    /// Bytes of cell-log entries this batch appends.
+    pub log_bytes: u64,
 }
 
 impl Tx {
@@ -53,6 +55,7 @@ impl Tx {
             memory,
             deliveries: Vec::new(),
             writes: 0,
+            log_bytes: 0,
         }
     }
 
@@ -264,7 +267,9 @@ impl Tx {
             conversation_id: conversation.to_string(),
             mutation,
         };
-        self.put(Space::Log, keys::lsn(self.lsn), &record);
+        let encoded = encode(&record);
+        self.log_bytes += encoded.len() as u64;
+        self.put_raw(Space::Log, keys::lsn(self.lsn), encoded);
     }
 
     /// Appends an event to a user's sync queue at the user's next pts, in this same batch.

@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::export::{EXPORTED_SPACES, name_of};
 use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
+use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
 use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
 use super::records::{
@@ -142,6 +143,7 @@ impl Writer {
         cell_id: String,
         standby_of: Option<String>,
         limits: Limits,
+        log_bound: LogBound,
         gate: SyncGate,
     ) -> Result<Self, CellError> {
         let grants = store.grants()?;
@@ -149,7 +151,9 @@ impl Writer {
         let last_lsn = store.last_lsn()?;
         let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
         let (commits, committed) = watch::channel(last_lsn);
+        let log_trim = LogTrim::open(&store, log_bound, now_ms())?;
         let mut state = WriterState {
+            log_trim,
             store,
             cell_id,
             standby_of,
@@ -210,6 +214,8 @@ impl Writer {
 }
 
 struct WriterState {
+    /// Keeps the cell log within its bound.
+    log_trim: LogTrim,
     store: Store,
     cell_id: String,
     /// The primary this cell is a standby of.
@@ -288,7 +294,14 @@ impl WriterState {
             }
             answers.push((reply, answer));
         }
+        let now = now_ms();
+        if poisoned.is_none()
+            && let Err(err) = self.log_trim.trim(&mut tx, self.last_lsn, now)
+        {
+            poisoned = Some(err);
+        }
         let lsn = tx.lsn;
+        let appended = tx.log_bytes;
         let deliveries = std::mem::take(&mut tx.deliveries);
         let mut memory = std::mem::take(&mut tx.memory);
         let ops = answers.len();
@@ -302,6 +315,7 @@ impl WriterState {
         metrics::histogram!("cellplane_cell_ops_per_commit").record(ops as f64);
         match committed {
             Ok(()) => {
+                self.log_trim.settle(self.last_lsn + 1, appended, now);
                 self.last_lsn = lsn;
                 self.commits.send_if_modified(|durable| {
                     let moved = *durable != lsn;
@@ -316,6 +330,7 @@ impl WriterState {
                 self.gate.committed(lsn, answers, deliveries);
             }
             Err(err) => {
+                self.log_trim.forget();
                 tracing::error!(error = %err, "commit failed; refusing the batch");
                 // What it remembers may name rows and pts of the refused batch: read them from
                 // the store again.
@@ -657,4 +672,11 @@ fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
     }
     tx.put(Space::Replica, keys::REPLICA_POSITION.to_vec(), &position);
     Ok(Outcome::Replica(position))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
