@@ -191,27 +191,37 @@ async fn report(control: &ControlPlane, cells: &LocalCells) {
         let mut admin = cell.admin.clone();
         let status =
             tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
-        let health = match status {
+        let (health, replication) = match status {
             Ok(Ok(status)) => {
                 let s = status.into_inner();
-                pb::CellHealth {
+                let replication =
+                    (!s.standbys.is_empty() || s.replica.is_some()).then(|| pb::CellReplication {
+                        standbys: s.standbys,
+                        replica: s.replica,
+                    });
+                let health = pb::CellHealth {
                     last_heartbeat_ms: now_ms(),
                     healthy: true,
                     last_lsn: s.last_lsn,
                     conversations: s.conversations,
                     messages: s.messages,
                     disk_bytes: s.disk_bytes,
-                }
+                };
+                (health, replication)
             }
-            _ => pb::CellHealth {
-                last_heartbeat_ms: now_ms(),
-                healthy: false,
-                ..Default::default()
-            },
+            _ => {
+                let health = pb::CellHealth {
+                    last_heartbeat_ms: now_ms(),
+                    healthy: false,
+                    ..Default::default()
+                };
+                (health, None)
+            }
         };
         let request = pb::HeartbeatRequest {
             cell_id: cell.spec.cell_id.clone(),
             health: Some(health),
+            replication,
         };
         if let Err(status) = control
             .call(|mut c| {

@@ -109,7 +109,15 @@ fn cellctl_drives_a_running_dev_system() {
             c["protection"] == "IN_SYNC" && !c["standbys"].as_array().expect("standbys").is_empty()
         });
         let none = unprotected.iter().all(|c| c["protection"] == "NONE");
-        if in_sync && none {
+        // Heartbeats carry replication: each primary's standbys' lag, each standby's position.
+        let reported = listed.iter().all(|c| {
+            if c["standby_of"].is_null() {
+                c["tier"] == "LOW" || c["standby_lag_lsns"].is_u64()
+            } else {
+                c["replica_applied_lsn"].is_u64()
+            }
+        });
+        if in_sync && none && reported {
             break;
         }
         assert!(

@@ -9,7 +9,11 @@ use cellplane_api::proto::control as pb;
 use crate::migration::record::{Phase, Progress, display_id, parse_id};
 use crate::migration::step::Report;
 use crate::state::command::{CellView, Command, MigrationView, TenantView};
-use crate::state::model::{CellHealth, CellState, Protection, RouteKey, TenantState, Tier};
+use crate::state::model::{
+    CellHealth, CellState, Protection, ReplicaHealth, ReplicationHealth, RouteKey, StandbyHealth,
+    TenantState, Tier,
+};
+use cellplane_api::proto::cell as cell_pb;
 
 fn tier(field: &str, value: i32) -> Result<Tier, InvalidField> {
     Tier::from_proto(value).ok_or_else(|| {
@@ -113,7 +117,62 @@ pub fn cell_to_proto(view: &CellView) -> pb::Cell {
             as i32,
         protection_revision: view.protection.map_or(0, |p| p.revision),
         standbys: view.standbys.iter().map(|s| s.to_string()).collect(),
+        replication: view.replication.as_ref().map(replication_to_proto),
     }
+}
+
+fn replication_to_proto(replication: &ReplicationHealth) -> pb::CellReplication {
+    pb::CellReplication {
+        standbys: replication
+            .standbys
+            .iter()
+            .map(|s| cell_pb::StandbyStatus {
+                cell_id: s.cell_id.to_string(),
+                acked_lsn: s.acked_lsn,
+                lag_lsns: s.lag_lsns,
+                lag_ms: s.lag_ms,
+                connected: s.connected,
+                bootstraps: s.bootstraps,
+            })
+            .collect(),
+        replica: replication.replica.map(|r| cell_pb::ReplicaStatus {
+            applied_lsn: r.applied_lsn,
+            primary_lsn: r.primary_lsn,
+            bootstrapping: r.bootstrapping,
+            bootstrap_rows: r.bootstrap_rows,
+            connected: r.connected,
+        }),
+    }
+}
+
+fn replication_from_proto(
+    replication: pb::CellReplication,
+) -> Result<ReplicationHealth, InvalidField> {
+    let standbys = replication
+        .standbys
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(StandbyHealth {
+                cell_id: id(&format!("replication.standbys[{i}].cell_id"), s.cell_id)?,
+                acked_lsn: s.acked_lsn,
+                lag_lsns: s.lag_lsns,
+                lag_ms: s.lag_ms,
+                connected: s.connected,
+                bootstraps: s.bootstraps,
+            })
+        })
+        .collect::<Result<Vec<_>, InvalidField>>()?;
+    Ok(ReplicationHealth {
+        standbys,
+        replica: replication.replica.map(|r| ReplicaHealth {
+            applied_lsn: r.applied_lsn,
+            primary_lsn: r.primary_lsn,
+            bootstrapping: r.bootstrapping,
+            bootstrap_rows: r.bootstrap_rows,
+            connected: r.connected,
+        }),
+    })
 }
 
 pub fn record_protection(request: pb::RecordProtectionRequest) -> Result<Command, InvalidField> {
@@ -147,7 +206,11 @@ pub fn heartbeat(request: pb::HeartbeatRequest) -> Result<Command, InvalidField>
     let Some(health) = request.health else {
         return Err(InvalidField::new("health", "is required"));
     };
-    Ok(Command::Heartbeat {
+    Ok(Command::Report {
+        replication: request
+            .replication
+            .map(replication_from_proto)
+            .transpose()?,
         cell_id: id("cell_id", request.cell_id)?,
         health: CellHealth {
             last_heartbeat_ms: health.last_heartbeat_ms,

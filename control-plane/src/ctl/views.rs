@@ -110,6 +110,12 @@ pub struct CellView {
     /// A primary's standbys and protection.
     pub standbys: Vec<String>,
     pub protection: Option<String>,
+    /// A primary: the most any of its standbys lags, in LSNs and ms, as last reported.
+    pub standby_lag_lsns: Option<u64>,
+    pub standby_lag_ms: Option<u64>,
+    /// A standby: where it stands in its primary's log, and whether it is bootstrapping.
+    pub replica_applied_lsn: Option<u64>,
+    pub replica_bootstrapping: Option<bool>,
 }
 
 /// `IN_SYNC`, `DEGRADED`, ...; `None` until recorded.
@@ -143,6 +149,22 @@ impl From<&pb::Cell> for CellView {
             standby_of: (!c.standby_of.is_empty()).then(|| c.standby_of.clone()),
             standbys: c.standbys.clone(),
             protection: protection(c.protection),
+            standby_lag_lsns: c
+                .replication
+                .as_ref()
+                .and_then(|r| r.standbys.iter().map(|s| s.lag_lsns).max()),
+            standby_lag_ms: c
+                .replication
+                .as_ref()
+                .and_then(|r| r.standbys.iter().map(|s| s.lag_ms).max()),
+            replica_applied_lsn: c
+                .replication
+                .as_ref()
+                .and_then(|r| r.replica.map(|r| r.applied_lsn)),
+            replica_bootstrapping: c
+                .replication
+                .as_ref()
+                .and_then(|r| r.replica.map(|r| r.bootstrapping)),
         }
     }
 }
@@ -160,6 +182,7 @@ impl Row for CellView {
         "STATE",
         "ROLE",
         "PROTECTION",
+        "REPLICATION",
         "TENANTS",
         "CAPACITY",
         "HEALTHY",
@@ -179,6 +202,17 @@ impl Row for CellView {
                 None => "primary".into(),
             },
             optional(self.protection.clone()),
+            match (
+                self.standby_lag_lsns,
+                self.standby_lag_ms,
+                self.replica_applied_lsn,
+                self.replica_bootstrapping,
+            ) {
+                (_, _, _, Some(true)) => "bootstrapping".into(),
+                (_, _, Some(applied), _) => format!("at LSN {applied}"),
+                (Some(lsns), Some(ms), _, _) => format!("lag {lsns} LSNs / {ms} ms"),
+                _ => "-".into(),
+            },
             self.load.to_string(),
             self.capacity.to_string(),
             match self.healthy {

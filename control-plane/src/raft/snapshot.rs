@@ -19,7 +19,9 @@ use super::NodeId;
 use super::codec::{self, CodecError};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
-use crate::state::model::{CellRecord, OverrideRecord, ProtectionRecord, TenantRecord};
+use crate::state::model::{
+    CellRecord, OverrideRecord, ProtectionRecord, ReplicationHealth, TenantRecord,
+};
 use crate::state::{ControlState, OverrideKey, Parts};
 
 const MAGIC: &[u8; 8] = b"CPSNAP02";
@@ -70,6 +72,8 @@ enum Frame {
     /// Primaries' protection: after the frames above in the enum so that snapshots written
     /// before it existed still read; written before `End`, outside its counts.
     Protection(Vec<(Arc<str>, ProtectionRecord)>),
+    /// Cells' replication as their agents reported it; like `Protection`.
+    Replication(Vec<(Arc<str>, ReplicationHealth)>),
 }
 
 struct FrameWriter<W: Write> {
@@ -168,6 +172,13 @@ pub fn write(
         state.protection().iter().map(|(k, v)| (k.clone(), *v)),
         Frame::Protection,
     )?;
+    writer.chunks(
+        state
+            .replication()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+        Frame::Replication,
+    )?;
     writer.write(&Frame::End(counts))?;
     let file = writer
         .out
@@ -204,6 +215,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut migrations: OrdMap<u64, MigrationRecord> = OrdMap::new();
     let mut retired: OrdMap<Arc<str>, u64> = OrdMap::new();
     let mut protection: OrdMap<Arc<str>, ProtectionRecord> = OrdMap::new();
+    let mut replication: OrdMap<Arc<str>, ReplicationHealth> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -253,6 +265,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
                 events.extend(chunk);
             }
             Some(Frame::Protection(chunk)) => protection.extend(chunk),
+            Some(Frame::Replication(chunk)) => replication.extend(chunk),
             Some(Frame::End(counts)) => {
                 if counts != seen {
                     return Err(SnapshotError::Corrupt(format!(
@@ -275,6 +288,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         migrations,
         retired,
         protection,
+        replication,
         history: History::from_parts(events, header.compacted_revision),
     });
     Ok((header.meta, state))
@@ -380,6 +394,20 @@ mod tests {
             .0
             .expect("protection");
         state
+            .apply(&Command::Report {
+                cell_id: Arc::from("cell-b"),
+                health: Default::default(),
+                replication: Some(crate::state::model::ReplicationHealth {
+                    standbys: Vec::new(),
+                    replica: Some(crate::state::model::ReplicaHealth {
+                        applied_lsn: 7,
+                        ..Default::default()
+                    }),
+                }),
+            })
+            .0
+            .expect("report");
+        state
     }
 
     fn meta() -> SnapshotMeta<NodeId, BasicNode> {
@@ -405,6 +433,8 @@ mod tests {
         assert_eq!(read_back.overrides(), state.overrides());
         assert_eq!(read_back.protection(), state.protection());
         assert_eq!(read_back.protection().len(), 1);
+        assert_eq!(read_back.replication(), state.replication());
+        assert_eq!(read_back.replication().len(), 1);
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
         let cell_key = read_back

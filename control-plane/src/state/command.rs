@@ -9,7 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    CellHealth, CellState, Protection, ProtectionRecord, RouteKey, RouteView, Tier,
+    CellHealth, CellState, Protection, ProtectionRecord, ReplicationHealth, RouteKey, RouteView,
+    Tier,
 };
 use crate::migration::record::{MigrationRecord, Phase, Progress};
 
@@ -82,6 +83,13 @@ pub enum Command {
         cell_id: Arc<str>,
         protection: Protection,
     },
+    /// What a cell's agent last saw of it, replication included (what heartbeats send now;
+    /// `Heartbeat` stays for log entries written before).
+    Report {
+        cell_id: Arc<str>,
+        health: CellHealth,
+        replication: Option<ReplicationHealth>,
+    },
 }
 
 impl Command {
@@ -98,6 +106,7 @@ impl Command {
             Self::AdvanceMigration { .. } => "advance_migration",
             Self::Heartbeat { .. } => "heartbeat",
             Self::RecordProtection { .. } => "record_protection",
+            Self::Report { .. } => "report",
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct CellView {
     pub protection: Option<ProtectionRecord>,
     /// The cells registered as its standbys.
     pub standbys: Vec<Arc<str>>,
+    /// Replication as its agent last reported it.
+    pub replication: Option<ReplicationHealth>,
 }
 
 /// A tenant with its id, as answers carry it.

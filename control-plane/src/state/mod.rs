@@ -20,8 +20,8 @@ use crate::placement;
 use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
 use history::{Compacted, EventKind, History, RouteEvent};
 use model::{
-    CellRecord, CellState, OverrideRecord, Protection, ProtectionRecord, RouteKey, RouteView,
-    TenantRecord, TenantState,
+    CellRecord, CellState, OverrideRecord, Protection, ProtectionRecord, ReplicationHealth,
+    RouteKey, RouteView, TenantRecord, TenantState,
 };
 
 /// Key of a conversation override: `(tenant_id, conversation_id)`, ordered so one tenant's
@@ -43,6 +43,8 @@ pub struct ControlState {
     retired: OrdMap<Arc<str>, u64>,
     /// Each primary's protection, as its agent last recorded it.
     protection: OrdMap<Arc<str>, ProtectionRecord>,
+    /// Replication as each cell's agent last reported it.
+    replication: OrdMap<Arc<str>, ReplicationHealth>,
     /// The revision of the newest change to a migration, so migration watchers skip the many
     /// commands that touch none. Derived from the records when a snapshot is loaded.
     migrations_revision: u64,
@@ -58,6 +60,7 @@ pub struct Parts {
     pub migrations: OrdMap<u64, MigrationRecord>,
     pub retired: OrdMap<Arc<str>, u64>,
     pub protection: OrdMap<Arc<str>, ProtectionRecord>,
+    pub replication: OrdMap<Arc<str>, ReplicationHealth>,
     pub history: History,
 }
 
@@ -72,6 +75,7 @@ impl ControlState {
             migrations,
             retired,
             protection,
+            replication,
             history,
         } = parts;
         let migrations_revision = migrations
@@ -87,9 +91,14 @@ impl ControlState {
             migrations,
             retired,
             protection,
+            replication,
             migrations_revision,
             history,
         }
+    }
+
+    pub fn replication(&self) -> &OrdMap<Arc<str>, ReplicationHealth> {
+        &self.replication
     }
 
     pub fn protection(&self) -> &OrdMap<Arc<str>, ProtectionRecord> {
@@ -123,6 +132,7 @@ impl ControlState {
             record,
             protection: self.protection.get(cell_id).copied(),
             standbys: self.standbys_of(cell_id),
+            replication: self.replication.get(cell_id).cloned(),
         }
     }
 
@@ -250,6 +260,27 @@ impl ControlState {
                 cell_id,
                 protection,
             } => self.record_protection(cell_id, *protection, next_revision),
+            Command::Report {
+                cell_id,
+                health,
+                replication,
+            } => match self.cells.get_mut(cell_id) {
+                Some(cell) => {
+                    cell.health = Some(*health);
+                    let record = cell.clone();
+                    match replication {
+                        Some(replication) => {
+                            self.replication
+                                .insert(cell_id.clone(), replication.clone());
+                        }
+                        None => {
+                            self.replication.remove(cell_id);
+                        }
+                    }
+                    Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+                }
+                None => Err(not_found(Entity::Cell, cell_id)),
+            },
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {

@@ -166,6 +166,35 @@ pub struct CellRecord {
     pub health: Option<CellHealth>,
 }
 
+/// A standby as its primary last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyHealth {
+    pub cell_id: Arc<str>,
+    pub acked_lsn: u64,
+    pub lag_lsns: u64,
+    pub lag_ms: u64,
+    pub connected: bool,
+    pub bootstraps: u64,
+}
+
+/// A standby's position in its primary's cell log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHealth {
+    pub applied_lsn: u64,
+    pub primary_lsn: u64,
+    pub bootstrapping: bool,
+    pub bootstrap_rows: u64,
+    pub connected: bool,
+}
+
+/// Replication as a cell's agent last reported it: a primary's standbys, or a standby's
+/// position.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationHealth {
+    pub standbys: Vec<StandbyHealth>,
+    pub replica: Option<ReplicaHealth>,
+}
+
 /// A cell's health and size as its agent last saw them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellHealth {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::history::{EventKind, RouteEvent};
-use super::model::{CellRecord, OverrideRecord, ProtectionRecord, RouteKey, TenantRecord};
+use super::model::{
+    CellRecord, OverrideRecord, ProtectionRecord, ReplicationHealth, RouteKey, TenantRecord,
+};
 use super::{ControlState, OverrideKey};
 use crate::migration::record::MigrationRecord;
 
@@ -27,6 +29,8 @@ pub enum RecordKey {
     Retired(Arc<str>),
     /// A primary's protection.
     Protection(Arc<str>),
+    /// A cell's replication as its agent reported it.
+    Replication(Arc<str>),
 }
 
 /// One record's value, without the fields the state derives.
@@ -38,6 +42,7 @@ pub enum Record {
     Migration(MigrationRecord),
     Retired(u64),
     Protection(ProtectionRecord),
+    Replication(ReplicationHealth),
 }
 
 impl Record {
@@ -107,7 +112,7 @@ fn diff_map<K: Ord + Clone, V: Clone + PartialEq>(
 
 impl ControlState {
     /// The records that differ between `before` and this state, in record-kind order: cells,
-    /// tenants, overrides, migrations, retired epochs, protection.
+    /// tenants, overrides, migrations, retired epochs, protection, replication.
     pub fn changes_since(&self, before: &ControlState) -> Vec<RecordChange> {
         let mut out = Vec::new();
         diff_map(
@@ -150,6 +155,13 @@ impl ControlState {
             &self.protection,
             |k| RecordKey::Protection(k.clone()),
             |v| Record::Protection(*v),
+            &mut out,
+        );
+        diff_map(
+            &before.replication,
+            &self.replication,
+            |k| RecordKey::Replication(k.clone()),
+            |v| Record::Replication(v.clone()),
             &mut out,
         );
         out
@@ -263,6 +275,10 @@ impl ControlState {
                 self.protection.insert(cell_id, protection);
                 None
             }
+            (RecordKey::Replication(cell_id), Record::Replication(replication)) => {
+                self.replication.insert(cell_id, replication);
+                None
+            }
             (key, _) => return Err(RecordMismatch(key)),
         };
         Ok(event.map(|(kind, route)| RouteEvent {
@@ -322,6 +338,10 @@ impl ControlState {
             }
             RecordKey::Protection(cell_id) => {
                 self.protection.remove(cell_id);
+                None
+            }
+            RecordKey::Replication(cell_id) => {
+                self.replication.remove(cell_id);
                 None
             }
         };

@@ -869,7 +869,17 @@ fn record_changes_rebuild_the_same_state_and_events() {
             },
         );
     }
+    step(
+        &mut state,
+        &mut mirror,
+        Command::Report {
+            cell_id: Arc::from("cell-a"),
+            health: Default::default(),
+            replication: Some(super::model::ReplicationHealth::default()),
+        },
+    );
     assert_eq!(mirror.protection(), state.protection());
+    assert_eq!(mirror.replication(), state.replication());
 
     let loads = |s: &ControlState| -> Vec<(String, u64)> {
         s.cells()

@@ -10,6 +10,7 @@
 //! | `P/migrations/{id:020}`           | a migration (JSON)                     |
 //! | `P/retired/{tenant_id}`           | the last epoch of a deleted tenant     |
 //! | `P/protection/{cell_id}`          | a primary's protection (JSON)          |
+//! | `P/replication/{cell_id}`         | a cell's replication, as reported      |
 //! | `P/meta/compacted`                | the revision history was compacted to  |
 //! | `P/meta/written`                  | touched by every write                 |
 //!
@@ -75,6 +76,7 @@ impl Layout {
             RecordKey::Migration(id) => format!("{p}migrations/{id:020}"),
             RecordKey::Retired(id) => format!("{p}retired/{id}"),
             RecordKey::Protection(id) => format!("{p}protection/{id}"),
+            RecordKey::Replication(id) => format!("{p}replication/{id}"),
         }
     }
 
@@ -112,6 +114,7 @@ impl Layout {
             "migrations" => Parsed::Record(RecordKey::Migration(rest.parse().ok()?)),
             "retired" => Parsed::Record(RecordKey::Retired(id()?)),
             "protection" => Parsed::Record(RecordKey::Protection(id()?)),
+            "replication" => Parsed::Record(RecordKey::Replication(id()?)),
             "meta" => match rest {
                 "compacted" => Parsed::Meta(MetaKey::Compacted),
                 "written" => Parsed::Meta(MetaKey::Written),
@@ -131,6 +134,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
         Record::Migration(migration) => serde_json::to_vec(migration),
         Record::Retired(epoch) => serde_json::to_vec(epoch),
         Record::Protection(protection) => serde_json::to_vec(protection),
+        Record::Replication(replication) => serde_json::to_vec(replication),
     };
     encoded.expect("records always serialize to JSON")
 }
@@ -144,6 +148,7 @@ pub fn decode(key: &RecordKey, value: &[u8]) -> Result<Record, LayoutError> {
         RecordKey::Migration(_) => serde_json::from_slice(value).map(Record::Migration),
         RecordKey::Retired(_) => serde_json::from_slice(value).map(Record::Retired),
         RecordKey::Protection(_) => serde_json::from_slice(value).map(Record::Protection),
+        RecordKey::Replication(_) => serde_json::from_slice(value).map(Record::Replication),
     };
     decoded.map_err(|e| LayoutError {
         key: format!("{key:?}"),
@@ -165,6 +170,7 @@ mod tests {
             RecordKey::Migration(42),
             RecordKey::Retired(Arc::from("gone")),
             RecordKey::Protection(Arc::from("hz-a-1")),
+            RecordKey::Replication(Arc::from("hz-a-1")),
         ] {
             let text = layout.key(&key);
             assert_eq!(layout.parse(text.as_bytes()), Some(Parsed::Record(key)));
