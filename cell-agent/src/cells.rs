@@ -194,11 +194,12 @@ async fn report(control: &ControlPlane, cells: &LocalCells) {
         let (health, replication) = match status {
             Ok(Ok(status)) => {
                 let s = status.into_inner();
-                let replication =
-                    (!s.standbys.is_empty() || s.replica.is_some()).then(|| pb::CellReplication {
+                let replication = (!s.standbys.is_empty() || s.replica.is_some()).then_some(
+                    pb::CellReplication {
                         standbys: s.standbys,
                         replica: s.replica,
-                    });
+                    },
+                );
                 let health = pb::CellHealth {
                     last_heartbeat_ms: now_ms(),
                     healthy: true,

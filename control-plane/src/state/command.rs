@@ -114,7 +114,8 @@ impl Command {
 /// What a successful command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutput {
-    Cell(CellView),
+    /// Boxed: a cell with its protection and replication is by far the largest answer.
+    Cell(Box<CellView>),
     Tenant(TenantView),
     Route(RouteView),
     Migration(MigrationView),

@@ -252,7 +252,9 @@ impl ControlState {
                 Some(cell) => {
                     cell.health = Some(*health);
                     let record = cell.clone();
-                    Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+                    Ok(CommandOutput::Cell(Box::new(
+                        self.cell_view(cell_id, record),
+                    )))
                 }
                 None => Err(not_found(Entity::Cell, cell_id)),
             },
@@ -277,7 +279,9 @@ impl ControlState {
                             self.replication.remove(cell_id);
                         }
                     }
-                    Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+                    Ok(CommandOutput::Cell(Box::new(
+                        self.cell_view(cell_id, record),
+                    )))
                 }
                 None => Err(not_found(Entity::Cell, cell_id)),
             },
@@ -317,9 +321,9 @@ impl ControlState {
             // Registering the same cell again is how an agent restarts; a different cell under
             // the same id is a mistake.
             return if same {
-                Ok(CommandOutput::Cell(
+                Ok(CommandOutput::Cell(Box::new(
                     self.cell_view(cell_id, existing.clone()),
-                ))
+                )))
             } else {
                 Err(CommandError::AlreadyExists {
                     what: Entity::Cell,
@@ -342,7 +346,9 @@ impl ControlState {
                 .map_err(CommandError::FailedPrecondition)?;
         }
         self.cells.insert(cell_id.clone(), record.clone());
-        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+        Ok(CommandOutput::Cell(Box::new(
+            self.cell_view(cell_id, record),
+        )))
     }
 
     fn record_protection(
@@ -367,7 +373,9 @@ impl ControlState {
                 revision,
             },
         );
-        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+        Ok(CommandOutput::Cell(Box::new(
+            self.cell_view(cell_id, record),
+        )))
     }
 
     fn set_cell_state(&mut self, cell_id: &Arc<str>, state: CellState) -> CommandResult {
@@ -383,7 +391,9 @@ impl ControlState {
         }
         cell.state = state;
         let record = cell.clone();
-        Ok(CommandOutput::Cell(self.cell_view(cell_id, record)))
+        Ok(CommandOutput::Cell(Box::new(
+            self.cell_view(cell_id, record),
+        )))
     }
 
     fn create_tenant(
