@@ -10,6 +10,8 @@
 //! revoked with no new owner and its rows are dropped.
 
 mod reconcile;
+#[cfg(test)]
+mod scenario;
 
 use std::time::Duration;
 
