@@ -256,6 +256,44 @@ pub async fn cas_races<B: Backend>() {
     for m in moves {
         m.await.expect("task").expect("a move of its own key");
     }
+
+    // Standbys of one primary registered at once, each in its own zone: one in-region standby
+    // wins, the others are refused for it.
+    let standbys: Vec<_> = (0..8)
+        .map(|i| {
+            let control = served.control();
+            tokio::spawn(async move {
+                let mut control = control;
+                control
+                    .register_cell(cpb::RegisterCellRequest {
+                        cell_id: format!("standby-{i}"),
+                        region: "r1".into(),
+                        zone: format!("standby-zone-{i}"),
+                        tier: Tier::Normal as i32,
+                        endpoint: format!("127.0.0.1:{}", 30_000 + i),
+                        capacity: 10,
+                        standby_of: "cell-a".into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut registered = 0;
+    for standby in standbys {
+        match standby.await.expect("task") {
+            Ok(_) => registered += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains("already has its in-region standby"),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(registered, 1, "one in-region standby per primary");
 }
 
 /// Reads one watch message, failing the test if none comes within a few seconds.

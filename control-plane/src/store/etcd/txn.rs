@@ -4,10 +4,11 @@
 //! revision it was made at: every written record, and every record the written ones lean on (the
 //! cell a route points to, the tenant a conversation belongs to, a migration's target), must
 //! still have the `mod_revision` the mirror saw (0 for a record that did not exist). A tenant
-//! deleted with its overrides also requires that none of its overrides changed since. Placement
-//! counters (a cell's load) are derived, not stored, so concurrent writers do not contend on
-//! them; the price is that capacity is checked against the mirror, which concurrent creates on
-//! other nodes may overshoot by what they have in flight.
+//! deleted with its overrides also requires that none of its overrides changed since. A new
+//! standby also rewrites its primary's record unchanged, so concurrent standbys of one primary
+//! conflict. Placement counters (a cell's load) are derived, not stored, so concurrent writers
+//! do not contend on them; the price is that capacity is checked against the mirror, which
+//! concurrent creates on other nodes may overshoot by what they have in flight.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -56,6 +57,7 @@ pub fn build(layout: &Layout, before: &MachineState, changes: Vec<RecordChange>)
         expected.entry(key).or_insert(revision);
     };
     let mut operations = Vec::with_capacity(changes.len() + deleted_tenants.len() + 1);
+    let mut touches: Vec<(Arc<str>, Record)> = Vec::new();
     for change in changes {
         match (change.key, change.record) {
             (RecordKey::Override((tenant_id, _)), None) if deleted_tenants.contains(&tenant_id) => {
@@ -64,6 +66,9 @@ pub fn build(layout: &Layout, before: &MachineState, changes: Vec<RecordChange>)
             (key, Some(record)) => {
                 for dependency in leans_on(&record, &key, &before.control) {
                     expect(dependency);
+                }
+                if let Some(primary) = new_standby_of(&record, &key, &before.control) {
+                    touches.push(primary);
                 }
                 operations.push(TxnOp::put(layout.key(&key), layout::encode(&record), None));
                 expect(key);
@@ -91,6 +96,34 @@ pub fn build(layout: &Layout, before: &MachineState, changes: Vec<RecordChange>)
             Some(DeleteOptions::new().with_prefix()),
         ));
     }
+    // A new standby rewrites its primary's record unchanged: two standbys registered at once
+    // for one primary both lean on that record, so the second transaction fails its compare,
+    // and decided again it sees the first ("at most one of each" holds).
+    for (primary, record) in touches {
+        operations.push(TxnOp::put(
+            layout.key(&RecordKey::Cell(primary)),
+            layout::encode(&record),
+            None,
+        ));
+    }
     operations.push(TxnOp::put(layout.meta(MetaKey::Written), Vec::new(), None));
     Txn::new().when(compares).and_then(operations)
+}
+
+/// The primary of a cell record this change creates as a standby, with the primary's record
+/// as stored.
+fn new_standby_of(
+    record: &Record,
+    key: &RecordKey,
+    before: &ControlState,
+) -> Option<(Arc<str>, Record)> {
+    let (Record::Cell(cell), RecordKey::Cell(id)) = (record, key) else {
+        return None;
+    };
+    let primary = cell.standby_of.as_ref()?;
+    if before.cells().contains_key(id) {
+        return None;
+    }
+    let stored = Record::Cell(before.cells().get(primary)?.clone()).stored();
+    Some((primary.clone(), stored))
 }
