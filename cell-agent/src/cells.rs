@@ -115,7 +115,11 @@ pub async fn join(
         }
     };
     let mut admin = cell.admin.clone();
-    while admin.cell_status(CellStatusRequest {}).await.is_err() {
+    while admin
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .is_err()
+    {
         if *shutdown.borrow() {
             return Ok(());
         }
@@ -189,8 +193,11 @@ pub async fn heartbeats(
 async fn report(control: &ControlPlane, cells: &LocalCells) {
     for cell in cells.values() {
         let mut admin = cell.admin.clone();
-        let status =
-            tokio::time::timeout(STATUS_TIMEOUT, admin.cell_status(CellStatusRequest {})).await;
+        let status = tokio::time::timeout(
+            STATUS_TIMEOUT,
+            admin.cell_status(CellStatusRequest { without_keys: true }),
+        )
+        .await;
         let (health, replication) = match status {
             Ok(Ok(status)) => {
                 let s = status.into_inner();

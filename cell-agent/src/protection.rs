@@ -72,8 +72,11 @@ pub async fn run(control: ControlPlane, cells: LocalCells, mut shutdown: watch::
                 continue;
             }
             let mut admin = cell.admin.clone();
-            let Ok(Ok(status)) =
-                tokio::time::timeout(INTERVAL * 4, admin.cell_status(CellStatusRequest {})).await
+            let Ok(Ok(status)) = tokio::time::timeout(
+                INTERVAL * 4,
+                admin.cell_status(CellStatusRequest { without_keys: true }),
+            )
+            .await
             else {
                 continue;
             };

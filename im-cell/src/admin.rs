@@ -334,13 +334,14 @@ impl CellAdmin for AdminService {
 
     async fn cell_status(
         &self,
-        _request: Request<pb::CellStatusRequest>,
+        request: Request<pb::CellStatusRequest>,
     ) -> Result<Response<pb::CellStatusResponse>, Status> {
+        let with_keys = !request.into_inner().without_keys;
         let mut keys: Vec<pb::OwnedKey> = self
             .writer
             .grants()
             .into_iter()
-            .filter(|(_, grant)| grant.is_owned())
+            .filter(|(_, grant)| with_keys && grant.is_owned())
             .map(|((tenant_id, conversation_id), grant)| pb::OwnedKey {
                 tenant_id,
                 conversation_id,

@@ -242,7 +242,7 @@ async fn bad_requests_are_refused_with_their_own_code() {
     assert_eq!(ids, vec!["dup", "at-limit", "first"]);
     let status = cell
         .admin()
-        .cell_status(cellplane_api::proto::cell::CellStatusRequest {})
+        .cell_status(cellplane_api::proto::cell::CellStatusRequest::default())
         .await
         .expect("status")
         .into_inner();

@@ -4,7 +4,8 @@
 
 use cellplane_api::detail::wrong_cell;
 use cellplane_api::proto::cell::{
-    ConversationKind, CreateConversationRequest, GrantRequest, KeyRequest, RevokeRequest,
+    CellStatusRequest, ConversationKind, CreateConversationRequest, GrantRequest, KeyRequest,
+    RevokeRequest,
 };
 use cellplane_tests::cell::CellProcess;
 use tonic::Code;
@@ -120,4 +121,16 @@ async fn late_grant_changes_never_fence_the_current_owner() {
         .expect_err("the deleted epoch is not granted again");
     assert_eq!(regrant.code(), Code::InvalidArgument, "{regrant:?}");
     cell.grant("t", "", 8).await;
+
+    // The status lists the keys held, unless asked not to (for callers that poll it often).
+    let full = cell.status().await;
+    assert_eq!(full.keys.len(), 1, "{:?}", full.keys);
+    let light = cell
+        .admin()
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(light.keys.is_empty());
+    assert_eq!(light.last_lsn, full.last_lsn);
 }

@@ -137,7 +137,7 @@ async fn offline_members_are_notified_in_batches_and_refusals_are_recorded() {
     assert!(posts < 5, "notifications are batched: {posts} POSTs for 5");
     let status = cell
         .admin()
-        .cell_status(CellStatusRequest {})
+        .cell_status(CellStatusRequest::default())
         .await
         .expect("status")
         .into_inner();
@@ -156,7 +156,7 @@ async fn offline_members_are_notified_in_batches_and_refusals_are_recorded() {
     loop {
         let undelivered = cell
             .admin()
-            .cell_status(CellStatusRequest {})
+            .cell_status(CellStatusRequest::default())
             .await
             .expect("status")
             .into_inner()

@@ -211,7 +211,7 @@ impl AgentProcess {
             loop {
                 let answered = cell
                     .admin()
-                    .cell_status(cellplane_api::proto::cell::CellStatusRequest {})
+                    .cell_status(cellplane_api::proto::cell::CellStatusRequest::default())
                     .await
                     .is_ok();
                 if answered {

@@ -69,7 +69,12 @@ impl CellProcess {
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if self.admin().cell_status(CellStatusRequest {}).await.is_ok() {
+            if self
+                .admin()
+                .cell_status(CellStatusRequest::default())
+                .await
+                .is_ok()
+            {
                 return;
             }
             assert!(
@@ -124,7 +129,7 @@ impl CellProcess {
     /// The cell's own status.
     pub async fn status(&self) -> cellplane_api::proto::cell::CellStatusResponse {
         self.admin()
-            .cell_status(CellStatusRequest {})
+            .cell_status(CellStatusRequest::default())
             .await
             .expect("cell status")
             .into_inner()

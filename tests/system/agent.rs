@@ -31,7 +31,12 @@ async fn a_restarted_agent_restores_its_cells_and_grants_what_changed_meanwhile(
     system.agents[0].kill().await;
     let cell = system.agents[0].cell("hz-a-normal-1").clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cell.admin().cell_status(CellStatusRequest {}).await.is_ok() {
+    while cell
+        .admin()
+        .cell_status(CellStatusRequest::default())
+        .await
+        .is_ok()
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the cell outlived its agent"

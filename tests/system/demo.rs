@@ -108,7 +108,7 @@ async fn status(endpoint: &str) -> CellStatusResponse {
     let channel =
         cellplane_api::client::channel(endpoint, Duration::from_secs(1)).expect("channel");
     CellAdminClient::new(channel)
-        .cell_status(CellStatusRequest {})
+        .cell_status(CellStatusRequest::default())
         .await
         .expect("cell status")
         .into_inner()

@@ -164,7 +164,7 @@ async fn held_grants(cells: &LocalCells) -> Result<Vec<Held>, Status> {
         let status = cell
             .admin
             .clone()
-            .cell_status(CellStatusRequest {})
+            .cell_status(CellStatusRequest::default())
             .await?
             .into_inner();
         held.extend(status.keys.into_iter().map(|k| Held {

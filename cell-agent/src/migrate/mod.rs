@@ -129,7 +129,7 @@ async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
             let Ok(status) = cell
                 .admin
                 .clone()
-                .cell_status(cell_pb::CellStatusRequest {})
+                .cell_status(cell_pb::CellStatusRequest::default())
                 .await
             else {
                 continue;
@@ -338,7 +338,7 @@ impl Worker {
             Work::CatchUp => {
                 pull(m, source, target, copied.lsn, true, copied).await?;
                 report.source_lsn = source
-                    .cell_status(cell_pb::CellStatusRequest {})
+                    .cell_status(cell_pb::CellStatusRequest { without_keys: true })
                     .await?
                     .into_inner()
                     .last_lsn;
