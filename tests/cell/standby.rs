@@ -1,7 +1,7 @@
 //! A standby cell follows its primary's cell log: after a mixed workload (single chats, a
 //! 500-member group, receipts, recalls, deletes-for-me, a key migrating in and one migrating
-//! out with a purge) its rows are byte-identical to the primary's, and so are those of a cell
-//! fed only the primary's log from LSN 0. A standby refuses writes, naming its primary; killed,
+//! out with a purge) its rows are byte-identical to the primary's, its grants and freezes are
+//! the primary's, and the rows of a cell fed only the primary's log from LSN 0 are the same. A standby refuses writes, naming its primary; killed,
 //! it catches up from where it was; wiped, it bootstraps again from a snapshot.
 
 use std::time::Duration;
@@ -86,6 +86,16 @@ async fn same_rows(primary: &CellProcess, other: &CellProcess, what: &str) {
             "{what}: the rows of {tenant} differ from the primary's"
         );
     }
+}
+
+/// The standby holds its primary's grants: the keys, their epochs and freezes.
+async fn same_grants(primary: &CellProcess, standby: &CellProcess, what: &str) {
+    let (mine, theirs) = (primary.status().await.keys, standby.status().await.keys);
+    assert!(!mine.is_empty());
+    assert_eq!(
+        theirs, mine,
+        "{what}: the standby's grants differ from the primary's"
+    );
 }
 
 /// Sends, receipts, a recall, a delete-for-me and a member change in `acme`; `round` keeps
@@ -219,10 +229,23 @@ async fn a_standby_holds_its_primarys_rows_byte_for_byte() {
         .await
         .expect("purge");
 
+    // A freeze reaches the standby like any grant change.
+    let frozen = KeyRequest {
+        tenant_id: "acme".into(),
+        conversation_id: "all-hands".into(),
+    };
+    primary
+        .admin()
+        .freeze(frozen.clone())
+        .await
+        .expect("freeze");
+
     caught_up(&primary, &standby).await;
     assert!(!rows(&primary, "beta").await.is_empty());
     assert!(rows(&primary, "gamma").await.is_empty());
     same_rows(&primary, &standby, "after a mixed workload").await;
+    same_grants(&primary, &standby, "after a mixed workload").await;
+    primary.admin().unfreeze(frozen).await.expect("unfreeze");
 
     // The primary's log alone rebuilds the same rows.
     let replayed = CellProcess::start("hz-d-high-1", &[]).await;
@@ -264,6 +287,7 @@ async fn a_standby_holds_its_primarys_rows_byte_for_byte() {
     standby.restart().await;
     caught_up(&primary, &standby).await;
     same_rows(&primary, &standby, "after a restart").await;
+    same_grants(&primary, &standby, "after a restart").await;
     assert_eq!(bootstraps(primary.status().await), 1);
     let status = primary.status().await;
     assert_eq!(status.standbys[0].lag_lsns, 0);
@@ -276,6 +300,7 @@ async fn a_standby_holds_its_primarys_rows_byte_for_byte() {
     standby.restart().await;
     caught_up(&primary, &standby).await;
     same_rows(&primary, &standby, "after a wiped disk").await;
+    same_grants(&primary, &standby, "after a wiped disk").await;
     assert_eq!(bootstraps(primary.status().await), 2);
 }
 

@@ -157,10 +157,14 @@ async fn load_routes(
     }
 }
 
-/// What every cell of this agent holds now.
+/// What every primary cell of this agent holds now. A standby holds its primary's grants,
+/// which no route gives it and nothing here may change.
 async fn held_grants(cells: &LocalCells) -> Result<Vec<Held>, Status> {
     let mut held = Vec::new();
     for (cell_id, cell) in cells.iter() {
+        if cell.spec.standby_of.is_some() {
+            continue;
+        }
         let status = cell
             .admin
             .clone()

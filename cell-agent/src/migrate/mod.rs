@@ -125,7 +125,8 @@ async fn thaw(cells: &LocalCells, m: &pb::Migration) {
 async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
     loop {
         tokio::time::sleep(THAW_INTERVAL).await;
-        for (cell_id, cell) in cells.iter() {
+        // A standby's frozen keys are its primary's, repaired there.
+        for (cell_id, cell) in cells.iter().filter(|(_, c)| c.spec.standby_of.is_none()) {
             let Ok(status) = cell
                 .admin
                 .clone()

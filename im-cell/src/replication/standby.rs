@@ -17,7 +17,7 @@ use super::ReplicationState;
 use crate::config::StandbyConfig;
 use crate::error::CellError;
 use crate::store::Store;
-use crate::store::export::space_named;
+use crate::store::export::replicated_space_named;
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Replicated, Writer};
 
@@ -74,10 +74,10 @@ fn decode_batch(batch: pb::ReplicationBatch) -> Result<Replicated, CellError> {
         .into_iter()
         .enumerate()
         .map(|(i, row)| {
-            let space = space_named(&row.space).ok_or_else(|| {
+            let space = replicated_space_named(&row.space).ok_or_else(|| {
                 CellError::invalid(
                     format!("snapshot_rows[{i}].space"),
-                    format!("{:?} is not an exported keyspace", row.space),
+                    format!("{:?} is not a replicated keyspace", row.space),
                 )
             })?;
             Ok((space, row.key, row.value))

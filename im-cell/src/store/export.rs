@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use fjall::{Readable, Snapshot};
 
-use super::records::{LogRecord, decode};
+use super::records::{LogRecord, Mutation, decode};
 use super::{Space, Store, keys};
 use crate::error::CellError;
 
@@ -26,6 +26,25 @@ pub const EXPORTED_SPACES: [(Space, &str); 6] = [
     (Space::Inbox, "inbox"),
     (Space::Idempotency, "idempotency"),
 ];
+
+/// What a standby holds of its primary: every exported keyspace, and the grants.
+pub const REPLICATED_SPACES: [(Space, &str); 7] = [
+    (Space::Conversations, "conversations"),
+    (Space::Members, "members"),
+    (Space::UserConversations, "user_conversations"),
+    (Space::Messages, "messages"),
+    (Space::Inbox, "inbox"),
+    (Space::Idempotency, "idempotency"),
+    (Space::Grants, "grants"),
+];
+
+/// A replicated keyspace by name.
+pub fn replicated_space_named(name: &str) -> Option<Space> {
+    REPLICATED_SPACES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(space, _)| *space)
+}
 
 pub fn name_of(space: Space) -> Option<&'static str> {
     EXPORTED_SPACES
@@ -122,13 +141,13 @@ impl ExportView {
         Ok(())
     }
 
-    /// Calls `emit` with every row of every exported keyspace (a standby's bootstrap), space by
-    /// space, in key order.
+    /// Calls `emit` with every row of every replicated keyspace (a standby's bootstrap), space
+    /// by space, in key order.
     pub fn all_rows(
         &self,
         mut emit: impl FnMut(&str, Vec<u8>, Vec<u8>) -> bool,
     ) -> Result<(), CellError> {
-        for (space, name) in EXPORTED_SPACES {
+        for (space, name) in REPLICATED_SPACES {
             for item in self.snapshot.iter(self.store.spaces.get(space)) {
                 let (key, value) = item.into_inner()?;
                 if !emit(name, key.to_vec(), value.to_vec()) {
@@ -152,7 +171,9 @@ impl ExportView {
         for item in self.snapshot.range(&self.store.spaces.log, range) {
             let value = item.value()?;
             let record: LogRecord = decode(&value)?;
-            let matches = record.tenant_id == tenant
+            let fence = matches!(record.mutation, Mutation::Fence { .. });
+            let matches = !fence
+                && record.tenant_id == tenant
                 && if conversation.is_empty() {
                     !excluded.contains(&record.conversation_id)
                 } else {

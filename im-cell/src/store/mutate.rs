@@ -610,6 +610,10 @@ pub fn apply_mutation(
             let excluded: Excluded = excluded.iter().cloned().collect();
             tx.purge(tenant, conversation, &excluded, None, None)?;
         }
+        Mutation::Fence { grant } => match grant {
+            Some(grant) => tx.put(Space::Grants, keys::grant(tenant, conversation), grant),
+            None => tx.delete(Space::Grants, keys::grant(tenant, conversation)),
+        },
         Mutation::ImportRows { rows } => {
             for (name, key, value) in rows {
                 let space = space_named(name).ok_or_else(|| {

@@ -158,6 +158,12 @@ pub enum Mutation {
     ImportRows {
         rows: Vec<(String, Vec<u8>, Vec<u8>)>,
     },
+    /// The cell's grant of the key changed (`None`: removed). Logged so standbys hold their
+    /// primary's grants and freezes; left out of exports, because a key's grant belongs to the
+    /// cell that holds it.
+    Fence {
+        grant: Option<GrantRecord>,
+    },
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
-use super::export::{EXPORTED_SPACES, name_of};
+use super::export::{REPLICATED_SPACES, name_of};
 use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
 use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
@@ -164,6 +164,7 @@ impl Writer {
             shared: shared.clone(),
             last_lsn,
             memory: Memory::default(),
+            grants_stale: false,
         };
         std::thread::Builder::new()
             .name("cell-writer".into())
@@ -232,6 +233,8 @@ struct WriterState {
     last_lsn: u64,
     /// What the writer remembers between batches, handed to each batch and taken back after it.
     memory: Memory,
+    /// On a standby: a batch changed the grants; they are read back once it is durable.
+    grants_stale: bool,
 }
 
 fn conversation_view(
@@ -324,6 +327,12 @@ impl WriterState {
                 });
                 memory.settle(tx.staged());
                 self.memory = memory;
+                if std::mem::take(&mut self.grants_stale) {
+                    match self.store.grants() {
+                        Ok(grants) => self.grants = grants,
+                        Err(err) => tracing::error!(error = %err, "reading the grants back"),
+                    }
+                }
                 if let Ok(mut shared) = self.shared.write() {
                     shared.clone_from(&self.grants);
                 }
@@ -350,7 +359,16 @@ impl WriterState {
     fn apply(&mut self, tx: &mut Tx, op: Op) -> Result<Outcome, CellError> {
         if let Some(primary) = &self.standby_of {
             return match op {
-                Op::Replicate(batch) => replicate(tx, batch),
+                Op::Replicate(batch) => {
+                    // The primary's grants reach the standby as rows (a bootstrap) or fences.
+                    self.grants_stale |= batch.begin
+                        || !batch.rows.is_empty()
+                        || batch
+                            .records
+                            .iter()
+                            .any(|r| matches!(r.mutation, Mutation::Fence { .. }));
+                    replicate(tx, batch)
+                }
                 Op::Write {
                     tenant,
                     conversation,
@@ -479,20 +497,22 @@ impl WriterState {
             tenant_grant,
             &change,
         )?;
-        match transition {
-            Transition::Put(grant) => {
-                tx.put(
-                    Space::Grants,
-                    keys::grant(&key.0, &key.1),
-                    &GrantRecord::from(&grant),
-                );
-                self.grants.insert(key, grant);
+        let fence = match &transition {
+            Transition::Put(grant) => Some(Some(GrantRecord::from(grant))),
+            Transition::Remove => Some(None),
+            Transition::Unchanged => None,
+        };
+        if let Some(grant) = fence {
+            // Through the cell log, so standbys hold the same grants and freezes.
+            apply_mutation(tx, &key.0, &key.1, Mutation::Fence { grant }, false)?;
+            match transition {
+                Transition::Put(grant) => {
+                    self.grants.insert(key, grant);
+                }
+                _ => {
+                    self.grants.remove(&key);
+                }
             }
-            Transition::Remove => {
-                tx.delete(Space::Grants, keys::grant(&key.0, &key.1));
-                self.grants.remove(&key);
-            }
-            Transition::Unchanged => {}
         }
         Ok(match change {
             // Every write to the key so far is at or below this LSN; none comes after while
@@ -622,7 +642,7 @@ fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
         .get(Space::Replica, keys::REPLICA_POSITION)?
         .unwrap_or_default();
     if batch.begin {
-        for (space, _) in EXPORTED_SPACES {
+        for (space, _) in REPLICATED_SPACES {
             for item in tx.store().spaces.get(space).iter() {
                 let key = item.key()?;
                 tx.delete(space, key.to_vec());
