@@ -67,67 +67,81 @@ pub async fn run(control: ControlPlane, cells: LocalCells, mut shutdown: watch::
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        for (cell_id, cell) in cells.iter() {
-            if cell.spec.standby_of.is_some() {
-                continue;
+        // A round waits on the control plane (each call retries for a while when it is
+        // unreachable); shutdown must not wait for it.
+        tokio::select! {
+            () = round(&control, &cells, &mut recorded) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Looks at every primary once and carries out what [`protect`] says.
+async fn round(
+    control: &ControlPlane,
+    cells: &LocalCells,
+    recorded: &mut HashMap<String, Protection>,
+) {
+    for (cell_id, cell) in cells.iter() {
+        if cell.spec.standby_of.is_some() {
+            continue;
+        }
+        let mut admin = cell.admin.clone();
+        let Ok(Ok(status)) = tokio::time::timeout(
+            INTERVAL * 4,
+            admin.cell_status(CellStatusRequest { without_keys: true }),
+        )
+        .await
+        else {
+            continue;
+        };
+        let Some(sync) = status.into_inner().sync else {
+            continue;
+        };
+        let mode = SyncMode::try_from(sync.mode).unwrap_or(SyncMode::Unspecified);
+        if !recorded.contains_key(cell_id) {
+            let id = cell_id.clone();
+            let found = control
+                .call(|mut c| {
+                    let cell_id = id.clone();
+                    async move { c.get_cell(GetCellRequest { cell_id }).await }
+                })
+                .await;
+            let Ok(found) = found else { continue };
+            if let Ok(protection) = Protection::try_from(found.protection)
+                && protection != Protection::Unspecified
+            {
+                recorded.insert(cell_id.clone(), protection);
             }
-            let mut admin = cell.admin.clone();
-            let Ok(Ok(status)) = tokio::time::timeout(
-                INTERVAL * 4,
-                admin.cell_status(CellStatusRequest { without_keys: true }),
-            )
-            .await
-            else {
-                continue;
-            };
-            let Some(sync) = status.into_inner().sync else {
-                continue;
-            };
-            let mode = SyncMode::try_from(sync.mode).unwrap_or(SyncMode::Unspecified);
-            if !recorded.contains_key(cell_id) {
-                let id = cell_id.clone();
-                let found = control
-                    .call(|mut c| {
-                        let cell_id = id.clone();
-                        async move { c.get_cell(GetCellRequest { cell_id }).await }
-                    })
-                    .await;
-                let Ok(found) = found else { continue };
-                if let Ok(protection) = Protection::try_from(found.protection)
-                    && protection != Protection::Unspecified
-                {
-                    recorded.insert(cell_id.clone(), protection);
-                }
-            }
-            for action in protect(mode, sync.episode, recorded.get(cell_id).copied()) {
-                let done = match action {
-                    Action::Record(protection) => {
-                        let request = RecordProtectionRequest {
-                            cell_id: cell_id.clone(),
-                            protection: protection as i32,
-                        };
-                        let written = control
-                            .call(|mut c| {
-                                let request = request.clone();
-                                async move { c.record_protection(request).await }
-                            })
-                            .await;
-                        if written.is_ok() {
-                            tracing::info!(%cell_id, protection = protection.as_str_name(), "recorded protection");
-                            recorded.insert(cell_id.clone(), protection);
-                        }
-                        written.map(|_| ())
+        }
+        for action in protect(mode, sync.episode, recorded.get(cell_id).copied()) {
+            let done = match action {
+                Action::Record(protection) => {
+                    let request = RecordProtectionRequest {
+                        cell_id: cell_id.clone(),
+                        protection: protection as i32,
+                    };
+                    let written = control
+                        .call(|mut c| {
+                            let request = request.clone();
+                            async move { c.record_protection(request).await }
+                        })
+                        .await;
+                    if written.is_ok() {
+                        tracing::info!(%cell_id, protection = protection.as_str_name(), "recorded protection");
+                        recorded.insert(cell_id.clone(), protection);
                     }
-                    Action::Release { episode } => admin
-                        .release_sync(ReleaseSyncRequest { episode })
-                        .await
-                        .map(|_| ()),
-                };
-                if let Err(status) = done {
-                    // A release never follows a record that did not happen.
-                    tracing::warn!(%cell_id, ?action, %status, "protection step failed; trying again");
-                    break;
+                    written.map(|_| ())
                 }
+                Action::Release { episode } => admin
+                    .release_sync(ReleaseSyncRequest { episode })
+                    .await
+                    .map(|_| ()),
+            };
+            if let Err(status) = done {
+                // A release never follows a record that did not happen.
+                tracing::warn!(%cell_id, ?action, %status, "protection step failed; trying again");
+                break;
             }
         }
     }
