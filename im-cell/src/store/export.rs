@@ -27,23 +27,17 @@ pub const EXPORTED_SPACES: [(Space, &str); 6] = [
     (Space::Idempotency, "idempotency"),
 ];
 
-/// What a standby holds of its primary: every exported keyspace, and the grants.
-pub const REPLICATED_SPACES: [(Space, &str); 7] = [
-    (Space::Conversations, "conversations"),
-    (Space::Members, "members"),
-    (Space::UserConversations, "user_conversations"),
-    (Space::Messages, "messages"),
-    (Space::Inbox, "inbox"),
-    (Space::Idempotency, "idempotency"),
-    (Space::Grants, "grants"),
-];
+/// What a standby holds of its primary besides the exported keyspaces: the grants.
+const GRANTS: (Space, &str) = (Space::Grants, "grants");
+
+/// Every keyspace a standby holds of its primary.
+pub fn replicated_spaces() -> impl Iterator<Item = (Space, &'static str)> {
+    EXPORTED_SPACES.into_iter().chain([GRANTS])
+}
 
 /// A replicated keyspace by name.
 pub fn replicated_space_named(name: &str) -> Option<Space> {
-    REPLICATED_SPACES
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(space, _)| *space)
+    space_named(name).or_else(|| (name == GRANTS.1).then_some(GRANTS.0))
 }
 
 pub fn name_of(space: Space) -> Option<&'static str> {
@@ -147,7 +141,7 @@ impl ExportView {
         &self,
         mut emit: impl FnMut(&str, Vec<u8>, Vec<u8>) -> bool,
     ) -> Result<(), CellError> {
-        for (space, name) in REPLICATED_SPACES {
+        for (space, name) in replicated_spaces() {
             for item in self.snapshot.iter(self.store.spaces.get(space)) {
                 let (key, value) = item.into_inner()?;
                 if !emit(name, key.to_vec(), value.to_vec()) {

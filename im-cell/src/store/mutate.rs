@@ -7,8 +7,8 @@
 use super::export::{Excluded, space_named};
 use super::fencing::{Grants, check_owner};
 use super::records::{
-    ConversationRecord, IdempotencyRecord, InboxRecord, Kind, MemberRecord, MessageRecord,
-    Mutation, SyncKind, SyncRecord,
+    ConversationRecord, IdempotencyRecord, InboxRecord, Kind, LogRecord, MemberRecord,
+    MessageRecord, Mutation, SyncKind, SyncRecord,
 };
 use super::tx::Tx;
 use super::{Space, keys};
@@ -108,7 +108,7 @@ fn find_message(
     Ok(inbox.and_then(|i| i.private))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -191,12 +191,11 @@ fn create(
     }))
 }
 
-fn add_members(
-    limits: &Limits,
+/// The members of a group; a single chat's are fixed.
+fn group_members(
     tx: &Tx,
     (tenant, conversation): ConversationKey,
-    members: Vec<String>,
-) -> Result<Decision, CellError> {
+) -> Result<Vec<String>, CellError> {
     let record = require_conversation(tx, tenant, conversation)?;
     if record.kind == Kind::Single {
         return Err(CellError::invalid(
@@ -204,7 +203,16 @@ fn add_members(
             "a single chat has fixed members; create a group",
         ));
     }
-    let current = tx.members(tenant, conversation)?;
+    tx.members(tenant, conversation)
+}
+
+fn add_members(
+    limits: &Limits,
+    tx: &Tx,
+    (tenant, conversation): ConversationKey,
+    members: Vec<String>,
+) -> Result<Decision, CellError> {
+    let current = group_members(tx, (tenant, conversation))?;
     let new: Vec<String> = members
         .into_iter()
         .filter(|m| !current.contains(m))
@@ -234,14 +242,7 @@ fn remove_members(
     (tenant, conversation): ConversationKey,
     members: Vec<String>,
 ) -> Result<Decision, CellError> {
-    let record = require_conversation(tx, tenant, conversation)?;
-    if record.kind == Kind::Single {
-        return Err(CellError::invalid(
-            "conversation_id",
-            "a single chat has fixed members",
-        ));
-    }
-    let current = tx.members(tenant, conversation)?;
+    let current = group_members(tx, (tenant, conversation))?;
     let gone: Vec<String> = members
         .into_iter()
         .filter(|m| current.contains(m))
@@ -405,6 +406,18 @@ fn event(kind: SyncKind, conversation: &str, seq: u64) -> impl Fn(u64) -> SyncRe
         user_ids: Vec::new(),
         joined: false,
     }
+}
+
+/// Applies another cell's log record (an import, a standby following its primary) without
+/// sync events: devices catch up with a REBASE instead.
+pub fn replay(tx: &mut Tx, record: LogRecord) -> Result<(), CellError> {
+    apply_mutation(
+        tx,
+        &record.tenant_id,
+        &record.conversation_id,
+        record.mutation,
+        false,
+    )
 }
 
 /// Writes a mutation: its rows, its sync events (when `events`), and its cell-log entry. A

@@ -13,11 +13,13 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
-use super::export::{REPLICATED_SPACES, name_of};
+use super::export::{name_of, replicated_spaces};
 use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
 use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
-use super::mutate::{Decider, Decision, WriteRequest, apply_mutation, require_conversation};
+use super::mutate::{
+    Decider, Decision, WriteRequest, apply_mutation, now_ms, replay, require_conversation,
+};
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, ReplicaRecord, SyncKind, SyncRecord,
 };
@@ -616,14 +618,7 @@ fn import(
             continue;
         }
         let lsn = record.lsn;
-        // Imported history reaches devices as a REBASE after the move, not as events.
-        apply_mutation(
-            tx,
-            &record.tenant_id,
-            &record.conversation_id,
-            record.mutation,
-            false,
-        )?;
+        replay(tx, record)?;
         position = lsn;
     }
     position = position.max(through_lsn);
@@ -642,7 +637,7 @@ fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
         .get(Space::Replica, keys::REPLICA_POSITION)?
         .unwrap_or_default();
     if batch.begin {
-        for (space, _) in REPLICATED_SPACES {
+        for (space, _) in replicated_spaces() {
             for item in tx.store().spaces.get(space).iter() {
                 let key = item.key()?;
                 tx.delete(space, key.to_vec());
@@ -682,21 +677,8 @@ fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
             )));
         }
         position.applied_lsn = record.lsn;
-        apply_mutation(
-            tx,
-            &record.tenant_id,
-            &record.conversation_id,
-            record.mutation,
-            false,
-        )?;
+        replay(tx, record)?;
     }
     tx.put(Space::Replica, keys::REPLICA_POSITION.to_vec(), &position);
     Ok(Outcome::Replica(position))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
