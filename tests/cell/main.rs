@@ -8,7 +8,9 @@ mod standby;
 mod sync;
 mod transfer;
 
-use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest, SendMessageRequest};
+use cellplane_api::proto::cell::{
+    ConversationKind, CreateConversationRequest, ExportChunk, ExportRequest, SendMessageRequest,
+};
 use cellplane_tests::cell::CellProcess;
 
 /// Creates a group of `members` at route epoch 1.
@@ -44,4 +46,39 @@ pub fn send(
         app_id: "tests".into(),
         ..Default::default()
     }
+}
+
+/// A tenant's export: a snapshot of its rows from LSN 0, or its cell log after `from_lsn`.
+pub async fn export(
+    cell: &CellProcess,
+    tenant: &str,
+    from_lsn: u64,
+    log_only: bool,
+) -> Vec<ExportChunk> {
+    let mut stream = cell
+        .admin()
+        .export(ExportRequest {
+            tenant_id: tenant.into(),
+            conversation_id: String::new(),
+            from_lsn,
+            log_only,
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("export stream") {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// Imports an export; returns the source LSN the cell has applied.
+pub async fn import(cell: &CellProcess, chunks: Vec<ExportChunk>) -> u64 {
+    cell.admin()
+        .import(futures::stream::iter(chunks))
+        .await
+        .expect("import")
+        .into_inner()
+        .source_lsn
 }

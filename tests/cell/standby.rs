@@ -13,49 +13,35 @@ use cellplane_api::proto::cell::{
 };
 use cellplane_tests::cell::CellProcess;
 
-use crate::{group, send};
+use crate::{export, group, import, send};
 
 /// Every row of a key, from a snapshot export: (keyspace, key, value).
 async fn rows(cell: &CellProcess, tenant: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
-    let mut stream = cell
-        .admin()
-        .export(ExportRequest {
-            tenant_id: tenant.into(),
-            conversation_id: String::new(),
-            from_lsn: 0,
-            log_only: false,
-        })
+    export(cell, tenant, 0, false)
         .await
-        .expect("export")
-        .into_inner();
-    let mut rows = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("export stream") {
-        rows.extend(chunk.rows.into_iter().map(|r| (r.space, r.key, r.value)));
-    }
-    rows
+        .into_iter()
+        .flat_map(|chunk| chunk.rows)
+        .map(|r| (r.space, r.key, r.value))
+        .collect()
 }
 
 /// Moves a key's export from one cell into another: a snapshot from LSN 0, or the log alone.
 async fn copy(from: &CellProcess, to: &CellProcess, tenant: &str, from_lsn: u64, log_only: bool) {
-    let mut stream = from
-        .admin()
-        .export(ExportRequest {
-            tenant_id: tenant.into(),
-            conversation_id: String::new(),
-            from_lsn,
-            log_only,
-        })
-        .await
-        .expect("export")
-        .into_inner();
-    let mut chunks = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("export stream") {
-        chunks.push(chunk);
-    }
-    to.admin()
-        .import(futures::stream::iter(chunks))
-        .await
-        .expect("import");
+    import(to, export(from, tenant, from_lsn, log_only).await).await;
+}
+
+/// Starts `standby_id` as the standby of `primary`.
+async fn standby_of(primary: &CellProcess, standby_id: &str) -> CellProcess {
+    CellProcess::start(
+        standby_id,
+        &[
+            "--standby-of",
+            &primary.cell_id,
+            "--primary-endpoint",
+            &primary.addr,
+        ],
+    )
+    .await
 }
 
 /// Waits until the standby has applied everything the (idle) primary has.
@@ -165,16 +151,7 @@ async fn a_standby_holds_its_primarys_rows_byte_for_byte() {
     traffic(&primary, "r1").await;
 
     // The standby starts empty: it bootstraps from a snapshot, then follows the log.
-    let mut standby = CellProcess::start(
-        "hz-b-high-1",
-        &[
-            "--standby-of",
-            "hz-a-high-1",
-            "--primary-endpoint",
-            &primary.addr,
-        ],
-    )
-    .await;
+    let mut standby = standby_of(&primary, "hz-b-high-1").await;
     traffic(&primary, "r2").await;
     primary
         .messaging()
@@ -344,16 +321,7 @@ async fn a_synchronous_standby_has_every_acknowledged_message_when_its_primary_d
         .concat(),
     )
     .await;
-    let mut standby = CellProcess::start(
-        standby_id,
-        &[
-            "--standby-of",
-            primary_id,
-            "--primary-endpoint",
-            &primary.addr,
-        ],
-    )
-    .await;
+    let mut standby = standby_of(&primary, standby_id).await;
     primary.grant("acme", "", 1).await;
     for w in 0..WRITERS {
         group(
@@ -468,16 +436,7 @@ async fn a_silent_synchronous_standby_stalls_sends_until_released() {
         ],
     )
     .await;
-    let mut standby = CellProcess::start(
-        "hz-b-normal-s1",
-        &[
-            "--standby-of",
-            "hz-a-normal-1",
-            "--primary-endpoint",
-            &primary.addr,
-        ],
-    )
-    .await;
+    let mut standby = standby_of(&primary, "hz-b-normal-s1").await;
     primary.grant("acme", "", 1).await;
     group(&primary, "acme", "g", &["alice", "bob"]).await;
     sync_mode(&primary, SyncMode::Waiting).await;
@@ -541,16 +500,7 @@ async fn a_standby_behind_the_kept_log_bootstraps_again() {
         ],
     )
     .await;
-    let mut standby = CellProcess::start(
-        "hz-b-high-1",
-        &[
-            "--standby-of",
-            "hz-a-high-1",
-            "--primary-endpoint",
-            &primary.addr,
-        ],
-    )
-    .await;
+    let mut standby = standby_of(&primary, "hz-b-high-1").await;
     primary.grant("acme", "", 1).await;
     primary.grant("beta", "", 1).await;
     primary.grant("gamma", "", 1).await;

@@ -4,41 +4,17 @@
 //! mutation, imported snapshot rows included, is in that log.
 
 use cellplane_api::proto::cell::{
-    ChangeMembersRequest, ExportChunk, ExportRequest, GetConversationsRequest, GetHistoryRequest,
+    ChangeMembersRequest, ExportChunk, GetConversationsRequest, GetHistoryRequest,
     MessageRefRequest,
 };
 use cellplane_tests::cell::CellProcess;
 
-use crate::{group, send};
+use crate::{group, import, send};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
 async fn export(cell: &CellProcess, from_lsn: u64, log_only: bool) -> Vec<ExportChunk> {
-    let mut stream = cell
-        .admin()
-        .export(ExportRequest {
-            tenant_id: "acme".into(),
-            conversation_id: String::new(),
-            from_lsn,
-            log_only,
-        })
-        .await
-        .expect("export")
-        .into_inner();
-    let mut chunks = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("export stream") {
-        chunks.push(chunk);
-    }
-    chunks
-}
-
-async fn import(cell: &CellProcess, chunks: Vec<ExportChunk>) -> u64 {
-    cell.admin()
-        .import(futures::stream::iter(chunks))
-        .await
-        .expect("import")
-        .into_inner()
-        .source_lsn
+    crate::export(cell, "acme", from_lsn, log_only).await
 }
 
 /// Everything each user can read: every conversation's full history and the conversation list.
