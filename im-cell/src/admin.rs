@@ -13,7 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::CellError;
+use crate::lease::Lease;
 use crate::replication::ReplicationState;
+use crate::replication::role::Role;
 use crate::store::Store;
 use crate::store::export::{
     EXPORT_CHUNK_BYTES, EXPORT_CHUNK_ITEMS, Excluded, ExportView, space_named,
@@ -22,12 +24,17 @@ use crate::store::fencing::{GrantChange, own_conversations};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
+/// The longest lease a control plane may grant: a longer one would keep a failed cell's keys
+/// unwritable for longer than any failover should take.
+const MAX_LEASE_MS: u64 = 60_000;
+
 pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 pub struct AdminService {
     cell_id: String,
-    /// The primary this cell is a standby of.
-    standby_of: Option<String>,
+    /// Whether this cell is a standby, and of which primary.
+    role: Role,
+    lease: Lease,
     store: Store,
     writer: Writer,
     replication: ReplicationState,
@@ -36,14 +43,16 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(
         cell_id: String,
-        standby_of: Option<String>,
+        role: Role,
+        lease: Lease,
         store: Store,
         writer: Writer,
         replication: ReplicationState,
     ) -> Self {
         Self {
             cell_id,
-            standby_of,
+            role,
+            lease,
             store,
             writer,
             replication,
@@ -332,6 +341,61 @@ impl CellAdmin for AdminService {
         Ok(Response::new(pb::AdminEmpty {}))
     }
 
+    async fn lease_ticket(
+        &self,
+        _request: Request<pb::AdminEmpty>,
+    ) -> Result<Response<pb::LeaseTicketResponse>, Status> {
+        Ok(Response::new(pb::LeaseTicketResponse {
+            ticket: self.lease.ticket(),
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        if r.lease_ms == 0 || r.lease_ms > MAX_LEASE_MS {
+            return Err(CellError::invalid(
+                "lease_ms",
+                format!("must be between 1 and {MAX_LEASE_MS}"),
+            )
+            .into());
+        }
+        let remaining = self
+            .lease
+            .extend(r.ticket, std::time::Duration::from_millis(r.lease_ms))?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            remaining_ms: remaining.as_millis() as u64,
+        }))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let r = request.into_inner();
+        validate_id("primary_cell_id", &r.primary_cell_id).map_err(CellError::from)?;
+        match self
+            .writer
+            .submit(Op::Promote {
+                primary: r.primary_cell_id,
+            })
+            .await?
+        {
+            Outcome::Promoted {
+                applied_lsn,
+                already,
+            } => Ok(Response::new(pb::PromoteResponse {
+                applied_lsn,
+                already,
+            })),
+            other => Err(Status::internal(format!(
+                "the writer answered a promotion with {other:?}"
+            ))),
+        }
+    }
+
     async fn cell_status(
         &self,
         request: Request<pb::CellStatusRequest>,
@@ -353,11 +417,22 @@ impl CellAdmin for AdminService {
             (&a.tenant_id, &a.conversation_id).cmp(&(&b.tenant_id, &b.conversation_id))
         });
         let last_lsn = self.store.last_lsn()?;
+        let standby_of = self.role.standby_of();
         Ok(Response::new(pb::CellStatusResponse {
             cell_id: self.cell_id.clone(),
             last_lsn,
-            standby_of: self.standby_of.clone().unwrap_or_default(),
-            replica: self.standby_of.as_ref().map(|_| self.replication.replica()),
+            replica: standby_of.as_ref().map(|_| self.replication.replica()),
+            standby_of: standby_of.unwrap_or_default(),
+            lease_required: self.lease.required(),
+            lease_remaining_ms: self
+                .lease
+                .remaining()
+                .map_or(0, |left| left.as_millis() as u64),
+            promoted_from: self
+                .store
+                .promotion()?
+                .map(|promotion| promotion.from)
+                .unwrap_or_default(),
             standbys: self.replication.standbys(last_lsn, Instant::now()),
             sync: Some(self.replication.gate().status()),
             first_lsn: self.store.first_lsn()?,

@@ -52,6 +52,10 @@ pub struct CellConfig {
     /// On a primary: the standbys a send waits for.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Take end users' writes only while holding a lease from the control plane, renewed by
+    /// the cell's agent. Agents always start cells so; a cell run on its own needs none.
+    #[serde(default)]
+    pub lease_required: bool,
 }
 
 /// A primary's synchronous standbys.

@@ -26,6 +26,9 @@ pub enum CellError {
     FailedPrecondition(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// The cell cannot take the request now (its lease ran out); retrying later can succeed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CellError {
@@ -41,7 +44,7 @@ impl CellError {
     pub fn retryable(&self) -> bool {
         match self {
             Self::WrongCell { detail, .. } => detail.frozen,
-            Self::ResourceExhausted(_) | Self::Storage(_) => true,
+            Self::ResourceExhausted(_) | Self::Storage(_) | Self::Unavailable(_) => true,
             _ => false,
         }
     }
@@ -87,6 +90,7 @@ impl From<CellError> for tonic::Status {
             CellError::Storage(message) => {
                 tonic::Status::unavailable(format!("storage: {message}"))
             }
+            CellError::Unavailable(message) => tonic::Status::unavailable(message),
         }
     }
 }

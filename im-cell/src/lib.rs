@@ -3,7 +3,8 @@
 //! - [`store`]: the fjall store, its keys and records, and the group-committing [`store::writer`];
 //! - [`messaging`], [`sync`], [`admin`]: the gRPC services;
 //! - [`pns`]: offline notifications to a webhook;
-//! - [`replication`]: standbys that follow a primary's cell log;
+//! - [`replication`]: standbys that follow a primary's cell log, and their promotion;
+//! - [`lease`]: the lease from the control plane the cell writes under;
 //! - [`server`]: `serve(config, listener, shutdown)`.
 //!
 //! The cell knows nothing of the control plane: it obeys grants, revocations and freezes sent to
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod lease;
 pub mod limits;
 pub mod messaging;
 pub mod pns;

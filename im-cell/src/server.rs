@@ -12,11 +12,13 @@ use tokio::sync::watch;
 use crate::admin::AdminService;
 use crate::config::{CellConfig, ConfigError};
 use crate::error::CellError;
+use crate::lease::Lease;
 use crate::messaging::MessagingService;
 use crate::pns::Notifier;
 use crate::replication::ReplicationState;
 use crate::replication::gate::SyncGate;
 use crate::replication::primary::{self, ReplicationService};
+use crate::replication::role::Role;
 use crate::replication::standby;
 use crate::store::Store;
 use crate::store::log_trim::LogBound;
@@ -61,7 +63,15 @@ pub async fn serve(
         .map(|pns| Notifier::start(config.cell_id.clone(), pns, store.clone()))
         .transpose()?;
     let hub = SyncHub::with_notifier(notifier);
-    let standby_of = config.standby.as_ref().map(|s| s.primary_cell_id.clone());
+    // A standby promoted before it restarted stays a primary, whatever it was started as.
+    let promotion = store.promotion()?;
+    let standby = config.standby.clone().filter(|_| promotion.is_none());
+    if let (Some(promotion), Some(_)) = (&promotion, &config.standby) {
+        tracing::info!(from = %promotion.from, applied_lsn = promotion.applied_lsn, "this standby was promoted before: serving as a primary");
+    }
+    let standby_of = standby.as_ref().map(|s| s.primary_cell_id.clone());
+    let role = Role::new(standby_of.clone());
+    let lease = Lease::new(config.lease_required);
     let gate = SyncGate::new(
         &config.replication.sync_standbys,
         Duration::from_millis(config.replication.sync_timeout_ms),
@@ -81,7 +91,8 @@ pub async fn serve(
     let writer = Writer::start(
         store.clone(),
         config.cell_id.clone(),
-        standby_of.clone(),
+        role.clone(),
+        lease.clone(),
         config.limits.clone(),
         LogBound {
             max_bytes: config.replication.log_retention_bytes,
@@ -96,10 +107,11 @@ pub async fn serve(
         shutdown.await;
         let _ = closing_tx.send(true);
     };
-    if let Some(primary) = config.standby.clone() {
+    if let Some(primary) = standby {
         tokio::spawn(standby::run(
             config.cell_id.clone(),
             primary,
+            role.clone(),
             store.clone(),
             writer.clone(),
             replication.clone(),
@@ -142,7 +154,8 @@ pub async fn serve(
         .add_service(proto::cell::cell_admin_server::CellAdminServer::new(
             AdminService::new(
                 config.cell_id.clone(),
-                standby_of,
+                role,
+                lease,
                 store.clone(),
                 writer,
                 replication,

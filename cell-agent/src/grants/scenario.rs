@@ -200,6 +200,27 @@ impl CellAdmin for RecordingCell {
     ) -> Result<Response<cell_pb::ImportResponse>, Status> {
         Err(Status::unimplemented("grants never import"))
     }
+
+    async fn lease_ticket(
+        &self,
+        _: Request<cell_pb::AdminEmpty>,
+    ) -> Result<Response<cell_pb::LeaseTicketResponse>, Status> {
+        Err(Status::unimplemented("grants never renew leases"))
+    }
+
+    async fn extend_lease(
+        &self,
+        _: Request<cell_pb::ExtendLeaseRequest>,
+    ) -> Result<Response<cell_pb::ExtendLeaseResponse>, Status> {
+        Err(Status::unimplemented("grants never renew leases"))
+    }
+
+    async fn promote(
+        &self,
+        _: Request<cell_pb::PromoteRequest>,
+    ) -> Result<Response<cell_pb::PromoteResponse>, Status> {
+        Err(Status::unimplemented("grants never promote"))
+    }
 }
 
 /// Serves `router` on a free loopback port; returns the address.

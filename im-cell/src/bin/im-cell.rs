@@ -88,6 +88,10 @@ enum Command {
         /// Milliseconds of cell log kept.
         #[arg(long)]
         log_retention_ms: Option<u64>,
+        /// Take end users' writes only while holding a lease from the control plane (renewed
+        /// by the cell's agent through the admin API).
+        #[arg(long)]
+        lease_required: bool,
         /// Stop (gracefully) when the process that started this one exits, so a supervisor
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
@@ -148,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         sync_timeout_ms,
         log_retention_bytes,
         log_retention_ms,
+        lease_required,
         exit_with_parent,
     } = Cli::parse().command;
     let mut config = match config {
@@ -173,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 pns: None,
                 standby: None,
                 replication: Default::default(),
+                lease_required: false,
             }
         }
     };
@@ -185,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
             primary_endpoint,
         });
     }
+    config.lease_required |= lease_required;
     if !sync_standbys.is_empty() {
         config.replication.sync_standbys = sync_standbys;
     }

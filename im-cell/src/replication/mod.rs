@@ -5,6 +5,7 @@
 
 pub mod gate;
 pub mod primary;
+pub mod role;
 pub mod standby;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::ReplicationState;
+use super::role::Role;
 use crate::config::StandbyConfig;
 use crate::error::CellError;
 use crate::store::Store;
@@ -36,10 +37,11 @@ struct Applying {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Follows the primary until `shutdown` turns true.
+/// Follows the primary until `shutdown` turns true or the cell is promoted.
 pub async fn run(
     cell_id: String,
     primary: StandbyConfig,
+    role: Role,
     store: Store,
     writer: Writer,
     state: ReplicationState,
@@ -50,6 +52,11 @@ pub async fn run(
         let followed = tokio::select! {
             result = follow(&cell_id, &primary, &store, &writer, &state) => result,
             _ = shutdown.changed() => return,
+            () = role.promoted() => {
+                state.update_replica(|r| r.connected = false);
+                tracing::info!(primary = %primary.primary_cell_id, "promoted: no longer following");
+                return;
+            }
         };
         state.update_replica(|r| r.connected = false);
         match followed {

@@ -122,8 +122,11 @@ pub fn grant(tenant: &str, conversation: &str) -> Vec<u8> {
     Key::new().id(tenant).id(conversation).into_bytes()
 }
 
-/// The one row of the `replica` keyspace.
+/// The `replica` keyspace's row of where a standby stands in its primary's log.
 pub const REPLICA_POSITION: &[u8] = b"position";
+
+/// The `replica` keyspace's row written when a standby was promoted.
+pub const REPLICA_PROMOTED: &[u8] = b"promoted";
 
 pub fn lsn(lsn: u64) -> Vec<u8> {
     Key::new().num(lsn).into_bytes()

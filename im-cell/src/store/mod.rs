@@ -25,8 +25,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use crate::error::CellError;
 use fencing::{Grant, Grants};
 use records::{
-    ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, ReplicaRecord,
-    SyncRecord, decode,
+    ConversationRecord, GrantRecord, InboxRecord, MemberRecord, MessageRecord, PromotionRecord,
+    ReplicaRecord, SyncRecord, decode,
 };
 
 /// The keyspaces, one per kind of row.
@@ -396,6 +396,11 @@ impl Store {
     /// never was one).
     pub fn replica(&self) -> Result<ReplicaRecord, CellError> {
         Ok(get(&self.spaces.replica, keys::REPLICA_POSITION)?.unwrap_or_default())
+    }
+
+    /// The promotion of this cell from standby to primary, if it was one.
+    pub fn promotion(&self) -> Result<Option<PromotionRecord>, CellError> {
+        get(&self.spaces.replica, keys::REPLICA_PROMOTED)
     }
 
     /// The encoded cell-log records after `after`, up to `through`, at most `max` of them (and

@@ -107,6 +107,15 @@ pub struct ReplicaRecord {
     pub bootstrapping: bool,
 }
 
+/// A standby's promotion to primary, kept so a restart never makes it a standby again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionRecord {
+    /// The primary it followed.
+    pub from: String,
+    /// The newest primary LSN it had applied.
+    pub applied_lsn: u64,
+}
+
 /// One entry of the cell log: the mutation with everything the cell assigned to it, so
 /// replaying the log reproduces the same state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,12 +21,15 @@ use super::mutate::{
     Decider, Decision, WriteRequest, apply_mutation, now_ms, replay, require_conversation,
 };
 use super::records::{
-    GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, ReplicaRecord, SyncKind, SyncRecord,
+    GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, PromotionRecord, ReplicaRecord,
+    SyncKind, SyncRecord,
 };
 use super::tx::{PurgeCursor, Tx};
 use super::{Space, Store, keys};
 use crate::error::CellError;
+use crate::lease::Lease;
 use crate::limits::Limits;
+use crate::replication::role::Role;
 
 /// Requests waiting for the writer before new ones are refused with RESOURCE_EXHAUSTED.
 const QUEUE_DEPTH: usize = 65_536;
@@ -68,6 +71,8 @@ pub enum Op {
     /// import never applies a record twice.
     /// A batch of the primary's replication stream, on a standby.
     Replicate(Replicated),
+    /// Makes a standby of `primary` a primary, durably.
+    Promote { primary: String },
     Import {
         tenant: String,
         conversation: String,
@@ -122,6 +127,11 @@ pub enum Outcome {
     },
     /// Where a standby stands in its primary's log now.
     Replica(ReplicaRecord),
+    /// The standby is a primary; `already` when it was before this request.
+    Promoted {
+        applied_lsn: u64,
+        already: bool,
+    },
 }
 
 use crate::replication::gate::{Reply, SyncGate};
@@ -138,12 +148,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer over `store`. A standby (`standby_of` its primary) takes only its
-    /// primary's replication stream and refuses every other write.
+    /// Starts the writer over `store`. A standby (`role`) takes only its primary's replication
+    /// stream and refuses every other write until it is promoted; a primary takes end users'
+    /// writes only while it holds its `lease`.
     pub fn start(
         store: Store,
         cell_id: String,
-        standby_of: Option<String>,
+        role: Role,
+        lease: Lease,
         limits: Limits,
         log_bound: LogBound,
         gate: SyncGate,
@@ -158,7 +170,9 @@ impl Writer {
             log_trim,
             store,
             cell_id,
-            standby_of,
+            role,
+            lease,
+            promoting: false,
             commits,
             limits,
             gate,
@@ -221,8 +235,12 @@ struct WriterState {
     log_trim: LogTrim,
     store: Store,
     cell_id: String,
-    /// The primary this cell is a standby of.
-    standby_of: Option<String>,
+    /// Whether this cell is a standby, and of which primary.
+    role: Role,
+    /// End users' writes are accepted only while it runs.
+    lease: Lease,
+    /// A promotion is staged in the open batch: the role changes once it is durable.
+    promoting: bool,
     /// Told the newest durable LSN after every commit (replication follows it).
     commits: watch::Sender<u64>,
     limits: Limits,
@@ -289,8 +307,10 @@ impl WriterState {
         // A request that fails after staging part of its writes would leave them in the batch:
         // the whole batch is then refused rather than committed half-applied.
         let mut poisoned: Option<CellError> = None;
+        let mut writes = Vec::with_capacity(pending.len());
         for (op, reply) in pending {
             let staged_before = tx.writes;
+            writes.push(matches!(op, Op::Write { .. }));
             let answer = self.apply(&mut tx, op);
             if let Err(err) = &answer
                 && tx.writes != staged_before
@@ -338,9 +358,28 @@ impl WriterState {
                 if let Ok(mut shared) = self.shared.write() {
                     shared.clone_from(&self.grants);
                 }
+                if std::mem::take(&mut self.promoting) {
+                    self.role.promote();
+                    tracing::info!(cell_id = %self.cell_id, "promoted: this cell is a primary now");
+                }
+                // A write is accepted when it is answered: one whose batch became durable only
+                // after the lease ran out is refused (its retry may land on the new owner),
+                // so nothing is acknowledged past the lease.
+                let answers = match self.lease.check() {
+                    Ok(()) => answers,
+                    Err(expired) => answers
+                        .into_iter()
+                        .zip(writes)
+                        .map(|((reply, answer), write)| match answer {
+                            Ok(_) if write => (reply, Err(expired.clone())),
+                            answer => (reply, answer),
+                        })
+                        .collect(),
+                };
                 self.gate.committed(lsn, answers, deliveries);
             }
             Err(err) => {
+                self.promoting = false;
                 self.log_trim.forget();
                 tracing::error!(error = %err, "commit failed; refusing the batch");
                 // What it remembers may name rows and pts of the refused batch: read them from
@@ -359,7 +398,12 @@ impl WriterState {
     }
 
     fn apply(&mut self, tx: &mut Tx, op: Op) -> Result<Outcome, CellError> {
-        if let Some(primary) = &self.standby_of {
+        if let Op::Promote { primary } = op {
+            return self.promote(tx, primary);
+        }
+        if let Some(primary) = self.role.standby_of()
+            && !self.promoting
+        {
             return match op {
                 Op::Replicate(batch) => {
                     // The primary's grants reach the standby as rows (a bootstrap) or fences.
@@ -392,6 +436,7 @@ impl WriterState {
             };
         }
         match op {
+            Op::Promote { .. } => unreachable!("promotions are handled above"),
             Op::Replicate(_) => Err(CellError::FailedPrecondition(
                 "this cell is no standby: it takes no replication stream".into(),
             )),
@@ -434,6 +479,56 @@ impl WriterState {
         }
     }
 
+    /// Makes this standby a primary: the promotion is staged in the batch, and the role
+    /// changes once it is durable. A standby in the middle of a bootstrap holds part of its
+    /// primary's rows and is refused; a cell already promoted from `primary` answers as the
+    /// first time.
+    fn promote(&mut self, tx: &mut Tx, primary: String) -> Result<Outcome, CellError> {
+        let position: ReplicaRecord = tx
+            .get(Space::Replica, keys::REPLICA_POSITION)?
+            .unwrap_or_default();
+        match self.role.standby_of() {
+            None => match self.store.promotion()? {
+                Some(promotion) if promotion.from == primary => Ok(Outcome::Promoted {
+                    applied_lsn: promotion.applied_lsn,
+                    already: true,
+                }),
+                Some(promotion) => Err(CellError::FailedPrecondition(format!(
+                    "primary_cell_id: this cell was promoted from {:?}, not {primary:?}",
+                    promotion.from
+                ))),
+                None => Err(CellError::FailedPrecondition(
+                    "this cell is a primary, not a standby: there is nothing to promote".into(),
+                )),
+            },
+            Some(followed) if followed != primary => Err(CellError::FailedPrecondition(format!(
+                "primary_cell_id: this cell is a standby of {followed:?}, not {primary:?}"
+            ))),
+            Some(_) if position.bootstrapping => Err(CellError::FailedPrecondition(
+                "this standby is in the middle of a bootstrap and holds only part of its primary's data; it cannot be promoted".into(),
+            )),
+            Some(_) if self.promoting => Ok(Outcome::Promoted {
+                applied_lsn: position.applied_lsn,
+                already: false,
+            }),
+            Some(from) => {
+                tx.put(
+                    Space::Replica,
+                    keys::REPLICA_PROMOTED.to_vec(),
+                    &PromotionRecord {
+                        from,
+                        applied_lsn: position.applied_lsn,
+                    },
+                );
+                self.promoting = true;
+                Ok(Outcome::Promoted {
+                    applied_lsn: position.applied_lsn,
+                    already: false,
+                })
+            }
+        }
+    }
+
     /// An end user's write: decided against the batch so far, then applied.
     fn write(
         &mut self,
@@ -443,6 +538,7 @@ impl WriterState {
         epoch: u64,
         request: WriteRequest,
     ) -> Result<Outcome, CellError> {
+        self.lease.check()?;
         let returns_conversation = matches!(
             request,
             WriteRequest::CreateConversation { .. }
