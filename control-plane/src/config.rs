@@ -136,6 +136,8 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub migration: crate::migration::step::Settings,
+    #[serde(default)]
+    pub failover: crate::failover::detect::Settings,
 }
 
 impl NodeConfig {
@@ -150,6 +152,7 @@ impl NodeConfig {
             return Err(ConfigError::new("node_id", "must be at least 1"));
         }
         self.validate_migration()?;
+        self.validate_failover()?;
         match &self.store {
             StoreConfig::Raft => self.validate_raft(),
             StoreConfig::Etcd(etcd) => etcd.validate(),
@@ -226,6 +229,23 @@ impl NodeConfig {
         Ok(())
     }
 
+    fn validate_failover(&self) -> Result<(), ConfigError> {
+        let failover = &self.failover;
+        if !(100..=60_000).contains(&failover.lease_ms) {
+            return Err(ConfigError::new(
+                "failover.lease_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if failover.clock_drift_ms >= failover.lease_ms {
+            return Err(ConfigError::new(
+                "failover.clock_drift_ms",
+                "must be below failover.lease_ms",
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses `--peers 1=host:port,2=host:port`.
     pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         let mut peers = BTreeMap::new();
@@ -270,6 +290,7 @@ mod tests {
             metrics_listen: None,
             raft: RaftTuning::default(),
             migration: Default::default(),
+            failover: Default::default(),
         }
     }
 

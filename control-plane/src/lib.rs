@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod dev;
+pub mod failover;
 pub mod migration;
 pub mod node;
 pub mod placement;

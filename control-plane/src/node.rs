@@ -50,6 +50,10 @@ pub struct Node {
     shutdown: watch::Receiver<bool>,
     /// The coordinator's thresholds.
     pub migration: crate::migration::step::Settings,
+    /// Leases and failure detection.
+    pub failover: crate::failover::detect::Settings,
+    /// What the failure detector found last.
+    pub findings: crate::failover::driver::Findings,
 }
 
 /// The outcome of proposing a command on this node.
@@ -67,12 +71,15 @@ impl Node {
         store: Arc<dyn RouteStore>,
         shutdown: watch::Receiver<bool>,
         migration: crate::migration::step::Settings,
+        failover: crate::failover::detect::Settings,
     ) -> Self {
         Self {
             id,
             store,
             shutdown,
             migration,
+            failover,
+            findings: Default::default(),
         }
     }
 
@@ -161,8 +168,10 @@ pub async fn serve_store(
         store.clone(),
         shutdown_rx,
         config.migration,
+        config.failover,
     ));
     tokio::spawn(crate::migration::driver::run(node.clone()));
+    tokio::spawn(crate::failover::driver::run(node.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -131,6 +131,7 @@ impl<B: Backend> Served<B> {
             metrics_listen: None,
             raft: RaftTuning::default(),
             migration: Default::default(),
+            failover: Default::default(),
         };
         let store = Some(open(&config).await);
         let mut served = Served {

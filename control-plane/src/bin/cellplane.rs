@@ -40,7 +40,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run one control-plane node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the whole system on this machine until Ctrl-C: a 3-node control plane and an agent
     /// per region running IM cells of every tier.
     Dev(DevArgs),
@@ -89,6 +89,18 @@ struct ServeArgs {
     /// Keep moved keys' rows on migration sources as a backup instead of dropping them.
     #[arg(long)]
     migration_keep_source_data: bool,
+    /// How long a lease renewal lets a cell take writes.
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// The most two machines' clocks may disagree about a lease's length.
+    #[arg(long)]
+    clock_drift_ms: Option<u64>,
+    /// Do not fail cells over on their own when their lease runs out; ops do, with cellctl.
+    #[arg(long)]
+    no_automatic_failover: bool,
+    /// Automatic failovers under way at once; past it the detector holds back until ops act.
+    #[arg(long)]
+    max_concurrent_failovers: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -164,6 +176,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 metrics_listen: None,
                 raft: RaftTuning::default(),
                 migration: Default::default(),
+                failover: Default::default(),
             }
         }
         None => {
@@ -181,6 +194,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 metrics_listen: None,
                 raft: RaftTuning::default(),
                 migration: Default::default(),
+                failover: Default::default(),
             }
         }
     };
@@ -196,6 +210,18 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
     if let Some(ms) = args.migration_cleanup_grace_ms {
         config.migration.cleanup_grace_ms = ms;
     }
+    if let Some(ms) = args.lease_ms {
+        config.failover.lease_ms = ms;
+    }
+    if let Some(ms) = args.clock_drift_ms {
+        config.failover.clock_drift_ms = ms;
+    }
+    if args.no_automatic_failover {
+        config.failover.automatic = false;
+    }
+    if let Some(n) = args.max_concurrent_failovers {
+        config.failover.max_concurrent_failovers = n;
+    }
     if args.migration_keep_source_data {
         config.migration.keep_source_data = true;
     }
@@ -209,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let config = serve_config(args)?;
+            let config = serve_config(*args)?;
             install_metrics(config.metrics_listen)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

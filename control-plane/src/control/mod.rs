@@ -5,6 +5,7 @@
 //! writes whichever node they asked.
 
 pub mod convert;
+pub mod failovers;
 pub mod migrations;
 pub mod status;
 
@@ -413,5 +414,109 @@ impl Control for ControlService {
                 other => Err(unexpected(other)),
             }
         )
+    }
+
+    async fn renew_leases(
+        &self,
+        request: Request<pb::RenewLeasesRequest>,
+    ) -> Result<Response<pb::RenewLeasesResponse>, Status> {
+        let lease_ms = self.node.failover.lease_ms;
+        write_or_forward!(
+            self,
+            request,
+            renew_leases,
+            |message| failovers::renew_leases(message.clone(), lease_ms)?,
+            |output| failovers::leases_output(output, lease_ms)
+        )
+    }
+
+    async fn failover_cell(
+        &self,
+        request: Request<pb::FailoverCellRequest>,
+    ) -> Result<Response<pb::Failover>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            failover_cell,
+            |message| failovers::failover_cell(message.clone())?,
+            failovers::failover_output
+        )
+    }
+
+    async fn report_failover(
+        &self,
+        request: Request<pb::ReportFailoverRequest>,
+    ) -> Result<Response<pb::Failover>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        failovers::failover_id(&message.failover_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .report_failover(forwarded(message))
+                .await;
+        }
+        let (id, command) = self
+            .node
+            .view()
+            .read(|state| failovers::report(state, &message))?;
+        if let Some(command) = command {
+            match self.node.propose(command, true).await {
+                Ok(_) => {}
+                // Lost a race with another report: answer the failover as it now is.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
+                Err(status) => return Err(status),
+            }
+        }
+        self.node
+            .view()
+            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
+            .map(Response::new)
+            .ok_or_else(|| failovers::not_found(id))
+    }
+
+    async fn get_failover(
+        &self,
+        request: Request<pb::GetFailoverRequest>,
+    ) -> Result<Response<pb::Failover>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let id = failovers::failover_id(&message.failover_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .get_failover(forwarded(message))
+                .await;
+        }
+        self.node
+            .view()
+            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
+            .map(Response::new)
+            .ok_or_else(|| failovers::not_found(id))
+    }
+
+    async fn list_failovers(
+        &self,
+        request: Request<pb::ListFailoversRequest>,
+    ) -> Result<Response<pb::ListFailoversResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .list_failovers(forwarded(message))
+                .await;
+        }
+        let failovers = self
+            .node
+            .view()
+            .read(|state| failovers::list(state, message.active_only));
+        Ok(Response::new(pb::ListFailoversResponse {
+            failovers,
+            held_back: self
+                .node
+                .findings
+                .held_back()
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        }))
     }
 }

@@ -247,6 +247,7 @@ pub async fn run(
             metrics_listen: None,
             raft: RaftTuning::default(),
             migration: Default::default(),
+            failover: Default::default(),
         };
         let mut stop = stop_rx.clone();
         nodes.spawn(async move {

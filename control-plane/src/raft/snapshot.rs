@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeId;
 use super::codec::{self, CodecError};
+use crate::failover::record::{FailoverRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
 use crate::state::model::{
@@ -74,6 +75,10 @@ enum Frame {
     Protection(Vec<(Arc<str>, ProtectionRecord)>),
     /// Cells' replication as their agents reported it; like `Protection`.
     Replication(Vec<(Arc<str>, ReplicationHealth)>),
+    /// Cells' lease renewals; like `Protection`.
+    Leases(Vec<(Arc<str>, LeaseRecord)>),
+    /// Failovers; like `Protection`.
+    Failovers(Vec<(u64, FailoverRecord)>),
 }
 
 struct FrameWriter<W: Write> {
@@ -173,6 +178,14 @@ pub fn write(
         Frame::Protection,
     )?;
     writer.chunks(
+        state.leases().iter().map(|(k, v)| (k.clone(), *v)),
+        Frame::Leases,
+    )?;
+    writer.chunks(
+        state.failovers().iter().map(|(k, v)| (*k, v.clone())),
+        Frame::Failovers,
+    )?;
+    writer.chunks(
         state
             .replication()
             .iter()
@@ -216,6 +229,8 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut retired: OrdMap<Arc<str>, u64> = OrdMap::new();
     let mut protection: OrdMap<Arc<str>, ProtectionRecord> = OrdMap::new();
     let mut replication: OrdMap<Arc<str>, ReplicationHealth> = OrdMap::new();
+    let mut leases: OrdMap<Arc<str>, LeaseRecord> = OrdMap::new();
+    let mut failovers: OrdMap<u64, FailoverRecord> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -266,6 +281,8 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
             }
             Some(Frame::Protection(chunk)) => protection.extend(chunk),
             Some(Frame::Replication(chunk)) => replication.extend(chunk),
+            Some(Frame::Leases(chunk)) => leases.extend(chunk),
+            Some(Frame::Failovers(chunk)) => failovers.extend(chunk),
             Some(Frame::End(counts)) => {
                 if counts != seen {
                     return Err(SnapshotError::Corrupt(format!(
@@ -289,6 +306,8 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         retired,
         protection,
         replication,
+        leases,
+        failovers,
         history: History::from_parts(events, header.compacted_revision),
     });
     Ok((header.meta, state))

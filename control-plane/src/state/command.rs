@@ -12,6 +12,7 @@ use super::model::{
     CellHealth, CellState, Protection, ProtectionRecord, ReplicationHealth, RouteKey, RouteView,
     Tier,
 };
+use crate::failover::record::{FailoverRecord, Mode, Phase as FailoverPhase};
 use crate::migration::record::{MigrationRecord, Phase, Progress};
 
 /// A change to the control plane's state. Every successfully applied command bumps the revision.
@@ -90,6 +91,32 @@ pub enum Command {
         health: CellHealth,
         replication: Option<ReplicationHealth>,
     },
+    /// Renews the leases of an agent's cells: one command per agent and round, whatever the
+    /// number of its cells.
+    RenewLeases {
+        cells: Vec<Arc<str>>,
+        lease_ms: u64,
+    },
+    /// Fails a primary over. With `expected_renewals` (the detector's decision) it is a
+    /// compare-and-set on the cell's lease, which the detector has already waited out: the
+    /// keys move at once. Without it (ops), the cell stops being renewed and the failover
+    /// waits out the lease in FENCING.
+    StartFailover {
+        cell_id: Arc<str>,
+        mode: Mode,
+        reason: String,
+        automatic: bool,
+        expected_renewals: Option<u64>,
+        now_ms: u64,
+    },
+    /// Moves failover `id` from phase `from` (compare-and-set) to `to`; into PROMOTING it
+    /// moves every key of the failed cell, in this one command.
+    AdvanceFailover {
+        id: u64,
+        from: FailoverPhase,
+        to: FailoverPhase,
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -107,6 +134,9 @@ impl Command {
             Self::Heartbeat { .. } => "heartbeat",
             Self::RecordProtection { .. } => "record_protection",
             Self::Report { .. } => "report",
+            Self::RenewLeases { .. } => "renew_leases",
+            Self::StartFailover { .. } => "start_failover",
+            Self::AdvanceFailover { .. } => "advance_failover",
         }
     }
 }
@@ -119,6 +149,12 @@ pub enum CommandOutput {
     Tenant(TenantView),
     Route(RouteView),
     Migration(MigrationView),
+    Failover(FailoverView),
+    /// Leases renewed, and cells refused a renewal.
+    Leases {
+        granted: Vec<Arc<str>>,
+        refused: Vec<Arc<str>>,
+    },
     /// The command changed state without a record to return (delete, compact).
     Done {
         revision: u64,
@@ -156,12 +192,20 @@ pub struct MigrationView {
     pub record: MigrationRecord,
 }
 
+/// A failover with its id, as answers carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverView {
+    pub id: u64,
+    pub record: FailoverRecord,
+}
+
 /// The kind of record a refusal is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entity {
     Cell,
     Tenant,
     Migration,
+    Failover,
 }
 
 impl Entity {
@@ -171,6 +215,7 @@ impl Entity {
             Self::Cell => "cell_id",
             Self::Tenant => "tenant_id",
             Self::Migration => "migration_id",
+            Self::Failover => "failover_id",
         }
     }
 }
@@ -181,6 +226,7 @@ impl std::fmt::Display for Entity {
             Self::Cell => "cell",
             Self::Tenant => "tenant",
             Self::Migration => "migration",
+            Self::Failover => "failover",
         })
     }
 }

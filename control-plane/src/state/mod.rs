@@ -5,6 +5,7 @@
 //! and reads are never blocked while a snapshot of ten million tenants is written.
 
 pub mod command;
+mod failovers;
 pub mod history;
 mod migrations;
 pub mod model;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
+use crate::failover::record::{FailoverRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::placement;
 use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
@@ -45,6 +47,10 @@ pub struct ControlState {
     protection: OrdMap<Arc<str>, ProtectionRecord>,
     /// Replication as each cell's agent last reported it.
     replication: OrdMap<Arc<str>, ReplicationHealth>,
+    /// Each cell's lease renewals.
+    leases: OrdMap<Arc<str>, LeaseRecord>,
+    /// Every failover by id (the revision that created it), the newest finished ones included.
+    failovers: OrdMap<u64, FailoverRecord>,
     /// The revision of the newest change to a migration, so migration watchers skip the many
     /// commands that touch none. Derived from the records when a snapshot is loaded.
     migrations_revision: u64,
@@ -61,6 +67,8 @@ pub struct Parts {
     pub retired: OrdMap<Arc<str>, u64>,
     pub protection: OrdMap<Arc<str>, ProtectionRecord>,
     pub replication: OrdMap<Arc<str>, ReplicationHealth>,
+    pub leases: OrdMap<Arc<str>, LeaseRecord>,
+    pub failovers: OrdMap<u64, FailoverRecord>,
     pub history: History,
 }
 
@@ -76,6 +84,8 @@ impl ControlState {
             retired,
             protection,
             replication,
+            leases,
+            failovers,
             history,
         } = parts;
         let migrations_revision = migrations
@@ -92,9 +102,19 @@ impl ControlState {
             retired,
             protection,
             replication,
+            leases,
+            failovers,
             migrations_revision,
             history,
         }
+    }
+
+    pub fn leases(&self) -> &OrdMap<Arc<str>, LeaseRecord> {
+        &self.leases
+    }
+
+    pub fn failovers(&self) -> &OrdMap<u64, FailoverRecord> {
+        &self.failovers
     }
 
     pub fn replication(&self) -> &OrdMap<Arc<str>, ReplicationHealth> {
@@ -285,6 +305,30 @@ impl ControlState {
                 }
                 None => Err(not_found(Entity::Cell, cell_id)),
             },
+            Command::RenewLeases { cells, lease_ms } => self.renew_leases(cells, *lease_ms),
+            Command::StartFailover {
+                cell_id,
+                mode,
+                reason,
+                automatic,
+                expected_renewals,
+                now_ms,
+            } => self.start_failover(
+                cell_id,
+                *mode,
+                reason,
+                *automatic,
+                *expected_renewals,
+                *now_ms,
+                next_revision,
+                &mut events,
+            ),
+            Command::AdvanceFailover {
+                id,
+                from,
+                to,
+                now_ms,
+            } => self.advance_failover(*id, *from, *to, *now_ms, next_revision, &mut events),
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {
@@ -312,12 +356,17 @@ impl ControlState {
 
     fn register_cell(&mut self, cell_id: &Arc<str>, record: CellRecord) -> CommandResult {
         if let Some(existing) = self.cells.get(cell_id) {
+            // A standby a failover promoted is registered again by its agent as what its
+            // config says it was: it stays the primary it became.
+            let promoted = existing.standby_of.is_none()
+                && record.standby_of.is_some()
+                && self.promoted_from(cell_id) == record.standby_of.as_ref();
             let same = existing.region == record.region
                 && existing.zone == record.zone
                 && existing.tier == record.tier
                 && existing.endpoint == record.endpoint
                 && existing.capacity == record.capacity
-                && existing.standby_of == record.standby_of;
+                && (existing.standby_of == record.standby_of || promoted);
             // Registering the same cell again is how an agent restarts; a different cell under
             // the same id is a mistake.
             return if same {

@@ -16,6 +16,7 @@ use super::model::{
     CellRecord, OverrideRecord, ProtectionRecord, ReplicationHealth, RouteKey, TenantRecord,
 };
 use super::{ControlState, OverrideKey};
+use crate::failover::record::{FailoverRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 
 /// The key of one record.
@@ -31,6 +32,9 @@ pub enum RecordKey {
     Protection(Arc<str>),
     /// A cell's replication as its agent reported it.
     Replication(Arc<str>),
+    /// A cell's lease renewals.
+    Lease(Arc<str>),
+    Failover(u64),
 }
 
 /// One record's value, without the fields the state derives.
@@ -43,6 +47,8 @@ pub enum Record {
     Retired(u64),
     Protection(ProtectionRecord),
     Replication(ReplicationHealth),
+    Lease(LeaseRecord),
+    Failover(FailoverRecord),
 }
 
 impl Record {
@@ -65,6 +71,10 @@ impl Record {
             Self::Protection(protection) => Self::Protection(ProtectionRecord {
                 revision: 0,
                 ..protection
+            }),
+            Self::Failover(failover) => Self::Failover(FailoverRecord {
+                updated_revision: 0,
+                ..failover
             }),
             other => other,
         }
@@ -112,7 +122,8 @@ fn diff_map<K: Ord + Clone, V: Clone + PartialEq>(
 
 impl ControlState {
     /// The records that differ between `before` and this state, in record-kind order: cells,
-    /// tenants, overrides, migrations, retired epochs, protection, replication.
+    /// tenants, overrides, migrations, retired epochs, protection, replication, leases,
+    /// failovers.
     pub fn changes_since(&self, before: &ControlState) -> Vec<RecordChange> {
         let mut out = Vec::new();
         diff_map(
@@ -162,6 +173,20 @@ impl ControlState {
             &self.replication,
             |k| RecordKey::Replication(k.clone()),
             |v| Record::Replication(v.clone()),
+            &mut out,
+        );
+        diff_map(
+            &before.leases,
+            &self.leases,
+            |k| RecordKey::Lease(k.clone()),
+            |v| Record::Lease(*v),
+            &mut out,
+        );
+        diff_map(
+            &before.failovers,
+            &self.failovers,
+            |k| RecordKey::Failover(*k),
+            |v| Record::Failover(v.clone()),
             &mut out,
         );
         out
@@ -279,6 +304,15 @@ impl ControlState {
                 self.replication.insert(cell_id, replication);
                 None
             }
+            (RecordKey::Lease(cell_id), Record::Lease(lease)) => {
+                self.leases.insert(cell_id, lease);
+                None
+            }
+            (RecordKey::Failover(id), Record::Failover(mut failover)) => {
+                failover.updated_revision = revision;
+                self.failovers.insert(id, failover);
+                None
+            }
             (key, _) => return Err(RecordMismatch(key)),
         };
         Ok(event.map(|(kind, route)| RouteEvent {
@@ -342,6 +376,14 @@ impl ControlState {
             }
             RecordKey::Replication(cell_id) => {
                 self.replication.remove(cell_id);
+                None
+            }
+            RecordKey::Lease(cell_id) => {
+                self.leases.remove(cell_id);
+                None
+            }
+            RecordKey::Failover(id) => {
+                self.failovers.remove(id);
                 None
             }
         };

@@ -11,6 +11,8 @@
 //! | `P/retired/{tenant_id}`           | the last epoch of a deleted tenant     |
 //! | `P/protection/{cell_id}`          | a primary's protection (JSON)          |
 //! | `P/replication/{cell_id}`         | a cell's replication, as reported      |
+//! | `P/leases/{cell_id}`              | a cell's lease renewals (JSON)         |
+//! | `P/failovers/{id:020}`            | a failover (JSON)                      |
 //! | `P/meta/compacted`                | the revision history was compacted to  |
 //! | `P/meta/written`                  | touched by every write                 |
 //!
@@ -77,6 +79,8 @@ impl Layout {
             RecordKey::Retired(id) => format!("{p}retired/{id}"),
             RecordKey::Protection(id) => format!("{p}protection/{id}"),
             RecordKey::Replication(id) => format!("{p}replication/{id}"),
+            RecordKey::Lease(id) => format!("{p}leases/{id}"),
+            RecordKey::Failover(id) => format!("{p}failovers/{id:020}"),
         }
     }
 
@@ -115,6 +119,8 @@ impl Layout {
             "retired" => Parsed::Record(RecordKey::Retired(id()?)),
             "protection" => Parsed::Record(RecordKey::Protection(id()?)),
             "replication" => Parsed::Record(RecordKey::Replication(id()?)),
+            "leases" => Parsed::Record(RecordKey::Lease(id()?)),
+            "failovers" => Parsed::Record(RecordKey::Failover(rest.parse().ok()?)),
             "meta" => match rest {
                 "compacted" => Parsed::Meta(MetaKey::Compacted),
                 "written" => Parsed::Meta(MetaKey::Written),
@@ -135,6 +141,8 @@ pub fn encode(record: &Record) -> Vec<u8> {
         Record::Retired(epoch) => serde_json::to_vec(epoch),
         Record::Protection(protection) => serde_json::to_vec(protection),
         Record::Replication(replication) => serde_json::to_vec(replication),
+        Record::Lease(lease) => serde_json::to_vec(lease),
+        Record::Failover(failover) => serde_json::to_vec(failover),
     };
     encoded.expect("records always serialize to JSON")
 }
@@ -149,6 +157,8 @@ pub fn decode(key: &RecordKey, value: &[u8]) -> Result<Record, LayoutError> {
         RecordKey::Retired(_) => serde_json::from_slice(value).map(Record::Retired),
         RecordKey::Protection(_) => serde_json::from_slice(value).map(Record::Protection),
         RecordKey::Replication(_) => serde_json::from_slice(value).map(Record::Replication),
+        RecordKey::Lease(_) => serde_json::from_slice(value).map(Record::Lease),
+        RecordKey::Failover(_) => serde_json::from_slice(value).map(Record::Failover),
     };
     decoded.map_err(|e| LayoutError {
         key: format!("{key:?}"),

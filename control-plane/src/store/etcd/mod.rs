@@ -77,10 +77,14 @@ fn at_revision(output: CommandOutput, assumed: u64, committed: u64) -> CommandOu
             view.record.updated_revision = fix(view.record.updated_revision);
             CommandOutput::Migration(view)
         }
+        CommandOutput::Failover(mut view) => {
+            view.record.updated_revision = fix(view.record.updated_revision);
+            CommandOutput::Failover(view)
+        }
         CommandOutput::Done { .. } => CommandOutput::Done {
             revision: committed,
         },
-        tenant @ CommandOutput::Tenant(_) => tenant,
+        output @ (CommandOutput::Tenant(_) | CommandOutput::Leases { .. }) => output,
     }
 }
 

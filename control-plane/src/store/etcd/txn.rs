@@ -38,6 +38,14 @@ fn leans_on(record: &Record, key: &RecordKey, before: &ControlState) -> Vec<Reco
         {
             vec![RecordKey::Cell(migration.target.clone())]
         }
+        // A renewal is valid only while the cell is not failed; a failover only while the
+        // cell's lease has not been renewed since it was decided: each fails the other's
+        // compare.
+        (Record::Lease(_), RecordKey::Lease(cell_id)) => vec![RecordKey::Cell(cell_id.clone())],
+        (Record::Failover(failover), _) => vec![
+            RecordKey::Lease(failover.cell_id.clone()),
+            RecordKey::Cell(failover.standby_cell.clone()),
+        ],
         _ => Vec::new(),
     }
 }

@@ -1,0 +1,198 @@
+//! The failover half of the Control service: agents' lease renewals and promotion reports,
+//! and ops' failovers, with their validation.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use cellplane_api::ids::{InvalidField, validate_id};
+use cellplane_api::proto::control as pb;
+use tonic::Status;
+
+use crate::failover::record::{Mode, Phase, display_id, parse_id};
+use crate::migration::driver::now_ms;
+use crate::state::ControlState;
+use crate::state::command::{Command, CommandOutput};
+
+/// Cells one renewal may name: an agent with more splits its renewal.
+pub const MAX_CELLS_PER_RENEWAL: usize = 10_000;
+
+/// The longest reason kept with a failover.
+pub const MAX_REASON_BYTES: usize = 256;
+
+pub fn renew_leases(
+    request: pb::RenewLeasesRequest,
+    lease_ms: u64,
+) -> Result<Command, InvalidField> {
+    if request.cell_ids.is_empty() {
+        return Err(InvalidField::new("cell_ids", "must name at least one cell"));
+    }
+    if request.cell_ids.len() > MAX_CELLS_PER_RENEWAL {
+        return Err(InvalidField::new(
+            "cell_ids",
+            format!("must name at most {MAX_CELLS_PER_RENEWAL} cells"),
+        ));
+    }
+    let mut cells = BTreeSet::new();
+    for (i, cell_id) in request.cell_ids.iter().enumerate() {
+        validate_id(&format!("cell_ids[{i}]"), cell_id)?;
+        if !cells.insert(Arc::<str>::from(cell_id.as_str())) {
+            return Err(InvalidField::new(
+                format!("cell_ids[{i}]"),
+                format!("{cell_id:?} is named twice"),
+            ));
+        }
+    }
+    Ok(Command::RenewLeases {
+        cells: cells.into_iter().collect(),
+        lease_ms,
+    })
+}
+
+pub fn failover_cell(request: pb::FailoverCellRequest) -> Result<Command, InvalidField> {
+    validate_id("cell_id", &request.cell_id)?;
+    let mode = Mode::from_proto(request.mode)
+        .ok_or_else(|| InvalidField::new("mode", "must be FORCED"))?;
+    if request.reason.len() > MAX_REASON_BYTES {
+        return Err(InvalidField::new(
+            "reason",
+            format!("must be at most {MAX_REASON_BYTES} bytes"),
+        ));
+    }
+    Ok(Command::StartFailover {
+        cell_id: request.cell_id.into(),
+        mode,
+        reason: if request.reason.is_empty() {
+            "ops".into()
+        } else {
+            request.reason
+        },
+        automatic: false,
+        expected_renewals: None,
+        now_ms: now_ms(),
+    })
+}
+
+pub fn failover_id(value: &str) -> Result<u64, InvalidField> {
+    parse_id(value).ok_or_else(|| {
+        InvalidField::new("failover_id", format!("must be fo-<number>, got {value:?}"))
+    })
+}
+
+/// The command an agent's promotion report calls for: none when the failover is past the
+/// phase it names (a repeated report changes nothing).
+pub fn report(
+    state: &ControlState,
+    request: &pb::ReportFailoverRequest,
+) -> Result<(u64, Option<Command>), Status> {
+    let id = failover_id(&request.failover_id)?;
+    let phase = Phase::from_proto(request.phase)
+        .filter(|phase| *phase == Phase::Promoting)
+        .ok_or_else(|| {
+            Status::invalid_argument("phase: an agent reports only FAILOVER_PHASE_PROMOTING")
+        })?;
+    let Some(record) = state.failovers().get(&id) else {
+        return Err(not_found(id));
+    };
+    if record.phase != phase {
+        return Ok((id, None));
+    }
+    Ok((
+        id,
+        Some(Command::AdvanceFailover {
+            id,
+            from: Phase::Promoting,
+            to: Phase::Done,
+            now_ms: now_ms(),
+        }),
+    ))
+}
+
+pub fn not_found(id: u64) -> Status {
+    Status::not_found(format!(
+        "failover_id: failover {} does not exist",
+        display_id(id)
+    ))
+}
+
+pub fn failover_output(output: CommandOutput) -> Result<pb::Failover, Status> {
+    match output {
+        CommandOutput::Failover(view) => Ok(view.record.to_proto(view.id)),
+        other => Err(Status::internal(format!(
+            "unexpected command output {other:?}"
+        ))),
+    }
+}
+
+pub fn leases_output(
+    output: CommandOutput,
+    lease_ms: u64,
+) -> Result<pb::RenewLeasesResponse, Status> {
+    match output {
+        CommandOutput::Leases { granted, refused } => Ok(pb::RenewLeasesResponse {
+            lease_ms,
+            granted: granted.iter().map(|c| c.to_string()).collect(),
+            refused: refused.iter().map(|c| c.to_string()).collect(),
+        }),
+        other => Err(Status::internal(format!(
+            "unexpected command output {other:?}"
+        ))),
+    }
+}
+
+/// Every failover, or the unfinished ones, oldest first.
+pub fn list(state: &ControlState, active_only: bool) -> Vec<pb::Failover> {
+    state
+        .failovers()
+        .iter()
+        .filter(|(_, f)| !active_only || !f.phase.is_terminal())
+        .map(|(id, f)| f.to_proto(*id))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_name_each_cell_once_with_valid_ids() {
+        let request = |ids: &[&str]| pb::RenewLeasesRequest {
+            cell_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            renew_leases(request(&[]), 1000).unwrap_err().field,
+            "cell_ids"
+        );
+        assert_eq!(
+            renew_leases(request(&["a", "a"]), 1000).unwrap_err().field,
+            "cell_ids[1]"
+        );
+        assert_eq!(
+            renew_leases(request(&["a", "bad id"]), 1000)
+                .unwrap_err()
+                .field,
+            "cell_ids[1]"
+        );
+        assert!(matches!(
+            renew_leases(request(&["b", "a"]), 1000),
+            Ok(Command::RenewLeases { cells, lease_ms: 1000 }) if cells.len() == 2
+        ));
+    }
+
+    #[test]
+    fn a_failover_needs_a_mode_and_a_short_reason() {
+        let request = |mode: i32, reason: &str| pb::FailoverCellRequest {
+            cell_id: "c1".into(),
+            mode,
+            reason: reason.into(),
+        };
+        assert_eq!(failover_cell(request(0, "")).unwrap_err().field, "mode");
+        assert_eq!(
+            failover_cell(request(pb::FailoverMode::Forced as i32, &"x".repeat(300)))
+                .unwrap_err()
+                .field,
+            "reason"
+        );
+        assert!(failover_cell(request(pb::FailoverMode::Forced as i32, "")).is_ok());
+        assert_eq!(failover_id("fo-x").unwrap_err().field, "failover_id");
+    }
+}

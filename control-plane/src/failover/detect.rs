@@ -1,0 +1,279 @@
+//! The failure detector: pure functions of what this node saw of each cell's renewals.
+//!
+//! A node notes, on its own monotonic clock, the moment it first saw each cell's newest
+//! renewal in its state (an [`Observation`]). The renewal committed before that moment, and
+//! the cell took its ticket before the renewal was even asked for, so the cell's lease ends
+//! before `observed + lease_ms` by the cell's clock. Clocks of two machines advance at
+//! slightly different rates: `clock_drift_ms` covers that, so once `observed + lease_ms +
+//! clock_drift_ms` has passed here the lease has surely run out on the cell, and its keys can
+//! move without two writers. A node that starts, or becomes leader, sees every renewal anew:
+//! it waits a whole lease before it fails anyone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::failover::record::LeaseRecord;
+use crate::state::model::{CellRecord, CellState};
+
+/// Leases and detection: the `[failover]` table of a node's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// How long a renewal lets a cell take writes.
+    pub lease_ms: u64,
+    /// The most two machines' clocks may disagree about a lease's length.
+    pub clock_drift_ms: u64,
+    /// Fail cells over automatically once their lease surely ran out.
+    pub automatic: bool,
+    /// Automatic failovers under way at once; past it the detector holds back (a storm is
+    /// more likely the control plane's own network than many cells failing) until ops act.
+    pub max_concurrent_failovers: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease_ms: 2_000,
+            clock_drift_ms: 200,
+            automatic: true,
+            max_concurrent_failovers: 2,
+        }
+    }
+}
+
+impl Settings {
+    /// How long after a renewal was seen the cell's lease has surely run out.
+    pub fn expiry(&self, lease_ms: u64) -> Duration {
+        Duration::from_millis(lease_ms + self.clock_drift_ms)
+    }
+}
+
+/// When this node first saw a cell's renewal count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observation {
+    pub renewals: u64,
+    pub since: Instant,
+}
+
+/// What the detector thinks of one cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Renewed within the last two renewal intervals (a fifth of the lease each).
+    Healthy,
+    /// Renewals missed, but its lease may still run on the cell: it keeps its keys.
+    Suspected,
+    /// Its lease has surely run out on the cell.
+    Failed,
+}
+
+/// Notes a cell's renewal count as seen `now`: a count seen before keeps its moment.
+pub fn observe(previous: Option<Observation>, renewals: u64, now: Instant) -> Observation {
+    match previous {
+        Some(seen) if seen.renewals == renewals => seen,
+        _ => Observation {
+            renewals,
+            since: now,
+        },
+    }
+}
+
+/// A cell's health from its newest renewal's observation.
+pub fn health(seen: Observation, lease: LeaseRecord, now: Instant, settings: &Settings) -> Health {
+    let quiet = now.saturating_duration_since(seen.since);
+    if quiet >= settings.expiry(lease.lease_ms) {
+        Health::Failed
+    } else if quiet >= Duration::from_millis(lease.lease_ms * 2 / 5) {
+        Health::Suspected
+    } else {
+        Health::Healthy
+    }
+}
+
+/// A cell the detector would fail over, with the renewal count it decided on (the failover
+/// is refused if another renewal commits first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub cell_id: Arc<str>,
+    pub renewals: u64,
+}
+
+/// What the detector decides on one tick.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decisions {
+    /// Failovers to start.
+    pub fail: Vec<Verdict>,
+    /// Cells found failed that are held back by the storm limit.
+    pub held_back: Vec<Arc<str>>,
+    /// Cells whose renewals stopped but whose lease may still run.
+    pub suspected: Vec<Arc<str>>,
+}
+
+/// Which primaries to fail over now. Only ACTIVE or DRAINING primaries with a lease count;
+/// `busy` are cells with a failover under way, `running` the automatic failovers unfinished.
+pub fn decide<'a>(
+    cells: impl IntoIterator<Item = (&'a Arc<str>, &'a CellRecord, LeaseRecord)>,
+    seen: &BTreeMap<Arc<str>, Observation>,
+    busy: &BTreeSet<Arc<str>>,
+    running: usize,
+    now: Instant,
+    settings: &Settings,
+) -> Decisions {
+    let mut decisions = Decisions::default();
+    let mut room = settings.max_concurrent_failovers.saturating_sub(running);
+    for (cell_id, cell, lease) in cells {
+        let primary = cell.standby_of.is_none()
+            && matches!(cell.state, CellState::Active | CellState::Draining);
+        let Some(seen) = seen.get(cell_id) else {
+            continue;
+        };
+        if !primary || busy.contains(cell_id) || seen.renewals != lease.renewals {
+            continue;
+        }
+        match health(*seen, lease, now, settings) {
+            Health::Healthy => {}
+            Health::Suspected => decisions.suspected.push(cell_id.clone()),
+            Health::Failed if !settings.automatic || room == 0 => {
+                decisions.held_back.push(cell_id.clone());
+            }
+            Health::Failed => {
+                room -= 1;
+                decisions.fail.push(Verdict {
+                    cell_id: cell_id.clone(),
+                    renewals: lease.renewals,
+                });
+            }
+        }
+    }
+    decisions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::model::Tier;
+
+    const LEASE: LeaseRecord = LeaseRecord {
+        renewals: 7,
+        lease_ms: 1_000,
+    };
+
+    fn settings() -> Settings {
+        Settings {
+            lease_ms: 1_000,
+            clock_drift_ms: 200,
+            automatic: true,
+            max_concurrent_failovers: 1,
+        }
+    }
+
+    fn cell(standby_of: Option<&str>, state: CellState) -> CellRecord {
+        CellRecord {
+            region: "r".into(),
+            zone: "z".into(),
+            tier: Tier::Normal,
+            endpoint: "127.0.0.1:1".into(),
+            state,
+            capacity: 10,
+            load: 1,
+            standby_of: standby_of.map(Arc::from),
+            registered_revision: 1,
+            health: None,
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_cell_is_suspected_after_missed_renewals_and_failed_only_after_lease_and_drift() {
+        let t0 = Instant::now();
+        let seen = observe(None, 7, t0);
+        let s = settings();
+        assert_eq!(health(seen, LEASE, t0 + ms(300), &s), Health::Healthy);
+        assert_eq!(health(seen, LEASE, t0 + ms(400), &s), Health::Suspected);
+        assert_eq!(health(seen, LEASE, t0 + ms(1_199), &s), Health::Suspected);
+        assert_eq!(health(seen, LEASE, t0 + ms(1_200), &s), Health::Failed);
+    }
+
+    #[test]
+    fn a_renewal_seen_again_keeps_its_moment_and_a_new_one_starts_over() {
+        let t0 = Instant::now();
+        let seen = observe(None, 7, t0);
+        assert_eq!(observe(Some(seen), 7, t0 + ms(500)).since, t0);
+        let renewed = observe(Some(seen), 8, t0 + ms(900));
+        assert_eq!(renewed.since, t0 + ms(900));
+        // A slow cell that renews before its lease ran out is healthy again.
+        assert_eq!(
+            health(
+                renewed,
+                LeaseRecord {
+                    renewals: 8,
+                    ..LEASE
+                },
+                t0 + ms(1_250),
+                &settings()
+            ),
+            Health::Healthy
+        );
+    }
+
+    #[test]
+    fn only_active_primaries_not_already_failing_over_are_failed_and_the_storm_limit_holds() {
+        let t0 = Instant::now();
+        let late = t0 + ms(5_000);
+        let ids: Vec<Arc<str>> = ["a", "b", "c", "d", "e"].map(Arc::from).to_vec();
+        let records = [
+            cell(None, CellState::Active),
+            cell(None, CellState::Active),
+            cell(Some("a"), CellState::Active),
+            cell(None, CellState::Failed),
+            cell(None, CellState::Draining),
+        ];
+        let seen: BTreeMap<Arc<str>, Observation> = ids
+            .iter()
+            .map(|id| (id.clone(), observe(None, 7, t0)))
+            .collect();
+        let cells = || ids.iter().zip(records.iter()).map(|(id, c)| (id, c, LEASE));
+        let busy = BTreeSet::from([Arc::from("b")]);
+        let decisions = decide(cells(), &seen, &busy, 0, late, &settings());
+        assert_eq!(
+            decisions.fail,
+            vec![Verdict {
+                cell_id: "a".into(),
+                renewals: 7
+            }]
+        );
+        // "e" failed too, but one failover at a time: it waits for ops.
+        assert_eq!(decisions.held_back, vec![Arc::from("e")]);
+
+        let decisions = decide(cells(), &seen, &busy, 1, late, &settings());
+        assert!(decisions.fail.is_empty());
+        assert_eq!(decisions.held_back.len(), 2);
+
+        let manual = Settings {
+            automatic: false,
+            ..settings()
+        };
+        let decisions = decide(cells(), &seen, &BTreeSet::new(), 0, late, &manual);
+        assert!(decisions.fail.is_empty(), "automatic failover is off");
+    }
+
+    #[test]
+    fn a_renewal_the_node_has_not_observed_yet_defers_the_verdict() {
+        let t0 = Instant::now();
+        let id: Arc<str> = "a".into();
+        let record = cell(None, CellState::Active);
+        let seen = BTreeMap::from([(id.clone(), observe(None, 6, t0))]);
+        let decisions = decide(
+            [(&id, &record, LEASE)],
+            &seen,
+            &BTreeSet::new(),
+            0,
+            t0 + ms(5_000),
+            &settings(),
+        );
+        assert_eq!(decisions, Decisions::default());
+    }
+}

@@ -1,0 +1,223 @@
+//! Leases and failovers as the replicated state keeps them, and the table of a failover's
+//! phases.
+
+use std::sync::Arc;
+
+use cellplane_api::proto::control as pb;
+use serde::{Deserialize, Serialize};
+
+/// A cell's lease as the replicated state knows it: how many renewals were committed, and
+/// the length of the last. The control plane times a lease from when it saw a renewal commit,
+/// which is after the cell took its ticket, so the cell's lease runs out first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub renewals: u64,
+    pub lease_ms: u64,
+}
+
+/// How a failover takes the cell's keys away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Wait until the lease surely ran out on the cell, then promote a standby.
+    Forced,
+}
+
+impl Mode {
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::FailoverMode::try_from(value).ok()? {
+            pb::FailoverMode::Forced => Some(Self::Forced),
+            pb::FailoverMode::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> pb::FailoverMode {
+        match self {
+            Self::Forced => pb::FailoverMode::Forced,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forced => "FORCED",
+        }
+    }
+}
+
+/// Where a failover is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// The cell's lease is no longer renewed; the control plane waits it out.
+    Fencing,
+    /// The keys moved to the standby; its agent promotes it.
+    Promoting,
+    Done,
+}
+
+impl Phase {
+    /// Every allowed transition. A failover only goes forward: once the cell stopped being
+    /// renewed, giving it its keys back would need its lease to be trusted again.
+    pub fn can_advance(from: Self, to: Self) -> bool {
+        matches!(
+            (from, to),
+            (Self::Fencing, Self::Promoting) | (Self::Promoting, Self::Done)
+        )
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self == Self::Done
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fencing => "FENCING",
+            Self::Promoting => "PROMOTING",
+            Self::Done => "DONE",
+        }
+    }
+
+    pub fn to_proto(self) -> pb::FailoverPhase {
+        match self {
+            Self::Fencing => pb::FailoverPhase::Fencing,
+            Self::Promoting => pb::FailoverPhase::Promoting,
+            Self::Done => pb::FailoverPhase::Done,
+        }
+    }
+
+    pub fn from_proto(value: i32) -> Option<Self> {
+        Some(match pb::FailoverPhase::try_from(value).ok()? {
+            pb::FailoverPhase::Fencing => Self::Fencing,
+            pb::FailoverPhase::Promoting => Self::Promoting,
+            pb::FailoverPhase::Done => Self::Done,
+            pb::FailoverPhase::Unspecified => return None,
+        })
+    }
+}
+
+/// What a failover may have lost, in the failed primary's LSNs, as the control plane knew
+/// them when it moved the keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The failed primary's last LSN its agent reported.
+    pub primary_lsn: u64,
+    /// The newest primary LSN the standby had applied, as last reported.
+    pub standby_lsn: u64,
+    /// The standby was recorded IN_SYNC: it had every acknowledged message.
+    pub in_sync: bool,
+}
+
+impl Ledger {
+    /// Cell-log records of the primary the standby may lack; none for a standby in sync,
+    /// which has every record the primary acknowledged (the reports can only lag that).
+    pub fn lsns_behind(&self) -> u64 {
+        if self.in_sync {
+            0
+        } else {
+            self.primary_lsn.saturating_sub(self.standby_lsn)
+        }
+    }
+}
+
+/// One failover. Its id is the revision that created it, shown as `fo-<revision>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub cell_id: Arc<str>,
+    /// The standby promoted in its place.
+    pub standby_cell: Arc<str>,
+    pub mode: Mode,
+    pub phase: Phase,
+    /// Started by the failure detector, not by ops.
+    pub automatic: bool,
+    pub reason: String,
+    /// The failed cell's tenants, whose keys moved (filled at the switch).
+    pub tenants: Vec<Arc<str>>,
+    pub keys_moved: u64,
+    /// Filled at the switch.
+    pub ledger: Ledger,
+    /// The leader's wall clock when it began, switched the keys and finished.
+    pub created_ms: u64,
+    pub switched_ms: u64,
+    pub done_ms: u64,
+    pub updated_revision: u64,
+}
+
+impl FailoverRecord {
+    pub fn to_proto(&self, id: u64) -> pb::Failover {
+        pb::Failover {
+            failover_id: display_id(id),
+            cell_id: self.cell_id.to_string(),
+            standby_cell: self.standby_cell.to_string(),
+            mode: self.mode.to_proto() as i32,
+            phase: self.phase.to_proto() as i32,
+            automatic: self.automatic,
+            reason: self.reason.clone(),
+            tenants: self.tenants.iter().map(|t| t.to_string()).collect(),
+            keys_moved: self.keys_moved,
+            ledger: Some(pb::RpoLedger {
+                primary_lsn: self.ledger.primary_lsn,
+                standby_lsn: self.ledger.standby_lsn,
+                in_sync: self.ledger.in_sync,
+                lsns_behind: self.ledger.lsns_behind(),
+            }),
+            created_ms: self.created_ms,
+            switched_ms: self.switched_ms,
+            done_ms: self.done_ms,
+            revision: self.updated_revision,
+        }
+    }
+}
+
+/// The printed form of a failover id.
+pub fn display_id(id: u64) -> String {
+    format!("fo-{id}")
+}
+
+/// Parses `fo-<n>`; `None` for anything else.
+pub fn parse_id(text: &str) -> Option<u64> {
+    text.strip_prefix("fo-")?
+        .parse()
+        .ok()
+        .filter(|id: &u64| *id > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failover_only_goes_forward() {
+        use Phase::*;
+        assert!(Phase::can_advance(Fencing, Promoting));
+        assert!(Phase::can_advance(Promoting, Done));
+        for (from, to) in [
+            (Promoting, Fencing),
+            (Done, Promoting),
+            (Fencing, Done),
+            (Done, Done),
+            (Fencing, Fencing),
+        ] {
+            assert!(!Phase::can_advance(from, to), "{from:?} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn an_in_sync_standby_lacks_nothing() {
+        let ledger = Ledger {
+            primary_lsn: 120,
+            standby_lsn: 100,
+            in_sync: true,
+        };
+        assert_eq!(ledger.lsns_behind(), 0);
+        let ledger = Ledger {
+            in_sync: false,
+            ..ledger
+        };
+        assert_eq!(ledger.lsns_behind(), 20);
+    }
+
+    #[test]
+    fn ids_round_trip_and_garbage_is_refused() {
+        assert_eq!(parse_id(&display_id(7)), Some(7));
+        assert_eq!(parse_id("fo-0"), None);
+        assert_eq!(parse_id("mig-7"), None);
+    }
+}
