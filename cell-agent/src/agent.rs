@@ -109,6 +109,16 @@ pub async fn run(
             cells.clone(),
             stop.clone(),
         )),
+        tokio::spawn(crate::lease::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(crate::failover::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
     ];
     tracing::info!(%region, "agent serving");
     shutdown.await;

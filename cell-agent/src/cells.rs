@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cellplane_api::client::channel;
@@ -30,6 +31,20 @@ pub struct LocalCell {
     pub spec: CellSpec,
     pub endpoint: String,
     pub admin: CellAdminClient<Channel>,
+    /// A standby by its config that a failover made a primary.
+    promoted: Arc<AtomicBool>,
+}
+
+impl LocalCell {
+    /// Whether the cell follows a primary now: configured as a standby and not promoted.
+    pub fn is_standby(&self) -> bool {
+        self.spec.standby_of.is_some() && !self.promoted.load(Ordering::Acquire)
+    }
+
+    /// The control plane made this standby a primary, and the cell knows it.
+    pub fn mark_promoted(&self) {
+        self.promoted.store(true, Ordering::Release);
+    }
 }
 
 /// This agent's cells by id.
@@ -48,6 +63,7 @@ pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::clie
                 spec: spec.clone(),
                 endpoint,
                 admin,
+                promoted: Arc::default(),
             },
         );
     }
@@ -114,6 +130,12 @@ pub async fn join(
             Err(status) => return Err(status),
         }
     };
+    if spec.standby_of.is_some() && registered.standby_of.is_empty() {
+        // A failover promoted it: the cell has the promotion on disk, or its agent's failover
+        // executor gives it before reporting the failover done.
+        tracing::info!(cell_id = %spec.cell_id, "cell was promoted to primary by a failover");
+        cell.mark_promoted();
+    }
     let mut admin = cell.admin.clone();
     while admin
         .cell_status(CellStatusRequest { without_keys: true })

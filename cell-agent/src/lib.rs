@@ -9,7 +9,9 @@
 pub mod agent;
 pub mod cells;
 pub mod config;
+pub mod failover;
 pub mod grants;
+pub mod lease;
 pub mod migrate;
 pub mod protection;
 pub mod supervisor;

@@ -83,7 +83,7 @@ async fn round(
     recorded: &mut HashMap<String, Protection>,
 ) {
     for (cell_id, cell) in cells.iter() {
-        if cell.spec.standby_of.is_some() {
+        if cell.is_standby() {
             continue;
         }
         let mut admin = cell.admin.clone();

@@ -97,6 +97,7 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
         .arg("--data-dir")
         .arg(&dir)
         .arg("--exit-with-parent")
+        .arg("--lease-required")
         .args(standby)
         .args(&spec.args)
         .stdin(Stdio::null())

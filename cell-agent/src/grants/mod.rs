@@ -162,7 +162,7 @@ async fn load_routes(
 async fn held_grants(cells: &LocalCells) -> Result<Vec<Held>, Status> {
     let mut held = Vec::new();
     for (cell_id, cell) in cells.iter() {
-        if cell.spec.standby_of.is_some() {
+        if cell.is_standby() {
             continue;
         }
         let status = cell

@@ -126,7 +126,7 @@ async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
     loop {
         tokio::time::sleep(THAW_INTERVAL).await;
         // A standby's frozen keys are its primary's, repaired there.
-        for (cell_id, cell) in cells.iter().filter(|(_, c)| c.spec.standby_of.is_none()) {
+        for (cell_id, cell) in cells.iter().filter(|(_, c)| !c.is_standby()) {
             let Ok(status) = cell
                 .admin
                 .clone()
