@@ -37,6 +37,10 @@ impl AgentCell {
     }
 }
 
+/// A standby an agent runs: `(standby, primary, the primary's address when another agent
+/// runs it)`.
+type Standby<'a> = (&'a str, &'a str, Option<&'a str>);
+
 pub struct AgentProcess {
     pub region: String,
     pub cells: Vec<AgentCell>,
@@ -66,6 +70,36 @@ impl AgentProcess {
         standbys: &[(&str, &str)],
         cell_args: &[&str],
     ) -> Self {
+        let standbys: Vec<Standby> = standbys
+            .iter()
+            .map(|(standby, primary)| (*standby, *primary, None))
+            .collect();
+        Self::start_full(region, control_plane, cells, &standbys, cell_args)
+    }
+
+    /// Like [`AgentProcess::start_with_standbys`], for standbys whose primaries another agent
+    /// runs: `(standby, primary, primary's address)`.
+    pub fn start_following(
+        region: &str,
+        control_plane: &[String],
+        cells: &[(&str, &str, &str)],
+        remote: &[(&str, &str, &str)],
+        cell_args: &[&str],
+    ) -> Self {
+        let standbys: Vec<Standby> = remote
+            .iter()
+            .map(|(standby, primary, addr)| (*standby, *primary, Some(*addr)))
+            .collect();
+        Self::start_full(region, control_plane, cells, &standbys, cell_args)
+    }
+
+    fn start_full(
+        region: &str,
+        control_plane: &[String],
+        cells: &[(&str, &str, &str)],
+        standbys: &[Standby],
+        cell_args: &[&str],
+    ) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("cellplane-agent-")
             .tempdir()
@@ -91,8 +125,11 @@ impl AgentProcess {
                 "[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = 1000\nargs = {:?}\n",
                 cell.cell_id, cell.zone, cell.tier, cell.addr, cell_args
             ));
-            if let Some((_, primary)) = standbys.iter().find(|(s, _)| *s == cell.cell_id) {
+            if let Some((_, primary, addr)) = standbys.iter().find(|(s, ..)| *s == cell.cell_id) {
                 config.push_str(&format!("standby_of = {primary:?}\n"));
+                if let Some(addr) = addr {
+                    config.push_str(&format!("primary_endpoint = {addr:?}\n"));
+                }
             }
         }
         std::fs::write(dir.path().join("agent.toml"), config).expect("write agent config");

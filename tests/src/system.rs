@@ -13,7 +13,7 @@ use cellplane_api::proto::control::{
 };
 
 /// Cells in these tests take load generators, not people: rate limits out of the way.
-const CELL_ARGS: &[&str] = &[
+pub const CELL_ARGS: &[&str] = &[
     "--sends-per-conversation-per-sec",
     "1000000",
     "--sends-per-sender-per-sec",

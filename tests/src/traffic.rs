@@ -22,6 +22,17 @@ pub struct Ack {
     pub client_msg_id: String,
     pub message_id: String,
     pub seq: u64,
+    /// When the writer sent it (the first try) and when the answer arrived: the cell accepted
+    /// it in between.
+    pub started: Instant,
+    pub answered: Instant,
+}
+
+impl Ack {
+    /// The cell that accepted the message (it names itself in every message id).
+    pub fn cell(&self) -> &str {
+        self.message_id.split('/').next().unwrap_or_default()
+    }
 }
 
 pub fn conversation(i: usize) -> String {
@@ -189,6 +200,8 @@ impl Writers {
                             client_msg_id,
                             message_id: answer.message_id,
                             seq: answer.seq,
+                            started,
+                            answered: Instant::now(),
                         });
                         n += 1;
                         if !pace.is_zero() {

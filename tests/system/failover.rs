@@ -1,0 +1,214 @@
+//! Failover with real processes: a NORMAL primary and its agent SIGKILLed under sixteen
+//! writers (the standby, run by another agent of the region, is promoted; every acknowledged
+//! message is there once; the RPO ledger reads 0; the old primary, restarted, takes no
+//! writes), and a primary stopped for less than its lease, which keeps its keys.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cellplane_api::proto::cell::CellStatusRequest;
+use cellplane_api::proto::control::{
+    CellState, Failover, FailoverPhase, GetCellRequest, ListFailoversRequest, Protection, Tier,
+};
+use cellplane_tests::agent::AgentProcess;
+use cellplane_tests::cluster::Cluster;
+use cellplane_tests::system::CELL_ARGS;
+use cellplane_tests::traffic::{Writers, create_groups, send_request, verify};
+use nix::sys::signal::Signal;
+
+use super::System;
+
+const PRIMARY: &str = "hz-a-normal-1";
+const STANDBY: &str = "hz-b-normal-s1";
+const TENANT: &str = "acme";
+const CONVERSATIONS: usize = 8;
+const WRITERS: usize = 16;
+
+/// A control plane, the primary under one agent and its synchronous standby under another
+/// (two machines of one region): `agents[0]` runs the primary, `agents[1]` the standby.
+async fn start() -> System {
+    let cluster = Cluster::start(3, &[]).await;
+    let endpoints = cluster.endpoints();
+    let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
+    primary_args.extend(["--sync-standby", STANDBY]);
+    let primary = AgentProcess::start("hz", &endpoints, &[(PRIMARY, "a", "NORMAL")], &primary_args);
+    let primary_addr = primary.cell(PRIMARY).addr.clone();
+    let standby = AgentProcess::start_following(
+        "hz",
+        &endpoints,
+        &[(STANDBY, "b", "NORMAL")],
+        &[(STANDBY, PRIMARY, &primary_addr)],
+        CELL_ARGS,
+    );
+    let system = System {
+        cluster,
+        agents: vec![primary, standby],
+    };
+    system.wait_for_active(2).await;
+    system
+}
+
+async fn failovers(system: &System) -> Vec<Failover> {
+    let leader = system.cluster.wait_for_leader().await;
+    system
+        .cluster
+        .control(leader)
+        .list_failovers(ListFailoversRequest::default())
+        .await
+        .expect("list failovers")
+        .into_inner()
+        .failovers
+}
+
+async fn cell(system: &System, cell_id: &str) -> cellplane_api::proto::control::Cell {
+    let leader = system.cluster.wait_for_leader().await;
+    system
+        .cluster
+        .control(leader)
+        .get_cell(GetCellRequest {
+            cell_id: cell_id.into(),
+        })
+        .await
+        .expect("get cell")
+        .into_inner()
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledged() {
+    let mut system = start().await;
+    wait_until(
+        "the primary is IN_SYNC",
+        Duration::from_secs(30),
+        || async { cell(&system, PRIMARY).await.protection == Protection::InSync as i32 },
+    )
+    .await;
+    assert_eq!(
+        system.create_tenant(TENANT, Tier::Normal, "hz").await,
+        PRIMARY
+    );
+    let (routes, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, CONVERSATIONS).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "run", WRITERS, CONVERSATIONS);
+    writers.let_write(300).await;
+
+    // The primary's machine dies: its cell, and the agent that would restart it.
+    let before = writers.count();
+    system.agents[0].signal_cell(PRIMARY, Signal::SIGKILL);
+    system.agents[0].kill().await;
+    let killed = Instant::now();
+    let killed_ms = cellplane_control_plane::migration::driver::now_ms();
+    // Acknowledgements of sends already answered before the kill may still be counted: the
+    // first WRITERS past the kill stand for those.
+    wait_until(
+        "writes go on on the standby",
+        Duration::from_secs(20),
+        || async { writers.count() > before + WRITERS },
+    )
+    .await;
+    let resumed = killed.elapsed();
+    writers.let_write(300).await;
+    let (acks, _) = writers.stop().await;
+
+    wait_until("the failover finishes", Duration::from_secs(10), || async {
+        failovers(&system)
+            .await
+            .iter()
+            .any(|f| f.phase == FailoverPhase::Done as i32)
+    })
+    .await;
+    let [failover] = failovers(&system).await.try_into().expect("one failover");
+    assert_eq!(failover.cell_id, PRIMARY);
+    assert_eq!(failover.standby_cell, STANDBY);
+    assert!(failover.automatic, "the detector started it: {failover:?}");
+    assert_eq!(failover.tenants, vec![TENANT.to_string()]);
+    let ledger = failover.ledger.expect("ledger");
+    assert!(ledger.in_sync, "the standby was synchronous: {ledger:?}");
+    assert_eq!(ledger.lsns_behind, 0, "{ledger:?}");
+    println!(
+        "writes resumed {resumed:?} after the kill; keys switched {} ms after it; standby promoted {} ms after that",
+        failover.switched_ms.saturating_sub(killed_ms),
+        failover.done_ms.saturating_sub(failover.switched_ms),
+    );
+
+    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Failed as i32);
+    let promoted = cell(&system, STANDBY).await;
+    assert!(promoted.standby_of.is_empty(), "{promoted:?}");
+    let route = routes.lookup(TENANT, "").expect("route");
+    assert_eq!((route.cell_id.as_str(), route.epoch), (STANDBY, 2));
+    let (old, new): (Vec<_>, Vec<_>) = acks.iter().partition(|a| a.cell() == PRIMARY);
+    assert!(!old.is_empty() && !new.is_empty(), "writes on both cells");
+    assert!(new.iter().all(|a| a.cell() == STANDBY), "one new owner");
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+
+    // The old primary's machine comes back: its cell takes no lease and no write.
+    system.agents[0].restart();
+    system.agents[0]
+        .wait_for_cells(Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let status = system.agents[0]
+        .cell(PRIMARY)
+        .admin()
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.lease_required);
+    assert_eq!(
+        status.lease_remaining_ms, 0,
+        "a failed cell is never renewed"
+    );
+    let mut request = send_request(TENANT, "c0", "u0", "after-failover", b"late".to_vec());
+    request.route_epoch = 1;
+    let refused = system.agents[0]
+        .cell(PRIMARY)
+        .messaging()
+        .send_message(request)
+        .await
+        .expect_err("the old primary refuses writes");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+        ),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_stalled_for_less_than_its_lease_keeps_its_keys() {
+    let system = start().await;
+    system.create_tenant(TENANT, Tier::Normal, "hz").await;
+    let (_, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, 2).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "slow", 2, 2);
+    writers.let_write(50).await;
+
+    system.agents[0].signal_cell(PRIMARY, Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    system.agents[0].signal_cell(PRIMARY, Signal::SIGCONT);
+    writers.let_write(100).await;
+    // Longer than lease and drift from the stall: a failover would have started by now.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (acks, _) = writers.stop().await;
+
+    assert!(
+        failovers(&system).await.is_empty(),
+        "a slow cell is not failed over"
+    );
+    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Active as i32);
+    assert!(acks.iter().all(|a| a.cell() == PRIMARY));
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+}
