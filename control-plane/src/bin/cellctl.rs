@@ -11,7 +11,7 @@ use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_control_plane::ctl::exit;
 use cellplane_control_plane::ctl::table;
 use cellplane_control_plane::ctl::views::{
-    CellView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
+    CellView, FailoverView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -117,6 +117,22 @@ enum Command {
     },
     /// Roll back a migration that has not switched its route yet.
     Cancel { migration_id: String },
+    /// Fail a primary cell over to its standby (FORCED: its lease is no longer renewed, and
+    /// once it has surely run out every key moves to the standby).
+    Failover {
+        cell: String,
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Follow the failover until the standby took over.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Failovers with their RPO ledger (only unfinished ones with --active).
+    Failovers {
+        #[arg(long)]
+        active: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -510,6 +526,50 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 })
                 .await?;
             print_one(output, &MigrationView::from(&cancelled))?;
+        }
+        Command::Failover { cell, reason, wait } => {
+            let request = pb::FailoverCellRequest {
+                cell_id: cell,
+                mode: pb::FailoverMode::Forced as i32,
+                reason,
+            };
+            let mut failover = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.failover_cell(request).await }
+                })
+                .await?;
+            while wait && failover.phase != pb::FailoverPhase::Done as i32 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let failover_id = failover.failover_id.clone();
+                failover = control
+                    .call(|mut c| {
+                        let request = pb::GetFailoverRequest {
+                            failover_id: failover_id.clone(),
+                        };
+                        async move { c.get_failover(request).await }
+                    })
+                    .await?;
+            }
+            print_one(output, &FailoverView::from(&failover))?;
+        }
+        Command::Failovers { active } => {
+            let list = control
+                .call(|mut c| async move {
+                    c.list_failovers(pb::ListFailoversRequest {
+                        active_only: active,
+                    })
+                    .await
+                })
+                .await?;
+            let views: Vec<FailoverView> = list.failovers.iter().map(FailoverView::from).collect();
+            print_list(output, &views)?;
+            if !list.held_back.is_empty() {
+                eprintln!(
+                    "cellctl: automatic failover is held back for failed cells {}: fail them over with `cellctl failover CELL`",
+                    list.held_back.join(", ")
+                );
+            }
         }
     }
     Ok(exit::OK)

@@ -420,9 +420,125 @@ impl Row for MigrationView {
     }
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverView {
+    pub failover_id: String,
+    pub cell_id: String,
+    pub standby_cell: String,
+    pub mode: String,
+    pub phase: String,
+    pub automatic: bool,
+    pub reason: String,
+    pub tenants: Vec<String>,
+    pub keys_moved: u64,
+    /// The RPO ledger: the failed primary's last reported LSN, the standby's, whether it was
+    /// in sync, and the LSNs it may lack.
+    pub primary_lsn: u64,
+    pub standby_lsn: u64,
+    pub in_sync: bool,
+    pub lsns_behind: u64,
+    /// From the start to the switch of the keys, and from the switch to the promotion.
+    pub detect_to_switch_ms: Option<u64>,
+    pub switch_to_done_ms: Option<u64>,
+}
+
+impl From<&pb::Failover> for FailoverView {
+    fn from(f: &pb::Failover) -> Self {
+        let ledger = f.ledger.unwrap_or_default();
+        Self {
+            failover_id: f.failover_id.clone(),
+            cell_id: f.cell_id.clone(),
+            standby_cell: f.standby_cell.clone(),
+            mode: pb::FailoverMode::try_from(f.mode)
+                .map(|m| m.as_str_name().to_string())
+                .unwrap_or_else(|_| f.mode.to_string()),
+            phase: pb::FailoverPhase::try_from(f.phase)
+                .map(|p| {
+                    p.as_str_name()
+                        .trim_start_matches("FAILOVER_PHASE_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| f.phase.to_string()),
+            automatic: f.automatic,
+            reason: f.reason.clone(),
+            tenants: f.tenants.clone(),
+            keys_moved: f.keys_moved,
+            primary_lsn: ledger.primary_lsn,
+            standby_lsn: ledger.standby_lsn,
+            in_sync: ledger.in_sync,
+            lsns_behind: ledger.lsns_behind,
+            detect_to_switch_ms: (f.switched_ms > 0)
+                .then(|| f.switched_ms.saturating_sub(f.created_ms)),
+            switch_to_done_ms: (f.done_ms > 0).then(|| f.done_ms.saturating_sub(f.switched_ms)),
+        }
+    }
+}
+
+impl Row for FailoverView {
+    const HEADERS: &'static [&'static str] = &[
+        "FAILOVER",
+        "CELL",
+        "TO",
+        "MODE",
+        "PHASE",
+        "BY",
+        "KEYS",
+        "IN_SYNC",
+        "LSNS_BEHIND",
+        "REASON",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.failover_id.clone(),
+            self.cell_id.clone(),
+            self.standby_cell.clone(),
+            self.mode.clone(),
+            self.phase.clone(),
+            if self.automatic { "detector" } else { "ops" }.to_string(),
+            self.keys_moved.to_string(),
+            if self.in_sync { "yes" } else { "no" }.to_string(),
+            self.lsns_behind.to_string(),
+            self.reason.clone(),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failover_shows_its_cells_phase_and_ledger() {
+        let f = pb::Failover {
+            failover_id: "fo-9".into(),
+            cell_id: "hz-a".into(),
+            standby_cell: "hz-b".into(),
+            mode: pb::FailoverMode::Forced as i32,
+            phase: pb::FailoverPhase::Done as i32,
+            automatic: true,
+            keys_moved: 3,
+            ledger: Some(pb::RpoLedger {
+                primary_lsn: 50,
+                standby_lsn: 48,
+                in_sync: false,
+                lsns_behind: 2,
+            }),
+            created_ms: 1_000,
+            switched_ms: 1_000,
+            done_ms: 1_090,
+            ..Default::default()
+        };
+        let view = FailoverView::from(&f);
+        assert_eq!(
+            view.cells(),
+            [
+                "fo-9", "hz-a", "hz-b", "FORCED", "DONE", "detector", "3", "no", "2", ""
+            ]
+        );
+        assert_eq!(view.switch_to_done_ms, Some(90));
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["lsns_behind"], 2);
+    }
 
     #[test]
     fn a_migration_shows_its_key_phase_and_pause() {
