@@ -30,7 +30,8 @@ conformance!(
         pagination,
         bad_input,
         migration_records,
-        restart
+        restart,
+        failover
     ]
 );
 conformance!(
@@ -44,6 +45,7 @@ conformance!(
         pagination,
         bad_input,
         migration_records,
-        restart
+        restart,
+        failover
     ]
 );

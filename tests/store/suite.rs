@@ -695,3 +695,227 @@ pub async fn restart<B: Backend>() {
         .expect("create after restart");
     assert_eq!(tenant.epoch, 1);
 }
+
+/// Leases and a failover from ops: bad calls refused with nothing changed, renewals refused
+/// once the cell is failing over, the lease waited out, then every key of the cell (tenants
+/// and a conversation moved onto it) moved to its standby at the next epoch in one step, and
+/// the agent's report finishing it once.
+pub async fn failover<B: Backend>() {
+    let served = Served::<B>::start().await;
+    add_cells(&served).await;
+    served
+        .control()
+        .register_cell(cpb::RegisterCellRequest {
+            cell_id: "cell-a-s".into(),
+            region: "r1".into(),
+            zone: "z1".into(),
+            tier: Tier::Normal as i32,
+            endpoint: "127.0.0.1:20100".into(),
+            capacity: 100_000,
+            standby_of: "cell-a".into(),
+        })
+        .await
+        .expect("register the standby");
+    served
+        .control()
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "cell-a-s".into(),
+            state: CellState::Active as i32,
+        })
+        .await
+        .expect("activate the standby");
+    let mut on_a = Vec::new();
+    for i in 0..6 {
+        let tenant = create_tenant(&served, &format!("f{i}"))
+            .await
+            .expect("create");
+        if tenant.primary_cell == "cell-a" {
+            on_a.push(tenant.tenant_id);
+        } else if tenant.tenant_id == "f1" || tenant.tenant_id == "f2" {
+            move_route(&served, &tenant.tenant_id, "hot", 1, "cell-a")
+                .await
+                .expect("move a conversation onto cell-a");
+        }
+    }
+    assert!(!on_a.is_empty(), "placement spreads tenants over the cells");
+    let renew = |cells: &[&str]| {
+        let request = cpb::RenewLeasesRequest {
+            cell_ids: cells.iter().map(|c| c.to_string()).collect(),
+        };
+        let mut control = served.control();
+        async move { control.renew_leases(request).await.map(|r| r.into_inner()) }
+    };
+    let renewed = renew(&["cell-a", "cell-a-s"]).await.expect("renew");
+    assert_eq!(renewed.granted, ["cell-a", "cell-a-s"]);
+    assert!(renewed.lease_ms > 0);
+
+    let failover = |cell_id: &str, mode: cpb::FailoverMode, reason: String| {
+        let request = cpb::FailoverCellRequest {
+            cell_id: cell_id.into(),
+            mode: mode as i32,
+            reason,
+        };
+        let mut control = served.control();
+        async move { control.failover_cell(request).await.map(|r| r.into_inner()) }
+    };
+    let forced = cpb::FailoverMode::Forced;
+    let before = served
+        .control()
+        .list_cells(cpb::ListCellsRequest::default())
+        .await
+        .expect("cells")
+        .into_inner();
+    for (cell_id, mode, reason, code, field) in [
+        ("nope", forced, String::new(), Code::NotFound, "nope"),
+        (
+            "cell-a-s",
+            forced,
+            String::new(),
+            Code::FailedPrecondition,
+            "standby",
+        ),
+        (
+            "cell-b",
+            forced,
+            String::new(),
+            Code::FailedPrecondition,
+            "no ACTIVE standby",
+        ),
+        (
+            "cell-a",
+            cpb::FailoverMode::Unspecified,
+            String::new(),
+            Code::InvalidArgument,
+            "mode",
+        ),
+        (
+            "cell-a",
+            forced,
+            "x".repeat(300),
+            Code::InvalidArgument,
+            "reason",
+        ),
+        (
+            "bad id",
+            forced,
+            String::new(),
+            Code::InvalidArgument,
+            "cell_id",
+        ),
+    ] {
+        let err = failover(cell_id, mode, reason).await.expect_err(field);
+        assert_eq!(err.code(), code, "{cell_id}: {err:?}");
+        assert!(err.message().contains(field), "{cell_id}: {err:?}");
+    }
+    let after = served
+        .control()
+        .list_cells(cpb::ListCellsRequest::default())
+        .await
+        .expect("cells")
+        .into_inner();
+    assert_eq!(
+        before.cells, after.cells,
+        "refused failovers changed nothing"
+    );
+
+    let started = failover("cell-a", forced, "disk alarm".into())
+        .await
+        .expect("failover");
+    assert_eq!(started.phase, cpb::FailoverPhase::Fencing as i32);
+    assert_eq!(started.reason, "disk alarm");
+    assert!(!started.automatic);
+    let err = failover("cell-a", forced, String::new())
+        .await
+        .expect_err("a second failover");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let renewed = renew(&["cell-a", "cell-a-s"]).await.expect("renew");
+    assert_eq!(renewed.refused, ["cell-a"], "a failing cell is not renewed");
+
+    let id = started.failover_id.clone();
+    let get = || {
+        let mut control = served.control();
+        let failover_id = id.clone();
+        async move {
+            control
+                .get_failover(cpb::GetFailoverRequest { failover_id })
+                .await
+                .expect("get failover")
+                .into_inner()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let switched = loop {
+        let now = get().await;
+        if now.phase != cpb::FailoverPhase::Fencing as i32 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease was never waited out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(switched.phase, cpb::FailoverPhase::Promoting as i32);
+    assert!(
+        switched.switched_ms >= switched.created_ms + renewed.lease_ms,
+        "the keys moved only after a whole lease: {switched:?}"
+    );
+    assert_eq!(switched.tenants, on_a);
+    for tenant in &on_a {
+        let route = lookup(&served, tenant, "").await.expect("lookup");
+        assert_eq!(
+            (route.cell_id.as_str(), route.epoch),
+            ("cell-a-s", 2),
+            "{tenant}"
+        );
+    }
+    for tenant in ["f1", "f2"] {
+        if on_a.iter().any(|t| t == tenant) {
+            continue;
+        }
+        let route = lookup(&served, tenant, "hot").await.expect("lookup");
+        assert_eq!(
+            (route.cell_id.as_str(), route.epoch),
+            ("cell-a-s", 3),
+            "{tenant}/hot"
+        );
+    }
+
+    let report = |phase: cpb::FailoverPhase| {
+        let request = cpb::ReportFailoverRequest {
+            failover_id: id.clone(),
+            phase: phase as i32,
+        };
+        let mut control = served.control();
+        async move {
+            control
+                .report_failover(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let err = report(cpb::FailoverPhase::Fencing)
+        .await
+        .expect_err("agents report PROMOTING");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    for _ in 0..2 {
+        let done = report(cpb::FailoverPhase::Promoting).await.expect("report");
+        assert_eq!(done.phase, cpb::FailoverPhase::Done as i32);
+    }
+    let listed = served
+        .control()
+        .list_failovers(cpb::ListFailoversRequest { active_only: true })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.failovers.is_empty(), "{listed:?}");
+    let cell = served
+        .control()
+        .get_cell(cpb::GetCellRequest {
+            cell_id: "cell-a-s".into(),
+        })
+        .await
+        .expect("cell")
+        .into_inner();
+    assert!(cell.standby_of.is_empty(), "the standby is a primary now");
+}

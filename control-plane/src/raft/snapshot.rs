@@ -426,6 +426,46 @@ mod tests {
             })
             .0
             .expect("report");
+        // A NORMAL primary failed over to its standby, with leases renewed before.
+        for (cell, zone, standby_of) in [("cell-n", "a", None), ("cell-s", "b", Some("cell-n"))] {
+            state
+                .apply(&Command::RegisterCell {
+                    cell_id: Arc::from(cell),
+                    region: Arc::from("hz"),
+                    zone: Arc::from(zone),
+                    tier: Tier::Normal,
+                    endpoint: Arc::from("127.0.0.1:9001"),
+                    capacity: 10,
+                    standby_of: standby_of.map(Arc::from),
+                })
+                .0
+                .expect("register");
+            state
+                .apply(&Command::SetCellState {
+                    cell_id: Arc::from(cell),
+                    state: CellState::Active,
+                })
+                .0
+                .expect("activate");
+        }
+        state
+            .apply(&Command::RenewLeases {
+                cells: vec![Arc::from("cell-a"), Arc::from("cell-n")],
+                lease_ms: 2_000,
+            })
+            .0
+            .expect("renew");
+        state
+            .apply(&Command::StartFailover {
+                cell_id: Arc::from("cell-n"),
+                mode: crate::failover::record::Mode::Forced,
+                reason: "sample".into(),
+                automatic: false,
+                expected_renewals: None,
+                now_ms: 1,
+            })
+            .0
+            .expect("failover");
         state
     }
 
@@ -454,6 +494,10 @@ mod tests {
         assert_eq!(read_back.protection().len(), 1);
         assert_eq!(read_back.replication(), state.replication());
         assert_eq!(read_back.replication().len(), 1);
+        assert_eq!(read_back.leases(), state.leases());
+        assert_eq!(read_back.leases().len(), 2);
+        assert_eq!(read_back.failovers(), state.failovers());
+        assert_eq!(read_back.failovers().len(), 1);
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
         let cell_key = read_back

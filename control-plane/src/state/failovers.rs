@@ -349,3 +349,330 @@ impl ControlState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::command::Command;
+    use crate::state::model::{ReplicaHealth, ReplicationHealth, Tier};
+
+    fn apply(state: &mut ControlState, command: Command) -> CommandResult {
+        state.apply(&command).0
+    }
+
+    fn register(
+        state: &mut ControlState,
+        id: &str,
+        (region, zone): (&str, &str),
+        tier: Tier,
+        standby_of: Option<&str>,
+    ) {
+        apply(
+            state,
+            Command::RegisterCell {
+                cell_id: id.into(),
+                region: region.into(),
+                zone: zone.into(),
+                tier,
+                endpoint: format!("{id}:1").into(),
+                capacity: 10,
+                standby_of: standby_of.map(Arc::from),
+            },
+        )
+        .expect("register");
+        apply(
+            state,
+            Command::SetCellState {
+                cell_id: id.into(),
+                state: CellState::Active,
+            },
+        )
+        .expect("activate");
+    }
+
+    /// A HIGH primary with an in-region and a remote standby, a NORMAL primary with one, a
+    /// LOW cell; tenants on each primary and a conversation moved onto the HIGH one.
+    fn system() -> ControlState {
+        let mut state = ControlState::default();
+        register(&mut state, "high", ("hz", "a"), Tier::High, None);
+        register(
+            &mut state,
+            "high-remote",
+            ("bj", "a"),
+            Tier::High,
+            Some("high"),
+        );
+        register(
+            &mut state,
+            "high-near",
+            ("hz", "b"),
+            Tier::High,
+            Some("high"),
+        );
+        register(&mut state, "normal", ("hz", "a"), Tier::Normal, None);
+        register(
+            &mut state,
+            "normal-s",
+            ("hz", "c"),
+            Tier::Normal,
+            Some("normal"),
+        );
+        register(&mut state, "low", ("hz", "a"), Tier::Low, None);
+        for (tenant, tier) in [
+            ("t1", Tier::High),
+            ("t2", Tier::High),
+            ("n1", Tier::Normal),
+            ("l1", Tier::Low),
+        ] {
+            apply(
+                &mut state,
+                Command::CreateTenant {
+                    tenant_id: tenant.into(),
+                    tier,
+                    home_region: "hz".into(),
+                },
+            )
+            .expect("create");
+        }
+        apply(
+            &mut state,
+            Command::MoveRoute {
+                key: RouteKey::conversation("n1", "hot"),
+                expected_epoch: 1,
+                target_cell: "high".into(),
+            },
+        )
+        .expect("move a conversation onto the HIGH cell");
+        state
+    }
+
+    fn forced(cell_id: &str, expected_renewals: Option<u64>) -> Command {
+        Command::StartFailover {
+            cell_id: cell_id.into(),
+            mode: Mode::Forced,
+            reason: "test".into(),
+            automatic: expected_renewals.is_some(),
+            expected_renewals,
+            now_ms: 10,
+        }
+    }
+
+    #[test]
+    fn the_switch_moves_every_key_of_the_cell_to_its_in_region_standby_at_the_next_epoch() {
+        let mut state = system();
+        let revision = state.revision();
+        let (result, events) = state.apply(&forced("high", Some(0)));
+        let CommandOutput::Failover(view) = result.expect("failover") else {
+            panic!("a failover answers its record");
+        };
+        assert_eq!(view.id, revision + 1);
+        assert_eq!(&*view.record.standby_cell, "high-near", "in-region first");
+        assert_eq!(view.record.phase, Phase::Promoting);
+        assert_eq!(view.record.keys_moved, 3);
+        assert_eq!(
+            view.record.tenants,
+            vec![Arc::<str>::from("t1"), Arc::from("t2")]
+        );
+        assert!(events.iter().all(|e| e.revision == revision + 1));
+        let moved: Vec<(String, String, u64)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.route.key.to_string(),
+                    e.route.cell_id.to_string(),
+                    e.route.epoch,
+                )
+            })
+            .collect();
+        assert_eq!(
+            moved,
+            [
+                ("t1".into(), "high-near".into(), 2),
+                ("t2".into(), "high-near".into(), 2),
+                ("n1/hot".into(), "high-near".into(), 3),
+            ]
+        );
+        let cell = |id: &str| state.cells().get(id).cloned().expect("cell");
+        assert_eq!(cell("high").state, CellState::Failed);
+        assert_eq!(cell("high").load, 0);
+        assert_eq!(cell("high-near").standby_of, None, "a primary now");
+        assert_eq!(cell("high-near").load, 2);
+        assert_eq!(
+            cell("high-remote").standby_of.as_deref(),
+            Some("high"),
+            "the remote standby still names the failed primary"
+        );
+        assert_eq!(
+            state
+                .resolve(&RouteKey::conversation("n1", "other"))
+                .map(|r| r.cell_id),
+            Ok(Arc::from("normal")),
+            "the tenant's other conversations stay"
+        );
+    }
+
+    #[test]
+    fn a_bootstrapping_or_inactive_standby_is_passed_over() {
+        let mut state = system();
+        apply(
+            &mut state,
+            Command::Report {
+                cell_id: "high-near".into(),
+                health: Default::default(),
+                replication: Some(ReplicationHealth {
+                    standbys: Vec::new(),
+                    replica: Some(ReplicaHealth {
+                        bootstrapping: true,
+                        ..Default::default()
+                    }),
+                }),
+            },
+        )
+        .expect("report");
+        let CommandOutput::Failover(view) = apply(&mut state, forced("high", None)).expect("start")
+        else {
+            panic!("a failover");
+        };
+        assert_eq!(&*view.record.standby_cell, "high-remote");
+        assert_eq!(view.record.phase, Phase::Fencing, "ops wait out the lease");
+        assert_eq!(view.record.keys_moved, 0);
+    }
+
+    #[test]
+    fn every_bad_failover_is_refused_and_changes_nothing() {
+        let mut state = system();
+        apply(
+            &mut state,
+            Command::RenewLeases {
+                cells: vec!["normal".into()],
+                lease_ms: 1_000,
+            },
+        )
+        .expect("renew");
+        let revision = state.revision();
+        let refusals = [
+            (forced("nope", None), "not found"),
+            (forced("normal-s", None), "standby of"),
+            (forced("low", None), "no ACTIVE standby"),
+            (forced("normal", Some(0)), "renewed its lease since"),
+        ];
+        for (command, expected) in refusals {
+            let err = apply(&mut state, command).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{err}");
+            assert_eq!(state.revision(), revision, "{expected}: nothing changed");
+        }
+        apply(&mut state, forced("normal", None)).expect("ops failover");
+        let again = apply(&mut state, forced("normal", None)).expect_err("second failover");
+        assert!(matches!(again, CommandError::Busy(_)), "{again:?}");
+    }
+
+    #[test]
+    fn a_failing_cell_gets_no_renewal_and_its_failover_only_goes_forward() {
+        let mut state = system();
+        let CommandOutput::Failover(view) =
+            apply(&mut state, forced("normal", None)).expect("start")
+        else {
+            panic!("a failover");
+        };
+        let renewed = apply(
+            &mut state,
+            Command::RenewLeases {
+                cells: vec!["normal".into(), "normal-s".into(), "gone".into()],
+                lease_ms: 1_000,
+            },
+        );
+        let Ok(CommandOutput::Leases { granted, refused }) = renewed else {
+            panic!("{renewed:?}");
+        };
+        assert_eq!(granted, vec![Arc::<str>::from("normal-s")]);
+        assert_eq!(refused, vec![Arc::<str>::from("normal"), Arc::from("gone")]);
+        let advance = |from, to| Command::AdvanceFailover {
+            id: view.id,
+            from,
+            to,
+            now_ms: 20,
+        };
+        assert!(apply(&mut state, advance(Phase::Promoting, Phase::Done)).is_err());
+        apply(&mut state, advance(Phase::Fencing, Phase::Promoting)).expect("switch");
+        assert_eq!(
+            state
+                .resolve(&RouteKey::tenant("n1"))
+                .map(|r| (r.cell_id, r.epoch)),
+            Ok((Arc::from("normal-s"), 2))
+        );
+        assert!(
+            apply(&mut state, advance(Phase::Fencing, Phase::Promoting)).is_err(),
+            "a repeated switch is refused"
+        );
+        apply(&mut state, advance(Phase::Promoting, Phase::Done)).expect("done");
+        assert!(state.active_failover_of("normal").is_none());
+    }
+
+    #[test]
+    fn a_promoted_standby_registered_again_as_configured_stays_a_primary() {
+        let mut state = system();
+        apply(&mut state, forced("normal", Some(0))).expect("failover");
+        let again = apply(
+            &mut state,
+            Command::RegisterCell {
+                cell_id: "normal-s".into(),
+                region: "hz".into(),
+                zone: "c".into(),
+                tier: Tier::Normal,
+                endpoint: "normal-s:1".into(),
+                capacity: 10,
+                standby_of: Some("normal".into()),
+            },
+        );
+        let Ok(CommandOutput::Cell(view)) = again else {
+            panic!("{again:?}");
+        };
+        assert_eq!(view.record.standby_of, None);
+        let other = apply(
+            &mut state,
+            Command::RegisterCell {
+                cell_id: "normal-s".into(),
+                region: "hz".into(),
+                zone: "c".into(),
+                tier: Tier::Normal,
+                endpoint: "normal-s:1".into(),
+                capacity: 10,
+                standby_of: Some("high".into()),
+            },
+        );
+        assert!(matches!(other, Err(CommandError::AlreadyExists { .. })));
+    }
+
+    #[test]
+    fn a_migration_that_needs_the_failed_cell_fails_and_its_key_moves() {
+        let mut state = system();
+        apply(
+            &mut state,
+            Command::StartMigration {
+                key: RouteKey::tenant("n1"),
+                target_cell: None,
+                new_tier: Some(Tier::High),
+                now_ms: 1,
+            },
+        )
+        .expect("tier change to HIGH");
+        apply(&mut state, forced("normal", Some(0))).expect("failover");
+        let migration = state.migrations().values().next_back().expect("migration");
+        assert_eq!(migration.phase, MigrationPhase::Failed);
+        assert!(
+            migration
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("failed over")
+        );
+        assert_eq!(
+            state.tenants().get("n1").map(|t| t.state),
+            Some(TenantState::Active)
+        );
+        assert_eq!(
+            state.resolve(&RouteKey::tenant("n1")).map(|r| r.cell_id),
+            Ok(Arc::from("normal-s"))
+        );
+    }
+}

@@ -878,8 +878,64 @@ fn record_changes_rebuild_the_same_state_and_events() {
             replication: Some(super::model::ReplicationHealth::default()),
         },
     );
+    // A standby of cell-a, leases, and a failover that moves cell-a's keys to it.
+    step(
+        &mut state,
+        &mut mirror,
+        Command::RegisterCell {
+            cell_id: Arc::from("cell-c"),
+            region: Arc::from("hz"),
+            zone: Arc::from("c"),
+            tier: Tier::Normal,
+            endpoint: Arc::from("cell-c:1"),
+            capacity: 10,
+            standby_of: Some(Arc::from("cell-a")),
+        },
+    );
+    step(
+        &mut state,
+        &mut mirror,
+        Command::SetCellState {
+            cell_id: Arc::from("cell-c"),
+            state: CellState::Active,
+        },
+    );
+    step(
+        &mut state,
+        &mut mirror,
+        Command::RenewLeases {
+            cells: vec![Arc::from("cell-a"), Arc::from("cell-c")],
+            lease_ms: 2_000,
+        },
+    );
+    step(
+        &mut state,
+        &mut mirror,
+        Command::StartFailover {
+            cell_id: Arc::from("cell-a"),
+            mode: crate::failover::record::Mode::Forced,
+            reason: "test".into(),
+            automatic: true,
+            expected_renewals: Some(1),
+            now_ms: 5,
+        },
+    );
     assert_eq!(mirror.protection(), state.protection());
     assert_eq!(mirror.replication(), state.replication());
+    assert_eq!(mirror.leases(), state.leases());
+    assert_eq!(
+        mirror
+            .failovers()
+            .values()
+            .map(|f| (f.phase, f.keys_moved))
+            .collect::<Vec<_>>(),
+        state
+            .failovers()
+            .values()
+            .map(|f| (f.phase, f.keys_moved))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(mirror.cells().get("cell-c"), state.cells().get("cell-c"));
 
     let loads = |s: &ControlState| -> Vec<(String, u64)> {
         s.cells()

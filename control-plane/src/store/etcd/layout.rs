@@ -181,6 +181,8 @@ mod tests {
             RecordKey::Retired(Arc::from("gone")),
             RecordKey::Protection(Arc::from("hz-a-1")),
             RecordKey::Replication(Arc::from("hz-a-1")),
+            RecordKey::Lease(Arc::from("hz-a-1")),
+            RecordKey::Failover(7),
         ] {
             let text = layout.key(&key);
             assert_eq!(layout.parse(text.as_bytes()), Some(Parsed::Record(key)));
