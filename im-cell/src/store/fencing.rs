@@ -165,9 +165,14 @@ pub enum Transition {
 /// |---|---|---|---|---|---|
 /// | none | owned e | revoked | deleted | frozen alone (tenant owned) / not found | not found |
 /// | owned, frozen, frozen alone at h | e < h refused; e = h unchanged (never thaws); e > h owned e | e ≤ h unchanged; revoked | h > e unchanged; deleted | frozen | owned / removed |
-/// | revoked to t | e ≤ t refused; owned e | e ≤ t unchanged; revoked | t > e unchanged; deleted | refused | refused |
+/// | revoked to t | e ≤ t refused (but e = t towards this cell: owned e); owned e | e ≤ t unchanged; revoked | t > e unchanged; deleted | refused | refused |
 /// | deleted at d | e ≤ d refused; owned e | e ≤ d unchanged; revoked | deleted at max | refused | refused |
+///
+/// `own_cell` is this cell's id. A key revoked towards this very cell at `t` is granted at `t`:
+/// a promoted standby holds the revocations its old primary made while it still followed, and
+/// the one that moved the key here names it.
 pub fn transition(
+    own_cell: &str,
     (tenant_id, conversation_id): (&str, &str),
     held: Option<&Grant>,
     tenant: Option<&Grant>,
@@ -177,6 +182,11 @@ pub fn transition(
     let newest = held.map(Grant::newest_epoch).unwrap_or(0);
     let transition = match (change, held) {
         (GrantChange::Grant { epoch }, None) => Transition::Put(Grant::Owned { epoch: *epoch }),
+        (GrantChange::Grant { epoch }, Some(Grant::Revoked { cell, to_epoch, .. }))
+            if cell == own_cell && epoch == to_epoch =>
+        {
+            Transition::Put(Grant::Owned { epoch: *epoch })
+        }
         (GrantChange::Grant { epoch }, Some(held)) if held.is_owned() && *epoch == newest => {
             Transition::Unchanged
         }
@@ -358,7 +368,7 @@ mod tests {
     }
 
     fn change(held: Option<&Grant>, change: GrantChange) -> Result<Transition, CellError> {
-        transition(("t", ""), held, None, &change)
+        transition("self", ("t", ""), held, None, &change)
     }
 
     fn grant(epoch: u64) -> GrantChange {
@@ -428,7 +438,7 @@ mod tests {
             for c in &changes {
                 let before = held.as_ref().map(Grant::newest_epoch).unwrap_or(0);
                 if let Ok(Transition::Put(after)) =
-                    transition(("t", "c"), held.as_ref(), Some(&owned(5)), c)
+                    transition("self", ("t", "c"), held.as_ref(), Some(&owned(5)), c)
                 {
                     let held_before = held.as_ref().map(Grant::epoch).unwrap_or(0);
                     assert!(
@@ -486,11 +496,47 @@ mod tests {
     }
 
     #[test]
+    fn a_key_revoked_towards_this_cell_is_granted_at_that_epoch_only() {
+        let to_self = revoked(3, "self", 4);
+        let grant = |epoch| {
+            transition(
+                "self",
+                ("t", ""),
+                Some(&to_self),
+                None,
+                &GrantChange::Grant { epoch },
+            )
+        };
+        assert_eq!(grant(4), Ok(Transition::Put(owned(4))));
+        assert!(grant(3).is_err(), "never back");
+        assert_eq!(grant(5), Ok(Transition::Put(owned(5))));
+        let to_other = revoked(3, "b", 4);
+        assert!(
+            transition(
+                "self",
+                ("t", ""),
+                Some(&to_other),
+                None,
+                &GrantChange::Grant { epoch: 4 }
+            )
+            .is_err(),
+            "the key is another cell's at 4"
+        );
+    }
+
+    #[test]
     fn a_conversation_freezes_alone_from_its_tenants_grant() {
         let tenant = owned(5);
-        let alone = transition(("t", "hot"), None, Some(&tenant), &GrantChange::Freeze);
+        let alone = transition(
+            "self",
+            ("t", "hot"),
+            None,
+            Some(&tenant),
+            &GrantChange::Freeze,
+        );
         assert_eq!(alone, Ok(Transition::Put(Grant::FrozenAlone { epoch: 5 })));
         let thaw = transition(
+            "self",
             ("t", "hot"),
             Some(&Grant::FrozenAlone { epoch: 5 }),
             Some(&tenant),
@@ -500,6 +546,7 @@ mod tests {
         let moved_tenant = revoked(5, "b", 6);
         assert!(
             transition(
+                "self",
                 ("t", "hot"),
                 None,
                 Some(&moved_tenant),
@@ -507,7 +554,7 @@ mod tests {
             )
             .is_err()
         );
-        assert!(transition(("t", ""), None, None, &GrantChange::Freeze).is_err());
+        assert!(transition("self", ("t", ""), None, None, &GrantChange::Freeze).is_err());
     }
 
     #[test]

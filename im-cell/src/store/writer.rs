@@ -590,6 +590,7 @@ impl WriterState {
         let key = (tenant, conversation);
         let tenant_grant = self.grants.get(&(key.0.clone(), String::new()));
         let transition = fencing::transition(
+            &self.cell_id,
             (&key.0, &key.1),
             self.grants.get(&key),
             tenant_grant,
