@@ -1,19 +1,24 @@
 //! Failover with real processes: a NORMAL primary and its agent SIGKILLed under sixteen
 //! writers (the standby, run by another agent of the region, is promoted; every acknowledged
 //! message is there once; the RPO ledger reads 0; the old primary, restarted, takes no
-//! writes), and a primary stopped for less than its lease, which keeps its keys.
+//! writes), a primary cut off from the control plane while its writers still reach it (it
+//! accepts nothing after its standby's first write), and a primary stopped for less than its
+//! lease, which keeps its keys; and an ops failover whose control-plane leader is SIGKILLed
+//! while it waits the lease out, which still happens exactly once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::{
-    CellState, Failover, FailoverPhase, GetCellRequest, ListFailoversRequest, Protection, Tier,
+    CellState, Failover, FailoverCellRequest, FailoverMode, FailoverPhase, GetCellRequest,
+    GetFailoverRequest, ListFailoversRequest, Protection, Tier,
 };
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
+use cellplane_tests::proxy::Proxy;
 use cellplane_tests::system::CELL_ARGS;
-use cellplane_tests::traffic::{Writers, create_groups, send_request, verify};
+use cellplane_tests::traffic::{Writers, create_groups, history, send_request, verify};
 use nix::sys::signal::Signal;
 
 use super::System;
@@ -27,11 +32,21 @@ const WRITERS: usize = 16;
 /// A control plane, the primary under one agent and its synchronous standby under another
 /// (two machines of one region): `agents[0]` runs the primary, `agents[1]` the standby.
 async fn start() -> System {
-    let cluster = Cluster::start(3, &[]).await;
+    start_with(Cluster::start(3, &[]).await, None).await
+}
+
+/// Like [`start`], the primary's agent reaching the control plane at `primary_reaches` (TCP
+/// proxies, say) when given.
+async fn start_with(cluster: Cluster, primary_reaches: Option<Vec<String>>) -> System {
     let endpoints = cluster.endpoints();
     let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
     primary_args.extend(["--sync-standby", STANDBY]);
-    let primary = AgentProcess::start("hz", &endpoints, &[(PRIMARY, "a", "NORMAL")], &primary_args);
+    let primary = AgentProcess::start(
+        "hz",
+        primary_reaches.as_ref().unwrap_or(&endpoints),
+        &[(PRIMARY, "a", "NORMAL")],
+        &primary_args,
+    );
     let primary_addr = primary.cell(PRIMARY).addr.clone();
     let standby = AgentProcess::start_following(
         "hz",
@@ -211,4 +226,146 @@ async fn a_primary_stalled_for_less_than_its_lease_keeps_its_keys() {
     assert_eq!(cell(&system, PRIMARY).await.state, CellState::Active as i32);
     assert!(acks.iter().all(|a| a.cell() == PRIMARY));
     verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_from_the_control_plane_stops_writing_before_its_standby_starts() {
+    let cluster = Cluster::start(3, &[]).await;
+    let mut proxies = Vec::new();
+    for endpoint in cluster.endpoints() {
+        proxies.push(Proxy::start(&endpoint).await);
+    }
+    let reaches = proxies.iter().map(|p| p.addr.clone()).collect();
+    let system = start_with(cluster, Some(reaches)).await;
+    system.create_tenant(TENANT, Tier::Normal, "hz").await;
+    let (_, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, CONVERSATIONS).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "cut", WRITERS, CONVERSATIONS);
+    writers.let_write(300).await;
+
+    // The primary's machine loses the control plane; its writers still reach it.
+    for proxy in &proxies {
+        proxy.cut();
+    }
+    wait_until(
+        "the standby takes writes",
+        Duration::from_secs(20),
+        || async { writers.count() > 0 && failovers(&system).await.len() == 1 },
+    )
+    .await;
+    writers.let_write(300).await;
+    let (acks, _) = writers.stop().await;
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+    assert!(acks.iter().any(|a| a.cell() == STANDBY), "writes moved on");
+
+    // What each cell accepted, by the time it assigned: everything the old primary holds
+    // (acknowledged or not), and everything the new owner holds.
+    let mut old_primary = system.agents[0].cell(PRIMARY).messaging();
+    let (_, mut new_owner) = messenger.owner(TENANT, "c0").expect("owner");
+    let mut last_old = 0;
+    let mut first_new = u64::MAX;
+    for i in 0..CONVERSATIONS {
+        let conversation = cellplane_tests::traffic::conversation(i);
+        for message in history(&mut old_primary, TENANT, &conversation).await {
+            assert!(message.message_id.starts_with(PRIMARY), "{message:?}");
+            last_old = last_old.max(message.server_time_ms);
+        }
+        for message in history(&mut new_owner, TENANT, &conversation).await {
+            if message.message_id.starts_with(STANDBY) {
+                first_new = first_new.min(message.server_time_ms);
+            }
+        }
+    }
+    assert!(
+        last_old < first_new,
+        "the old primary accepted a write at {last_old} ms, after the new owner's first at {first_new} ms"
+    );
+    println!(
+        "the old primary's last write {} ms before the new owner's first",
+        first_new - last_old
+    );
+
+    // Back in touch, the old primary stays fenced: FAILED, no lease, every write refused.
+    for proxy in &proxies {
+        proxy.restore();
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Failed as i32);
+    let mut request = send_request(TENANT, "c0", "u0", "after-the-cut", b"late".to_vec());
+    request.route_epoch = 1;
+    let refused = old_primary
+        .send_message(request)
+        .await
+        .expect_err("the old primary refuses writes");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+        ),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_survives_the_control_plane_leader_killed_in_the_middle_and_happens_once() {
+    let mut system = start().await;
+    system.create_tenant(TENANT, Tier::Normal, "hz").await;
+    let (routes, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, 4).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "ops", 4, 4);
+    writers.let_write(100).await;
+
+    let leader = system.cluster.wait_for_leader().await;
+    let started = system
+        .cluster
+        .control(leader)
+        .failover_cell(FailoverCellRequest {
+            cell_id: PRIMARY.into(),
+            mode: FailoverMode::Forced as i32,
+            reason: "planned maintenance gone wrong".into(),
+        })
+        .await
+        .expect("failover")
+        .into_inner();
+    assert_eq!(started.phase, FailoverPhase::Fencing as i32);
+    // The leader dies while it waits the primary's lease out.
+    system.cluster.kill(leader).await;
+    wait_until("the failover finishes", Duration::from_secs(30), || async {
+        failovers(&system)
+            .await
+            .iter()
+            .any(|f| f.phase == FailoverPhase::Done as i32)
+    })
+    .await;
+    writers.let_write(100).await;
+    let (acks, _) = writers.stop().await;
+
+    let all = failovers(&system).await;
+    assert_eq!(all.len(), 1, "one failover: {all:?}");
+    assert_eq!(all[0].failover_id, started.failover_id);
+    assert_eq!(all[0].keys_moved, 1);
+    let route = routes.lookup(TENANT, "").expect("route");
+    assert_eq!(
+        (route.cell_id.as_str(), route.epoch),
+        (STANDBY, 2),
+        "the key moved once"
+    );
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+
+    // The old leader, restarted, agrees.
+    system.cluster.restart(leader);
+    system
+        .cluster
+        .wait_for_revision(leader, route.revision)
+        .await;
+    let seen = system
+        .cluster
+        .control(leader)
+        .get_failover(GetFailoverRequest {
+            failover_id: started.failover_id.clone(),
+        })
+        .await
+        .expect("get failover")
+        .into_inner();
+    assert_eq!(seen.phase, FailoverPhase::Done as i32);
 }
