@@ -12,6 +12,7 @@ use crate::failover::record::{Mode, Phase, display_id, parse_id};
 use crate::migration::driver::now_ms;
 use crate::state::ControlState;
 use crate::state::command::{Command, CommandOutput};
+use crate::state::model::{CellState, Tier};
 
 /// Cells one renewal may name: an agent with more splits its renewal.
 pub const MAX_CELLS_PER_RENEWAL: usize = 10_000;
@@ -48,18 +49,94 @@ pub fn renew_leases(
     })
 }
 
-pub fn failover_cell(request: pb::FailoverCellRequest) -> Result<Command, InvalidField> {
-    validate_id("cell_id", &request.cell_id)?;
-    let mode = Mode::from_proto(request.mode)
-        .ok_or_else(|| InvalidField::new("mode", "must be FORCED"))?;
-    if request.reason.len() > MAX_REASON_BYTES {
+pub fn check_reason(reason: &str) -> Result<(), InvalidField> {
+    if reason.len() > MAX_REASON_BYTES {
         return Err(InvalidField::new(
             "reason",
             format!("must be at most {MAX_REASON_BYTES} bytes"),
         ));
     }
+    Ok(())
+}
+
+/// One failover step of a region's: the command for a HIGH primary, or why it has none.
+pub type RegionStep = Result<(Arc<str>, Command), pb::RegionFailoverRefusal>;
+
+/// What failing `region` over takes: for every ACTIVE or DRAINING HIGH primary of the region, a
+/// FORCED failover to its standby in another region. `NOT_FOUND` for a region with no cell,
+/// `FAILED_PRECONDITION` for one with no HIGH primary.
+pub fn region_plan(
+    state: &ControlState,
+    request: &pb::FailoverRegionRequest,
+) -> Result<Vec<RegionStep>, Status> {
+    let region = request.region.as_str();
+    let in_region: Vec<_> = state
+        .cells()
+        .iter()
+        .filter(|(_, c)| &*c.region == region)
+        .collect();
+    if in_region.is_empty() {
+        return Err(Status::not_found(format!(
+            "region: no cell is registered in region {region:?}"
+        )));
+    }
+    let primaries: Vec<_> = in_region
+        .into_iter()
+        .filter(|(_, c)| {
+            c.tier == Tier::High
+                && c.standby_of.is_none()
+                && matches!(c.state, CellState::Active | CellState::Draining)
+        })
+        .collect();
+    if primaries.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "region: region {region:?} has no ACTIVE HIGH primary to fail over"
+        )));
+    }
+    let reason = if request.reason.is_empty() {
+        format!("region {region} lost")
+    } else {
+        request.reason.clone()
+    };
+    Ok(primaries
+        .into_iter()
+        .map(|(cell_id, _)| {
+            let remote = state.failover_targets(cell_id).into_iter().find(|standby| {
+                state
+                    .cells()
+                    .get(standby)
+                    .is_some_and(|s| &*s.region != region)
+            });
+            match remote {
+                Some(standby) => Ok((
+                    cell_id.clone(),
+                    Command::StartFailover {
+                        cell_id: cell_id.clone(),
+                        standby: Some(standby),
+                        mode: Mode::Forced,
+                        reason: reason.clone(),
+                        automatic: false,
+                        expected_renewals: None,
+                        now_ms: now_ms(),
+                    },
+                )),
+                None => Err(pb::RegionFailoverRefusal {
+                    cell_id: cell_id.to_string(),
+                    reason: "no ACTIVE standby in another region".into(),
+                }),
+            }
+        })
+        .collect())
+}
+
+pub fn failover_cell(request: pb::FailoverCellRequest) -> Result<Command, InvalidField> {
+    validate_id("cell_id", &request.cell_id)?;
+    let mode = Mode::from_proto(request.mode)
+        .ok_or_else(|| InvalidField::new("mode", "must be FORCED"))?;
+    check_reason(&request.reason)?;
     Ok(Command::StartFailover {
         cell_id: request.cell_id.into(),
+        standby: None,
         mode,
         reason: if request.reason.is_empty() {
             "ops".into()

@@ -91,11 +91,21 @@ pub fn health(seen: Observation, lease: LeaseRecord, now: Instant, settings: &Se
 }
 
 /// A cell the detector would fail over, with the renewal count it decided on (the failover
-/// is refused if another renewal commits first).
+/// is refused if another renewal commits first) and the standby to promote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub cell_id: Arc<str>,
     pub renewals: u64,
+    pub standby: Arc<str>,
+}
+
+/// A primary as the detector sees it: its record, its lease, and the standbys a failover may
+/// promote, in the order the tiers prefer them.
+pub struct Candidate<'a> {
+    pub cell_id: &'a Arc<str>,
+    pub cell: &'a CellRecord,
+    pub lease: LeaseRecord,
+    pub standbys: Vec<Arc<str>>,
 }
 
 /// What the detector decides on one tick.
@@ -105,14 +115,20 @@ pub struct Decisions {
     pub fail: Vec<Verdict>,
     /// Cells found failed that are held back by the storm limit.
     pub held_back: Vec<Arc<str>>,
+    /// Cells found failed with no standby alive to promote.
+    pub stranded: Vec<Arc<str>>,
     /// Cells whose renewals stopped but whose lease may still run.
     pub suspected: Vec<Arc<str>>,
 }
 
-/// Which primaries to fail over now. Only ACTIVE or DRAINING primaries with a lease count;
-/// `busy` are cells with a failover under way, `running` the automatic failovers unfinished.
+/// Which primaries to fail over now, and to which standby. Only ACTIVE or DRAINING primaries
+/// with a lease count; `busy` are cells with a failover under way, `running` the automatic
+/// failovers unfinished; `lease_of` gives any cell's lease. Only a standby renewing as it
+/// should is promoted: one silent for two rounds (its zone or region is failing too) is passed
+/// over for the next, since promoting a dead standby would leave the keys nowhere.
 pub fn decide<'a>(
-    cells: impl IntoIterator<Item = (&'a Arc<str>, &'a CellRecord, LeaseRecord)>,
+    cells: impl IntoIterator<Item = Candidate<'a>>,
+    lease_of: impl Fn(&str) -> Option<LeaseRecord>,
     seen: &BTreeMap<Arc<str>, Observation>,
     busy: &BTreeSet<Arc<str>>,
     running: usize,
@@ -121,7 +137,19 @@ pub fn decide<'a>(
 ) -> Decisions {
     let mut decisions = Decisions::default();
     let mut room = settings.max_concurrent_failovers.saturating_sub(running);
-    for (cell_id, cell, lease) in cells {
+    let alive = |cell_id: &Arc<str>| match (lease_of(cell_id), seen.get(cell_id)) {
+        (Some(lease), Some(observed)) if observed.renewals == lease.renewals => {
+            health(*observed, lease, now, settings) == Health::Healthy
+        }
+        _ => false,
+    };
+    for Candidate {
+        cell_id,
+        cell,
+        lease,
+        standbys,
+    } in cells
+    {
         let primary = cell.standby_of.is_none()
             && matches!(cell.state, CellState::Active | CellState::Draining);
         let Some(seen) = seen.get(cell_id) else {
@@ -133,16 +161,20 @@ pub fn decide<'a>(
         match health(*seen, lease, now, settings) {
             Health::Healthy => {}
             Health::Suspected => decisions.suspected.push(cell_id.clone()),
-            Health::Failed if !settings.automatic || room == 0 => {
-                decisions.held_back.push(cell_id.clone());
-            }
-            Health::Failed => {
-                room -= 1;
-                decisions.fail.push(Verdict {
-                    cell_id: cell_id.clone(),
-                    renewals: lease.renewals,
-                });
-            }
+            Health::Failed => match standbys.iter().find(|s| alive(s)) {
+                None => decisions.stranded.push(cell_id.clone()),
+                Some(_) if !settings.automatic || room == 0 => {
+                    decisions.held_back.push(cell_id.clone());
+                }
+                Some(standby) => {
+                    room -= 1;
+                    decisions.fail.push(Verdict {
+                        cell_id: cell_id.clone(),
+                        renewals: lease.renewals,
+                        standby: standby.clone(),
+                    });
+                }
+            },
         }
     }
     decisions
@@ -219,36 +251,85 @@ mod tests {
         );
     }
 
+    /// Cells `a`..`e` silent since `t0`; standbys `near` (renewing) and `far`.
+    struct Fixture {
+        ids: Vec<Arc<str>>,
+        records: Vec<CellRecord>,
+        seen: BTreeMap<Arc<str>, Observation>,
+    }
+
+    impl Fixture {
+        fn new(t0: Instant, late: Instant) -> Self {
+            let ids: Vec<Arc<str>> = ["a", "b", "c", "d", "e"].map(Arc::from).to_vec();
+            let records = vec![
+                cell(None, CellState::Active),
+                cell(None, CellState::Active),
+                cell(Some("a"), CellState::Active),
+                cell(None, CellState::Failed),
+                cell(None, CellState::Draining),
+            ];
+            let mut seen: BTreeMap<Arc<str>, Observation> = ids
+                .iter()
+                .map(|id| (id.clone(), observe(None, 7, t0)))
+                .collect();
+            seen.insert("near".into(), observe(None, 7, late - ms(10)));
+            seen.insert("far".into(), observe(None, 7, late - ms(10)));
+            Fixture { ids, records, seen }
+        }
+
+        fn cells(&self, standbys: &[&str]) -> Vec<Candidate<'_>> {
+            self.ids
+                .iter()
+                .zip(&self.records)
+                .map(|(cell_id, cell)| Candidate {
+                    cell_id,
+                    cell,
+                    lease: LEASE,
+                    standbys: standbys.iter().map(|s| Arc::from(*s)).collect(),
+                })
+                .collect()
+        }
+    }
+
+    fn lease_of(_: &str) -> Option<LeaseRecord> {
+        Some(LEASE)
+    }
+
     #[test]
     fn only_active_primaries_not_already_failing_over_are_failed_and_the_storm_limit_holds() {
         let t0 = Instant::now();
         let late = t0 + ms(5_000);
-        let ids: Vec<Arc<str>> = ["a", "b", "c", "d", "e"].map(Arc::from).to_vec();
-        let records = [
-            cell(None, CellState::Active),
-            cell(None, CellState::Active),
-            cell(Some("a"), CellState::Active),
-            cell(None, CellState::Failed),
-            cell(None, CellState::Draining),
-        ];
-        let seen: BTreeMap<Arc<str>, Observation> = ids
-            .iter()
-            .map(|id| (id.clone(), observe(None, 7, t0)))
-            .collect();
-        let cells = || ids.iter().zip(records.iter()).map(|(id, c)| (id, c, LEASE));
+        let f = Fixture::new(t0, late);
         let busy = BTreeSet::from([Arc::from("b")]);
-        let decisions = decide(cells(), &seen, &busy, 0, late, &settings());
+        let decisions = decide(
+            f.cells(&["near"]),
+            lease_of,
+            &f.seen,
+            &busy,
+            0,
+            late,
+            &settings(),
+        );
         assert_eq!(
             decisions.fail,
             vec![Verdict {
                 cell_id: "a".into(),
-                renewals: 7
+                renewals: 7,
+                standby: "near".into(),
             }]
         );
         // "e" failed too, but one failover at a time: it waits for ops.
         assert_eq!(decisions.held_back, vec![Arc::from("e")]);
 
-        let decisions = decide(cells(), &seen, &busy, 1, late, &settings());
+        let decisions = decide(
+            f.cells(&["near"]),
+            lease_of,
+            &f.seen,
+            &busy,
+            1,
+            late,
+            &settings(),
+        );
         assert!(decisions.fail.is_empty());
         assert_eq!(decisions.held_back.len(), 2);
 
@@ -256,8 +337,50 @@ mod tests {
             automatic: false,
             ..settings()
         };
-        let decisions = decide(cells(), &seen, &BTreeSet::new(), 0, late, &manual);
+        let decisions = decide(
+            f.cells(&["near"]),
+            lease_of,
+            &f.seen,
+            &BTreeSet::new(),
+            0,
+            late,
+            &manual,
+        );
         assert!(decisions.fail.is_empty(), "automatic failover is off");
+    }
+
+    #[test]
+    fn a_standby_whose_own_renewals_stopped_is_passed_over_for_the_next() {
+        let t0 = Instant::now();
+        let late = t0 + ms(5_000);
+        let mut f = Fixture::new(t0, late);
+        // The in-region standby went silent with its zone's primary; the remote one renews.
+        f.seen.insert("near".into(), observe(None, 7, t0));
+        let decisions = decide(
+            f.cells(&["near", "far"]),
+            lease_of,
+            &f.seen,
+            &BTreeSet::new(),
+            0,
+            late,
+            &settings(),
+        );
+        assert_eq!(decisions.fail[0].standby, Arc::from("far"));
+        // With no standby alive, the cell is stranded rather than failed over to a dead one.
+        let decisions = decide(
+            f.cells(&["near"]),
+            lease_of,
+            &f.seen,
+            &BTreeSet::new(),
+            0,
+            late,
+            &settings(),
+        );
+        assert!(decisions.fail.is_empty());
+        assert_eq!(
+            decisions.stranded,
+            vec![Arc::from("a"), Arc::from("b"), Arc::from("e")]
+        );
     }
 
     #[test]
@@ -267,7 +390,13 @@ mod tests {
         let record = cell(None, CellState::Active);
         let seen = BTreeMap::from([(id.clone(), observe(None, 6, t0))]);
         let decisions = decide(
-            [(&id, &record, LEASE)],
+            [Candidate {
+                cell_id: &id,
+                cell: &record,
+                lease: LEASE,
+                standbys: vec!["near".into()],
+            }],
+            lease_of,
             &seen,
             &BTreeSet::new(),
             0,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::detect::{self, Decisions, Observation};
+use super::detect::{self, Candidate, Decisions, Observation};
 use super::record::{LeaseRecord, Phase};
 use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal};
@@ -21,26 +21,38 @@ const TICK: Duration = Duration::from_millis(50);
 /// What the detector found on its last tick, for `ListFailovers` and metrics.
 #[derive(Debug, Default)]
 pub struct Findings {
-    held_back: Mutex<Vec<Arc<str>>>,
+    last: Mutex<Decisions>,
 }
 
 impl Findings {
     /// Cells found failed but held back by the storm limit (or automatic failover off).
     pub fn held_back(&self) -> Vec<Arc<str>> {
-        self.held_back
+        self.last
             .lock()
-            .map(|held| held.clone())
+            .map(|last| last.held_back.clone())
+            .unwrap_or_default()
+    }
+
+    /// Cells found failed with no standby alive to promote.
+    pub fn stranded(&self) -> Vec<Arc<str>> {
+        self.last
+            .lock()
+            .map(|last| last.stranded.clone())
             .unwrap_or_default()
     }
 
     fn record(&self, decisions: &Decisions) {
-        if let Ok(mut held) = self.held_back.lock() {
-            if *held != decisions.held_back && !decisions.held_back.is_empty() {
+        if let Ok(mut last) = self.last.lock() {
+            if last.held_back != decisions.held_back && !decisions.held_back.is_empty() {
                 tracing::warn!(cells = ?decisions.held_back, "cells failed but automatic failover is held back (max_concurrent_failovers reached, or automatic failover off): fail them over with cellctl failover");
             }
-            held.clone_from(&decisions.held_back);
+            if last.stranded != decisions.stranded && !decisions.stranded.is_empty() {
+                tracing::error!(cells = ?decisions.stranded, "cells failed with no standby alive to promote");
+            }
+            last.clone_from(decisions);
         }
         metrics::gauge!("cellplane_failover_held_back").set(decisions.held_back.len() as f64);
+        metrics::gauge!("cellplane_failover_stranded").set(decisions.stranded.len() as f64);
         metrics::gauge!("cellplane_cells_suspected").set(decisions.suspected.len() as f64);
     }
 }
@@ -71,15 +83,22 @@ fn decide(
     let running = unfinished.iter().filter(|(_, f)| f.automatic).count();
     let cells = state.cells().iter().filter_map(|(cell_id, cell)| {
         let lease: LeaseRecord = *state.leases().get(cell_id)?;
-        Some((cell_id, cell, lease))
+        Some(Candidate {
+            cell_id,
+            cell,
+            lease,
+            standbys: state.failover_targets(cell_id),
+        })
     });
-    let decisions = detect::decide(cells, seen, &busy, running, now, settings);
+    let lease_of = |cell_id: &str| state.leases().get(cell_id).copied();
+    let decisions = detect::decide(cells, lease_of, seen, &busy, running, now, settings);
     let now_ms = now_ms();
     let mut commands: Vec<Command> = decisions
         .fail
         .iter()
         .map(|verdict| Command::StartFailover {
             cell_id: verdict.cell_id.clone(),
+            standby: Some(verdict.standby.clone()),
             mode: super::record::Mode::Forced,
             reason: format!(
                 "lease expired: no renewal for over {} ms",
@@ -207,6 +226,8 @@ mod tests {
         // The standby keeps renewing; the primary does not.
         renew(&mut state, &["s"]);
         observe_all(&state, &mut seen, at(600));
+        renew(&mut state, &["s"]);
+        observe_all(&state, &mut seen, at(1_000));
         let (_, commands) = decide(&state, &seen, at(1_250), &settings);
         let [
             Command::StartFailover {
@@ -243,6 +264,7 @@ mod tests {
         observe_all(&state, &mut seen, t0);
         let (result, _) = state.apply(&Command::StartFailover {
             cell_id: "p".into(),
+            standby: None,
             mode: Mode::Forced,
             reason: "ops".into(),
             automatic: false,

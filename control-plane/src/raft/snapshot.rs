@@ -458,6 +458,7 @@ mod tests {
         state
             .apply(&Command::StartFailover {
                 cell_id: Arc::from("cell-n"),
+                standby: None,
                 mode: crate::failover::record::Mode::Forced,
                 reason: "sample".into(),
                 automatic: false,

@@ -100,9 +100,11 @@ pub enum Command {
     /// Fails a primary over. With `expected_renewals` (the detector's decision) it is a
     /// compare-and-set on the cell's lease, which the detector has already waited out: the
     /// keys move at once. Without it (ops), the cell stops being renewed and the failover
-    /// waits out the lease in FENCING.
+    /// waits out the lease in FENCING. `standby` names the standby to promote (the detector
+    /// passes over standbys whose own leases lapsed); `None` lets apply choose.
     StartFailover {
         cell_id: Arc<str>,
+        standby: Option<Arc<str>>,
         mode: Mode,
         reason: String,
         automatic: bool,

@@ -56,11 +56,13 @@ impl ControlState {
         Ok(CommandOutput::Leases { granted, refused })
     }
 
-    /// The standby a failover of `cell_id` promotes: its in-region standby first, else its
-    /// remote one; only an ACTIVE standby that is not in the middle of a bootstrap (which
-    /// holds only part of the primary's data).
-    fn failover_target(&self, cell_id: &Arc<str>) -> Option<Arc<str>> {
-        let primary = self.cells.get(cell_id)?;
+    /// The standbys a failover of `cell_id` may promote, in the order it prefers them: the
+    /// in-region standby first, then the remote one; only ACTIVE standbys that are not in the
+    /// middle of a bootstrap (which hold only part of the primary's data).
+    pub fn failover_targets(&self, cell_id: &Arc<str>) -> Vec<Arc<str>> {
+        let Some(primary) = self.cells.get(cell_id) else {
+            return Vec::new();
+        };
         let usable = |id: &Arc<str>| {
             let bootstrapping = self
                 .replication
@@ -79,13 +81,14 @@ impl ControlState {
                 .map(|c| c.region != primary.region)
                 .unwrap_or(true)
         });
-        standbys.into_iter().next()
+        standbys
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_failover(
         &mut self,
         cell_id: &Arc<str>,
+        standby: Option<&Arc<str>>,
         mode: Mode,
         reason: &str,
         automatic: bool,
@@ -119,11 +122,19 @@ impl ControlState {
                 cell.state.name()
             )));
         }
-        let Some(standby) = self.failover_target(&cell_id) else {
-            return Err(CommandError::FailedPrecondition(format!(
-                "cell_id: cell {cell_id:?} ({}) has no ACTIVE standby to promote",
-                cell.tier.name()
-            )));
+        let targets = self.failover_targets(&cell_id);
+        let standby = match standby {
+            Some(wanted) => targets.into_iter().find(|t| t == wanted).ok_or_else(|| {
+                CommandError::FailedPrecondition(format!(
+                    "standby: cell {wanted:?} is not an ACTIVE standby of {cell_id:?} that holds all its data"
+                ))
+            })?,
+            None => targets.into_iter().next().ok_or_else(|| {
+                CommandError::FailedPrecondition(format!(
+                    "cell_id: cell {cell_id:?} ({}) has no ACTIVE standby to promote",
+                    cell.tier.name()
+                ))
+            })?,
         };
         if let Some(expected) = expected_renewals {
             let renewals = self.leases.get(&cell_id).map_or(0, |l| l.renewals);
@@ -449,6 +460,7 @@ mod tests {
     fn forced(cell_id: &str, expected_renewals: Option<u64>) -> Command {
         Command::StartFailover {
             cell_id: cell_id.into(),
+            standby: None,
             mode: Mode::Forced,
             reason: "test".into(),
             automatic: expected_renewals.is_some(),

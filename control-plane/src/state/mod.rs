@@ -308,6 +308,7 @@ impl ControlState {
             Command::RenewLeases { cells, lease_ms } => self.renew_leases(cells, *lease_ms),
             Command::StartFailover {
                 cell_id,
+                standby,
                 mode,
                 reason,
                 automatic,
@@ -315,6 +316,7 @@ impl ControlState {
                 now_ms,
             } => self.start_failover(
                 cell_id,
+                standby.as_ref(),
                 *mode,
                 reason,
                 *automatic,

@@ -913,6 +913,7 @@ fn record_changes_rebuild_the_same_state_and_events() {
         &mut mirror,
         Command::StartFailover {
             cell_id: Arc::from("cell-a"),
+            standby: None,
             mode: crate::failover::record::Mode::Forced,
             reason: "test".into(),
             automatic: true,
