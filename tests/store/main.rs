@@ -31,7 +31,8 @@ conformance!(
         bad_input,
         migration_records,
         restart,
-        failover
+        failover,
+        region_failover
     ]
 );
 conformance!(
@@ -46,6 +47,7 @@ conformance!(
         bad_input,
         migration_records,
         restart,
-        failover
+        failover,
+        region_failover
     ]
 );

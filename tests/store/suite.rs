@@ -919,3 +919,69 @@ pub async fn failover<B: Backend>() {
         .into_inner();
     assert!(cell.standby_of.is_empty(), "the standby is a primary now");
 }
+
+/// `FailoverRegion` starts one FORCED failover per HIGH primary of the region, each to its
+/// standby in another region; a region with no cell or no HIGH primary is refused.
+pub async fn region_failover<B: Backend>() {
+    let served = Served::<B>::start().await;
+    let cells = [
+        ("r1-high", "r1", "z0", Tier::High, ""),
+        ("r1-high-near", "r1", "z1", Tier::High, "r1-high"),
+        ("r2-high-far", "r2", "z0", Tier::High, "r1-high"),
+        ("r1-normal", "r1", "z2", Tier::Normal, ""),
+    ];
+    for (cell_id, region, zone, tier, standby_of) in cells {
+        served
+            .control()
+            .register_cell(cpb::RegisterCellRequest {
+                cell_id: cell_id.into(),
+                region: region.into(),
+                zone: zone.into(),
+                tier: tier as i32,
+                endpoint: format!("{cell_id}:1"),
+                capacity: 10,
+                standby_of: standby_of.into(),
+            })
+            .await
+            .expect("register");
+        served
+            .control()
+            .set_cell_state(SetCellStateRequest {
+                cell_id: cell_id.into(),
+                state: CellState::Active as i32,
+            })
+            .await
+            .expect("activate");
+    }
+    let region = |region: &str| {
+        let request = cpb::FailoverRegionRequest {
+            region: region.into(),
+            reason: String::new(),
+        };
+        let mut control = served.control();
+        async move {
+            control
+                .failover_region(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let err = region("nowhere").await.expect_err("unknown region");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = region("r2").await.expect_err("no HIGH primary in r2");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = region("bad region").await.expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let started = region("r1").await.expect("fail r1 over");
+    assert!(started.refused.is_empty(), "{started:?}");
+    let [failover] = started.failovers.try_into().expect("one HIGH primary");
+    assert_eq!(
+        (failover.cell_id.as_str(), failover.standby_cell.as_str()),
+        ("r1-high", "r2-high-far")
+    );
+    assert_eq!(failover.phase, cpb::FailoverPhase::Fencing as i32);
+    assert_eq!(failover.reason, "region r1 lost");
+    let again = region("r1").await.expect_err("nothing left to fail over");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}

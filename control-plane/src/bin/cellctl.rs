@@ -118,9 +118,13 @@ enum Command {
     /// Roll back a migration that has not switched its route yet.
     Cancel { migration_id: String },
     /// Fail a primary cell over to its standby (FORCED: its lease is no longer renewed, and
-    /// once it has surely run out every key moves to the standby).
+    /// once it has surely run out every key moves to the standby), or with --region every
+    /// HIGH primary of a lost region to its standby in another region.
     Failover {
-        cell: String,
+        #[arg(required_unless_present = "region")]
+        cell: Option<String>,
+        #[arg(long, conflicts_with = "cell")]
+        region: Option<String>,
         /// Why, for the record.
         #[arg(long, default_value = "")]
         reason: String,
@@ -527,31 +531,65 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await?;
             print_one(output, &MigrationView::from(&cancelled))?;
         }
-        Command::Failover { cell, reason, wait } => {
+        Command::Failover {
+            cell: Some(cell),
+            reason,
+            wait,
+            ..
+        } => {
             let request = pb::FailoverCellRequest {
                 cell_id: cell,
                 mode: pb::FailoverMode::Forced as i32,
                 reason,
             };
-            let mut failover = control
+            let failover = control
                 .call(|mut c| {
                     let request = request.clone();
                     async move { c.failover_cell(request).await }
                 })
                 .await?;
-            while wait && failover.phase != pb::FailoverPhase::Done as i32 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let failover_id = failover.failover_id.clone();
-                failover = control
-                    .call(|mut c| {
-                        let request = pb::GetFailoverRequest {
-                            failover_id: failover_id.clone(),
-                        };
-                        async move { c.get_failover(request).await }
-                    })
-                    .await?;
-            }
+            let failover = if wait {
+                wait_for_failover(&control, failover).await?
+            } else {
+                failover
+            };
             print_one(output, &FailoverView::from(&failover))?;
+        }
+        Command::Failover {
+            region: Some(region),
+            reason,
+            wait,
+            ..
+        } => {
+            let request = pb::FailoverRegionRequest { region, reason };
+            let started = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.failover_region(request).await }
+                })
+                .await?;
+            let mut views = Vec::new();
+            for failover in started.failovers {
+                let failover = if wait {
+                    wait_for_failover(&control, failover).await?
+                } else {
+                    failover
+                };
+                views.push(FailoverView::from(&failover));
+            }
+            print_list(output, &views)?;
+            for refused in &started.refused {
+                eprintln!(
+                    "cellctl: {} not failed over: {}",
+                    refused.cell_id, refused.reason
+                );
+            }
+            if !started.refused.is_empty() {
+                return Ok(exit::REFUSED);
+            }
+        }
+        Command::Failover { .. } => {
+            return Err(failure(exit::USAGE, "Usage", "give a cell or --region"));
         }
         Command::Failovers { active } => {
             let list = control
@@ -573,6 +611,26 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
     }
     Ok(exit::OK)
+}
+
+/// Follows a failover until the standby took over.
+async fn wait_for_failover(
+    control: &ControlPlane,
+    mut failover: pb::Failover,
+) -> Result<pb::Failover, Failure> {
+    while failover.phase != pb::FailoverPhase::Done as i32 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let failover_id = failover.failover_id.clone();
+        failover = control
+            .call(|mut c| {
+                let request = pb::GetFailoverRequest {
+                    failover_id: failover_id.clone(),
+                };
+                async move { c.get_failover(request).await }
+            })
+            .await?;
+    }
+    Ok(failover)
 }
 
 #[tokio::main]

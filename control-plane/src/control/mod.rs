@@ -517,6 +517,54 @@ impl Control for ControlService {
                 .iter()
                 .map(|c| c.to_string())
                 .collect(),
+            stranded: self
+                .node
+                .findings
+                .stranded()
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
         }))
+    }
+
+    async fn failover_region(
+        &self,
+        request: Request<pb::FailoverRegionRequest>,
+    ) -> Result<Response<pb::FailoverRegionResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_id("region", &message.region)?;
+        failovers::check_reason(&message.reason)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .failover_region(forwarded(message))
+                .await;
+        }
+        let plan = self
+            .node
+            .view()
+            .read(|state| failovers::region_plan(state, &message))?;
+        let mut response = pb::FailoverRegionResponse::default();
+        for step in plan {
+            match step {
+                Ok((cell_id, command)) => match self.node.propose(command, true).await {
+                    Ok(Proposal::Applied(output)) => {
+                        response.failovers.push(failovers::failover_output(output)?);
+                    }
+                    Ok(Proposal::Forward(_)) => {
+                        return Err(Status::unavailable(format!(
+                            "leadership moved while failing the region over, after {} of its cells ({cell_id:?} not started); retry",
+                            response.failovers.len()
+                        )));
+                    }
+                    Err(status) => response.refused.push(pb::RegionFailoverRefusal {
+                        cell_id: cell_id.to_string(),
+                        reason: status.message().to_string(),
+                    }),
+                },
+                Err(refusal) => response.refused.push(refusal),
+            }
+        }
+        Ok(Response::new(response))
     }
 }
