@@ -369,3 +369,69 @@ async fn a_failover_survives_the_control_plane_leader_killed_in_the_middle_and_h
         .into_inner();
     assert_eq!(seen.phase, FailoverPhase::Done as i32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_region_fails_its_high_primary_over_to_the_standby_in_another_region() {
+    const HIGH: &str = "hz-a-high-1";
+    const NEAR: &str = "hz-b-high-s1";
+    const FAR: &str = "bj-a-high-s2";
+    let cluster = Cluster::start(3, &[]).await;
+    let endpoints = cluster.endpoints();
+    // Both standbys synchronous: a region loss then loses nothing either.
+    let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
+    primary_args.extend(["--sync-standby", NEAR, "--sync-standby", FAR]);
+    let primary = AgentProcess::start("hz", &endpoints, &[(HIGH, "a", "HIGH")], &primary_args);
+    let primary_addr = primary.cell(HIGH).addr.clone();
+    let near = AgentProcess::start_following(
+        "hz",
+        &endpoints,
+        &[(NEAR, "b", "HIGH")],
+        &[(NEAR, HIGH, &primary_addr)],
+        CELL_ARGS,
+    );
+    let far = AgentProcess::start_following(
+        "bj",
+        &endpoints,
+        &[(FAR, "a", "HIGH")],
+        &[(FAR, HIGH, &primary_addr)],
+        CELL_ARGS,
+    );
+    let mut system = System {
+        cluster,
+        agents: vec![primary, near, far],
+    };
+    system.wait_for_active(3).await;
+    wait_until(
+        "the primary is IN_SYNC",
+        Duration::from_secs(30),
+        || async { cell(&system, HIGH).await.protection == Protection::InSync as i32 },
+    )
+    .await;
+    assert_eq!(system.create_tenant(TENANT, Tier::High, "hz").await, HIGH);
+    let (routes, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, CONVERSATIONS).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "region", WRITERS, CONVERSATIONS);
+    writers.let_write(300).await;
+
+    // Region hz goes dark: both of its machines, cells and agents.
+    for (agent, cell_id) in [(0, HIGH), (1, NEAR)] {
+        system.agents[agent].signal_cell(cell_id, Signal::SIGKILL);
+        system.agents[agent].kill().await;
+    }
+    writers.let_write(300).await;
+    let (acks, _) = writers.stop().await;
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+
+    let [failover] = failovers(&system).await.try_into().expect("one failover");
+    assert_eq!(failover.cell_id, HIGH);
+    assert_eq!(
+        failover.standby_cell, FAR,
+        "the in-region standby is gone too"
+    );
+    assert!(failover.automatic);
+    let ledger = failover.ledger.expect("ledger");
+    assert!(ledger.in_sync && ledger.lsns_behind == 0, "{ledger:?}");
+    let route = routes.lookup(TENANT, "").expect("route");
+    assert_eq!((route.cell_id.as_str(), route.epoch), (FAR, 2));
+    assert!(acks.iter().any(|a| a.cell() == FAR));
+}
