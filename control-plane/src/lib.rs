@@ -3,6 +3,8 @@
 //!
 //! - [`state`]: the replicated state and the deterministic apply of commands (no I/O);
 //! - [`placement`]: the pure choice of a cell for a tenant;
+//! - [`migration`], [`drain`], [`failover`]: moving keys: one at a time, a cell's all by
+//!   migrations, or a failed cell's all at once to its standby;
 //! - [`store`]: where the state is kept, behind one trait: the embedded Raft cluster or etcd;
 //! - [`raft`]: openraft's log store, state machine, snapshots and network;
 //! - [`routing`] and [`control`]: the public gRPC services;
@@ -13,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod dev;
+pub mod drain;
 pub mod failover;
 pub mod migration;
 pub mod node;

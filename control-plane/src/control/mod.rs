@@ -5,6 +5,7 @@
 //! writes whichever node they asked.
 
 pub mod convert;
+pub mod drains;
 pub mod failovers;
 pub mod migrations;
 pub mod status;
@@ -525,6 +526,56 @@ impl Control for ControlService {
                 .map(|c| c.to_string())
                 .collect(),
         }))
+    }
+
+    async fn drain_cell(
+        &self,
+        request: Request<pb::DrainCellRequest>,
+    ) -> Result<Response<pb::DrainProgress>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            drain_cell,
+            |message| drains::drain_cell(&message)?,
+            |_| self
+                .node
+                .view()
+                .read(|state| drains::progress(state, &message.cell_id))
+        )
+    }
+
+    async fn get_drain(
+        &self,
+        request: Request<pb::GetDrainRequest>,
+    ) -> Result<Response<pb::DrainProgress>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_id("cell_id", &message.cell_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .get_drain(forwarded(message))
+                .await;
+        }
+        self.node
+            .view()
+            .read(|state| drains::progress(state, &message.cell_id))
+            .map(Response::new)
+    }
+
+    async fn remove_cell(
+        &self,
+        request: Request<pb::RemoveCellRequest>,
+    ) -> Result<Response<pb::RemoveCellResponse>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            remove_cell,
+            |message| drains::remove_cell(&message)?,
+            |output| match output {
+                CommandOutput::Done { revision } => Ok(pb::RemoveCellResponse { revision }),
+                other => Err(unexpected(other)),
+            }
+        )
     }
 
     async fn failover_region(

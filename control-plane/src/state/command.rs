@@ -111,6 +111,16 @@ pub enum Command {
         expected_renewals: Option<u64>,
         now_ms: u64,
     },
+    /// Starts the evacuation of a primary: it becomes DRAINING (no new placements), refused
+    /// for the last ACTIVE primary of its tier in its region, whose keys would have nowhere
+    /// to go.
+    DrainCell {
+        cell_id: Arc<str>,
+    },
+    /// Forgets a cell that holds no key, follows no migration and has no standby.
+    RemoveCell {
+        cell_id: Arc<str>,
+    },
     /// Moves failover `id` from phase `from` (compare-and-set) to `to`; into PROMOTING it
     /// moves every key of the failed cell, in this one command.
     AdvanceFailover {
@@ -139,6 +149,8 @@ impl Command {
             Self::RenewLeases { .. } => "renew_leases",
             Self::StartFailover { .. } => "start_failover",
             Self::AdvanceFailover { .. } => "advance_failover",
+            Self::DrainCell { .. } => "drain_cell",
+            Self::RemoveCell { .. } => "remove_cell",
         }
     }
 }

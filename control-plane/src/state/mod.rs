@@ -5,6 +5,7 @@
 //! and reads are never blocked while a snapshot of ten million tenants is written.
 
 pub mod command;
+mod drains;
 mod failovers;
 pub mod history;
 mod migrations;
@@ -306,6 +307,8 @@ impl ControlState {
                 None => Err(not_found(Entity::Cell, cell_id)),
             },
             Command::RenewLeases { cells, lease_ms } => self.renew_leases(cells, *lease_ms),
+            Command::DrainCell { cell_id } => self.drain_cell(cell_id),
+            Command::RemoveCell { cell_id } => self.remove_cell(cell_id, next_revision),
             Command::StartFailover {
                 cell_id,
                 standby,
