@@ -11,7 +11,7 @@ use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_control_plane::ctl::exit;
 use cellplane_control_plane::ctl::table;
 use cellplane_control_plane::ctl::views::{
-    CellView, FailoverView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
+    CellView, DrainView, FailoverView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -132,6 +132,15 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Evacuate a primary cell: no new placements, every key migrated away, history first.
+    Drain {
+        cell: String,
+        /// Follow the drain until the cell is empty, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Forget a drained (or failed) cell that holds no key.
+    Remove { cell: String },
     /// Failovers with their RPO ledger (only unfinished ones with --active).
     Failovers {
         #[arg(long)]
@@ -591,6 +600,30 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Failover { .. } => {
             return Err(failure(exit::USAGE, "Usage", "give a cell or --region"));
         }
+        Command::Drain { cell, wait } => {
+            let request = pb::DrainCellRequest { cell_id: cell };
+            let progress = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.drain_cell(request).await }
+                })
+                .await?;
+            let progress = if wait {
+                wait_for_drain(&control, output, progress).await?
+            } else {
+                progress
+            };
+            print_one(output, &DrainView::from(&progress))?;
+        }
+        Command::Remove { cell } => {
+            let request = pb::RemoveCellRequest { cell_id: cell };
+            control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.remove_cell(request).await }
+                })
+                .await?;
+        }
         Command::Failovers { active } => {
             let list = control
                 .call(|mut c| async move {
@@ -611,6 +644,46 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
     }
     Ok(exit::OK)
+}
+
+/// Follows a drain until the cell holds no key; a progress bar on a terminal.
+async fn wait_for_drain(
+    control: &ControlPlane,
+    output: Output,
+    mut progress: pb::DrainProgress,
+) -> Result<pb::DrainProgress, Failure> {
+    let total = progress.keys_left;
+    let bar = if output == Output::Table {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:24}] {pos}/{len} keys moved  {msg}")
+            .map_err(|e| failure(exit::INTERNAL, "Internal", e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(progress.cell_id.clone());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    while progress.keys_left > 0 || progress.migrations_running > 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cell_id = progress.cell_id.clone();
+        progress = control
+            .call(|mut c| {
+                let request = pb::GetDrainRequest {
+                    cell_id: cell_id.clone(),
+                };
+                async move { c.get_drain(request).await }
+            })
+            .await?;
+        bar.set_position(total.saturating_sub(progress.keys_left));
+        bar.set_message(format!(
+            "{} migrating {}",
+            progress.migrations_running, progress.last_error
+        ));
+    }
+    bar.finish();
+    Ok(progress)
 }
 
 /// Follows a failover until the standby took over.

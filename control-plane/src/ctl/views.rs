@@ -421,6 +421,41 @@ impl Row for MigrationView {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct DrainView {
+    pub cell_id: String,
+    pub state: String,
+    pub keys_left: u64,
+    pub migrations_running: u64,
+    pub last_error: String,
+}
+
+impl From<&pb::DrainProgress> for DrainView {
+    fn from(d: &pb::DrainProgress) -> Self {
+        Self {
+            cell_id: d.cell_id.clone(),
+            state: cell_state(d.state),
+            keys_left: d.keys_left,
+            migrations_running: d.migrations_running,
+            last_error: d.last_error.clone(),
+        }
+    }
+}
+
+impl Row for DrainView {
+    const HEADERS: &'static [&'static str] =
+        &["CELL", "STATE", "KEYS_LEFT", "MIGRATING", "LAST_ERROR"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.cell_id.clone(),
+            self.state.clone(),
+            self.keys_left.to_string(),
+            self.migrations_running.to_string(),
+            self.last_error.clone(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct FailoverView {
     pub failover_id: String,
     pub cell_id: String,
