@@ -6,6 +6,7 @@ mod cancel;
 mod cellctl;
 mod crash;
 mod demo;
+mod drain;
 mod failover;
 mod migration;
 mod standby;
