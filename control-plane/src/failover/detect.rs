@@ -99,13 +99,19 @@ pub struct Verdict {
     pub standby: Arc<str>,
 }
 
-/// A primary as the detector sees it: its record, its lease, and the standbys a failover may
-/// promote, in the order the tiers prefer them.
+/// A cell as the detector sees it: its record and its lease.
 pub struct Candidate<'a> {
     pub cell_id: &'a Arc<str>,
     pub cell: &'a CellRecord,
     pub lease: LeaseRecord,
-    pub standbys: Vec<Arc<str>>,
+}
+
+/// What the detector reads of the state besides the cells: any cell's lease, and the
+/// standbys a failover of a cell may promote, in the order the tiers prefer them (asked only
+/// for cells found failed).
+pub struct Lookups<L, S> {
+    pub lease_of: L,
+    pub standbys_of: S,
 }
 
 /// What the detector decides on one tick.
@@ -126,18 +132,22 @@ pub struct Decisions {
 /// failovers unfinished; `lease_of` gives any cell's lease. Only a standby renewing as it
 /// should is promoted: one silent for two rounds (its zone or region is failing too) is passed
 /// over for the next, since promoting a dead standby would leave the keys nowhere.
-pub fn decide<'a>(
+pub fn decide<'a, L, S>(
     cells: impl IntoIterator<Item = Candidate<'a>>,
-    lease_of: impl Fn(&str) -> Option<LeaseRecord>,
+    lookups: Lookups<L, S>,
     seen: &BTreeMap<Arc<str>, Observation>,
     busy: &BTreeSet<Arc<str>>,
     running: usize,
     now: Instant,
     settings: &Settings,
-) -> Decisions {
+) -> Decisions
+where
+    L: Fn(&str) -> Option<LeaseRecord>,
+    S: Fn(&Arc<str>) -> Vec<Arc<str>>,
+{
     let mut decisions = Decisions::default();
     let mut room = settings.max_concurrent_failovers.saturating_sub(running);
-    let alive = |cell_id: &Arc<str>| match (lease_of(cell_id), seen.get(cell_id)) {
+    let alive = |cell_id: &Arc<str>| match ((lookups.lease_of)(cell_id), seen.get(cell_id)) {
         (Some(lease), Some(observed)) if observed.renewals == lease.renewals => {
             health(*observed, lease, now, settings) == Health::Healthy
         }
@@ -147,7 +157,6 @@ pub fn decide<'a>(
         cell_id,
         cell,
         lease,
-        standbys,
     } in cells
     {
         let primary = cell.standby_of.is_none()
@@ -161,7 +170,7 @@ pub fn decide<'a>(
         match health(*seen, lease, now, settings) {
             Health::Healthy => {}
             Health::Suspected => decisions.suspected.push(cell_id.clone()),
-            Health::Failed => match standbys.iter().find(|s| alive(s)) {
+            Health::Failed => match (lookups.standbys_of)(cell_id).iter().find(|s| alive(s)) {
                 None => decisions.stranded.push(cell_id.clone()),
                 Some(_) if !settings.automatic || room == 0 => {
                     decisions.held_back.push(cell_id.clone());
@@ -277,7 +286,7 @@ mod tests {
             Fixture { ids, records, seen }
         }
 
-        fn cells(&self, standbys: &[&str]) -> Vec<Candidate<'_>> {
+        fn cells(&self) -> Vec<Candidate<'_>> {
             self.ids
                 .iter()
                 .zip(&self.records)
@@ -285,14 +294,26 @@ mod tests {
                     cell_id,
                     cell,
                     lease: LEASE,
-                    standbys: standbys.iter().map(|s| Arc::from(*s)).collect(),
                 })
                 .collect()
         }
     }
 
-    fn lease_of(_: &str) -> Option<LeaseRecord> {
-        Some(LEASE)
+    /// Decides over the fixture, every cell's lease [`LEASE`] and every primary's standbys
+    /// `standbys`.
+    fn run(
+        f: &Fixture,
+        standbys: &[&str],
+        busy: &BTreeSet<Arc<str>>,
+        running: usize,
+        now: Instant,
+        settings: &Settings,
+    ) -> Decisions {
+        let lookups = Lookups {
+            lease_of: |_: &str| Some(LEASE),
+            standbys_of: |_: &Arc<str>| standbys.iter().map(|s| Arc::from(*s)).collect(),
+        };
+        decide(f.cells(), lookups, &f.seen, busy, running, now, settings)
     }
 
     #[test]
@@ -301,15 +322,7 @@ mod tests {
         let late = t0 + ms(5_000);
         let f = Fixture::new(t0, late);
         let busy = BTreeSet::from([Arc::from("b")]);
-        let decisions = decide(
-            f.cells(&["near"]),
-            lease_of,
-            &f.seen,
-            &busy,
-            0,
-            late,
-            &settings(),
-        );
+        let decisions = run(&f, &["near"], &busy, 0, late, &settings());
         assert_eq!(
             decisions.fail,
             vec![Verdict {
@@ -321,15 +334,7 @@ mod tests {
         // "e" failed too, but one failover at a time: it waits for ops.
         assert_eq!(decisions.held_back, vec![Arc::from("e")]);
 
-        let decisions = decide(
-            f.cells(&["near"]),
-            lease_of,
-            &f.seen,
-            &busy,
-            1,
-            late,
-            &settings(),
-        );
+        let decisions = run(&f, &["near"], &busy, 1, late, &settings());
         assert!(decisions.fail.is_empty());
         assert_eq!(decisions.held_back.len(), 2);
 
@@ -337,15 +342,7 @@ mod tests {
             automatic: false,
             ..settings()
         };
-        let decisions = decide(
-            f.cells(&["near"]),
-            lease_of,
-            &f.seen,
-            &BTreeSet::new(),
-            0,
-            late,
-            &manual,
-        );
+        let decisions = run(&f, &["near"], &BTreeSet::new(), 0, late, &manual);
         assert!(decisions.fail.is_empty(), "automatic failover is off");
     }
 
@@ -356,26 +353,10 @@ mod tests {
         let mut f = Fixture::new(t0, late);
         // The in-region standby went silent with its zone's primary; the remote one renews.
         f.seen.insert("near".into(), observe(None, 7, t0));
-        let decisions = decide(
-            f.cells(&["near", "far"]),
-            lease_of,
-            &f.seen,
-            &BTreeSet::new(),
-            0,
-            late,
-            &settings(),
-        );
+        let decisions = run(&f, &["near", "far"], &BTreeSet::new(), 0, late, &settings());
         assert_eq!(decisions.fail[0].standby, Arc::from("far"));
         // With no standby alive, the cell is stranded rather than failed over to a dead one.
-        let decisions = decide(
-            f.cells(&["near"]),
-            lease_of,
-            &f.seen,
-            &BTreeSet::new(),
-            0,
-            late,
-            &settings(),
-        );
+        let decisions = run(&f, &["near"], &BTreeSet::new(), 0, late, &settings());
         assert!(decisions.fail.is_empty());
         assert_eq!(
             decisions.stranded,
@@ -394,9 +375,11 @@ mod tests {
                 cell_id: &id,
                 cell: &record,
                 lease: LEASE,
-                standbys: vec!["near".into()],
             }],
-            lease_of,
+            Lookups {
+                lease_of: |_: &str| Some(LEASE),
+                standbys_of: |_: &Arc<str>| vec![Arc::from("near")],
+            },
             &seen,
             &BTreeSet::new(),
             0,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::detect::{self, Candidate, Decisions, Observation};
+use super::detect::{self, Candidate, Decisions, Lookups, Observation};
 use super::record::{LeaseRecord, Phase};
 use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal};
@@ -87,11 +87,13 @@ fn decide(
             cell_id,
             cell,
             lease,
-            standbys: state.failover_targets(cell_id),
         })
     });
-    let lease_of = |cell_id: &str| state.leases().get(cell_id).copied();
-    let decisions = detect::decide(cells, lease_of, seen, &busy, running, now, settings);
+    let lookups = Lookups {
+        lease_of: |cell_id: &str| state.leases().get(cell_id).copied(),
+        standbys_of: |cell_id: &Arc<str>| state.failover_targets(cell_id),
+    };
+    let decisions = detect::decide(cells, lookups, seen, &busy, running, now, settings);
     let now_ms = now_ms();
     let mut commands: Vec<Command> = decisions
         .fail
@@ -142,6 +144,7 @@ pub async fn run(node: Arc<Node>) {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen: BTreeMap<Arc<str>, Observation> = BTreeMap::new();
+    let mut observed_revision = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -149,13 +152,17 @@ pub async fn run(node: Arc<Node>) {
         }
         let now = Instant::now();
         let acting = node.store.drives_migrations();
-        let (decisions, commands) = node.view().read(|state| {
-            observe_all(state, &mut seen, now);
-            decide(state, &seen, now, &node.failover)
+        let decided = node.view().read(|state| {
+            // Renewal counts change only with the revision.
+            if observed_revision != Some(state.revision()) {
+                observe_all(state, &mut seen, now);
+                observed_revision = Some(state.revision());
+            }
+            acting.then(|| decide(state, &seen, now, &node.failover))
         });
-        if !acting {
+        let Some((decisions, commands)) = decided else {
             continue;
-        }
+        };
         node.findings.record(&decisions);
         for command in commands {
             let kind = command.kind();
