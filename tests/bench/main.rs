@@ -8,6 +8,7 @@
 
 mod cell;
 mod drive;
+mod failover;
 mod leader_kill;
 mod lookups;
 mod migration;
@@ -55,6 +56,9 @@ struct Cli {
     /// Leader SIGKILLs timed on each side in the leader-kill benchmark.
     #[arg(long, default_value_t = 30)]
     kills: usize,
+    /// Primaries SIGKILLed per kind of loss in the failover benchmark.
+    #[arg(long, default_value_t = 30)]
+    failovers: usize,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -74,6 +78,8 @@ enum Which {
     LeaderKill,
     /// What standbys cost a cell's sends, their catch-up and their lag.
     Standby,
+    /// Failover RTO per tier and loss, and what lease renewals cost at 1,000 cells.
+    Failover,
 }
 
 #[tokio::main]
@@ -108,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Standby) {
         standby::run(&mut report, phase, Duration::from_secs(cli.outage)).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Failover) {
+        failover::run(&mut report, cli.failovers, phase).await?;
     }
     if matches!(cli.which, Which::All | Which::Migration) {
         migration::run(&mut report, cli.migration_messages, cli.migrations).await?;
