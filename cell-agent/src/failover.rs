@@ -18,6 +18,10 @@ use crate::cells::LocalCells;
 /// How often the agent looks for failovers to carry out.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long a promotion (one durable write on the cell) may take before the next round tries
+/// again.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the agent does for one failover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -86,14 +90,15 @@ async fn execute(control: &ControlPlane, cells: &LocalCells, action: Action) -> 
     let Some(cell) = cells.get(&cell_id) else {
         return Ok(());
     };
-    let promoted = cell
-        .admin
-        .clone()
-        .promote(PromoteRequest {
+    let promoted = tokio::time::timeout(
+        PROMOTE_TIMEOUT,
+        cell.admin.clone().promote(PromoteRequest {
             primary_cell_id: primary.clone(),
-        })
-        .await?
-        .into_inner();
+        }),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded(format!("{cell_id} did not answer the promotion")))??
+    .into_inner();
     cell.mark_promoted();
     tracing::warn!(%cell_id, %primary, %failover_id, applied_lsn = promoted.applied_lsn, "promoted the standby to primary");
     control

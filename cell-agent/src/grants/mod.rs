@@ -13,6 +13,8 @@ mod reconcile;
 #[cfg(test)]
 mod scenario;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellplane_api::proto::cell::{CellStatusRequest, GrantRequest, KeyRequest, RevokeRequest};
@@ -33,14 +35,33 @@ const PAGE_SIZE: u32 = 5_000;
 /// Grants sent at once while reloading.
 const GRANTS_IN_FLIGHT: usize = 128;
 const RETRY: Duration = Duration::from_millis(200);
+/// How long a grant to a configured standby waits for the failover that routed the key to it
+/// to promote it.
+const PROMOTION_WAIT: Duration = Duration::from_secs(2);
 
-/// Runs until shutdown.
-pub async fn run(control: ControlPlane, cells: LocalCells, mut shutdown: watch::Receiver<bool>) {
+/// Runs until shutdown: one executor per cell, so a cell that hangs (a stopped process, a
+/// stalled disk) holds up only its own grants, never those of the standby a failover promotes
+/// beside it.
+pub async fn run(control: ControlPlane, cells: LocalCells, shutdown: watch::Receiver<bool>) {
+    let tasks: Vec<_> = cells
+        .iter()
+        .map(|(cell_id, cell)| {
+            let one: LocalCells = Arc::new(BTreeMap::from([(cell_id.clone(), cell.clone())]));
+            tokio::spawn(run_for(control.clone(), one, shutdown.clone()))
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Keeps the grants of `cells` equal to their routes until shutdown.
+async fn run_for(control: ControlPlane, cells: LocalCells, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             result = follow(&control, &cells) => {
                 if let Err(status) = result {
-                    tracing::warn!(%status, "grant reconciliation interrupted; reloading routes");
+                    tracing::warn!(cells = ?cells.keys().collect::<Vec<_>>(), %status, "grant reconciliation interrupted; reloading routes");
                 }
             }
             _ = shutdown.changed() => return,
@@ -67,13 +88,22 @@ async fn execute(cells: &LocalCells, action: Action) -> Result<(), Status> {
     let mut admin = cell.admin.clone();
     match action {
         Action::Grant { key, epoch, .. } => {
-            let granted = admin
-                .grant(GrantRequest {
-                    tenant_id: key.0.clone(),
-                    conversation_id: key.1.clone(),
-                    epoch,
-                })
-                .await;
+            let request = GrantRequest {
+                tenant_id: key.0.clone(),
+                conversation_id: key.1.clone(),
+                epoch,
+            };
+            let mut granted = admin.grant(request.clone()).await;
+            // A failover moves the keys to a standby a moment before its agent promotes it;
+            // until then the standby refuses grants. Wait for the promotion rather than reload.
+            let deadline = tokio::time::Instant::now() + PROMOTION_WAIT;
+            while matches!(&granted, Err(s) if s.code() == Code::FailedPrecondition)
+                && cell.spec.standby_of.is_some()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                granted = admin.grant(request.clone()).await;
+            }
             match granted {
                 Ok(_) => Ok(()),
                 // The cell already holds a newer epoch: the route event was older news.

@@ -127,11 +127,14 @@ async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
         tokio::time::sleep(THAW_INTERVAL).await;
         // A standby's frozen keys are its primary's, repaired there.
         for (cell_id, cell) in cells.iter().filter(|(_, c)| !c.is_standby()) {
-            let Ok(status) = cell
-                .admin
-                .clone()
-                .cell_status(cell_pb::CellStatusRequest::default())
-                .await
+            // A hung cell must not hold up the others' repairs.
+            let Ok(Ok(status)) = tokio::time::timeout(
+                THAW_INTERVAL,
+                cell.admin
+                    .clone()
+                    .cell_status(cell_pb::CellStatusRequest::default()),
+            )
+            .await
             else {
                 continue;
             };
