@@ -32,6 +32,9 @@ pub struct MessengerOptions {
     /// Wait between retries when the refusal names no time.
     pub retry_pause: Duration,
     pub connect_timeout: Duration,
+    /// How long one attempt may wait for its answer before it is sent again (to whichever
+    /// cell owns the key by then): a cell that hangs must not hold a writer past a failover.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for MessengerOptions {
@@ -40,6 +43,7 @@ impl Default for MessengerOptions {
             deadline: Duration::from_secs(10),
             retry_pause: Duration::from_millis(5),
             connect_timeout: Duration::from_millis(500),
+            attempt_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -112,9 +116,17 @@ impl Messenger {
                 tokio::time::sleep(self.options.retry_pause).await;
                 continue;
             }
-            let status = match call(client, route.epoch).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) => status,
+            let limit = self
+                .options
+                .attempt_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let status = match tokio::time::timeout(limit, call(client, route.epoch)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "cell {} did not answer within {limit:?}",
+                    route.cell_id
+                )),
             };
             if Instant::now() >= deadline {
                 return Err(status);
@@ -130,12 +142,12 @@ impl Messenger {
                         .max(route.epoch);
                     self.options.retry_pause
                 }
-                // The cell restarting, unreachable, or its connection cut mid-call: the same
-                // owner, a moment later. Writes carry ids that make a resent one answer as the
-                // first did, so resending after a cut is safe.
+                // The cell restarting, unreachable, hung, or its connection cut mid-call: the
+                // owner of the route then, a moment later. Writes carry ids that make a resent
+                // one answer as the first did, so resending after a cut is safe.
                 None if matches!(
                     status.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
                 ) =>
                 {
                     self.options.retry_pause * 10
