@@ -2,18 +2,26 @@
 //! tenant of each tier, keeps writers sending to a NORMAL tenant's groups, moves that tenant
 //! to its region's other NORMAL cell and then one of its groups back, and prints each phase as
 //! it happens, the write pause the coordinator measured and the longest wait any writer saw.
+//! Then the tenant's cell hangs (SIGSTOP: a machine its agent cannot restart): its lease runs
+//! out, the control plane fails it over to its standby, and the demo prints the time until
+//! the standby acknowledged the first send and the failover's RPO ledger.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::cell::messaging_client::MessagingClient;
 use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest, SendMessageRequest};
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
-    CreateTenantRequest, MigrateConversationRequest, MigrateTenantRequest, Migration,
-    MigrationPhase, Tier, WatchMigrationRequest,
+    CreateTenantRequest, FailoverPhase, GetCellRequest, ListFailoversRequest,
+    MigrateConversationRequest, MigrateTenantRequest, Migration, MigrationPhase, Tier,
+    WatchMigrationRequest,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -34,6 +42,8 @@ const MEMBERS: [&str; WRITERS] = [
 struct Traffic {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    /// When each cell (named by the message ids it assigns) first acknowledged a send.
+    first_ack: Arc<Mutex<HashMap<String, Instant>>>,
     failed: Arc<AtomicU64>,
     /// The first failure, to say what went wrong.
     first_failure: Arc<Mutex<Option<String>>>,
@@ -49,6 +59,7 @@ impl Traffic {
         let failed = Arc::new(AtomicU64::new(0));
         let first_failure = Arc::new(Mutex::new(None));
         let slowest = Arc::new(AtomicU64::new(0));
+        let first_ack: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let run = std::process::id();
         let tasks = (0..WRITERS)
             .map(|w| {
@@ -60,6 +71,7 @@ impl Traffic {
                     slowest.clone(),
                 );
                 let first_failure = first_failure.clone();
+                let first_ack = first_ack.clone();
                 tokio::spawn(async move {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -81,8 +93,14 @@ impl Traffic {
                         let waited = started.elapsed().as_micros() as u64;
                         slowest.fetch_max(waited, Ordering::Relaxed);
                         match result {
-                            Ok(_) => {
+                            Ok(answer) => {
                                 sent.fetch_add(1, Ordering::Relaxed);
+                                let cell = answer.message_id.split('/').next().unwrap_or_default();
+                                first_ack
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .entry(cell.to_string())
+                                    .or_insert_with(Instant::now);
                             }
                             Err(err) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
@@ -102,6 +120,7 @@ impl Traffic {
         Self {
             stop,
             sent,
+            first_ack,
             failed,
             first_failure,
             slowest,
@@ -116,6 +135,15 @@ impl Traffic {
 
     fn slowest_ms(&self) -> f64 {
         self.slowest.load(Ordering::Relaxed) as f64 / 1e3
+    }
+
+    /// When `cell` first acknowledged a send.
+    fn first_ack_on(&self, cell: &str) -> Option<Instant> {
+        self.first_ack
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cell)
+            .copied()
     }
 
     /// Stops the writers; answers the sends acknowledged, failed, and the first failure.
@@ -189,6 +217,143 @@ fn report(m: &Migration, traffic: &Traffic) -> Result<(), String> {
         m.switched_ms.saturating_sub(m.frozen_ms),
         traffic.slowest_ms()
     );
+    Ok(())
+}
+
+/// The process of the cell serving on `endpoint`: the dev system's, found by its command line.
+fn cell_process(cell_id: &str, endpoint: &str) -> Result<Pid, String> {
+    let needle = format!("--cell-id\0{cell_id}\0--listen\0{endpoint}\0");
+    let entries = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            return Ok(Pid::from_raw(pid));
+        }
+    }
+    Err(format!(
+        "no process of cell {cell_id} serving on {endpoint}"
+    ))
+}
+
+/// Hangs the moving tenant's cell until the control plane has failed it over; prints how long
+/// writes waited and the RPO ledger, then wakes the old primary to show it takes no writes.
+async fn fail_over(
+    control: &mut ControlClient<Channel>,
+    routes: &RouteCache,
+    traffic: &Traffic,
+) -> Result<(), String> {
+    let route = routes
+        .lookup(MOVING, "group-1")
+        .ok_or("the moving tenant has no route")?;
+    let cell = control
+        .get_cell(GetCellRequest {
+            cell_id: route.cell_id.clone(),
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    if cell.standbys.is_empty() {
+        println!(
+            "demo: {} has no standby (a previous demo failed it over): no failover this time",
+            route.cell_id
+        );
+        return Ok(());
+    }
+    let pid = cell_process(&route.cell_id, &route.endpoint)?;
+    println!(
+        "demo: {} hangs (SIGSTOP): its agent can no longer renew its lease",
+        route.cell_id
+    );
+    kill(pid, Signal::SIGSTOP).map_err(|e| format!("SIGSTOP {pid}: {e}"))?;
+    let hung = Instant::now();
+    let deadline = hung + Duration::from_secs(30);
+    let failover = loop {
+        let failovers = control
+            .list_failovers(ListFailoversRequest { active_only: false })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner()
+            .failovers;
+        let done = failovers
+            .into_iter()
+            .rev()
+            .find(|f| f.cell_id == route.cell_id && f.phase == FailoverPhase::Done as i32);
+        if let Some(done) = done
+            && traffic.first_ack_on(&done.standby_cell).is_some()
+        {
+            break done;
+        }
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGCONT);
+            return Err(format!("{} was not failed over within 30 s", route.cell_id));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let resumed = traffic
+        .first_ack_on(&failover.standby_cell)
+        .map_or(Duration::ZERO, |at| at.saturating_duration_since(hung));
+    let ledger = failover.ledger.unwrap_or_default();
+    println!(
+        "    {} : {} → {} ({}), {} keys moved at epoch + 1",
+        failover.failover_id,
+        failover.cell_id,
+        failover.standby_cell,
+        failover.reason,
+        failover.keys_moved
+    );
+    println!(
+        "    writes resumed on {} {:.0} ms after the hang; the slowest send waited {:.1} ms",
+        failover.standby_cell,
+        resumed.as_secs_f64() * 1e3,
+        traffic.slowest_ms()
+    );
+    println!(
+        "    RPO ledger: primary LSN {}, standby had {}, {} → {} LSNs possibly lost",
+        ledger.primary_lsn,
+        ledger.standby_lsn,
+        if ledger.in_sync {
+            "IN_SYNC"
+        } else {
+            "not in sync"
+        },
+        ledger.lsns_behind
+    );
+    kill(pid, Signal::SIGCONT).map_err(|e| format!("SIGCONT {pid}: {e}"))?;
+    let mut old = MessagingClient::connect(format!("http://{}", route.endpoint))
+        .await
+        .map_err(|e| e.to_string())?;
+    let refused = old
+        .send_message(SendMessageRequest {
+            tenant_id: MOVING.into(),
+            conversation_id: "group-1".into(),
+            sender_id: MEMBERS[0].into(),
+            client_msg_id: format!("demo-late-{}", std::process::id()),
+            body: b"a write to the old primary".to_vec(),
+            route_epoch: route.epoch,
+            client_type: "demo".into(),
+            app_id: "cellplane-dev".into(),
+            ..Default::default()
+        })
+        .await;
+    match refused {
+        Err(status) => println!(
+            "    {} woke up and refuses writes: {:?} {}",
+            failover.cell_id,
+            status.code(),
+            status.message()
+        ),
+        Ok(_) => {
+            return Err(format!(
+                "{} took a write after it was failed over",
+                failover.cell_id
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -289,6 +454,8 @@ pub async fn run(control_plane: &[String]) -> Result<(), String> {
     let done = follow(&mut control, migration).await?;
     report(&done, &traffic)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
+
+    fail_over(&mut control, &routes, &traffic).await?;
 
     let (sent, failed, first_failure) = traffic.stop().await;
     println!(
