@@ -396,6 +396,26 @@ impl CellAdmin for AdminService {
         }
     }
 
+    async fn freeze_all(
+        &self,
+        _request: Request<pb::AdminEmpty>,
+    ) -> Result<Response<pb::FreezeResponse>, Status> {
+        match self.writer.submit(Op::FreezeAll).await? {
+            Outcome::Frozen { last_lsn } => Ok(Response::new(pb::FreezeResponse { last_lsn })),
+            other => Err(Status::internal(format!(
+                "the writer answered a freeze with {other:?}"
+            ))),
+        }
+    }
+
+    async fn thaw_all(
+        &self,
+        _request: Request<pb::AdminEmpty>,
+    ) -> Result<Response<pb::AdminEmpty>, Status> {
+        self.writer.submit(Op::ThawAll).await?;
+        Ok(Response::new(pb::AdminEmpty {}))
+    }
+
     async fn cell_status(
         &self,
         request: Request<pb::CellStatusRequest>,

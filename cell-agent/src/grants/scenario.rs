@@ -221,6 +221,20 @@ impl CellAdmin for RecordingCell {
     ) -> Result<Response<cell_pb::PromoteResponse>, Status> {
         Err(Status::unimplemented("grants never promote"))
     }
+
+    async fn freeze_all(
+        &self,
+        _: Request<cell_pb::AdminEmpty>,
+    ) -> Result<Response<cell_pb::FreezeResponse>, Status> {
+        Err(Status::unimplemented("grants never freeze"))
+    }
+
+    async fn thaw_all(
+        &self,
+        _: Request<cell_pb::AdminEmpty>,
+    ) -> Result<Response<cell_pb::AdminEmpty>, Status> {
+        Err(Status::unimplemented("grants never thaw"))
+    }
 }
 
 /// Serves `router` on a free loopback port; returns the address.

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use tokio::sync::{oneshot, watch};
 
 use super::export::{name_of, replicated_spaces};
-use super::fencing::{self, GrantChange, Grants, Transition, own_conversations};
+use super::fencing::{self, Grant, GrantChange, Grants, Transition, own_conversations};
 use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
 use super::mutate::{
@@ -73,6 +73,10 @@ pub enum Op {
     Replicate(Replicated),
     /// Makes a standby of `primary` a primary, durably.
     Promote { primary: String },
+    /// Freezes every key the cell owns (a planned failover), answering the last LSN.
+    FreezeAll,
+    /// Thaws every key frozen whole (a planned failover given up).
+    ThawAll,
     Import {
         tenant: String,
         conversation: String,
@@ -437,6 +441,19 @@ impl WriterState {
         }
         match op {
             Op::Promote { .. } => unreachable!("promotions are handled above"),
+            Op::FreezeAll => {
+                self.change_all(tx, GrantChange::Freeze, |g| {
+                    matches!(g, Grant::Owned { .. })
+                })?;
+                // Every write the cell accepted is at or below this LSN; none comes after.
+                Ok(Outcome::Frozen { last_lsn: tx.lsn })
+            }
+            Op::ThawAll => {
+                self.change_all(tx, GrantChange::Unfreeze, |g| {
+                    matches!(g, Grant::Frozen { .. })
+                })?;
+                Ok(Outcome::Done)
+            }
             Op::Replicate(_) => Err(CellError::FailedPrecondition(
                 "this cell is no standby: it takes no replication stream".into(),
             )),
@@ -619,6 +636,25 @@ impl WriterState {
             GrantChange::Freeze => Outcome::Frozen { last_lsn: tx.lsn },
             _ => Outcome::Done,
         })
+    }
+
+    /// Applies `change` to every key whose grant `applies` to, through the transition table.
+    fn change_all(
+        &mut self,
+        tx: &mut Tx,
+        change: GrantChange,
+        applies: impl Fn(&Grant) -> bool,
+    ) -> Result<(), CellError> {
+        let keys: Vec<(String, String)> = self
+            .grants
+            .iter()
+            .filter(|(_, grant)| applies(grant))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (tenant, conversation) in keys {
+            self.change_grant(tx, tenant, conversation, change.clone())?;
+        }
+        Ok(())
     }
 
     /// One bounded slice of a moved-away key's rows.
