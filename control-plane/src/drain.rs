@@ -20,7 +20,12 @@ pub fn plan(state: &ControlState, now_ms: u64) -> Vec<Command> {
     let draining: Vec<&Arc<str>> = state
         .cells()
         .iter()
-        .filter(|(_, c)| c.state == CellState::Draining && c.standby_of.is_none())
+        .filter(|(id, c)| {
+            // A cell in a PLANNED failover is DRAINING too, but its keys leave all at once.
+            c.state == CellState::Draining
+                && c.standby_of.is_none()
+                && state.active_failover_of(id).is_none()
+        })
         .map(|(id, _)| id)
         .collect();
     if draining.is_empty() {

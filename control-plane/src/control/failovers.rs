@@ -132,7 +132,7 @@ pub fn region_plan(
 pub fn failover_cell(request: pb::FailoverCellRequest) -> Result<Command, InvalidField> {
     validate_id("cell_id", &request.cell_id)?;
     let mode = Mode::from_proto(request.mode)
-        .ok_or_else(|| InvalidField::new("mode", "must be FORCED"))?;
+        .ok_or_else(|| InvalidField::new("mode", "must be FORCED or PLANNED"))?;
     check_reason(&request.reason)?;
     Ok(Command::StartFailover {
         cell_id: request.cell_id.into(),
@@ -155,17 +155,30 @@ pub fn failover_id(value: &str) -> Result<u64, InvalidField> {
     })
 }
 
-/// The command an agent's promotion report calls for: none when the failover is past the
-/// phase it names (a repeated report changes nothing).
+/// The phase an agent's report of its work in `phase` moves a failover to.
+fn after(phase: Phase) -> Option<Phase> {
+    match phase {
+        Phase::Freezing => Some(Phase::CatchingUp),
+        Phase::CatchingUp => Some(Phase::Promoting),
+        Phase::Promoting => Some(Phase::Done),
+        Phase::Thawing => Some(Phase::RolledBack),
+        Phase::Fencing | Phase::Done | Phase::RolledBack => None,
+    }
+}
+
+/// The command an agent's report calls for: none when the failover is past the phase it
+/// names (a repeated report changes nothing).
 pub fn report(
     state: &ControlState,
     request: &pb::ReportFailoverRequest,
 ) -> Result<(u64, Option<Command>), Status> {
     let id = failover_id(&request.failover_id)?;
-    let phase = Phase::from_proto(request.phase)
-        .filter(|phase| *phase == Phase::Promoting)
+    let (phase, to) = Phase::from_proto(request.phase)
+        .and_then(|phase| Some((phase, after(phase)?)))
         .ok_or_else(|| {
-            Status::invalid_argument("phase: an agent reports only FAILOVER_PHASE_PROMOTING")
+            Status::invalid_argument(
+                "phase: an agent reports FREEZING, CATCHING_UP, PROMOTING or THAWING",
+            )
         })?;
     let Some(record) = state.failovers().get(&id) else {
         return Err(not_found(id));
@@ -177,8 +190,10 @@ pub fn report(
         id,
         Some(Command::AdvanceFailover {
             id,
-            from: Phase::Promoting,
-            to: Phase::Done,
+            from: phase,
+            to,
+            lsn: request.lsn,
+            error: None,
             now_ms: now_ms(),
         }),
     ))

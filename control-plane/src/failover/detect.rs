@@ -29,6 +29,9 @@ pub struct Settings {
     /// Automatic failovers under way at once; past it the detector holds back (a storm is
     /// more likely the control plane's own network than many cells failing) until ops act.
     pub max_concurrent_failovers: usize,
+    /// A PLANNED failover whose standby has not caught up with the frozen cell this long
+    /// after it began is given up, and the cell thaws.
+    pub planned_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -38,6 +41,7 @@ impl Default for Settings {
             clock_drift_ms: 200,
             automatic: true,
             max_concurrent_failovers: 2,
+            planned_timeout_ms: 10_000,
         }
     }
 }
@@ -205,6 +209,7 @@ mod tests {
             clock_drift_ms: 200,
             automatic: true,
             max_concurrent_failovers: 1,
+            planned_timeout_ms: 10_000,
         }
     }
 

@@ -111,7 +111,22 @@ fn decide(
             now_ms,
         })
         .collect();
-    for (id, failover) in unfinished {
+    for (id, failover) in &unfinished {
+        let planned = matches!(failover.phase, Phase::Freezing | Phase::CatchingUp);
+        if planned && now_ms.saturating_sub(failover.created_ms) >= settings.planned_timeout_ms {
+            commands.push(Command::AdvanceFailover {
+                id: **id,
+                from: failover.phase,
+                to: Phase::Thawing,
+                lsn: 0,
+                error: Some(format!(
+                    "given up in {} after {} ms: the standby did not catch up with the frozen cell",
+                    failover.phase.name(),
+                    settings.planned_timeout_ms
+                )),
+                now_ms,
+            });
+        }
         if failover.phase != Phase::Fencing {
             continue;
         }
@@ -128,9 +143,11 @@ fn decide(
         };
         if expired {
             commands.push(Command::AdvanceFailover {
-                id: *id,
+                id: **id,
                 from: Phase::Fencing,
                 to: Phase::Promoting,
+                lsn: 0,
+                error: None,
                 now_ms,
             });
         }
@@ -218,6 +235,7 @@ mod tests {
             clock_drift_ms: 200,
             automatic: true,
             max_concurrent_failovers: 2,
+            planned_timeout_ms: 10_000,
         };
         let mut state = ControlState::default();
         register(&mut state, "p", "a", None);

@@ -20,12 +20,16 @@ pub struct LeaseRecord {
 pub enum Mode {
     /// Wait until the lease surely ran out on the cell, then promote a standby.
     Forced,
+    /// The cell freezes every key, the standby catches up to the frozen LSN, then the keys
+    /// switch: nothing is lost, even to an asynchronous standby.
+    Planned,
 }
 
 impl Mode {
     pub fn from_proto(value: i32) -> Option<Self> {
         match pb::FailoverMode::try_from(value).ok()? {
             pb::FailoverMode::Forced => Some(Self::Forced),
+            pb::FailoverMode::Planned => Some(Self::Planned),
             pb::FailoverMode::Unspecified => None,
         }
     }
@@ -33,17 +37,20 @@ impl Mode {
     pub fn to_proto(self) -> pb::FailoverMode {
         match self {
             Self::Forced => pb::FailoverMode::Forced,
+            Self::Planned => pb::FailoverMode::Planned,
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Forced => "FORCED",
+            Self::Planned => "PLANNED",
         }
     }
 }
 
-/// Where a failover is.
+/// Where a failover is. FORCED: FENCING → PROMOTING → DONE. PLANNED: FREEZING → CATCHING_UP
+/// → PROMOTING → DONE, or given up before the switch: → THAWING → ROLLED_BACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// The cell's lease is no longer renewed; the control plane waits it out.
@@ -51,20 +58,36 @@ pub enum Phase {
     /// The keys moved to the standby; its agent promotes it.
     Promoting,
     Done,
+    /// PLANNED: the cell's agent freezes every key it owns.
+    Freezing,
+    /// PLANNED: the standby applies the cell's log up to the frozen LSN.
+    CatchingUp,
+    /// PLANNED, given up: the cell's agent thaws its keys.
+    Thawing,
+    /// PLANNED, given up: the cell kept its keys.
+    RolledBack,
 }
 
 impl Phase {
-    /// Every allowed transition. A failover only goes forward: once the cell stopped being
-    /// renewed, giving it its keys back would need its lease to be trusted again.
+    /// Every allowed transition, in one place. After the switch a failover only goes forward;
+    /// before it a PLANNED one may be given up (its cell never stopped holding a lease and
+    /// never wrote while frozen), a FORCED one not: once the cell stopped being renewed,
+    /// giving it its keys back would need its lease to be trusted again.
     pub fn can_advance(from: Self, to: Self) -> bool {
+        use Phase::*;
         matches!(
             (from, to),
-            (Self::Fencing, Self::Promoting) | (Self::Promoting, Self::Done)
+            (Fencing, Promoting)
+                | (Promoting, Done)
+                | (Freezing, CatchingUp)
+                | (CatchingUp, Promoting)
+                | (Freezing | CatchingUp, Thawing)
+                | (Thawing, RolledBack)
         )
     }
 
     pub fn is_terminal(self) -> bool {
-        self == Self::Done
+        matches!(self, Self::Done | Self::RolledBack)
     }
 
     pub fn name(self) -> &'static str {
@@ -72,6 +95,10 @@ impl Phase {
             Self::Fencing => "FENCING",
             Self::Promoting => "PROMOTING",
             Self::Done => "DONE",
+            Self::Freezing => "FREEZING",
+            Self::CatchingUp => "CATCHING_UP",
+            Self::Thawing => "THAWING",
+            Self::RolledBack => "ROLLED_BACK",
         }
     }
 
@@ -80,6 +107,10 @@ impl Phase {
             Self::Fencing => pb::FailoverPhase::Fencing,
             Self::Promoting => pb::FailoverPhase::Promoting,
             Self::Done => pb::FailoverPhase::Done,
+            Self::Freezing => pb::FailoverPhase::Freezing,
+            Self::CatchingUp => pb::FailoverPhase::CatchingUp,
+            Self::Thawing => pb::FailoverPhase::Thawing,
+            Self::RolledBack => pb::FailoverPhase::RolledBack,
         }
     }
 
@@ -88,6 +119,10 @@ impl Phase {
             pb::FailoverPhase::Fencing => Self::Fencing,
             pb::FailoverPhase::Promoting => Self::Promoting,
             pb::FailoverPhase::Done => Self::Done,
+            pb::FailoverPhase::Freezing => Self::Freezing,
+            pb::FailoverPhase::CatchingUp => Self::CatchingUp,
+            pb::FailoverPhase::Thawing => Self::Thawing,
+            pb::FailoverPhase::RolledBack => Self::RolledBack,
             pb::FailoverPhase::Unspecified => return None,
         })
     }
@@ -138,6 +173,11 @@ pub struct FailoverRecord {
     pub switched_ms: u64,
     pub done_ms: u64,
     pub updated_revision: u64,
+    /// PLANNED: the cell's last LSN once every key froze, and when.
+    pub frozen_lsn: u64,
+    pub frozen_ms: u64,
+    /// Why a PLANNED failover was given up.
+    pub error: Option<String>,
 }
 
 impl FailoverRecord {
@@ -162,6 +202,9 @@ impl FailoverRecord {
             switched_ms: self.switched_ms,
             done_ms: self.done_ms,
             revision: self.updated_revision,
+            frozen_lsn: self.frozen_lsn,
+            frozen_ms: self.frozen_ms,
+            error: self.error.clone().unwrap_or_default(),
         }
     }
 }
@@ -184,19 +227,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failover_only_goes_forward() {
+    fn a_failover_only_goes_forward_and_only_a_planned_one_is_given_up() {
         use Phase::*;
-        assert!(Phase::can_advance(Fencing, Promoting));
-        assert!(Phase::can_advance(Promoting, Done));
+        for (from, to) in [
+            (Fencing, Promoting),
+            (Promoting, Done),
+            (Freezing, CatchingUp),
+            (CatchingUp, Promoting),
+            (Freezing, Thawing),
+            (CatchingUp, Thawing),
+            (Thawing, RolledBack),
+        ] {
+            assert!(Phase::can_advance(from, to), "{from:?} -> {to:?}");
+        }
         for (from, to) in [
             (Promoting, Fencing),
             (Done, Promoting),
             (Fencing, Done),
             (Done, Done),
             (Fencing, Fencing),
+            (Fencing, Thawing),
+            (Promoting, Thawing),
+            (Freezing, Promoting),
+            (RolledBack, Freezing),
         ] {
             assert!(!Phase::can_advance(from, to), "{from:?} -> {to:?}");
         }
+        assert!(RolledBack.is_terminal() && Done.is_terminal());
     }
 
     #[test]

@@ -127,6 +127,11 @@ pub enum Command {
         id: u64,
         from: FailoverPhase,
         to: FailoverPhase,
+        /// Into CATCHING_UP: the cell's last LSN once frozen. Into PROMOTING from it: the
+        /// primary LSN the standby applied (at least the frozen one).
+        lsn: u64,
+        /// Into THAWING: why the failover was given up.
+        error: Option<String>,
         now_ms: u64,
     },
 }

@@ -122,6 +122,24 @@ impl ControlState {
                 cell.state.name()
             )));
         }
+        if mode == Mode::Planned {
+            if cell.state != CellState::Active {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "cell_id: cell {cell_id:?} is {}; a PLANNED failover is of an ACTIVE cell (a draining one moves its keys by migrations)",
+                    cell.state.name()
+                )));
+            }
+            // Its freeze covers every key of the cell: no migration may hold one of them.
+            if let Some((id, m)) = self.migrations.iter().find(|(_, m)| {
+                !m.phase.is_terminal() && (m.source == cell_id || m.target == cell_id)
+            }) {
+                return Err(CommandError::Busy(format!(
+                    "cell_id: cell {cell_id:?} takes part in {} ({}); wait for it or cancel it",
+                    crate::migration::record::display_id(*id),
+                    m.phase.name()
+                )));
+            }
+        }
         let targets = self.failover_targets(&cell_id);
         let standby = match standby {
             Some(wanted) => targets.into_iter().find(|t| t == wanted).ok_or_else(|| {
@@ -145,13 +163,21 @@ impl ControlState {
             }
         }
         if let Some(cell) = self.cells.get_mut(&cell_id) {
-            cell.state = CellState::Failed;
+            // FORCED: no renewal from now on. PLANNED: the cell keeps its lease and its keys
+            // until the switch, but takes no new placement or move.
+            cell.state = match mode {
+                Mode::Forced => CellState::Failed,
+                Mode::Planned => CellState::Draining,
+            };
         }
         let mut record = FailoverRecord {
             cell_id,
             standby_cell: standby,
             mode,
-            phase: Phase::Fencing,
+            phase: match mode {
+                Mode::Forced => Phase::Fencing,
+                Mode::Planned => Phase::Freezing,
+            },
             automatic,
             reason: reason.to_string(),
             tenants: Vec::new(),
@@ -161,20 +187,25 @@ impl ControlState {
             switched_ms: 0,
             done_ms: 0,
             updated_revision: revision,
+            frozen_lsn: 0,
+            frozen_ms: 0,
+            error: None,
         };
-        if expected_renewals.is_some() {
-            self.switch_failover(&mut record, now_ms, revision, events);
+        if expected_renewals.is_some() && mode == Mode::Forced {
+            self.switch_failover(&mut record, 0, now_ms, revision, events);
         }
         let id = revision;
         self.failovers.insert(id, record.clone());
         Ok(CommandOutput::Failover(FailoverView { id, record }))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn advance_failover(
         &mut self,
         id: u64,
-        from: Phase,
-        to: Phase,
+        (from, to): (Phase, Phase),
+        lsn: u64,
+        error: Option<&str>,
         now_ms: u64,
         revision: u64,
         events: &mut Vec<RouteEvent>,
@@ -202,13 +233,33 @@ impl ControlState {
             )));
         }
         match to {
-            Phase::Promoting => self.switch_failover(&mut record, now_ms, revision, events),
-            Phase::Done => {
-                record.phase = Phase::Done;
-                record.done_ms = now_ms;
+            Phase::CatchingUp => {
+                record.frozen_lsn = lsn;
+                record.frozen_ms = now_ms;
             }
-            Phase::Fencing => unreachable!("no transition leads back to FENCING"),
+            Phase::Promoting => {
+                if from == Phase::CatchingUp && lsn < record.frozen_lsn {
+                    return Err(CommandError::FailedPrecondition(format!(
+                        "lsn: standby {:?} has applied LSN {lsn} of the {} frozen on {:?}; it cannot take over yet",
+                        record.standby_cell, record.frozen_lsn, record.cell_id
+                    )));
+                }
+                self.switch_failover(&mut record, lsn, now_ms, revision, events);
+            }
+            Phase::Thawing => record.error = error.map(str::to_string),
+            Phase::RolledBack => {
+                if let Some(cell) = self.cells.get_mut(&record.cell_id)
+                    && cell.state == CellState::Draining
+                {
+                    cell.state = CellState::Active;
+                }
+            }
+            Phase::Done => record.done_ms = now_ms,
+            Phase::Fencing | Phase::Freezing => {
+                unreachable!("no transition leads back to {}", to.name())
+            }
         }
+        record.phase = to;
         record.updated_revision = revision;
         self.failovers.insert(id, record.clone());
         if to.is_terminal() {
@@ -219,31 +270,41 @@ impl ControlState {
 
     /// The switch: every route key of the failed cell moves to the standby at its epoch + 1,
     /// the standby becomes a primary, migrations that needed the failed cell before their own
-    /// switch fail, and the ledger records what the standby had.
+    /// switch fail, and the ledger records what the standby had. For a PLANNED failover the
+    /// ledger is exact: the cell froze at `frozen_lsn` and the standby reported
+    /// `standby_lsn` at or past it, so it lacks nothing.
     fn switch_failover(
         &mut self,
         record: &mut FailoverRecord,
+        standby_lsn: u64,
         now_ms: u64,
         revision: u64,
         events: &mut Vec<RouteEvent>,
     ) {
         let failed = record.cell_id.clone();
         let standby = record.standby_cell.clone();
-        record.ledger = Ledger {
-            primary_lsn: self
-                .cells
-                .get(&failed)
-                .and_then(|c| c.health)
-                .map_or(0, |h| h.last_lsn),
-            standby_lsn: self
-                .replication
-                .get(&standby)
-                .and_then(|r| r.replica)
-                .map_or(0, |r| r.applied_lsn),
-            in_sync: self
-                .protection
-                .get(&failed)
-                .is_some_and(|p| p.protection == Protection::InSync),
+        record.ledger = match record.mode {
+            Mode::Planned => Ledger {
+                primary_lsn: record.frozen_lsn,
+                standby_lsn,
+                in_sync: true,
+            },
+            Mode::Forced => Ledger {
+                primary_lsn: self
+                    .cells
+                    .get(&failed)
+                    .and_then(|c| c.health)
+                    .map_or(0, |h| h.last_lsn),
+                standby_lsn: self
+                    .replication
+                    .get(&standby)
+                    .and_then(|r| r.replica)
+                    .map_or(0, |r| r.applied_lsn),
+                in_sync: self
+                    .protection
+                    .get(&failed)
+                    .is_some_and(|p| p.protection == Protection::InSync),
+            },
         };
         // Migrations that still need the failed cell (as the source that copies out, or the
         // target before it owns the key) cannot finish: they fail, and the key moves with
@@ -326,6 +387,10 @@ impl ControlState {
         let load = tenants.len() as u64;
         if let Some(cell) = self.cells.get_mut(&failed) {
             cell.load = 0;
+            cell.state = match record.mode {
+                Mode::Forced => CellState::Failed,
+                Mode::Planned => CellState::Demoted,
+            };
         }
         if let Some(cell) = self.cells.get_mut(&standby) {
             cell.standby_of = None;
@@ -602,6 +667,8 @@ mod tests {
             id: view.id,
             from,
             to,
+            lsn: 0,
+            error: None,
             now_ms: 20,
         };
         assert!(apply(&mut state, advance(Phase::Promoting, Phase::Done)).is_err());
@@ -686,5 +753,144 @@ mod tests {
             state.resolve(&RouteKey::tenant("n1")).map(|r| r.cell_id),
             Ok(Arc::from("normal-s"))
         );
+    }
+
+    fn planned(cell_id: &str) -> Command {
+        Command::StartFailover {
+            cell_id: cell_id.into(),
+            standby: None,
+            mode: Mode::Planned,
+            reason: "maintenance".into(),
+            automatic: false,
+            expected_renewals: None,
+            now_ms: 10,
+        }
+    }
+
+    fn advance(id: u64, (from, to): (Phase, Phase), lsn: u64) -> Command {
+        Command::AdvanceFailover {
+            id,
+            from,
+            to,
+            lsn,
+            error: (to == Phase::Thawing).then(|| "too slow".to_string()),
+            now_ms: 30,
+        }
+    }
+
+    #[test]
+    fn a_planned_failover_switches_only_once_the_standby_has_the_frozen_lsn() {
+        let mut state = system();
+        let CommandOutput::Failover(view) = apply(&mut state, planned("normal")).expect("start")
+        else {
+            panic!("a failover");
+        };
+        assert_eq!(view.record.phase, Phase::Freezing);
+        let cell = |state: &ControlState, id: &str| state.cells().get(id).map(|c| c.state);
+        assert_eq!(
+            cell(&state, "normal"),
+            Some(CellState::Draining),
+            "no new placements"
+        );
+        let migrate = apply(
+            &mut state,
+            Command::StartMigration {
+                key: RouteKey::tenant("n1"),
+                target_cell: None,
+                new_tier: Some(Tier::High),
+                now_ms: 11,
+            },
+        );
+        assert!(matches!(migrate, Err(CommandError::Busy(_))), "{migrate:?}");
+        apply(
+            &mut state,
+            advance(view.id, (Phase::Freezing, Phase::CatchingUp), 120),
+        )
+        .expect("frozen");
+        let early = apply(
+            &mut state,
+            advance(view.id, (Phase::CatchingUp, Phase::Promoting), 119),
+        );
+        assert!(early.is_err(), "the standby lacks LSN 120");
+        let CommandOutput::Failover(view) = apply(
+            &mut state,
+            advance(view.id, (Phase::CatchingUp, Phase::Promoting), 125),
+        )
+        .expect("switch") else {
+            panic!("a failover");
+        };
+        assert_eq!(
+            view.record.ledger,
+            Ledger {
+                primary_lsn: 120,
+                standby_lsn: 125,
+                in_sync: true
+            }
+        );
+        assert_eq!(view.record.frozen_ms, 30);
+        assert_eq!(cell(&state, "normal"), Some(CellState::Demoted));
+        assert_eq!(
+            state
+                .resolve(&RouteKey::tenant("n1"))
+                .map(|r| (r.cell_id, r.epoch)),
+            Ok((Arc::from("normal-s"), 2))
+        );
+    }
+
+    #[test]
+    fn a_planned_failover_given_up_leaves_the_cell_its_keys() {
+        let mut state = system();
+        let CommandOutput::Failover(view) = apply(&mut state, planned("normal")).expect("start")
+        else {
+            panic!("a failover");
+        };
+        apply(
+            &mut state,
+            advance(view.id, (Phase::Freezing, Phase::Thawing), 0),
+        )
+        .expect("give up");
+        assert!(
+            apply(
+                &mut state,
+                advance(view.id, (Phase::CatchingUp, Phase::Promoting), 9)
+            )
+            .is_err(),
+            "no switch after giving up"
+        );
+        let CommandOutput::Failover(view) = apply(
+            &mut state,
+            advance(view.id, (Phase::Thawing, Phase::RolledBack), 0),
+        )
+        .expect("thawed") else {
+            panic!("a failover");
+        };
+        assert_eq!(view.record.error.as_deref(), Some("too slow"));
+        assert_eq!(
+            state.cells().get("normal").map(|c| c.state),
+            Some(CellState::Active)
+        );
+        assert_eq!(
+            state
+                .resolve(&RouteKey::tenant("n1"))
+                .map(|r| (r.cell_id, r.epoch)),
+            Ok((Arc::from("normal"), 1))
+        );
+    }
+
+    #[test]
+    fn a_planned_failover_waits_for_the_cells_migrations() {
+        let mut state = system();
+        apply(
+            &mut state,
+            Command::StartMigration {
+                key: RouteKey::tenant("n1"),
+                target_cell: None,
+                new_tier: Some(Tier::High),
+                now_ms: 1,
+            },
+        )
+        .expect("a migration off the cell");
+        let busy = apply(&mut state, planned("normal"));
+        assert!(matches!(busy, Err(CommandError::Busy(_))), "{busy:?}");
     }
 }

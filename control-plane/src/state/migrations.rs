@@ -85,6 +85,16 @@ impl ControlState {
                 ))
             })?,
         };
+        // A failover takes every key of its cell at once; a migration would race it.
+        for cell_id in [&current.cell_id, &target] {
+            if let Some((id, f)) = self.active_failover_of(cell_id) {
+                return Err(CommandError::Busy(format!(
+                    "cell {cell_id:?} is failing over ({}, {}); migrate after it",
+                    crate::failover::record::display_id(id),
+                    f.phase.name()
+                )));
+            }
+        }
         let Some((target, cell)) = self.cells.get_key_value(&target) else {
             return Err(CommandError::Dangling {
                 field: "target_cell".into(),

@@ -332,8 +332,18 @@ impl ControlState {
                 id,
                 from,
                 to,
+                lsn,
+                error,
                 now_ms,
-            } => self.advance_failover(*id, *from, *to, *now_ms, next_revision, &mut events),
+            } => self.advance_failover(
+                *id,
+                (*from, *to),
+                *lsn,
+                error.as_deref(),
+                *now_ms,
+                next_revision,
+                &mut events,
+            ),
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {
