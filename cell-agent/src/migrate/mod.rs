@@ -121,12 +121,27 @@ async fn thaw(cells: &LocalCells, m: &pb::Migration) {
 
 /// Repairs what a lost message or a crash can leave behind: a key frozen on one of this
 /// agent's cells whose migration has ended. Rolled back or failed: unfreeze it. Switched:
-/// revoke it towards the target. A frozen key without a migration is left as it is.
+/// revoke it towards the target. A frozen key without a migration is left as it is, and so
+/// is every key of a cell in a failover (a PLANNED one freezes them all; it thaws them itself
+/// if it is given up).
 async fn thaw_loop(control: ControlPlane, cells: LocalCells) {
     loop {
         tokio::time::sleep(THAW_INTERVAL).await;
+        let Ok(failing) = control
+            .call(|mut c| async move {
+                c.list_failovers(pb::ListFailoversRequest { active_only: true })
+                    .await
+            })
+            .await
+        else {
+            continue;
+        };
+        let failing: Vec<String> = failing.failovers.into_iter().map(|f| f.cell_id).collect();
         // A standby's frozen keys are its primary's, repaired there.
-        for (cell_id, cell) in cells.iter().filter(|(_, c)| !c.is_standby()) {
+        for (cell_id, cell) in cells
+            .iter()
+            .filter(|(id, c)| !c.is_standby() && !failing.contains(id))
+        {
             // A hung cell must not hold up the others' repairs.
             let Ok(Ok(status)) = tokio::time::timeout(
                 THAW_INTERVAL,
