@@ -71,6 +71,21 @@ impl TierArg {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Forced,
+    Planned,
+}
+
+impl ModeArg {
+    fn to_proto(self) -> pb::FailoverMode {
+        match self {
+            Self::Forced => pb::FailoverMode::Forced,
+            Self::Planned => pb::FailoverMode::Planned,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Every control-plane node: its role, term and revision.
@@ -125,6 +140,10 @@ enum Command {
         cell: Option<String>,
         #[arg(long, conflicts_with = "cell")]
         region: Option<String>,
+        /// PLANNED (the cell is reachable: freeze, let the standby catch up, switch; nothing is
+        /// lost) or FORCED.
+        #[arg(long, value_enum, default_value = "forced")]
+        mode: ModeArg,
         /// Why, for the record.
         #[arg(long, default_value = "")]
         reason: String,
@@ -544,11 +563,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             cell: Some(cell),
             reason,
             wait,
+            mode,
             ..
         } => {
             let request = pb::FailoverCellRequest {
                 cell_id: cell,
-                mode: pb::FailoverMode::Forced as i32,
+                mode: mode.to_proto() as i32,
                 reason,
             };
             let failover = control
@@ -691,7 +711,10 @@ async fn wait_for_failover(
     control: &ControlPlane,
     mut failover: pb::Failover,
 ) -> Result<pb::Failover, Failure> {
-    while failover.phase != pb::FailoverPhase::Done as i32 {
+    let finished = |f: &pb::Failover| {
+        f.phase == pb::FailoverPhase::Done as i32 || f.phase == pb::FailoverPhase::RolledBack as i32
+    };
+    while !finished(&failover) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let failover_id = failover.failover_id.clone();
         failover = control
