@@ -885,6 +885,7 @@ pub async fn failover<B: Backend>() {
         let request = cpb::ReportFailoverRequest {
             failover_id: id.clone(),
             phase: phase as i32,
+            lsn: 0,
         };
         let mut control = served.control();
         async move {
@@ -896,7 +897,7 @@ pub async fn failover<B: Backend>() {
     };
     let err = report(cpb::FailoverPhase::Fencing)
         .await
-        .expect_err("agents report PROMOTING");
+        .expect_err("agents report the phases they work in, never FENCING");
     assert_eq!(err.code(), Code::InvalidArgument);
     for _ in 0..2 {
         let done = report(cpb::FailoverPhase::Promoting).await.expect("report");

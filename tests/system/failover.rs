@@ -3,8 +3,9 @@
 //! message is there once; the RPO ledger reads 0; the old primary, restarted, takes no
 //! writes), a primary cut off from the control plane while its writers still reach it (it
 //! accepts nothing after its standby's first write), and a primary stopped for less than its
-//! lease, which keeps its keys; and an ops failover whose control-plane leader is SIGKILLed
-//! while it waits the lease out, which still happens exactly once.
+//! lease, which keeps its keys; an ops failover whose control-plane leader is SIGKILLed while
+//! it waits the lease out, which still happens exactly once; and a PLANNED failover to an
+//! asynchronous standby under writers, which loses nothing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -32,15 +33,21 @@ const WRITERS: usize = 16;
 /// A control plane, the primary under one agent and its synchronous standby under another
 /// (two machines of one region): `agents[0]` runs the primary, `agents[1]` the standby.
 async fn start() -> System {
-    start_with(Cluster::start(3, &[]).await, None).await
+    start_with(Cluster::start(3, &[]).await, None, true).await
 }
 
 /// Like [`start`], the primary's agent reaching the control plane at `primary_reaches` (TCP
-/// proxies, say) when given.
-async fn start_with(cluster: Cluster, primary_reaches: Option<Vec<String>>) -> System {
+/// proxies, say) when given, and the standby synchronous or not.
+async fn start_with(
+    cluster: Cluster,
+    primary_reaches: Option<Vec<String>>,
+    synchronous: bool,
+) -> System {
     let endpoints = cluster.endpoints();
     let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
-    primary_args.extend(["--sync-standby", STANDBY]);
+    if synchronous {
+        primary_args.extend(["--sync-standby", STANDBY]);
+    }
     let primary = AgentProcess::start(
         "hz",
         primary_reaches.as_ref().unwrap_or(&endpoints),
@@ -236,7 +243,7 @@ async fn a_primary_cut_off_from_the_control_plane_stops_writing_before_its_stand
         proxies.push(Proxy::start(&endpoint).await);
     }
     let reaches = proxies.iter().map(|p| p.addr.clone()).collect();
-    let system = start_with(cluster, Some(reaches)).await;
+    let system = start_with(cluster, Some(reaches), true).await;
     system.create_tenant(TENANT, Tier::Normal, "hz").await;
     let (_, messenger) = system.messenger().await;
     create_groups(&messenger, TENANT, CONVERSATIONS).await;
@@ -434,4 +441,75 @@ async fn a_lost_region_fails_its_high_primary_over_to_the_standby_in_another_reg
     let route = routes.lookup(TENANT, "").expect("route");
     assert_eq!((route.cell_id.as_str(), route.epoch), (FAR, 2));
     assert!(acks.iter().any(|a| a.cell() == FAR));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_failover_to_an_asynchronous_standby_loses_nothing() {
+    let system = start_with(Cluster::start(3, &[]).await, None, false).await;
+    system.create_tenant(TENANT, Tier::Normal, "hz").await;
+    let (routes, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, CONVERSATIONS).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "planned", WRITERS, CONVERSATIONS);
+    writers.let_write(300).await;
+
+    let leader = system.cluster.wait_for_leader().await;
+    let started = system
+        .cluster
+        .control(leader)
+        .failover_cell(FailoverCellRequest {
+            cell_id: PRIMARY.into(),
+            mode: FailoverMode::Planned as i32,
+            reason: "kernel upgrade".into(),
+        })
+        .await
+        .expect("planned failover")
+        .into_inner();
+    assert_eq!(started.phase, FailoverPhase::Freezing as i32);
+    let failover = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = failovers(&system).await.pop().expect("the failover");
+            if now.phase == FailoverPhase::Done as i32 {
+                break now;
+            }
+            assert_ne!(now.phase, FailoverPhase::RolledBack as i32, "{now:?}");
+            assert!(Instant::now() < deadline, "stuck: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    writers.let_write(300).await;
+    let (acks, latencies) = writers.stop().await;
+    let mut latencies = latencies;
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+    assert!(acks.iter().any(|a| a.cell() == STANDBY));
+
+    let ledger = failover.ledger.expect("ledger");
+    assert_eq!(ledger.primary_lsn, failover.frozen_lsn);
+    assert!(ledger.standby_lsn >= failover.frozen_lsn, "{ledger:?}");
+    assert!(ledger.in_sync && ledger.lsns_behind == 0, "{ledger:?}");
+    println!(
+        "planned failover: frozen at LSN {}, write pause {} ms by the leader's clock, slowest send {:?}",
+        failover.frozen_lsn,
+        failover.switched_ms.saturating_sub(failover.frozen_ms),
+        latencies.percentile(100.0)
+    );
+    assert_eq!(
+        cell(&system, PRIMARY).await.state,
+        CellState::Demoted as i32
+    );
+    let route = routes.lookup(TENANT, "").expect("route");
+    assert_eq!((route.cell_id.as_str(), route.epoch), (STANDBY, 2));
+    let mut request = send_request(TENANT, "c0", "u0", "after-planned", b"late".to_vec());
+    request.route_epoch = 1;
+    let refused = system.agents[0]
+        .cell(PRIMARY)
+        .messaging()
+        .send_message(request)
+        .await
+        .expect_err("the demoted primary takes no write");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
 }
