@@ -7,6 +7,9 @@
 //! the kill to the first send acknowledged by the promoted standby. The automatic detector
 //! does the rest, with the default lease (2,000 ms) and clock-drift bound (200 ms).
 //!
+//! PLANNED: a primary with an asynchronous standby failed over by ops under four writers; the
+//! longest any send waited across it.
+//!
 //! Renewals: 1,000 cells registered without processes, renewed as ten agents of 100 cells
 //! would (one `RenewLeases` each, every sixth of a lease), against an idle run of the same
 //! cluster: the control plane's CPU and Raft entries per second.
@@ -17,14 +20,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::{
-    CreateTenantRequest, GetCellRequest, Protection, RegisterCellRequest, RenewLeasesRequest, Tier,
+    CreateTenantRequest, FailoverCellRequest, FailoverMode, FailoverPhase, GetCellRequest,
+    GetFailoverRequest, Protection, RegisterCellRequest, RenewLeasesRequest, Tier,
 };
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::measure::{Samples, cpu_time, ms};
 use cellplane_tests::system::CELL_ARGS;
-use cellplane_tests::traffic::{create_groups, send_request};
+use cellplane_tests::traffic::{Writers, create_groups, send_request};
 use nix::sys::signal::Signal;
 
 use crate::report::Report;
@@ -175,6 +180,94 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
     rto
 }
 
+/// One PLANNED failover of a primary with an asynchronous standby under four writers: (the
+/// longest a send waited across it, FREEZING → switch by the leader's clock).
+async fn planned_round(
+    cluster: &Cluster,
+    routes: &Arc<RouteCache>,
+    n: usize,
+) -> (Duration, Duration) {
+    let endpoints = cluster.endpoints();
+    let region = format!("p{n}");
+    let (primary, standby) = (format!("{region}-a-p"), format!("{region}-b-s"));
+    let mut primary_agent =
+        AgentProcess::start(&region, &endpoints, &[(&primary, "a", "NORMAL")], CELL_ARGS);
+    let primary_addr = primary_agent.cell(&primary).addr.clone();
+    let mut standby_agent = AgentProcess::start_following(
+        &region,
+        &endpoints,
+        &[(&standby, "b", "NORMAL")],
+        &[(&standby, &primary, &primary_addr)],
+        CELL_ARGS,
+    );
+    let mut admin = standby_agent.cell(&standby).admin();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let following = admin
+            .cell_status(CellStatusRequest { without_keys: true })
+            .await
+            .ok()
+            .and_then(|s| s.into_inner().replica)
+            .is_some_and(|r| r.connected && !r.bootstrapping);
+        if following {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{standby} never followed {primary}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = cluster.wait_for_leader().await;
+    let mut control = cluster.control(leader);
+    let tenant = format!("planned-{n}");
+    control
+        .create_tenant(CreateTenantRequest {
+            tenant_id: tenant.clone(),
+            tier: Tier::Normal as i32,
+            home_region: region.clone(),
+        })
+        .await
+        .expect("create tenant");
+    let messenger = Arc::new(Messenger::new(routes.clone(), MessengerOptions::default()));
+    create_groups(&messenger, &tenant, 2).await;
+    let writers = Writers::start(messenger, &tenant, "planned", 4, 2);
+    writers.let_write(200).await;
+    writers.take_latencies();
+    let started = control
+        .failover_cell(FailoverCellRequest {
+            cell_id: primary.clone(),
+            mode: FailoverMode::Planned as i32,
+            reason: "bench".into(),
+        })
+        .await
+        .expect("planned failover")
+        .into_inner();
+    let failover = loop {
+        let now = control
+            .get_failover(GetFailoverRequest {
+                failover_id: started.failover_id.clone(),
+            })
+            .await
+            .expect("get failover")
+            .into_inner();
+        if now.phase == FailoverPhase::Done as i32 {
+            break now;
+        }
+        assert_ne!(now.phase, FailoverPhase::RolledBack as i32, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    writers.let_write(100).await;
+    let mut latencies = writers.take_latencies();
+    writers.stop().await;
+    primary_agent.kill().await;
+    standby_agent.kill().await;
+    (
+        latencies.percentile(100.0),
+        Duration::from_millis(failover.switched_ms.saturating_sub(failover.frozen_ms)),
+    )
+}
+
 /// The control plane's CPU over `window`, summed over its nodes.
 async fn cpu_over(
     cluster: &Cluster,
@@ -296,6 +389,37 @@ pub async fn run(report: &mut Report, rounds: usize, window: Duration) -> anyhow
             ms(samples.percentile(100.0)),
         ));
     }
+    let mut waited = Samples::default();
+    let mut frozen = Samples::default();
+    for n in 0..rounds {
+        let (longest, pause) = planned_round(&cluster, &routes, n).await;
+        eprintln!(
+            "planned round {n}: slowest send {}, frozen → switch {}",
+            ms(longest),
+            ms(pause)
+        );
+        waited.record(longest);
+        frozen.record(pause);
+    }
+    text.push_str(&format!(
+        "\nPLANNED: {rounds} failovers of a NORMAL primary with an asynchronous standby under \
+         four writers (back to back, two groups): the primary freezes every key, the standby \
+         catches up to the frozen LSN, the keys switch and the standby is promoted. The pause \
+         is the longest any send waited across the failover, and FREEZING → switch by the \
+         leader's clock.\n\n\
+         | pause | p50 ms | p90 ms | p99 ms | max ms |\n\
+         |---|---:|---:|---:|---:|\n\
+         | slowest send | {} | {} | {} | {} |\n\
+         | frozen → switched | {} | {} | {} | {} |\n",
+        ms(waited.percentile(50.0)),
+        ms(waited.percentile(90.0)),
+        ms(waited.percentile(99.0)),
+        ms(waited.percentile(100.0)),
+        ms(frozen.percentile(50.0)),
+        ms(frozen.percentile(90.0)),
+        ms(frozen.percentile(99.0)),
+        ms(frozen.percentile(100.0)),
+    ));
     drop(routes);
     drop(cluster);
 
