@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::{
-    CreateTenantRequest, FailoverCellRequest, FailoverMode, FailoverPhase, GetCellRequest,
-    GetFailoverRequest, Protection, RegisterCellRequest, RenewLeasesRequest, Tier,
+    CellState, CreateTenantRequest, FailoverCellRequest, FailoverMode, FailoverPhase,
+    GetCellRequest, GetFailoverRequest, Protection, RegisterCellRequest, RenewLeasesRequest, Tier,
 };
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
@@ -201,6 +201,8 @@ async fn planned_round(
         CELL_ARGS,
     );
     let mut admin = standby_agent.cell(&standby).admin();
+    let leader = cluster.wait_for_leader().await;
+    let mut control = cluster.control(leader);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let following = admin
@@ -209,7 +211,13 @@ async fn planned_round(
             .ok()
             .and_then(|s| s.into_inner().replica)
             .is_some_and(|r| r.connected && !r.bootstrapping);
-        if following {
+        let active = control
+            .get_cell(GetCellRequest {
+                cell_id: standby.clone(),
+            })
+            .await
+            .is_ok_and(|c| c.into_inner().state == CellState::Active as i32);
+        if following && active {
             break;
         }
         assert!(
@@ -218,8 +226,6 @@ async fn planned_round(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let leader = cluster.wait_for_leader().await;
-    let mut control = cluster.control(leader);
     let tenant = format!("planned-{n}");
     control
         .create_tenant(CreateTenantRequest {
@@ -354,7 +360,12 @@ async fn renewals(
     (cpu, entries, granted.load(Ordering::Relaxed))
 }
 
-pub async fn run(report: &mut Report, rounds: usize, window: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut Report,
+    rounds: usize,
+    planned: usize,
+    window: Duration,
+) -> anyhow::Result<()> {
     let cluster = Cluster::start(3, &[]).await;
     let routes =
         Arc::new(RouteCache::start(cluster.endpoints(), RouteCacheOptions::default()).await?);
@@ -391,7 +402,7 @@ pub async fn run(report: &mut Report, rounds: usize, window: Duration) -> anyhow
     }
     let mut waited = Samples::default();
     let mut frozen = Samples::default();
-    for n in 0..rounds {
+    for n in 0..planned {
         let (longest, pause) = planned_round(&cluster, &routes, n).await;
         eprintln!(
             "planned round {n}: slowest send {}, frozen → switch {}",
@@ -402,7 +413,7 @@ pub async fn run(report: &mut Report, rounds: usize, window: Duration) -> anyhow
         frozen.record(pause);
     }
     text.push_str(&format!(
-        "\nPLANNED: {rounds} failovers of a NORMAL primary with an asynchronous standby under \
+        "\nPLANNED: {planned} failovers of a NORMAL primary with an asynchronous standby under \
          four writers (back to back, two groups): the primary freezes every key, the standby \
          catches up to the frozen LSN, the keys switch and the standby is promoted. The pause \
          is the longest any send waited across the failover, and FREEZING → switch by the \

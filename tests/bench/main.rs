@@ -59,6 +59,9 @@ struct Cli {
     /// Primaries SIGKILLed per kind of loss in the failover benchmark.
     #[arg(long, default_value_t = 30)]
     failovers: usize,
+    /// PLANNED failovers timed in the failover benchmark.
+    #[arg(long, default_value_t = 30)]
+    planned: usize,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -116,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
         standby::run(&mut report, phase, Duration::from_secs(cli.outage)).await?;
     }
     if matches!(cli.which, Which::All | Which::Failover) {
-        failover::run(&mut report, cli.failovers, phase).await?;
+        failover::run(&mut report, cli.failovers, cli.planned, phase).await?;
     }
     if matches!(cli.which, Which::All | Which::Migration) {
         migration::run(&mut report, cli.migration_messages, cli.migrations).await?;
