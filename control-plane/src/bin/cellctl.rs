@@ -160,10 +160,13 @@ enum Command {
     },
     /// Forget a drained (or failed) cell that holds no key.
     Remove { cell: String },
-    /// Failovers with their RPO ledger (only unfinished ones with --active).
+    /// Failovers with their RPO ledger (only unfinished ones with --active); --resume lets
+    /// automatic failover go on after a storm stopped it.
     Failovers {
         #[arg(long)]
         active: bool,
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -644,7 +647,16 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 })
                 .await?;
         }
-        Command::Failovers { active } => {
+        Command::Failovers { resume: true, .. } => {
+            control
+                .call(|mut c| async move {
+                    c.resume_automatic_failover(pb::ResumeAutomaticFailoverRequest {})
+                        .await
+                })
+                .await?;
+            eprintln!("cellctl: automatic failover resumed");
+        }
+        Command::Failovers { active, .. } => {
             let list = control
                 .call(|mut c| async move {
                     c.list_failovers(pb::ListFailoversRequest {
@@ -655,6 +667,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await?;
             let views: Vec<FailoverView> = list.failovers.iter().map(FailoverView::from).collect();
             print_list(output, &views)?;
+            if list.halted_since_ms > 0 {
+                eprintln!(
+                    "cellctl: automatic failover is halted: {} primaries failed at once ({}); fail them over or not, then `cellctl failovers --resume`",
+                    list.halted_for.len(),
+                    list.halted_for.join(", ")
+                );
+            }
             if !list.held_back.is_empty() {
                 eprintln!(
                     "cellctl: automatic failover is held back for failed cells {}: fail them over with `cellctl failover CELL`",

@@ -505,12 +505,18 @@ impl Control for ControlService {
                 .list_failovers(forwarded(message))
                 .await;
         }
-        let failovers = self
-            .node
-            .view()
-            .read(|state| failovers::list(state, message.active_only));
+        let (failovers, halt) = self.node.view().read(|state| {
+            (
+                failovers::list(state, message.active_only),
+                state.failover_halt().cloned(),
+            )
+        });
         Ok(Response::new(pb::ListFailoversResponse {
             failovers,
+            halted_since_ms: halt.as_ref().map_or(0, |h| h.since_ms),
+            halted_for: halt
+                .map(|h| h.cells.iter().map(|c| c.to_string()).collect())
+                .unwrap_or_default(),
             held_back: self
                 .node
                 .findings
@@ -526,6 +532,24 @@ impl Control for ControlService {
                 .map(|c| c.to_string())
                 .collect(),
         }))
+    }
+
+    async fn resume_automatic_failover(
+        &self,
+        request: Request<pb::ResumeAutomaticFailoverRequest>,
+    ) -> Result<Response<pb::ResumeAutomaticFailoverResponse>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            resume_automatic_failover,
+            |_message| Command::ResumeAutomaticFailover,
+            |output| match output {
+                CommandOutput::Done { revision } => {
+                    Ok(pb::ResumeAutomaticFailoverResponse { revision })
+                }
+                other => Err(unexpected(other)),
+            }
+        )
     }
 
     async fn drain_cell(

@@ -118,6 +118,16 @@ pub struct Lookups<L, S> {
     pub standbys_of: S,
 }
 
+/// The failovers already under way, as the detector weighs new ones.
+pub struct Underway<'a> {
+    /// Cells with a failover under way.
+    pub busy: &'a BTreeSet<Arc<str>>,
+    /// Automatic failovers unfinished.
+    pub running: usize,
+    /// A storm stopped automatic failover until ops resume it.
+    pub halted: bool,
+}
+
 /// What the detector decides on one tick.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decisions {
@@ -129,19 +139,22 @@ pub struct Decisions {
     pub stranded: Vec<Arc<str>>,
     /// Cells whose renewals stopped but whose lease may still run.
     pub suspected: Vec<Arc<str>>,
+    /// More primaries failed at once than may fail over: stop automatic failover (a storm
+    /// is more likely the control plane's own network than that many cells failing).
+    pub storm: bool,
 }
 
 /// Which primaries to fail over now, and to which standby. Only ACTIVE or DRAINING primaries
-/// with a lease count; `busy` are cells with a failover under way, `running` the automatic
-/// failovers unfinished; `lease_of` gives any cell's lease. Only a standby renewing as it
+/// with a lease count and no failover `underway` are considered. More failed primaries than
+/// `max_concurrent_failovers` leaves room for beside the running ones are a storm: none is
+/// failed over, and the storm is reported. `lease_of` gives any cell's lease. Only a standby renewing as it
 /// should is promoted: one silent for two rounds (its zone or region is failing too) is passed
 /// over for the next, since promoting a dead standby would leave the keys nowhere.
 pub fn decide<'a, L, S>(
     cells: impl IntoIterator<Item = Candidate<'a>>,
     lookups: Lookups<L, S>,
     seen: &BTreeMap<Arc<str>, Observation>,
-    busy: &BTreeSet<Arc<str>>,
-    running: usize,
+    underway: Underway<'_>,
     now: Instant,
     settings: &Settings,
 ) -> Decisions
@@ -150,7 +163,13 @@ where
     S: Fn(&Arc<str>) -> Vec<Arc<str>>,
 {
     let mut decisions = Decisions::default();
-    let mut room = settings.max_concurrent_failovers.saturating_sub(running);
+    let Underway {
+        busy,
+        running,
+        halted,
+    } = underway;
+    let room = settings.max_concurrent_failovers.saturating_sub(running);
+    let mut found = Vec::new();
     let alive = |cell_id: &Arc<str>| match ((lookups.lease_of)(cell_id), seen.get(cell_id)) {
         (Some(lease), Some(observed)) if observed.renewals == lease.renewals => {
             health(*observed, lease, now, settings) == Health::Healthy
@@ -174,21 +193,21 @@ where
         match health(*seen, lease, now, settings) {
             Health::Healthy => {}
             Health::Suspected => decisions.suspected.push(cell_id.clone()),
-            Health::Failed => match (lookups.standbys_of)(cell_id).iter().find(|s| alive(s)) {
+            Health::Failed => match (lookups.standbys_of)(cell_id).into_iter().find(alive) {
                 None => decisions.stranded.push(cell_id.clone()),
-                Some(_) if !settings.automatic || room == 0 => {
-                    decisions.held_back.push(cell_id.clone());
-                }
-                Some(standby) => {
-                    room -= 1;
-                    decisions.fail.push(Verdict {
-                        cell_id: cell_id.clone(),
-                        renewals: lease.renewals,
-                        standby: standby.clone(),
-                    });
-                }
+                Some(standby) => found.push(Verdict {
+                    cell_id: cell_id.clone(),
+                    renewals: lease.renewals,
+                    standby,
+                }),
             },
         }
+    }
+    decisions.storm = !halted && settings.automatic && found.len() > room;
+    if halted || !settings.automatic || decisions.storm {
+        decisions.held_back = found.into_iter().map(|v| v.cell_id).collect();
+    } else {
+        decisions.fail = found;
     }
     decisions
 }
@@ -208,7 +227,7 @@ mod tests {
             lease_ms: 1_000,
             clock_drift_ms: 200,
             automatic: true,
-            max_concurrent_failovers: 1,
+            max_concurrent_failovers: 3,
             planned_timeout_ms: 10_000,
         }
     }
@@ -318,30 +337,25 @@ mod tests {
             lease_of: |_: &str| Some(LEASE),
             standbys_of: |_: &Arc<str>| standbys.iter().map(|s| Arc::from(*s)).collect(),
         };
-        decide(f.cells(), lookups, &f.seen, busy, running, now, settings)
+        let underway = Underway {
+            busy,
+            running,
+            halted: false,
+        };
+        decide(f.cells(), lookups, &f.seen, underway, now, settings)
     }
 
     #[test]
-    fn only_active_primaries_not_already_failing_over_are_failed_and_the_storm_limit_holds() {
+    fn only_active_primaries_not_already_failing_over_are_failed() {
         let t0 = Instant::now();
         let late = t0 + ms(5_000);
         let f = Fixture::new(t0, late);
         let busy = BTreeSet::from([Arc::from("b")]);
         let decisions = run(&f, &["near"], &busy, 0, late, &settings());
-        assert_eq!(
-            decisions.fail,
-            vec![Verdict {
-                cell_id: "a".into(),
-                renewals: 7,
-                standby: "near".into(),
-            }]
-        );
-        // "e" failed too, but one failover at a time: it waits for ops.
-        assert_eq!(decisions.held_back, vec![Arc::from("e")]);
-
-        let decisions = run(&f, &["near"], &busy, 1, late, &settings());
-        assert!(decisions.fail.is_empty());
-        assert_eq!(decisions.held_back.len(), 2);
+        let failed: Vec<&str> = decisions.fail.iter().map(|v| &*v.cell_id).collect();
+        assert_eq!(failed, ["a", "e"]);
+        assert_eq!(decisions.fail[0].standby, Arc::from("near"));
+        assert!(!decisions.storm);
 
         let manual = Settings {
             automatic: false,
@@ -349,6 +363,41 @@ mod tests {
         };
         let decisions = run(&f, &["near"], &BTreeSet::new(), 0, late, &manual);
         assert!(decisions.fail.is_empty(), "automatic failover is off");
+        assert_eq!(decisions.held_back.len(), 3);
+        assert!(!decisions.storm);
+    }
+
+    #[test]
+    fn more_failed_primaries_than_room_is_a_storm_that_fails_none_over() {
+        let t0 = Instant::now();
+        let late = t0 + ms(5_000);
+        let f = Fixture::new(t0, late);
+        let busy = BTreeSet::from([Arc::from("b")]);
+        let tight = Settings {
+            max_concurrent_failovers: 2,
+            ..settings()
+        };
+        // "a" and "e" failed while one automatic failover runs: room for one.
+        let decisions = run(&f, &["near"], &busy, 1, late, &tight);
+        assert!(decisions.storm);
+        assert!(decisions.fail.is_empty());
+        assert_eq!(decisions.held_back, vec![Arc::from("a"), Arc::from("e")]);
+        // Room for both: no storm.
+        let decisions = run(&f, &["near"], &busy, 0, late, &tight);
+        assert_eq!(decisions.fail.len(), 2);
+        // Once halted nothing fails over, even with room, until ops resume.
+        let lookups = Lookups {
+            lease_of: |_: &str| Some(LEASE),
+            standbys_of: |_: &Arc<str>| vec![Arc::from("near")],
+        };
+        let underway = Underway {
+            busy: &busy,
+            running: 0,
+            halted: true,
+        };
+        let decisions = decide(f.cells(), lookups, &f.seen, underway, late, &tight);
+        assert!(decisions.fail.is_empty() && !decisions.storm);
+        assert_eq!(decisions.held_back.len(), 2);
     }
 
     #[test]
@@ -386,8 +435,11 @@ mod tests {
                 standbys_of: |_: &Arc<str>| vec![Arc::from("near")],
             },
             &seen,
-            &BTreeSet::new(),
-            0,
+            Underway {
+                busy: &BTreeSet::new(),
+                running: 0,
+                halted: false,
+            },
             t0 + ms(5_000),
             &settings(),
         );

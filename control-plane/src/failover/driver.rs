@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::detect::{self, Candidate, Decisions, Lookups, Observation};
+use super::detect::{self, Candidate, Decisions, Lookups, Observation, Underway};
 use super::record::{LeaseRecord, Phase};
 use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal};
@@ -41,7 +41,11 @@ impl Findings {
             .unwrap_or_default()
     }
 
-    fn record(&self, decisions: &Decisions) {
+    fn record(&self, decisions: &Decisions, halted: bool) {
+        metrics::gauge!("cellplane_failover_halted").set(if halted { 1.0 } else { 0.0 });
+        if decisions.storm {
+            tracing::error!(cells = ?decisions.held_back, "more primaries failed at once than max_concurrent_failovers allows: automatic failover stops until ops resume it (cellctl failovers --resume)");
+        }
         if let Ok(mut last) = self.last.lock() {
             if last.held_back != decisions.held_back && !decisions.held_back.is_empty() {
                 tracing::warn!(cells = ?decisions.held_back, "cells failed but automatic failover is held back (max_concurrent_failovers reached, or automatic failover off): fail them over with cellctl failover");
@@ -93,7 +97,12 @@ fn decide(
         lease_of: |cell_id: &str| state.leases().get(cell_id).copied(),
         standbys_of: |cell_id: &Arc<str>| state.failover_targets(cell_id),
     };
-    let decisions = detect::decide(cells, lookups, seen, &busy, running, now, settings);
+    let underway = Underway {
+        busy: &busy,
+        running,
+        halted: state.failover_halt().is_some(),
+    };
+    let decisions = detect::decide(cells, lookups, seen, underway, now, settings);
     let now_ms = now_ms();
     let mut commands: Vec<Command> = decisions
         .fail
@@ -111,6 +120,12 @@ fn decide(
             now_ms,
         })
         .collect();
+    if decisions.storm {
+        commands.push(Command::HaltAutomaticFailover {
+            cells: decisions.held_back.clone(),
+            now_ms,
+        });
+    }
     for (id, failover) in &unfinished {
         let planned = matches!(failover.phase, Phase::Freezing | Phase::CatchingUp);
         if planned && now_ms.saturating_sub(failover.created_ms) >= settings.planned_timeout_ms {
@@ -180,7 +195,8 @@ pub async fn run(node: Arc<Node>) {
         let Some((decisions, commands)) = decided else {
             continue;
         };
-        node.findings.record(&decisions);
+        let halted = node.view().read(|state| state.failover_halt().is_some());
+        node.findings.record(&decisions, halted || decisions.storm);
         for command in commands {
             let kind = command.kind();
             // A refusal is a lost race (a renewal came in, another leader acted): the next tick

@@ -15,6 +15,16 @@ pub struct LeaseRecord {
     pub lease_ms: u64,
 }
 
+/// Automatic failover stopped by a storm: more primaries failed at once than the detector may
+/// fail over. It stays stopped until ops resume it; their own failovers still run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaltRecord {
+    /// The leader's wall clock when it stopped.
+    pub since_ms: u64,
+    /// The primaries found failed at once.
+    pub cells: Vec<Arc<str>>,
+}
+
 /// How a failover takes the cell's keys away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeId;
 use super::codec::{self, CodecError};
-use crate::failover::record::{FailoverRecord, LeaseRecord};
+use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
 use crate::state::model::{
@@ -79,6 +79,8 @@ enum Frame {
     Leases(Vec<(Arc<str>, LeaseRecord)>),
     /// Failovers; like `Protection`.
     Failovers(Vec<(u64, FailoverRecord)>),
+    /// Automatic failover stopped by a storm; like `Protection`, written only when set.
+    FailoverHalt(HaltRecord),
 }
 
 struct FrameWriter<W: Write> {
@@ -192,6 +194,9 @@ pub fn write(
             .map(|(k, v)| (k.clone(), v.clone())),
         Frame::Replication,
     )?;
+    if let Some(halt) = state.failover_halt() {
+        writer.write(&Frame::FailoverHalt(halt.clone()))?;
+    }
     writer.write(&Frame::End(counts))?;
     let file = writer
         .out
@@ -231,6 +236,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut replication: OrdMap<Arc<str>, ReplicationHealth> = OrdMap::new();
     let mut leases: OrdMap<Arc<str>, LeaseRecord> = OrdMap::new();
     let mut failovers: OrdMap<u64, FailoverRecord> = OrdMap::new();
+    let mut failover_halt = None;
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -283,6 +289,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
             Some(Frame::Replication(chunk)) => replication.extend(chunk),
             Some(Frame::Leases(chunk)) => leases.extend(chunk),
             Some(Frame::Failovers(chunk)) => failovers.extend(chunk),
+            Some(Frame::FailoverHalt(halt)) => failover_halt = Some(halt),
             Some(Frame::End(counts)) => {
                 if counts != seen {
                     return Err(SnapshotError::Corrupt(format!(
@@ -308,6 +315,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         replication,
         leases,
         failovers,
+        failover_halt,
         history: History::from_parts(events, header.compacted_revision),
     });
     Ok((header.meta, state))
@@ -468,6 +476,13 @@ mod tests {
             .0
             .expect("failover");
         state
+            .apply(&Command::HaltAutomaticFailover {
+                cells: vec![Arc::from("cell-a")],
+                now_ms: 2,
+            })
+            .0
+            .expect("halt");
+        state
     }
 
     fn meta() -> SnapshotMeta<NodeId, BasicNode> {
@@ -499,6 +514,8 @@ mod tests {
         assert_eq!(read_back.leases().len(), 2);
         assert_eq!(read_back.failovers(), state.failovers());
         assert_eq!(read_back.failovers().len(), 1);
+        assert_eq!(read_back.failover_halt(), state.failover_halt());
+        assert!(read_back.failover_halt().is_some());
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
         let cell_key = read_back

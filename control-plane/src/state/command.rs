@@ -111,6 +111,14 @@ pub enum Command {
         expected_renewals: Option<u64>,
         now_ms: u64,
     },
+    /// The detector found more primaries failed at once than it may fail over: automatic
+    /// failover stops until ops resume it.
+    HaltAutomaticFailover {
+        cells: Vec<Arc<str>>,
+        now_ms: u64,
+    },
+    /// Ops resume automatic failover after a storm.
+    ResumeAutomaticFailover,
     /// Starts the evacuation of a primary: it becomes DRAINING (no new placements), refused
     /// for the last ACTIVE primary of its tier in its region, whose keys would have nowhere
     /// to go.
@@ -155,6 +163,8 @@ impl Command {
             Self::StartFailover { .. } => "start_failover",
             Self::AdvanceFailover { .. } => "advance_failover",
             Self::DrainCell { .. } => "drain_cell",
+            Self::HaltAutomaticFailover { .. } => "halt_automatic_failover",
+            Self::ResumeAutomaticFailover => "resume_automatic_failover",
             Self::RemoveCell { .. } => "remove_cell",
         }
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
-use crate::failover::record::{FailoverRecord, LeaseRecord};
+use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::placement;
 use command::{CellView, Command, CommandError, CommandOutput, CommandResult, Entity, TenantView};
@@ -52,6 +52,8 @@ pub struct ControlState {
     leases: OrdMap<Arc<str>, LeaseRecord>,
     /// Every failover by id (the revision that created it), the newest finished ones included.
     failovers: OrdMap<u64, FailoverRecord>,
+    /// Set while automatic failover is stopped by a storm.
+    failover_halt: Option<HaltRecord>,
     /// The revision of the newest change to a migration, so migration watchers skip the many
     /// commands that touch none. Derived from the records when a snapshot is loaded.
     migrations_revision: u64,
@@ -70,6 +72,7 @@ pub struct Parts {
     pub replication: OrdMap<Arc<str>, ReplicationHealth>,
     pub leases: OrdMap<Arc<str>, LeaseRecord>,
     pub failovers: OrdMap<u64, FailoverRecord>,
+    pub failover_halt: Option<HaltRecord>,
     pub history: History,
 }
 
@@ -87,6 +90,7 @@ impl ControlState {
             replication,
             leases,
             failovers,
+            failover_halt,
             history,
         } = parts;
         let migrations_revision = migrations
@@ -105,9 +109,15 @@ impl ControlState {
             replication,
             leases,
             failovers,
+            failover_halt,
             migrations_revision,
             history,
         }
+    }
+
+    /// Whether a storm stopped automatic failover, and since when.
+    pub fn failover_halt(&self) -> Option<&HaltRecord> {
+        self.failover_halt.as_ref()
     }
 
     pub fn leases(&self) -> &OrdMap<Arc<str>, LeaseRecord> {
@@ -308,6 +318,24 @@ impl ControlState {
             },
             Command::RenewLeases { cells, lease_ms } => self.renew_leases(cells, *lease_ms),
             Command::DrainCell { cell_id } => self.drain_cell(cell_id),
+            Command::HaltAutomaticFailover { cells, now_ms } => {
+                // The first halt names the storm; later ones change nothing.
+                self.failover_halt.get_or_insert_with(|| HaltRecord {
+                    since_ms: *now_ms,
+                    cells: cells.clone(),
+                });
+                Ok(CommandOutput::Done {
+                    revision: next_revision,
+                })
+            }
+            Command::ResumeAutomaticFailover => match self.failover_halt.take() {
+                Some(_) => Ok(CommandOutput::Done {
+                    revision: next_revision,
+                }),
+                None => Err(CommandError::FailedPrecondition(
+                    "automatic failover is not halted".into(),
+                )),
+            },
             Command::RemoveCell { cell_id } => self.remove_cell(cell_id, next_revision),
             Command::StartFailover {
                 cell_id,

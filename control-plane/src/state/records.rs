@@ -16,7 +16,7 @@ use super::model::{
     CellRecord, OverrideRecord, ProtectionRecord, ReplicationHealth, RouteKey, TenantRecord,
 };
 use super::{ControlState, OverrideKey};
-use crate::failover::record::{FailoverRecord, LeaseRecord};
+use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 
 /// The key of one record.
@@ -35,6 +35,8 @@ pub enum RecordKey {
     /// A cell's lease renewals.
     Lease(Arc<str>),
     Failover(u64),
+    /// Automatic failover stopped by a storm (one record, present while it is).
+    FailoverHalt,
 }
 
 /// One record's value, without the fields the state derives.
@@ -49,6 +51,7 @@ pub enum Record {
     Replication(ReplicationHealth),
     Lease(LeaseRecord),
     Failover(FailoverRecord),
+    FailoverHalt(HaltRecord),
 }
 
 impl Record {
@@ -189,6 +192,12 @@ impl ControlState {
             |v| Record::Failover(v.clone()),
             &mut out,
         );
+        if before.failover_halt != self.failover_halt {
+            out.push(RecordChange {
+                key: RecordKey::FailoverHalt,
+                record: self.failover_halt.clone().map(Record::FailoverHalt),
+            });
+        }
         out
     }
 
@@ -313,6 +322,10 @@ impl ControlState {
                 self.failovers.insert(id, failover);
                 None
             }
+            (RecordKey::FailoverHalt, Record::FailoverHalt(halt)) => {
+                self.failover_halt = Some(halt);
+                None
+            }
             (key, _) => return Err(RecordMismatch(key)),
         };
         Ok(event.map(|(kind, route)| RouteEvent {
@@ -384,6 +397,10 @@ impl ControlState {
             }
             RecordKey::Failover(id) => {
                 self.failovers.remove(id);
+                None
+            }
+            RecordKey::FailoverHalt => {
+                self.failover_halt = None;
                 None
             }
         };

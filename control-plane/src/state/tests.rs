@@ -937,6 +937,22 @@ fn record_changes_rebuild_the_same_state_and_events() {
             .collect::<Vec<_>>()
     );
     assert_eq!(mirror.cells().get("cell-c"), state.cells().get("cell-c"));
+    step(
+        &mut state,
+        &mut mirror,
+        Command::HaltAutomaticFailover {
+            cells: vec![Arc::from("cell-b")],
+            now_ms: 6,
+        },
+    );
+    assert!(state.failover_halt().is_some());
+    assert_eq!(mirror.failover_halt(), state.failover_halt());
+    step(&mut state, &mut mirror, Command::ResumeAutomaticFailover);
+    assert_eq!(mirror.failover_halt(), None);
+    assert!(
+        state.apply(&Command::ResumeAutomaticFailover).0.is_err(),
+        "nothing to resume"
+    );
 
     let loads = |s: &ControlState| -> Vec<(String, u64)> {
         s.cells()

@@ -13,6 +13,7 @@
 //! | `P/replication/{cell_id}`         | a cell's replication, as reported      |
 //! | `P/leases/{cell_id}`              | a cell's lease renewals (JSON)         |
 //! | `P/failovers/{id:020}`            | a failover (JSON)                      |
+//! | `P/failover-halt/storm`           | automatic failover stopped (JSON)      |
 //! | `P/meta/compacted`                | the revision history was compacted to  |
 //! | `P/meta/written`                  | touched by every write                 |
 //!
@@ -81,6 +82,7 @@ impl Layout {
             RecordKey::Replication(id) => format!("{p}replication/{id}"),
             RecordKey::Lease(id) => format!("{p}leases/{id}"),
             RecordKey::Failover(id) => format!("{p}failovers/{id:020}"),
+            RecordKey::FailoverHalt => format!("{p}failover-halt/storm"),
         }
     }
 
@@ -121,6 +123,7 @@ impl Layout {
             "replication" => Parsed::Record(RecordKey::Replication(id()?)),
             "leases" => Parsed::Record(RecordKey::Lease(id()?)),
             "failovers" => Parsed::Record(RecordKey::Failover(rest.parse().ok()?)),
+            "failover-halt" if rest == "storm" => Parsed::Record(RecordKey::FailoverHalt),
             "meta" => match rest {
                 "compacted" => Parsed::Meta(MetaKey::Compacted),
                 "written" => Parsed::Meta(MetaKey::Written),
@@ -143,6 +146,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
         Record::Replication(replication) => serde_json::to_vec(replication),
         Record::Lease(lease) => serde_json::to_vec(lease),
         Record::Failover(failover) => serde_json::to_vec(failover),
+        Record::FailoverHalt(halt) => serde_json::to_vec(halt),
     };
     encoded.expect("records always serialize to JSON")
 }
@@ -159,6 +163,7 @@ pub fn decode(key: &RecordKey, value: &[u8]) -> Result<Record, LayoutError> {
         RecordKey::Replication(_) => serde_json::from_slice(value).map(Record::Replication),
         RecordKey::Lease(_) => serde_json::from_slice(value).map(Record::Lease),
         RecordKey::Failover(_) => serde_json::from_slice(value).map(Record::Failover),
+        RecordKey::FailoverHalt => serde_json::from_slice(value).map(Record::FailoverHalt),
     };
     decoded.map_err(|e| LayoutError {
         key: format!("{key:?}"),
@@ -183,6 +188,7 @@ mod tests {
             RecordKey::Replication(Arc::from("hz-a-1")),
             RecordKey::Lease(Arc::from("hz-a-1")),
             RecordKey::Failover(7),
+            RecordKey::FailoverHalt,
         ] {
             let text = layout.key(&key);
             assert_eq!(layout.parse(text.as_bytes()), Some(Parsed::Record(key)));
