@@ -818,6 +818,13 @@ pub async fn failover<B: Backend>() {
         "refused failovers changed nothing"
     );
 
+    let err = served
+        .control()
+        .resume_automatic_failover(cpb::ResumeAutomaticFailoverRequest {})
+        .await
+        .expect_err("automatic failover is not halted");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
     let started = failover("cell-a", forced, "disk alarm".into())
         .await
         .expect("failover");

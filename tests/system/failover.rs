@@ -513,3 +513,93 @@ async fn a_planned_failover_to_an_asynchronous_standby_loses_nothing() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_it() {
+    const P1: &str = "hz-a-normal-1";
+    const P2: &str = "hz-a-normal-2";
+    const S1: &str = "hz-b-normal-s1";
+    const S2: &str = "hz-b-normal-s2";
+    let cluster = Cluster::start(3, &["--max-concurrent-failovers", "1"]).await;
+    let endpoints = cluster.endpoints();
+    let primaries = AgentProcess::start(
+        "hz",
+        &endpoints,
+        &[(P1, "a", "NORMAL"), (P2, "a", "NORMAL")],
+        CELL_ARGS,
+    );
+    let (a1, a2) = (
+        primaries.cell(P1).addr.clone(),
+        primaries.cell(P2).addr.clone(),
+    );
+    let standbys = AgentProcess::start_following(
+        "hz",
+        &endpoints,
+        &[(S1, "b", "NORMAL"), (S2, "b", "NORMAL")],
+        &[(S1, P1, &a1), (S2, P2, &a2)],
+        CELL_ARGS,
+    );
+    let mut system = System {
+        cluster,
+        agents: vec![primaries, standbys],
+    };
+    system.wait_for_active(4).await;
+    system.create_tenant("t1", Tier::Normal, "hz").await;
+    system.create_tenant("t2", Tier::Normal, "hz").await;
+
+    // Both primaries' machine dies: two failures at once, room for one.
+    for cell_id in [P1, P2] {
+        system.agents[0].signal_cell(cell_id, Signal::SIGKILL);
+    }
+    system.agents[0].kill().await;
+    let list = || async {
+        let leader = system.cluster.wait_for_leader().await;
+        system
+            .cluster
+            .control(leader)
+            .list_failovers(ListFailoversRequest::default())
+            .await
+            .expect("list failovers")
+            .into_inner()
+    };
+    wait_until(
+        "automatic failover halts",
+        Duration::from_secs(20),
+        || async { list().await.halted_since_ms > 0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let halted = list().await;
+    assert!(halted.failovers.is_empty(), "{halted:?}");
+    assert_eq!(halted.halted_for, [P1, P2]);
+
+    // Ops fail them over by hand (FORCED works while halted), then resume.
+    let leader = system.cluster.wait_for_leader().await;
+    let mut control = system.cluster.control(leader);
+    for cell_id in [P1, P2] {
+        control
+            .failover_cell(FailoverCellRequest {
+                cell_id: cell_id.into(),
+                mode: FailoverMode::Forced as i32,
+                reason: "after the storm".into(),
+            })
+            .await
+            .expect("ops failover");
+    }
+    wait_until("both failovers finish", Duration::from_secs(20), || async {
+        let now = list().await;
+        now.failovers.len() == 2
+            && now
+                .failovers
+                .iter()
+                .all(|f| f.phase == FailoverPhase::Done as i32)
+    })
+    .await;
+    control
+        .resume_automatic_failover(cellplane_api::proto::control::ResumeAutomaticFailoverRequest {})
+        .await
+        .expect("resume");
+    let resumed = list().await;
+    assert_eq!(resumed.halted_since_ms, 0);
+    assert!(resumed.failovers.iter().all(|f| !f.automatic));
+}
