@@ -226,10 +226,7 @@ pub fn display_id(id: u64) -> String {
 
 /// Parses `fo-<n>`; `None` for anything else.
 pub fn parse_id(text: &str) -> Option<u64> {
-    text.strip_prefix("fo-")?
-        .parse()
-        .ok()
-        .filter(|id: &u64| *id > 0)
+    crate::migration::record::parse_prefixed(text, "fo-")
 }
 
 #[cfg(test)]

@@ -163,7 +163,12 @@ pub fn display_id(id: u64) -> String {
 
 /// Parses `mig-<n>`; `None` for anything else.
 pub fn parse_id(text: &str) -> Option<u64> {
-    text.strip_prefix("mig-")?
+    parse_prefixed(text, "mig-")
+}
+
+/// Parses `<prefix><n>` with `n` at least 1, as records keyed by a revision are shown.
+pub fn parse_prefixed(text: &str, prefix: &str) -> Option<u64> {
+    text.strip_prefix(prefix)?
         .parse()
         .ok()
         .filter(|id: &u64| *id > 0)

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::ControlState;
-use super::command::{CommandError, CommandOutput, CommandResult, Entity};
+use super::command::{CommandError, CommandOutput, CommandResult};
 use super::model::{CellState, RouteKey};
 
 /// Where the evacuation of a cell stands.
@@ -61,13 +61,7 @@ impl ControlState {
     }
 
     pub(super) fn drain_cell(&mut self, cell_id: &Arc<str>) -> CommandResult {
-        let Some((cell_id, cell)) = self.cells.get_key_value(cell_id) else {
-            return Err(CommandError::NotFound {
-                what: Entity::Cell,
-                id: cell_id.to_string(),
-            });
-        };
-        let cell_id = cell_id.clone();
+        let (cell_id, cell) = self.cell_entry(cell_id)?;
         if let Some(primary) = &cell.standby_of {
             return Err(CommandError::FailedPrecondition(format!(
                 "cell_id: cell {cell_id:?} is a standby of {primary:?}; it holds no keys of its own to drain"
@@ -75,9 +69,8 @@ impl ControlState {
         }
         match cell.state {
             CellState::Draining => {
-                let record = cell.clone();
                 return Ok(CommandOutput::Cell(Box::new(
-                    self.cell_view(&cell_id, record),
+                    self.cell_view(&cell_id, cell),
                 )));
             }
             CellState::Active => {}
@@ -113,13 +106,7 @@ impl ControlState {
     }
 
     pub(super) fn remove_cell(&mut self, cell_id: &Arc<str>, revision: u64) -> CommandResult {
-        let Some((cell_id, cell)) = self.cells.get_key_value(cell_id) else {
-            return Err(CommandError::NotFound {
-                what: Entity::Cell,
-                id: cell_id.to_string(),
-            });
-        };
-        let cell_id = cell_id.clone();
+        let (cell_id, cell) = self.cell_entry(cell_id)?;
         let refuse = |why: String| {
             Err(CommandError::FailedPrecondition(format!(
                 "cell_id: cell {cell_id:?} {why}; it cannot be removed"

@@ -97,13 +97,7 @@ impl ControlState {
         revision: u64,
         events: &mut Vec<RouteEvent>,
     ) -> CommandResult {
-        let Some((cell_id, cell)) = self.cells.get_key_value(cell_id) else {
-            return Err(CommandError::NotFound {
-                what: Entity::Cell,
-                id: cell_id.to_string(),
-            });
-        };
-        let cell_id = cell_id.clone();
+        let (cell_id, cell) = self.cell_entry(cell_id)?;
         if let Some(primary) = &cell.standby_of {
             return Err(CommandError::FailedPrecondition(format!(
                 "cell_id: cell {cell_id:?} is a standby of {primary:?}; only primaries fail over"
@@ -216,22 +210,11 @@ impl ControlState {
                 id: display_id(id),
             });
         };
-        if record.phase != from {
-            return Err(CommandError::FailedPrecondition(format!(
-                "failover_id: {} is {}, not {}",
-                display_id(id),
-                record.phase.name(),
-                from.name()
-            )));
-        }
-        if !Phase::can_advance(from, to) {
-            return Err(CommandError::FailedPrecondition(format!(
-                "phase: {} cannot go from {} to {}",
-                display_id(id),
-                from.name(),
-                to.name()
-            )));
-        }
+        super::check_advance(
+            ("failover_id", &display_id(id)),
+            (record.phase.name(), from.name(), to.name()),
+            Phase::can_advance(from, to),
+        )?;
         match to {
             Phase::CatchingUp => {
                 record.frozen_lsn = lsn;
@@ -673,12 +656,7 @@ mod tests {
         };
         assert!(apply(&mut state, advance(Phase::Promoting, Phase::Done)).is_err());
         apply(&mut state, advance(Phase::Fencing, Phase::Promoting)).expect("switch");
-        assert_eq!(
-            state
-                .resolve(&RouteKey::tenant("n1"))
-                .map(|r| (r.cell_id, r.epoch)),
-            Ok((Arc::from("normal-s"), 2))
-        );
+        assert_eq!(route(&state, "n1"), Ok((Arc::from("normal-s"), 2)));
         assert!(
             apply(&mut state, advance(Phase::Fencing, Phase::Promoting)).is_err(),
             "a repeated switch is refused"
@@ -755,6 +733,13 @@ mod tests {
         );
     }
 
+    /// Where a tenant's route points, and at which epoch.
+    fn route(state: &ControlState, tenant: &str) -> Result<(Arc<str>, u64), CommandError> {
+        state
+            .resolve(&RouteKey::tenant(tenant))
+            .map(|r| (r.cell_id, r.epoch))
+    }
+
     fn planned(cell_id: &str) -> Command {
         Command::StartFailover {
             cell_id: cell_id.into(),
@@ -829,12 +814,7 @@ mod tests {
         );
         assert_eq!(view.record.frozen_ms, 30);
         assert_eq!(cell(&state, "normal"), Some(CellState::Demoted));
-        assert_eq!(
-            state
-                .resolve(&RouteKey::tenant("n1"))
-                .map(|r| (r.cell_id, r.epoch)),
-            Ok((Arc::from("normal-s"), 2))
-        );
+        assert_eq!(route(&state, "n1"), Ok((Arc::from("normal-s"), 2)));
     }
 
     #[test]
@@ -869,12 +849,7 @@ mod tests {
             state.cells().get("normal").map(|c| c.state),
             Some(CellState::Active)
         );
-        assert_eq!(
-            state
-                .resolve(&RouteKey::tenant("n1"))
-                .map(|r| (r.cell_id, r.epoch)),
-            Ok((Arc::from("normal"), 1))
-        );
+        assert_eq!(route(&state, "n1"), Ok((Arc::from("normal"), 1)));
     }
 
     #[test]

@@ -180,22 +180,11 @@ impl ControlState {
                 id: display_id(id),
             });
         };
-        if record.phase != from {
-            return Err(CommandError::FailedPrecondition(format!(
-                "migration_id: {} is {}, not {}",
-                display_id(id),
-                record.phase.name(),
-                from.name()
-            )));
-        }
-        if !Phase::can_advance(from, to) {
-            return Err(CommandError::FailedPrecondition(format!(
-                "phase: {} cannot go from {} to {}",
-                display_id(id),
-                from.name(),
-                to.name()
-            )));
-        }
+        super::check_advance(
+            ("migration_id", &display_id(id)),
+            (record.phase.name(), from.name(), to.name()),
+            Phase::can_advance(from, to),
+        )?;
         record.progress.merge(progress);
         if to == Phase::Switching {
             let p = record.progress;

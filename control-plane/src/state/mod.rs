@@ -826,6 +826,39 @@ impl ControlState {
     }
 }
 
+impl ControlState {
+    /// A registered cell with its interned id, or `NOT_FOUND`.
+    fn cell_entry(&self, cell_id: &str) -> Result<(Arc<str>, CellRecord), CommandError> {
+        self.cells
+            .get_key_value(cell_id)
+            .map(|(id, cell)| (id.clone(), cell.clone()))
+            .ok_or_else(|| CommandError::NotFound {
+                what: Entity::Cell,
+                id: cell_id.to_string(),
+            })
+    }
+}
+
+/// The compare-and-set of a record's phase: refused unless the record (`field` names its id,
+/// shown as `id`) is at `from` now and the record's table allows `from` → `to`.
+fn check_advance(
+    (field, id): (&str, &str),
+    (now, from, to): (&str, &str, &str),
+    allowed: bool,
+) -> Result<(), CommandError> {
+    if now != from {
+        return Err(CommandError::FailedPrecondition(format!(
+            "{field}: {id} is {now}, not {from}"
+        )));
+    }
+    if !allowed {
+        return Err(CommandError::FailedPrecondition(format!(
+            "phase: {id} cannot go from {from} to {to}"
+        )));
+    }
+    Ok(())
+}
+
 fn not_found(what: Entity, id: &Arc<str>) -> CommandError {
     CommandError::NotFound {
         what,
