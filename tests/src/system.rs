@@ -8,8 +8,8 @@ use crate::agent::AgentProcess;
 use crate::cluster::Cluster;
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
 use cellplane_api::proto::control::{
-    CellState, CreateTenantRequest, ListCellsRequest, Migration, MigrationPhase, Tier,
-    WatchMigrationRequest,
+    Cell, CellState, CreateTenantRequest, Failover, FailoverCellRequest, FailoverMode,
+    GetCellRequest, ListCellsRequest, Migration, MigrationPhase, Tier, WatchMigrationRequest,
 };
 
 /// Cells in these tests take load generators, not people: rate limits out of the way.
@@ -122,6 +122,34 @@ impl System {
             },
         ));
         (routes, messenger)
+    }
+
+    /// A cell as the control plane's leader has it now.
+    pub async fn cell(&self, cell_id: &str) -> Cell {
+        let leader = self.cluster.wait_for_leader().await;
+        self.cluster
+            .control(leader)
+            .get_cell(GetCellRequest {
+                cell_id: cell_id.into(),
+            })
+            .await
+            .expect("get cell")
+            .into_inner()
+    }
+
+    /// Fails `cell_id` over as ops would; answers the failover as it started.
+    pub async fn fail_over(&self, cell_id: &str, mode: FailoverMode, reason: &str) -> Failover {
+        let leader = self.cluster.wait_for_leader().await;
+        self.cluster
+            .control(leader)
+            .failover_cell(FailoverCellRequest {
+                cell_id: cell_id.into(),
+                mode: mode as i32,
+                reason: reason.into(),
+            })
+            .await
+            .expect("failover")
+            .into_inner()
     }
 
     pub fn agent(&self, region: &str) -> &AgentProcess {

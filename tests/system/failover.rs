@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::{
-    CellState, Failover, FailoverCellRequest, FailoverMode, FailoverPhase, GetCellRequest,
-    GetFailoverRequest, ListFailoversRequest, Protection, Tier,
+    CellState, Failover, FailoverMode, FailoverPhase, GetFailoverRequest, ListFailoversRequest,
+    Protection, Tier,
 };
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
@@ -82,19 +82,6 @@ async fn failovers(system: &System) -> Vec<Failover> {
         .failovers
 }
 
-async fn cell(system: &System, cell_id: &str) -> cellplane_api::proto::control::Cell {
-    let leader = system.cluster.wait_for_leader().await;
-    system
-        .cluster
-        .control(leader)
-        .get_cell(GetCellRequest {
-            cell_id: cell_id.into(),
-        })
-        .await
-        .expect("get cell")
-        .into_inner()
-}
-
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -113,7 +100,7 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
     wait_until(
         "the primary is IN_SYNC",
         Duration::from_secs(30),
-        || async { cell(&system, PRIMARY).await.protection == Protection::InSync as i32 },
+        || async { system.cell(PRIMARY).await.protection == Protection::InSync as i32 },
     )
     .await;
     assert_eq!(
@@ -164,8 +151,8 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
         failover.done_ms.saturating_sub(failover.switched_ms),
     );
 
-    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Failed as i32);
-    let promoted = cell(&system, STANDBY).await;
+    assert_eq!(system.cell(PRIMARY).await.state, CellState::Failed as i32);
+    let promoted = system.cell(STANDBY).await;
     assert!(promoted.standby_of.is_empty(), "{promoted:?}");
     let route = routes.lookup(TENANT, "").expect("route");
     assert_eq!((route.cell_id.as_str(), route.epoch), (STANDBY, 2));
@@ -230,7 +217,7 @@ async fn a_primary_stalled_for_less_than_its_lease_keeps_its_keys() {
         failovers(&system).await.is_empty(),
         "a slow cell is not failed over"
     );
-    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Active as i32);
+    assert_eq!(system.cell(PRIMARY).await.state, CellState::Active as i32);
     assert!(acks.iter().all(|a| a.cell() == PRIMARY));
     verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
 }
@@ -297,7 +284,7 @@ async fn a_primary_cut_off_from_the_control_plane_stops_writing_before_its_stand
         proxy.restore();
     }
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(cell(&system, PRIMARY).await.state, CellState::Failed as i32);
+    assert_eq!(system.cell(PRIMARY).await.state, CellState::Failed as i32);
     let mut request = send_request(TENANT, "c0", "u0", "after-the-cut", b"late".to_vec());
     request.route_epoch = 1;
     let refused = old_primary
@@ -324,16 +311,8 @@ async fn a_failover_survives_the_control_plane_leader_killed_in_the_middle_and_h
 
     let leader = system.cluster.wait_for_leader().await;
     let started = system
-        .cluster
-        .control(leader)
-        .failover_cell(FailoverCellRequest {
-            cell_id: PRIMARY.into(),
-            mode: FailoverMode::Forced as i32,
-            reason: "planned maintenance gone wrong".into(),
-        })
-        .await
-        .expect("failover")
-        .into_inner();
+        .fail_over(PRIMARY, FailoverMode::Forced, "maintenance gone wrong")
+        .await;
     assert_eq!(started.phase, FailoverPhase::Fencing as i32);
     // The leader dies while it waits the primary's lease out.
     system.cluster.kill(leader).await;
@@ -411,7 +390,7 @@ async fn a_lost_region_fails_its_high_primary_over_to_the_standby_in_another_reg
     wait_until(
         "the primary is IN_SYNC",
         Duration::from_secs(30),
-        || async { cell(&system, HIGH).await.protection == Protection::InSync as i32 },
+        || async { system.cell(HIGH).await.protection == Protection::InSync as i32 },
     )
     .await;
     assert_eq!(system.create_tenant(TENANT, Tier::High, "hz").await, HIGH);
@@ -452,18 +431,9 @@ async fn a_planned_failover_to_an_asynchronous_standby_loses_nothing() {
     let writers = Writers::start(messenger.clone(), TENANT, "planned", WRITERS, CONVERSATIONS);
     writers.let_write(300).await;
 
-    let leader = system.cluster.wait_for_leader().await;
     let started = system
-        .cluster
-        .control(leader)
-        .failover_cell(FailoverCellRequest {
-            cell_id: PRIMARY.into(),
-            mode: FailoverMode::Planned as i32,
-            reason: "kernel upgrade".into(),
-        })
-        .await
-        .expect("planned failover")
-        .into_inner();
+        .fail_over(PRIMARY, FailoverMode::Planned, "kernel upgrade")
+        .await;
     assert_eq!(started.phase, FailoverPhase::Freezing as i32);
     let failover = {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -493,10 +463,7 @@ async fn a_planned_failover_to_an_asynchronous_standby_loses_nothing() {
         failover.switched_ms.saturating_sub(failover.frozen_ms),
         latencies.percentile(100.0)
     );
-    assert_eq!(
-        cell(&system, PRIMARY).await.state,
-        CellState::Demoted as i32
-    );
+    assert_eq!(system.cell(PRIMARY).await.state, CellState::Demoted as i32);
     let route = routes.lookup(TENANT, "").expect("route");
     assert_eq!((route.cell_id.as_str(), route.epoch), (STANDBY, 2));
     let mut request = send_request(TENANT, "c0", "u0", "after-planned", b"late".to_vec());
@@ -574,17 +541,10 @@ async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_i
     assert_eq!(halted.halted_for, [P1, P2]);
 
     // Ops fail them over by hand (FORCED works while halted), then resume.
-    let leader = system.cluster.wait_for_leader().await;
-    let mut control = system.cluster.control(leader);
     for cell_id in [P1, P2] {
-        control
-            .failover_cell(FailoverCellRequest {
-                cell_id: cell_id.into(),
-                mode: FailoverMode::Forced as i32,
-                reason: "after the storm".into(),
-            })
-            .await
-            .expect("ops failover");
+        system
+            .fail_over(cell_id, FailoverMode::Forced, "after the storm")
+            .await;
     }
     wait_until("both failovers finish", Duration::from_secs(20), || async {
         let now = list().await;
@@ -595,7 +555,10 @@ async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_i
                 .all(|f| f.phase == FailoverPhase::Done as i32)
     })
     .await;
-    control
+    let leader = system.cluster.wait_for_leader().await;
+    system
+        .cluster
+        .control(leader)
         .resume_automatic_failover(cellplane_api::proto::control::ResumeAutomaticFailoverRequest {})
         .await
         .expect("resume");

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellplane_api::proto::control::{GetCellRequest, Protection, Tier};
+use cellplane_api::proto::control::{Protection, Tier};
 use cellplane_tests::traffic::{MEMBERS, create_groups, send_request};
 use nix::sys::signal::Signal;
 
@@ -14,16 +14,7 @@ use super::System;
 const SYNC_TIMEOUT_MS: u64 = 500;
 
 async fn protection(system: &System, cell_id: &str) -> (Protection, u64) {
-    let leader = system.cluster.wait_for_leader().await;
-    let cell = system
-        .cluster
-        .control(leader)
-        .get_cell(GetCellRequest {
-            cell_id: cell_id.into(),
-        })
-        .await
-        .expect("get cell")
-        .into_inner();
+    let cell = system.cell(cell_id).await;
     (
         Protection::try_from(cell.protection).expect("protection"),
         cell.protection_revision,
