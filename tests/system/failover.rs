@@ -82,6 +82,26 @@ async fn failovers(system: &System) -> Vec<Failover> {
         .failovers
 }
 
+/// A write to the old primary at the epoch it owned the tenant at: it must be refused.
+async fn write_to_old_primary(system: &System, client_msg_id: &str) -> tonic::Status {
+    let mut request = send_request(TENANT, "c0", "u0", client_msg_id, b"late".to_vec());
+    request.route_epoch = 1;
+    system.agents[0]
+        .cell(PRIMARY)
+        .messaging()
+        .send_message(request)
+        .await
+        .expect_err("the old primary refuses writes")
+}
+
+/// Refused because its lease ran out or its keys were revoked.
+fn fenced(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+    )
+}
+
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -179,21 +199,8 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
         status.lease_remaining_ms, 0,
         "a failed cell is never renewed"
     );
-    let mut request = send_request(TENANT, "c0", "u0", "after-failover", b"late".to_vec());
-    request.route_epoch = 1;
-    let refused = system.agents[0]
-        .cell(PRIMARY)
-        .messaging()
-        .send_message(request)
-        .await
-        .expect_err("the old primary refuses writes");
-    assert!(
-        matches!(
-            refused.code(),
-            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
-        ),
-        "{refused:?}"
-    );
+    let refused = write_to_old_primary(&system, "after-failover").await;
+    assert!(fenced(&refused), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -285,19 +292,8 @@ async fn a_primary_cut_off_from_the_control_plane_stops_writing_before_its_stand
     }
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(system.cell(PRIMARY).await.state, CellState::Failed as i32);
-    let mut request = send_request(TENANT, "c0", "u0", "after-the-cut", b"late".to_vec());
-    request.route_epoch = 1;
-    let refused = old_primary
-        .send_message(request)
-        .await
-        .expect_err("the old primary refuses writes");
-    assert!(
-        matches!(
-            refused.code(),
-            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
-        ),
-        "{refused:?}"
-    );
+    let refused = write_to_old_primary(&system, "after-the-cut").await;
+    assert!(fenced(&refused), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
