@@ -431,6 +431,24 @@ impl Control for ControlService {
         )
     }
 
+    async fn rejoin_cell(
+        &self,
+        request: Request<pb::RejoinCellRequest>,
+    ) -> Result<Response<pb::Cell>, Status> {
+        write_or_forward!(
+            self,
+            request,
+            rejoin_cell,
+            |message| {
+                validate_id("cell_id", &message.cell_id)?;
+                Command::Rejoin {
+                    cell_id: message.cell_id.as_str().into(),
+                }
+            },
+            cell_output
+        )
+    }
+
     async fn failover_cell(
         &self,
         request: Request<pb::FailoverCellRequest>,

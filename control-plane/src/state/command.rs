@@ -111,6 +111,12 @@ pub enum Command {
         expected_renewals: Option<u64>,
         now_ms: u64,
     },
+    /// A cell a failover left behind becomes a standby of the cell that took over: a failed
+    /// or demoted primary (once nothing only it holds is left to merge back; JOINING until
+    /// it follows), or a standby whose primary was failed over.
+    Rejoin {
+        cell_id: Arc<str>,
+    },
     /// The detector found more primaries failed at once than it may fail over: automatic
     /// failover stops until ops resume it.
     HaltAutomaticFailover {
@@ -163,6 +169,7 @@ impl Command {
             Self::StartFailover { .. } => "start_failover",
             Self::AdvanceFailover { .. } => "advance_failover",
             Self::DrainCell { .. } => "drain_cell",
+            Self::Rejoin { .. } => "rejoin",
             Self::HaltAutomaticFailover { .. } => "halt_automatic_failover",
             Self::ResumeAutomaticFailover => "resume_automatic_failover",
             Self::RemoveCell { .. } => "remove_cell",

@@ -386,6 +386,95 @@ impl ControlState {
         record.switched_ms = now_ms;
     }
 
+    /// Whether failovers explain why `cell_id`, configured to follow `configured` (or to be a
+    /// primary), follows `now` instead: a standby that was promoted, a primary that rejoined
+    /// as the standby of its successor, or a standby moved to its primary's successor.
+    pub fn moved_by_failover(
+        &self,
+        cell_id: &str,
+        configured: Option<&Arc<str>>,
+        now: Option<&Arc<str>>,
+    ) -> bool {
+        let successor = |id: &str| self.successor(id).map(|(s, _)| s);
+        match (configured, now) {
+            (Some(primary), None) => self.promoted_from(cell_id) == Some(primary),
+            (None, Some(now)) => successor(cell_id) == Some(now),
+            (Some(primary), Some(now)) => successor(primary) == Some(now),
+            (None, None) => false,
+        }
+    }
+
+    /// The cell that took over from `cell_id` in its newest finished failover.
+    fn successor(&self, cell_id: &str) -> Option<(&Arc<str>, &FailoverRecord)> {
+        self.failovers
+            .values()
+            .rev()
+            .find(|f| *f.cell_id == *cell_id && f.phase == Phase::Done)
+            .map(|f| (&f.standby_cell, f))
+    }
+
+    pub(super) fn rejoin(&mut self, cell_id: &Arc<str>) -> CommandResult {
+        let (cell_id, cell) = self.cell_entry(cell_id)?;
+        let nothing = || {
+            CommandError::FailedPrecondition(format!(
+                "cell_id: cell {cell_id:?} was left behind by no finished failover; nothing to rejoin"
+            ))
+        };
+        let new_primary = match &cell.standby_of {
+            // A failed or demoted primary follows the cell that took its keys.
+            None if matches!(cell.state, CellState::Failed | CellState::Demoted) => {
+                let (successor, failover) = self.successor(&cell_id).ok_or_else(nothing)?;
+                let behind = failover.ledger.lsns_behind();
+                if behind > 0 {
+                    return Err(CommandError::FailedPrecondition(format!(
+                        "cell_id: cell {cell_id:?} may hold {behind} cell-log records its successor {successor:?} lacks; they must be merged back before it rejoins (it would drop them)"
+                    )));
+                }
+                successor.clone()
+            }
+            // A standby whose primary was failed over follows the successor.
+            Some(primary) => match self.cells.get(primary) {
+                Some(p) if matches!(p.state, CellState::Failed | CellState::Demoted) => self
+                    .successor(primary)
+                    .map(|(successor, _)| successor.clone())
+                    .filter(|successor| *successor != cell_id)
+                    .ok_or_else(nothing)?,
+                _ => return Err(nothing()),
+            },
+            None => return Err(nothing()),
+        };
+        let Some(primary) = self.cells.get(&new_primary) else {
+            return Err(nothing());
+        };
+        if primary.standby_of.is_some() || primary.state != CellState::Active {
+            return Err(CommandError::FailedPrecondition(format!(
+                "cell_id: its successor {new_primary:?} is not an ACTIVE primary"
+            )));
+        }
+        let siblings: Vec<&super::model::CellRecord> = self
+            .cells
+            .iter()
+            .filter(|(id, c)| **id != cell_id && c.standby_of.as_ref() == Some(&new_primary))
+            .map(|(_, c)| c)
+            .collect();
+        super::standby_fits(&new_primary, primary, &siblings, &cell)
+            .map_err(CommandError::FailedPrecondition)?;
+        let Some(cell) = self.cells.get_mut(&cell_id) else {
+            unreachable!("the cell was found above");
+        };
+        cell.standby_of = Some(new_primary);
+        // A failed or demoted cell joins again (the table's way back); a standby moved to a
+        // new primary stays ACTIVE, passed over by failovers while it bootstraps.
+        if matches!(cell.state, CellState::Failed | CellState::Demoted) {
+            cell.state = CellState::Joining;
+        }
+        let record = cell.clone();
+        self.protection.remove(&cell_id);
+        Ok(CommandOutput::Cell(Box::new(
+            self.cell_view(&cell_id, record),
+        )))
+    }
+
     /// Keeps the newest [`MAX_FINISHED_FAILOVERS`] finished failovers.
     fn forget_old_failovers(&mut self) {
         let finished = self
@@ -867,5 +956,81 @@ mod tests {
         .expect("a migration off the cell");
         let busy = apply(&mut state, planned("normal"));
         assert!(matches!(busy, Err(CommandError::Busy(_))), "{busy:?}");
+    }
+
+    /// Fails `cell_id` over by the detector's rule and finishes it, as its agent would.
+    fn failed_over(state: &mut ControlState, cell_id: &str) -> u64 {
+        let CommandOutput::Failover(view) = apply(state, forced(cell_id, Some(0))).expect("start")
+        else {
+            panic!("a failover");
+        };
+        apply(state, advance(view.id, (Phase::Promoting, Phase::Done), 0)).expect("done");
+        view.id
+    }
+
+    fn rejoin(state: &mut ControlState, cell_id: &str) -> CommandResult {
+        apply(
+            state,
+            Command::Rejoin {
+                cell_id: cell_id.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn cells_a_failover_left_behind_rejoin_as_standbys_of_the_cell_that_took_over() {
+        let mut state = system();
+        assert!(rejoin(&mut state, "high").is_err(), "no failover yet");
+        failed_over(&mut state, "high");
+        let cell = |state: &ControlState, id: &str| state.cells().get(id).cloned().expect("cell");
+        // The remote standby follows the promoted in-region one; the old primary too.
+        rejoin(&mut state, "high-remote").expect("re-point the remote standby");
+        assert_eq!(
+            cell(&state, "high-remote").standby_of.as_deref(),
+            Some("high-near")
+        );
+        assert_eq!(cell(&state, "high-remote").state, CellState::Active);
+        rejoin(&mut state, "high").expect("the old primary rejoins");
+        let old = cell(&state, "high");
+        assert_eq!(old.standby_of.as_deref(), Some("high-near"));
+        assert_eq!(old.state, CellState::Joining);
+        assert!(rejoin(&mut state, "high").is_err(), "once");
+        assert!(rejoin(&mut state, "normal").is_err(), "never failed over");
+        assert_eq!(state.standbys_of(&Arc::from("high-near")).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_cell_holding_what_its_successor_lacks_does_not_rejoin() {
+        let mut state = system();
+        apply(
+            &mut state,
+            Command::Report {
+                cell_id: "normal".into(),
+                health: crate::state::model::CellHealth {
+                    last_lsn: 10,
+                    ..Default::default()
+                },
+                replication: None,
+            },
+        )
+        .expect("report");
+        apply(
+            &mut state,
+            Command::Report {
+                cell_id: "normal-s".into(),
+                health: Default::default(),
+                replication: Some(ReplicationHealth {
+                    standbys: Vec::new(),
+                    replica: Some(ReplicaHealth {
+                        applied_lsn: 7,
+                        ..Default::default()
+                    }),
+                }),
+            },
+        )
+        .expect("report");
+        failed_over(&mut state, "normal");
+        let err = rejoin(&mut state, "normal").expect_err("3 LSNs may be missing");
+        assert!(err.to_string().contains("3 cell-log records"), "{err}");
     }
 }

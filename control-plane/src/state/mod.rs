@@ -318,6 +318,7 @@ impl ControlState {
             },
             Command::RenewLeases { cells, lease_ms } => self.renew_leases(cells, *lease_ms),
             Command::DrainCell { cell_id } => self.drain_cell(cell_id),
+            Command::Rejoin { cell_id } => self.rejoin(cell_id),
             Command::HaltAutomaticFailover { cells, now_ms } => {
                 // The first halt names the storm; later ones change nothing.
                 self.failover_halt.get_or_insert_with(|| HaltRecord {
@@ -399,17 +400,19 @@ impl ControlState {
 
     fn register_cell(&mut self, cell_id: &Arc<str>, record: CellRecord) -> CommandResult {
         if let Some(existing) = self.cells.get(cell_id) {
-            // A standby a failover promoted is registered again by its agent as what its
-            // config says it was: it stays the primary it became.
-            let promoted = existing.standby_of.is_none()
-                && record.standby_of.is_some()
-                && self.promoted_from(cell_id) == record.standby_of.as_ref();
+            // An agent registers its cells again as its config describes them; a failover may
+            // have changed whom a cell follows since, and the record says what it is now.
             let same = existing.region == record.region
                 && existing.zone == record.zone
                 && existing.tier == record.tier
                 && existing.endpoint == record.endpoint
                 && existing.capacity == record.capacity
-                && (existing.standby_of == record.standby_of || promoted);
+                && (existing.standby_of == record.standby_of
+                    || self.moved_by_failover(
+                        cell_id,
+                        record.standby_of.as_ref(),
+                        existing.standby_of.as_ref(),
+                    ));
             // Registering the same cell again is how an agent restarts; a different cell under
             // the same id is a mistake.
             return if same {
