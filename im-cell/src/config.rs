@@ -63,6 +63,8 @@ pub struct CellConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Standbys (cell ids) every send waits for: it is answered once each has it durably.
+    /// Ignored while the cell runs as a standby (a primary a failover left behind rejoins as
+    /// one with its config unchanged) and used once it is a primary again.
     pub sync_standbys: Vec<String>,
     /// How long answers may wait for them before the cell stalls and asks (through its agent)
     /// to be recorded as not in sync.
@@ -140,12 +142,6 @@ impl CellConfig {
             return Err(ConfigError::new(
                 "replication.sync_timeout_ms",
                 "must be at least 1",
-            ));
-        }
-        if self.standby.is_some() && !self.replication.sync_standbys.is_empty() {
-            return Err(ConfigError::new(
-                "replication.sync_standbys",
-                "is for a primary; a standby has none",
             ));
         }
         if let Some(standby) = &self.standby {

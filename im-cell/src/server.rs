@@ -63,22 +63,52 @@ pub async fn serve(
         .map(|pns| Notifier::start(config.cell_id.clone(), pns, store.clone()))
         .transpose()?;
     let hub = SyncHub::with_notifier(notifier);
-    // A standby promoted before it restarted stays a primary, whatever it was started as.
+    // A standby promoted before it restarted stays a primary when started again as the
+    // standby of the primary it was promoted from; started as the standby of another, it is
+    // a standby again and starts over from that primary's snapshot.
     let promotion = store.promotion()?;
-    let standby = config.standby.clone().filter(|_| promotion.is_none());
-    if let (Some(promotion), Some(_)) = (&promotion, &config.standby) {
-        tracing::info!(from = %promotion.from, applied_lsn = promotion.applied_lsn, "this standby was promoted before: serving as a primary");
+    let standby = match (&config.standby, &promotion) {
+        (Some(standby), Some(promotion)) if promotion.from == standby.primary_cell_id => {
+            tracing::info!(from = %promotion.from, applied_lsn = promotion.applied_lsn, "this standby was promoted before: serving as a primary");
+            None
+        }
+        (standby, _) => standby.clone(),
+    };
+    match &standby {
+        Some(standby) => {
+            if store.follow(&standby.primary_cell_id)? {
+                tracing::info!(primary = %standby.primary_cell_id, "following a new primary: starting over from its snapshot");
+            }
+        }
+        // A standby holds its primary's grants: run as a primary without a promotion, it
+        // could write keys another cell owns.
+        None => {
+            if let (Some(followed), None) = (store.followed()?, &promotion) {
+                return Err(ServeError::Config(ConfigError::new(
+                    "standby",
+                    format!(
+                        "this cell's data is a standby of {followed:?} and was never promoted: start it with --standby-of {followed} (or promote it)"
+                    ),
+                )));
+            }
+        }
     }
     let standby_of = standby.as_ref().map(|s| s.primary_cell_id.clone());
     let role = Role::new(standby_of.clone());
     let lease = Lease::new(config.lease_required);
+    // A standby answers nobody's sends: standbys configured for it (a primary that rejoined
+    // as a standby keeps its config) wait for nothing.
+    let sync_standbys = match &standby {
+        Some(_) => Vec::new(),
+        None => config.replication.sync_standbys.clone(),
+    };
     let gate = SyncGate::new(
-        &config.replication.sync_standbys,
+        &sync_standbys,
         Duration::from_millis(config.replication.sync_timeout_ms),
         store.last_lsn()?,
         hub.clone(),
     );
-    if !config.replication.sync_standbys.is_empty() {
+    if !sync_standbys.is_empty() {
         let gate = gate.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(GATE_TICK);

@@ -128,6 +128,9 @@ pub const REPLICA_POSITION: &[u8] = b"position";
 /// The `replica` keyspace's row written when a standby was promoted.
 pub const REPLICA_PROMOTED: &[u8] = b"promoted";
 
+/// The `replica` keyspace's row naming the primary whose log the position is in.
+pub const REPLICA_PRIMARY: &[u8] = b"primary";
+
 pub fn lsn(lsn: u64) -> Vec<u8> {
     Key::new().num(lsn).into_bytes()
 }

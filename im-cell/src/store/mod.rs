@@ -398,6 +398,48 @@ impl Store {
         Ok(get(&self.spaces.replica, keys::REPLICA_POSITION)?.unwrap_or_default())
     }
 
+    /// Makes this cell a standby of `primary`, durably, before it starts following. A position
+    /// in another log than `primary`'s (the cell followed another primary, or was promoted)
+    /// means nothing here: it starts over, so the first stream is a bootstrap that replaces
+    /// everything it held. A position recorded before the primary was (data directories of
+    /// earlier versions, where a standby only ever had one primary) is kept. Answers whether
+    /// it started over.
+    pub fn follow(&self, primary: &str) -> Result<bool, CellError> {
+        let followed: Option<String> = get(&self.spaces.replica, keys::REPLICA_PRIMARY)?;
+        let promoted = self.promotion()?.is_some();
+        let same = match followed.as_deref() {
+            Some(followed) => followed == primary,
+            None => !promoted,
+        };
+        if same && followed.is_some() {
+            return Ok(false);
+        }
+        let mut batch = self.db.batch();
+        batch.insert(
+            &self.spaces.replica,
+            keys::REPLICA_PRIMARY,
+            records::encode(&primary.to_string()),
+        );
+        if !same {
+            batch.insert(
+                &self.spaces.replica,
+                keys::REPLICA_POSITION,
+                records::encode(&ReplicaRecord::default()),
+            );
+            batch.remove(&self.spaces.replica, keys::REPLICA_PROMOTED);
+        }
+        batch
+            .commit()
+            .and_then(|()| self.db.persist(fjall::PersistMode::SyncAll))
+            .map_err(|e| CellError::Storage(e.to_string()))?;
+        Ok(!same)
+    }
+
+    /// The primary this cell follows as a standby, if it was told one.
+    pub fn followed(&self) -> Result<Option<String>, CellError> {
+        get(&self.spaces.replica, keys::REPLICA_PRIMARY)
+    }
+
     /// The promotion of this cell from standby to primary, if it was one.
     pub fn promotion(&self) -> Result<Option<PromotionRecord>, CellError> {
         get(&self.spaces.replica, keys::REPLICA_PROMOTED)
