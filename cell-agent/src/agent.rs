@@ -53,7 +53,7 @@ pub async fn run(
     let control = ControlPlane::new(control_plane)?;
     let cells: LocalCells = cells::local_cells(&config.cells)?;
     let (stop_tx, stop) = watch::channel(false);
-    let supervisor = Supervisor::start(&config.cells, &binary, &config.data_dir, config.restart);
+    let supervisor = Supervisor::start(&cells, &binary, &config.data_dir, config.restart);
     tracing::info!(%region, cells = cells.len(), "agent started its cells");
 
     let joined = async {
@@ -115,6 +115,11 @@ pub async fn run(
             stop.clone(),
         )),
         tokio::spawn(crate::failover::run(
+            control.clone(),
+            cells.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(crate::roles::run(
             control.clone(),
             cells.clone(),
             stop.clone(),

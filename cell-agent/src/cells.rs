@@ -15,6 +15,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::config::CellSpec;
+use crate::supervisor::Role;
 use cellplane_api::client::ControlPlane;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -33,17 +34,47 @@ pub struct LocalCell {
     pub admin: CellAdminClient<Channel>,
     /// A standby by its config that a failover made a primary.
     promoted: Arc<AtomicBool>,
+    /// What the cell runs as, when the control plane changed it since the config was written.
+    role: Arc<watch::Sender<Role>>,
 }
 
 impl LocalCell {
-    /// Whether the cell follows a primary now: configured as a standby and not promoted.
+    /// Whether the cell follows a primary now: told to by the control plane after a failover,
+    /// or configured as a standby and not promoted.
     pub fn is_standby(&self) -> bool {
-        self.spec.standby_of.is_some() && !self.promoted.load(Ordering::Acquire)
+        self.role.borrow().following.is_some()
+            || (self.spec.standby_of.is_some() && !self.promoted.load(Ordering::Acquire))
     }
 
     /// The control plane made this standby a primary, and the cell knows it.
     pub fn mark_promoted(&self) {
         self.promoted.store(true, Ordering::Release);
+    }
+
+    /// The primary the supervisor starts the cell as a standby of: as its role says, else as
+    /// configured unless a failover promoted it.
+    pub fn configured_primary(&self) -> Option<String> {
+        match &self.role.borrow().following {
+            Some((primary, _)) => Some(primary.clone()),
+            None if self.spec.standby_of.is_some() && !self.promoted.load(Ordering::Acquire) => {
+                self.spec.standby_of.clone()
+            }
+            None => None,
+        }
+    }
+
+    /// Follows the cell's role, as the supervisor starts it.
+    pub fn role(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
+    /// Runs the cell in `role` from now on: the supervisor restarts it if that changes it.
+    pub fn set_role(&self, role: Role) -> bool {
+        self.role.send_if_modified(|current| {
+            let changed = *current != role;
+            *current = role;
+            changed
+        })
     }
 }
 
@@ -64,6 +95,7 @@ pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::clie
                 endpoint,
                 admin,
                 promoted: Arc::default(),
+                role: Arc::new(watch::Sender::new(Role::default())),
             },
         );
     }
@@ -147,7 +179,10 @@ pub async fn join(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if registered.state == pb::CellState::Joining as i32 {
+    // A cell a failover made the standby of another is made ACTIVE once it follows it
+    // (`roles.rs`), not here.
+    let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
+    if registered.state == pb::CellState::Joining as i32 && as_configured {
         let cell_id = spec.cell_id.clone();
         control
             .call(|mut c| {

@@ -14,4 +14,5 @@ pub mod grants;
 pub mod lease;
 pub mod migrate;
 pub mod protection;
+pub mod roles;
 pub mod supervisor;

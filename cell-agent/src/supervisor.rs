@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::cells::LocalCells;
 use crate::config::{CellSpec, RestartPolicy};
 
 /// How long a cell may take to drain after SIGTERM before it is killed.
@@ -33,20 +34,33 @@ pub fn cell_paths(data_dir: &Path, cell_id: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// What a cell runs as when the control plane changed it since the config was written: the
+/// primary it follows after a failover left it behind, or the standbys it waits for once a
+/// failover promoted it. The default runs it as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Role {
+    /// Follow this primary: `(cell id, endpoint)`.
+    pub following: Option<(String, String)>,
+    /// Wait for these standbys.
+    pub sync_standbys: Option<Vec<String>>,
+}
+
 impl Supervisor {
-    /// Starts every cell and keeps it running until [`Supervisor::stop`].
+    /// Starts every cell and keeps it running until [`Supervisor::stop`]; a cell whose role
+    /// changes is restarted in its new role.
     pub fn start(
-        cells: &[CellSpec],
+        cells: &LocalCells,
         binary: &Path,
         data_dir: &Path,
         policy: RestartPolicy,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
         let tasks = cells
-            .iter()
-            .map(|spec| {
+            .values()
+            .map(|cell| {
                 tokio::spawn(supervise(
-                    spec.clone(),
+                    cell.spec.clone(),
+                    cell.role(),
                     binary.to_path_buf(),
                     data_dir.to_path_buf(),
                     policy,
@@ -66,23 +80,30 @@ impl Supervisor {
     }
 }
 
-fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Child> {
+fn spawn(spec: &CellSpec, role: &Role, binary: &Path, data_dir: &Path) -> std::io::Result<Child> {
     let (dir, log) = cell_paths(data_dir, &spec.cell_id);
     std::fs::create_dir_all(&dir)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    let mut standby = match (&spec.standby_of, &spec.primary_endpoint) {
-        (Some(primary), Some(endpoint)) => vec![
+    let following = match (&role.following, &spec.standby_of, &spec.primary_endpoint) {
+        (Some((primary, endpoint)), _, _) | (None, Some(primary), Some(endpoint)) => {
+            Some((primary, endpoint))
+        }
+        _ => None,
+    };
+    let mut standby = match following {
+        Some((primary, endpoint)) => vec![
             "--standby-of".to_string(),
             primary.clone(),
             "--primary-endpoint".to_string(),
             endpoint.clone(),
         ],
-        _ => Vec::new(),
+        None => Vec::new(),
     };
-    for sync in spec.sync_standbys.iter().flatten() {
+    let sync = role.sync_standbys.as_ref().or(spec.sync_standbys.as_ref());
+    for sync in sync.iter().copied().flatten() {
         standby.extend(["--sync-standby".to_string(), sync.clone()]);
     }
     if let Some(ms) = spec.sync_timeout_ms {
@@ -109,6 +130,7 @@ fn spawn(spec: &CellSpec, binary: &Path, data_dir: &Path) -> std::io::Result<Chi
 
 async fn supervise(
     spec: CellSpec,
+    mut role: watch::Receiver<Role>,
     binary: PathBuf,
     data_dir: PathBuf,
     policy: RestartPolicy,
@@ -121,12 +143,18 @@ async fn supervise(
             return;
         }
         let started = Instant::now();
-        match spawn(&spec, &binary, &data_dir) {
+        let current = role.borrow_and_update().clone();
+        match spawn(&spec, &current, &binary, &data_dir) {
             Ok(mut child) => {
-                tracing::info!(cell_id = %spec.cell_id, pid = child.id(), "cell started");
+                tracing::info!(cell_id = %spec.cell_id, pid = child.id(), ?current, "cell started");
                 tokio::select! {
                     status = child.wait() => {
                         tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
+                    }
+                    _ = role.changed() => {
+                        tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell's role changed; restarting it");
+                        terminate(&spec.cell_id, &mut child).await;
+                        continue;
                     }
                     _ = stopped.changed() => {
                         terminate(&spec.cell_id, &mut child).await;

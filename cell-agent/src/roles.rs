@@ -1,0 +1,281 @@
+//! Keeps each cell running as what the control plane says it is, once failovers changed that:
+//! a failed or demoted primary asks to rejoin and then runs as a standby of the cell that took
+//! over (starting over from its snapshot); a standby whose primary was failed over follows the
+//! successor; a promoted standby waits for its new in-region standby; a cell that rejoined is
+//! made ACTIVE once it follows. What to do is [`step`], a pure function of the cell's record,
+//! what the cell says it runs as, and the other cells; the supervisor restarts a cell whose
+//! role changed.
+
+use std::time::Duration;
+
+use cellplane_api::client::ControlPlane;
+use cellplane_api::proto::cell::{CellStatusRequest, CellStatusResponse};
+use cellplane_api::proto::control::{
+    Cell, CellState, ListCellsRequest, RejoinCellRequest, SetCellStateRequest,
+};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::cells::LocalCells;
+use crate::supervisor::Role;
+
+/// How often the agent compares its cells' roles with the control plane's records.
+const INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a cell may take to say what it runs as.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What one cell needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A failover left it behind: ask the control plane to make it a standby of its successor.
+    Rejoin,
+    /// Run it as the standby of `primary`, at `endpoint`.
+    Follow { primary: String, endpoint: String },
+    /// It follows its new primary: it may serve as a standby.
+    Activate,
+    /// A promoted standby: wait for these standbys.
+    Sync(Vec<String>),
+}
+
+/// The step `record` (the control plane's view of the cell) asks for, given the primary the
+/// agent starts the cell as a standby of (`configured`), what the cell says it runs as
+/// (`running`, when it answers) and every cell the control plane knows.
+pub fn step(
+    record: &Cell,
+    configured: Option<&str>,
+    running: Option<&CellStatusResponse>,
+    cells: &[Cell],
+) -> Option<Step> {
+    let state = CellState::try_from(record.state).ok()?;
+    if record.standby_of.is_empty() {
+        if matches!(state, CellState::Failed | CellState::Demoted) {
+            return Some(Step::Rejoin);
+        }
+        let running = running?;
+        // A promoted standby was started without synchronous standbys: its in-region ones.
+        if state == CellState::Active && !running.promoted_from.is_empty() {
+            let mut wanted: Vec<String> = cells
+                .iter()
+                .filter(|c| c.standby_of == record.cell_id && c.region == record.region)
+                .map(|c| c.cell_id.clone())
+                .collect();
+            wanted.sort();
+            let mut now = running
+                .sync
+                .as_ref()
+                .map(|s| s.standbys.clone())
+                .unwrap_or_default();
+            now.sort();
+            if wanted != now {
+                return Some(Step::Sync(wanted));
+            }
+        }
+        return None;
+    }
+    if configured != Some(record.standby_of.as_str()) {
+        let endpoint = cells
+            .iter()
+            .find(|c| c.cell_id == record.standby_of)?
+            .endpoint
+            .clone();
+        return Some(Step::Follow {
+            primary: record.standby_of.clone(),
+            endpoint,
+        });
+    }
+    let following = running
+        .filter(|r| r.standby_of == record.standby_of)
+        .and_then(|r| r.replica.as_ref())
+        .is_some_and(|r| r.connected && !r.bootstrapping);
+    (state == CellState::Joining && following).then_some(Step::Activate)
+}
+
+/// Runs until shutdown.
+pub async fn run(control: ControlPlane, cells: LocalCells, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            result = round(&control, &cells) => {
+                if let Err(status) = result {
+                    tracing::debug!(%status, "checking the cells' roles failed; trying again");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status> {
+    let all = control
+        .call(|mut c| async move { c.list_cells(ListCellsRequest::default()).await })
+        .await?
+        .cells;
+    for (cell_id, cell) in cells.iter() {
+        let Some(record) = all.iter().find(|c| c.cell_id == *cell_id) else {
+            continue;
+        };
+        // A cell that does not answer (it refuses to start in a role its disk contradicts,
+        // say) can still be told whom to follow.
+        let running = tokio::time::timeout(
+            STATUS_TIMEOUT,
+            cell.admin
+                .clone()
+                .cell_status(CellStatusRequest { without_keys: true }),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(tonic::Response::into_inner);
+        let configured = cell.configured_primary();
+        let Some(step) = step(record, configured.as_deref(), running.as_ref(), &all) else {
+            continue;
+        };
+        match step {
+            Step::Rejoin => {
+                let request = RejoinCellRequest {
+                    cell_id: cell_id.clone(),
+                };
+                match control
+                    .call(|mut c| {
+                        let request = request.clone();
+                        async move { c.rejoin_cell(request).await }
+                    })
+                    .await
+                {
+                    Ok(joined) => {
+                        tracing::warn!(%cell_id, standby_of = %joined.standby_of, "rejoins as a standby of the cell that took over")
+                    }
+                    Err(status) => tracing::debug!(%cell_id, %status, "cannot rejoin yet"),
+                }
+            }
+            Step::Follow { primary, endpoint } => {
+                tracing::warn!(%cell_id, %primary, "restarting the cell as a standby of its new primary");
+                cell.set_role(Role {
+                    following: Some((primary, endpoint)),
+                    sync_standbys: Some(Vec::new()),
+                });
+            }
+            Step::Activate => {
+                let request = SetCellStateRequest {
+                    cell_id: cell_id.clone(),
+                    state: CellState::Active as i32,
+                };
+                control
+                    .call(|mut c| {
+                        let request = request.clone();
+                        async move { c.set_cell_state(request).await }
+                    })
+                    .await?;
+                tracing::info!(%cell_id, "the rejoined standby follows its primary: ACTIVE");
+            }
+            Step::Sync(standbys) => {
+                tracing::warn!(%cell_id, ?standbys, "restarting the promoted cell to wait for its new standbys");
+                cell.set_role(Role {
+                    following: None,
+                    sync_standbys: Some(standbys),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellplane_api::proto::cell::{ReplicaStatus, SyncStatus};
+
+    fn cell(id: &str, region: &str, state: CellState, standby_of: &str) -> Cell {
+        Cell {
+            cell_id: id.into(),
+            region: region.into(),
+            state: state as i32,
+            standby_of: standby_of.into(),
+            endpoint: format!("{id}:1"),
+            ..Default::default()
+        }
+    }
+
+    fn running(standby_of: &str) -> CellStatusResponse {
+        CellStatusResponse {
+            standby_of: standby_of.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cell_left_behind_rejoins_then_follows_then_serves() {
+        let successor = cell("s", "hz", CellState::Active, "");
+        let failed = cell("p", "hz", CellState::Failed, "");
+        let all = [successor.clone(), failed.clone()];
+        assert_eq!(step(&failed, None, None, &all), Some(Step::Rejoin));
+        let rejoined = cell("p", "hz", CellState::Joining, "s");
+        assert_eq!(
+            step(&rejoined, None, None, &all),
+            Some(Step::Follow {
+                primary: "s".into(),
+                endpoint: "s:1".into()
+            })
+        );
+        let mut bootstrapping = running("s");
+        bootstrapping.replica = Some(ReplicaStatus {
+            connected: true,
+            bootstrapping: true,
+            ..Default::default()
+        });
+        assert_eq!(step(&rejoined, Some("s"), Some(&bootstrapping), &all), None);
+        let mut following = running("s");
+        following.replica = Some(ReplicaStatus {
+            connected: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            step(&rejoined, Some("s"), Some(&following), &all),
+            Some(Step::Activate)
+        );
+        let active = cell("p", "hz", CellState::Active, "s");
+        assert_eq!(step(&active, Some("s"), Some(&following), &all), None);
+    }
+
+    #[test]
+    fn a_promoted_cell_waits_for_its_in_region_standbys_and_others_are_left_alone() {
+        let promoted = cell("s", "hz", CellState::Active, "");
+        let all = [
+            promoted.clone(),
+            cell("p", "hz", CellState::Joining, "s"),
+            cell("r", "bj", CellState::Active, "s"),
+        ];
+        let mut as_promoted = running("");
+        as_promoted.promoted_from = "p".into();
+        assert_eq!(
+            step(&promoted, Some("p"), Some(&as_promoted), &all),
+            Some(Step::Sync(vec!["p".into()]))
+        );
+        as_promoted.sync = Some(SyncStatus {
+            standbys: vec!["p".into()],
+            ..Default::default()
+        });
+        assert_eq!(step(&promoted, Some("p"), Some(&as_promoted), &all), None);
+        // A primary that was never promoted keeps its configured synchronous standbys.
+        assert_eq!(step(&promoted, None, Some(&running("")), &all), None);
+        // A configured standby that runs as configured needs nothing.
+        let standby = cell("r", "bj", CellState::Active, "s");
+        assert_eq!(step(&standby, Some("s"), Some(&running("s")), &all), None);
+        // Its primary failed over: it follows the successor, answering or not.
+        let moved = cell("r", "bj", CellState::Active, "t");
+        let all = [cell("t", "hz", CellState::Active, ""), moved.clone()];
+        assert_eq!(
+            step(&moved, Some("s"), None, &all),
+            Some(Step::Follow {
+                primary: "t".into(),
+                endpoint: "t:1".into()
+            })
+        );
+    }
+}
