@@ -376,9 +376,9 @@ async fn a_synchronous_standby_has_every_acknowledged_message_when_its_primary_d
     assert!(total > 100, "too few acknowledged sends: {total}");
 
     // Read the standby's store on its own: killed (what it had not applied dies with it),
-    // then started as a plain cell.
+    // then started again, still a standby (a cell that follows a primary refuses to run as
+    // one unpromoted), of a primary that is gone.
     standby.kill().await;
-    standby.set_args(&[]);
     standby.restart().await;
     let mut history = standby.messaging();
     for (w, acked) in acked {

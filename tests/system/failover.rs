@@ -1,11 +1,12 @@
 //! Failover with real processes: a NORMAL primary and its agent SIGKILLed under sixteen
 //! writers (the standby, run by another agent of the region, is promoted; every acknowledged
 //! message is there once; the RPO ledger reads 0; the old primary, restarted, takes no
-//! writes), a primary cut off from the control plane while its writers still reach it (it
+//! writes and rejoins as a standby), a primary cut off from the control plane while its writers still reach it (it
 //! accepts nothing after its standby's first write), and a primary stopped for less than its
 //! lease, which keeps its keys; an ops failover whose control-plane leader is SIGKILLed while
-//! it waits the lease out, which still happens exactly once; and a PLANNED failover to an
-//! asynchronous standby under writers, which loses nothing.
+//! it waits the lease out, which still happens exactly once; a PLANNED failover to an
+//! asynchronous standby under writers, which loses nothing; a storm that halts automatic
+//! failover; and the failed primary coming back as the standby of the cell that took over.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -82,8 +83,24 @@ async fn failovers(system: &System) -> Vec<Failover> {
         .failovers
 }
 
-/// A write to the old primary at the epoch it owned the tenant at: it must be refused.
+/// A write to the old primary at the epoch it owned the tenant at, once it runs as the
+/// standby of the cell that took over (a failover's loser rejoins as one): it is refused.
 async fn write_to_old_primary(system: &System, client_msg_id: &str) -> tonic::Status {
+    let admin = system.agents[0].cell(PRIMARY).admin();
+    wait_until(
+        "the old primary runs as a standby",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .cell_status(CellStatusRequest { without_keys: true })
+                    .await
+                    .is_ok_and(|s| s.into_inner().standby_of == STANDBY)
+            }
+        },
+    )
+    .await;
     let mut request = send_request(TENANT, "c0", "u0", client_msg_id, b"late".to_vec());
     request.route_epoch = 1;
     system.agents[0]
@@ -92,14 +109,6 @@ async fn write_to_old_primary(system: &System, client_msg_id: &str) -> tonic::St
         .send_message(request)
         .await
         .expect_err("the old primary refuses writes")
-}
-
-/// Refused because its lease ran out or its keys were revoked.
-fn fenced(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
-    )
 }
 
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
@@ -181,26 +190,22 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
     assert!(new.iter().all(|a| a.cell() == STANDBY), "one new owner");
     verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
 
-    // The old primary's machine comes back: its cell takes no lease and no write.
+    // The old primary's machine comes back: its cell never owns a key again. It refuses
+    // writes, and rejoins as the standby of the cell that took over (the re-protection test
+    // follows that through).
     system.agents[0].restart();
-    system.agents[0]
-        .wait_for_cells(Duration::from_secs(20))
-        .await;
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let status = system.agents[0]
-        .cell(PRIMARY)
-        .admin()
-        .cell_status(CellStatusRequest { without_keys: true })
-        .await
-        .expect("status")
-        .into_inner();
-    assert!(status.lease_required);
-    assert_eq!(
-        status.lease_remaining_ms, 0,
-        "a failed cell is never renewed"
-    );
+    wait_until(
+        "the old primary rejoins as a standby",
+        Duration::from_secs(30),
+        || async { system.cell(PRIMARY).await.standby_of == STANDBY },
+    )
+    .await;
     let refused = write_to_old_primary(&system, "after-failover").await;
-    assert!(fenced(&refused), "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -286,14 +291,23 @@ async fn a_primary_cut_off_from_the_control_plane_stops_writing_before_its_stand
         first_new - last_old
     );
 
-    // Back in touch, the old primary stays fenced: FAILED, no lease, every write refused.
+    // Back in touch, the old primary stays fenced: it rejoins as a standby of the cell that
+    // took over, and every write is refused.
     for proxy in &proxies {
         proxy.restore();
     }
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(system.cell(PRIMARY).await.state, CellState::Failed as i32);
+    wait_until(
+        "the old primary rejoins as a standby",
+        Duration::from_secs(30),
+        || async { system.cell(PRIMARY).await.standby_of == STANDBY },
+    )
+    .await;
     let refused = write_to_old_primary(&system, "after-the-cut").await;
-    assert!(fenced(&refused), "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -561,4 +575,62 @@ async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_i
     let resumed = list().await;
     assert_eq!(resumed.halted_since_ms, 0);
     assert!(resumed.failovers.iter().all(|f| !f.automatic));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_failed_primary_comes_back_as_the_standby_of_the_cell_that_took_over() {
+    let mut system = start().await;
+    system.create_tenant(TENANT, Tier::Normal, "hz").await;
+    let (_, messenger) = system.messenger().await;
+    create_groups(&messenger, TENANT, 4).await;
+    let writers = Writers::start(messenger.clone(), TENANT, "back", 4, 4);
+    writers.let_write(100).await;
+    system.agents[0].signal_cell(PRIMARY, Signal::SIGKILL);
+    system.agents[0].kill().await;
+    wait_until("the failover finishes", Duration::from_secs(20), || async {
+        failovers(&system)
+            .await
+            .iter()
+            .any(|f| f.phase == FailoverPhase::Done as i32)
+    })
+    .await;
+    writers.let_write(100).await;
+
+    // Its machine comes back: the agent starts the old primary as configured; it rejoins as
+    // the standby of the cell that took over, starts over from its snapshot, and that cell
+    // waits for it again.
+    system.agents[0].restart();
+    wait_until(
+        "the old primary follows the new one, in sync",
+        Duration::from_secs(60),
+        || async {
+            let old = system.cell(PRIMARY).await;
+            let new = system.cell(STANDBY).await;
+            old.standby_of == STANDBY
+                && old.state == CellState::Active as i32
+                && new.standbys == [PRIMARY]
+                && new.protection == Protection::InSync as i32
+        },
+    )
+    .await;
+    writers.let_write(100).await;
+    let (acks, _) = writers.stop().await;
+    verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
+
+    let status = system.agents[0]
+        .cell(PRIMARY)
+        .admin()
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.standby_of, STANDBY);
+    let replica = status.replica.expect("a standby's position");
+    assert!(replica.connected && !replica.bootstrapping, "{replica:?}");
+    let refused = write_to_old_primary(&system, "as-a-standby").await;
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
 }
