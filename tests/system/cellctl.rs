@@ -186,6 +186,32 @@ fn cellctl_drives_a_running_dev_system() {
     assert_eq!(umbrella["tier"], "HIGH");
     assert_eq!(umbrella["primary_cell"], tiered["target_cell"]);
 
+    // A planned failover of a NORMAL primary to its standby, followed to its end.
+    let none = ok(&endpoints_file, &["failovers"]);
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let planned = ok(
+        &endpoints_file,
+        &[
+            "failover",
+            "bj-b-normal-1",
+            "--mode",
+            "planned",
+            "--reason",
+            "kernel upgrade",
+            "--wait",
+        ],
+    );
+    assert_eq!(planned["phase"], "DONE", "{planned}");
+    assert_eq!(planned["mode"], "PLANNED");
+    assert_eq!(planned["standby_cell"], "bj-c-normal-s1");
+    assert_eq!(planned["lsns_behind"], 0, "{planned}");
+    let listed = ok(&endpoints_file, &["failovers"]);
+    assert_eq!(listed[0]["failover_id"], planned["failover_id"], "{listed}");
+    let (code, _) = cellctl(&endpoints_file, &["failover", "nope"]);
+    assert_eq!(code, 3, "an unknown cell");
+    let (code, json) = cellctl(&endpoints_file, &["drain", "bj-c-low-1"]);
+    assert_eq!(code, 4, "the last LOW cell of its region: {json}");
+
     // Exit codes scripts can trust, with the error in JSON.
     let (code, json) = cellctl(&endpoints_file, &["route", "nobody"]);
     assert_eq!(code, 3, "not found: {json}");
