@@ -408,6 +408,24 @@ impl CellAdmin for AdminService {
         }
     }
 
+    async fn set_sync_standbys(
+        &self,
+        request: Request<pb::SetSyncStandbysRequest>,
+    ) -> Result<Response<pb::AdminEmpty>, Status> {
+        let standbys = request.into_inner().standbys;
+        for (i, standby) in standbys.iter().enumerate() {
+            validate_id(&format!("standbys[{i}]"), standby).map_err(CellError::from)?;
+        }
+        if let Some(primary) = self.role.standby_of() {
+            return Err(CellError::FailedPrecondition(format!(
+                "this cell is a standby of {primary:?}: it answers no sends to wait with"
+            ))
+            .into());
+        }
+        self.replication.gate().set_standbys(&standbys);
+        Ok(Response::new(pb::AdminEmpty {}))
+    }
+
     async fn thaw_all(
         &self,
         _request: Request<pb::AdminEmpty>,

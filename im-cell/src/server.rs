@@ -108,7 +108,8 @@ pub async fn serve(
         store.last_lsn()?,
         hub.clone(),
     );
-    if !sync_standbys.is_empty() {
+    // Always: standbys can be added while the cell runs.
+    {
         let gate = gate.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(GATE_TICK);

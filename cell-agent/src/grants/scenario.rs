@@ -235,6 +235,13 @@ impl CellAdmin for RecordingCell {
     ) -> Result<Response<cell_pb::AdminEmpty>, Status> {
         Err(Status::unimplemented("grants never thaw"))
     }
+
+    async fn set_sync_standbys(
+        &self,
+        _: Request<cell_pb::SetSyncStandbysRequest>,
+    ) -> Result<Response<cell_pb::AdminEmpty>, Status> {
+        Err(Status::unimplemented("grants never change standbys"))
+    }
 }
 
 /// Serves `router` on a free loopback port; returns the address.

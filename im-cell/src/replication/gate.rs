@@ -231,6 +231,44 @@ impl SyncGate {
         Ok(())
     }
 
+    /// Waits for `standbys` from now on (a promoted cell given its new in-region standby). A
+    /// standby not waited for before may lack earlier answers, so the gate catches up with it
+    /// (and stalls as usual if it does not answer); with none, everything held goes at once.
+    pub fn set_standbys(&self, standbys: &[String]) {
+        let released = {
+            let mut inner = self.lock();
+            if inner.acked.keys().eq(standbys.iter()) {
+                return;
+            }
+            let added = standbys.iter().any(|s| !inner.acked.contains_key(s));
+            let acked: BTreeMap<String, u64> = standbys
+                .iter()
+                .map(|s| (s.clone(), inner.acked.get(s).copied().unwrap_or(0)))
+                .collect();
+            inner.acked = acked;
+            if standbys.is_empty() {
+                inner.mode = Mode::Unguarded;
+                std::mem::take(&mut inner.held)
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            } else {
+                inner.mode = match inner.mode {
+                    Mode::Unguarded => Mode::CatchingUp,
+                    Mode::Waiting if added => Mode::CatchingUp,
+                    mode => mode,
+                };
+                let all = inner.all_acked();
+                let mut released = Vec::new();
+                while inner.held.front().is_some_and(|held| held.lsn <= all) {
+                    released.extend(inner.held.pop_front());
+                }
+                released
+            }
+        };
+        tracing::info!(?standbys, "synchronous standbys changed");
+        send(released, &self.hub);
+    }
+
     pub fn status(&self) -> pb::SyncStatus {
         let inner = self.lock();
         pb::SyncStatus {
@@ -370,6 +408,30 @@ mod tests {
         let gate = SyncGate::new(&[], Duration::from_secs(1), 0, SyncHub::with_notifier(None));
         let (answers, mut rx) = answers(1);
         gate.committed(1, answers, Vec::new());
+        assert!(answered(&mut rx[0]));
+        assert_eq!(mode(&gate), pb::SyncMode::Unguarded);
+    }
+
+    #[test]
+    fn a_standby_added_at_runtime_is_caught_up_with_before_the_gate_is_in_sync_again() {
+        let gate = SyncGate::new(&[], Duration::from_secs(1), 5, SyncHub::with_notifier(None));
+        gate.set_standbys(&["b".to_string()]);
+        assert_eq!(mode(&gate), pb::SyncMode::CatchingUp);
+        let (first, mut rx) = answers(1);
+        gate.committed(6, first, Vec::new());
+        assert!(!answered(&mut rx[0]), "it waits for the new standby");
+        gate.acked("b", 6);
+        assert!(answered(&mut rx[0]));
+        assert_eq!(
+            mode(&gate),
+            pb::SyncMode::Waiting,
+            "the standby has everything"
+        );
+        // Going back to none lets everything held go at once.
+        let (second, mut rx) = answers(1);
+        gate.committed(7, second, Vec::new());
+        assert!(!answered(&mut rx[0]));
+        gate.set_standbys(&[]);
         assert!(answered(&mut rx[0]));
         assert_eq!(mode(&gate), pb::SyncMode::Unguarded);
     }
