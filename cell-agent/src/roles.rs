@@ -1,15 +1,15 @@
 //! Keeps each cell running as what the control plane says it is, once failovers changed that:
 //! a failed or demoted primary asks to rejoin and then runs as a standby of the cell that took
 //! over (starting over from its snapshot); a standby whose primary was failed over follows the
-//! successor; a promoted standby waits for its new in-region standby; a cell that rejoined is
-//! made ACTIVE once it follows. What to do is [`step`], a pure function of the cell's record,
-//! what the cell says it runs as, and the other cells; the supervisor restarts a cell whose
-//! role changed.
+//! successor; a promoted standby waits for its new in-region standby (set on the running cell);
+//! a cell that rejoined is made ACTIVE once it follows. What to do is [`step`], a pure function
+//! of the cell's record, what the cell says it runs as, and the other cells; the supervisor
+//! restarts a cell told to follow another primary.
 
 use std::time::Duration;
 
 use cellplane_api::client::ControlPlane;
-use cellplane_api::proto::cell::{CellStatusRequest, CellStatusResponse};
+use cellplane_api::proto::cell::{CellStatusRequest, CellStatusResponse, SetSyncStandbysRequest};
 use cellplane_api::proto::control::{
     Cell, CellState, ListCellsRequest, RejoinCellRequest, SetCellStateRequest,
 };
@@ -175,7 +175,14 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                 tracing::info!(%cell_id, "the rejoined standby follows its primary: ACTIVE");
             }
             Step::Sync(standbys) => {
-                tracing::warn!(%cell_id, ?standbys, "restarting the promoted cell to wait for its new standbys");
+                cell.admin
+                    .clone()
+                    .set_sync_standbys(SetSyncStandbysRequest {
+                        standbys: standbys.clone(),
+                    })
+                    .await?;
+                tracing::warn!(%cell_id, ?standbys, "the promoted cell waits for its new standbys");
+                // Kept for its next start; the running cell has them already.
                 cell.set_role(Role {
                     following: None,
                     sync_standbys: Some(standbys),

@@ -35,8 +35,9 @@ pub fn cell_paths(data_dir: &Path, cell_id: &str) -> (PathBuf, PathBuf) {
 }
 
 /// What a cell runs as when the control plane changed it since the config was written: the
-/// primary it follows after a failover left it behind, or the standbys it waits for once a
-/// failover promoted it. The default runs it as configured.
+/// primary it follows after a failover left it behind (a change restarts it), or the standbys
+/// it waits for once a failover promoted it (set on the running cell, used from its next
+/// start). The default runs it as configured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Role {
     /// Follow this primary: `(cell id, endpoint)`.
@@ -151,8 +152,8 @@ async fn supervise(
                     status = child.wait() => {
                         tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
                     }
-                    _ = role.changed() => {
-                        tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell's role changed; restarting it");
+                    () = following_changes(&mut role, &current) => {
+                        tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell follows another primary now; restarting it");
                         terminate(&spec.cell_id, &mut child).await;
                         continue;
                     }
@@ -175,6 +176,17 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(Duration::from_millis(policy.max_backoff_ms));
     }
+}
+
+/// Resolves once the role names another primary to follow than `current`: changed synchronous
+/// standbys are set on the running cell and used from its next start, with no restart.
+async fn following_changes(role: &mut watch::Receiver<Role>, current: &Role) {
+    while role.changed().await.is_ok() {
+        if role.borrow().following != current.following {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 async fn terminate(cell_id: &str, child: &mut Child) {
