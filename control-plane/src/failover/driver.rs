@@ -190,12 +190,14 @@ pub async fn run(node: Arc<Node>) {
                 observe_all(state, &mut seen, now);
                 observed_revision = Some(state.revision());
             }
-            acting.then(|| decide(state, &seen, now, &node.failover))
+            acting.then(|| {
+                let (decisions, commands) = decide(state, &seen, now, &node.failover);
+                (decisions, commands, state.failover_halt().is_some())
+            })
         });
-        let Some((decisions, commands)) = decided else {
+        let Some((decisions, commands, halted)) = decided else {
             continue;
         };
-        let halted = node.view().read(|state| state.failover_halt().is_some());
         node.findings.record(&decisions, halted || decisions.storm);
         for command in commands {
             let kind = command.kind();

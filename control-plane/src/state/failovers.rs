@@ -758,34 +758,27 @@ mod tests {
     fn a_promoted_standby_registered_again_as_configured_stays_a_primary() {
         let mut state = system();
         apply(&mut state, forced("normal", Some(0))).expect("failover");
-        let again = apply(
-            &mut state,
-            Command::RegisterCell {
-                cell_id: "normal-s".into(),
-                region: "hz".into(),
-                zone: "c".into(),
-                tier: Tier::Normal,
-                endpoint: "normal-s:1".into(),
-                capacity: 10,
-                standby_of: Some("normal".into()),
-            },
-        );
+        // As its agent's config still describes it: the standby of "normal".
+        let register_as_standby_of = |state: &mut ControlState, primary: &str| {
+            apply(
+                state,
+                Command::RegisterCell {
+                    cell_id: "normal-s".into(),
+                    region: "hz".into(),
+                    zone: "c".into(),
+                    tier: Tier::Normal,
+                    endpoint: "normal-s:1".into(),
+                    capacity: 10,
+                    standby_of: Some(primary.into()),
+                },
+            )
+        };
+        let again = register_as_standby_of(&mut state, "normal");
         let Ok(CommandOutput::Cell(view)) = again else {
             panic!("{again:?}");
         };
         assert_eq!(view.record.standby_of, None);
-        let other = apply(
-            &mut state,
-            Command::RegisterCell {
-                cell_id: "normal-s".into(),
-                region: "hz".into(),
-                zone: "c".into(),
-                tier: Tier::Normal,
-                endpoint: "normal-s:1".into(),
-                capacity: 10,
-                standby_of: Some("high".into()),
-            },
-        );
+        let other = register_as_standby_of(&mut state, "high");
         assert!(matches!(other, Err(CommandError::AlreadyExists { .. })));
     }
 
