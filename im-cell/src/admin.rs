@@ -21,6 +21,7 @@ use crate::store::export::{
     EXPORT_CHUNK_BYTES, EXPORT_CHUNK_ITEMS, Excluded, ExportView, space_named,
 };
 use crate::store::fencing::{GrantChange, own_conversations};
+use crate::store::merge::{Collector, MergeBatch, merged_so_far};
 use crate::store::records::{LogRecord, decode};
 use crate::store::writer::{Op, Outcome, Writer};
 
@@ -41,6 +42,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// Merges one batch; answers what the merge added to the key in all.
+    async fn merge_batch(&self, epoch: u64, batch: MergeBatch) -> Result<u64, CellError> {
+        match self.writer.submit(Op::Merge { epoch, batch }).await? {
+            Outcome::Merged { total } => Ok(total),
+            other => Err(CellError::Storage(format!(
+                "the writer answered a merge with {other:?}"
+            ))),
+        }
+    }
+
     pub fn new(
         cell_id: String,
         role: Role,
@@ -329,6 +340,70 @@ impl CellAdmin for AdminService {
             }
         }
         Ok(Response::new(pb::ImportResponse { source_lsn }))
+    }
+
+    async fn merge(
+        &self,
+        request: Request<Streaming<pb::MergeChunk>>,
+    ) -> Result<Response<pb::MergeResponse>, Status> {
+        let mut chunks = request.into_inner();
+        // (merge id, epoch, tenant, conversation) of the first chunk; every other must match.
+        let mut call: Option<(String, u64, String, String)> = None;
+        let mut collector: Option<Collector> = None;
+        let mut merged = None;
+        while let Some(chunk) = chunks.message().await? {
+            validate_id("merge_id", &chunk.merge_id).map_err(CellError::from)?;
+            if chunk.epoch == 0 {
+                return Err(CellError::invalid("epoch", "must be at least 1").into());
+            }
+            let export = chunk
+                .export
+                .ok_or_else(|| CellError::invalid("export", "is required"))?;
+            route_key(&export.tenant_id, &export.conversation_id)?;
+            if !export.log_records.is_empty() {
+                return Err(CellError::invalid(
+                    "export.log_records",
+                    "a merge takes an export's snapshot rows, not its cell log",
+                )
+                .into());
+            }
+            let this = (
+                chunk.merge_id,
+                chunk.epoch,
+                export.tenant_id,
+                export.conversation_id,
+            );
+            if call.get_or_insert_with(|| this.clone()) != &this {
+                return Err(CellError::invalid(
+                    "merge_id",
+                    "every chunk of one merge must name the same merge, epoch and key",
+                )
+                .into());
+            }
+            let rows = collector.get_or_insert_with(|| Collector::new(&this.0, &this.2, &this.3));
+            for (i, row) in export.rows.into_iter().enumerate() {
+                let space = space_named(&row.space).ok_or_else(|| {
+                    CellError::invalid(
+                        format!("export.rows[{i}].space"),
+                        format!("{:?} is not an exported keyspace", row.space),
+                    )
+                })?;
+                if let Some(batch) = rows.take(space, &row.key, &row.value)? {
+                    merged = Some(self.merge_batch(this.1, batch).await?);
+                }
+            }
+        }
+        let (Some((merge_id, epoch, tenant, conversation)), Some(rows)) = (call, collector) else {
+            return Err(CellError::invalid("export", "a merge needs at least one chunk").into());
+        };
+        for batch in rows.finish()? {
+            merged = Some(self.merge_batch(epoch, batch).await?);
+        }
+        let merged = match merged {
+            Some(total) => total,
+            None => merged_so_far(&self.store, &merge_id, &tenant, &conversation)?,
+        };
+        Ok(Response::new(pb::MergeResponse { merged }))
     }
 
     async fn release_sync(

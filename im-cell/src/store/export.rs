@@ -59,7 +59,7 @@ pub fn space_named(name: &str) -> Option<Space> {
 pub type Excluded = HashSet<String>;
 
 /// The conversation a row of `space` belongs to, when the row is the tenant's.
-fn row_conversation<'k>(space: Space, key: &'k [u8], tenant: &str) -> Option<&'k [u8]> {
+pub(crate) fn row_conversation<'k>(space: Space, key: &'k [u8], tenant: &str) -> Option<&'k [u8]> {
     let rest = key.strip_prefix(tenant.as_bytes())?.strip_prefix(&[0])?;
     let rest = match space {
         Space::Conversations | Space::Members | Space::Messages | Space::Idempotency => rest,

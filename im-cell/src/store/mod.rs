@@ -10,6 +10,7 @@ pub mod fencing;
 pub mod keys;
 pub mod log_trim;
 pub mod memory;
+pub mod merge;
 pub mod mutate;
 pub mod records;
 pub mod retention;

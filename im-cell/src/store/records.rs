@@ -67,6 +67,9 @@ pub enum SyncKind {
     Recall,
     Membership,
     DeleteForMe,
+    /// History the user's devices hold of the conversation changed under them (a failed cell's
+    /// messages merged back at new seqs): fetch it again.
+    Rebase,
 }
 
 /// One event in a user's sync queue.

@@ -14,9 +14,12 @@ use std::sync::{Arc, RwLock, mpsc};
 use tokio::sync::{oneshot, watch};
 
 use super::export::{name_of, replicated_spaces};
-use super::fencing::{self, Grant, GrantChange, Grants, Transition, own_conversations};
+use super::fencing::{
+    self, Grant, GrantChange, Grants, Transition, check_owner, own_conversations,
+};
 use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
+use super::merge::{MergeBatch, merge};
 use super::mutate::{
     Decider, Decision, WriteRequest, apply_mutation, now_ms, replay, require_conversation,
 };
@@ -77,6 +80,9 @@ pub enum Op {
     FreezeAll,
     /// Thaws every key frozen whole (a planned failover given up).
     ThawAll,
+    /// Part of a failed cell's history merged back into a key this cell owns at `epoch`
+    /// (`store::merge`).
+    Merge { epoch: u64, batch: MergeBatch },
     Import {
         tenant: String,
         conversation: String,
@@ -131,6 +137,10 @@ pub enum Outcome {
     },
     /// Where a standby stands in its primary's log now.
     Replica(ReplicaRecord),
+    /// Messages a merge added to its route key in all.
+    Merged {
+        total: u64,
+    },
     /// The standby is a primary; `already` when it was before this request.
     Promoted {
         applied_lsn: u64,
@@ -314,7 +324,7 @@ impl WriterState {
         let mut writes = Vec::with_capacity(pending.len());
         for (op, reply) in pending {
             let staged_before = tx.writes;
-            writes.push(matches!(op, Op::Write { .. }));
+            writes.push(matches!(op, Op::Write { .. } | Op::Merge { .. }));
             let answer = self.apply(&mut tx, op);
             if let Err(err) = &answer
                 && tx.writes != staged_before
@@ -473,6 +483,13 @@ impl WriterState {
                 conversation,
                 readers,
             } => receipts(tx, &tenant, &conversation, readers),
+            Op::Merge { epoch, batch } => {
+                self.lease.check()?;
+                check_owner(&self.grants, &batch.tenant, &batch.conversation, epoch)?;
+                Ok(Outcome::Merged {
+                    total: merge(tx, batch)?,
+                })
+            }
             Op::Purge {
                 tenant,
                 conversation,

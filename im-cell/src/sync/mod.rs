@@ -53,6 +53,11 @@ pub fn event_to_proto(record: &SyncRecord) -> pb::SyncEvent {
         SyncKind::Recall => pb::SyncEventKind::Recall,
         SyncKind::Membership => pb::SyncEventKind::Membership,
         SyncKind::DeleteForMe => pb::SyncEventKind::DeleteForMe,
+        SyncKind::Rebase => pb::SyncEventKind::Rebase,
+    };
+    let changed_conversations = match record.kind {
+        SyncKind::Rebase => vec![record.conversation_id.clone()],
+        _ => Vec::new(),
     };
     pb::SyncEvent {
         pts: record.pts,
@@ -62,7 +67,7 @@ pub fn event_to_proto(record: &SyncRecord) -> pb::SyncEvent {
         seq: record.seq,
         user_ids: record.user_ids.clone(),
         joined: record.joined,
-        changed_conversations: Vec::new(),
+        changed_conversations,
     }
 }
 
