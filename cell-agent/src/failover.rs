@@ -149,6 +149,7 @@ async fn report(
                 failover_id: failover_id.to_string(),
                 phase: phase as i32,
                 lsn,
+                merged: Vec::new(),
             };
             async move { c.report_failover(request).await }
         })

@@ -893,6 +893,7 @@ pub async fn failover<B: Backend>() {
             failover_id: id.clone(),
             phase: phase as i32,
             lsn: 0,
+            merged: Vec::new(),
         };
         let mut control = served.control();
         async move {
@@ -926,6 +927,69 @@ pub async fn failover<B: Backend>() {
         .expect("cell")
         .into_inner();
     assert!(cell.standby_of.is_empty(), "the standby is a primary now");
+
+    // The failed cell came back and its agent merged what only it held: the report names
+    // every key the failover moved, once, with its count; then the cell may rejoin.
+    let rejoin = || {
+        let mut control = served.control();
+        async move {
+            control
+                .rejoin_cell(cpb::RejoinCellRequest {
+                    cell_id: "cell-a".into(),
+                })
+                .await
+        }
+    };
+    let err = rejoin().await.expect_err("not merged back yet");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let mut keys: Vec<cpb::MergedKey> = switched
+        .tenants
+        .iter()
+        .map(|t| cpb::MergedKey {
+            tenant_id: t.clone(),
+            conversation_id: String::new(),
+            messages: 1,
+        })
+        .chain(switched.conversations.iter().map(|c| cpb::MergedKey {
+            tenant_id: c.tenant_id.clone(),
+            conversation_id: c.conversation_id.clone(),
+            messages: 2,
+        }))
+        .collect();
+    assert_eq!(keys.len() as u64, switched.keys_moved);
+    let merge_report = |merged: Vec<cpb::MergedKey>| {
+        let request = cpb::ReportFailoverRequest {
+            failover_id: id.clone(),
+            phase: cpb::FailoverPhase::Done as i32,
+            lsn: 0,
+            merged,
+        };
+        let mut control = served.control();
+        async move {
+            control
+                .report_failover(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let last = keys.pop().expect("a key");
+    let err = merge_report(keys.clone())
+        .await
+        .expect_err("a count for part of the keys");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("merged"), "{err:?}");
+    keys.push(last);
+    let expected: u64 = keys.iter().map(|k| k.messages).sum();
+    for _ in 0..2 {
+        let merged = merge_report(keys.clone()).await.expect("merged");
+        assert_eq!(merged.phase, cpb::FailoverPhase::Merged as i32);
+        let ledger = merged.ledger.expect("ledger");
+        assert!(ledger.merged);
+        assert_eq!(ledger.missing_messages, expected);
+        assert_eq!(ledger.missing.len(), keys.len());
+    }
+    let rejoined = rejoin().await.expect("rejoins once merged").into_inner();
+    assert_eq!(rejoined.standby_of, "cell-a-s");
 }
 
 /// `FailoverRegion` starts one FORCED failover per HIGH primary of the region, each to its

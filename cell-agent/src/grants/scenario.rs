@@ -201,6 +201,13 @@ impl CellAdmin for RecordingCell {
         Err(Status::unimplemented("grants never import"))
     }
 
+    async fn merge(
+        &self,
+        _: Request<Streaming<cell_pb::MergeChunk>>,
+    ) -> Result<Response<cell_pb::MergeResponse>, Status> {
+        Err(Status::unimplemented("grants never merge"))
+    }
+
     async fn lease_ticket(
         &self,
         _: Request<cell_pb::AdminEmpty>,

@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use cellplane_api::ids::{InvalidField, validate_id};
+use cellplane_api::ids::{InvalidField, validate_id, validate_optional_id};
 use cellplane_api::proto::control as pb;
 use tonic::Status;
 
-use crate::failover::record::{Mode, Phase, display_id, parse_id};
+use crate::failover::record::{MergedKey, Mode, Phase, display_id, parse_id};
 use crate::migration::driver::now_ms;
 use crate::state::ControlState;
 use crate::state::command::{Command, CommandOutput};
@@ -162,7 +162,8 @@ fn after(phase: Phase) -> Option<Phase> {
         Phase::CatchingUp => Some(Phase::Promoting),
         Phase::Promoting => Some(Phase::Done),
         Phase::Thawing => Some(Phase::RolledBack),
-        Phase::Fencing | Phase::Done | Phase::RolledBack => None,
+        Phase::Done => Some(Phase::Merged),
+        Phase::Fencing | Phase::RolledBack | Phase::Merged => None,
     }
 }
 
@@ -177,7 +178,7 @@ pub fn report(
         .and_then(|phase| Some((phase, after(phase)?)))
         .ok_or_else(|| {
             Status::invalid_argument(
-                "phase: an agent reports FREEZING, CATCHING_UP, PROMOTING or THAWING",
+                "phase: an agent reports FREEZING, CATCHING_UP, PROMOTING, THAWING or DONE (merged back)",
             )
         })?;
     let Some(record) = state.failovers().get(&id) else {
@@ -185,6 +186,19 @@ pub fn report(
     };
     if record.phase != phase {
         return Ok((id, None));
+    }
+    let mut merged = Vec::with_capacity(request.merged.len());
+    for (i, key) in request.merged.iter().enumerate() {
+        validate_id(&format!("merged[{i}].tenant_id"), &key.tenant_id)?;
+        validate_optional_id(
+            &format!("merged[{i}].conversation_id"),
+            &key.conversation_id,
+        )?;
+        merged.push(MergedKey {
+            tenant_id: Arc::from(key.tenant_id.as_str()),
+            conversation_id: Arc::from(key.conversation_id.as_str()),
+            messages: key.messages,
+        });
     }
     Ok((
         id,
@@ -194,6 +208,7 @@ pub fn report(
             to,
             lsn: request.lsn,
             error: None,
+            merged,
             now_ms: now_ms(),
         }),
     ))

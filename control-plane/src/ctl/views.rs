@@ -472,6 +472,9 @@ pub struct FailoverView {
     pub standby_lsn: u64,
     pub in_sync: bool,
     pub lsns_behind: u64,
+    /// Once the failed cell came back: the exact count of messages only it held, merged into
+    /// the keys' owners.
+    pub missing_messages: Option<u64>,
     /// From the start to the switch of the keys, and from the switch to the promotion.
     pub detect_to_switch_ms: Option<u64>,
     pub switch_to_done_ms: Option<u64>,
@@ -479,7 +482,7 @@ pub struct FailoverView {
 
 impl From<&pb::Failover> for FailoverView {
     fn from(f: &pb::Failover) -> Self {
-        let ledger = f.ledger.unwrap_or_default();
+        let ledger = f.ledger.clone().unwrap_or_default();
         Self {
             failover_id: f.failover_id.clone(),
             cell_id: f.cell_id.clone(),
@@ -502,6 +505,7 @@ impl From<&pb::Failover> for FailoverView {
             standby_lsn: ledger.standby_lsn,
             in_sync: ledger.in_sync,
             lsns_behind: ledger.lsns_behind,
+            missing_messages: ledger.merged.then_some(ledger.missing_messages),
             detect_to_switch_ms: (f.switched_ms > 0)
                 .then(|| f.switched_ms.saturating_sub(f.created_ms)),
             switch_to_done_ms: (f.done_ms > 0).then(|| f.done_ms.saturating_sub(f.switched_ms)),
@@ -520,6 +524,7 @@ impl Row for FailoverView {
         "KEYS",
         "IN_SYNC",
         "LSNS_BEHIND",
+        "MISSING",
         "REASON",
     ];
     fn cells(&self) -> Vec<String> {
@@ -533,6 +538,8 @@ impl Row for FailoverView {
             self.keys_moved.to_string(),
             if self.in_sync { "yes" } else { "no" }.to_string(),
             self.lsns_behind.to_string(),
+            self.missing_messages
+                .map_or_else(|| "-".to_string(), |m| m.to_string()),
             self.reason.clone(),
         ]
     }
@@ -557,6 +564,9 @@ mod tests {
                 standby_lsn: 48,
                 in_sync: false,
                 lsns_behind: 2,
+                merged: true,
+                missing_messages: 1,
+                ..Default::default()
             }),
             created_ms: 1_000,
             switched_ms: 1_000,
@@ -567,7 +577,7 @@ mod tests {
         assert_eq!(
             view.cells(),
             [
-                "fo-9", "hz-a", "hz-b", "FORCED", "DONE", "detector", "3", "no", "2", ""
+                "fo-9", "hz-a", "hz-b", "FORCED", "DONE", "detector", "3", "no", "2", "1", ""
             ]
         );
         assert_eq!(view.switch_to_done_ms, Some(90));

@@ -139,6 +139,7 @@ fn decide(
                     failover.phase.name(),
                     settings.planned_timeout_ms
                 )),
+                merged: Vec::new(),
                 now_ms,
             });
         }
@@ -163,6 +164,7 @@ fn decide(
                 to: Phase::Promoting,
                 lsn: 0,
                 error: None,
+                merged: Vec::new(),
                 now_ms,
             });
         }

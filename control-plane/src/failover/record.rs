@@ -59,8 +59,9 @@ impl Mode {
     }
 }
 
-/// Where a failover is. FORCED: FENCING → PROMOTING → DONE. PLANNED: FREEZING → CATCHING_UP
-/// → PROMOTING → DONE, or given up before the switch: → THAWING → ROLLED_BACK.
+/// Where a failover is. FORCED: FENCING → PROMOTING → DONE (a LOW cell's fallback, a primary
+/// already: FENCING → DONE). PLANNED: FREEZING → CATCHING_UP → PROMOTING → DONE, or given up
+/// before the switch: → THAWING → ROLLED_BACK. Once the failed cell is back: DONE → MERGED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// The cell's lease is no longer renewed; the control plane waits it out.
@@ -76,6 +77,9 @@ pub enum Phase {
     Thawing,
     /// PLANNED, given up: the cell kept its keys.
     RolledBack,
+    /// The failed cell came back: what only it held was merged into the keys' owners and
+    /// counted in the ledger. Only now may it rejoin.
+    Merged,
 }
 
 impl Phase {
@@ -93,11 +97,17 @@ impl Phase {
                 | (CatchingUp, Promoting)
                 | (Freezing | CatchingUp, Thawing)
                 | (Thawing, RolledBack)
+                | (Done, Merged)
         )
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Done | Self::RolledBack)
+        matches!(self, Self::Done | Self::RolledBack | Self::Merged)
+    }
+
+    /// The keys went to the successor (and stay there).
+    pub fn switched(self) -> bool {
+        matches!(self, Self::Done | Self::Merged)
     }
 
     pub fn name(self) -> &'static str {
@@ -109,6 +119,7 @@ impl Phase {
             Self::CatchingUp => "CATCHING_UP",
             Self::Thawing => "THAWING",
             Self::RolledBack => "ROLLED_BACK",
+            Self::Merged => "MERGED",
         }
     }
 
@@ -121,6 +132,7 @@ impl Phase {
             Self::CatchingUp => pb::FailoverPhase::CatchingUp,
             Self::Thawing => pb::FailoverPhase::Thawing,
             Self::RolledBack => pb::FailoverPhase::RolledBack,
+            Self::Merged => pb::FailoverPhase::Merged,
         }
     }
 
@@ -133,6 +145,7 @@ impl Phase {
             pb::FailoverPhase::CatchingUp => Self::CatchingUp,
             pb::FailoverPhase::Thawing => Self::Thawing,
             pb::FailoverPhase::RolledBack => Self::RolledBack,
+            pb::FailoverPhase::Merged => Self::Merged,
             pb::FailoverPhase::Unspecified => return None,
         })
     }
@@ -162,12 +175,25 @@ impl Ledger {
     }
 }
 
+/// A route key the failed cell held, and the messages of it that only the failed cell had,
+/// counted when they were merged into the key's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedKey {
+    pub tenant_id: Arc<str>,
+    /// Empty for the tenant's key.
+    pub conversation_id: Arc<str>,
+    pub messages: u64,
+}
+
 /// One failover. Its id is the revision that created it, shown as `fo-<revision>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverRecord {
     pub cell_id: Arc<str>,
-    /// The standby promoted in its place.
+    /// The standby promoted in its place, or (`fallback`) the LOW cell that took its keys.
     pub standby_cell: Arc<str>,
+    /// A LOW cell has no standby: its keys went to another LOW primary of its region, for new
+    /// messages; the history stays on the failed cell until it is merged back.
+    pub fallback: bool,
     pub mode: Mode,
     pub phase: Phase,
     /// Started by the failure detector, not by ops.
@@ -175,6 +201,8 @@ pub struct FailoverRecord {
     pub reason: String,
     /// The failed cell's tenants, whose keys moved (filled at the switch).
     pub tenants: Vec<Arc<str>>,
+    /// Conversations routed to the failed cell on their own, which moved too.
+    pub conversations: Vec<(Arc<str>, Arc<str>)>,
     pub keys_moved: u64,
     /// Filled at the switch.
     pub ledger: Ledger,
@@ -188,6 +216,9 @@ pub struct FailoverRecord {
     pub frozen_ms: u64,
     /// Why a PLANNED failover was given up.
     pub error: Option<String>,
+    /// MERGED: per key, what only the failed cell held; and when (the leader's clock).
+    pub merged: Vec<MergedKey>,
+    pub merged_ms: u64,
 }
 
 impl FailoverRecord {
@@ -196,6 +227,7 @@ impl FailoverRecord {
             failover_id: display_id(id),
             cell_id: self.cell_id.to_string(),
             standby_cell: self.standby_cell.to_string(),
+            fallback: self.fallback,
             mode: self.mode.to_proto() as i32,
             phase: self.phase.to_proto() as i32,
             automatic: self.automatic,
@@ -207,7 +239,27 @@ impl FailoverRecord {
                 standby_lsn: self.ledger.standby_lsn,
                 in_sync: self.ledger.in_sync,
                 lsns_behind: self.ledger.lsns_behind(),
+                merged: self.phase == Phase::Merged,
+                missing_messages: self.merged.iter().map(|k| k.messages).sum(),
+                missing: self
+                    .merged
+                    .iter()
+                    .map(|k| pb::MergedKey {
+                        tenant_id: k.tenant_id.to_string(),
+                        conversation_id: k.conversation_id.to_string(),
+                        messages: k.messages,
+                    })
+                    .collect(),
             }),
+            conversations: self
+                .conversations
+                .iter()
+                .map(|(tenant, conversation)| pb::MovedConversation {
+                    tenant_id: tenant.to_string(),
+                    conversation_id: conversation.to_string(),
+                })
+                .collect(),
+            merged_ms: self.merged_ms,
             created_ms: self.created_ms,
             switched_ms: self.switched_ms,
             done_ms: self.done_ms,
@@ -244,6 +296,7 @@ mod tests {
             (Freezing, Thawing),
             (CatchingUp, Thawing),
             (Thawing, RolledBack),
+            (Done, Merged),
         ] {
             assert!(Phase::can_advance(from, to), "{from:?} -> {to:?}");
         }
@@ -257,10 +310,12 @@ mod tests {
             (Promoting, Thawing),
             (Freezing, Promoting),
             (RolledBack, Freezing),
+            (RolledBack, Merged),
+            (Merged, Done),
         ] {
             assert!(!Phase::can_advance(from, to), "{from:?} -> {to:?}");
         }
-        assert!(RolledBack.is_terminal() && Done.is_terminal());
+        assert!(RolledBack.is_terminal() && Done.is_terminal() && Merged.is_terminal());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::model::{
     CellHealth, CellState, Protection, ProtectionRecord, ReplicationHealth, RouteKey, RouteView,
     Tier,
 };
-use crate::failover::record::{FailoverRecord, Mode, Phase as FailoverPhase};
+use crate::failover::record::{FailoverRecord, MergedKey, Mode, Phase as FailoverPhase};
 use crate::migration::record::{MigrationRecord, Phase, Progress};
 
 /// A change to the control plane's state. Every successfully applied command bumps the revision.
@@ -146,6 +146,8 @@ pub enum Command {
         lsn: u64,
         /// Into THAWING: why the failover was given up.
         error: Option<String>,
+        /// Into MERGED: every key of the failover and the messages only the failed cell held.
+        merged: Vec<MergedKey>,
         now_ms: u64,
     },
 }
@@ -185,7 +187,7 @@ pub enum CommandOutput {
     Tenant(TenantView),
     Route(RouteView),
     Migration(MigrationView),
-    Failover(FailoverView),
+    Failover(Box<FailoverView>),
     /// Leases renewed, and cells refused a renewal.
     Leases {
         granted: Vec<Arc<str>>,

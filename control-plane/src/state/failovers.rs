@@ -7,8 +7,10 @@ use std::sync::Arc;
 use super::ControlState;
 use super::command::{CommandError, CommandOutput, CommandResult, Entity, FailoverView};
 use super::history::{EventKind, RouteEvent};
-use super::model::{CellState, Protection, RouteKey, TenantState};
-use crate::failover::record::{FailoverRecord, LeaseRecord, Ledger, Mode, Phase, display_id};
+use super::model::{CellState, Protection, RouteKey, TenantState, Tier};
+use crate::failover::record::{
+    FailoverRecord, LeaseRecord, Ledger, MergedKey, Mode, Phase, display_id,
+};
 use crate::migration::record::Phase as MigrationPhase;
 
 /// Finished failovers kept for people to look at; older ones are forgotten.
@@ -56,9 +58,11 @@ impl ControlState {
         Ok(CommandOutput::Leases { granted, refused })
     }
 
-    /// The standbys a failover of `cell_id` may promote, in the order it prefers them: the
-    /// in-region standby first, then the remote one; only ACTIVE standbys that are not in the
-    /// middle of a bootstrap (which hold only part of the primary's data).
+    /// The cells a failover of `cell_id` may move its keys to, in the order it prefers them:
+    /// its standbys, the in-region one first, then the remote one; for a LOW cell, which has
+    /// none, the other LOW primaries of its region, least loaded first (a fallback for new
+    /// messages). Only ACTIVE cells that are not in the middle of a bootstrap (which hold
+    /// only part of the primary's data) nor failing over themselves.
     pub fn failover_targets(&self, cell_id: &Arc<str>) -> Vec<Arc<str>> {
         let Some(primary) = self.cells.get(cell_id) else {
             return Vec::new();
@@ -72,7 +76,24 @@ impl ControlState {
             self.cells
                 .get(id)
                 .is_some_and(|c| c.state == CellState::Active && !bootstrapping)
+                && self.active_failover_of(id).is_none()
         };
+        if primary.tier == Tier::Low {
+            let mut fallbacks: Vec<(&Arc<str>, u64)> = self
+                .cells
+                .iter()
+                .filter(|(id, c)| {
+                    *id != cell_id
+                        && c.tier == Tier::Low
+                        && c.region == primary.region
+                        && c.standby_of.is_none()
+                        && usable(id)
+                })
+                .map(|(id, c)| (id, c.load))
+                .collect();
+            fallbacks.sort_by_key(|(id, load)| (*load, (*id).clone()));
+            return fallbacks.into_iter().map(|(id, _)| id.clone()).collect();
+        }
         let mut standbys = self.standbys_of(cell_id);
         standbys.retain(usable);
         standbys.sort_by_key(|id| {
@@ -117,6 +138,11 @@ impl ControlState {
             )));
         }
         if mode == Mode::Planned {
+            if cell.tier == Tier::Low {
+                return Err(CommandError::FailedPrecondition(format!(
+                    "mode: cell {cell_id:?} is LOW and has no standby to catch up; fail it over FORCED, or drain it"
+                )));
+            }
             if cell.state != CellState::Active {
                 return Err(CommandError::FailedPrecondition(format!(
                     "cell_id: cell {cell_id:?} is {}; a PLANNED failover is of an ACTIVE cell (a draining one moves its keys by migrations)",
@@ -138,7 +164,13 @@ impl ControlState {
         let standby = match standby {
             Some(wanted) => targets.into_iter().find(|t| t == wanted).ok_or_else(|| {
                 CommandError::FailedPrecondition(format!(
-                    "standby: cell {wanted:?} is not an ACTIVE standby of {cell_id:?} that holds all its data"
+                    "standby: cell {wanted:?} is not an ACTIVE standby of {cell_id:?} that holds all its data, nor its fallback"
+                ))
+            })?,
+            None if cell.tier == Tier::Low => targets.into_iter().next().ok_or_else(|| {
+                CommandError::FailedPrecondition(format!(
+                    "cell_id: cell {cell_id:?} is LOW and no other ACTIVE LOW primary of region {:?} can take its keys",
+                    cell.region
                 ))
             })?,
             None => targets.into_iter().next().ok_or_else(|| {
@@ -148,6 +180,7 @@ impl ControlState {
                 ))
             })?,
         };
+        let fallback = cell.tier == Tier::Low;
         if let Some(expected) = expected_renewals {
             let renewals = self.leases.get(&cell_id).map_or(0, |l| l.renewals);
             if renewals != expected {
@@ -167,6 +200,7 @@ impl ControlState {
         let mut record = FailoverRecord {
             cell_id,
             standby_cell: standby,
+            fallback,
             mode,
             phase: match mode {
                 Mode::Forced => Phase::Fencing,
@@ -175,6 +209,7 @@ impl ControlState {
             automatic,
             reason: reason.to_string(),
             tenants: Vec::new(),
+            conversations: Vec::new(),
             keys_moved: 0,
             ledger: Ledger::default(),
             created_ms: now_ms,
@@ -184,13 +219,18 @@ impl ControlState {
             frozen_lsn: 0,
             frozen_ms: 0,
             error: None,
+            merged: Vec::new(),
+            merged_ms: 0,
         };
         if expected_renewals.is_some() && mode == Mode::Forced {
             self.switch_failover(&mut record, 0, now_ms, revision, events);
         }
         let id = revision;
         self.failovers.insert(id, record.clone());
-        Ok(CommandOutput::Failover(FailoverView { id, record }))
+        Ok(CommandOutput::Failover(Box::new(FailoverView {
+            id,
+            record,
+        })))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -200,6 +240,7 @@ impl ControlState {
         (from, to): (Phase, Phase),
         lsn: u64,
         error: Option<&str>,
+        merged: &[MergedKey],
         now_ms: u64,
         revision: u64,
         events: &mut Vec<RouteEvent>,
@@ -215,6 +256,7 @@ impl ControlState {
             (record.phase.name(), from.name(), to.name()),
             Phase::can_advance(from, to),
         )?;
+        record.phase = to;
         match to {
             Phase::CatchingUp => {
                 record.frozen_lsn = lsn;
@@ -238,17 +280,24 @@ impl ControlState {
                 }
             }
             Phase::Done => record.done_ms = now_ms,
+            Phase::Merged => {
+                check_merged(&record, merged)?;
+                record.merged = merged.to_vec();
+                record.merged_ms = now_ms;
+            }
             Phase::Fencing | Phase::Freezing => {
                 unreachable!("no transition leads back to {}", to.name())
             }
         }
-        record.phase = to;
         record.updated_revision = revision;
         self.failovers.insert(id, record.clone());
         if to.is_terminal() {
             self.forget_old_failovers();
         }
-        Ok(CommandOutput::Failover(FailoverView { id, record }))
+        Ok(CommandOutput::Failover(Box::new(FailoverView {
+            id,
+            record,
+        })))
     }
 
     /// The switch: every route key of the failed cell moves to the standby at its epoch + 1,
@@ -348,8 +397,8 @@ impl ControlState {
             .filter(|(_, o)| o.cell_id == failed)
             .map(|(key, _)| key.clone())
             .collect();
-        for key in overrides {
-            if let Some(route) = self.overrides.get_mut(&key) {
+        for key in &overrides {
+            if let Some(route) = self.overrides.get_mut(key) {
                 route.cell_id = standby.clone();
                 route.epoch += 1;
                 moved += 1;
@@ -381,9 +430,16 @@ impl ControlState {
         }
         self.protection.remove(&failed);
         record.tenants = tenants;
+        record.conversations = overrides;
         record.keys_moved = moved;
-        record.phase = Phase::Promoting;
         record.switched_ms = now_ms;
+        // A fallback is a primary already: nothing to promote.
+        if record.fallback {
+            record.phase = Phase::Done;
+            record.done_ms = now_ms;
+        } else {
+            record.phase = Phase::Promoting;
+        }
     }
 
     /// Whether failovers explain why `cell_id`, configured to follow `configured` (or to be a
@@ -409,7 +465,7 @@ impl ControlState {
         self.failovers
             .values()
             .rev()
-            .find(|f| *f.cell_id == *cell_id && f.phase == Phase::Done)
+            .find(|f| *f.cell_id == *cell_id && f.phase.switched())
             .map(|f| (&f.standby_cell, f))
     }
 
@@ -421,13 +477,24 @@ impl ControlState {
             ))
         };
         let new_primary = match &cell.standby_of {
-            // A failed or demoted primary follows the cell that took its keys.
+            // A failed or demoted primary follows the cell that took its keys, once what only
+            // it held was merged back; a LOW cell serves again as an empty primary.
             None if matches!(cell.state, CellState::Failed | CellState::Demoted) => {
                 let (successor, failover) = self.successor(&cell_id).ok_or_else(nothing)?;
-                let behind = failover.ledger.lsns_behind();
-                if behind > 0 {
+                if failover.phase != Phase::Merged {
                     return Err(CommandError::FailedPrecondition(format!(
-                        "cell_id: cell {cell_id:?} may hold {behind} cell-log records its successor {successor:?} lacks; they must be merged back before it rejoins (it would drop them)"
+                        "cell_id: cell {cell_id:?} may hold messages its successor {successor:?} lacks; its agent merges them back first (the failover is {})",
+                        failover.phase.name()
+                    )));
+                }
+                if failover.fallback {
+                    let Some(cell) = self.cells.get_mut(&cell_id) else {
+                        unreachable!("the cell was found above");
+                    };
+                    cell.state = CellState::Active;
+                    let record = cell.clone();
+                    return Ok(CommandOutput::Cell(Box::new(
+                        self.cell_view(&cell_id, record),
                     )));
                 }
                 successor.clone()
@@ -496,6 +563,37 @@ impl ControlState {
             self.failovers.remove(&id);
         }
     }
+}
+
+/// A merge report names every key the failover moved, once each: a count for part of them
+/// would pass for the whole ledger.
+fn check_merged(record: &FailoverRecord, merged: &[MergedKey]) -> Result<(), CommandError> {
+    let mut expected: Vec<(&str, &str)> = record
+        .tenants
+        .iter()
+        .map(|t| (&**t, ""))
+        .chain(record.conversations.iter().map(|(t, c)| (&**t, &**c)))
+        .collect();
+    let mut got: Vec<(&str, &str)> = merged
+        .iter()
+        .map(|k| (&*k.tenant_id, &*k.conversation_id))
+        .collect();
+    expected.sort_unstable();
+    got.sort_unstable();
+    if expected != got {
+        return Err(CommandError::Invalid {
+            field: "merged".into(),
+            rule: format!(
+                "must name each of the failover's {} keys once; it names {} ({} of them theirs)",
+                expected.len(),
+                got.len(),
+                got.iter()
+                    .filter(|k| expected.binary_search(k).is_ok())
+                    .count()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -702,7 +800,8 @@ mod tests {
         let refusals = [
             (forced("nope", None), "not found"),
             (forced("normal-s", None), "standby of"),
-            (forced("low", None), "no ACTIVE standby"),
+            (forced("low", None), "no other ACTIVE LOW primary"),
+            (planned("low"), "LOW and has no standby"),
             (forced("normal", Some(0)), "renewed its lease since"),
         ];
         for (command, expected) in refusals {
@@ -741,6 +840,7 @@ mod tests {
             to,
             lsn: 0,
             error: None,
+            merged: Vec::new(),
             now_ms: 20,
         };
         assert!(apply(&mut state, advance(Phase::Promoting, Phase::Done)).is_err());
@@ -841,6 +941,7 @@ mod tests {
             to,
             lsn,
             error: (to == Phase::Thawing).then(|| "too slow".to_string()),
+            merged: Vec::new(),
             now_ms: 30,
         }
     }
@@ -974,7 +1075,7 @@ mod tests {
     fn cells_a_failover_left_behind_rejoin_as_standbys_of_the_cell_that_took_over() {
         let mut state = system();
         assert!(rejoin(&mut state, "high").is_err(), "no failover yet");
-        failed_over(&mut state, "high");
+        let id = failed_over(&mut state, "high");
         let cell = |state: &ControlState, id: &str| state.cells().get(id).cloned().expect("cell");
         // The remote standby follows the promoted in-region one; the old primary too.
         rejoin(&mut state, "high-remote").expect("re-point the remote standby");
@@ -983,6 +1084,8 @@ mod tests {
             Some("high-near")
         );
         assert_eq!(cell(&state, "high-remote").state, CellState::Active);
+        let keys = [("t1", "", 0), ("t2", "", 0), ("n1", "hot", 0)];
+        apply(&mut state, merged(id, &keys)).expect("merged back");
         rejoin(&mut state, "high").expect("the old primary rejoins");
         let old = cell(&state, "high");
         assert_eq!(old.standby_of.as_deref(), Some("high-near"));
@@ -992,38 +1095,102 @@ mod tests {
         assert_eq!(state.standbys_of(&Arc::from("high-near")).len(), 2);
     }
 
+    fn merged(id: u64, keys: &[(&str, &str, u64)]) -> Command {
+        Command::AdvanceFailover {
+            id,
+            from: Phase::Done,
+            to: Phase::Merged,
+            lsn: 0,
+            error: None,
+            merged: keys
+                .iter()
+                .map(|(tenant, conversation, messages)| MergedKey {
+                    tenant_id: (*tenant).into(),
+                    conversation_id: (*conversation).into(),
+                    messages: *messages,
+                })
+                .collect(),
+            now_ms: 40,
+        }
+    }
+
     #[test]
-    fn a_failed_cell_holding_what_its_successor_lacks_does_not_rejoin() {
+    fn a_failed_cell_rejoins_only_once_its_history_is_merged_back_and_counted() {
         let mut state = system();
-        apply(
+        let id = failed_over(&mut state, "high");
+        let err = rejoin(&mut state, "high").expect_err("not merged yet");
+        assert!(err.to_string().contains("merges them back first"), "{err}");
+        let revision = state.revision();
+        for partial in [
+            vec![("t1", "", 0)],
+            vec![("t1", "", 0), ("t2", "", 0), ("n1", "hot", 0), ("x", "", 1)],
+            vec![("t1", "", 0), ("t1", "", 0), ("n1", "hot", 0)],
+        ] {
+            let err = apply(&mut state, merged(id, &partial)).expect_err("not every key once");
+            assert!(
+                err.to_string().contains("each of the failover's 3 keys"),
+                "{err}"
+            );
+        }
+        assert_eq!(state.revision(), revision, "nothing changed");
+        let CommandOutput::Failover(view) = apply(
             &mut state,
-            Command::Report {
-                cell_id: "normal".into(),
-                health: crate::state::model::CellHealth {
-                    last_lsn: 10,
-                    ..Default::default()
-                },
-                replication: None,
-            },
+            merged(id, &[("t2", "", 0), ("n1", "hot", 2), ("t1", "", 1)]),
         )
-        .expect("report");
-        apply(
-            &mut state,
-            Command::Report {
-                cell_id: "normal-s".into(),
-                health: Default::default(),
-                replication: Some(ReplicationHealth {
-                    standbys: Vec::new(),
-                    replica: Some(ReplicaHealth {
-                        applied_lsn: 7,
-                        ..Default::default()
-                    }),
-                }),
-            },
-        )
-        .expect("report");
-        failed_over(&mut state, "normal");
-        let err = rejoin(&mut state, "normal").expect_err("3 LSNs may be missing");
-        assert!(err.to_string().contains("3 cell-log records"), "{err}");
+        .expect("merged") else {
+            panic!("a failover");
+        };
+        assert_eq!(view.record.phase, Phase::Merged);
+        let ledger = view.record.to_proto(id).ledger.expect("ledger");
+        assert!(ledger.merged);
+        assert_eq!(ledger.missing_messages, 3);
+        rejoin(&mut state, "high").expect("rejoins once merged");
+        assert_eq!(
+            state
+                .cells()
+                .get("high")
+                .and_then(|c| c.standby_of.as_deref()),
+            Some("high-near")
+        );
+    }
+
+    #[test]
+    fn a_low_cell_fails_over_to_a_fallback_and_comes_back_empty() {
+        let mut state = system();
+        register(&mut state, "low-2", ("hz", "b"), Tier::Low, None);
+        register(&mut state, "low-far", ("bj", "a"), Tier::Low, None);
+        let CommandOutput::Failover(view) =
+            apply(&mut state, forced("low", Some(0))).expect("start")
+        else {
+            panic!("a failover");
+        };
+        let record = &view.record;
+        assert!(record.fallback);
+        assert_eq!(
+            &*record.standby_cell, "low-2",
+            "a LOW primary of its own region"
+        );
+        assert_eq!(record.phase, Phase::Done, "nothing to promote");
+        assert_eq!(route(&state, "l1").expect("route"), ("low-2".into(), 2));
+        assert_eq!(
+            state.cells().get("low-2").map(|c| c.state),
+            Some(CellState::Active)
+        );
+        apply(&mut state, merged(view.id, &[("l1", "", 5)])).expect("merged");
+        let cell = rejoin(&mut state, "low").expect("rejoins");
+        let CommandOutput::Cell(cell) = cell else {
+            panic!("a cell");
+        };
+        assert_eq!(
+            cell.record.state,
+            CellState::Active,
+            "an empty LOW primary again"
+        );
+        assert_eq!(cell.record.standby_of, None);
+        // The fallback failing in turn has the first cell to go to.
+        assert_eq!(
+            state.failover_targets(&Arc::from("low-2"))[0],
+            Arc::from("low")
+        );
     }
 }
