@@ -12,6 +12,7 @@ pub mod config;
 pub mod failover;
 pub mod grants;
 pub mod lease;
+pub mod merge;
 pub mod migrate;
 pub mod protection;
 pub mod roles;

@@ -1,6 +1,7 @@
 //! Keeps each cell running as what the control plane says it is, once failovers changed that:
-//! a failed or demoted primary asks to rejoin and then runs as a standby of the cell that took
-//! over (starting over from its snapshot); a standby whose primary was failed over follows the
+//! a failed or demoted primary, once it runs again, merges what only it held back into its
+//! keys' owners (`merge.rs`), asks to rejoin, and then runs as a standby of the cell that took
+//! over (starting over from its snapshot) — or, a LOW cell, as an empty primary; a standby whose primary was failed over follows the
 //! successor; a promoted standby waits for its new in-region standby (set on the running cell);
 //! a cell that rejoined is made ACTIVE once it follows. What to do is [`step`], a pure function
 //! of the cell's record, what the cell says it runs as, and the other cells; the supervisor
@@ -11,7 +12,8 @@ use std::time::Duration;
 use cellplane_api::client::ControlPlane;
 use cellplane_api::proto::cell::{CellStatusRequest, CellStatusResponse, SetSyncStandbysRequest};
 use cellplane_api::proto::control::{
-    Cell, CellState, ListCellsRequest, RejoinCellRequest, SetCellStateRequest,
+    Cell, CellState, Failover, FailoverPhase, ListCellsRequest, ListFailoversRequest,
+    RejoinCellRequest, SetCellStateRequest,
 };
 use tokio::sync::watch;
 use tonic::Status;
@@ -28,7 +30,11 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// What one cell needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// A failover left it behind: ask the control plane to make it a standby of its successor.
+    /// A failover left it behind and it runs again: merge what only it held into the keys'
+    /// owners and complete failover `failover_id`'s ledger.
+    MergeBack { failover_id: String },
+    /// A failover left it behind and its history is merged back: ask the control plane to
+    /// make it a standby of its successor.
     Rejoin,
     /// Run it as the standby of `primary`, at `endpoint`.
     Follow { primary: String, endpoint: String },
@@ -40,17 +46,25 @@ pub enum Step {
 
 /// The step `record` (the control plane's view of the cell) asks for, given the primary the
 /// agent starts the cell as a standby of (`configured`), what the cell says it runs as
-/// (`running`, when it answers) and every cell the control plane knows.
+/// (`running`, when it answers), every cell the control plane knows and the newest failover
+/// that moved the cell's keys away (`failover`).
 pub fn step(
     record: &Cell,
     configured: Option<&str>,
     running: Option<&CellStatusResponse>,
     cells: &[Cell],
+    failover: Option<&Failover>,
 ) -> Option<Step> {
     let state = CellState::try_from(record.state).ok()?;
     if record.standby_of.is_empty() {
         if matches!(state, CellState::Failed | CellState::Demoted) {
-            return Some(Step::Rejoin);
+            return match failover.map(|f| (f, FailoverPhase::try_from(f.phase))) {
+                // Its export is read from the running cell.
+                Some((f, Ok(FailoverPhase::Done))) => running.map(|_| Step::MergeBack {
+                    failover_id: f.failover_id.clone(),
+                }),
+                _ => Some(Step::Rejoin),
+            };
         }
         let running = running?;
         // A promoted standby was started without synchronous standbys: its in-region ones.
@@ -116,10 +130,33 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
         .call(|mut c| async move { c.list_cells(ListCellsRequest::default()).await })
         .await?
         .cells;
+    let left_behind = |c: &Cell| {
+        c.standby_of.is_empty()
+            && [CellState::Failed as i32, CellState::Demoted as i32].contains(&c.state)
+    };
+    // Failovers are read only when one of its cells was left behind by one.
+    let failovers = if cells
+        .iter()
+        .any(|(id, _)| all.iter().any(|c| c.cell_id == *id && left_behind(c)))
+    {
+        control
+            .call(|mut c| async move {
+                c.list_failovers(ListFailoversRequest { active_only: false })
+                    .await
+            })
+            .await?
+            .failovers
+    } else {
+        Vec::new()
+    };
     for (cell_id, cell) in cells.iter() {
         let Some(record) = all.iter().find(|c| c.cell_id == *cell_id) else {
             continue;
         };
+        let failover = failovers.iter().rev().find(|f| {
+            f.cell_id == *cell_id
+                && [FailoverPhase::Done as i32, FailoverPhase::Merged as i32].contains(&f.phase)
+        });
         // A cell that does not answer (it refuses to start in a role its disk contradicts,
         // say) can still be told whom to follow.
         let running = tokio::time::timeout(
@@ -133,10 +170,29 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
         .and_then(Result::ok)
         .map(tonic::Response::into_inner);
         let configured = cell.configured_primary();
-        let Some(step) = step(record, configured.as_deref(), running.as_ref(), &all) else {
+        let Some(step) = step(
+            record,
+            configured.as_deref(),
+            running.as_ref(),
+            &all,
+            failover,
+        ) else {
             continue;
         };
         match step {
+            Step::MergeBack { failover_id } => {
+                let Some(failover) = failover else {
+                    continue;
+                };
+                let merged = crate::merge::merge_back(control, cell, failover).await?;
+                let ledger = merged.ledger.unwrap_or_default();
+                tracing::warn!(
+                    %cell_id,
+                    %failover_id,
+                    missing_messages = ledger.missing_messages,
+                    "merged what only the failed cell held back into its keys' owners"
+                );
+            }
             Step::Rejoin => {
                 let request = RejoinCellRequest {
                     cell_id: cell_id.clone(),
@@ -221,10 +277,10 @@ mod tests {
         let successor = cell("s", "hz", CellState::Active, "");
         let failed = cell("p", "hz", CellState::Failed, "");
         let all = [successor.clone(), failed.clone()];
-        assert_eq!(step(&failed, None, None, &all), Some(Step::Rejoin));
+        assert_eq!(step(&failed, None, None, &all, None), Some(Step::Rejoin));
         let rejoined = cell("p", "hz", CellState::Joining, "s");
         assert_eq!(
-            step(&rejoined, None, None, &all),
+            step(&rejoined, None, None, &all, None),
             Some(Step::Follow {
                 primary: "s".into(),
                 endpoint: "s:1".into()
@@ -236,18 +292,49 @@ mod tests {
             bootstrapping: true,
             ..Default::default()
         });
-        assert_eq!(step(&rejoined, Some("s"), Some(&bootstrapping), &all), None);
+        assert_eq!(
+            step(&rejoined, Some("s"), Some(&bootstrapping), &all, None),
+            None
+        );
         let mut following = running("s");
         following.replica = Some(ReplicaStatus {
             connected: true,
             ..Default::default()
         });
         assert_eq!(
-            step(&rejoined, Some("s"), Some(&following), &all),
+            step(&rejoined, Some("s"), Some(&following), &all, None),
             Some(Step::Activate)
         );
         let active = cell("p", "hz", CellState::Active, "s");
-        assert_eq!(step(&active, Some("s"), Some(&following), &all), None);
+        assert_eq!(step(&active, Some("s"), Some(&following), &all, None), None);
+    }
+
+    #[test]
+    fn a_failed_cell_merges_back_once_it_answers_then_rejoins() {
+        let failed = cell("p", "hz", CellState::Failed, "");
+        let all = [cell("s", "hz", CellState::Active, ""), failed.clone()];
+        let mut failover = Failover {
+            failover_id: "fo-7".into(),
+            cell_id: "p".into(),
+            phase: FailoverPhase::Done as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            step(&failed, None, None, &all, Some(&failover)),
+            None,
+            "its export is read from the running cell"
+        );
+        assert_eq!(
+            step(&failed, None, Some(&running("")), &all, Some(&failover)),
+            Some(Step::MergeBack {
+                failover_id: "fo-7".into()
+            })
+        );
+        failover.phase = FailoverPhase::Merged as i32;
+        assert_eq!(
+            step(&failed, None, Some(&running("")), &all, Some(&failover)),
+            Some(Step::Rejoin)
+        );
     }
 
     #[test]
@@ -261,24 +348,30 @@ mod tests {
         let mut as_promoted = running("");
         as_promoted.promoted_from = "p".into();
         assert_eq!(
-            step(&promoted, Some("p"), Some(&as_promoted), &all),
+            step(&promoted, Some("p"), Some(&as_promoted), &all, None),
             Some(Step::Sync(vec!["p".into()]))
         );
         as_promoted.sync = Some(SyncStatus {
             standbys: vec!["p".into()],
             ..Default::default()
         });
-        assert_eq!(step(&promoted, Some("p"), Some(&as_promoted), &all), None);
+        assert_eq!(
+            step(&promoted, Some("p"), Some(&as_promoted), &all, None),
+            None
+        );
         // A primary that was never promoted keeps its configured synchronous standbys.
-        assert_eq!(step(&promoted, None, Some(&running("")), &all), None);
+        assert_eq!(step(&promoted, None, Some(&running("")), &all, None), None);
         // A configured standby that runs as configured needs nothing.
         let standby = cell("r", "bj", CellState::Active, "s");
-        assert_eq!(step(&standby, Some("s"), Some(&running("s")), &all), None);
+        assert_eq!(
+            step(&standby, Some("s"), Some(&running("s")), &all, None),
+            None
+        );
         // Its primary failed over: it follows the successor, answering or not.
         let moved = cell("r", "bj", CellState::Active, "t");
         let all = [cell("t", "hz", CellState::Active, ""), moved.clone()];
         assert_eq!(
-            step(&moved, Some("s"), None, &all),
+            step(&moved, Some("s"), None, &all, None),
             Some(Step::Follow {
                 primary: "t".into(),
                 endpoint: "t:1".into()

@@ -493,6 +493,13 @@ impl ControlState {
                     };
                     cell.state = CellState::Active;
                     let record = cell.clone();
+                    // Its renewals were refused while it was FAILED, and the detector judges
+                    // it by the newest one it saw: it would be failed again at once. Counting
+                    // its return as a renewal gives it a lease to start renewing in; that
+                    // only delays detection, and the cell still times its own lease.
+                    if let Some(lease) = self.leases.get_mut(&cell_id) {
+                        lease.renewals += 1;
+                    }
                     return Ok(CommandOutput::Cell(Box::new(
                         self.cell_view(&cell_id, record),
                     )));
