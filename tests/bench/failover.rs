@@ -28,7 +28,7 @@ use cellplane_api::proto::control::{
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::measure::{Samples, cpu_time, ms};
-use cellplane_tests::system::CELL_ARGS;
+use cellplane_tests::system::{CELL_ARGS, switched};
 use cellplane_tests::traffic::{Writers, create_groups, send_request};
 use nix::sys::signal::Signal;
 
@@ -257,7 +257,7 @@ async fn planned_round(
             .await
             .expect("get failover")
             .into_inner();
-        if now.phase == FailoverPhase::Done as i32 {
+        if switched(&now) {
             break now;
         }
         assert_ne!(now.phase, FailoverPhase::RolledBack as i32, "{now:?}");

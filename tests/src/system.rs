@@ -9,7 +9,8 @@ use crate::cluster::Cluster;
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
 use cellplane_api::proto::control::{
     Cell, CellState, CreateTenantRequest, Failover, FailoverCellRequest, FailoverMode,
-    GetCellRequest, ListCellsRequest, Migration, MigrationPhase, Tier, WatchMigrationRequest,
+    FailoverPhase, GetCellRequest, ListCellsRequest, Migration, MigrationPhase, Tier,
+    WatchMigrationRequest,
 };
 
 /// Cells in these tests take load generators, not people: rate limits out of the way.
@@ -203,6 +204,14 @@ pub fn is_finished(m: &Migration) -> bool {
     matches!(
         MigrationPhase::try_from(m.phase),
         Ok(MigrationPhase::Done | MigrationPhase::RolledBack | MigrationPhase::Failed)
+    )
+}
+
+/// The failover moved the keys for good: DONE, or MERGED once the failed cell came back.
+pub fn switched(f: &Failover) -> bool {
+    matches!(
+        FailoverPhase::try_from(f.phase),
+        Ok(FailoverPhase::Done | FailoverPhase::Merged)
     )
 }
 

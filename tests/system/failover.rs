@@ -19,7 +19,7 @@ use cellplane_api::proto::control::{
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::proxy::Proxy;
-use cellplane_tests::system::CELL_ARGS;
+use cellplane_tests::system::{CELL_ARGS, switched};
 use cellplane_tests::traffic::{Writers, create_groups, history, send_request, verify};
 use nix::sys::signal::Signal;
 
@@ -169,10 +169,7 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
     let (acks, _) = writers.stop().await;
 
     wait_until("the failover finishes", Duration::from_secs(10), || async {
-        failovers(&system)
-            .await
-            .iter()
-            .any(|f| f.phase == FailoverPhase::Done as i32)
+        failovers(&system).await.iter().any(switched)
     })
     .await;
     let [failover] = failovers(&system).await.try_into().expect("one failover");
@@ -314,10 +311,7 @@ async fn a_failover_survives_the_control_plane_leader_killed_in_the_middle_and_h
     // The leader dies while it waits the primary's lease out.
     system.cluster.kill(leader).await;
     wait_until("the failover finishes", Duration::from_secs(30), || async {
-        failovers(&system)
-            .await
-            .iter()
-            .any(|f| f.phase == FailoverPhase::Done as i32)
+        failovers(&system).await.iter().any(switched)
     })
     .await;
     writers.let_write(100).await;
@@ -350,7 +344,7 @@ async fn a_failover_survives_the_control_plane_leader_killed_in_the_middle_and_h
         .await
         .expect("get failover")
         .into_inner();
-    assert_eq!(seen.phase, FailoverPhase::Done as i32);
+    assert!(switched(&seen), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -436,7 +430,7 @@ async fn a_planned_failover_to_an_asynchronous_standby_loses_nothing() {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let now = failovers(&system).await.pop().expect("the failover");
-            if now.phase == FailoverPhase::Done as i32 {
+            if switched(&now) {
                 break now;
             }
             assert_ne!(now.phase, FailoverPhase::RolledBack as i32, "{now:?}");
@@ -528,11 +522,7 @@ async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_i
     }
     wait_until("both failovers finish", Duration::from_secs(20), || async {
         let now = list().await;
-        now.failovers.len() == 2
-            && now
-                .failovers
-                .iter()
-                .all(|f| f.phase == FailoverPhase::Done as i32)
+        now.failovers.len() == 2 && now.failovers.iter().all(switched)
     })
     .await;
     let leader = system.cluster.wait_for_leader().await;
@@ -558,10 +548,7 @@ async fn the_failed_primary_comes_back_as_the_standby_of_the_cell_that_took_over
     system.agents[0].signal_cell(PRIMARY, Signal::SIGKILL);
     system.agents[0].kill().await;
     wait_until("the failover finishes", Duration::from_secs(20), || async {
-        failovers(&system)
-            .await
-            .iter()
-            .any(|f| f.phase == FailoverPhase::Done as i32)
+        failovers(&system).await.iter().any(switched)
     })
     .await;
     writers.let_write(100).await;
@@ -598,4 +585,11 @@ async fn the_failed_primary_comes_back_as_the_standby_of_the_cell_that_took_over
     let replica = status.replica.expect("a standby's position");
     assert!(replica.connected && !replica.bootstrapping, "{replica:?}");
     old_primary_refuses_writes(&system, "as-a-standby").await;
+    // Before it rejoined, what it held was merged back and counted: an in-sync standby
+    // lacked nothing.
+    let [failover] = failovers(&system).await.try_into().expect("one failover");
+    assert_eq!(failover.phase, FailoverPhase::Merged as i32, "{failover:?}");
+    let ledger = failover.ledger.expect("ledger");
+    assert!(ledger.in_sync && ledger.merged, "{ledger:?}");
+    assert_eq!(ledger.missing_messages, 0, "{ledger:?}");
 }

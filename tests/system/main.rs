@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod drain;
 mod failover;
+mod fallback;
 mod migration;
 mod standby;
 

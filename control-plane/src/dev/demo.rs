@@ -279,10 +279,10 @@ async fn fail_over(
             .map_err(|s| s.to_string())?
             .into_inner()
             .failovers;
-        let done = failovers
-            .into_iter()
-            .rev()
-            .find(|f| f.cell_id == route.cell_id && f.phase == FailoverPhase::Done as i32);
+        let done = failovers.into_iter().rev().find(|f| {
+            f.cell_id == route.cell_id
+                && [FailoverPhase::Done as i32, FailoverPhase::Merged as i32].contains(&f.phase)
+        });
         if let Some(done) = done
             && traffic.first_ack_on(&done.standby_cell).is_some()
         {
