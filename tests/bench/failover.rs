@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
-use cellplane_api::proto::cell::CellStatusRequest;
+use cellplane_api::proto::cell::{CellStatusRequest, ConversationKind, CreateConversationRequest};
 use cellplane_api::proto::control::{
     CellState, CreateTenantRequest, FailoverCellRequest, FailoverMode, FailoverPhase,
     GetCellRequest, GetFailoverRequest, Protection, RegisterCellRequest, RenewLeasesRequest, Tier,
@@ -29,7 +29,7 @@ use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::measure::{Samples, cpu_time, ms};
 use cellplane_tests::system::{CELL_ARGS, switched};
-use cellplane_tests::traffic::{Writers, create_groups, send_request};
+use cellplane_tests::traffic::{MEMBERS, Writers, create_groups, send_request};
 use nix::sys::signal::Signal;
 
 use crate::report::Report;
@@ -43,6 +43,8 @@ enum Loss {
     HighZone,
     /// A HIGH primary's whole region: its remote standby.
     HighRegion,
+    /// A LOW primary's zone: another LOW primary of its region, for new messages.
+    LowZone,
 }
 
 impl Loss {
@@ -51,6 +53,7 @@ impl Loss {
             Self::NormalZone => "NORMAL, primary's zone lost → in-region standby",
             Self::HighZone => "HIGH, primary's zone lost → in-region standby",
             Self::HighRegion => "HIGH, primary's region lost → remote standby",
+            Self::LowZone => "LOW, primary's zone lost → fallback LOW cell",
         }
     }
 }
@@ -63,7 +66,9 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
     let tier = match loss {
         Loss::NormalZone => "NORMAL",
         Loss::HighZone | Loss::HighRegion => "HIGH",
+        Loss::LowZone => "LOW",
     };
+    let low = tier == "LOW";
     let (primary, near, far) = (
         format!("{region}-a-p"),
         format!("{region}-b-s"),
@@ -71,20 +76,27 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
     );
     let high = tier == "HIGH";
     let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
-    primary_args.extend(["--sync-standby", &near]);
+    if !low {
+        primary_args.extend(["--sync-standby", &near]);
+    }
     if high {
         primary_args.extend(["--sync-standby", &far]);
     }
     let mut primary_agent =
         AgentProcess::start(&region, &endpoints, &[(&primary, "a", tier)], &primary_args);
     let primary_addr = primary_agent.cell(&primary).addr.clone();
-    let mut near_agent = AgentProcess::start_following(
-        &region,
-        &endpoints,
-        &[(&near, "b", tier)],
-        &[(&near, &primary, &primary_addr)],
-        CELL_ARGS,
-    );
+    // LOW: the cell in the other zone is a primary of its own, the fallback.
+    let mut near_agent = if low {
+        AgentProcess::start(&region, &endpoints, &[(&near, "b", tier)], CELL_ARGS)
+    } else {
+        AgentProcess::start_following(
+            &region,
+            &endpoints,
+            &[(&near, "b", tier)],
+            &[(&near, &primary, &primary_addr)],
+            CELL_ARGS,
+        )
+    };
     let mut far_agent = high.then(|| {
         AgentProcess::start_following(
             &remote_region,
@@ -98,23 +110,40 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
     let mut control = cluster.control(leader);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let in_sync = control
-            .get_cell(GetCellRequest {
-                cell_id: primary.clone(),
-            })
-            .await
-            .is_ok_and(|c| c.into_inner().protection == Protection::InSync as i32);
-        if in_sync {
+        let ready = if low {
+            let mut active = true;
+            for cell_id in [&primary, &near] {
+                active &= control
+                    .get_cell(GetCellRequest {
+                        cell_id: cell_id.clone(),
+                    })
+                    .await
+                    .is_ok_and(|c| c.into_inner().state == CellState::Active as i32);
+            }
+            active
+        } else {
+            control
+                .get_cell(GetCellRequest {
+                    cell_id: primary.clone(),
+                })
+                .await
+                .is_ok_and(|c| c.into_inner().protection == Protection::InSync as i32)
+        };
+        if ready {
             break;
         }
-        assert!(Instant::now() < deadline, "{primary} never got IN_SYNC");
+        assert!(Instant::now() < deadline, "{primary} never got ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tenant = format!("tenant-{n}");
     control
         .create_tenant(CreateTenantRequest {
             tenant_id: tenant.clone(),
-            tier: if high { Tier::High } else { Tier::Normal } as i32,
+            tier: match tier {
+                "HIGH" => Tier::High,
+                "LOW" => Tier::Low,
+                _ => Tier::Normal,
+            } as i32,
             home_region: region.clone(),
         })
         .await
@@ -128,10 +157,12 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
     ));
     create_groups(&messenger, &tenant, 1).await;
 
-    // One writer, back to back; it notes when the promoted standby first acknowledges.
+    // One writer, back to back; it notes when the promoted standby (the fallback) first
+    // acknowledges. A fallback does not know the conversation: the writer creates it again,
+    // as a LOW tenant's front end would.
     let promoted = match loss {
         Loss::HighRegion => far.clone(),
-        Loss::NormalZone | Loss::HighZone => near.clone(),
+        Loss::NormalZone | Loss::HighZone | Loss::LowZone => near.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -152,8 +183,14 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
                         &format!("m{sent}"),
                         b"rto".to_vec(),
                     ))
-                    .await
-                    .expect("every send is acknowledged");
+                    .await;
+                let answer = match answer {
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        create_group(&messenger, &tenant).await;
+                        continue;
+                    }
+                    answer => answer.expect("every send is acknowledged"),
+                };
                 sent += 1;
                 if answer.message_id.starts_with(&format!("{promoted}/")) {
                     return Instant::now();
@@ -178,6 +215,22 @@ async fn round(cluster: &Cluster, routes: &Arc<RouteCache>, loss: Loss, n: usize
         far_agent.kill().await;
     }
     rto
+}
+
+/// Group `c0` of the tenant again, on a fallback that does not know it.
+async fn create_group(messenger: &Messenger, tenant: &str) {
+    let created = messenger
+        .create_conversation(CreateConversationRequest {
+            tenant_id: tenant.into(),
+            conversation_id: "c0".into(),
+            kind: ConversationKind::Group as i32,
+            member_ids: MEMBERS.iter().map(|m| m.to_string()).collect(),
+            route_epoch: 0,
+        })
+        .await;
+    if let Err(status) = created {
+        assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    }
 }
 
 /// One PLANNED failover of a primary with an asynchronous standby under four writers: (the
@@ -376,13 +429,21 @@ pub async fn run(
          and its synchronous standby (for HIGH also a synchronous remote standby) under agents \
          of their own, one writer sending back to back through a `Messenger`, and SIGKILLs the \
          primary's cell and agent (for a region loss, the in-region standby's too); the RTO is \
-         the time from the kill to the first send the promoted standby acknowledged. LOW cells \
-         have no standby (their fallback is not measured here).\n\n\
+         the time from the kill to the first send the promoted standby acknowledged. A LOW \
+         primary has no standby: its round runs another LOW primary in another zone of the \
+         region, and the RTO is the time to the first send that fallback acknowledged (the \
+         writer creates the conversation again there, since the fallback has none of its \
+         history).\n\n\
          | loss | failovers | p50 ms | p90 ms | p99 ms | max ms |\n\
          |---|---:|---:|---:|---:|---:|\n"
     );
     let mut n = 0;
-    for loss in [Loss::NormalZone, Loss::HighZone, Loss::HighRegion] {
+    for loss in [
+        Loss::NormalZone,
+        Loss::HighZone,
+        Loss::HighRegion,
+        Loss::LowZone,
+    ] {
         let mut samples = Samples::default();
         for _ in 0..rounds {
             let rto = round(&cluster, &routes, loss, n).await;
