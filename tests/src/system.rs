@@ -207,6 +207,23 @@ pub fn is_finished(m: &Migration) -> bool {
     )
 }
 
+/// Waits until `done` answers true, checking every 50 ms; fails the test naming `what` after
+/// `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The failover moved the keys for good: DONE, or MERGED once the failed cell came back.
 pub fn switched(f: &Failover) -> bool {
     matches!(

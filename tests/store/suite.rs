@@ -724,6 +724,15 @@ pub async fn failover<B: Backend>() {
         })
         .await
         .expect("activate the standby");
+    // A LOW cell alone in its region: no standby, and no other LOW primary to fall back to.
+    add_active_cells(
+        &mut served.control(),
+        "r9",
+        &[("low-alone", "z0", Tier::Low)],
+        10,
+    )
+    .await
+    .expect("register a LOW cell");
     let mut on_a = Vec::new();
     for i in 0..6 {
         let tenant = create_tenant(&served, &format!("f{i}"))
@@ -780,6 +789,20 @@ pub async fn failover<B: Backend>() {
             String::new(),
             Code::FailedPrecondition,
             "no ACTIVE standby",
+        ),
+        (
+            "low-alone",
+            forced,
+            String::new(),
+            Code::FailedPrecondition,
+            "no other ACTIVE LOW primary",
+        ),
+        (
+            "low-alone",
+            cpb::FailoverMode::Planned,
+            String::new(),
+            Code::FailedPrecondition,
+            "LOW and has no standby",
         ),
         (
             "cell-a",

@@ -19,7 +19,7 @@ use cellplane_api::proto::control::{
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::proxy::Proxy;
-use cellplane_tests::system::{CELL_ARGS, switched};
+use cellplane_tests::system::{CELL_ARGS, switched, wait_until};
 use cellplane_tests::traffic::{Writers, create_groups, history, send_request, verify};
 use nix::sys::signal::Signal;
 
@@ -118,18 +118,6 @@ async fn old_primary_refuses_writes(system: &System, client_msg_id: &str) {
         tonic::Code::FailedPrecondition,
         "a standby takes no write: {refused:?}"
     );
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

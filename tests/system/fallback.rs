@@ -11,7 +11,10 @@ use cellplane_api::proto::cell::sync_client::SyncClient;
 use cellplane_api::proto::cell::{
     ConversationKind, CreateConversationRequest, ExportRequest, SubscribeRequest, SyncEventKind,
 };
-use cellplane_api::proto::control::{CellState, FailoverPhase, ListFailoversRequest, Tier};
+use cellplane_api::proto::control::{
+    CellState, Failover, FailoverPhase, ListFailoversRequest, Tier,
+};
+use cellplane_tests::system::wait_until;
 use cellplane_tests::traffic::{MEMBERS, conversation, create_groups, history, send_request};
 use nix::sys::signal::Signal;
 use tonic::Code;
@@ -120,16 +123,18 @@ impl LowWriters {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn newest_failover(system: &System) -> Failover {
+    let leader = system.cluster.wait_for_leader().await;
+    system
+        .cluster
+        .control(leader)
+        .list_failovers(ListFailoversRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .failovers
+        .pop()
+        .expect("a failover")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -155,16 +160,7 @@ async fn a_failed_low_cell_sends_new_messages_to_a_fallback_and_merges_its_histo
         .let_write_on(LOW_B, 200, Duration::from_secs(30))
         .await;
     println!("new messages went to the fallback {rto:?} after the LOW cell hung");
-    let failover = system
-        .cluster
-        .control(system.cluster.wait_for_leader().await)
-        .list_failovers(ListFailoversRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .failovers
-        .pop()
-        .expect("a failover");
+    let failover = newest_failover(&system).await;
     assert!(failover.fallback && failover.automatic, "{failover:?}");
     assert_eq!(failover.standby_cell, LOW_B);
     assert_eq!(failover.phase, FailoverPhase::Done as i32, "{failover:?}");
@@ -184,17 +180,7 @@ async fn a_failed_low_cell_sends_new_messages_to_a_fallback_and_merges_its_histo
         .await;
     let acks = writers.stop().await;
 
-    let leader = system.cluster.wait_for_leader().await;
-    let failover = system
-        .cluster
-        .control(leader)
-        .list_failovers(ListFailoversRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .failovers
-        .pop()
-        .expect("the failover");
+    let failover = newest_failover(&system).await;
     assert_eq!(failover.phase, FailoverPhase::Merged as i32, "{failover:?}");
     let ledger = failover.ledger.expect("ledger");
     assert!(ledger.merged && !ledger.in_sync, "{ledger:?}");
