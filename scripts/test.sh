@@ -12,8 +12,13 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-# etcd-client's build runs protoc; the route-store tests start real etcd servers.
-./scripts/ensure-tools.sh protoc etcd
+# etcd-client's build runs protoc; the route-store tests start real etcd servers; the
+# reflection tests run a real grpcurl.
+./scripts/ensure-tools.sh protoc etcd grpcurl
+if [ -z "${GRPCURL_BIN:-}" ]; then
+    GRPCURL_BIN="$(command -v grpcurl || echo "$PWD/target/tools/grpcurl")"
+    export GRPCURL_BIN
+fi
 
 # Cluster tests start real `cellplane serve` processes from the target directory.
 cargo build --workspace --bins --locked

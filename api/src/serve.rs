@@ -3,6 +3,7 @@
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic_reflection::server::{v1, v1alpha};
 
 /// Accepted connections with Nagle's algorithm off: small answers (Raft acks, route lookups,
 /// send acknowledgements) would otherwise wait for the peer's delayed ACK, tens of milliseconds.
@@ -31,4 +32,22 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// gRPC reflection over every cellplane service and health, in both versions of the protocol:
+/// v1, and v1alpha, the only one grpcurl 1.8 and other tools still in use ask for.
+#[allow(clippy::type_complexity)]
+pub fn reflection() -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

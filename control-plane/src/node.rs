@@ -180,10 +180,7 @@ pub async fn serve_store(
     health_reporter
         .set_serving::<proto::control::control_server::ControlServer<ControlService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
     tracing::info!(node_id = config.node_id, store = config.store.name(), listen = %listener.local_addr()?, "control-plane node serving");
     let drained = async move {
@@ -194,6 +191,7 @@ pub async fn serve_store(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_optional_service(transport)
         .add_service(proto::routing::routing_server::RoutingServer::new(
             RoutingService::new(node.clone()),

@@ -157,15 +157,13 @@ pub async fn serve(
     health_reporter
         .set_serving::<proto::cell::sync_server::SyncServer<SyncService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
     tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), "IM cell serving");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(proto::cell::messaging_server::MessagingServer::new(
             MessagingService::new(store.clone(), writer.clone(), config.limits.clone()),
         ))

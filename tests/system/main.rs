@@ -9,6 +9,7 @@ mod demo;
 mod drain;
 mod failover;
 mod fallback;
+mod grpcurl;
 mod migration;
 mod standby;
 
