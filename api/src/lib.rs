@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod detail;
+pub mod dir_lock;
 pub mod ids;
 pub mod limits;
 pub mod serve;

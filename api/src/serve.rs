@@ -15,6 +15,36 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
     })
 }
 
+/// Resolves on Ctrl-C or SIGTERM, or, with `exit_with_parent`, once the process that started
+/// this one is gone: a supervisor killed outright (even `kill -9`) leaves nothing of its own
+/// behind holding ports and data directories.
+pub async fn shutdown_signal_or_parent_exit(exit_with_parent: bool) {
+    let parent = async {
+        if exit_with_parent {
+            parent_exit().await
+        } else {
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = parent => {}
+    }
+}
+
+/// Resolves once this process's parent is gone (it was re-parented).
+async fn parent_exit() {
+    let parent = std::os::unix::process::parent_id();
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        ticker.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            tracing::warn!(parent, "the supervising process exited; stopping");
+            return;
+        }
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

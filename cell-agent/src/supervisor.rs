@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use cellplane_api::dir_lock::EXIT_DIR_LOCKED;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -20,6 +21,12 @@ use crate::config::{CellSpec, RestartPolicy};
 
 /// How long a cell may take to drain after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a cell may find its data directory held by another process before the agent
+/// stops starting it: a cell of an earlier agent killed outright takes up to [`STOP_GRACE`] to
+/// go; past that, another live process owns the directory, and restarting in a loop against
+/// it would only hide that.
+const LOCKED_GIVE_UP: Duration = Duration::from_secs(15);
 
 pub struct Supervisor {
     stop: watch::Sender<bool>,
@@ -139,6 +146,8 @@ async fn supervise(
 ) {
     let initial = Duration::from_millis(policy.initial_backoff_ms);
     let mut backoff = initial;
+    // Since when the cell keeps finding its data directory held.
+    let mut locked_since: Option<Instant> = None;
     loop {
         if *stopped.borrow() {
             return;
@@ -150,7 +159,26 @@ async fn supervise(
                 tracing::info!(cell_id = %spec.cell_id, pid = child.id(), ?current, "cell started");
                 tokio::select! {
                     status = child.wait() => {
-                        tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
+                        let locked = status
+                            .as_ref()
+                            .is_ok_and(|s| s.code() == Some(EXIT_DIR_LOCKED));
+                        if !locked {
+                            locked_since = None;
+                            tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
+                        } else if locked_since.get_or_insert(started).elapsed() < LOCKED_GIVE_UP {
+                            tracing::warn!(cell_id = %spec.cell_id, "another process holds the cell's data directory; trying again");
+                        } else {
+                            let (dir, log) = cell_paths(&data_dir, &spec.cell_id);
+                            tracing::error!(
+                                cell_id = %spec.cell_id,
+                                dir = %dir.display(),
+                                log = %log.display(),
+                                "another process has held the cell's data directory for {LOCKED_GIVE_UP:?}; not starting the cell again until the agent restarts"
+                            );
+                            metrics::gauge!("cellplane_agent_cells_locked_out").increment(1.0);
+                            let _ = stopped.changed().await;
+                            return;
+                        }
                     }
                     () = following_changes(&mut role, &current) => {
                         tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell follows another primary now; restarting it");

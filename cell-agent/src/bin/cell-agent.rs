@@ -1,7 +1,8 @@
 //! `cell-agent`: the agent of one region.
 
 use anyhow::Context;
-use cellplane_api::serve::shutdown_signal;
+use cellplane_api::dir_lock::DirLock;
+use cellplane_api::serve::shutdown_signal_or_parent_exit;
 use cellplane_cell_agent::agent;
 use cellplane_cell_agent::config::AgentConfig;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,10 @@ enum Command {
         /// The agent's TOML config: its data directory and its cells.
         #[arg(long)]
         config: std::path::PathBuf,
+        /// Stop (gracefully, with its cells) when the process that started this one exits,
+        /// so a supervisor killed outright leaves no agent behind.
+        #[arg(long)]
+        exit_with_parent: bool,
     },
 }
 
@@ -44,18 +49,28 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Serve {
             region,
             control_plane,
             config,
+            exit_with_parent,
         } => {
             cellplane_api::ids::validate_id("region", &region)?;
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = AgentConfig::from_toml(&text)?;
-            agent::run(config, region, control_plane, shutdown_signal()).await?;
+            // Held until the process ends: one agent per data directory (its cells' too).
+            let _lock = DirLock::acquire_or_exit(&config.data_dir)?;
+            agent::run(
+                config,
+                region,
+                control_plane,
+                shutdown_signal_or_parent_exit(exit_with_parent),
+            )
+            .await?;
         }
     }
     Ok(())

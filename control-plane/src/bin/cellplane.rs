@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use cellplane_api::dir_lock::DirLock;
 use cellplane_api::serve::shutdown_signal;
 use cellplane_control_plane::config::{EtcdConfig, NodeConfig, RaftTuning, StoreConfig};
 use cellplane_control_plane::{dev, node};
@@ -133,7 +134,8 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -236,6 +238,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = serve_config(*args)?;
+            // Held until the process ends: one node per data directory (the Raft store's).
+            let _lock = match config.store {
+                StoreConfig::Raft => Some(DirLock::acquire_or_exit(&config.data_dir)?),
+                StoreConfig::Etcd(_) => None,
+            };
             install_metrics(config.metrics_listen)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
@@ -244,6 +251,9 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(node::serve(config, listener, shutdown_signal())).await??;
         }
         Command::Dev(args) => {
+            // Held until the process ends: one `cellplane dev` per data directory. Its agents
+            // lock their own directories and exit with it.
+            let _lock = DirLock::acquire_or_exit(&args.data_dir)?;
             install_metrics(args.metrics_listen)?;
             tokio::spawn(dev::run(
                 dev::DevOptions {

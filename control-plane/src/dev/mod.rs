@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cellplane_api::dir_lock::DirLockError;
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{CellState, ClusterStatusRequest, ListCellsRequest};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,8 @@ pub enum DevError {
         "cells did not all become ACTIVE within {0:?}; see the agent logs in the data directory"
     )]
     CellsNotActive(Duration),
+    #[error(transparent)]
+    Lock(#[from] DirLockError),
     #[error("demo: {0}")]
     Demo(String),
     #[error("writing the endpoints file {path}: {source}")]
@@ -268,7 +271,7 @@ pub async fn run(
         Some(Ok(Err(err))) = nodes.join_next() => return Err(err),
     };
     println!("cellplane dev: control plane of {DEV_NODES} nodes is up (leader: node {leader})");
-    let mut agents = match regions::Agents::start(&options.data_dir, &endpoints) {
+    let mut agents = match regions::Agents::start(&options.data_dir, &endpoints).await {
         Ok(agents) => agents,
         Err(err) => {
             let _ = stop_tx.send(true);

@@ -8,8 +8,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use cellplane_api::dir_lock::{DirLock, DirLockError};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -168,6 +169,34 @@ fn write_config(agents_dir: &Path, region: &str, all: &[DevCell]) -> Result<(), 
     std::fs::write(&config_path, config).map_err(|e| io_error(&config_path, e))
 }
 
+/// How long an agent of an earlier run may take to go: it stops with the `cellplane dev` that
+/// started it (within 200 ms), after its cells (each within 5 s).
+const EARLIER_RUN_GRACE: Duration = Duration::from_secs(20);
+
+/// Waits until no process holds an agent's data directory: an agent of an earlier run that
+/// was killed outright is still stopping its cells. Starting a second one beside it would
+/// only see its cells refused.
+async fn wait_for_earlier_agent(dir: &Path) -> Result<(), DevError> {
+    let deadline = Instant::now() + EARLIER_RUN_GRACE;
+    let mut told = false;
+    loop {
+        match DirLock::acquire(dir) {
+            Ok(_free) => return Ok(()),
+            Err(DirLockError::Held { pid, .. }) if Instant::now() < deadline => {
+                if !told {
+                    println!(
+                        "waiting for process {pid} of an earlier run to stop ({})",
+                        dir.display()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(DevError::Lock(err)),
+        }
+    }
+}
+
 /// The running agents of the dev system.
 pub struct Agents {
     children: Vec<(String, Child)>,
@@ -186,8 +215,9 @@ fn agent_binary() -> Result<PathBuf, DevError> {
 }
 
 impl Agents {
-    /// Starts one agent per region of [`LAYOUT`].
-    pub fn start(data_dir: &Path, control_plane: &[String]) -> Result<Self, DevError> {
+    /// Starts one agent per region of [`LAYOUT`], each once an agent of an earlier run of
+    /// this data directory is gone.
+    pub async fn start(data_dir: &Path, control_plane: &[String]) -> Result<Self, DevError> {
         let binary = agent_binary()?;
         let agents_dir = data_dir.join("agents");
         std::fs::create_dir_all(&agents_dir).map_err(|e| io_error(&agents_dir, e))?;
@@ -197,6 +227,7 @@ impl Agents {
             all.extend(region_cells(&agents_dir, region, cells)?);
         }
         for (region, _) in LAYOUT {
+            wait_for_earlier_agent(&agents_dir.join(region)).await?;
             write_config(&agents_dir, region, &all)?;
             let log_path = agents_dir.join(format!("{region}.log"));
             let log = std::fs::OpenOptions::new()
@@ -206,6 +237,7 @@ impl Agents {
                 .map_err(|e| io_error(&log_path, e))?;
             let child = Command::new(&binary)
                 .arg("serve")
+                .arg("--exit-with-parent")
                 .arg("--region")
                 .arg(region)
                 .arg("--control-plane")

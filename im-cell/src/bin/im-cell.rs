@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use cellplane_api::dir_lock::DirLock;
 use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 use cellplane_im_cell::limits::Limits;
 use cellplane_im_cell::pns::PnsConfig;
@@ -99,34 +100,6 @@ enum Command {
     },
 }
 
-/// Resolves once this process's parent is gone (it was re-parented).
-async fn parent_exit() {
-    let parent = std::os::unix::process::parent_id();
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
-    loop {
-        ticker.tick().await;
-        if std::os::unix::process::parent_id() != parent {
-            tracing::warn!(parent, "the supervising process exited; stopping");
-            return;
-        }
-    }
-}
-
-/// Ctrl-C, SIGTERM, or (with `--exit-with-parent`) the supervising process gone.
-async fn shutdown_signal(exit_with_parent: bool) {
-    let parent = async {
-        if exit_with_parent {
-            parent_exit().await
-        } else {
-            std::future::pending::<()>().await
-        }
-    };
-    tokio::select! {
-        () = cellplane_api::serve::shutdown_signal() => {}
-        () = parent => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -134,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let Command::Serve {
         config,
@@ -221,6 +195,8 @@ async fn main() -> anyhow::Result<()> {
         limits.sends_per_sender_per_sec = n;
     }
     config.validate()?;
+    // Held until the process ends: no second cell on this directory, nor this one's port.
+    let _lock = DirLock::acquire_or_exit(&config.data_dir)?;
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -233,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(server::serve(
         config,
         listener,
-        shutdown_signal(exit_with_parent),
+        cellplane_api::serve::shutdown_signal_or_parent_exit(exit_with_parent),
     ))
     .await??;
     Ok(())
