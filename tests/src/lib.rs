@@ -37,6 +37,46 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Starts `cellplane dev` on `data` (logging to `log`) and waits until it wrote
+/// `endpoints_file`, which is removed first: the system is up.
+pub fn start_dev(
+    data: &std::path::Path,
+    endpoints_file: &std::path::Path,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let _ = std::fs::remove_file(endpoints_file);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("dev log");
+    let mut dev = std::process::Command::new(binary("cellplane"))
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--endpoints-file")
+        .arg(endpoints_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start cellplane dev");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !endpoints_file.exists() {
+        assert!(
+            dev.try_wait().expect("dev status").is_none(),
+            "cellplane dev exited; log in {}",
+            log.display()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cellplane dev did not come up; log in {}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    dev
+}
+
 /// Processes whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> usize {
     std::fs::read_dir("/proc")

@@ -2,14 +2,14 @@
 //! is parsed, exit codes are checked, and the dev system stops cleanly on SIGTERM.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cellplane_tests::{binary, stop_dev};
+use cellplane_tests::{binary, start_dev, stop_dev};
 use serde_json::Value;
 
 /// Runs `cellctl -o json ARGS` against the dev system; answers the exit code and the JSON.
-fn cellctl(endpoints_file: &Path, args: &[&str]) -> (i32, Value) {
+pub fn cellctl(endpoints_file: &Path, args: &[&str]) -> (i32, Value) {
     let out = Command::new(binary("cellctl"))
         .arg("--endpoints-file")
         .arg(endpoints_file)
@@ -28,7 +28,7 @@ fn cellctl(endpoints_file: &Path, args: &[&str]) -> (i32, Value) {
     (code, json)
 }
 
-fn ok(endpoints_file: &Path, args: &[&str]) -> Value {
+pub fn ok(endpoints_file: &Path, args: &[&str]) -> Value {
     let (code, json) = cellctl(endpoints_file, args);
     assert_eq!(code, 0, "cellctl {args:?}: {json}");
     json
@@ -42,27 +42,7 @@ fn cellctl_drives_a_running_dev_system() {
         .expect("temp dir");
     let data = dir.path().join("data");
     let endpoints_file = dir.path().join("endpoints.json");
-    let log = std::fs::File::create(dir.path().join("dev.log")).expect("log");
-    let mut dev = Command::new(binary("cellplane"))
-        .arg("dev")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--endpoints-file")
-        .arg(&endpoints_file)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start cellplane dev");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !endpoints_file.exists() {
-        assert!(
-            dev.try_wait().expect("dev status").is_none(),
-            "cellplane dev exited; log in {}",
-            dir.path().display()
-        );
-        assert!(Instant::now() < deadline, "cellplane dev did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut dev = start_dev(&data, &endpoints_file, &dir.path().join("dev.log"));
     let endpoints: Value =
         serde_json::from_str(&std::fs::read_to_string(&endpoints_file).expect("read endpoints"))
             .expect("endpoints JSON");

@@ -11,6 +11,7 @@ mod failover;
 mod fallback;
 mod grpcurl;
 mod migration;
+mod processes;
 mod standby;
 
 pub use cellplane_tests::system::{System, phase_name};
