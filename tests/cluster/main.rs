@@ -4,6 +4,7 @@
 mod bad_input;
 mod crash;
 mod linearizable;
+mod membership;
 mod route_cache;
 mod serving;
 mod snapshot;

@@ -107,6 +107,32 @@ impl Cluster {
         node.child = Some(child);
     }
 
+    /// Starts a new node process, the next id, that is not a member yet: it waits to be added
+    /// (`AddNode`). Every node started from now on knows its address among the peers.
+    pub fn start_new_node(&mut self) -> u64 {
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.peers = format!("{},{id}={addr}", self.peers);
+        self.nodes.insert(
+            id,
+            NodeProcess {
+                id,
+                addr,
+                metrics_addr: format!("127.0.0.1:{}", free_port()),
+                data_dir: self.dir.path().join(format!("node-{id}")),
+                child: None,
+            },
+        );
+        self.spawn(id);
+        id
+    }
+
+    /// SIGKILLs a node and deletes its data directory: a lost disk.
+    pub async fn wipe(&mut self, id: u64) {
+        self.kill(id).await;
+        std::fs::remove_dir_all(&self.nodes[&id].data_dir).expect("wipe the data directory");
+    }
+
     /// SIGKILLs a node: no shutdown, no flush, as a crash.
     pub async fn kill(&mut self, id: u64) {
         let node = self.nodes.get_mut(&id).expect("node id");

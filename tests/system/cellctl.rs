@@ -72,6 +72,13 @@ fn cellctl_drives_a_running_dev_system() {
         "{status}"
     );
 
+    let members = ok(&endpoints_file, &["node", "list"]);
+    let members = members.as_array().expect("members");
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|m| m["voter"] == true), "{members:?}");
+    let (code, refused) = cellctl(&endpoints_file, &["node", "remove", "9"]);
+    assert_eq!(code, 3, "no node 9: {refused}");
+
     let listed = ok(&endpoints_file, &["cells"]);
     let listed = listed.as_array().expect("cells");
     assert_eq!(listed.len(), cells.len());

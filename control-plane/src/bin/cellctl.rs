@@ -11,7 +11,8 @@ use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_control_plane::ctl::exit;
 use cellplane_control_plane::ctl::table;
 use cellplane_control_plane::ctl::views::{
-    CellView, DrainView, FailoverView, MigrationView, NodeView, RouteView, Row, TenantView, phase,
+    CellView, DrainView, FailoverView, MemberView, MigrationView, NodeView, RouteView, Row,
+    TenantView, phase,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -90,6 +91,9 @@ impl ModeArg {
 enum Command {
     /// Every control-plane node: its role, term and revision.
     Status,
+    /// Control-plane membership (Raft store): list, add or remove a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Cells with their state, load and health.
     Cells {
         /// Only this region's cells.
@@ -168,6 +172,18 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// The members, voters and learners, as the leader has them.
+    List,
+    /// Add a running node (started with this id and address): it joins as a learner and
+    /// becomes a voter once it has caught up.
+    Add { node_id: u64, addr: String },
+    /// Take a node out of the cluster. To replace a node whose disk was lost: remove it, wipe
+    /// its data directory, start it again and add it back.
+    Remove { node_id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -407,6 +423,32 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     "no node answered with a leader",
                 ));
             }
+        }
+        Command::Node(NodeCommand::List) => {
+            let status = control
+                .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+                .await?;
+            let members: Vec<MemberView> = status.members.iter().map(MemberView::from).collect();
+            print_list(output, &members)?;
+        }
+        Command::Node(NodeCommand::Add { node_id, addr }) => {
+            let request = pb::AddNodeRequest { node_id, addr };
+            let changed = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.add_node(request).await }
+                })
+                .await?;
+            let members: Vec<MemberView> = changed.members.iter().map(MemberView::from).collect();
+            print_list(output, &members)?;
+        }
+        Command::Node(NodeCommand::Remove { node_id }) => {
+            let request = pb::RemoveNodeRequest { node_id };
+            let changed = control
+                .call(|mut c| async move { c.remove_node(request).await })
+                .await?;
+            let members: Vec<MemberView> = changed.members.iter().map(MemberView::from).collect();
+            print_list(output, &members)?;
         }
         Command::Cells { region } => {
             let cells = control

@@ -12,7 +12,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use cellplane_api::ids::{InvalidField, validate_id};
+use cellplane_api::ids::{InvalidField, validate_endpoint, validate_id};
 use cellplane_api::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use cellplane_api::proto::control as pb;
 use cellplane_api::proto::control::control_client::ControlClient;
@@ -21,7 +21,9 @@ use tonic::{Request, Response, Status};
 
 use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
+use crate::raft::membership::Change;
 use crate::state::command::{Command, CommandOutput};
+use crate::store::Routed;
 
 pub struct ControlService {
     node: Arc<Node>,
@@ -302,6 +304,56 @@ impl Control for ControlService {
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         Ok(Response::new(self.node.store.status().await?))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        validate_endpoint("addr", &message.addr)?;
+        let change = Change::Add {
+            node_id: message.node_id,
+            addr: message.addr.clone(),
+        };
+        match self
+            .node
+            .store
+            .change_membership(change, was_forwarded)
+            .await?
+        {
+            Routed::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+            Routed::Forward(channel) => {
+                ControlClient::new(channel)
+                    .add_node(forwarded(message))
+                    .await
+            }
+        }
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        let change = Change::Remove {
+            node_id: message.node_id,
+        };
+        match self
+            .node
+            .store
+            .change_membership(change, was_forwarded)
+            .await?
+        {
+            Routed::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+            Routed::Forward(channel) => {
+                ControlClient::new(channel)
+                    .remove_node(forwarded(message))
+                    .await
+            }
+        }
     }
 
     async fn migrate_tenant(

@@ -91,6 +91,35 @@ impl Row for NodeView {
     }
 }
 
+/// A member of the control-plane cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub node_id: u64,
+    pub addr: String,
+    pub voter: bool,
+}
+
+impl From<&pb::Member> for MemberView {
+    fn from(m: &pb::Member) -> Self {
+        Self {
+            node_id: m.node_id,
+            addr: m.addr.clone(),
+            voter: m.voter,
+        }
+    }
+}
+
+impl Row for MemberView {
+    const HEADERS: &'static [&'static str] = &["NODE", "ADDR", "VOTER"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.node_id.to_string(),
+            self.addr.clone(),
+            if self.voter { "yes" } else { "learner" }.to_string(),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CellView {
     pub cell_id: String,

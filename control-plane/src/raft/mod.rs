@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod proposer;
 pub mod read_index;

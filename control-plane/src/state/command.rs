@@ -244,6 +244,8 @@ pub enum Entity {
     Tenant,
     Migration,
     Failover,
+    /// A control-plane node.
+    Node,
 }
 
 impl Entity {
@@ -254,6 +256,7 @@ impl Entity {
             Self::Tenant => "tenant_id",
             Self::Migration => "migration_id",
             Self::Failover => "failover_id",
+            Self::Node => "node_id",
         }
     }
 }
@@ -265,6 +268,7 @@ impl std::fmt::Display for Entity {
             Self::Tenant => "tenant",
             Self::Migration => "migration",
             Self::Failover => "failover",
+            Self::Node => "node",
         })
     }
 }

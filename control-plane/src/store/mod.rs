@@ -70,6 +70,14 @@ pub trait RouteStore: Send + Sync {
     /// The store's health and position, for `ClusterStatus`.
     async fn status(&self) -> Result<pb::ClusterStatusResponse, StoreError>;
 
+    /// Adds or removes a control-plane node (on the leader; others forward), answering the
+    /// members after the change.
+    async fn change_membership(
+        &self,
+        change: crate::raft::membership::Change,
+        forwarded: bool,
+    ) -> Result<Routed<Vec<pb::Member>>, StoreError>;
+
     /// Stops background work; the store answers nothing afterwards.
     async fn shutdown(&self);
 }

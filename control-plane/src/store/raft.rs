@@ -2,26 +2,30 @@
 //! every node applies them to its own copy of the state. A follower cannot write: it answers
 //! where the leader is, and the service forwards the request there once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
-use openraft::error::{ForwardToLeader, InitializeError, RaftError};
-use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use openraft::error::{
+    ChangeMembershipError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::raft::ClientWriteResponse;
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use tonic::transport::{Channel, Endpoint};
 
 use super::view::SharedState;
 use super::{RouteStore, Routed, StoreError};
 use crate::config::NodeConfig;
 use crate::raft::log_store::LogStore;
+use crate::raft::membership::{self, Change, Members, Plan};
 use crate::raft::network::NetworkFactory;
 use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::read_index::{ReadIndex, ReadIndexError};
 use crate::raft::snapshot::SnapshotError;
 use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{NodeId, Raft};
-use crate::state::command::{Command, CommandOutput};
+use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::state::command::{Command, CommandError, CommandOutput};
 
 /// How long a write may wait for Raft before the caller is told to retry.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,6 +75,33 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraf
         ..Default::default()
     };
     Ok(Arc::new(raft.validate().map_err(Box::new)?))
+}
+
+/// How long a joining node may take to catch up (a snapshot and the log after it) before
+/// `AddNode` gives up waiting; it stays a learner.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// openraft's answer to a membership change, in the store's terms.
+fn membership_result(
+    result: Result<
+        ClientWriteResponse<TypeConfig>,
+        RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    >,
+) -> Result<ClientWriteResponse<TypeConfig>, StoreError> {
+    result.map_err(|err| match err {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(progress),
+        )) => StoreError::Unavailable(format!(
+            "another membership change is in progress ({progress}); retry"
+        )),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(refused)) => {
+            StoreError::Refused(CommandError::FailedPrecondition(refused.to_string()))
+        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            StoreError::Unavailable("this node stopped leading during the change; retry".into())
+        }
+        RaftError::Fatal(fatal) => StoreError::Unavailable(format!("raft: {fatal}")),
+    })
 }
 
 impl RaftStore {
@@ -228,6 +259,92 @@ impl RouteStore for RaftStore {
             purged_index: metrics.purged.map(|id| id.index).unwrap_or_default(),
             store: "raft".into(),
         })
+    }
+
+    async fn change_membership(
+        &self,
+        change: Change,
+        forwarded: bool,
+    ) -> Result<Routed<Vec<pb::Member>>, StoreError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let members = Members {
+            nodes: membership
+                .nodes()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect(),
+            voters: membership.voter_ids().collect(),
+        };
+        if metrics.current_leader != Some(self.id) {
+            if forwarded {
+                return Err(StoreError::Unavailable(
+                    "leadership changed while the request was forwarded; retry".into(),
+                ));
+            }
+            let leader = ForwardToLeader {
+                leader_id: metrics.current_leader,
+                leader_node: metrics
+                    .current_leader
+                    .and_then(|id| membership.get_node(&id).cloned()),
+            };
+            return self.channel_to(&leader).map(Routed::Forward);
+        }
+        let step = membership::plan(&change, &members)?;
+        let changed = match (&change, step) {
+            (_, Plan::Done) => None,
+            (Change::Add { node_id, addr }, Plan::Join) => {
+                let node = BasicNode { addr: addr.clone() };
+                let caught_up =
+                    tokio::time::timeout(CATCH_UP_TIMEOUT, self.raft.add_learner(*node_id, node, true))
+                        .await
+                        .map_err(|_| {
+                            StoreError::Unavailable(format!(
+                                "node {node_id} joined as a learner but did not catch up within {CATCH_UP_TIMEOUT:?}; is it running at {addr}? AddNode again to make it a voter once it has"
+                            ))
+                        })?;
+                membership_result(caught_up)?;
+                Some(ChangeMembers::AddVoterIds(BTreeSet::from([*node_id])))
+            }
+            (Change::Add { node_id, .. }, Plan::Promote) => {
+                Some(ChangeMembers::AddVoterIds(BTreeSet::from([*node_id])))
+            }
+            (Change::Remove { node_id }, Plan::RemoveVoter) => {
+                Some(ChangeMembers::RemoveVoters(BTreeSet::from([*node_id])))
+            }
+            (Change::Remove { node_id }, Plan::RemoveLearner) => {
+                Some(ChangeMembers::RemoveNodes(BTreeSet::from([*node_id])))
+            }
+            (change, step) => unreachable!("plan answered {step:?} for {change:?}"),
+        };
+        let membership = match changed {
+            None => membership.clone(),
+            Some(changes) => {
+                let written = tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    self.raft.change_membership(changes, false),
+                )
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "the membership change was not committed within {WRITE_TIMEOUT:?} (no quorum?); ClusterStatus tells whether it applied"
+                    ))
+                })?;
+                membership_result(written)?
+                    .membership
+                    .unwrap_or_else(|| membership.clone())
+            }
+        };
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        Ok(Routed::Here(
+            membership
+                .nodes()
+                .map(|(id, node)| pb::Member {
+                    node_id: *id,
+                    addr: node.addr.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+        ))
     }
 
     async fn shutdown(&self) {

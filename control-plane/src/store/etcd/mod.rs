@@ -241,6 +241,16 @@ impl RouteStore for EtcdStore {
         true
     }
 
+    async fn change_membership(
+        &self,
+        _change: crate::raft::membership::Change,
+        _forwarded: bool,
+    ) -> Result<Routed<Vec<pb::Member>>, StoreError> {
+        Err(StoreError::Refused(CommandError::FailedPrecondition(
+            "node_id: on the etcd store every node is stateless and the members are etcd's own; change them with etcdctl member add/remove".into(),
+        )))
+    }
+
     async fn status(&self) -> Result<pb::ClusterStatusResponse, StoreError> {
         let mut client = self.client.clone();
         let status = client.status().await.map_err(unavailable("status"))?;
