@@ -37,12 +37,13 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Starts `cellplane dev` on `data` (logging to `log`) and waits until it wrote
+/// Starts `cellplane dev` on `data` with `args` (logging to `log`) and waits until it wrote
 /// `endpoints_file`, which is removed first: the system is up.
 pub fn start_dev(
     data: &std::path::Path,
     endpoints_file: &std::path::Path,
     log: &std::path::Path,
+    args: &[&str],
 ) -> std::process::Child {
     let _ = std::fs::remove_file(endpoints_file);
     let log_file = std::fs::OpenOptions::new()
@@ -56,17 +57,19 @@ pub fn start_dev(
         .arg(data)
         .arg("--endpoints-file")
         .arg(endpoints_file)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(log_file)
         .spawn()
         .expect("start cellplane dev");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     while !endpoints_file.exists() {
-        assert!(
-            dev.try_wait().expect("dev status").is_none(),
-            "cellplane dev exited; log in {}",
-            log.display()
-        );
+        if let Some(status) = dev.try_wait().expect("dev status") {
+            panic!(
+                "cellplane dev exited with {status}; it said:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "cellplane dev did not come up; log in {}",

@@ -42,7 +42,7 @@ fn cellctl_drives_a_running_dev_system() {
         .expect("temp dir");
     let data = dir.path().join("data");
     let endpoints_file = dir.path().join("endpoints.json");
-    let mut dev = start_dev(&data, &endpoints_file, &dir.path().join("dev.log"));
+    let mut dev = start_dev(&data, &endpoints_file, &dir.path().join("dev.log"), &[]);
     let endpoints: Value =
         serde_json::from_str(&std::fs::read_to_string(&endpoints_file).expect("read endpoints"))
             .expect("endpoints JSON");

@@ -1,8 +1,10 @@
 //! The tools people reach for first: grpcurl 1.8.6, which asks only for gRPC reflection
 //! v1alpha, lists, describes and calls a control-plane node and an IM cell.
 //!
-//! The binary is `$GRPCURL_BIN`, or `grpcurl` on the PATH (the test script installs it).
+//! The binary is `$GRPCURL_BIN`, else the one the test script installs under target/tools,
+//! else `grpcurl` on the PATH.
 
+use std::path::Path;
 use std::process::Command;
 
 use cellplane_api::proto::control::Tier;
@@ -14,7 +16,14 @@ const CELL: &str = "hz-a-normal-1";
 /// Runs grpcurl with `args` against `addr` (plaintext); answers its output, failing the test
 /// with what it said when it fails.
 fn grpcurl(addr: &str, args: &[&str]) -> String {
-    let binary = std::env::var("GRPCURL_BIN").unwrap_or_else(|_| "grpcurl".into());
+    let installed = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/grpcurl");
+    let binary = std::env::var("GRPCURL_BIN").unwrap_or_else(|_| {
+        if Path::new(installed).exists() {
+            installed.into()
+        } else {
+            "grpcurl".into()
+        }
+    });
     let addr = addr.trim_start_matches("http://");
     let (call, data): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| !a.starts_with('{'));
     let mut command = Command::new(&binary);

@@ -36,7 +36,7 @@ fn a_dev_system_killed_outright_leaves_nothing_and_its_next_run_comes_up_whole()
     let data = dir.path().join("data");
     let endpoints_file = dir.path().join("endpoints.json");
     let log = dir.path().join("dev.log");
-    let mut dev = start_dev(&data, &endpoints_file, &log);
+    let mut dev = start_dev(&data, &endpoints_file, &log, &[]);
     ok(
         &endpoints_file,
         &[
@@ -73,7 +73,7 @@ fn a_dev_system_killed_outright_leaves_nothing_and_its_next_run_comes_up_whole()
 
     // The next run comes up with the first one's tenants, and no cell restarts.
     let before = agent_logs(&data).len();
-    let mut dev = start_dev(&data, &endpoints_file, &log);
+    let mut dev = start_dev(&data, &endpoints_file, &log, &[]);
     let tenant = ok(&endpoints_file, &["tenant", "show", "acme"]);
     assert_eq!(tenant["tenant_id"], "acme", "{tenant}");
     let cells = ok(&endpoints_file, &["cells"]);
