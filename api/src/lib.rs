@@ -10,6 +10,7 @@ pub mod dir_lock;
 pub mod ids;
 pub mod limits;
 pub mod serve;
+pub mod tls;
 
 /// Generated protobuf and tonic code, nested as the proto packages are so cross-package
 /// references resolve, with short aliases.

@@ -10,12 +10,15 @@ use crate::cells::{self, LocalCells};
 use crate::config::AgentConfig;
 use crate::supervisor::Supervisor;
 use cellplane_api::client::ControlPlane;
+use cellplane_api::tls::Tls;
 
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Client(#[from] cellplane_api::client::ClientError),
+    #[error(transparent)]
+    Tls(#[from] cellplane_api::tls::TlsError),
     #[error("cannot find the im-cell binary: {0}")]
     Binary(String),
     #[error("control plane refused cell {cell_id}: {status}")]
@@ -50,10 +53,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let binary = im_cell_binary(&config)?;
-    let control = ControlPlane::new(control_plane)?;
-    let cells: LocalCells = cells::local_cells(&config.cells)?;
+    let tls = Tls::load_optional(config.tls.as_ref())?;
+    let control = ControlPlane::with_tls(control_plane, &tls)?;
+    let cells: LocalCells = cells::local_cells(&config.cells, &tls)?;
     let (stop_tx, stop) = watch::channel(false);
-    let supervisor = Supervisor::start(&cells, &binary, &config.data_dir, config.restart);
+    let supervisor = Supervisor::start(
+        &cells,
+        &binary,
+        &config.data_dir,
+        config.restart,
+        config.tls.as_ref(),
+    );
     tracing::info!(%region, cells = cells.len(), "agent started its cells");
 
     let joined = async {

@@ -10,6 +10,7 @@ use cellplane_api::client::channel;
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
 use cellplane_api::proto::control as pb;
+use cellplane_api::tls::Tls;
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -81,12 +82,15 @@ impl LocalCell {
 /// This agent's cells by id.
 pub type LocalCells = Arc<BTreeMap<String, LocalCell>>;
 
-pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::client::ClientError> {
+pub fn local_cells(
+    specs: &[CellSpec],
+    tls: &Tls,
+) -> Result<LocalCells, cellplane_api::client::ClientError> {
     let mut cells = BTreeMap::new();
     for spec in specs {
         let endpoint = spec.listen.to_string();
         // A cell's status lists every key it holds: a million tenants are tens of megabytes.
-        let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT)?)
+        let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT, tls)?)
             .max_decoding_message_size(MAX_STATUS_BYTES);
         cells.insert(
             spec.cell_id.clone(),
@@ -103,8 +107,8 @@ pub fn local_cells(specs: &[CellSpec]) -> Result<LocalCells, cellplane_api::clie
 }
 
 /// An admin client for a cell of another agent, by its registered endpoint.
-pub fn remote_admin(endpoint: &str) -> Result<CellAdminClient<Channel>, Status> {
-    channel(endpoint, CONNECT_TIMEOUT)
+pub fn remote_admin(endpoint: &str, tls: &Tls) -> Result<CellAdminClient<Channel>, Status> {
+    channel(endpoint, CONNECT_TIMEOUT, tls)
         .map(CellAdminClient::new)
         .map_err(|e| Status::failed_precondition(format!("cell endpoint {endpoint:?}: {e}")))
 }

@@ -93,6 +93,10 @@ pub struct AgentConfig {
     #[serde(default)]
     pub restart: RestartPolicy,
     pub cells: Vec<CellSpec>,
+    /// mTLS for the agent's calls (control plane, cells) and its cells' servers and calls:
+    /// each cell is started with these files too. Plaintext when absent.
+    #[serde(default)]
+    pub tls: Option<cellplane_api::tls::TlsPaths>,
 }
 
 fn default_heartbeat_ms() -> u64 {

@@ -9,11 +9,13 @@
 //! only makes the next round start over, with the same counts.
 
 use cellplane_api::client::ControlPlane;
+use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
 use cellplane_api::proto::cell::{ExportRequest, KeyRequest, MergeChunk, RevokeRequest};
 use cellplane_api::proto::control::{Failover, FailoverPhase, MergedKey, ReportFailoverRequest};
 use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
 use futures::StreamExt;
 use tonic::Status;
+use tonic::transport::Channel;
 
 use crate::cells::{LocalCell, remote_admin};
 
@@ -42,7 +44,8 @@ pub async fn merge_back(
     let mut merged = Vec::new();
     for (tenant, conversation) in keys(failover) {
         let route = lookup(control, &tenant, &conversation).await?;
-        let messages = merge_key(cell, failover, &route, (&tenant, &conversation)).await?;
+        let owner = remote_admin(&route.endpoint, control.tls())?;
+        let messages = merge_key(cell, owner, failover, &route, (&tenant, &conversation)).await?;
         if failover.fallback {
             let mut admin = cell.admin.clone();
             admin
@@ -104,6 +107,7 @@ async fn lookup(control: &ControlPlane, tenant: &str, conversation: &str) -> Res
 /// added to the key in all.
 async fn merge_key(
     cell: &LocalCell,
+    mut owner: CellAdminClient<Channel>,
     failover: &Failover,
     route: &Route,
     (tenant, conversation): (&str, &str),
@@ -159,7 +163,7 @@ async fn merge_key(
         epoch,
         ..chunk
     });
-    let answer = remote_admin(&route.endpoint)?.merge(stream).await;
+    let answer = owner.merge(stream).await;
     if let Ok(status) = errors.await {
         return Err(status);
     }

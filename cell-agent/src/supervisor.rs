@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cellplane_api::dir_lock::EXIT_DIR_LOCKED;
+use cellplane_api::tls::TlsPaths;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -61,7 +62,21 @@ impl Supervisor {
         binary: &Path,
         data_dir: &Path,
         policy: RestartPolicy,
+        tls: Option<&TlsPaths>,
     ) -> Self {
+        // Every cell runs with the agent's identity.
+        let tls_args: Vec<std::ffi::OsString> = tls
+            .map(|tls| {
+                vec![
+                    "--tls-ca".into(),
+                    tls.ca.clone().into(),
+                    "--tls-cert".into(),
+                    tls.cert.clone().into(),
+                    "--tls-key".into(),
+                    tls.key.clone().into(),
+                ]
+            })
+            .unwrap_or_default();
         let (stop, stopped) = watch::channel(false);
         let tasks = cells
             .values()
@@ -69,7 +84,7 @@ impl Supervisor {
                 tokio::spawn(supervise(
                     cell.spec.clone(),
                     cell.role(),
-                    binary.to_path_buf(),
+                    (binary.to_path_buf(), tls_args.clone()),
                     data_dir.to_path_buf(),
                     policy,
                     stopped.clone(),
@@ -88,7 +103,11 @@ impl Supervisor {
     }
 }
 
-fn spawn(spec: &CellSpec, role: &Role, binary: &Path, data_dir: &Path) -> std::io::Result<Child> {
+/// The `im-cell` binary and the arguments every cell gets (its TLS files).
+type Launch = (PathBuf, Vec<std::ffi::OsString>);
+
+fn spawn(spec: &CellSpec, role: &Role, launch: &Launch, data_dir: &Path) -> std::io::Result<Child> {
+    let (binary, common) = launch;
     let (dir, log) = cell_paths(data_dir, &spec.cell_id);
     std::fs::create_dir_all(&dir)?;
     let log = std::fs::OpenOptions::new()
@@ -128,6 +147,7 @@ fn spawn(spec: &CellSpec, role: &Role, binary: &Path, data_dir: &Path) -> std::i
         .arg("--exit-with-parent")
         .arg("--lease-required")
         .args(standby)
+        .args(common)
         .args(&spec.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -139,7 +159,7 @@ fn spawn(spec: &CellSpec, role: &Role, binary: &Path, data_dir: &Path) -> std::i
 async fn supervise(
     spec: CellSpec,
     mut role: watch::Receiver<Role>,
-    binary: PathBuf,
+    launch: Launch,
     data_dir: PathBuf,
     policy: RestartPolicy,
     mut stopped: watch::Receiver<bool>,
@@ -154,7 +174,7 @@ async fn supervise(
         }
         let started = Instant::now();
         let current = role.borrow_and_update().clone();
-        match spawn(&spec, &current, &binary, &data_dir) {
+        match spawn(&spec, &current, &launch, &data_dir) {
             Ok(mut child) => {
                 tracing::info!(cell_id = %spec.cell_id, pid = child.id(), ?current, "cell started");
                 tokio::select! {
@@ -192,7 +212,7 @@ async fn supervise(
                 }
             }
             Err(err) => {
-                tracing::error!(cell_id = %spec.cell_id, binary = %binary.display(), error = %err, "cannot start cell");
+                tracing::error!(cell_id = %spec.cell_id, binary = %launch.0.display(), error = %err, "cannot start cell");
             }
         }
         if started.elapsed() >= Duration::from_millis(policy.stable_after_ms) {

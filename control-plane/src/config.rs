@@ -138,6 +138,10 @@ pub struct NodeConfig {
     pub migration: crate::migration::step::Settings,
     #[serde(default)]
     pub failover: crate::failover::detect::Settings,
+    /// mTLS for the node's server (clients, agents, peers) and its calls to peers; plaintext
+    /// when absent.
+    #[serde(default)]
+    pub tls: Option<cellplane_api::tls::TlsPaths>,
 }
 
 impl NodeConfig {
@@ -291,6 +295,7 @@ mod tests {
             raft: RaftTuning::default(),
             migration: Default::default(),
             failover: Default::default(),
+            tls: None,
         }
     }
 

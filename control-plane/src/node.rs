@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use cellplane_api::proto;
+use cellplane_api::tls::Tls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
@@ -38,6 +39,8 @@ pub enum NodeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Tls(#[from] cellplane_api::tls::TlsError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -139,7 +142,8 @@ pub async fn serve(
     config.validate()?;
     match &config.store {
         StoreConfig::Raft => {
-            let store = Arc::new(RaftStore::open(&config).await?);
+            let tls = Tls::load_optional(config.tls.as_ref())?;
+            let store = Arc::new(RaftStore::open(&config, tls).await?);
             let transport = proto::raft::raft_transport_server::RaftTransportServer::new(
                 TransportService::new(store.raft().clone()),
             )
@@ -182,13 +186,18 @@ pub async fn serve_store(
         .await;
     let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
-    tracing::info!(node_id = config.node_id, store = config.store.name(), listen = %listener.local_addr()?, "control-plane node serving");
+    let tls = Tls::load_optional(config.tls.as_ref())?;
+    tracing::info!(node_id = config.node_id, store = config.store.name(), listen = %listener.local_addr()?, mtls = tls.is_enabled(), "control-plane node serving");
     let drained = async move {
         shutdown.await;
         // End watch streams first, so the server's graceful drain does not wait on them.
         let _ = shutdown_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls.server() {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -56,6 +56,9 @@ pub struct CellConfig {
     /// the cell's agent. Agents always start cells so; a cell run on its own needs none.
     #[serde(default)]
     pub lease_required: bool,
+    /// mTLS for the cell's server and its calls to its primary; plaintext when absent.
+    #[serde(default)]
+    pub tls: Option<cellplane_api::tls::TlsPaths>,
 }
 
 /// A primary's synchronous standbys.

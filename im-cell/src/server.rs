@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use cellplane_api::proto;
+use cellplane_api::tls::Tls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -39,6 +40,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Tls(#[from] cellplane_api::tls::TlsError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -50,6 +53,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let tls = Tls::load_optional(config.tls.as_ref())?;
     std::fs::create_dir_all(&config.data_dir)?;
     // Twice the rebase threshold: a device that was just told to read its backlog still finds
     // it while its user's head moves on.
@@ -141,7 +145,10 @@ pub async fn serve(
     if let Some(primary) = standby {
         tokio::spawn(standby::run(
             config.cell_id.clone(),
-            primary,
+            standby::Primary {
+                config: primary,
+                tls: tls.clone(),
+            },
             role.clone(),
             store.clone(),
             writer.clone(),
@@ -159,8 +166,12 @@ pub async fn serve(
         .await;
     let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
-    tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), "IM cell serving");
-    tonic::transport::Server::builder()
+    tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), mtls = tls.is_enabled(), "IM cell serving");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls.server() {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

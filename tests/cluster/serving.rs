@@ -84,8 +84,12 @@ async fn sigterm_drains_and_exits_cleanly() {
         .spawn()
         .expect("spawn");
     // A single-node cluster elects itself; wait until it answers.
-    let channel =
-        cellplane_api::client::channel(&addr, Duration::from_millis(200)).expect("channel");
+    let channel = cellplane_api::client::channel(
+        &addr,
+        Duration::from_millis(200),
+        &cellplane_api::tls::Tls::plaintext(),
+    )
+    .expect("channel");
     let mut control = cellplane_api::proto::control::control_client::ControlClient::new(channel);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -233,8 +237,12 @@ async fn dev_mode_serves_and_restarts_from_its_data_dir() {
     let nodes = read_endpoints().await;
     assert_eq!(nodes.len(), 3);
     // Writes go to any node and are forwarded to the leader.
-    let channel =
-        cellplane_api::client::channel(&nodes[2], Duration::from_millis(500)).expect("channel");
+    let channel = cellplane_api::client::channel(
+        &nodes[2],
+        Duration::from_millis(500),
+        &cellplane_api::tls::Tls::plaintext(),
+    )
+    .expect("channel");
     let mut control = ControlClient::new(channel);
     control
         .register_cell(RegisterCellRequest {
@@ -266,8 +274,12 @@ async fn dev_mode_serves_and_restarts_from_its_data_dir() {
     let mut dev = start_dev();
     let again = read_endpoints().await;
     assert_eq!(again, nodes, "a restarted dev cluster keeps its addresses");
-    let channel =
-        cellplane_api::client::channel(&again[0], Duration::from_millis(500)).expect("channel");
+    let channel = cellplane_api::client::channel(
+        &again[0],
+        Duration::from_millis(500),
+        &cellplane_api::tls::Tls::plaintext(),
+    )
+    .expect("channel");
     let cell = ControlClient::new(channel)
         .get_cell(GetCellRequest {
             cell_id: "hz-a-low-1".into(),

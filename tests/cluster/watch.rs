@@ -17,8 +17,12 @@ async fn watcher(endpoints: Vec<String>, from: u64, tx: mpsc::UnboundedSender<Wa
     loop {
         let endpoint = &endpoints[i % endpoints.len()];
         i += 1;
-        let channel =
-            cellplane_api::client::channel(endpoint, Duration::from_millis(300)).expect("channel");
+        let channel = cellplane_api::client::channel(
+            endpoint,
+            Duration::from_millis(300),
+            &cellplane_api::tls::Tls::plaintext(),
+        )
+        .expect("channel");
         let mut client = cellplane_api::proto::routing::routing_client::RoutingClient::new(channel);
         if let Ok(stream) = client
             .watch(WatchRequest {

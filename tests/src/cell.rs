@@ -142,7 +142,12 @@ impl CellProcess {
     }
 
     pub fn channel(&self) -> Channel {
-        cellplane_api::client::channel(&self.addr, Duration::from_millis(500)).expect("channel")
+        cellplane_api::client::channel(
+            &self.addr,
+            Duration::from_millis(500),
+            &cellplane_api::tls::Tls::plaintext(),
+        )
+        .expect("channel")
     }
 
     pub fn messaging(&self) -> MessagingClient<Channel> {

@@ -217,8 +217,12 @@ impl Cluster {
     }
 
     pub fn channel(&self, id: u64) -> Channel {
-        cellplane_api::client::channel(&self.nodes[&id].addr, Duration::from_millis(500))
-            .expect("channel")
+        cellplane_api::client::channel(
+            &self.nodes[&id].addr,
+            Duration::from_millis(500),
+            &cellplane_api::tls::Tls::plaintext(),
+        )
+        .expect("channel")
     }
 
     pub fn control(&self, id: u64) -> ControlClient<Channel> {

@@ -87,13 +87,13 @@ async fn open(config: &NodeConfig) -> Arc<dyn RouteStore> {
     match &config.store {
         StoreConfig::Raft => {
             // A store that just stopped lets go of its log file once its last task ends.
-            let mut opened = RaftStore::open(config).await;
+            let mut opened = RaftStore::open(config, cellplane_api::tls::Tls::plaintext()).await;
             for _ in 0..100 {
                 if opened.is_ok() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                opened = RaftStore::open(config).await;
+                opened = RaftStore::open(config, cellplane_api::tls::Tls::plaintext()).await;
             }
             let store = opened.expect("open the raft store");
             // One voter: wait for it to elect itself.
@@ -132,6 +132,7 @@ impl<B: Backend> Served<B> {
             raft: RaftTuning::default(),
             migration: Default::default(),
             failover: Default::default(),
+            tls: None,
         };
         let store = Some(open(&config).await);
         let mut served = Served {

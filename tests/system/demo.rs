@@ -94,8 +94,12 @@ async fn tenant_rows(endpoint: &str, tenant: &str) -> Rows {
 }
 
 async fn export_rows(endpoint: &str, tenant: &str, conversation: &str) -> Rows {
-    let channel =
-        cellplane_api::client::channel(endpoint, Duration::from_secs(1)).expect("channel");
+    let channel = cellplane_api::client::channel(
+        endpoint,
+        Duration::from_secs(1),
+        &cellplane_api::tls::Tls::plaintext(),
+    )
+    .expect("channel");
     let mut stream = CellAdminClient::new(channel)
         .export(ExportRequest {
             tenant_id: tenant.into(),
@@ -114,8 +118,12 @@ async fn export_rows(endpoint: &str, tenant: &str, conversation: &str) -> Rows {
 }
 
 async fn status(endpoint: &str) -> CellStatusResponse {
-    let channel =
-        cellplane_api::client::channel(endpoint, Duration::from_secs(1)).expect("channel");
+    let channel = cellplane_api::client::channel(
+        endpoint,
+        Duration::from_secs(1),
+        &cellplane_api::tls::Tls::plaintext(),
+    )
+    .expect("channel");
     CellAdminClient::new(channel)
         .cell_status(CellStatusRequest::default())
         .await

@@ -13,5 +13,6 @@ mod grpcurl;
 mod migration;
 mod processes;
 mod standby;
+mod tls;
 
 pub use cellplane_tests::system::{System, phase_name};

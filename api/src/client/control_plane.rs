@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::{ClientError, channel};
 use crate::proto::control::control_client::ControlClient;
 use crate::proto::routing::routing_client::RoutingClient;
+use crate::tls::Tls;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
@@ -28,25 +29,39 @@ pub fn retryable(status: &Status) -> bool {
 
 #[derive(Clone)]
 pub struct ControlPlane {
+    /// The caller's identity, also for whatever else it connects to (an agent's cells).
+    tls: Tls,
     endpoints: Arc<Vec<String>>,
     channels: Arc<Vec<Channel>>,
     current: Arc<AtomicUsize>,
 }
 
 impl ControlPlane {
+    /// Plaintext connections to `endpoints`.
     pub fn new(endpoints: Vec<String>) -> Result<Self, ClientError> {
+        Self::with_tls(endpoints, &Tls::plaintext())
+    }
+
+    /// Connections to `endpoints` over mTLS when `tls` holds an identity.
+    pub fn with_tls(endpoints: Vec<String>, tls: &Tls) -> Result<Self, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let channels = endpoints
             .iter()
-            .map(|endpoint| channel(endpoint, CONNECT_TIMEOUT))
+            .map(|endpoint| channel(endpoint, CONNECT_TIMEOUT, tls))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
+            tls: tls.clone(),
             endpoints: Arc::new(endpoints),
             channels: Arc::new(channels),
             current: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// The TLS this client connects with.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
     }
 
     fn channel(&self) -> Channel {

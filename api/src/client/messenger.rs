@@ -22,6 +22,7 @@ use crate::proto::cell::{
     Conversation, CreateConversationRequest, SendMessageRequest, SendMessageResponse,
 };
 use crate::proto::routing::Route;
+use crate::tls::Tls;
 
 /// Tuning of a [`Messenger`].
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct MessengerOptions {
     /// How long one attempt may wait for its answer before it is sent again (to whichever
     /// cell owns the key by then): a cell that hangs must not hold a writer past a failover.
     pub attempt_timeout: Duration,
+    /// mTLS to the cells, or plaintext (the default).
+    pub tls: Tls,
 }
 
 impl Default for MessengerOptions {
@@ -44,6 +47,7 @@ impl Default for MessengerOptions {
             retry_pause: Duration::from_millis(5),
             connect_timeout: Duration::from_millis(500),
             attempt_timeout: Duration::from_secs(1),
+            tls: Tls::plaintext(),
         }
     }
 }
@@ -84,8 +88,12 @@ impl Messenger {
             Some(client) => client.clone(),
             None => {
                 let client = MessagingClient::new(
-                    channel(&route.endpoint, self.options.connect_timeout)
-                        .map_err(|e| Status::failed_precondition(e.to_string()))?,
+                    channel(
+                        &route.endpoint,
+                        self.options.connect_timeout,
+                        &self.options.tls,
+                    )
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?,
                 );
                 clients.insert(route.endpoint.clone(), client.clone());
                 client

@@ -14,7 +14,9 @@ pub use route_cache::{CachedRoute, RouteCache, RouteCacheOptions};
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::tls::Tls;
 
 /// Why a client could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -29,15 +31,14 @@ pub enum ClientError {
     Status(#[from] tonic::Status),
 }
 
-/// A lazily connected channel to `host:port`; the connection is made on first use and remade
-/// after failures.
-pub fn channel(endpoint: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    Endpoint::from_shared(format!("http://{endpoint}"))
-        .map(|e| {
-            e.connect_timeout(connect_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy()
-        })
+/// A lazily connected channel to `host:port`, over mTLS when `tls` holds an identity; the
+/// connection is made on first use and remade after failures.
+pub fn channel(
+    endpoint: &str,
+    connect_timeout: Duration,
+    tls: &Tls,
+) -> Result<Channel, ClientError> {
+    tls.lazy_channel(endpoint, connect_timeout)
         .map_err(|e| ClientError::BadEndpoint {
             endpoint: endpoint.to_string(),
             message: e.to_string(),

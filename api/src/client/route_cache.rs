@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::{ClientError, channel};
 use crate::proto::routing::routing_client::RoutingClient;
 use crate::proto::routing::{ListRoutesRequest, Route, RouteEventKind, WatchRequest};
+use crate::tls::Tls;
 
 /// Tuning of a [`RouteCache`].
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct RouteCacheOptions {
     /// First wait before trying the next node; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// mTLS to the control plane, or plaintext (the default).
+    pub tls: Tls,
 }
 
 impl Default for RouteCacheOptions {
@@ -37,6 +40,7 @@ impl Default for RouteCacheOptions {
             connect_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
+            tls: Tls::plaintext(),
         }
     }
 }
@@ -140,6 +144,7 @@ impl RouteCache {
             clients.push(RoutingClient::new(channel(
                 endpoint,
                 options.connect_timeout,
+                &options.tls,
             )?));
         }
         let (revision_tx, _) = watch::channel(0);

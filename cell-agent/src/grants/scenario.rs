@@ -300,7 +300,7 @@ async fn run(routing: ScriptedRouting, held: Vec<cell_pb::OwnedKey>) -> Vec<Stri
         sync_timeout_ms: None,
         args: Vec::new(),
     };
-    let cells = local_cells(&[spec]).expect("cells");
+    let cells = local_cells(&[spec], &cellplane_api::tls::Tls::plaintext()).expect("cells");
     let control = ControlPlane::new(vec![control_addr]).expect("control plane");
     let ended = super::follow(&control, &cells)
         .await

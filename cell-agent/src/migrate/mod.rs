@@ -325,7 +325,7 @@ impl Worker {
                 async move { c.get_cell(pb::GetCellRequest { cell_id }).await }
             })
             .await?;
-        remote_admin(&cell.endpoint)
+        remote_admin(&cell.endpoint, self.control.tls())
     }
 
     /// Does `work` once and says what to report (nothing yet, when it has to wait).

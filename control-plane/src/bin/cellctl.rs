@@ -8,6 +8,7 @@ use std::time::Duration;
 use cellplane_api::client::ControlPlane;
 use cellplane_api::proto::control as pb;
 use cellplane_api::proto::routing::{Consistency, LookupRequest};
+use cellplane_api::tls::{Tls, TlsPaths};
 use cellplane_control_plane::ctl::exit;
 use cellplane_control_plane::ctl::table;
 use cellplane_control_plane::ctl::views::{
@@ -38,9 +39,18 @@ struct Cli {
     /// Control-plane nodes, comma-separated host:port.
     #[arg(long, global = true, value_delimiter = ',', env = "CELLCTL_ENDPOINTS")]
     endpoints: Vec<String>,
-    /// Read the endpoints from a file written by `cellplane dev --endpoints-file`.
+    /// Read the endpoints from a file written by `cellplane dev --endpoints-file` (and, from a
+    /// `cellplane dev --tls`, the operator's certificate).
     #[arg(long, global = true, conflicts_with = "endpoints")]
     endpoints_file: Option<PathBuf>,
+    /// mTLS: the CA (PEM) the nodes' certificates come from; with --tls-cert and --tls-key,
+    /// the operator's own identity. Plaintext when absent (and none is in the endpoints file).
+    #[arg(long, global = true, env = "CELLCTL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "CELLCTL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "CELLCTL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Tables for people, or JSON for scripts.
     #[arg(long, short, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -234,26 +244,33 @@ fn failure(code: u8, kind: &str, message: impl Into<String>) -> Failure {
     }
 }
 
-fn endpoints(cli: &Cli) -> Result<Vec<String>, Failure> {
+/// Where the control plane is and how to reach it: the flags, else the endpoints file of a
+/// `cellplane dev`.
+fn connection(cli: &Cli) -> Result<(Vec<String>, Tls), Failure> {
+    let usage = |message: String| failure(exit::USAGE, "Usage", message);
+    let flags = TlsPaths::from_parts(
+        cli.tls_ca.clone(),
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+    )
+    .map_err(|e| usage(e.to_string()))?;
+    let load =
+        |paths: Option<&TlsPaths>| Tls::load_optional(paths).map_err(|e| usage(e.to_string()));
     if !cli.endpoints.is_empty() {
-        return Ok(cli.endpoints.clone());
+        return Ok((cli.endpoints.clone(), load(flags.as_ref())?));
     }
     let path = cli
         .endpoints_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(".cellplane-dev/endpoints.json"));
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        failure(
-            exit::USAGE,
-            "Usage",
-            format!(
-                "no --endpoints given and {} is unreadable ({e}); start `cellplane dev` or pass --endpoints",
-                path.display()
-            ),
-        )
+        usage(format!(
+            "no --endpoints given and {} is unreadable ({e}); start `cellplane dev` or pass --endpoints",
+            path.display()
+        ))
     })?;
-    let parsed: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| failure(exit::USAGE, "Usage", format!("{}: {e}", path.display())))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;
     let list: Vec<String> = parsed["control_plane"]
         .as_array()
         .map(|a| {
@@ -263,13 +280,19 @@ fn endpoints(cli: &Cli) -> Result<Vec<String>, Failure> {
         })
         .unwrap_or_default();
     if list.is_empty() {
-        return Err(failure(
-            exit::USAGE,
-            "Usage",
-            format!("{} lists no control_plane endpoints", path.display()),
-        ));
+        return Err(usage(format!(
+            "{} lists no control_plane endpoints",
+            path.display()
+        )));
     }
-    Ok(list)
+    let from_file: Option<TlsPaths> = match parsed.get("tls") {
+        Some(tls) => Some(
+            serde_json::from_value(tls.clone())
+                .map_err(|e| usage(format!("{}: tls: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    Ok((list, load(flags.as_ref().or(from_file.as_ref()))?))
 }
 
 fn print_list<T: Row + Serialize>(output: Output, items: &[T]) -> Result<(), Failure> {
@@ -392,15 +415,15 @@ async fn migration_outcome(
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
-    let endpoints = endpoints(&cli)?;
+    let (endpoints, tls) = connection(&cli)?;
     let output = cli.output;
-    let control = ControlPlane::new(endpoints.clone())
+    let control = ControlPlane::with_tls(endpoints.clone(), &tls)
         .map_err(|e| failure(exit::USAGE, "Usage", e.to_string()))?;
     match cli.command {
         Command::Status => {
             let mut nodes = Vec::new();
             for endpoint in &endpoints {
-                let status = match ControlPlane::new(vec![endpoint.clone()]) {
+                let status = match ControlPlane::with_tls(vec![endpoint.clone()], &tls) {
                     Ok(one) => tokio::time::timeout(
                         Duration::from_secs(2),
                         one.control().cluster_status(pb::ClusterStatusRequest {}),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use cellplane_api::dir_lock::DirLock;
 use cellplane_api::serve::shutdown_signal;
+use cellplane_api::tls::TlsPaths;
 use cellplane_control_plane::config::{EtcdConfig, NodeConfig, RaftTuning, StoreConfig};
 use cellplane_control_plane::{dev, node};
 use clap::{Args, Parser, Subcommand};
@@ -102,6 +103,14 @@ struct ServeArgs {
     /// Automatic failovers under way at once; past it the detector holds back until ops act.
     #[arg(long)]
     max_concurrent_failovers: Option<usize>,
+    /// mTLS: the CA (PEM) every client's and peer's certificate must come from; with
+    /// --tls-cert and --tls-key, this node's own. Plaintext when absent.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +136,10 @@ struct DevArgs {
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// mTLS between every component: a throwaway CA and identities are made under the data
+    /// directory (tls/), and cellctl finds the operator's in the endpoints file.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -179,6 +192,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 raft: RaftTuning::default(),
                 migration: Default::default(),
                 failover: Default::default(),
+                tls: None,
             }
         }
         None => {
@@ -197,6 +211,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 raft: RaftTuning::default(),
                 migration: Default::default(),
                 failover: Default::default(),
+                tls: None,
             }
         }
     };
@@ -226,6 +241,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
     }
     if args.migration_keep_source_data {
         config.migration.keep_source_data = true;
+    }
+    if let Some(tls) = TlsPaths::from_parts(args.tls_ca, args.tls_cert, args.tls_key)? {
+        config.tls = Some(tls);
     }
     config.validate()?;
     Ok(config)
@@ -260,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
                     data_dir: args.data_dir,
                     endpoints_file: args.endpoints_file,
                     demo: args.demo,
+                    tls: args.tls,
                 },
                 shutdown_signal(),
             ))

@@ -6,6 +6,7 @@
 //! out, the control plane fails it over to its standby, and the demo prints the time until
 //! the standby acknowledged the first send and the failover's RPO ledger.
 
+use cellplane_api::tls::Tls;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -244,7 +245,7 @@ fn cell_process(cell_id: &str, endpoint: &str) -> Result<Pid, String> {
 /// writes waited and the RPO ledger, then wakes the old primary to show it takes no writes.
 async fn fail_over(
     control: &mut ControlClient<Channel>,
-    routes: &RouteCache,
+    (routes, tls): (&RouteCache, &Tls),
     traffic: &Traffic,
 ) -> Result<(), String> {
     let route = routes
@@ -324,9 +325,13 @@ async fn fail_over(
         ledger.lsns_behind
     );
     kill(pid, Signal::SIGCONT).map_err(|e| format!("SIGCONT {pid}: {e}"))?;
-    let mut old = MessagingClient::connect(format!("http://{}", route.endpoint))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut old = MessagingClient::new(
+        tls.endpoint(&route.endpoint)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let refused = old
         .send_message(SendMessageRequest {
             tenant_id: MOVING.into(),
@@ -358,11 +363,15 @@ async fn fail_over(
 }
 
 /// Runs the demo against the dev system at `control_plane`.
-pub async fn run(control_plane: &[String]) -> Result<(), String> {
+pub async fn run(control_plane: &[String], tls: &Tls) -> Result<(), String> {
     let endpoint = control_plane.first().ok_or("no control-plane endpoint")?;
-    let mut control = ControlClient::connect(format!("http://{endpoint}"))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut control = ControlClient::new(
+        tls.endpoint(endpoint)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     println!("demo: tenants");
     for (tenant_id, tier, region) in TENANTS {
         let placed = control
@@ -385,11 +394,23 @@ pub async fn run(control_plane: &[String]) -> Result<(), String> {
         }
     }
     let routes = Arc::new(
-        RouteCache::start(control_plane.to_vec(), RouteCacheOptions::default())
-            .await
-            .map_err(|e| e.to_string())?,
+        RouteCache::start(
+            control_plane.to_vec(),
+            RouteCacheOptions {
+                tls: tls.clone(),
+                ..RouteCacheOptions::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?,
     );
-    let messenger = Arc::new(Messenger::new(routes.clone(), MessengerOptions::default()));
+    let messenger = Arc::new(Messenger::new(
+        routes.clone(),
+        MessengerOptions {
+            tls: tls.clone(),
+            ..MessengerOptions::default()
+        },
+    ));
     for g in 0..GROUPS {
         let created = messenger
             .create_conversation(CreateConversationRequest {
@@ -455,7 +476,7 @@ pub async fn run(control_plane: &[String]) -> Result<(), String> {
     report(&done, &traffic)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    fail_over(&mut control, &routes, &traffic).await?;
+    fail_over(&mut control, (&routes, tls), &traffic).await?;
 
     let (sent, failed, first_failure) = traffic.stop().await;
     println!(

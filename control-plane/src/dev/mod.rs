@@ -6,6 +6,7 @@
 //! Addresses are remembered in the data directory, so a second run restarts the same system
 //! from disk instead of creating a new one.
 
+pub mod certs;
 pub mod demo;
 pub mod regions;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use cellplane_api::dir_lock::DirLockError;
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{CellState, ClusterStatusRequest, ListCellsRequest};
+use cellplane_api::tls::{Tls, TlsPaths};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,6 +60,8 @@ pub enum DevError {
     CellsNotActive(Duration),
     #[error(transparent)]
     Lock(#[from] DirLockError),
+    #[error(transparent)]
+    Tls(cellplane_api::tls::TlsError),
     #[error("demo: {0}")]
     Demo(String),
     #[error("writing the endpoints file {path}: {source}")]
@@ -72,6 +76,9 @@ pub enum DevError {
 pub struct Endpoints {
     pub control_plane: Vec<String>,
     pub cells: Vec<regions::DevCell>,
+    /// With `--tls`: the operator's identity, which `cellctl` uses to connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsPaths>,
 }
 
 /// The addresses of a dev cluster, kept in its data directory.
@@ -87,6 +94,8 @@ pub struct DevOptions {
     pub endpoints_file: Option<PathBuf>,
     /// Drive traffic through migrations once everything is up, and report what happened.
     pub demo: bool,
+    /// mTLS between every component, with certificates made under the data directory.
+    pub tls: bool,
 }
 
 /// The endpoints file `cellplane dev` keeps in its data directory.
@@ -113,6 +122,7 @@ const CELLS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Waits until every cell of the layout is ACTIVE, watching that no agent died meanwhile.
 async fn wait_for_cells(
     endpoints: &[String],
+    tls: &Tls,
     agents: &mut regions::Agents,
 ) -> Result<(), DevError> {
     let deadline = tokio::time::Instant::now() + CELLS_TIMEOUT;
@@ -122,7 +132,7 @@ async fn wait_for_cells(
             return Err(DevError::AgentExited(region));
         }
         for endpoint in endpoints {
-            let Ok(mut client) = ControlClient::connect(format!("http://{endpoint}")).await else {
+            let Ok(mut client) = control_client(tls, endpoint).await else {
                 continue;
             };
             let Ok(cells) = client.list_cells(ListCellsRequest::default()).await else {
@@ -195,12 +205,23 @@ async fn bind_nodes(data_dir: &Path) -> Result<Vec<(u64, TcpListener)>, DevError
     Ok(listeners)
 }
 
+/// A connected Control client, over mTLS when `tls` holds an identity.
+async fn control_client(
+    tls: &Tls,
+    endpoint: &str,
+) -> Result<ControlClient<tonic::transport::Channel>, String> {
+    let endpoint = tls.endpoint(endpoint).map_err(|e| e.to_string())?;
+    Ok(ControlClient::new(
+        endpoint.connect().await.map_err(|e| e.to_string())?,
+    ))
+}
+
 /// Waits until some node reports a leader.
-async fn wait_for_leader(endpoints: &[String]) -> Result<u64, DevError> {
+async fn wait_for_leader(endpoints: &[String], tls: &Tls) -> Result<u64, DevError> {
     let deadline = tokio::time::Instant::now() + LEADER_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
         for endpoint in endpoints {
-            let Ok(mut client) = ControlClient::connect(format!("http://{endpoint}")).await else {
+            let Ok(mut client) = control_client(tls, endpoint).await else {
                 continue;
             };
             if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await
@@ -224,6 +245,19 @@ pub async fn run(
         path: options.data_dir.clone(),
         source,
     })?;
+    let identities = if options.tls {
+        let dir = options.data_dir.join("tls");
+        Some(
+            certs::dev_identities(&dir)
+                .map_err(|source| DevError::DataDir { path: dir, source })?,
+        )
+    } else {
+        None
+    };
+    let node_tls = identities.as_ref().map(|i| i["node"].clone());
+    let agent_tls = identities.as_ref().map(|i| i["agent"].clone());
+    let admin_tls = identities.as_ref().map(|i| i["admin"].clone());
+    let tls = Tls::load_optional(admin_tls.as_ref()).map_err(DevError::Tls)?;
     let listeners = bind_nodes(&options.data_dir).await?;
     let mut peers = BTreeMap::new();
     for (id, listener) in &listeners {
@@ -251,6 +285,7 @@ pub async fn run(
             raft: RaftTuning::default(),
             migration: Default::default(),
             failover: Default::default(),
+            tls: node_tls.clone(),
         };
         let mut stop = stop_rx.clone();
         nodes.spawn(async move {
@@ -267,18 +302,19 @@ pub async fn run(
     }
 
     let leader = tokio::select! {
-        leader = wait_for_leader(&endpoints) => leader?,
+        leader = wait_for_leader(&endpoints, &tls) => leader?,
         Some(Ok(Err(err))) = nodes.join_next() => return Err(err),
     };
     println!("cellplane dev: control plane of {DEV_NODES} nodes is up (leader: node {leader})");
-    let mut agents = match regions::Agents::start(&options.data_dir, &endpoints).await {
-        Ok(agents) => agents,
-        Err(err) => {
-            let _ = stop_tx.send(true);
-            return Err(err);
-        }
-    };
-    if let Err(err) = wait_for_cells(&endpoints, &mut agents).await {
+    let mut agents =
+        match regions::Agents::start(&options.data_dir, &endpoints, agent_tls.as_ref()).await {
+            Ok(agents) => agents,
+            Err(err) => {
+                let _ = stop_tx.send(true);
+                return Err(err);
+            }
+        };
+    if let Err(err) = wait_for_cells(&endpoints, &tls, &mut agents).await {
         agents.stop().await;
         let _ = stop_tx.send(true);
         return Err(err);
@@ -300,7 +336,19 @@ pub async fn run(
             );
         }
     }
-    println!("  transport:     plaintext on loopback (dev mode; configure TLS for production)");
+    match &admin_tls {
+        Some(admin) => println!(
+            "  transport:     mTLS between every component; CA and identities in {}",
+            admin
+                .ca
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+        None => println!(
+            "  transport:     plaintext on loopback (dev mode; --tls for mTLS, configure [tls] in production)"
+        ),
+    }
     println!(
         "  ops:           cellctl --endpoints {} status",
         endpoints.join(",")
@@ -309,6 +357,7 @@ pub async fn run(
     let written = Endpoints {
         control_plane: endpoints.clone(),
         cells: agents.cells.clone(),
+        tls: admin_tls.clone(),
     };
     // Always beside the data, where `cellctl` looks by default; also where asked.
     let default_file = options.data_dir.join(ENDPOINTS_FILE);
@@ -317,7 +366,7 @@ pub async fn run(
     }
     if options.demo {
         let report = tokio::select! {
-            report = demo::run(&endpoints) => report,
+            report = demo::run(&endpoints, &tls) => report,
             () = &mut shutdown => Ok(()),
         };
         if let Err(err) = report {

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cellplane_api::dir_lock::{DirLock, DirLockError};
+use cellplane_api::tls::TlsPaths;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -144,12 +145,23 @@ fn region_cells(
 
 /// Writes the agent config of `region`; standbys name their primary's endpoint, which for a
 /// remote standby is another region's cell.
-fn write_config(agents_dir: &Path, region: &str, all: &[DevCell]) -> Result<(), DevError> {
+fn write_config(
+    agents_dir: &Path,
+    region: &str,
+    all: &[DevCell],
+    tls: Option<&TlsPaths>,
+) -> Result<(), DevError> {
     let config_path = agents_dir.join(format!("{region}.toml"));
     let mut config = format!(
         "# Written by `cellplane dev`.\ndata_dir = {:?}\nheartbeat_interval_ms = 1000\n",
         agents_dir.join(region)
     );
+    if let Some(tls) = tls {
+        config.push_str(&format!(
+            "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            tls.ca, tls.cert, tls.key
+        ));
+    }
     for cell in all.iter().filter(|c| c.region == region) {
         config.push_str(&format!(
             "\n[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = {DEV_CELL_CAPACITY}\n",
@@ -217,7 +229,11 @@ fn agent_binary() -> Result<PathBuf, DevError> {
 impl Agents {
     /// Starts one agent per region of [`LAYOUT`], each once an agent of an earlier run of
     /// this data directory is gone.
-    pub async fn start(data_dir: &Path, control_plane: &[String]) -> Result<Self, DevError> {
+    pub async fn start(
+        data_dir: &Path,
+        control_plane: &[String],
+        tls: Option<&TlsPaths>,
+    ) -> Result<Self, DevError> {
         let binary = agent_binary()?;
         let agents_dir = data_dir.join("agents");
         std::fs::create_dir_all(&agents_dir).map_err(|e| io_error(&agents_dir, e))?;
@@ -228,7 +244,7 @@ impl Agents {
         }
         for (region, _) in LAYOUT {
             wait_for_earlier_agent(&agents_dir.join(region)).await?;
-            write_config(&agents_dir, region, &all)?;
+            write_config(&agents_dir, region, &all, tls)?;
             let log_path = agents_dir.join(format!("{region}.log"));
             let log = std::fs::OpenOptions::new()
                 .create(true)

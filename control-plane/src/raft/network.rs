@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cellplane_api::proto::raft::RaftPayload;
 use cellplane_api::proto::raft::raft_transport_client::RaftTransportClient;
+use cellplane_api::tls::Tls;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -19,7 +20,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::codec::{self, FORMAT};
 use super::{NodeId, TypeConfig};
@@ -32,13 +33,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Builds a client per peer; openraft asks for one per replication stream.
 #[derive(Debug, Clone, Default)]
-pub struct NetworkFactory;
+pub struct NetworkFactory {
+    /// mTLS to peers, or plaintext.
+    pub tls: Tls,
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        PeerClient::new(target, node.clone())
+        PeerClient::new(target, node.clone(), &self.tls)
     }
 }
 
@@ -54,13 +58,10 @@ pub struct PeerClient {
 struct TransportError(String);
 
 impl PeerClient {
-    fn new(target: NodeId, node: BasicNode) -> Self {
-        let client = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|endpoint| {
-                let channel = endpoint
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+    fn new(target: NodeId, node: BasicNode, tls: &Tls) -> Self {
+        let client = tls
+            .lazy_channel(&node.addr, CONNECT_TIMEOUT)
+            .map(|channel| {
                 RaftTransportClient::new(channel)
                     .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
+use cellplane_api::tls::Tls;
 use openraft::error::{
     ChangeMembershipError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
 };
 use openraft::raft::ClientWriteResponse;
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::view::SharedState;
 use super::{RouteStore, Routed, StoreError};
@@ -56,6 +57,8 @@ pub struct RaftStore {
     read_index: ReadIndex,
     /// Channels to other nodes by address, reused for forwarded calls.
     channels: Mutex<HashMap<String, Channel>>,
+    /// mTLS to the leader when a request is forwarded, or plaintext.
+    tls: Tls,
 }
 
 fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, Box<openraft::ConfigError>> {
@@ -107,14 +110,14 @@ fn membership_result(
 impl RaftStore {
     /// Opens the node's log and newest snapshot from its data directory and joins the cluster;
     /// the lowest peer id initializes a new cluster.
-    pub async fn open(config: &NodeConfig) -> Result<Self, RaftOpenError> {
+    pub async fn open(config: &NodeConfig, tls: Tls) -> Result<Self, RaftOpenError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"), config.node_id)?;
         let (state_machine, shared) = StateMachineStore::open(&config.data_dir.join("snapshots"))?;
         let raft = Raft::new(
             config.node_id,
             raft_config(config)?,
-            NetworkFactory,
+            NetworkFactory { tls: tls.clone() },
             log_store,
             state_machine,
         )
@@ -139,6 +142,7 @@ impl RaftStore {
             proposer: Proposer::start(raft.clone()),
             read_index: ReadIndex::start(raft),
             channels: Mutex::new(HashMap::new()),
+            tls,
         })
     }
 
@@ -160,11 +164,10 @@ impl RaftStore {
         if let Some(channel) = channels.get(&node.addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map_err(|e| StoreError::Corrupt(format!("leader address {:?}: {e}", node.addr)))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = self
+            .tls
+            .lazy_channel(&node.addr, Duration::from_secs(1))
+            .map_err(|e| StoreError::Corrupt(format!("leader address {:?}: {e}", node.addr)))?;
         channels.insert(node.addr.clone(), channel.clone());
         Ok(channel)
     }

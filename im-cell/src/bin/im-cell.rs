@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use cellplane_api::dir_lock::DirLock;
+use cellplane_api::tls::TlsPaths;
 use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 use cellplane_im_cell::limits::Limits;
 use cellplane_im_cell::pns::PnsConfig;
@@ -97,6 +98,14 @@ enum Command {
         /// killed outright leaves no cell behind holding the port.
         #[arg(long)]
         exit_with_parent: bool,
+        /// mTLS: the CA (PEM) every peer's certificate must come from; with --tls-cert and
+        /// --tls-key, this cell's own. Plaintext when absent.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
+        #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -128,6 +137,9 @@ async fn main() -> anyhow::Result<()> {
         log_retention_ms,
         lease_required,
         exit_with_parent,
+        tls_ca,
+        tls_cert,
+        tls_key,
     } = Cli::parse().command;
     let mut config = match config {
         Some(path) => {
@@ -153,9 +165,13 @@ async fn main() -> anyhow::Result<()> {
                 standby: None,
                 replication: Default::default(),
                 lease_required: false,
+                tls: None,
             }
         }
     };
+    if let Some(tls) = TlsPaths::from_parts(tls_ca, tls_cert, tls_key)? {
+        config.tls = Some(tls);
+    }
     if metrics_listen.is_some() {
         config.metrics_listen = metrics_listen;
     }

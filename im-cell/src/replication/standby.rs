@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cellplane_api::proto::cell as pb;
 use cellplane_api::proto::cell::replication_client::ReplicationClient;
+use cellplane_api::tls::Tls;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -37,10 +38,18 @@ struct Applying {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// The primary a standby follows, and how it reaches it.
+#[derive(Debug, Clone)]
+pub struct Primary {
+    pub config: StandbyConfig,
+    /// mTLS to the primary, or plaintext.
+    pub tls: Tls,
+}
+
 /// Follows the primary until `shutdown` turns true or the cell is promoted.
 pub async fn run(
     cell_id: String,
-    primary: StandbyConfig,
+    primary: Primary,
     role: Role,
     store: Store,
     writer: Writer,
@@ -54,7 +63,7 @@ pub async fn run(
             _ = shutdown.changed() => return,
             () = role.promoted() => {
                 state.update_replica(|r| r.connected = false);
-                tracing::info!(primary = %primary.primary_cell_id, "promoted: no longer following");
+                tracing::info!(primary = %primary.config.primary_cell_id, "promoted: no longer following");
                 return;
             }
         };
@@ -63,7 +72,7 @@ pub async fn run(
             // It streamed for a while: the next failure starts the back-off over.
             Ok(()) => backoff = FIRST_BACKOFF,
             Err(status) => {
-                tracing::warn!(primary = %primary.primary_cell_id, %status, "following the primary failed; retrying");
+                tracing::warn!(primary = %primary.config.primary_cell_id, %status, "following the primary failed; retrying");
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -107,13 +116,17 @@ fn decode_batch(batch: pb::ReplicationBatch) -> Result<Replicated, CellError> {
 /// One connection: returns `Ok` when the primary ended the stream after it had streamed.
 async fn follow(
     cell_id: &str,
-    primary: &StandbyConfig,
+    primary: &Primary,
     store: &Store,
     writer: &Writer,
     state: &ReplicationState,
 ) -> Result<(), Status> {
-    let channel = cellplane_api::client::channel(&primary.primary_endpoint, Duration::from_secs(1))
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let channel = cellplane_api::client::channel(
+        &primary.config.primary_endpoint,
+        Duration::from_secs(1),
+        &primary.tls,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let position = store.replica()?;
     let applied = if position.bootstrapping {
         0

@@ -1,0 +1,190 @@
+//! `cellplane dev --tls`: every component talks over mTLS — nodes to nodes, agents to nodes
+//! and cells, cells to their primaries, cellctl and the client library to all of them — and a
+//! client without a certificate, with one of another CA, or with an expired one is refused at
+//! the handshake.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest};
+use cellplane_api::proto::control::ClusterStatusRequest;
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::tls::{Tls, TlsPaths};
+use cellplane_control_plane::dev::certs::{Ca, DEV_IDENTITIES};
+use cellplane_tests::traffic::send_request;
+use cellplane_tests::{start_dev, stop_dev};
+use serde_json::Value;
+
+use super::cellctl::ok;
+
+/// Calls ClusterStatus on `endpoint` with `tls`; answers whether it was answered.
+async fn answered(endpoint: &str, tls: &Tls) -> Result<(), String> {
+    let channel = tls
+        .endpoint(endpoint)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    ControlClient::new(channel)
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("call: {e:?}"))
+}
+
+/// Writes `identity` of `ca` as `name` into `dir`.
+fn identity(ca: &Ca, dir: &Path, name: &str, expired: bool) -> TlsPaths {
+    std::fs::create_dir_all(dir).expect("tls dir");
+    let ca_path = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca_path, &ca.pem).expect("ca");
+    ca.issue(name, expired)
+        .expect("issue")
+        .write(dir, name, &ca_path)
+        .expect("write")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_component_talks_over_mtls_and_strangers_are_refused() {
+    let dir = tempfile::Builder::new()
+        .prefix("cellplane-dev-tls-")
+        .tempdir()
+        .expect("temp dir");
+    let data = dir.path().join("data");
+    // The dev system's identities, from a CA this test keeps, so it can issue an expired one.
+    let ca = Ca::new("test CA").expect("ca");
+    let tls_dir = data.join("tls");
+    std::fs::create_dir_all(&tls_dir).expect("tls dir");
+    std::fs::write(tls_dir.join("ca.pem"), &ca.pem).expect("ca");
+    for name in DEV_IDENTITIES {
+        ca.issue(&format!("cellplane-{name}"), false)
+            .expect("issue")
+            .write(&tls_dir, name, &tls_dir.join("ca.pem"))
+            .expect("write");
+    }
+    let endpoints_file = dir.path().join("endpoints.json");
+    let log = dir.path().join("dev.log");
+    let mut dev = start_dev(&data, &endpoints_file, &log, &["--tls"]);
+    let endpoints: Value =
+        serde_json::from_str(&std::fs::read_to_string(&endpoints_file).expect("endpoints"))
+            .expect("json");
+    let admin: TlsPaths = serde_json::from_value(endpoints["tls"].clone()).expect("tls paths");
+    let node = endpoints["control_plane"][0]
+        .as_str()
+        .expect("node")
+        .to_string();
+
+    // cellctl finds the operator's identity in the endpoints file. Every cell came up ACTIVE
+    // (agents reach nodes and cells), and every protected primary's standby follows it (cells
+    // reach their primaries).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cells = ok(&endpoints_file, &["cells"]);
+        let cells = cells.as_array().expect("cells");
+        let protected = cells
+            .iter()
+            .filter(|c| c["standby_of"].is_null() && c["tier"] != "LOW");
+        if cells.iter().all(|c| c["state"] == "ACTIVE")
+            && protected.clone().all(|c| c["protection"] == "IN_SYNC")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cells over mTLS: {cells:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tenant = ok(
+        &endpoints_file,
+        &[
+            "tenant",
+            "create",
+            "secure",
+            "--tier",
+            "NORMAL",
+            "--region",
+            "cn-hangzhou",
+        ],
+    );
+    assert_eq!(tenant["tenant_id"], "secure", "{tenant}");
+
+    // The client library: a route cache and a messenger with the operator's identity.
+    let tls = Tls::load(&admin).expect("load");
+    let routes = Arc::new(
+        RouteCache::start(
+            vec![node.clone()],
+            RouteCacheOptions {
+                tls: tls.clone(),
+                ..RouteCacheOptions::default()
+            },
+        )
+        .await
+        .expect("route cache over mTLS"),
+    );
+    let messenger = Messenger::new(
+        routes,
+        MessengerOptions {
+            tls: tls.clone(),
+            ..MessengerOptions::default()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while messenger.owner("secure", "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the cache never learned the tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    messenger
+        .create_conversation(CreateConversationRequest {
+            tenant_id: "secure".into(),
+            conversation_id: "c0".into(),
+            kind: ConversationKind::Group as i32,
+            member_ids: vec!["u0".into(), "u1".into()],
+            route_epoch: 0,
+        })
+        .await
+        .expect("create over mTLS");
+    messenger
+        .send_message(send_request("secure", "c0", "u0", "m1", b"hi".to_vec()))
+        .await
+        .expect("send over mTLS");
+
+    // Strangers: no certificate, another CA's, an expired one of the right CA.
+    answered(&node, &tls)
+        .await
+        .expect("the operator is answered");
+    let refused = answered(&node, &Tls::plaintext()).await;
+    assert!(refused.is_err(), "plaintext is refused: {refused:?}");
+    let other = Tls::load(&identity(
+        &Ca::new("another CA").expect("ca"),
+        dir.path(),
+        "stranger",
+        false,
+    ))
+    .expect("load");
+    let refused = answered(&node, &other).await;
+    assert!(refused.is_err(), "another CA's certificate is refused");
+    let expired = Tls::load(&identity(&ca, dir.path(), "expired", true)).expect("load");
+    let refused = answered(&node, &expired).await;
+    assert!(refused.is_err(), "an expired certificate is refused");
+    let cell = endpoints["cells"][0]["endpoint"]
+        .as_str()
+        .expect("cell endpoint")
+        .to_string();
+    let channel = Tls::plaintext()
+        .endpoint(&cell)
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    if let Ok(channel) = channel {
+        let status = cellplane_api::proto::cell::cell_admin_client::CellAdminClient::new(channel)
+            .cell_status(cellplane_api::proto::cell::CellStatusRequest { without_keys: true })
+            .await;
+        assert!(status.is_err(), "a cell refuses plaintext too: {status:?}");
+    }
+
+    stop_dev(&mut dev, &data);
+}
