@@ -45,6 +45,27 @@ async fn parent_exit() {
     }
 }
 
+/// Runs `served` — a server that drains its calls once asked to stop — until it finished, or
+/// until `grace` after `stopping` turned true, whichever comes first: a client that never
+/// lets go of a call cannot keep the process from stopping. Answers `None` when cut short.
+pub async fn drain_within<T>(
+    served: impl std::future::Future<Output = T>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Option<T> {
+    let deadline = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = served => Some(served),
+        () = deadline => {
+            tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
+            None
+        }
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM, the two ways a server is asked to stop.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

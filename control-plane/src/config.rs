@@ -142,9 +142,18 @@ pub struct NodeConfig {
     /// when absent.
     #[serde(default)]
     pub tls: Option<cellplane_api::tls::TlsPaths>,
+    /// How long calls may take to finish once the node is asked to stop; then it stops anyway.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS
 }
 
 impl NodeConfig {
+    pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
     /// Reads a TOML config file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))
@@ -296,6 +305,7 @@ mod tests {
             migration: Default::default(),
             failover: Default::default(),
             tls: None,
+            shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
         }
     }
 

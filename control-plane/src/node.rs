@@ -167,6 +167,7 @@ pub async fn serve_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx_for_drain = shutdown_rx.clone();
     let node = Arc::new(Node::new(
         config.node_id,
         store.clone(),
@@ -197,7 +198,8 @@ pub async fn serve_store(
     if let Some(tls) = tls.server() {
         server = server.tls_config(tls)?;
     }
-    server
+    let stopping = shutdown_rx_for_drain;
+    let served = server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -208,8 +210,11 @@ pub async fn serve_store(
         .add_service(proto::control::control_server::ControlServer::new(
             ControlService::new(node.clone()),
         ))
-        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), drained)
-        .await?;
+        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), drained);
+    let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
+    if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {
+        served?;
+    }
 
     tracing::info!(node_id = config.node_id, "gRPC drained; stopping the store");
     store.shutdown().await;

@@ -59,6 +59,14 @@ pub struct CellConfig {
     /// mTLS for the cell's server and its calls to its primary; plaintext when absent.
     #[serde(default)]
     pub tls: Option<cellplane_api::tls::TlsPaths>,
+    /// How long calls may take to finish once the cell is asked to stop; then it stops
+    /// anyway. Below the agent's 5 s before it kills a cell.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    CellConfig::DEFAULT_SHUTDOWN_GRACE_MS
 }
 
 /// A primary's synchronous standbys.
@@ -103,6 +111,8 @@ pub struct StandbyConfig {
 pub use cellplane_api::ids::ConfigError;
 
 impl CellConfig {
+    pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 3_000;
+
     /// Parses a TOML file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))

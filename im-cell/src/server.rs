@@ -171,7 +171,8 @@ pub async fn serve(
     if let Some(tls) = tls.server() {
         server = server.tls_config(tls)?;
     }
-    server
+    let stopping = closing.clone();
+    let served = server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -182,6 +183,7 @@ pub async fn serve(
             store.clone(),
             hub,
             config.limits.rebase_backlog_events,
+            closing.clone(),
         )))
         .add_service(proto::cell::replication_server::ReplicationServer::new(
             ReplicationService::new(
@@ -201,8 +203,11 @@ pub async fn serve(
                 replication,
             ),
         ))
-        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), shutdown)
-        .await?;
-    tracing::info!(cell_id = %config.cell_id, "IM cell drained");
+        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), shutdown);
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {
+        served?;
+        tracing::info!(cell_id = %config.cell_id, "IM cell drained");
+    }
     Ok(())
 }

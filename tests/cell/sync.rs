@@ -254,3 +254,37 @@ async fn read_receipts_reach_the_other_members_merged() {
     assert!(more.is_err(), "unexpected extra event {more:?}");
     assert_eq!(summary("carol").await, (0, Some("m4".to_string())));
 }
+
+/// A device that stays subscribed does not hold a stopping cell: its stream ends with
+/// UNAVAILABLE and the cell exits within a second of SIGTERM, well inside its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_cell_ends_open_streams_instead_of_waiting_for_them() {
+    let mut cell = CellProcess::start("hz-a-normal-1", &[]).await;
+    cell.grant("acme", "", 1).await;
+    group(&cell, "acme", "team", &["alice", "bob"]).await;
+    let mut phone = cell
+        .sync()
+        .subscribe(subscribe("phone", 0))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    assert_eq!(
+        next(&mut phone).await.kind,
+        SyncEventKind::Membership as i32
+    );
+    let asked = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), cell.terminate())
+        .await
+        .expect("the cell stops");
+    assert!(status.success(), "{status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "stopped in {:?}, not at the end of its grace",
+        asked.elapsed()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), phone.message())
+        .await
+        .expect("the stream ends");
+    let status = ended.expect_err("ended with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

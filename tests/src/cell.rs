@@ -93,6 +93,13 @@ impl CellProcess {
         }
     }
 
+    /// SIGTERM: the cell drains its calls and stops; answers how it exited.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().expect("the cell is running");
+        child.wait().await.expect("wait for the cell")
+    }
+
     /// Freezes the cell with SIGSTOP: it keeps its sockets and answers nothing until
     /// [`CellProcess::resume`].
     pub fn pause(&self) {

@@ -106,6 +106,9 @@ enum Command {
         tls_cert: Option<PathBuf>,
         #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
         tls_key: Option<PathBuf>,
+        /// How long calls may take to finish once the cell is asked to stop.
+        #[arg(long)]
+        shutdown_grace_ms: Option<u64>,
     },
 }
 
@@ -140,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         tls_ca,
         tls_cert,
         tls_key,
+        shutdown_grace_ms,
     } = Cli::parse().command;
     let mut config = match config {
         Some(path) => {
@@ -166,11 +170,15 @@ async fn main() -> anyhow::Result<()> {
                 replication: Default::default(),
                 lease_required: false,
                 tls: None,
+                shutdown_grace_ms: CellConfig::DEFAULT_SHUTDOWN_GRACE_MS,
             }
         }
     };
     if let Some(tls) = TlsPaths::from_parts(tls_ca, tls_cert, tls_key)? {
         config.tls = Some(tls);
+    }
+    if let Some(ms) = shutdown_grace_ms {
+        config.shutdown_grace_ms = ms;
     }
     if metrics_listen.is_some() {
         config.metrics_listen = metrics_listen;

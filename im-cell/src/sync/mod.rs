@@ -15,7 +15,7 @@ use cellplane_api::ids::validate_id;
 use cellplane_api::proto::cell as pb;
 use cellplane_api::proto::cell::sync_server::Sync;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -34,14 +34,22 @@ pub struct SyncService {
     store: Store,
     hub: SyncHub,
     rebase_backlog_events: u64,
+    /// Turns true when the cell stops: open streams end then, so they do not hold the drain.
+    closing: watch::Receiver<bool>,
 }
 
 impl SyncService {
-    pub fn new(store: Store, hub: SyncHub, rebase_backlog_events: u64) -> Self {
+    pub fn new(
+        store: Store,
+        hub: SyncHub,
+        rebase_backlog_events: u64,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             store,
             hub,
             rebase_backlog_events,
+            closing,
         }
     }
 }
@@ -231,9 +239,16 @@ impl Sync for SyncService {
             out: out.clone(),
             last: start,
         };
+        let mut closing = self.closing.clone();
         tokio::spawn(async move {
-            if let Err(err) = stream.run().await {
-                let _ = out.send(Err(err.into())).await;
+            let ended = tokio::select! {
+                ran = stream.run() => ran.map_err(Status::from),
+                _ = closing.wait_for(|closing| *closing) => Err(Status::unavailable(
+                    "the cell is stopping; subscribe again from the acknowledged cursor",
+                )),
+            };
+            if let Err(status) = ended {
+                let _ = out.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
@@ -333,7 +348,8 @@ mod tests {
         assert_eq!(kept, (41..=50).collect::<Vec<_>>(), "the newest 10 stay");
 
         // A backlog of 15 is under the threshold of 20, but its first 5 events are gone.
-        let service = SyncService::new(store.clone(), SyncHub::default(), 20);
+        let (_open, closing) = watch::channel(false);
+        let service = SyncService::new(store.clone(), SyncHub::default(), 20, closing);
         let rebase = first_event(&service, 35).await;
         assert_eq!(rebase.kind, pb::SyncEventKind::Rebase as i32);
         assert_eq!(rebase.pts, 50);
@@ -348,5 +364,37 @@ mod tests {
         let rebase = first_event(&service, 2).await;
         assert_eq!(rebase.kind, pb::SyncEventKind::Rebase as i32);
         assert_eq!(rebase.changed_conversations, vec!["c1", "c2"]);
+    }
+
+    /// A device's stream that has caught up waits for pushes; when the cell stops, it ends with
+    /// UNAVAILABLE at once instead of holding the server's drain.
+    #[tokio::test]
+    async fn an_open_stream_ends_with_unavailable_when_the_cell_stops() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 10).expect("store");
+        events(&store, "c1", 3);
+        let (stop, closing) = watch::channel(false);
+        let service = SyncService::new(store, SyncHub::default(), 20, closing);
+        let mut stream = service
+            .subscribe(Request::new(pb::SubscribeRequest {
+                tenant_id: "t".into(),
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                cursor: 0,
+            }))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        for pts in 1..=3 {
+            let event = stream.next().await.expect("event").expect("not an error");
+            assert_eq!(event.pts, pts);
+        }
+        stop.send(true).expect("stop");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+            .await
+            .expect("ends at once")
+            .expect("a last item");
+        let status = ended.expect_err("a status, not an event");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 }
