@@ -4,6 +4,7 @@
 //! API change is one diff. The [`client`] module is what IM services embed: a route cache fed by
 //! the control plane's `Watch`.
 
+pub mod auth;
 pub mod client;
 pub mod detail;
 pub mod dir_lock;

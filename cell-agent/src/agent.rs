@@ -62,7 +62,7 @@ pub async fn run(
         &binary,
         &config.data_dir,
         config.restart,
-        config.tls.as_ref(),
+        (config.tls.as_ref(), config.cell_auth.as_ref()),
     );
     tracing::info!(%region, cells = cells.len(), "agent started its cells");
 

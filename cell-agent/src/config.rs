@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// each cell is started with these files too. Plaintext when absent.
     #[serde(default)]
     pub tls: Option<cellplane_api::tls::TlsPaths>,
+    /// Who may call its cells, by certificate common name; enforced under mTLS.
+    #[serde(default)]
+    pub cell_auth: Option<cellplane_api::auth::AuthConfig>,
 }
 
 fn default_heartbeat_ms() -> u64 {

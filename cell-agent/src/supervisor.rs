@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use cellplane_api::auth::AuthConfig;
 use cellplane_api::dir_lock::EXIT_DIR_LOCKED;
 use cellplane_api::tls::TlsPaths;
 use nix::sys::signal::{Signal, kill};
@@ -62,10 +63,10 @@ impl Supervisor {
         binary: &Path,
         data_dir: &Path,
         policy: RestartPolicy,
-        tls: Option<&TlsPaths>,
+        (tls, auth): (Option<&TlsPaths>, Option<&AuthConfig>),
     ) -> Self {
-        // Every cell runs with the agent's identity.
-        let tls_args: Vec<std::ffi::OsString> = tls
+        // Every cell runs with the agent's identity and the policy of who may call it.
+        let mut tls_args: Vec<std::ffi::OsString> = tls
             .map(|tls| {
                 vec![
                     "--tls-ca".into(),
@@ -77,6 +78,19 @@ impl Supervisor {
                 ]
             })
             .unwrap_or_default();
+        if let Some(auth) = auth {
+            for (flag, names) in [
+                ("--allow-admin", &auth.admin),
+                ("--allow-agent", &auth.agent),
+                ("--allow-reader", &auth.reader),
+                ("--allow-node", &auth.node),
+            ] {
+                for name in names {
+                    tls_args.extend([flag.into(), name.into()]);
+                }
+            }
+            tls_args.push("--enforce-auth".into());
+        }
         let (stop, stopped) = watch::channel(false);
         let tasks = cells
             .values()

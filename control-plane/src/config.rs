@@ -142,6 +142,9 @@ pub struct NodeConfig {
     /// when absent.
     #[serde(default)]
     pub tls: Option<cellplane_api::tls::TlsPaths>,
+    /// Who may call what, by certificate common name; enforced under mTLS.
+    #[serde(default)]
+    pub auth: Option<cellplane_api::auth::AuthConfig>,
     /// How long calls may take to finish once the node is asked to stop; then it stops anyway.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -305,6 +308,7 @@ mod tests {
             migration: Default::default(),
             failover: Default::default(),
             tls: None,
+            auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
         }
     }

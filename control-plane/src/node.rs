@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use cellplane_api::auth::{AuthLayer, Policy};
 use cellplane_api::proto;
 use cellplane_api::tls::Tls;
 use tokio::net::TcpListener;
@@ -198,8 +199,19 @@ pub async fn serve_store(
     if let Some(tls) = tls.server() {
         server = server.tls_config(tls)?;
     }
+    let policy = Policy::for_server(
+        tls.is_enabled(),
+        config.auth.as_ref(),
+        crate::control::access::rules,
+    );
+    if tls.is_enabled() && !policy.is_enforced() {
+        tracing::warn!(
+            "mTLS without an [auth] table: every certificate of the CA may call everything"
+        );
+    }
     let stopping = shutdown_rx_for_drain;
     let served = server
+        .layer(AuthLayer::new(policy))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

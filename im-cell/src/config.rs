@@ -59,6 +59,9 @@ pub struct CellConfig {
     /// mTLS for the cell's server and its calls to its primary; plaintext when absent.
     #[serde(default)]
     pub tls: Option<cellplane_api::tls::TlsPaths>,
+    /// Who may call what, by certificate common name; enforced under mTLS.
+    #[serde(default)]
+    pub auth: Option<cellplane_api::auth::AuthConfig>,
     /// How long calls may take to finish once the cell is asked to stop; then it stops
     /// anyway. Below the agent's 5 s before it kills a cell.
     #[serde(default = "default_shutdown_grace_ms")]

@@ -10,6 +10,7 @@
 //! The cell knows nothing of the control plane: it obeys grants, revocations and freezes sent to
 //! its admin API, and checks the route epoch of every write itself.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod error;

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use cellplane_api::auth::{AuthLayer, Policy};
 use cellplane_api::proto;
 use cellplane_api::tls::Tls;
 use tokio::net::TcpListener;
@@ -171,8 +172,15 @@ pub async fn serve(
     if let Some(tls) = tls.server() {
         server = server.tls_config(tls)?;
     }
+    let policy = Policy::for_server(tls.is_enabled(), config.auth.as_ref(), crate::access::rules);
+    if tls.is_enabled() && !policy.is_enforced() {
+        tracing::warn!(
+            "mTLS without an auth policy: every certificate of the CA may call everything"
+        );
+    }
     let stopping = closing.clone();
     let served = server
+        .layer(AuthLayer::new(policy))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

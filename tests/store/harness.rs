@@ -133,6 +133,7 @@ impl<B: Backend> Served<B> {
             migration: Default::default(),
             failover: Default::default(),
             tls: None,
+            auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
         };
         let store = Some(open(&config).await);

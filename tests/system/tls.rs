@@ -1,21 +1,28 @@
 //! `cellplane dev --tls`: every component talks over mTLS — nodes to nodes, agents to nodes
-//! and cells, cells to their primaries, cellctl and the client library to all of them — and a
-//! client without a certificate, with one of another CA, or with an expired one is refused at
-//! the handshake.
+//! and cells, cells to their primaries, cellctl and the client library to all of them — each
+//! identity reaches only what its role allows, and a client without a certificate, with one
+//! of another CA, or with an expired one is refused at the handshake.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
-use cellplane_api::proto::cell::{ConversationKind, CreateConversationRequest};
-use cellplane_api::proto::control::ClusterStatusRequest;
+use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
+use cellplane_api::proto::cell::{CellStatusRequest, ConversationKind, CreateConversationRequest};
 use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{
+    ClusterStatusRequest, CreateTenantRequest, DeleteTenantRequest, FailoverCellRequest,
+    FailoverMode, GetTenantRequest, ListCellsRequest, Tier,
+};
+use cellplane_api::proto::routing::LookupRequest;
+use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::tls::{Tls, TlsPaths};
 use cellplane_control_plane::dev::certs::{Ca, DEV_IDENTITIES};
 use cellplane_tests::traffic::send_request;
 use cellplane_tests::{start_dev, stop_dev};
 use serde_json::Value;
+use tonic::Code;
 
 use super::cellctl::ok;
 
@@ -151,6 +158,99 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
         .await
         .expect("send over mTLS");
 
+    // Roles: each identity reaches what its role allows and is refused the rest, with nothing
+    // changed.
+    let of = |name: &str| {
+        Tls::load(&TlsPaths {
+            ca: tls_dir.join("ca.pem"),
+            cert: tls_dir.join(format!("{name}.pem")),
+            key: tls_dir.join(format!("{name}-key.pem")),
+        })
+        .expect("load")
+    };
+    let control_as = |tls: &Tls| {
+        ControlClient::new(
+            tls.lazy_channel(&node, Duration::from_secs(2))
+                .expect("channel"),
+        )
+    };
+    let (reader, agent) = (of("reader"), of("agent"));
+    RoutingClient::new(
+        reader
+            .lazy_channel(&node, Duration::from_secs(2))
+            .expect("channel"),
+    )
+    .lookup(LookupRequest {
+        tenant_id: "secure".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("a reader looks routes up");
+    let denied = control_as(&reader)
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "intruder".into(),
+            tier: Tier::Normal as i32,
+            home_region: "cn-hangzhou".into(),
+        })
+        .await
+        .expect_err("a reader creates no tenant");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("cellplane-reader"), "{denied:?}");
+    let denied = control_as(&agent)
+        .failover_cell(FailoverCellRequest {
+            cell_id: "hz-a-normal-1".into(),
+            mode: FailoverMode::Forced as i32,
+            reason: "not an agent's call".into(),
+        })
+        .await
+        .expect_err("an agent fails no cell over");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = control_as(&agent)
+        .delete_tenant(DeleteTenantRequest {
+            tenant_id: "secure".into(),
+        })
+        .await
+        .expect_err("an agent deletes no tenant");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let nobody = Tls::load(&identity(&ca, dir.path(), "nobody", false)).expect("load");
+    let denied = control_as(&nobody)
+        .list_cells(ListCellsRequest::default())
+        .await
+        .expect_err("a certificate of the CA with no role");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let missing = control_as(&tls)
+        .get_tenant(GetTenantRequest {
+            tenant_id: "intruder".into(),
+        })
+        .await
+        .expect_err("nothing was created");
+    assert_eq!(missing.code(), Code::NotFound);
+    control_as(&tls)
+        .get_tenant(GetTenantRequest {
+            tenant_id: "secure".into(),
+        })
+        .await
+        .expect("nothing was deleted");
+    let cell_addr = endpoints["cells"][0]["endpoint"]
+        .as_str()
+        .expect("cell endpoint")
+        .to_string();
+    let cell_admin = |tls: &Tls| {
+        CellAdminClient::new(
+            tls.lazy_channel(&cell_addr, Duration::from_secs(2))
+                .expect("channel"),
+        )
+    };
+    let denied = cell_admin(&reader)
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .expect_err("a front end does not administer cells");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    cell_admin(&agent)
+        .cell_status(CellStatusRequest { without_keys: true })
+        .await
+        .expect("an agent does");
+
     // Strangers: no certificate, another CA's, an expired one of the right CA.
     answered(&node, &tls)
         .await
@@ -180,8 +280,8 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
         .connect()
         .await;
     if let Ok(channel) = channel {
-        let status = cellplane_api::proto::cell::cell_admin_client::CellAdminClient::new(channel)
-            .cell_status(cellplane_api::proto::cell::CellStatusRequest { without_keys: true })
+        let status = CellAdminClient::new(channel)
+            .cell_status(CellStatusRequest { without_keys: true })
             .await;
         assert!(status.is_err(), "a cell refuses plaintext too: {status:?}");
     }

@@ -193,6 +193,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 migration: Default::default(),
                 failover: Default::default(),
                 tls: None,
+                auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
             }
         }
@@ -213,6 +214,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 migration: Default::default(),
                 failover: Default::default(),
                 tls: None,
+                auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
             }
         }

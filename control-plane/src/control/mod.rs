@@ -4,6 +4,7 @@
 //! once. Reads of cells and tenants are linearizable, so an operator always reads their own
 //! writes whichever node they asked.
 
+pub mod access;
 pub mod convert;
 pub mod drains;
 pub mod failovers;

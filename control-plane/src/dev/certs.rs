@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cellplane_api::auth::AuthConfig;
 use cellplane_api::tls::TlsPaths;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -12,8 +13,20 @@ use rcgen::{
 };
 
 /// The identities `cellplane dev --tls` makes: the nodes', the agents' (and their cells'),
-/// and the operator's (`cellctl`).
-pub const DEV_IDENTITIES: [&str; 3] = ["node", "agent", "admin"];
+/// the operator's (`cellctl`), and an IM front end's (lookups, messaging, sync).
+pub const DEV_IDENTITIES: [&str; 4] = ["node", "agent", "admin", "reader"];
+
+/// The roles of the dev identities, for the nodes and the cells alike: each identity
+/// `cellplane-<name>` holds the role of its name.
+pub fn dev_auth() -> AuthConfig {
+    let named = |name: &str| vec![format!("cellplane-{name}")];
+    AuthConfig {
+        admin: named("admin"),
+        agent: named("agent"),
+        reader: named("reader"),
+        node: named("node"),
+    }
+}
 
 /// A certificate authority that can issue identities.
 pub struct Ca {

@@ -286,6 +286,7 @@ pub async fn run(
             migration: Default::default(),
             failover: Default::default(),
             tls: node_tls.clone(),
+            auth: identities.as_ref().map(|_| certs::dev_auth()),
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
         };
         let mut stop = stop_rx.clone();

@@ -161,6 +161,11 @@ fn write_config(
             "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             tls.ca, tls.cert, tls.key
         ));
+        let auth = super::certs::dev_auth();
+        config.push_str(&format!(
+            "\n[cell_auth]\nadmin = {:?}\nagent = {:?}\nreader = {:?}\nnode = {:?}\n",
+            auth.admin, auth.agent, auth.reader, auth.node
+        ));
     }
     for cell in all.iter().filter(|c| c.region == region) {
         config.push_str(&format!(

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use cellplane_api::auth::AuthConfig;
 use cellplane_api::dir_lock::DirLock;
 use cellplane_api::tls::TlsPaths;
 use cellplane_im_cell::config::{CellConfig, StandbyConfig};
@@ -109,6 +110,18 @@ enum Command {
         /// How long calls may take to finish once the cell is asked to stop.
         #[arg(long)]
         shutdown_grace_ms: Option<u64>,
+        /// Under mTLS, check every call against these identities' roles (certificate common
+        /// names; each flag repeats): without it any certificate of the CA may call anything.
+        #[arg(long)]
+        enforce_auth: bool,
+        #[arg(long, requires = "enforce_auth")]
+        allow_admin: Vec<String>,
+        #[arg(long, requires = "enforce_auth")]
+        allow_agent: Vec<String>,
+        #[arg(long, requires = "enforce_auth")]
+        allow_reader: Vec<String>,
+        #[arg(long, requires = "enforce_auth")]
+        allow_node: Vec<String>,
     },
 }
 
@@ -144,6 +157,11 @@ async fn main() -> anyhow::Result<()> {
         tls_cert,
         tls_key,
         shutdown_grace_ms,
+        enforce_auth,
+        allow_admin,
+        allow_agent,
+        allow_reader,
+        allow_node,
     } = Cli::parse().command;
     let mut config = match config {
         Some(path) => {
@@ -171,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
                 lease_required: false,
                 tls: None,
                 shutdown_grace_ms: CellConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+                auth: None,
             }
         }
     };
@@ -179,6 +198,14 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = shutdown_grace_ms {
         config.shutdown_grace_ms = ms;
+    }
+    if enforce_auth {
+        config.auth = Some(AuthConfig {
+            admin: allow_admin,
+            agent: allow_agent,
+            reader: allow_reader,
+            node: allow_node,
+        });
     }
     if metrics_listen.is_some() {
         config.metrics_listen = metrics_listen;

@@ -1,0 +1,285 @@
+//! Who may call what. Under mTLS a caller's identity is its client certificate's subject
+//! common name; the `[auth]` table of a config gives identities roles, and every call is
+//! checked against the role its method needs before it reaches a service:
+//!
+//! - `admin`: everything ops do (tenants, moves, migrations, failovers, drains, membership);
+//! - `agent`: what cell agents do (registration, heartbeats, leases, reports; a cell's admin
+//!   calls and its standbys' replication stream);
+//! - `reader`: lookups, watches, gets and lists; and, on a cell, what IM front ends do
+//!   (messaging, sync);
+//! - `node`: a control-plane peer: Raft, and requests a follower already checked and forwards.
+//!
+//! An admin or an agent may also read. Health and reflection are open to any certificate of
+//! the CA. A call outside the caller's roles is answered `PERMISSION_DENIED` naming the
+//! identity and what the method needs, and reaches nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+/// A role an identity may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Agent,
+    Reader,
+    Node,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Agent => "agent",
+            Self::Reader => "reader",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// The `[auth]` table: identities (certificate common names) by role.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub admin: Vec<String>,
+    #[serde(default)]
+    pub agent: Vec<String>,
+    #[serde(default)]
+    pub reader: Vec<String>,
+    #[serde(default)]
+    pub node: Vec<String>,
+}
+
+/// What a method needs: any one of these roles.
+pub type Needs = &'static [Role];
+
+/// The roles each method of a server needs, by its full path
+/// (`/cellplane.control.v1.Control/CreateTenant`); `None` for methods open to any certificate.
+pub type Rules = fn(&str) -> Option<Needs>;
+
+/// Roles by identity, and the server's rules; or open, letting every call through.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    roles: BTreeMap<String, BTreeSet<Role>>,
+    rules: Rules,
+    enforced: bool,
+}
+
+impl Policy {
+    /// The policy of a server: enforced when it runs mTLS and its config has an `[auth]`
+    /// table; open otherwise (plaintext has no identities; mTLS without `[auth]` lets any
+    /// certificate of the CA call everything, which the server says when it starts).
+    pub fn for_server(tls: bool, config: Option<&AuthConfig>, rules: Rules) -> Self {
+        match config {
+            Some(config) if tls => Self::new(config, rules),
+            _ => Self {
+                roles: BTreeMap::new(),
+                rules,
+                enforced: false,
+            },
+        }
+    }
+
+    pub fn is_enforced(&self) -> bool {
+        self.enforced
+    }
+
+    pub fn new(config: &AuthConfig, rules: Rules) -> Self {
+        let mut roles: BTreeMap<String, BTreeSet<Role>> = BTreeMap::new();
+        for (role, names) in [
+            (Role::Admin, &config.admin),
+            (Role::Agent, &config.agent),
+            (Role::Reader, &config.reader),
+            (Role::Node, &config.node),
+        ] {
+            for name in names {
+                roles.entry(name.clone()).or_default().insert(role);
+            }
+        }
+        Self {
+            roles,
+            rules,
+            enforced: true,
+        }
+    }
+
+    /// Whether `identity` may call `method`, or why not.
+    pub fn check(&self, identity: Option<&str>, method: &str) -> Result<(), Status> {
+        let Some(needs) = (self.rules)(method).filter(|_| self.enforced) else {
+            return Ok(());
+        };
+        let Some(identity) = identity else {
+            return Err(Status::unauthenticated(format!(
+                "{method} needs a client certificate naming an identity (role {})",
+                names(needs)
+            )));
+        };
+        let held = self.roles.get(identity);
+        let allowed = held.is_some_and(|held| {
+            held.contains(&Role::Node) || needs.iter().any(|need| held.contains(need))
+        });
+        if allowed {
+            return Ok(());
+        }
+        let held = held
+            .map(|h| h.iter().map(|r| r.name()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_else(|| "no role".into());
+        Err(Status::permission_denied(format!(
+            "{identity:?} ({held}) may not call {method}: it needs role {}",
+            names(needs)
+        )))
+    }
+}
+
+fn names(needs: Needs) -> String {
+    needs
+        .iter()
+        .map(|r| r.name())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// The subject common name of a DER certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// The identity of the caller of `request`: its client certificate's common name.
+fn caller<B>(request: &http::Request<B>) -> Option<String> {
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    common_name(certs.first()?)
+}
+
+/// A tower layer that checks every call against `policy` before it reaches a service.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    policy: Arc<Policy>,
+}
+
+impl AuthLayer {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy: Arc::new(policy),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authorized<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorized {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authorized<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authorized<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<S::Future, std::future::Ready<Result<Self::Response, Self::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let identity = caller(&request);
+        match self.policy.check(identity.as_deref(), request.uri().path()) {
+            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
+            Err(status) => {
+                tracing::warn!(
+                    identity = identity.as_deref().unwrap_or("-"),
+                    method = request.uri().path(),
+                    "refused: {}",
+                    status.message()
+                );
+                futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(method: &str) -> Option<Needs> {
+        match method {
+            "/x.Admin/Do" => Some(&[Role::Admin]),
+            "/x.Read/Get" => Some(&[Role::Reader, Role::Admin, Role::Agent]),
+            _ => None,
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::new(
+            &AuthConfig {
+                admin: vec!["ops".into()],
+                agent: vec!["agent-hz".into()],
+                reader: vec!["frontend".into()],
+                node: vec!["peer".into()],
+            },
+            rules,
+        )
+    }
+
+    #[test]
+    fn each_role_reaches_its_methods_and_no_other() {
+        let p = policy();
+        assert!(p.check(Some("ops"), "/x.Admin/Do").is_ok());
+        assert!(
+            p.check(Some("peer"), "/x.Admin/Do").is_ok(),
+            "a peer forwards"
+        );
+        assert!(p.check(Some("frontend"), "/x.Read/Get").is_ok());
+        assert!(p.check(Some("agent-hz"), "/x.Read/Get").is_ok());
+        assert!(p.check(None, "/grpc.health.v1.Health/Check").is_ok());
+        let denied = p.check(Some("agent-hz"), "/x.Admin/Do").expect_err("agent");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            denied.message().contains("\"agent-hz\" (agent)"),
+            "{denied:?}"
+        );
+        assert!(denied.message().contains("needs role admin"), "{denied:?}");
+        let stranger = p.check(Some("who"), "/x.Read/Get").expect_err("stranger");
+        assert!(stranger.message().contains("no role"), "{stranger:?}");
+        let anonymous = p.check(None, "/x.Read/Get").expect_err("anonymous");
+        assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn plaintext_or_no_auth_table_lets_everything_through() {
+        let config = AuthConfig::default();
+        for open in [
+            Policy::for_server(false, Some(&config), rules),
+            Policy::for_server(true, None, rules),
+        ] {
+            assert!(!open.is_enforced());
+            assert!(open.check(None, "/x.Admin/Do").is_ok());
+        }
+        assert!(Policy::for_server(true, Some(&config), rules).is_enforced());
+    }
+}
