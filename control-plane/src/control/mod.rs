@@ -34,6 +34,27 @@ impl ControlService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
+
+    /// Applies a membership change on the leader, or answers where to forward it.
+    async fn change_membership(
+        &self,
+        change: Change,
+        was_forwarded: bool,
+    ) -> Result<Routed<Response<pb::MembershipResponse>>, Status> {
+        Ok(
+            match self
+                .node
+                .store
+                .change_membership(change, was_forwarded)
+                .await?
+            {
+                Routed::Here(members) => {
+                    Routed::Here(Response::new(pb::MembershipResponse { members }))
+                }
+                Routed::Forward(channel) => Routed::Forward(channel),
+            },
+        )
+    }
 }
 
 /// Checks a page size: 0 means the default; above the maximum is refused rather than clamped,
@@ -318,13 +339,8 @@ impl Control for ControlService {
             node_id: message.node_id,
             addr: message.addr.clone(),
         };
-        match self
-            .node
-            .store
-            .change_membership(change, was_forwarded)
-            .await?
-        {
-            Routed::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+        match self.change_membership(change, was_forwarded).await? {
+            Routed::Here(members) => Ok(members),
             Routed::Forward(channel) => {
                 ControlClient::new(channel)
                     .add_node(forwarded(message))
@@ -342,13 +358,8 @@ impl Control for ControlService {
         let change = Change::Remove {
             node_id: message.node_id,
         };
-        match self
-            .node
-            .store
-            .change_membership(change, was_forwarded)
-            .await?
-        {
-            Routed::Here(members) => Ok(Response::new(pb::MembershipResponse { members })),
+        match self.change_membership(change, was_forwarded).await? {
+            Routed::Here(members) => Ok(members),
             Routed::Forward(channel) => {
                 ControlClient::new(channel)
                     .remove_node(forwarded(message))
