@@ -53,6 +53,28 @@ pub struct AuthConfig {
     pub reader: Vec<String>,
     #[serde(default)]
     pub node: Vec<String>,
+    /// The region each agent identity acts for: it may register, report and renew only that
+    /// region's cells. An agent not listed here may act for any region.
+    #[serde(default)]
+    pub regions: BTreeMap<String, String>,
+}
+
+/// Who called, as the layer found it, for the services' own checks (an agent's region).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: String,
+    pub roles: BTreeSet<Role>,
+    /// The region an agent identity acts for.
+    pub region: Option<String>,
+}
+
+impl Caller {
+    /// The region this caller is confined to: an agent's, unless it is also an admin or a
+    /// node (a peer forwards requests it checked itself).
+    pub fn confined_to(&self) -> Option<&str> {
+        let free = self.roles.contains(&Role::Admin) || self.roles.contains(&Role::Node);
+        if free { None } else { self.region.as_deref() }
+    }
 }
 
 /// What a method needs: any one of these roles.
@@ -66,6 +88,7 @@ pub type Rules = fn(&str) -> Option<Needs>;
 #[derive(Debug, Clone)]
 pub struct Policy {
     roles: BTreeMap<String, BTreeSet<Role>>,
+    regions: BTreeMap<String, String>,
     rules: Rules,
     enforced: bool,
 }
@@ -79,6 +102,7 @@ impl Policy {
             Some(config) if tls => Self::new(config, rules),
             _ => Self {
                 roles: BTreeMap::new(),
+                regions: BTreeMap::new(),
                 rules,
                 enforced: false,
             },
@@ -103,9 +127,19 @@ impl Policy {
         }
         Self {
             roles,
+            regions: config.regions.clone(),
             rules,
             enforced: true,
         }
+    }
+
+    /// What the services learn of an identity the policy let through.
+    pub fn caller(&self, identity: &str) -> Option<Caller> {
+        Some(Caller {
+            identity: identity.to_string(),
+            roles: self.roles.get(identity)?.clone(),
+            region: self.regions.get(identity).cloned(),
+        })
     }
 
     /// Whether `identity` may call `method`, or why not.
@@ -205,10 +239,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let identity = caller(&request);
         match self.policy.check(identity.as_deref(), request.uri().path()) {
-            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
+            Ok(()) => {
+                if let Some(caller) = identity.as_deref().and_then(|i| self.policy.caller(i)) {
+                    request.extensions_mut().insert(caller);
+                }
+                futures::future::Either::Left(self.inner.call(request))
+            }
             Err(status) => {
                 tracing::warn!(
                     identity = identity.as_deref().unwrap_or("-"),
@@ -241,9 +280,20 @@ mod tests {
                 agent: vec!["agent-hz".into()],
                 reader: vec!["frontend".into()],
                 node: vec!["peer".into()],
+                regions: [("agent-hz".to_string(), "hz".to_string())].into(),
             },
             rules,
         )
+    }
+
+    #[test]
+    fn an_agent_is_confined_to_its_region_and_admins_and_peers_are_not() {
+        let p = policy();
+        let agent = p.caller("agent-hz").expect("known");
+        assert_eq!(agent.confined_to(), Some("hz"));
+        assert_eq!(p.caller("ops").expect("known").confined_to(), None);
+        assert_eq!(p.caller("peer").expect("known").confined_to(), None);
+        assert_eq!(p.caller("who"), None);
     }
 
     #[test]

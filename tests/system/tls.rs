@@ -13,12 +13,12 @@ use cellplane_api::proto::cell::{CellStatusRequest, ConversationKind, CreateConv
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
     ClusterStatusRequest, CreateTenantRequest, DeleteTenantRequest, FailoverCellRequest,
-    FailoverMode, GetTenantRequest, ListCellsRequest, Tier,
+    FailoverMode, GetTenantRequest, HeartbeatRequest, ListCellsRequest, RenewLeasesRequest, Tier,
 };
 use cellplane_api::proto::routing::LookupRequest;
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::tls::{Tls, TlsPaths};
-use cellplane_control_plane::dev::certs::{Ca, DEV_IDENTITIES};
+use cellplane_control_plane::dev::certs::{Ca, dev_identity_names};
 use cellplane_tests::traffic::send_request;
 use cellplane_tests::{start_dev, stop_dev};
 use serde_json::Value;
@@ -65,10 +65,10 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
     let tls_dir = data.join("tls");
     std::fs::create_dir_all(&tls_dir).expect("tls dir");
     std::fs::write(tls_dir.join("ca.pem"), &ca.pem).expect("ca");
-    for name in DEV_IDENTITIES {
+    for name in dev_identity_names() {
         ca.issue(&format!("cellplane-{name}"), false)
             .expect("issue")
-            .write(&tls_dir, name, &tls_dir.join("ca.pem"))
+            .write(&tls_dir, &name, &tls_dir.join("ca.pem"))
             .expect("write");
     }
     let endpoints_file = dir.path().join("endpoints.json");
@@ -174,7 +174,7 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
                 .expect("channel"),
         )
     };
-    let (reader, agent) = (of("reader"), of("agent"));
+    let (reader, agent) = (of("reader"), of("agent-cn-hangzhou"));
     RoutingClient::new(
         reader
             .lazy_channel(&node, Duration::from_secs(2))
@@ -212,6 +212,40 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
         .await
         .expect_err("an agent deletes no tenant");
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // An agent acts for its own region only: cn-beijing's may not report on a cell of
+    // cn-hangzhou, nor renew its lease.
+    let beijing = of("agent-cn-beijing");
+    let hangzhou_cell = endpoints["cells"]
+        .as_array()
+        .expect("cells")
+        .iter()
+        .find(|c| c["region"] == "cn-hangzhou")
+        .and_then(|c| c["cell_id"].as_str())
+        .expect("a cn-hangzhou cell")
+        .to_string();
+    let denied = control_as(&beijing)
+        .heartbeat(HeartbeatRequest {
+            cell_id: hangzhou_cell.clone(),
+            health: Some(Default::default()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("another region's cell");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("cn-beijing"), "{denied:?}");
+    let denied = control_as(&beijing)
+        .renew_leases(RenewLeasesRequest {
+            cell_ids: vec![hangzhou_cell.clone()],
+        })
+        .await
+        .expect_err("another region's lease");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    control_as(&agent)
+        .renew_leases(RenewLeasesRequest {
+            cell_ids: vec![hangzhou_cell],
+        })
+        .await
+        .expect("its own region's");
     let nobody = Tls::load(&identity(&ca, dir.path(), "nobody", false)).expect("load");
     let denied = control_as(&nobody)
         .list_cells(ListCellsRequest::default())

@@ -126,9 +126,14 @@ pub async fn report(
     request: Request<pb::ReportMigrationRequest>,
 ) -> Result<Response<pb::Migration>, Status> {
     let was_forwarded = is_forwarded(request.metadata());
+    let confined = super::scope::confined(&request);
     let message = request.into_inner();
     let id = convert::migration_id(&message.migration_id)?;
     let report: Report = convert::report(&message)?;
+    if let Some(region) = &confined {
+        node.view()
+            .read(|state| super::scope::check_migration(region, id, state))?;
+    }
     match decide(node, was_forwarded, id, Event::Report(&report)).await? {
         Ok(migration) => Ok(Response::new(migration)),
         Err(channel) => {

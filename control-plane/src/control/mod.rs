@@ -9,6 +9,7 @@ pub mod convert;
 pub mod drains;
 pub mod failovers;
 pub mod migrations;
+pub mod scope;
 pub mod status;
 
 use std::sync::Arc;
@@ -93,8 +94,15 @@ fn tenant_output(output: CommandOutput) -> Result<pb::Tenant, Status> {
 macro_rules! write_or_forward {
     ($self:ident, $request:ident, $method:ident, |$message:ident| $command:expr, $output:expr) => {{
         let was_forwarded = is_forwarded($request.metadata());
+        let confined = scope::confined(&$request);
         let $message = $request.into_inner();
         let command = $command;
+        if let Some(region) = &confined {
+            $self
+                .node
+                .view()
+                .read(|state| scope::check_command(region, &command, state))?;
+        }
         match $self.node.propose(command, was_forwarded).await? {
             Proposal::Applied(output) => Ok(Response::new($output(output)?)),
             Proposal::Forward(channel) => {
@@ -531,12 +539,18 @@ impl Control for ControlService {
         request: Request<pb::ReportFailoverRequest>,
     ) -> Result<Response<pb::Failover>, Status> {
         let was_forwarded = is_forwarded(request.metadata());
+        let confined = scope::confined(&request);
         let message = request.into_inner();
-        failovers::failover_id(&message.failover_id)?;
+        let id = failovers::failover_id(&message.failover_id)?;
         if let Some(channel) = self.node.linearize(was_forwarded).await? {
             return ControlClient::new(channel)
                 .report_failover(forwarded(message))
                 .await;
+        }
+        if let Some(region) = &confined {
+            self.node
+                .view()
+                .read(|state| scope::check_failover(region, id, state))?;
         }
         let (id, command) = self
             .node

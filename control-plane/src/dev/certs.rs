@@ -12,19 +12,42 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-/// The identities `cellplane dev --tls` makes: the nodes', the agents' (and their cells'),
-/// the operator's (`cellctl`), and an IM front end's (lookups, messaging, sync).
-pub const DEV_IDENTITIES: [&str; 4] = ["node", "agent", "admin", "reader"];
+/// The identities `cellplane dev --tls` makes: the nodes', one per region's agent (and its
+/// cells), the operator's (`cellctl`), and an IM front end's (lookups, messaging, sync).
+pub fn dev_identity_names() -> Vec<String> {
+    ["node", "admin", "reader"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(
+            super::regions::LAYOUT
+                .iter()
+                .map(|(region, _)| agent_name(region)),
+        )
+        .collect()
+}
+
+/// The identity of a region's agent.
+pub fn agent_name(region: &str) -> String {
+    format!("agent-{region}")
+}
 
 /// The roles of the dev identities, for the nodes and the cells alike: each identity
-/// `cellplane-<name>` holds the role of its name.
+/// `cellplane-<name>` holds the role its name begins with, and each agent acts for its own
+/// region only.
 pub fn dev_auth() -> AuthConfig {
     let named = |name: &str| vec![format!("cellplane-{name}")];
+    let regions = super::regions::LAYOUT.iter().map(|(region, _)| {
+        (
+            format!("cellplane-{}", agent_name(region)),
+            region.to_string(),
+        )
+    });
     AuthConfig {
         admin: named("admin"),
-        agent: named("agent"),
+        agent: regions.clone().map(|(agent, _)| agent).collect(),
         reader: named("reader"),
         node: named("node"),
+        regions: regions.collect(),
     }
 }
 
@@ -108,15 +131,15 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         .write_all(text.as_bytes())
 }
 
-/// The dev identities under `dir`: made on the first run (a new CA and one identity per
-/// [`DEV_IDENTITIES`]), kept for the next.
-pub fn dev_identities(dir: &Path) -> std::io::Result<BTreeMap<&'static str, TlsPaths>> {
+/// The dev identities under `dir`, by name: made on the first run (a new CA and one identity
+/// per [`dev_identity_names`]), kept for the next.
+pub fn dev_identities(dir: &Path) -> std::io::Result<BTreeMap<String, TlsPaths>> {
     let ca_path = dir.join("ca.pem");
-    let existing: BTreeMap<&'static str, TlsPaths> = DEV_IDENTITIES
-        .iter()
+    let existing: BTreeMap<String, TlsPaths> = dev_identity_names()
+        .into_iter()
         .map(|name| {
             (
-                *name,
+                name.clone(),
                 TlsPaths {
                     ca: ca_path.clone(),
                     cert: dir.join(format!("{name}.pem")),
@@ -133,11 +156,11 @@ pub fn dev_identities(dir: &Path) -> std::io::Result<BTreeMap<&'static str, TlsP
     let ca = Ca::new("cellplane dev CA").map_err(std::io::Error::other)?;
     std::fs::write(&ca_path, &ca.pem)?;
     let mut made = BTreeMap::new();
-    for name in DEV_IDENTITIES {
+    for name in dev_identity_names() {
         let identity = ca
             .issue(&format!("cellplane-{name}"), false)
             .map_err(std::io::Error::other)?;
-        made.insert(name, identity.write(dir, name, &ca_path)?);
+        made.insert(name.clone(), identity.write(dir, &name, &ca_path)?);
     }
     Ok(made)
 }
@@ -150,7 +173,7 @@ mod tests {
     fn dev_identities_are_made_once_and_kept() {
         let dir = tempfile::tempdir().expect("temp dir");
         let first = dev_identities(dir.path()).expect("made");
-        assert_eq!(first.len(), DEV_IDENTITIES.len());
+        assert_eq!(first.len(), dev_identity_names().len());
         let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca");
         assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
         let again = dev_identities(dir.path()).expect("kept");

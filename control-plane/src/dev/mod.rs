@@ -255,7 +255,6 @@ pub async fn run(
         None
     };
     let node_tls = identities.as_ref().map(|i| i["node"].clone());
-    let agent_tls = identities.as_ref().map(|i| i["agent"].clone());
     let admin_tls = identities.as_ref().map(|i| i["admin"].clone());
     let tls = Tls::load_optional(admin_tls.as_ref()).map_err(DevError::Tls)?;
     let listeners = bind_nodes(&options.data_dir).await?;
@@ -309,7 +308,7 @@ pub async fn run(
     };
     println!("cellplane dev: control plane of {DEV_NODES} nodes is up (leader: node {leader})");
     let mut agents =
-        match regions::Agents::start(&options.data_dir, &endpoints, agent_tls.as_ref()).await {
+        match regions::Agents::start(&options.data_dir, &endpoints, identities.as_ref()).await {
             Ok(agents) => agents,
             Err(err) => {
                 let _ = stop_tx.send(true);

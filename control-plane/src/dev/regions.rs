@@ -6,6 +6,7 @@
 //! kept in those files, so a restarted `cellplane dev` finds its cells' data and addresses
 //! again.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -237,7 +238,7 @@ impl Agents {
     pub async fn start(
         data_dir: &Path,
         control_plane: &[String],
-        tls: Option<&TlsPaths>,
+        identities: Option<&BTreeMap<String, TlsPaths>>,
     ) -> Result<Self, DevError> {
         let binary = agent_binary()?;
         let agents_dir = data_dir.join("agents");
@@ -249,6 +250,7 @@ impl Agents {
         }
         for (region, _) in LAYOUT {
             wait_for_earlier_agent(&agents_dir.join(region)).await?;
+            let tls = identities.and_then(|i| i.get(&super::certs::agent_name(region)));
             write_config(&agents_dir, region, &all, tls)?;
             let log_path = agents_dir.join(format!("{region}.log"));
             let log = std::fs::OpenOptions::new()

@@ -205,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             agent: allow_agent,
             reader: allow_reader,
             node: allow_node,
+            regions: Default::default(),
         });
     }
     if metrics_listen.is_some() {
