@@ -11,6 +11,8 @@ use cellplane_api::proto::control::{
     SetCellStateRequest, Tier,
 };
 use cellplane_api::proto::routing::routing_client::RoutingClient;
+use cellplane_api::tls::Tls;
+use cellplane_control_plane::dev::certs::Ca;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -33,11 +35,19 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProcess>,
     peers: String,
     extra_args: Vec<String>,
+    /// How the test connects to the nodes.
+    tls: Tls,
 }
 
 impl Cluster {
     /// Starts `size` nodes and waits until they agree on a leader.
     pub async fn start(size: u64, extra_args: &[&str]) -> Cluster {
+        Self::start_with_tls(size, extra_args, false).await
+    }
+
+    /// Like [`Cluster::start`]; with `tls`, every node serves and calls its peers over mTLS
+    /// with one identity of a throwaway CA, which the test's clients present too.
+    pub async fn start_with_tls(size: u64, extra_args: &[&str], tls: bool) -> Cluster {
         let mut dir = tempfile::Builder::new()
             .prefix("cellplane-cluster-")
             .tempdir()
@@ -65,11 +75,33 @@ impl Cluster {
             .map(|n| format!("{}={}", n.id, n.addr))
             .collect::<Vec<_>>()
             .join(",");
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let tls = if tls {
+            let ca = Ca::new("cluster CA").expect("ca");
+            let ca_path = dir.path().join("ca.pem");
+            std::fs::write(&ca_path, &ca.pem).expect("write ca");
+            let paths = ca
+                .issue("cellplane-node", false)
+                .expect("issue")
+                .write(dir.path(), "node", &ca_path)
+                .expect("write identity");
+            for (flag, path) in [
+                ("--tls-ca", &paths.ca),
+                ("--tls-cert", &paths.cert),
+                ("--tls-key", &paths.key),
+            ] {
+                extra_args.extend([flag.to_string(), path.display().to_string()]);
+            }
+            Tls::load(&paths).expect("load")
+        } else {
+            Tls::plaintext()
+        };
         let mut cluster = Cluster {
             dir,
             nodes,
             peers,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
+            tls,
         };
         for id in 1..=size {
             cluster.spawn(id);
@@ -217,12 +249,8 @@ impl Cluster {
     }
 
     pub fn channel(&self, id: u64) -> Channel {
-        cellplane_api::client::channel(
-            &self.nodes[&id].addr,
-            Duration::from_millis(500),
-            &cellplane_api::tls::Tls::plaintext(),
-        )
-        .expect("channel")
+        cellplane_api::client::channel(&self.nodes[&id].addr, Duration::from_millis(500), &self.tls)
+            .expect("channel")
     }
 
     pub fn control(&self, id: u64) -> ControlClient<Channel> {
