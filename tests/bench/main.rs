@@ -12,6 +12,7 @@ mod failover;
 mod leader_kill;
 mod lookups;
 mod migration;
+mod mtls;
 mod report;
 mod scale;
 mod standby;
@@ -83,6 +84,8 @@ enum Which {
     Standby,
     /// Failover RTO per tier and loss, and what lease renewals cost at 1,000 cells.
     Failover,
+    /// Route updates and lookups at 256 clients, plaintext beside mutual TLS.
+    Mtls,
 }
 
 #[tokio::main]
@@ -101,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Lookups) {
         lookups::run(&mut report, phase).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Mtls) {
+        mtls::run(&mut report, phase).await?;
     }
     if matches!(cli.which, Which::All | Which::Scale) {
         scale::run(
