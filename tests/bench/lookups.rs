@@ -14,27 +14,30 @@ use crate::report::Report;
 const TENANTS: usize = 1_000;
 const CLIENTS: usize = 16;
 
-async fn grpc_lookups(
+/// `clients` clients looking up the `tenants` tenants `<prefix>N` (with a new conversation each
+/// time) on `nodes` in turn for `phase`: lookups per second and their latencies.
+pub async fn grpc_lookups(
     cluster: &Cluster,
-    consistency: Consistency,
-    nodes: &[u64],
+    (consistency, prefix, tenants): (Consistency, &str, usize),
+    (clients, nodes): (usize, &[u64]),
     phase: Duration,
 ) -> (f64, Samples) {
     let started = Instant::now();
     let deadline = started + phase;
     let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
+    for c in 0..clients {
         let channel = cluster.channel(nodes[c % nodes.len()]);
+        let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
             let mut routing = RoutingClient::new(channel);
             let mut samples = Samples::default();
             let mut i = c;
             while Instant::now() < deadline {
-                i += CLIENTS;
+                i += clients;
                 let sent = Instant::now();
                 routing
                     .lookup(LookupRequest {
-                        tenant_id: format!("lookup-{}", i % TENANTS),
+                        tenant_id: format!("{prefix}{}", i % tenants),
                         conversation_id: format!("conv-{i}"),
                         consistency: consistency as i32,
                     })
@@ -94,7 +97,13 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
             "followers (forwarded)",
         ),
     ] {
-        let (rate, mut samples) = grpc_lookups(&cluster, consistency, &nodes, phase).await;
+        let (rate, mut samples) = grpc_lookups(
+            &cluster,
+            (consistency, "lookup-", TENANTS),
+            (CLIENTS, &nodes),
+            phase,
+        )
+        .await;
         table.push_str(&format!(
             "| {name} | {served} | {rate:.0} | {} | {} |\n",
             ms(samples.percentile(50.0)),

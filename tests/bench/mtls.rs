@@ -1,16 +1,17 @@
-//! What mutual TLS costs the control plane: route updates and lookups at 256 clients on a
-//! plaintext cluster and on an mTLS one (nodes to each other and clients to nodes), in one run.
+//! What mutual TLS costs the control plane: route updates and lookups at 256 clients (as the
+//! updates and lookups benchmarks run them) on a plaintext cluster and on an mTLS one (nodes to
+//! each other and clients to nodes), in one run.
 //! Connections are long-lived, as IM services' are, so the handshake is paid once; what is
 //! measured is the encryption of every call.
 
 use std::time::{Duration, Instant};
 
-use cellplane_api::proto::control::{GetTenantRequest, MoveRouteRequest, Tier};
-use cellplane_api::proto::routing::{Consistency, LookupRequest};
+use cellplane_api::proto::routing::Consistency;
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::measure::{Samples, ms};
 
 use crate::report::Report;
+use crate::{lookups, updates};
 
 const CLIENTS: usize = 256;
 /// Clients per HTTP/2 connection.
@@ -21,99 +22,35 @@ const CLIENTS_PER_CHANNEL: usize = 4;
 /// latencies).
 async fn measure(tls: bool, phase: Duration) -> anyhow::Result<(f64, Samples, f64, Samples)> {
     let cluster = Cluster::start_with_tls(3, &[], tls).await;
-    cluster
-        .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
-        .await;
+    let tenants = updates::tenants(&cluster, CLIENTS).await?;
     let leader = cluster.wait_for_leader().await;
-    let mut control = cluster.control(leader);
-    let mut tenants = Vec::new();
-    for i in 0..CLIENTS {
-        let tenant = format!("mtls-{i}");
-        cluster.create_tenant(leader, &tenant).await?;
-        let record = control
-            .get_tenant(GetTenantRequest {
-                tenant_id: tenant.clone(),
-            })
-            .await?
-            .into_inner();
-        tenants.push((tenant, record.epoch, record.primary_cell));
-    }
-    let leader_channels: Vec<_> = (0..CLIENTS.div_ceil(CLIENTS_PER_CHANNEL))
+    let channels: Vec<_> = (0..CLIENTS.div_ceil(CLIENTS_PER_CHANNEL))
         .map(|_| cluster.channel(leader))
         .collect();
-    let deadline = Instant::now() + phase;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (c, (tenant, mut epoch, mut cell)) in tenants.into_iter().enumerate() {
-        let mut control = cellplane_api::proto::control::control_client::ControlClient::new(
-            leader_channels[c / CLIENTS_PER_CHANNEL].clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            while Instant::now() < deadline {
-                let target = if cell == "cell-a" { "cell-b" } else { "cell-a" };
-                let sent = Instant::now();
-                let route = control
-                    .move_route(MoveRouteRequest {
-                        tenant_id: tenant.clone(),
-                        conversation_id: String::new(),
-                        expected_epoch: epoch,
-                        target_cell: target.into(),
-                    })
-                    .await
-                    .expect("update")
-                    .into_inner()
-                    .route
-                    .unwrap_or_default();
-                samples.record(sent.elapsed());
-                epoch = route.epoch;
-                cell = route.cell_id;
-            }
-            samples
-        }));
-    }
-    let mut updates = Samples::default();
-    for task in tasks {
-        updates.merge(task.await?);
-    }
-    let update_rate = updates.len() as f64 / started.elapsed().as_secs_f64();
-
-    let nodes = cluster.running_ids();
-    let channels: Vec<_> = (0..CLIENTS.div_ceil(CLIENTS_PER_CHANNEL))
-        .map(|i| cluster.channel(nodes[i % nodes.len()]))
+    let deadline = started + phase;
+    let tasks: Vec<_> = tenants
+        .into_iter()
+        .enumerate()
+        .map(|(c, tenant)| {
+            let channel = channels[c / CLIENTS_PER_CHANNEL].clone();
+            tokio::spawn(async move { updates::move_until(channel, tenant, deadline).await.0 })
+        })
         .collect();
-    let deadline = Instant::now() + phase;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
-        let mut routing = cellplane_api::proto::routing::routing_client::RoutingClient::new(
-            channels[c / CLIENTS_PER_CHANNEL].clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            let mut i = c;
-            while Instant::now() < deadline {
-                i += CLIENTS;
-                let sent = Instant::now();
-                routing
-                    .lookup(LookupRequest {
-                        tenant_id: format!("mtls-{}", i % CLIENTS),
-                        conversation_id: String::new(),
-                        consistency: Consistency::Stale as i32,
-                    })
-                    .await
-                    .expect("lookup");
-                samples.record(sent.elapsed());
-            }
-            samples
-        }));
-    }
-    let mut lookups = Samples::default();
+    let mut moves = Samples::default();
     for task in tasks {
-        lookups.merge(task.await?);
+        moves.merge(task.await?);
     }
-    let lookup_rate = lookups.len() as f64 / started.elapsed().as_secs_f64();
-    Ok((update_rate, updates, lookup_rate, lookups))
+    let update_rate = moves.len() as f64 / started.elapsed().as_secs_f64();
+    let nodes = cluster.running_ids();
+    let (lookup_rate, lookups) = lookups::grpc_lookups(
+        &cluster,
+        (Consistency::Stale, "bench-", CLIENTS),
+        (CLIENTS, &nodes),
+        phase,
+    )
+    .await;
+    Ok((update_rate, moves, lookup_rate, lookups))
 }
 
 /// Plaintext and mTLS clusters, in turn, this many times: one machine runs the nodes and the
@@ -128,11 +65,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let mut table = format!(
         "## What mTLS costs\n\n\
-         Route updates (`MoveRoute` on the leader, each client moving its own tenant) and STALE \
-         lookups (spread over the 3 nodes), {CLIENTS} clients on long-lived connections ({} per \
-         HTTP/2 connection), {} s each, on a plaintext cluster and then on one where nodes, \
-         peers and clients all speak mutual TLS (rustls, ECDSA P-256 identities); {ROUNDS} \
-         rounds of both, alternating, since the nodes and the load share the machine.\n\n\
+         Route updates (`MoveRoute` on the leader, each client moving its own tenant, {} clients \
+         per HTTP/2 connection) and STALE lookups (spread over the 3 nodes, a connection per \
+         client), {CLIENTS} clients on long-lived connections, {} s each, on a plaintext \
+         cluster and then on one where nodes, peers and clients all speak mutual TLS (rustls, \
+         ECDSA P-256 identities); {ROUNDS} rounds of both, alternating, since the nodes and the \
+         load share the machine.\n\n\
          | round | transport | updates/s | p50 ms | p99 ms | lookups/s | p50 ms | p99 ms |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|\n",
         CLIENTS_PER_CHANNEL,

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{GetTenantRequest, MoveRouteRequest, Tier};
 use cellplane_tests::cluster::Cluster;
 use cellplane_tests::measure::{Samples, ms};
+use tonic::transport::Channel;
 
 use crate::report::Report;
 
@@ -15,16 +17,18 @@ pub const CONCURRENCY: [usize; 3] = [1, 16, 256];
 /// gRPC connections the clients share: one HTTP/2 connection per 32 clients.
 const CLIENTS_PER_CHANNEL: usize = 4;
 
-pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, &[]).await;
+/// A tenant a client moves: its id, and the epoch and cell it was last seen at.
+pub type Moving = (String, u64, String);
+
+/// Registers cells `cell-a` and `cell-b` and creates `count` tenants `bench-N` on them.
+pub async fn tenants(cluster: &Cluster, count: usize) -> anyhow::Result<Vec<Moving>> {
     cluster
         .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
         .await;
     let leader = cluster.wait_for_leader().await;
-    let max = *CONCURRENCY.iter().max().unwrap_or(&1);
-    let mut tenants = Vec::new();
     let mut control = cluster.control(leader);
-    for i in 0..max {
+    let mut tenants = Vec::new();
+    for i in 0..count {
         let tenant = format!("bench-{i}");
         cluster.create_tenant(leader, &tenant).await?;
         let record = control
@@ -35,7 +39,45 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
             .into_inner();
         tenants.push((tenant, record.epoch, record.primary_cell));
     }
-    let tenants = Arc::new(tokio::sync::Mutex::new(tenants));
+    Ok(tenants)
+}
+
+/// Moves a tenant between `cell-a` and `cell-b` with compare-and-set `MoveRoute` until
+/// `deadline`: the latencies, and where the tenant ended.
+pub async fn move_until(
+    channel: Channel,
+    (tenant, mut epoch, mut cell): Moving,
+    deadline: Instant,
+) -> (Samples, Moving) {
+    let mut control = ControlClient::new(channel);
+    let mut samples = Samples::default();
+    while Instant::now() < deadline {
+        let target = if cell == "cell-a" { "cell-b" } else { "cell-a" };
+        let sent = Instant::now();
+        let route = control
+            .move_route(MoveRouteRequest {
+                tenant_id: tenant.clone(),
+                conversation_id: String::new(),
+                expected_epoch: epoch,
+                target_cell: target.into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("update failed: {status}"))
+            .into_inner()
+            .route
+            .unwrap_or_default();
+        samples.record(sent.elapsed());
+        epoch = route.epoch;
+        cell = route.cell_id;
+    }
+    (samples, (tenant, epoch, cell))
+}
+
+pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, &[]).await;
+    let max = *CONCURRENCY.iter().max().unwrap_or(&1);
+    let tenants = Arc::new(tokio::sync::Mutex::new(tenants(&cluster, max).await?));
+    let leader = cluster.wait_for_leader().await;
 
     let mut table = String::from(
         "## Route updates through Raft\n\n\
@@ -71,32 +113,9 @@ pub async fn run(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
             let channel = channels[c / CLIENTS_PER_CHANNEL].clone();
             let tenants = tenants.clone();
             tasks.push(tokio::spawn(async move {
-                let (tenant, mut epoch, mut cell) = tenants.lock().await[c].clone();
-                let mut control =
-                    cellplane_api::proto::control::control_client::ControlClient::new(channel);
-                let mut samples = Samples::default();
-                while Instant::now() < deadline {
-                    let target = if cell == "cell-a" { "cell-b" } else { "cell-a" };
-                    let sent = Instant::now();
-                    let moved = control
-                        .move_route(MoveRouteRequest {
-                            tenant_id: tenant.clone(),
-                            conversation_id: String::new(),
-                            expected_epoch: epoch,
-                            target_cell: target.into(),
-                        })
-                        .await;
-                    match moved {
-                        Ok(answer) => {
-                            samples.record(sent.elapsed());
-                            let route = answer.into_inner().route.unwrap_or_default();
-                            epoch = route.epoch;
-                            cell = route.cell_id;
-                        }
-                        Err(status) => panic!("update failed: {status}"),
-                    }
-                }
-                tenants.lock().await[c] = (tenant, epoch, cell);
+                let tenant = tenants.lock().await[c].clone();
+                let (samples, ended) = move_until(channel, tenant, deadline).await;
+                tenants.lock().await[c] = ended;
                 samples
             }));
         }
