@@ -87,8 +87,8 @@ pub type Rules = fn(&str) -> Option<Needs>;
 /// Roles by identity, and the server's rules; or open, letting every call through.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    roles: BTreeMap<String, BTreeSet<Role>>,
-    regions: BTreeMap<String, String>,
+    /// Every identity with a role, as the services learn of it.
+    callers: BTreeMap<String, Arc<Caller>>,
     rules: Rules,
     enforced: bool,
 }
@@ -101,8 +101,7 @@ impl Policy {
         match config {
             Some(config) if tls => Self::new(config, rules),
             _ => Self {
-                roles: BTreeMap::new(),
-                regions: BTreeMap::new(),
+                callers: BTreeMap::new(),
                 rules,
                 enforced: false,
             },
@@ -125,21 +124,27 @@ impl Policy {
                 roles.entry(name.clone()).or_default().insert(role);
             }
         }
+        let callers = roles
+            .into_iter()
+            .map(|(identity, roles)| {
+                let caller = Caller {
+                    region: config.regions.get(&identity).cloned(),
+                    identity: identity.clone(),
+                    roles,
+                };
+                (identity, Arc::new(caller))
+            })
+            .collect();
         Self {
-            roles,
-            regions: config.regions.clone(),
+            callers,
             rules,
             enforced: true,
         }
     }
 
     /// What the services learn of an identity the policy let through.
-    pub fn caller(&self, identity: &str) -> Option<Caller> {
-        Some(Caller {
-            identity: identity.to_string(),
-            roles: self.roles.get(identity)?.clone(),
-            region: self.regions.get(identity).cloned(),
-        })
+    pub fn caller(&self, identity: &str) -> Option<Arc<Caller>> {
+        self.callers.get(identity).cloned()
     }
 
     /// Whether `identity` may call `method`, or why not.
@@ -153,7 +158,7 @@ impl Policy {
                 names(needs)
             )));
         };
-        let held = self.roles.get(identity);
+        let held = self.callers.get(identity).map(|c| &c.roles);
         let allowed = held.is_some_and(|held| {
             held.contains(&Role::Node) || needs.iter().any(|need| held.contains(need))
         });
@@ -240,6 +245,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The certificate is parsed only for a call the policy checks: not on a server with
+        // no policy, nor for health and reflection.
+        let open = !self.policy.enforced || (self.policy.rules)(request.uri().path()).is_none();
+        if open {
+            return futures::future::Either::Left(self.inner.call(request));
+        }
         let identity = caller(&request);
         match self.policy.check(identity.as_deref(), request.uri().path()) {
             Ok(()) => {

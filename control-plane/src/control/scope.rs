@@ -14,7 +14,7 @@ use crate::state::command::Command;
 pub fn confined<T>(request: &Request<T>) -> Option<String> {
     request
         .extensions()
-        .get::<Caller>()
+        .get::<Arc<Caller>>()
         .and_then(|caller| caller.confined_to().map(str::to_string))
 }
 
