@@ -141,27 +141,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     config.validate()?;
+    let tls = Tls::load_optional(config.tls.as_ref())?;
     match &config.store {
         StoreConfig::Raft => {
-            let tls = Tls::load_optional(config.tls.as_ref())?;
-            let store = Arc::new(RaftStore::open(&config, tls).await?);
+            let store = Arc::new(RaftStore::open(&config, tls.clone()).await?);
             let transport = proto::raft::raft_transport_server::RaftTransportServer::new(
                 TransportService::new(store.raft().clone()),
             )
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
-            serve_store(&config, store, Some(transport), listener, shutdown).await
+            serve_store(&config, tls, store, Some(transport), listener, shutdown).await
         }
         StoreConfig::Etcd(etcd) => {
             let store = Arc::new(EtcdStore::open(etcd, config.node_id).await?);
-            serve_store(&config, store, None, listener, shutdown).await
+            serve_store(&config, tls, store, None, listener, shutdown).await
         }
     }
 }
 
-/// Serves the public services (and, for Raft, its transport) over an opened `store`.
+/// Serves the public services (and, for Raft, its transport) over an opened `store`, with
+/// `tls` as loaded from `config`.
 pub async fn serve_store(
     config: &NodeConfig,
+    tls: Tls,
     store: Arc<dyn RouteStore>,
     transport: Option<proto::raft::raft_transport_server::RaftTransportServer<TransportService>>,
     listener: TcpListener,
@@ -188,7 +190,6 @@ pub async fn serve_store(
         .await;
     let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
-    let tls = Tls::load_optional(config.tls.as_ref())?;
     tracing::info!(node_id = config.node_id, store = config.store.name(), listen = %listener.local_addr()?, mtls = tls.is_enabled(), "control-plane node serving");
     let drained = async move {
         shutdown.await;

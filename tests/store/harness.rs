@@ -158,9 +158,16 @@ impl<B: Backend> Served<B> {
         let config = self.config.clone();
         let store = self.store().clone();
         self.server = Some(tokio::spawn(async move {
-            node::serve_store(&config, store, None, listener, async {
-                let _ = stopped.await;
-            })
+            node::serve_store(
+                &config,
+                cellplane_api::tls::Tls::plaintext(),
+                store,
+                None,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .expect("serve");
         }));
