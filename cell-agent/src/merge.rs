@@ -8,12 +8,16 @@
 //! epoch already held changes nothing, and a purged key exports nothing — so a crash anywhere
 //! only makes the next round start over, with the same counts.
 
+use std::sync::{Arc, Mutex};
+
 use cellplane_api::client::ControlPlane;
 use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
-use cellplane_api::proto::cell::{ExportRequest, KeyRequest, MergeChunk, RevokeRequest};
+use cellplane_api::proto::cell::{
+    ExportChunk, ExportRequest, KeyRequest, MergeChunk, RevokeRequest,
+};
 use cellplane_api::proto::control::{Failover, FailoverPhase, MergedKey, ReportFailoverRequest};
 use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
-use futures::StreamExt;
+use tokio_stream::StreamExt;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -123,48 +127,31 @@ async fn merge_key(
         })
         .await?
         .into_inner();
+    // A chunk with no rows goes first, so an empty export still names the key and the owner
+    // answers the count of earlier runs. The export's first error ends the stream and is
+    // returned instead of the owner's count of a partial merge.
+    let empty = ExportChunk {
+        tenant_id: tenant.to_string(),
+        conversation_id: conversation.to_string(),
+        ..Default::default()
+    };
+    let failed = Arc::new(Mutex::new(None));
+    let seen = failed.clone();
+    let chunks = export.map_while(move |chunk| {
+        chunk
+            .map_err(|status| *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(status))
+            .ok()
+    });
     let (merge_id, epoch) = (failover.failover_id.clone(), route.epoch);
-    let (tenant, conversation) = (tenant.to_string(), conversation.to_string());
-    // An empty export still sends one chunk: the owner answers the count of earlier runs.
-    let first = futures::stream::once(async move {
-        MergeChunk {
-            merge_id: String::new(),
-            epoch: 0,
-            export: Some(cellplane_api::proto::cell::ExportChunk {
-                tenant_id: tenant,
-                conversation_id: conversation,
-                ..Default::default()
-            }),
-        }
-    });
-    let (failed, errors) = tokio::sync::oneshot::channel();
-    let mut failed = Some(failed);
-    let chunks = export
-        .take_while(move |chunk| {
-            let ok = match chunk {
-                Ok(_) => true,
-                Err(status) => {
-                    if let Some(failed) = failed.take() {
-                        let _ = failed.send(status.clone());
-                    }
-                    false
-                }
-            };
-            std::future::ready(ok)
-        })
-        .filter_map(|chunk| std::future::ready(chunk.ok()))
-        .map(|chunk| MergeChunk {
-            merge_id: String::new(),
-            epoch: 0,
-            export: Some(chunk),
+    let stream = tokio_stream::iter([empty])
+        .chain(chunks)
+        .map(move |export| MergeChunk {
+            merge_id: merge_id.clone(),
+            epoch,
+            export: Some(export),
         });
-    let stream = first.chain(chunks).map(move |chunk| MergeChunk {
-        merge_id: merge_id.clone(),
-        epoch,
-        ..chunk
-    });
     let answer = owner.merge(stream).await;
-    if let Ok(status) = errors.await {
+    if let Some(status) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(status);
     }
     Ok(answer?.into_inner().merged)

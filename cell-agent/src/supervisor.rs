@@ -66,7 +66,7 @@ impl Supervisor {
         (tls, auth): (Option<&TlsPaths>, Option<&AuthConfig>),
     ) -> Self {
         // Every cell runs with the agent's identity and the policy of who may call it.
-        let mut tls_args: Vec<std::ffi::OsString> = tls
+        let mut cell_args: Vec<std::ffi::OsString> = tls
             .map(|tls| {
                 vec![
                     "--tls-ca".into(),
@@ -86,10 +86,10 @@ impl Supervisor {
                 ("--allow-node", &auth.node),
             ] {
                 for name in names {
-                    tls_args.extend([flag.into(), name.into()]);
+                    cell_args.extend([flag.into(), name.into()]);
                 }
             }
-            tls_args.push("--enforce-auth".into());
+            cell_args.push("--enforce-auth".into());
         }
         let (stop, stopped) = watch::channel(false);
         let tasks = cells
@@ -98,7 +98,7 @@ impl Supervisor {
                 tokio::spawn(supervise(
                     cell.spec.clone(),
                     cell.role(),
-                    (binary.to_path_buf(), tls_args.clone()),
+                    (binary.to_path_buf(), cell_args.clone()),
                     data_dir.to_path_buf(),
                     policy,
                     stopped.clone(),
