@@ -9,8 +9,8 @@ use crate::cluster::Cluster;
 use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
 use cellplane_api::proto::control::{
     Cell, CellState, CreateTenantRequest, Failover, FailoverCellRequest, FailoverMode,
-    FailoverPhase, GetCellRequest, ListCellsRequest, Migration, MigrationPhase, Tier,
-    WatchMigrationRequest,
+    FailoverPhase, GetCellRequest, ListCellsRequest, ListFailoversRequest, ListFailoversResponse,
+    Migration, MigrationPhase, Tier, WatchMigrationRequest,
 };
 
 /// Cells in these tests take load generators, not people: rate limits out of the way.
@@ -150,6 +150,17 @@ impl System {
             })
             .await
             .expect("failover")
+            .into_inner()
+    }
+
+    /// Every failover, with what the detector holds back, as the leader has them now.
+    pub async fn list_failovers(&self) -> ListFailoversResponse {
+        let leader = self.cluster.wait_for_leader().await;
+        self.cluster
+            .control(leader)
+            .list_failovers(ListFailoversRequest::default())
+            .await
+            .expect("list failovers")
             .into_inner()
     }
 

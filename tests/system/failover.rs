@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use cellplane_api::proto::cell::CellStatusRequest;
 use cellplane_api::proto::control::{
-    CellState, Failover, FailoverMode, FailoverPhase, GetFailoverRequest, ListFailoversRequest,
-    ListFailoversResponse, Protection, Tier,
+    CellState, Failover, FailoverMode, FailoverPhase, GetFailoverRequest, Protection, Tier,
 };
 use cellplane_tests::agent::AgentProcess;
 use cellplane_tests::cluster::Cluster;
@@ -71,20 +70,8 @@ async fn start_with(
     system
 }
 
-/// Every failover, with what the detector holds back, as the leader has them now.
-async fn list_failovers(system: &System) -> ListFailoversResponse {
-    let leader = system.cluster.wait_for_leader().await;
-    system
-        .cluster
-        .control(leader)
-        .list_failovers(ListFailoversRequest::default())
-        .await
-        .expect("list failovers")
-        .into_inner()
-}
-
 async fn failovers(system: &System) -> Vec<Failover> {
-    list_failovers(system).await.failovers
+    system.list_failovers().await.failovers
 }
 
 /// A write to the old primary at the epoch it owned the tenant at, once it runs as the
@@ -490,7 +477,7 @@ async fn a_storm_of_failed_primaries_halts_automatic_failover_until_ops_resume_i
     // first, the agent could restart and renew one of them in between); its cells stop
     // with it.
     system.agents[0].kill().await;
-    let list = || list_failovers(&system);
+    let list = || system.list_failovers();
     wait_until(
         "automatic failover halts",
         Duration::from_secs(20),

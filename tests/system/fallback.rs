@@ -11,9 +11,7 @@ use cellplane_api::proto::cell::sync_client::SyncClient;
 use cellplane_api::proto::cell::{
     ConversationKind, CreateConversationRequest, ExportRequest, SubscribeRequest, SyncEventKind,
 };
-use cellplane_api::proto::control::{
-    CellState, Failover, FailoverPhase, ListFailoversRequest, Tier,
-};
+use cellplane_api::proto::control::{CellState, Failover, FailoverPhase, Tier};
 use cellplane_tests::system::wait_until;
 use cellplane_tests::traffic::{MEMBERS, conversation, create_groups, history, send_request};
 use nix::sys::signal::Signal;
@@ -124,14 +122,9 @@ impl LowWriters {
 }
 
 async fn newest_failover(system: &System) -> Failover {
-    let leader = system.cluster.wait_for_leader().await;
     system
-        .cluster
-        .control(leader)
-        .list_failovers(ListFailoversRequest::default())
+        .list_failovers()
         .await
-        .expect("list")
-        .into_inner()
         .failovers
         .pop()
         .expect("a failover")

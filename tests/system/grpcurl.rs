@@ -13,9 +13,9 @@ use super::System;
 
 const CELL: &str = "hz-a-normal-1";
 
-/// Runs grpcurl with `args` against `addr` (plaintext); answers its output, failing the test
-/// with what it said when it fails.
-fn grpcurl(addr: &str, args: &[&str]) -> String {
+/// Runs `grpcurl -plaintext FLAGS addr ARGS`; answers its output, failing the test with what
+/// it said when it fails.
+fn grpcurl(addr: &str, flags: &[&str], args: &[&str]) -> String {
     let installed = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/grpcurl");
     let binary = std::env::var("GRPCURL_BIN").unwrap_or_else(|_| {
         if Path::new(installed).exists() {
@@ -25,15 +25,15 @@ fn grpcurl(addr: &str, args: &[&str]) -> String {
         }
     });
     let addr = addr.trim_start_matches("http://");
-    let (call, data): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| !a.starts_with('{'));
-    let mut command = Command::new(&binary);
-    command.arg("-plaintext");
-    if let Some(data) = data.first() {
-        command.args(["-d", data]);
-    }
-    let output = command.arg(addr).args(call).output().unwrap_or_else(|e| {
-        panic!("running {binary} (./scripts/ensure-tools.sh grpcurl, or set GRPCURL_BIN): {e}")
-    });
+    let output = Command::new(&binary)
+        .arg("-plaintext")
+        .args(flags)
+        .arg(addr)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running {binary} (./scripts/ensure-tools.sh grpcurl, or set GRPCURL_BIN): {e}")
+        });
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         output.status.success(),
@@ -50,7 +50,7 @@ async fn grpcurl_lists_describes_and_calls_a_node_and_a_cell() {
     system.cluster.wait_for_leader().await;
     let node = system.cluster.endpoints()[0].clone();
 
-    let services = grpcurl(&node, &["list"]);
+    let services = grpcurl(&node, &[], &["list"]);
     for service in [
         "cellplane.routing.v1.Routing",
         "cellplane.control.v1.Control",
@@ -58,19 +58,17 @@ async fn grpcurl_lists_describes_and_calls_a_node_and_a_cell() {
     ] {
         assert!(services.contains(service), "{service} in {services}");
     }
-    let routing = grpcurl(&node, &["describe", "cellplane.routing.v1.Routing"]);
+    let routing = grpcurl(&node, &[], &["describe", "cellplane.routing.v1.Routing"]);
     assert!(routing.contains("rpc Lookup"), "{routing}");
     let lookup = grpcurl(
         &node,
-        &[
-            r#"{"tenant_id": "acme"}"#,
-            "cellplane.routing.v1.Routing/Lookup",
-        ],
+        &["-d", r#"{"tenant_id": "acme"}"#],
+        &["cellplane.routing.v1.Routing/Lookup"],
     );
     assert!(lookup.contains(CELL), "{lookup}");
 
     let cell = system.agent("hz").cell(CELL).addr.clone();
-    let services = grpcurl(&cell, &["list"]);
+    let services = grpcurl(&cell, &[], &["list"]);
     for service in [
         "cellplane.cell.v1.Messaging",
         "cellplane.cell.v1.Sync",
@@ -78,14 +76,12 @@ async fn grpcurl_lists_describes_and_calls_a_node_and_a_cell() {
     ] {
         assert!(services.contains(service), "{service} in {services}");
     }
-    let messaging = grpcurl(&cell, &["describe", "cellplane.cell.v1.Messaging"]);
+    let messaging = grpcurl(&cell, &[], &["describe", "cellplane.cell.v1.Messaging"]);
     assert!(messaging.contains("rpc SendMessage"), "{messaging}");
     let status = grpcurl(
         &cell,
-        &[
-            r#"{"without_keys": true}"#,
-            "cellplane.cell.v1.CellAdmin/CellStatus",
-        ],
+        &["-d", r#"{"without_keys": true}"#],
+        &["cellplane.cell.v1.CellAdmin/CellStatus"],
     );
     assert!(status.contains(CELL), "{status}");
 }

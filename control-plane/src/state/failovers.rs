@@ -889,11 +889,10 @@ mod tests {
         assert!(matches!(other, Err(CommandError::AlreadyExists { .. })));
     }
 
-    #[test]
-    fn a_migration_that_needs_the_failed_cell_fails_and_its_key_moves() {
-        let mut state = system();
+    /// Starts tenant n1's move off the NORMAL cell: a tier change to HIGH.
+    fn migrate_off_normal(state: &mut ControlState) {
         apply(
-            &mut state,
+            state,
             Command::StartMigration {
                 key: RouteKey::tenant("n1"),
                 target_cell: None,
@@ -902,6 +901,12 @@ mod tests {
             },
         )
         .expect("tier change to HIGH");
+    }
+
+    #[test]
+    fn a_migration_that_needs_the_failed_cell_fails_and_its_key_moves() {
+        let mut state = system();
+        migrate_off_normal(&mut state);
         apply(&mut state, forced("normal", Some(0))).expect("failover");
         let migration = state.migrations().values().next_back().expect("migration");
         assert_eq!(migration.phase, MigrationPhase::Failed);
@@ -1045,16 +1050,7 @@ mod tests {
     #[test]
     fn a_planned_failover_waits_for_the_cells_migrations() {
         let mut state = system();
-        apply(
-            &mut state,
-            Command::StartMigration {
-                key: RouteKey::tenant("n1"),
-                target_cell: None,
-                new_tier: Some(Tier::High),
-                now_ms: 1,
-            },
-        )
-        .expect("a migration off the cell");
+        migrate_off_normal(&mut state);
         let busy = apply(&mut state, planned("normal"));
         assert!(matches!(busy, Err(CommandError::Busy(_))), "{busy:?}");
     }
