@@ -142,6 +142,15 @@ impl Policy {
         }
     }
 
+    /// Whether a call from `identity` may be one a peer forwards: from a node, or any call
+    /// when the policy is open (plaintext has no identities to tell peers by).
+    pub fn is_peer(&self, identity: Option<&str>) -> bool {
+        !self.enforced
+            || identity
+                .and_then(|i| self.callers.get(i))
+                .is_some_and(|c| c.roles.contains(&Role::Node))
+    }
+
     /// What the services learn of an identity the policy let through.
     pub fn caller(&self, identity: &str) -> Option<Arc<Caller>> {
         self.callers.get(identity).cloned()
@@ -191,12 +200,25 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 }
 
 /// The identity of the caller of `request`: its client certificate's common name.
-fn caller<B>(request: &http::Request<B>) -> Option<String> {
+pub fn identity<B>(request: &http::Request<B>) -> Option<String> {
     let certs = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()?
         .peer_certs()?;
     common_name(certs.first()?)
+}
+
+/// The address the caller of `request` connected from, under TLS or not.
+pub fn peer<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
 }
 
 /// A tower layer that checks every call against `policy` before it reaches a service.
@@ -207,9 +229,12 @@ pub struct AuthLayer {
 
 impl AuthLayer {
     pub fn new(policy: Policy) -> Self {
-        Self {
-            policy: Arc::new(policy),
-        }
+        Self::shared(Arc::new(policy))
+    }
+
+    /// A layer checking against a policy other layers also read.
+    pub fn shared(policy: Arc<Policy>) -> Self {
+        Self { policy }
     }
 }
 
@@ -251,7 +276,7 @@ where
         if open {
             return futures::future::Either::Left(self.inner.call(request));
         }
-        let identity = caller(&request);
+        let identity = identity(&request);
         match self.policy.check(identity.as_deref(), request.uri().path()) {
             Ok(()) => {
                 if let Some(caller) = identity.as_deref().and_then(|i| self.policy.caller(i)) {

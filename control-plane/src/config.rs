@@ -148,11 +148,21 @@ pub struct NodeConfig {
     /// How long calls may take to finish once the node is asked to stop; then it stops anyway.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Admin calls the audit log keeps; the oldest are dropped beyond it.
+    #[serde(default = "default_audit_entries")]
+    pub audit_entries: u32,
+}
+
+fn default_audit_entries() -> u32 {
+    crate::audit::writer::DEFAULT_KEEP
 }
 
 fn default_shutdown_grace_ms() -> u64 {
     NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS
 }
+
+/// Most entries the audit log may be told to keep: every node holds them all in memory.
+pub const MAX_AUDIT_ENTRIES: u32 = 1_000_000;
 
 impl NodeConfig {
     pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
@@ -166,6 +176,12 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::new("node_id", "must be at least 1"));
+        }
+        if !(1..=MAX_AUDIT_ENTRIES).contains(&self.audit_entries) {
+            return Err(ConfigError::new(
+                "audit_entries",
+                format!("must be 1 to {MAX_AUDIT_ENTRIES}"),
+            ));
         }
         self.validate_migration()?;
         self.validate_failover()?;
@@ -310,6 +326,7 @@ mod tests {
             tls: None,
             auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+            audit_entries: crate::audit::writer::DEFAULT_KEEP,
         }
     }
 

@@ -8,9 +8,11 @@
 //! - [`store`]: where the state is kept, behind one trait: the embedded Raft cluster or etcd;
 //! - [`raft`]: openraft's log store, state machine, snapshots and network;
 //! - [`routing`] and [`control`]: the public gRPC services;
+//! - [`audit`]: the log of admin calls, kept in the replicated state;
 //! - [`node`]: one control-plane node, `serve(listener, shutdown)`;
 //! - [`config`]: what a node is told to be, validated once.
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 
+use crate::audit::layer::AuditLayer;
+use crate::audit::writer::Auditor;
 use crate::config::{NodeConfig, StoreConfig};
 use crate::control::ControlService;
 use crate::raft::network::MAX_RAFT_MESSAGE_BYTES;
@@ -58,6 +60,8 @@ pub struct Node {
     pub failover: crate::failover::detect::Settings,
     /// What the failure detector found last.
     pub findings: crate::failover::driver::Findings,
+    /// Entries the audit log keeps.
+    pub audit_keep: u32,
 }
 
 /// The outcome of proposing a command on this node.
@@ -76,6 +80,7 @@ impl Node {
         shutdown: watch::Receiver<bool>,
         migration: crate::migration::step::Settings,
         failover: crate::failover::detect::Settings,
+        audit_keep: u32,
     ) -> Self {
         Self {
             id,
@@ -84,6 +89,7 @@ impl Node {
             migration,
             failover,
             findings: Default::default(),
+            audit_keep,
         }
     }
 
@@ -177,6 +183,7 @@ pub async fn serve_store(
         shutdown_rx,
         config.migration,
         config.failover,
+        config.audit_entries,
     ));
     tokio::spawn(crate::migration::driver::run(node.clone()));
     tokio::spawn(crate::failover::driver::run(node.clone()));
@@ -200,11 +207,11 @@ pub async fn serve_store(
     if let Some(tls) = tls.server() {
         server = server.tls_config(tls)?;
     }
-    let policy = Policy::for_server(
+    let policy = Arc::new(Policy::for_server(
         tls.is_enabled(),
         config.auth.as_ref(),
         crate::control::access::rules,
-    );
+    ));
     if tls.is_enabled() && !policy.is_enforced() {
         tracing::warn!(
             "mTLS without an [auth] table: every certificate of the CA may call everything"
@@ -212,7 +219,14 @@ pub async fn serve_store(
     }
     let stopping = shutdown_rx_for_drain;
     let served = server
-        .layer(AuthLayer::new(policy))
+        // Outside the role check, so the audit log sees the calls it refuses.
+        .layer(AuditLayer::new(
+            Auditor::start(store.clone(), config.audit_entries),
+            policy.clone(),
+            crate::control::access::audited,
+            config.node_id,
+        ))
+        .layer(AuthLayer::shared(policy))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,7 @@
 //! Tests against real `cellplane serve` processes on loopback, each with its own data directory.
 //! Processes are SIGKILLed and restarted; every test checks an invariant, never a log line.
 
+mod audit;
 mod bad_input;
 mod crash;
 mod linearizable;

@@ -119,6 +119,11 @@ async fn open(config: &NodeConfig) -> Arc<dyn RouteStore> {
 
 impl<B: Backend> Served<B> {
     pub async fn start() -> Self {
+        Self::start_configured(|_| {}).await
+    }
+
+    /// Starts a node whose config `configure` changed first.
+    pub async fn start_configured(configure: impl FnOnce(&mut NodeConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let backend = B::start(dir.path()).await;
         let addr = format!("127.0.0.1:{}", free_port());
@@ -135,7 +140,10 @@ impl<B: Backend> Served<B> {
             tls: None,
             auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+            audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
         };
+        let mut config = config;
+        configure(&mut config);
         let store = Some(open(&config).await);
         let mut served = Served {
             backend,

@@ -32,7 +32,8 @@ conformance!(
         migration_records,
         restart,
         failover,
-        region_failover
+        region_failover,
+        audit
     ]
 );
 conformance!(
@@ -48,6 +49,7 @@ conformance!(
         migration_records,
         restart,
         failover,
-        region_failover
+        region_failover,
+        audit
     ]
 );

@@ -13,7 +13,8 @@ use cellplane_api::proto::cell::{CellStatusRequest, ConversationKind, CreateConv
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
     ClusterStatusRequest, CreateTenantRequest, DeleteTenantRequest, FailoverCellRequest,
-    FailoverMode, GetTenantRequest, HeartbeatRequest, ListCellsRequest, RenewLeasesRequest, Tier,
+    FailoverMode, GetTenantRequest, HeartbeatRequest, ListAuditRequest, ListCellsRequest,
+    RenewLeasesRequest, Tier,
 };
 use cellplane_api::proto::routing::LookupRequest;
 use cellplane_api::proto::routing::routing_client::RoutingClient;
@@ -284,6 +285,77 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
         .cell_status(CellStatusRequest { without_keys: true })
         .await
         .expect("an agent does");
+
+    // The audit log names who made each admin call, the refused ones included; reading it
+    // is an admin's call.
+    let audit = control_as(&tls)
+        .list_audit(ListAuditRequest::default())
+        .await
+        .expect("an admin reads the audit log")
+        .into_inner();
+    let find = |identity: &str, method: &str| {
+        audit
+            .entries
+            .iter()
+            .filter(|e| e.identity == identity && e.method == method)
+            .collect::<Vec<_>>()
+    };
+    let created = find("cellplane-admin", "Control/CreateTenant");
+    assert!(
+        created
+            .iter()
+            .any(|e| e.code == 0 && e.request.contains("\"secure\"")),
+        "{audit:#?}"
+    );
+    for (identity, method, asked) in [
+        ("cellplane-reader", "Control/CreateTenant", "\"intruder\""),
+        (
+            "cellplane-agent-cn-hangzhou",
+            "Control/FailoverCell",
+            "not an agent's call",
+        ),
+        (
+            "cellplane-agent-cn-hangzhou",
+            "Control/DeleteTenant",
+            "\"secure\"",
+        ),
+    ] {
+        let refused = find(identity, method);
+        assert_eq!(refused.len(), 1, "{identity} {method}: {audit:#?}");
+        assert_eq!(refused[0].code, Code::PermissionDenied as i32);
+        assert!(refused[0].request.contains(asked), "{:?}", refused[0]);
+        assert!(
+            refused[0].message.contains("needs role admin"),
+            "{:?}",
+            refused[0]
+        );
+        assert!(!refused[0].peer.is_empty());
+    }
+    assert!(
+        find("cellplane-agent-cn-beijing", "Control/Heartbeat").is_empty(),
+        "an agent's calls are not admin calls"
+    );
+    let by_cellctl = ok(
+        &endpoints_file,
+        &[
+            "audit",
+            "--identity",
+            "cellplane-reader",
+            "--method",
+            "CreateTenant",
+        ],
+    );
+    let by_cellctl = by_cellctl.as_array().expect("entries");
+    assert_eq!(by_cellctl.len(), 1, "{by_cellctl:?}");
+    assert_eq!(
+        by_cellctl[0]["result"], "PermissionDenied",
+        "{by_cellctl:?}"
+    );
+    let denied = control_as(&reader)
+        .list_audit(ListAuditRequest::default())
+        .await
+        .expect_err("a reader reads no audit log");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
 
     // Strangers: no certificate, another CA's, an expired one of the right CA.
     answered(&node, &tls)

@@ -12,8 +12,8 @@ use cellplane_api::tls::{Tls, TlsPaths};
 use cellplane_control_plane::ctl::exit;
 use cellplane_control_plane::ctl::table;
 use cellplane_control_plane::ctl::views::{
-    CellView, DrainView, FailoverView, MemberView, MigrationView, NodeView, RouteView, Row,
-    TenantView, phase,
+    AuditView, CellView, DrainView, FailoverView, MemberView, MigrationView, NodeView, RouteView,
+    Row, TenantView, phase,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -181,6 +181,18 @@ enum Command {
         active: bool,
         #[arg(long)]
         resume: bool,
+    },
+    /// Admin calls, newest first, the refused ones included (admins only).
+    Audit {
+        /// Only this caller's (its certificate's common name).
+        #[arg(long, default_value = "")]
+        identity: String,
+        /// Only this method's, as `CreateTenant`.
+        #[arg(long, default_value = "")]
+        method: String,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -720,6 +732,26 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 })
                 .await?;
             eprintln!("cellctl: automatic failover resumed");
+        }
+        Command::Audit {
+            identity,
+            method,
+            limit,
+        } => {
+            let request = pb::ListAuditRequest {
+                page_size: limit,
+                page_token: String::new(),
+                identity,
+                method,
+            };
+            let page = control
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.list_audit(request).await }
+                })
+                .await?;
+            let views: Vec<AuditView> = page.entries.iter().map(AuditView::from).collect();
+            print_list(output, &views)?;
         }
         Command::Failovers { active, .. } => {
             let list = control

@@ -195,6 +195,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 tls: None,
                 auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+                audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
             }
         }
         None => {
@@ -216,6 +217,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 tls: None,
                 auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+                audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
             }
         }
     };

@@ -5,6 +5,7 @@
 //! writes whichever node they asked.
 
 pub mod access;
+pub mod audit;
 pub mod convert;
 pub mod drains;
 pub mod failovers;
@@ -628,6 +629,20 @@ impl Control for ControlService {
                 .map(|c| c.to_string())
                 .collect(),
         }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        audit::list(&self.node, request).await
+    }
+
+    async fn record_audit(
+        &self,
+        request: Request<pb::RecordAuditRequest>,
+    ) -> Result<Response<pb::RecordAuditResponse>, Status> {
+        audit::record(&self.node, request).await
     }
 
     async fn resume_automatic_failover(

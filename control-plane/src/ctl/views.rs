@@ -574,9 +574,112 @@ impl Row for FailoverView {
     }
 }
 
+/// `2026-11-30T13:45:12.345Z` for milliseconds since the Unix epoch.
+pub fn utc(ms: u64) -> String {
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm, proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1_000 % 60,
+        ms_of_day % 1_000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+/// One admin call of the audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditView {
+    pub id: String,
+    pub at: String,
+    pub at_ms: u64,
+    pub identity: String,
+    pub peer: String,
+    pub method: String,
+    /// `OK`, or the refusal's gRPC code.
+    pub result: String,
+    pub message: String,
+    pub request: String,
+    pub node_id: u64,
+}
+
+impl From<&pb::AuditEntry> for AuditView {
+    fn from(e: &pb::AuditEntry) -> Self {
+        Self {
+            id: e.id.clone(),
+            at: utc(e.at_ms),
+            at_ms: e.at_ms,
+            identity: e.identity.clone(),
+            peer: e.peer.clone(),
+            method: e.method.clone(),
+            result: format!("{:?}", tonic::Code::from_i32(e.code)),
+            message: e.message.clone(),
+            request: e.request.clone(),
+            node_id: e.node_id,
+        }
+    }
+}
+
+impl Row for AuditView {
+    const HEADERS: &'static [&'static str] = &["TIME", "WHO", "METHOD", "RESULT", "REQUEST"];
+    fn cells(&self) -> Vec<String> {
+        let who = if self.identity.is_empty() {
+            self.peer.clone()
+        } else {
+            self.identity.clone()
+        };
+        let result = if self.message.is_empty() {
+            self.result.clone()
+        } else {
+            format!("{}: {}", self.result, self.message)
+        };
+        vec![
+            self.at.clone(),
+            who,
+            self.method.clone(),
+            result,
+            self.request.clone(),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc(1_796_046_312_345), "2026-11-30T13:45:12.345Z");
+    }
+
+    #[test]
+    fn an_audit_entry_shows_who_did_what_and_why_it_was_refused() {
+        let view = AuditView::from(&pb::AuditEntry {
+            id: "7.0".into(),
+            at_ms: 0,
+            identity: String::new(),
+            peer: "10.0.0.9:5123".into(),
+            method: "Control/DeleteTenant".into(),
+            request: "{ tenant_id: \"acme\" }".into(),
+            code: tonic::Code::PermissionDenied as i32,
+            message: "needs role admin".into(),
+            node_id: 2,
+        });
+        let cells = view.cells();
+        assert_eq!(cells[1], "10.0.0.9:5123", "no certificate: the address");
+        assert_eq!(cells[3], "PermissionDenied: needs role admin");
+    }
 
     #[test]
     fn a_failover_shows_its_cells_phase_and_ledger() {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeId;
 use super::codec::{self, CodecError};
+use crate::audit::entry::{AuditEntry, AuditId};
 use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::state::history::{History, RouteEvent};
@@ -81,6 +82,8 @@ enum Frame {
     Failovers(Vec<(u64, FailoverRecord)>),
     /// Automatic failover stopped by a storm; like `Protection`, written only when set.
     FailoverHalt(HaltRecord),
+    /// The audit log; like `Protection`.
+    Audit(Vec<(AuditId, AuditEntry)>),
 }
 
 struct FrameWriter<W: Write> {
@@ -197,6 +200,10 @@ pub fn write(
     if let Some(halt) = state.failover_halt() {
         writer.write(&Frame::FailoverHalt(halt.clone()))?;
     }
+    writer.chunks(
+        state.audit().iter().map(|(k, v)| (*k, v.clone())),
+        Frame::Audit,
+    )?;
     writer.write(&Frame::End(counts))?;
     let file = writer
         .out
@@ -237,6 +244,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     let mut leases: OrdMap<Arc<str>, LeaseRecord> = OrdMap::new();
     let mut failovers: OrdMap<u64, FailoverRecord> = OrdMap::new();
     let mut failover_halt = None;
+    let mut audit: OrdMap<AuditId, AuditEntry> = OrdMap::new();
     let mut events: Vector<RouteEvent> = Vector::new();
     let mut regions: HashSet<Arc<str>> = HashSet::new();
     let mut seen = Counts::default();
@@ -290,6 +298,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
             Some(Frame::Leases(chunk)) => leases.extend(chunk),
             Some(Frame::Failovers(chunk)) => failovers.extend(chunk),
             Some(Frame::FailoverHalt(halt)) => failover_halt = Some(halt),
+            Some(Frame::Audit(chunk)) => audit.extend(chunk),
             Some(Frame::End(counts)) => {
                 if counts != seen {
                     return Err(SnapshotError::Corrupt(format!(
@@ -316,6 +325,7 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
         leases,
         failovers,
         failover_halt,
+        audit,
         history: History::from_parts(events, header.compacted_revision),
     });
     Ok((header.meta, state))
@@ -483,6 +493,22 @@ mod tests {
             .0
             .expect("halt");
         state
+            .apply(&Command::Audit {
+                entries: vec![crate::audit::entry::AuditEntry {
+                    at_ms: 3,
+                    identity: Arc::from("ops"),
+                    peer: Arc::from("127.0.0.1:9"),
+                    method: Arc::from("Control/FailoverCell"),
+                    request: "{ cell_id: \"cell-n\" }".into(),
+                    code: 0,
+                    message: String::new(),
+                    node_id: 1,
+                }],
+                keep: 10,
+            })
+            .0
+            .expect("audit");
+        state
     }
 
     fn meta() -> SnapshotMeta<NodeId, BasicNode> {
@@ -516,6 +542,8 @@ mod tests {
         assert_eq!(read_back.failovers().len(), 1);
         assert_eq!(read_back.failover_halt(), state.failover_halt());
         assert!(read_back.failover_halt().is_some());
+        assert_eq!(read_back.audit(), state.audit());
+        assert_eq!(read_back.audit().len(), 1);
         assert_eq!(read_back.history(), state.history());
         // Interning: every tenant on cell-a shares the cell map's id.
         let cell_key = read_back

@@ -12,6 +12,7 @@ use super::model::{
     CellHealth, CellState, Protection, ProtectionRecord, ReplicationHealth, RouteKey, RouteView,
     Tier,
 };
+use crate::audit::entry::AuditEntry;
 use crate::failover::record::{FailoverRecord, MergedKey, Mode, Phase as FailoverPhase};
 use crate::migration::record::{MigrationRecord, Phase, Progress};
 
@@ -150,6 +151,11 @@ pub enum Command {
         merged: Vec<MergedKey>,
         now_ms: u64,
     },
+    /// Records admin calls in the audit log, then drops the oldest entries beyond `keep`.
+    Audit {
+        entries: Vec<AuditEntry>,
+        keep: u32,
+    },
 }
 
 impl Command {
@@ -175,6 +181,7 @@ impl Command {
             Self::HaltAutomaticFailover { .. } => "halt_automatic_failover",
             Self::ResumeAutomaticFailover => "resume_automatic_failover",
             Self::RemoveCell { .. } => "remove_cell",
+            Self::Audit { .. } => "audit",
         }
     }
 }

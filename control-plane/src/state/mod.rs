@@ -4,6 +4,7 @@
 //! through the query methods. Maps are persistent (`imbl`), so taking a snapshot is an O(1) clone
 //! and reads are never blocked while a snapshot of ten million tenants is written.
 
+mod audit;
 pub mod command;
 mod drains;
 mod failovers;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
+use crate::audit::entry::{AuditEntry, AuditId};
 use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 use crate::placement;
@@ -54,6 +56,8 @@ pub struct ControlState {
     failovers: OrdMap<u64, FailoverRecord>,
     /// Set while automatic failover is stopped by a storm.
     failover_halt: Option<HaltRecord>,
+    /// The newest admin calls, oldest dropped first.
+    audit: OrdMap<AuditId, AuditEntry>,
     /// The revision of the newest change to a migration, so migration watchers skip the many
     /// commands that touch none. Derived from the records when a snapshot is loaded.
     migrations_revision: u64,
@@ -73,6 +77,7 @@ pub struct Parts {
     pub leases: OrdMap<Arc<str>, LeaseRecord>,
     pub failovers: OrdMap<u64, FailoverRecord>,
     pub failover_halt: Option<HaltRecord>,
+    pub audit: OrdMap<AuditId, AuditEntry>,
     pub history: History,
 }
 
@@ -91,6 +96,7 @@ impl ControlState {
             leases,
             failovers,
             failover_halt,
+            audit,
             history,
         } = parts;
         let migrations_revision = migrations
@@ -110,6 +116,7 @@ impl ControlState {
             leases,
             failovers,
             failover_halt,
+            audit,
             migrations_revision,
             history,
         }
@@ -118,6 +125,11 @@ impl ControlState {
     /// Whether a storm stopped automatic failover, and since when.
     pub fn failover_halt(&self) -> Option<&HaltRecord> {
         self.failover_halt.as_ref()
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit(&self) -> &OrdMap<AuditId, AuditEntry> {
+        &self.audit
     }
 
     pub fn leases(&self) -> &OrdMap<Arc<str>, LeaseRecord> {
@@ -375,6 +387,7 @@ impl ControlState {
                 next_revision,
                 &mut events,
             ),
+            Command::Audit { entries, keep } => self.record_audit(entries, *keep, next_revision),
             Command::Compact { revision } => {
                 if *revision > self.revision {
                     Err(CommandError::Invalid {

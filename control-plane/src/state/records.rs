@@ -16,6 +16,7 @@ use super::model::{
     CellRecord, OverrideRecord, ProtectionRecord, ReplicationHealth, RouteKey, TenantRecord,
 };
 use super::{ControlState, OverrideKey};
+use crate::audit::entry::{AuditEntry, AuditId};
 use crate::failover::record::{FailoverRecord, HaltRecord, LeaseRecord};
 use crate::migration::record::MigrationRecord;
 
@@ -37,6 +38,8 @@ pub enum RecordKey {
     Failover(u64),
     /// Automatic failover stopped by a storm (one record, present while it is).
     FailoverHalt,
+    /// One entry of the audit log.
+    Audit(AuditId),
 }
 
 /// One record's value, without the fields the state derives.
@@ -52,6 +55,7 @@ pub enum Record {
     Lease(LeaseRecord),
     Failover(FailoverRecord),
     FailoverHalt(HaltRecord),
+    Audit(AuditEntry),
 }
 
 impl Record {
@@ -126,7 +130,7 @@ fn diff_map<K: Ord + Clone, V: Clone + PartialEq>(
 impl ControlState {
     /// The records that differ between `before` and this state, in record-kind order: cells,
     /// tenants, overrides, migrations, retired epochs, protection, replication, leases,
-    /// failovers.
+    /// failovers, the failover halt, audit entries.
     pub fn changes_since(&self, before: &ControlState) -> Vec<RecordChange> {
         let mut out = Vec::new();
         diff_map(
@@ -198,6 +202,13 @@ impl ControlState {
                 record: self.failover_halt.clone().map(Record::FailoverHalt),
             });
         }
+        diff_map(
+            &before.audit,
+            &self.audit,
+            |k| RecordKey::Audit(*k),
+            |v| Record::Audit(v.clone()),
+            &mut out,
+        );
         out
     }
 
@@ -326,6 +337,10 @@ impl ControlState {
                 self.failover_halt = Some(halt);
                 None
             }
+            (RecordKey::Audit(id), Record::Audit(entry)) => {
+                self.audit.insert(id, entry);
+                None
+            }
             (key, _) => return Err(RecordMismatch(key)),
         };
         Ok(event.map(|(kind, route)| RouteEvent {
@@ -401,6 +416,10 @@ impl ControlState {
             }
             RecordKey::FailoverHalt => {
                 self.failover_halt = None;
+                None
+            }
+            RecordKey::Audit(id) => {
+                self.audit.remove(id);
                 None
             }
         };

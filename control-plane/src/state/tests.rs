@@ -847,6 +847,28 @@ fn record_changes_rebuild_the_same_state_and_events() {
             tenant_id: Arc::from("t2"),
         },
     );
+    // Three audit writes into a log of two: the oldest entries are deleted records.
+    for round in 0..3u64 {
+        step(
+            &mut state,
+            &mut mirror,
+            Command::Audit {
+                entries: vec![crate::audit::entry::AuditEntry {
+                    at_ms: round,
+                    identity: Arc::from("ops"),
+                    peer: Arc::from("127.0.0.1:9"),
+                    method: Arc::from("Control/DeleteTenant"),
+                    request: "{ tenant_id: \"t2\" }".into(),
+                    code: 0,
+                    message: String::new(),
+                    node_id: 1,
+                }],
+                keep: 2,
+            },
+        );
+    }
+    assert_eq!(mirror.audit(), state.audit());
+    assert_eq!(state.audit().len(), 2);
     step(
         &mut state,
         &mut mirror,

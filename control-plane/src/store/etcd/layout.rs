@@ -83,6 +83,7 @@ impl Layout {
             RecordKey::Lease(id) => format!("{p}leases/{id}"),
             RecordKey::Failover(id) => format!("{p}failovers/{id:020}"),
             RecordKey::FailoverHalt => format!("{p}failover-halt/storm"),
+            RecordKey::Audit((revision, index)) => format!("{p}audit/{revision:020}.{index:05}"),
         }
     }
 
@@ -124,6 +125,7 @@ impl Layout {
             "leases" => Parsed::Record(RecordKey::Lease(id()?)),
             "failovers" => Parsed::Record(RecordKey::Failover(rest.parse().ok()?)),
             "failover-halt" if rest == "storm" => Parsed::Record(RecordKey::FailoverHalt),
+            "audit" => Parsed::Record(RecordKey::Audit(crate::audit::entry::parse_id(rest)?)),
             "meta" => match rest {
                 "compacted" => Parsed::Meta(MetaKey::Compacted),
                 "written" => Parsed::Meta(MetaKey::Written),
@@ -147,6 +149,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
         Record::Lease(lease) => serde_json::to_vec(lease),
         Record::Failover(failover) => serde_json::to_vec(failover),
         Record::FailoverHalt(halt) => serde_json::to_vec(halt),
+        Record::Audit(entry) => serde_json::to_vec(entry),
     };
     encoded.expect("records always serialize to JSON")
 }
@@ -164,6 +167,7 @@ pub fn decode(key: &RecordKey, value: &[u8]) -> Result<Record, LayoutError> {
         RecordKey::Lease(_) => serde_json::from_slice(value).map(Record::Lease),
         RecordKey::Failover(_) => serde_json::from_slice(value).map(Record::Failover),
         RecordKey::FailoverHalt => serde_json::from_slice(value).map(Record::FailoverHalt),
+        RecordKey::Audit(_) => serde_json::from_slice(value).map(Record::Audit),
     };
     decoded.map_err(|e| LayoutError {
         key: format!("{key:?}"),
@@ -189,6 +193,7 @@ mod tests {
             RecordKey::Lease(Arc::from("hz-a-1")),
             RecordKey::Failover(7),
             RecordKey::FailoverHalt,
+            RecordKey::Audit((12, 3)),
         ] {
             let text = layout.key(&key);
             assert_eq!(layout.parse(text.as_bytes()), Some(Parsed::Record(key)));
