@@ -13,7 +13,6 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 
 use crate::audit::layer::AuditLayer;
-use crate::audit::writer::Auditor;
 use crate::config::{NodeConfig, StoreConfig};
 use crate::control::ControlService;
 use crate::raft::network::MAX_RAFT_MESSAGE_BYTES;
@@ -62,6 +61,8 @@ pub struct Node {
     pub findings: crate::failover::driver::Findings,
     /// Entries the audit log keeps.
     pub audit_keep: u32,
+    /// Writes the audit entries of the calls this node takes.
+    pub auditor: crate::audit::writer::Auditor,
 }
 
 /// The outcome of proposing a command on this node.
@@ -84,12 +85,13 @@ impl Node {
     ) -> Self {
         Self {
             id,
-            store,
+            store: store.clone(),
             shutdown,
             migration,
             failover,
             findings: Default::default(),
             audit_keep,
+            auditor: crate::audit::writer::Auditor::start(store.clone(), audit_keep),
         }
     }
 
@@ -221,7 +223,7 @@ pub async fn serve_store(
     let served = server
         // Outside the role check, so the audit log sees the calls it refuses.
         .layer(AuditLayer::new(
-            Auditor::start(store.clone(), config.audit_entries),
+            node.auditor.clone(),
             policy.clone(),
             crate::control::access::audited,
             config.node_id,

@@ -1,5 +1,8 @@
 //! The audit log across nodes: a call taken by a follower is recorded once, by that follower,
 //! though the leader carried it out; every node reads the same log, and a new leader keeps it.
+//! Every process here is a real `cellplane serve`.
+
+use std::time::{Duration, Instant};
 
 use cellplane_api::proto::control::{ListAuditRequest, Tier};
 use cellplane_tests::cluster::Cluster;
@@ -57,7 +60,14 @@ async fn a_follower_records_its_calls_once_and_every_node_reads_them() {
         .expect_err("exists");
     assert_eq!(taken.code(), Code::AlreadyExists);
 
-    let read = entries_by_node(&cluster, other).await;
+    // The nodes that took the calls write their entries moments after answering; a third
+    // node reads them once written.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut read = entries_by_node(&cluster, other).await;
+    while read.len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        read = entries_by_node(&cluster, other).await;
+    }
     assert_eq!(
         read,
         vec![

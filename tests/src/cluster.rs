@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
-    ClusterStatusRequest, ClusterStatusResponse, CreateTenantRequest, RegisterCellRequest,
-    SetCellStateRequest, Tier,
+    ClusterStatusRequest, ClusterStatusResponse, CreateTenantRequest, ListAuditRequest,
+    RegisterCellRequest, SetCellStateRequest, Tier,
 };
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::tls::Tls;
@@ -269,6 +269,48 @@ impl Cluster {
             .ok()?
             .ok()
             .map(|r| r.into_inner())
+    }
+
+    /// Node `via`'s revision less the writes of the audit log up to it: what tells whether
+    /// refused calls changed the state, since their audit entries are writes too.
+    pub async fn revision_without_audit(&self, via: u64) -> u64 {
+        // Reading the log flushes the reading node's queued entries: read it on every node.
+        for id in self.running_ids() {
+            self.control(id)
+                .list_audit(ListAuditRequest {
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await
+                .expect("flush the node's audit entries");
+        }
+        let revision = self.status(via).await.expect("status").revision;
+        let mut writes = std::collections::BTreeSet::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .control(via)
+                .list_audit(ListAuditRequest {
+                    page_size: 10_000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .expect("list audit")
+                .into_inner();
+            for entry in &page.entries {
+                let (written, _) = entry.id.split_once('.').expect("an audit id");
+                let written: u64 = written.parse().expect("a revision");
+                if written <= revision {
+                    writes.insert(written);
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        revision - writes.len() as u64
     }
 
     /// Waits until every running node names the same leader, and returns it.

@@ -7,10 +7,10 @@
 //! - [`writer`]: batches the entries of concurrent calls into one write, on the leader or
 //!   through it.
 //!
-//! An entry is written after its call answered and before the answer is sent: a call whose
-//! answer reached the caller is in the log, unless the write failed (which the node logs and
-//! counts in `cellplane_audit_lost_total`). A call whose node died before its entry committed
-//! may have taken effect without one.
+//! An entry is queued as its call answers and written with the next write, milliseconds later:
+//! the answer does not wait for it. A write that fails is logged and counted in
+//! `cellplane_audit_lost_total`; a node that dies with entries queued loses them (the calls of
+//! its last moments may have taken effect without an entry).
 
 pub mod entry;
 pub mod layer;

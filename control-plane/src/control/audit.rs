@@ -25,6 +25,9 @@ pub async fn list(
             InvalidField::new("page_token", "must be a next_page_token ListAudit returned")
         })?),
     };
+    // The calls this node took are in the log it reads; a forwarded read is answered with
+    // the leader's, after the forwarding node flushed its own.
+    node.auditor.flush().await;
     if let Some(channel) = node.linearize(was_forwarded).await? {
         return ControlClient::new(channel)
             .list_audit(forwarded(message))
