@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::tls::ConnInfo;
 use tonic::Status;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 /// A role an identity may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
@@ -201,24 +201,13 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 
 /// The identity of the caller of `request`: its client certificate's common name.
 pub fn identity<B>(request: &http::Request<B>) -> Option<String> {
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
+    let certs = request.extensions().get::<ConnInfo>()?.certs.as_ref()?;
     common_name(certs.first()?)
 }
 
-/// The address the caller of `request` connected from, under TLS or not.
+/// The address the caller of `request` connected from.
 pub fn peer<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
-    let extensions = request.extensions();
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|info| info.get_ref().remote_addr())
-        })
+    request.extensions().get::<ConnInfo>().map(|info| info.addr)
 }
 
 /// A tower layer that checks every call against `policy` before it reaches a service.

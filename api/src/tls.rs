@@ -2,13 +2,32 @@
 //! its key — and trusts one CA: its servers accept only clients that present a certificate
 //! of that CA, and its clients accept only servers that do. Plaintext stays the default
 //! (`cellplane dev` on loopback says so when it starts).
+//!
+//! Certificates rotate without a restart: before each new connection, accepted or made, the
+//! files are looked at (at most once a second) and, when one changed, read again. New
+//! connections use the new files; open ones keep what they were made with. Files that do not
+//! load (a rotation half written) leave the previous ones in use, with a warning, until they
+//! change again. The handshakes are rustls's, done here rather than by tonic, whose TLS
+//! settings are fixed when a server or channel is built.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Where a process's CA, certificate and key are (PEM files): the `[tls]` table of each
 /// config, or `--tls-ca`, `--tls-cert`, `--tls-key`.
@@ -27,6 +46,12 @@ pub enum TlsError {
         field: &'static str,
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("tls.{field}: {}: {reason}", path.display())]
+    Invalid {
+        field: &'static str,
+        path: PathBuf,
+        reason: String,
     },
     #[error("tls: give all of ca, cert and key, or none; {0} is missing")]
     Incomplete(&'static str),
@@ -49,6 +74,54 @@ impl TlsPaths {
             (.., None) => Err(TlsError::Incomplete("key")),
         }
     }
+
+    fn fields(&self) -> [(&'static str, &Path); 3] {
+        [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)]
+    }
+}
+
+/// How often, at most, the files are looked at for a change.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// Longest a client may take over its handshake before the server drops it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Both sides' rustls settings, as loaded from one version of the files.
+#[derive(Debug)]
+struct Configs {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// What tells one version of a file from the next: a rotation by rename changes the inode, an
+/// edit in place the modification time or the length.
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamps(paths: &TlsPaths) -> [Stamp; 3] {
+    use std::os::unix::fs::MetadataExt;
+    paths.fields().map(|(_, path)| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    })
+}
+
+#[derive(Debug)]
+struct Live {
+    paths: TlsPaths,
+    current: Mutex<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    configs: Arc<Configs>,
+    stamps: [Stamp; 3],
+    checked: Instant,
+}
+
+/// A process's TLS settings for its servers and its clients; the default is plaintext.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    live: Option<Arc<Live>>,
 }
 
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -59,16 +132,55 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// A process's TLS settings for its servers and its clients; the default is plaintext.
-#[derive(Debug, Clone, Default)]
-pub struct Tls {
-    loaded: Option<Arc<Loaded>>,
-}
-
-#[derive(Debug)]
-struct Loaded {
-    server: ServerTlsConfig,
-    client: ClientTlsConfig,
+fn load(paths: &TlsPaths) -> Result<Configs, TlsError> {
+    let invalid = |field: &'static str, path: &Path, reason: String| TlsError::Invalid {
+        field,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs =
+        |field: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let pem = read(field, path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(field, path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(invalid(field, path, "holds no certificate".into()));
+            }
+            Ok(certs)
+        };
+    let mut roots = RootCertStore::empty();
+    for ca in certs("ca", &paths.ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| invalid("ca", &paths.ca, e.to_string()))?;
+    }
+    let roots = Arc::new(roots);
+    let chain = certs("cert", &paths.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read("key", &paths.key)?)
+        .map_err(|e| invalid("key", &paths.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| invalid("ca", &paths.ca, e.to_string()))?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("cert", &paths.cert, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| invalid("key", &paths.key, e.to_string()))?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("cert", &paths.cert, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| invalid("key", &paths.key, e.to_string()))?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Configs {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
 }
 
 impl Tls {
@@ -76,16 +188,18 @@ impl Tls {
         Self::default()
     }
 
-    /// Loads the PEM files `paths` names.
+    /// Loads the PEM files `paths` names; they are read again whenever they change.
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
-        let ca = Certificate::from_pem(read("ca", &paths.ca)?);
-        let identity = Identity::from_pem(read("cert", &paths.cert)?, read("key", &paths.key)?);
+        let stamps = stamps(paths);
+        let configs = Arc::new(load(paths)?);
         Ok(Self {
-            loaded: Some(Arc::new(Loaded {
-                server: ServerTlsConfig::new()
-                    .identity(identity.clone())
-                    .client_ca_root(ca.clone()),
-                client: ClientTlsConfig::new().ca_certificate(ca).identity(identity),
+            live: Some(Arc::new(Live {
+                paths: paths.clone(),
+                current: Mutex::new(Current {
+                    configs,
+                    stamps,
+                    checked: Instant::now(),
+                }),
             })),
         })
     }
@@ -96,41 +210,277 @@ impl Tls {
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.loaded.is_some()
+        self.live.is_some()
     }
 
-    /// What a server requires of its clients: a certificate of the CA.
-    pub fn server(&self) -> Option<ServerTlsConfig> {
-        self.loaded.as_ref().map(|l| l.server.clone())
-    }
-
-    /// An endpoint for `host:port`: `https` with this identity, or plaintext `http`.
-    pub fn endpoint(&self, host_port: &str) -> Result<Endpoint, TlsError> {
-        let bad = |message: String| TlsError::Endpoint {
-            endpoint: host_port.to_string(),
-            message,
-        };
-        match &self.loaded {
-            None => {
-                Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| bad(e.to_string()))
+    /// The settings for the next connection: the files as they are now.
+    fn configs(&self) -> Option<Arc<Configs>> {
+        let live = self.live.as_ref()?;
+        let mut current = live.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.checked.elapsed() >= RELOAD_CHECK {
+            current.checked = Instant::now();
+            let now = stamps(&live.paths);
+            if now != current.stamps {
+                current.stamps = now;
+                match load(&live.paths) {
+                    Ok(configs) => {
+                        current.configs = Arc::new(configs);
+                        metrics::counter!("cellplane_tls_reloads_total").increment(1);
+                        tracing::info!(cert = %live.paths.cert.display(), "TLS files changed; new connections use them");
+                    }
+                    Err(error) => {
+                        metrics::counter!("cellplane_tls_reload_failures_total").increment(1);
+                        tracing::warn!(
+                            "TLS files changed but do not load; keeping the previous ones: {error}"
+                        );
+                    }
+                }
             }
-            Some(loaded) => Endpoint::from_shared(format!("https://{host_port}"))
-                .map_err(|e| bad(e.to_string()))?
-                .tls_config(loaded.client.clone())
-                .map_err(|e| bad(e.to_string())),
         }
+        Some(current.configs.clone())
+    }
+
+    /// An endpoint for `host:port`. Under TLS the scheme stays `http`: the handshake is made
+    /// by this module's connector, not by tonic.
+    fn endpoint(&self, host_port: &str) -> Result<Endpoint, TlsError> {
+        Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| TlsError::Endpoint {
+            endpoint: host_port.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// A lazily connected channel to `host:port`.
     pub fn lazy_channel(
         &self,
         host_port: &str,
-        connect_timeout: std::time::Duration,
+        connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
-        Ok(self
+        let endpoint = self
             .endpoint(host_port)?
             .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy())
+            .tcp_nodelay(true);
+        Ok(match self.live {
+            None => endpoint.connect_lazy(),
+            Some(_) => endpoint.connect_with_connector_lazy(self.connector()),
+        })
+    }
+
+    /// A channel to `host:port`, connected before it is returned.
+    pub async fn connect(
+        &self,
+        host_port: &str,
+        connect_timeout: Duration,
+    ) -> Result<Channel, TlsError> {
+        let endpoint = self
+            .endpoint(host_port)?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true);
+        let connected = match self.live {
+            None => endpoint.connect().await,
+            Some(_) => endpoint.connect_with_connector(self.connector()).await,
+        };
+        connected.map_err(|e| TlsError::Endpoint {
+            endpoint: host_port.to_string(),
+            message: format!("{e}: {}", source_chain(&e)),
+        })
+    }
+
+    /// Connects over TCP, then makes the handshake with the files as they are now.
+    fn connector(
+        &self,
+    ) -> impl tower::Service<
+        Uri,
+        Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Error = std::io::Error,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        let tls = self.clone();
+        tower::service_fn(move |uri: Uri| {
+            let tls = tls.clone();
+            async move {
+                let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+                let host = uri
+                    .host()
+                    .ok_or_else(|| invalid(format!("{uri}: no host")))?
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                let port = uri
+                    .port_u16()
+                    .ok_or_else(|| invalid(format!("{uri}: no port")))?;
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| invalid(format!("{host}: {e}")))?;
+                let configs = tls
+                    .configs()
+                    .ok_or_else(|| invalid("plaintext has no TLS connector".into()))?;
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = TlsConnector::from(configs.client.clone())
+                    .connect(name, tcp)
+                    .await?;
+                Ok(TokioIo::new(stream))
+            }
+        })
+    }
+
+    /// The connections a server accepts on `listener`: under TLS, each once its handshake
+    /// succeeded (handshakes run side by side, so a slow client holds up no other); Nagle's
+    /// algorithm off either way, since small answers would otherwise wait for the peer's
+    /// delayed ACK. Ends when the server drops it, which frees the port.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> impl Stream<Item = std::io::Result<Conn>> + use<> {
+        let (accepted, incoming) = tokio::sync::mpsc::channel(64);
+        let tls = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, addr) = tokio::select! {
+                    () = accepted.closed() => return,
+                    result = listener.accept() => match result {
+                        Ok(pair) => pair,
+                        Err(error) => {
+                            // Out of file descriptors, say: wait rather than spin.
+                            tracing::warn!("accept: {error}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                match tls.configs() {
+                    None => {
+                        if accepted.send(Ok(Conn::Plain(tcp, addr))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(configs) => {
+                        let accepted = accepted.clone();
+                        tokio::spawn(async move {
+                            let acceptor = TlsAcceptor::from(configs.server.clone());
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                                .await
+                            {
+                                Ok(Ok(stream)) => {
+                                    let _ =
+                                        accepted.send(Ok(Conn::Tls(Box::new(stream), addr))).await;
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%addr, "TLS handshake refused: {error}");
+                                }
+                                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(incoming)
+    }
+}
+
+/// The causes under a transport error, which tonic's own message leaves out.
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut causes = Vec::new();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        causes.push(cause.to_string());
+        next = cause.source();
+    }
+    causes.join(": ")
+}
+
+/// One accepted connection, plaintext or TLS.
+pub enum Conn {
+    Plain(TcpStream, SocketAddr),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, SocketAddr),
+}
+
+/// What a service learns of a connection (in each request's extensions): the peer's address
+/// and, under TLS, the certificates it presented.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub addr: SocketAddr,
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Self::Plain(_, addr) => ConnInfo {
+                addr: *addr,
+                certs: None,
+            },
+            Self::Tls(stream, addr) => ConnInfo {
+                addr: *addr,
+                certs: stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|certs| Arc::new(certs.to_vec())),
+            },
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s, _) => s.is_write_vectored(),
+            Self::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }

@@ -205,10 +205,7 @@ pub async fn serve_store(
         // End watch streams first, so the server's graceful drain does not wait on them.
         let _ = shutdown_tx.send(true);
     };
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls.server() {
-        server = server.tls_config(tls)?;
-    }
+    let server = tonic::transport::Server::builder();
     let policy = Arc::new(Policy::for_server(
         tls.is_enabled(),
         config.auth.as_ref(),
@@ -239,7 +236,7 @@ pub async fn serve_store(
         .add_service(proto::control::control_server::ControlServer::new(
             ControlService::new(node.clone()),
         ))
-        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), drained);
+        .serve_with_incoming_shutdown(tls.incoming(listener), drained);
     let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
     if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {
         served?;

@@ -168,10 +168,7 @@ pub async fn serve(
     let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
     tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), mtls = tls.is_enabled(), "IM cell serving");
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls.server() {
-        server = server.tls_config(tls)?;
-    }
+    let server = tonic::transport::Server::builder();
     let policy = Policy::for_server(tls.is_enabled(), config.auth.as_ref(), crate::access::rules);
     if tls.is_enabled() && !policy.is_enforced() {
         tracing::warn!(
@@ -211,7 +208,7 @@ pub async fn serve(
                 replication,
             ),
         ))
-        .serve_with_incoming_shutdown(cellplane_api::serve::nodelay_incoming(listener), shutdown);
+        .serve_with_incoming_shutdown(tls.incoming(listener), shutdown);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {
         served?;

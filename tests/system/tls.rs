@@ -24,16 +24,15 @@ use cellplane_tests::traffic::send_request;
 use cellplane_tests::{start_dev, stop_dev};
 use serde_json::Value;
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::cellctl::ok;
 
 /// Calls ClusterStatus on `endpoint` with `tls`; answers whether it was answered.
 async fn answered(endpoint: &str, tls: &Tls) -> Result<(), String> {
     let channel = tls
-        .endpoint(endpoint)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
+        .connect(endpoint, Duration::from_secs(2))
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
     ControlClient::new(channel)
@@ -381,4 +380,127 @@ async fn every_component_talks_over_mtls_and_strangers_are_refused() {
     assert!(status.is_err(), "a cell refuses plaintext too: {status:?}");
 
     stop_dev(&mut dev, &data);
+}
+
+/// Asks the health service at `addr` over a new channel of `tls`.
+async fn healthy(addr: &str, tls: &Tls) -> Result<(), String> {
+    let channel = tls
+        .connect(addr, Duration::from_secs(2))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("call: {e}"))
+}
+
+/// Certificates rotate without a restart, on both sides: a server takes up a new CA and its
+/// new certificate, a client its new identity, each for the connections it makes next. Runs
+/// the servers' and clients' own TLS code (`cellplane_api::tls`) in this process, with real
+/// files and real handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old_ca, new_ca) = (
+        Ca::new("old CA").expect("ca"),
+        Ca::new("new CA").expect("ca"),
+    );
+    let old_ca_pem = dir.path().join("old-ca.pem");
+    let new_ca_pem = dir.path().join("new-ca.pem");
+    std::fs::write(&old_ca_pem, &old_ca.pem).expect("ca");
+    std::fs::write(&new_ca_pem, &new_ca.pem).expect("ca");
+    let issue = |ca: &Ca, sub: &str, ca_pem: &Path| {
+        let at = dir.path().join(sub);
+        std::fs::create_dir_all(&at).expect("dir");
+        let paths = ca
+            .issue(&format!("cellplane-{sub}"), false)
+            .expect("issue")
+            .write(&at, "id", ca_pem)
+            .expect("write");
+        // Each side has its own copy of the CA file, rotated on its own.
+        let own_ca = at.join("ca.pem");
+        std::fs::copy(ca_pem, &own_ca).expect("copy ca");
+        TlsPaths {
+            ca: own_ca,
+            ..paths
+        }
+    };
+    let server_files = issue(&old_ca, "server", &old_ca_pem);
+    let client_files = issue(&old_ca, "client", &old_ca_pem);
+    let newcomer = Tls::load(&issue(&new_ca, "newcomer", &new_ca_pem)).expect("load");
+
+    let server_tls = Tls::load(&server_files).expect("server files");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(server_tls.incoming(listener)),
+    );
+    let client = Tls::load(&client_files).expect("client files");
+    healthy(&addr, &client).await.expect("same CA");
+    assert!(healthy(&addr, &newcomer).await.is_err(), "another CA");
+    let open = client
+        .connect(&addr, Duration::from_secs(2))
+        .await
+        .expect("an open connection");
+
+    // The server moves to the new CA: its files change under it.
+    let rotated = new_ca
+        .issue("cellplane-server", false)
+        .expect("issue")
+        .write(
+            server_files.cert.parent().expect("dir"),
+            "id",
+            &server_files.ca,
+        )
+        .expect("write");
+    assert_eq!(rotated.cert, server_files.cert);
+    std::fs::copy(&new_ca_pem, &server_files.ca).expect("rotate ca");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while healthy(&addr, &newcomer).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the server never took up its new files"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused = healthy(&addr, &client).await;
+    assert!(refused.is_err(), "the old CA's client is refused now");
+    HealthClient::new(open)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("an open connection keeps what it was made with");
+
+    // The client moves too, and its next connection presents the new identity.
+    new_ca
+        .issue("cellplane-client", false)
+        .expect("issue")
+        .write(
+            client_files.cert.parent().expect("dir"),
+            "id",
+            &client_files.ca,
+        )
+        .expect("write");
+    std::fs::copy(&new_ca_pem, &client_files.ca).expect("rotate ca");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = healthy(&addr, &client).await {
+        assert!(
+            Instant::now() < deadline,
+            "the client never took up its new files: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A rotation that does not load (a truncated certificate) leaves the last good files in
+    // use.
+    std::fs::write(&server_files.cert, "-----BEGIN CERTIFICATE-----\n").expect("truncate");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    healthy(&addr, &client)
+        .await
+        .expect("the server keeps its last good files");
 }

@@ -31,6 +31,8 @@ const TENANTS: [(&str, Tier, &str); 3] = [
     ("demo-normal", Tier::Normal, "cn-hangzhou"),
     ("demo-low", Tier::Low, "cn-beijing"),
 ];
+use super::CONNECT_TIMEOUT;
+
 const MOVING: &str = "demo-normal";
 const GROUPS: usize = 8;
 const WRITERS: usize = 8;
@@ -326,9 +328,7 @@ async fn fail_over(
     );
     kill(pid, Signal::SIGCONT).map_err(|e| format!("SIGCONT {pid}: {e}"))?;
     let mut old = MessagingClient::new(
-        tls.endpoint(&route.endpoint)
-            .map_err(|e| e.to_string())?
-            .connect()
+        tls.connect(&route.endpoint, CONNECT_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?,
     );
@@ -366,9 +366,7 @@ async fn fail_over(
 pub async fn run(control_plane: &[String], tls: &Tls) -> Result<(), String> {
     let endpoint = control_plane.first().ok_or("no control-plane endpoint")?;
     let mut control = ControlClient::new(
-        tls.endpoint(endpoint)
-            .map_err(|e| e.to_string())?
-            .connect()
+        tls.connect(endpoint, CONNECT_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?,
     );

@@ -32,6 +32,9 @@ pub const DEV_NODES: u64 = 3;
 /// How long `dev` waits for the first leader before giving up.
 const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a connection to a node or cell of the dev system may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error("dev data directory {path}: {source}")]
@@ -210,9 +213,10 @@ async fn control_client(
     tls: &Tls,
     endpoint: &str,
 ) -> Result<ControlClient<tonic::transport::Channel>, String> {
-    let endpoint = tls.endpoint(endpoint).map_err(|e| e.to_string())?;
     Ok(ControlClient::new(
-        endpoint.connect().await.map_err(|e| e.to_string())?,
+        tls.connect(endpoint, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?,
     ))
 }
 
