@@ -11,6 +11,7 @@ pub mod dir_lock;
 pub mod ids;
 pub mod limits;
 pub mod serve;
+pub mod streams;
 pub mod tls;
 
 /// Generated protobuf and tonic code, nested as the proto packages are so cross-package

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::limits::MAX_AUDIT_ENTRIES;
 use cellplane_api::ids::validate_endpoint;
 use serde::Deserialize;
 
@@ -151,18 +152,18 @@ pub struct NodeConfig {
     /// Admin calls the audit log keeps; the oldest are dropped beyond it.
     #[serde(default = "default_audit_entries")]
     pub audit_entries: u32,
+    /// What the node serves at most (`crate::limits`).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 fn default_audit_entries() -> u32 {
-    crate::audit::writer::DEFAULT_KEEP
+    crate::limits::DEFAULT_AUDIT_ENTRIES
 }
 
 fn default_shutdown_grace_ms() -> u64 {
     NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS
 }
-
-/// Most entries the audit log may be told to keep: every node holds them all in memory.
-pub const MAX_AUDIT_ENTRIES: u32 = 1_000_000;
 
 impl NodeConfig {
     pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
@@ -183,6 +184,7 @@ impl NodeConfig {
                 format!("must be 1 to {MAX_AUDIT_ENTRIES}"),
             ));
         }
+        self.limits.validate()?;
         self.validate_migration()?;
         self.validate_failover()?;
         match &self.store {
@@ -326,7 +328,8 @@ mod tests {
             tls: None,
             auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: crate::audit::writer::DEFAULT_KEEP,
+            audit_entries: crate::limits::DEFAULT_AUDIT_ENTRIES,
+            limits: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod ctl;
 pub mod dev;
 pub mod drain;
 pub mod failover;
+pub mod limits;
 pub mod migration;
 pub mod node;
 pub mod placement;

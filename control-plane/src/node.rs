@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cellplane_api::auth::{AuthLayer, Policy};
 use cellplane_api::proto;
+use cellplane_api::streams::StreamSlots;
 use cellplane_api::tls::Tls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -15,7 +16,7 @@ use tonic::transport::Channel;
 use crate::audit::layer::AuditLayer;
 use crate::config::{NodeConfig, StoreConfig};
 use crate::control::ControlService;
-use crate::raft::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::limits::MAX_RAFT_MESSAGE_BYTES;
 use crate::raft::transport::TransportService;
 use crate::routing::RoutingService;
 use crate::state::command::{Command, CommandOutput};
@@ -63,6 +64,8 @@ pub struct Node {
     pub audit_keep: u32,
     /// Writes the audit entries of the calls this node takes.
     pub auditor: crate::audit::writer::Auditor,
+    /// The route and migration watches the node holds.
+    pub watches: Arc<StreamSlots>,
 }
 
 /// The outcome of proposing a command on this node.
@@ -82,6 +85,7 @@ impl Node {
         migration: crate::migration::step::Settings,
         failover: crate::failover::detect::Settings,
         audit_keep: u32,
+        limits: &crate::limits::Limits,
     ) -> Self {
         Self {
             id,
@@ -92,6 +96,12 @@ impl Node {
             findings: Default::default(),
             audit_keep,
             auditor: crate::audit::writer::Auditor::start(store.clone(), audit_keep),
+            watches: StreamSlots::new(
+                "watches",
+                ("limits.max_watches", "limits.max_watches_per_connection"),
+                limits.max_watches,
+                limits.max_watches_per_connection,
+            ),
         }
     }
 
@@ -186,6 +196,7 @@ pub async fn serve_store(
         config.migration,
         config.failover,
         config.audit_entries,
+        &config.limits,
     ));
     tokio::spawn(crate::migration::driver::run(node.clone()));
     tokio::spawn(crate::failover::driver::run(node.clone()));
@@ -205,7 +216,9 @@ pub async fn serve_store(
         // End watch streams first, so the server's graceful drain does not wait on them.
         let _ = shutdown_tx.send(true);
     };
-    let server = tonic::transport::Server::builder();
+    let limits = config.limits;
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(limits.max_streams_per_connection));
     let policy = Arc::new(Policy::for_server(
         tls.is_enabled(),
         config.auth.as_ref(),
@@ -224,18 +237,21 @@ pub async fn serve_store(
             policy.clone(),
             crate::control::access::audited,
             config.node_id,
+            limits.max_request_bytes,
         ))
         .layer(AuthLayer::shared(policy))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_optional_service(transport)
-        .add_service(proto::routing::routing_server::RoutingServer::new(
-            RoutingService::new(node.clone()),
-        ))
-        .add_service(proto::control::control_server::ControlServer::new(
-            ControlService::new(node.clone()),
-        ))
+        .add_service(
+            proto::routing::routing_server::RoutingServer::new(RoutingService::new(node.clone()))
+                .max_decoding_message_size(limits.max_request_bytes),
+        )
+        .add_service(
+            proto::control::control_server::ControlServer::new(ControlService::new(node.clone()))
+                .max_decoding_message_size(limits.max_request_bytes),
+        )
         .serve_with_incoming_shutdown(tls.incoming(listener), drained);
     let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
     if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {

@@ -136,6 +136,16 @@ impl CellConfig {
                 "limits.max_history_page",
                 self.limits.max_history_page as usize,
             ),
+            ("limits.max_request_bytes", self.limits.max_request_bytes),
+            (
+                "limits.max_streams_per_connection",
+                self.limits.max_streams_per_connection as usize,
+            ),
+            ("limits.max_subscriptions", self.limits.max_subscriptions),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.limits.max_subscriptions_per_connection,
+            ),
         ];
         for (field, value) in positive {
             if value == 0 {

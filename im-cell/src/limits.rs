@@ -1,11 +1,11 @@
 //! Every limit of a cell, named once, with its default. Each is enforced where requests enter and
 //! tested at the limit and one past it.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Limits a cell enforces; the defaults suit an enterprise IM deployment and can be overridden
 /// in the cell's config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest message body.
@@ -35,6 +35,15 @@ pub struct Limits {
     pub low_priority_max_wait_ms: u64,
     /// Most LOW-priority sends waiting at once; past it they are refused like NORMAL ones.
     pub low_priority_max_waiting: usize,
+    /// Largest request message Messaging and Sync decode.
+    pub max_request_bytes: usize,
+    /// Most streams (calls) one HTTP/2 connection may have open at once; a client's next call
+    /// waits for one to end.
+    pub max_streams_per_connection: u32,
+    /// Most `Sync.Subscribe` streams (devices online) the cell serves at once.
+    pub max_subscriptions: usize,
+    /// Most of them on one connection (an IM front end multiplexes its devices' streams).
+    pub max_subscriptions_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +62,10 @@ impl Default for Limits {
             sends_per_app_per_sec: 50_000,
             low_priority_max_wait_ms: 5_000,
             low_priority_max_waiting: 10_000,
+            max_request_bytes: cellplane_api::limits::MAX_REQUEST_BYTES,
+            max_streams_per_connection: cellplane_api::limits::MAX_STREAMS_PER_CONNECTION,
+            max_subscriptions: 100_000,
+            max_subscriptions_per_connection: 1_000,
         }
     }
 }

@@ -168,7 +168,8 @@ pub async fn serve(
     let (reflection, reflection_v1alpha) = cellplane_api::serve::reflection()?;
 
     tracing::info!(cell_id = %config.cell_id, listen = %listener.local_addr()?, last_lsn = store.last_lsn()?, standby_of = standby_of.as_deref().unwrap_or("-"), mtls = tls.is_enabled(), "IM cell serving");
-    let server = tonic::transport::Server::builder();
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.limits.max_streams_per_connection));
     let policy = Policy::for_server(tls.is_enabled(), config.auth.as_ref(), crate::access::rules);
     if tls.is_enabled() && !policy.is_enforced() {
         tracing::warn!(
@@ -181,15 +182,23 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(proto::cell::messaging_server::MessagingServer::new(
-            MessagingService::new(store.clone(), writer.clone(), config.limits.clone()),
-        ))
-        .add_service(proto::cell::sync_server::SyncServer::new(SyncService::new(
-            store.clone(),
-            hub,
-            config.limits.rebase_backlog_events,
-            closing.clone(),
-        )))
+        .add_service(
+            proto::cell::messaging_server::MessagingServer::new(MessagingService::new(
+                store.clone(),
+                writer.clone(),
+                config.limits.clone(),
+            ))
+            .max_decoding_message_size(config.limits.max_request_bytes),
+        )
+        .add_service(
+            proto::cell::sync_server::SyncServer::new(SyncService::new(
+                store.clone(),
+                hub,
+                &config.limits,
+                closing.clone(),
+            ))
+            .max_decoding_message_size(config.limits.max_request_bytes),
+        )
         .add_service(proto::cell::replication_server::ReplicationServer::new(
             ReplicationService::new(
                 store.clone(),

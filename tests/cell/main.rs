@@ -3,6 +3,7 @@
 mod bad_input;
 mod crash;
 mod fencing;
+mod limits;
 mod pns;
 mod standby;
 mod sync;

@@ -140,7 +140,8 @@ impl<B: Backend> Served<B> {
             tls: None,
             auth: None,
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
+            audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
+            limits: Default::default(),
         };
         let mut config = config;
         configure(&mut config);

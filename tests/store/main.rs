@@ -3,6 +3,7 @@
 
 mod etcd_failure;
 mod harness;
+mod limits;
 mod suite;
 
 /// Runs every test of the suite against one backend.

@@ -2,18 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::limits::{MAX_AUDIT_MESSAGE_TEXT, MAX_AUDIT_REQUEST_TEXT};
 use cellplane_api::proto::control as pb;
 use serde::{Deserialize, Serialize};
 
 /// Orders entries: the revision of the write that recorded it, then its place in that write
 /// (one write carries the entries of every call that answered meanwhile).
 pub type AuditId = (u64, u32);
-
-/// Most bytes of a request's text kept in an entry; longer ones are cut, marked with `…`.
-pub const MAX_REQUEST_TEXT: usize = 1_024;
-
-/// Most bytes of a refusal's message kept in an entry.
-pub const MAX_MESSAGE_TEXT: usize = 512;
 
 /// One admin call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,11 +21,11 @@ pub struct AuditEntry {
     pub peer: Arc<str>,
     /// `Control/CreateTenant`.
     pub method: Arc<str>,
-    /// The request as text, at most [`MAX_REQUEST_TEXT`] bytes.
+    /// The request as text, at most [`MAX_AUDIT_REQUEST_TEXT`] bytes.
     pub request: String,
     /// The answer's gRPC status code (0 is OK).
     pub code: i32,
-    /// A refusal's message, at most [`MAX_MESSAGE_TEXT`] bytes.
+    /// A refusal's message, at most [`MAX_AUDIT_MESSAGE_TEXT`] bytes.
     pub message: String,
     /// The node that took the call.
     pub node_id: u64,
@@ -55,12 +50,12 @@ impl AuditEntry {
     pub fn from_proto(entry: pb::AuditEntry) -> Self {
         Self {
             at_ms: entry.at_ms,
-            identity: cut(entry.identity, MAX_REQUEST_TEXT).into(),
-            peer: cut(entry.peer, MAX_REQUEST_TEXT).into(),
-            method: cut(entry.method, MAX_REQUEST_TEXT).into(),
-            request: cut(entry.request, MAX_REQUEST_TEXT),
+            identity: cut(entry.identity, MAX_AUDIT_REQUEST_TEXT).into(),
+            peer: cut(entry.peer, MAX_AUDIT_REQUEST_TEXT).into(),
+            method: cut(entry.method, MAX_AUDIT_REQUEST_TEXT).into(),
+            request: cut(entry.request, MAX_AUDIT_REQUEST_TEXT),
             code: entry.code,
-            message: cut(entry.message, MAX_MESSAGE_TEXT),
+            message: cut(entry.message, MAX_AUDIT_MESSAGE_TEXT),
             node_id: entry.node_id,
         }
     }
@@ -106,13 +101,17 @@ mod tests {
     #[test]
     fn long_texts_are_cut_on_a_character_boundary() {
         assert_eq!(cut("short".into(), 10), "short");
-        let cut_text = cut("é".repeat(600), MAX_MESSAGE_TEXT);
-        assert!(cut_text.len() <= MAX_MESSAGE_TEXT, "{}", cut_text.len());
+        let cut_text = cut("é".repeat(600), MAX_AUDIT_MESSAGE_TEXT);
+        assert!(
+            cut_text.len() <= MAX_AUDIT_MESSAGE_TEXT,
+            "{}",
+            cut_text.len()
+        );
         assert!(cut_text.ends_with('…'));
         let peer = pb::AuditEntry {
             request: "x".repeat(5_000),
             ..Default::default()
         };
-        assert!(AuditEntry::from_proto(peer).request.len() <= MAX_REQUEST_TEXT);
+        assert!(AuditEntry::from_proto(peer).request.len() <= MAX_AUDIT_REQUEST_TEXT);
     }
 }

@@ -12,13 +12,10 @@ use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Limited};
 use tonic::body::Body;
 
-use super::entry::{AuditEntry, MAX_MESSAGE_TEXT, MAX_REQUEST_TEXT, cut};
+use super::entry::{AuditEntry, cut};
 use super::writer::Auditor;
+use crate::limits::{MAX_AUDIT_MESSAGE_TEXT, MAX_AUDIT_REQUEST_TEXT};
 use crate::node::FORWARDED_METADATA;
-
-/// Largest request body an audited call may send: tonic's own default decoding limit, plus
-/// the gRPC frame header. Larger ones are refused here before anything buffers them.
-pub const MAX_AUDITED_REQUEST_BYTES: usize = 4 * 1024 * 1024 + 5;
 
 /// Whether calls of `method` (a full path) are audited.
 pub type Audited = fn(&str) -> bool;
@@ -29,15 +26,25 @@ pub struct AuditLayer {
     policy: Arc<Policy>,
     audited: Audited,
     node_id: u64,
+    /// Largest request body an audited call may send: the node's request limit plus the gRPC
+    /// frame header. Larger ones are refused here, before anything buffers them.
+    max_body_bytes: usize,
 }
 
 impl AuditLayer {
-    pub fn new(auditor: Auditor, policy: Arc<Policy>, audited: Audited, node_id: u64) -> Self {
+    pub fn new(
+        auditor: Auditor,
+        policy: Arc<Policy>,
+        audited: Audited,
+        node_id: u64,
+        max_request_bytes: usize,
+    ) -> Self {
         Self {
             auditor,
             policy,
             audited,
             node_id,
+            max_body_bytes: max_request_bytes.saturating_add(5),
         }
     }
 }
@@ -92,30 +99,31 @@ where
             let at_ms = crate::migration::driver::now_ms();
             let peer = auth::peer(&request).map_or_else(String::new, |a| a.to_string());
             let (parts, body) = request.into_parts();
-            let (request_text, response) = match Limited::new(body, MAX_AUDITED_REQUEST_BYTES)
-                .collect()
-                .await
-            {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    let text = describe(&path, &bytes);
-                    let request = http::Request::from_parts(
-                        parts,
-                        Body::new(http_body_util::Full::new(bytes)),
-                    );
-                    (text, inner.call(request).await?)
-                }
-                Err(error) => {
-                    let status = if error.is::<http_body_util::LengthLimitError>() {
-                        tonic::Status::resource_exhausted(format!(
-                            "request: must be at most {MAX_AUDITED_REQUEST_BYTES} bytes"
-                        ))
-                    } else {
-                        tonic::Status::cancelled(format!("request: {error}"))
-                    };
-                    (String::new(), status.into_http())
-                }
-            };
+            let (request_text, response) =
+                match Limited::new(body, layer.max_body_bytes).collect().await {
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        let text = describe(&path, &bytes);
+                        let request = http::Request::from_parts(
+                            parts,
+                            Body::new(http_body_util::Full::new(bytes)),
+                        );
+                        (text, inner.call(request).await?)
+                    }
+                    Err(error) => {
+                        let status = if error.is::<http_body_util::LengthLimitError>() {
+                            // The code tonic's decoder answers for the same, so one server
+                            // answers alike whichever method is asked.
+                            tonic::Status::out_of_range(format!(
+                                "request: must be at most {} bytes (limits.max_request_bytes)",
+                                layer.max_body_bytes - 5
+                            ))
+                        } else {
+                            tonic::Status::cancelled(format!("request: {error}"))
+                        };
+                        (String::new(), status.into_http())
+                    }
+                };
             let (code, message) = outcome(&response);
             layer
                 .auditor
@@ -126,7 +134,7 @@ where
                     method: short_method(&path).into(),
                     request: request_text,
                     code,
-                    message: cut(message, MAX_MESSAGE_TEXT),
+                    message: cut(message, MAX_AUDIT_MESSAGE_TEXT),
                     node_id: layer.node_id,
                 })
                 .await;
@@ -207,7 +215,7 @@ fn describe(path: &str, body: &Bytes) -> String {
         return format!("(compressed: {} bytes)", message.len());
     }
     let name = path.rsplit('/').next().unwrap_or_default();
-    cut(text_of(name, message), MAX_REQUEST_TEXT)
+    cut(text_of(name, message), MAX_AUDIT_REQUEST_TEXT)
 }
 
 /// Decodes `message` as the request type of Control method `name`, as its fields read.
@@ -285,7 +293,7 @@ mod tests {
             tenant_id: "t".repeat(10_000),
             ..Default::default()
         });
-        assert!(describe(path, &long).len() <= MAX_REQUEST_TEXT);
+        assert!(describe(path, &long).len() <= MAX_AUDIT_REQUEST_TEXT);
     }
 
     #[test]

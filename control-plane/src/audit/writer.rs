@@ -14,18 +14,13 @@ use cellplane_api::proto::control::control_client::ControlClient;
 use tokio::sync::{mpsc, oneshot};
 
 use super::entry::AuditEntry;
+use crate::limits::MAX_AUDIT_ENTRIES_PER_WRITE;
 use crate::node::forwarded;
 use crate::state::command::Command;
 use crate::store::{RouteStore, Routed};
 
-/// Most entries one write carries.
-pub const MAX_ENTRIES_PER_WRITE: usize = 512;
-
 /// Entries waiting for a write at most; calls past it wait for room.
 const QUEUE: usize = 4_096;
-
-/// Default size of the log: entries kept before the oldest are dropped.
-pub const DEFAULT_KEEP: u32 = 10_000;
 
 enum Pending {
     Entry(AuditEntry),
@@ -65,7 +60,11 @@ impl Auditor {
 
 async fn run(store: Arc<dyn RouteStore>, keep: u32, mut pending: mpsc::Receiver<Pending>) {
     let mut batch = Vec::new();
-    while pending.recv_many(&mut batch, MAX_ENTRIES_PER_WRITE).await > 0 {
+    while pending
+        .recv_many(&mut batch, MAX_AUDIT_ENTRIES_PER_WRITE)
+        .await
+        > 0
+    {
         let mut entries = Vec::with_capacity(batch.len());
         let mut flushed = Vec::new();
         for item in batch.drain(..) {

@@ -82,6 +82,10 @@ struct ServeArgs {
     /// Build a Raft snapshot after this many log entries.
     #[arg(long)]
     snapshot_after_logs: Option<u64>,
+    /// Change one limit of `[limits]` (max_request_bytes, max_streams_per_connection,
+    /// max_watches, max_watches_per_connection), as NAME=VALUE; repeatable.
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    limits: Vec<String>,
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long)]
     logs_kept_after_snapshot: Option<u64>,
@@ -195,7 +199,8 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 tls: None,
                 auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-                audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
+                audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
+                limits: Default::default(),
             }
         }
         None => {
@@ -217,13 +222,15 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 tls: None,
                 auth: None,
                 shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-                audit_entries: cellplane_control_plane::audit::writer::DEFAULT_KEEP,
+                audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
+                limits: Default::default(),
             }
         }
     };
     if args.metrics_listen.is_some() {
         config.metrics_listen = args.metrics_listen;
     }
+    config.limits = cellplane_api::limits::with_overrides(&config.limits, &args.limits)?;
     if let Some(n) = args.snapshot_after_logs {
         config.raft.snapshot_after_logs = n;
     }

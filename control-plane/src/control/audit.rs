@@ -7,7 +7,7 @@ use cellplane_api::proto::control::control_client::ControlClient;
 use tonic::{Request, Response, Status};
 
 use crate::audit::entry::{AuditEntry, parse_id};
-use crate::audit::writer::MAX_ENTRIES_PER_WRITE;
+use crate::limits::MAX_AUDIT_ENTRIES_PER_WRITE;
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
 use crate::state::ControlState;
 use crate::state::command::{Command, CommandOutput};
@@ -82,11 +82,11 @@ pub async fn record(
     request: Request<pb::RecordAuditRequest>,
 ) -> Result<Response<pb::RecordAuditResponse>, Status> {
     let message = request.into_inner();
-    if message.entries.is_empty() || message.entries.len() > MAX_ENTRIES_PER_WRITE {
+    if message.entries.is_empty() || message.entries.len() > MAX_AUDIT_ENTRIES_PER_WRITE {
         return Err(InvalidField::new(
             "entries",
             format!(
-                "must hold 1 to {MAX_ENTRIES_PER_WRITE} entries, got {}",
+                "must hold 1 to {MAX_AUDIT_ENTRIES_PER_WRITE} entries, got {}",
                 message.entries.len()
             ),
         )

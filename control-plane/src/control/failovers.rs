@@ -9,16 +9,11 @@ use cellplane_api::proto::control as pb;
 use tonic::Status;
 
 use crate::failover::record::{MergedKey, Mode, Phase, display_id, parse_id};
+use crate::limits::{MAX_CELLS_PER_RENEWAL, MAX_REASON_BYTES};
 use crate::migration::driver::now_ms;
 use crate::state::ControlState;
 use crate::state::command::{Command, CommandOutput};
 use crate::state::model::{CellState, Tier};
-
-/// Cells one renewal may name: an agent with more splits its renewal.
-pub const MAX_CELLS_PER_RENEWAL: usize = 10_000;
-
-/// The longest reason kept with a failover.
-pub const MAX_REASON_BYTES: usize = 256;
 
 pub fn renew_leases(
     request: pb::RenewLeasesRequest,

@@ -436,13 +436,20 @@ impl Control for ControlService {
         &self,
         request: Request<pb::WatchMigrationRequest>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        let slot = self
+            .node
+            .watches
+            .take(cellplane_api::streams::connection(&request))?;
         let message = request.into_inner();
         let only = if message.migration_id.is_empty() {
             None
         } else {
             Some(convert::migration_id(&message.migration_id)?)
         };
-        Ok(Response::new(migrations::watch(&self.node, only)?))
+        let stream = migrations::watch(&self.node, only)?;
+        Ok(Response::new(Box::pin(cellplane_api::streams::Held::new(
+            stream, slot,
+        ))))
     }
 
     async fn cancel_migration(

@@ -31,5 +31,6 @@ pub fn command_error(err: CommandError) -> tonic::Status {
         CommandError::Invalid { field, rule } => {
             tonic::Status::invalid_argument(format!("{field}: {rule}"))
         }
+        CommandError::Exhausted(message) => tonic::Status::resource_exhausted(message),
     }
 }

@@ -291,7 +291,8 @@ pub async fn run(
             tls: node_tls.clone(),
             auth: identities.as_ref().map(|_| certs::dev_auth()),
             shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: crate::audit::writer::DEFAULT_KEEP,
+            audit_entries: crate::limits::DEFAULT_AUDIT_ENTRIES,
+            limits: Default::default(),
         };
         let mut stop = stop_rx.clone();
         nodes.spawn(async move {

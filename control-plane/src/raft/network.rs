@@ -24,9 +24,7 @@ use tonic::transport::Channel;
 
 use super::codec::{self, FORMAT};
 use super::{NodeId, TypeConfig};
-
-/// Largest gRPC message between nodes: an append batch or one snapshot chunk fits with room.
-pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
+use crate::limits::MAX_RAFT_MESSAGE_BYTES;
 
 /// How long to wait for a TCP connection to a peer before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);

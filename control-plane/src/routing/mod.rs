@@ -183,8 +183,14 @@ impl Routing for RoutingService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let slot = self
+            .node
+            .watches
+            .take(cellplane_api::streams::connection(&request))?;
         let stream = watch::start(&self.node, request.into_inner().from_revision)?;
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(cellplane_api::streams::Held::new(
+            stream, slot,
+        ))))
     }
 
     async fn list_routes(

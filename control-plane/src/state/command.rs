@@ -309,6 +309,10 @@ pub enum CommandError {
     },
     #[error("{field}: {rule}")]
     Invalid { field: String, rule: String },
+    /// A cluster-wide limit is reached (migrations or failovers in flight); the caller may
+    /// retry once some finish.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 /// The response of one applied log entry.

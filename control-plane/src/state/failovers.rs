@@ -11,10 +11,8 @@ use super::model::{CellState, Protection, RouteKey, TenantState, Tier};
 use crate::failover::record::{
     FailoverRecord, LeaseRecord, Ledger, MergedKey, Mode, Phase, display_id,
 };
+use crate::limits::{MAX_FAILOVERS_IN_FLIGHT, MAX_FINISHED_FAILOVERS};
 use crate::migration::record::Phase as MigrationPhase;
-
-/// Finished failovers kept for people to look at; older ones are forgotten.
-pub const MAX_FINISHED_FAILOVERS: usize = 1_000;
 
 impl ControlState {
     /// The failover of `cell_id` that has not finished, if any.
@@ -129,6 +127,16 @@ impl ControlState {
                 "cell_id: cell {cell_id:?} is already failing over ({}, {})",
                 display_id(id),
                 f.phase.name()
+            )));
+        }
+        let unfinished = self
+            .failovers
+            .values()
+            .filter(|f| !f.phase.is_terminal())
+            .count();
+        if unfinished >= MAX_FAILOVERS_IN_FLIGHT {
+            return Err(CommandError::Exhausted(format!(
+                "{unfinished} failovers are unfinished, the most at once ({MAX_FAILOVERS_IN_FLIGHT}); retry once some finish"
             )));
         }
         if !matches!(cell.state, CellState::Active | CellState::Draining) {
@@ -1195,5 +1203,33 @@ mod tests {
             state.failover_targets(&Arc::from("low-2"))[0],
             Arc::from("low")
         );
+    }
+
+    #[test]
+    fn failovers_in_flight_stop_at_their_limit_and_one_past_is_refused() {
+        let mut state = ControlState::default();
+        for i in 0..=MAX_FAILOVERS_IN_FLIGHT {
+            let primary = format!("p{i}");
+            register(&mut state, &primary, ("hz", "a"), Tier::Normal, None);
+            register(
+                &mut state,
+                &format!("s{i}"),
+                ("hz", "b"),
+                Tier::Normal,
+                Some(&primary),
+            );
+        }
+        // Started by ops, each waits out the cell's lease in FENCING: unfinished.
+        for i in 0..MAX_FAILOVERS_IN_FLIGHT {
+            apply(&mut state, forced(&format!("p{i}"), None)).expect("within the limit");
+        }
+        let revision = state.revision();
+        let past = apply(
+            &mut state,
+            forced(&format!("p{MAX_FAILOVERS_IN_FLIGHT}"), None),
+        )
+        .expect_err("one past the limit");
+        assert!(matches!(past, CommandError::Exhausted(_)), "{past:?}");
+        assert_eq!(state.revision(), revision, "nothing changed");
     }
 }

@@ -8,10 +8,7 @@ use imbl::Vector;
 use serde::{Deserialize, Serialize};
 
 use super::model::RouteView;
-
-/// Most route events kept for watches to resume from. At ~100 bytes an event this bounds the
-/// history near 10 MB, while covering minutes of heavy route churn.
-pub const MAX_ROUTE_HISTORY: usize = 100_000;
+use crate::limits::MAX_ROUTE_HISTORY;
 
 /// Whether a key now routes somewhere or is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,11 +7,9 @@ use super::ControlState;
 use super::command::{CommandError, CommandOutput, CommandResult, Entity, MigrationView};
 use super::history::RouteEvent;
 use super::model::{CellState, RouteKey, TenantState, Tier};
+use crate::limits::{MAX_FINISHED_MIGRATIONS, MAX_MIGRATIONS_IN_FLIGHT};
 use crate::migration::record::{MigrationRecord, Phase, Progress, display_id};
 use crate::placement;
-
-/// Finished migrations kept for people to look at; older ones are forgotten.
-pub const MAX_FINISHED_MIGRATIONS: usize = 10_000;
 
 impl ControlState {
     /// The migration of `tenant_id` that has not finished, if any: at most one runs per tenant,
@@ -59,6 +57,16 @@ impl ControlState {
                 m.phase.name(),
                 m.key,
                 m.target
+            )));
+        }
+        let running = self
+            .migrations
+            .values()
+            .filter(|m| !m.phase.is_terminal())
+            .count();
+        if running >= MAX_MIGRATIONS_IN_FLIGHT {
+            return Err(CommandError::Exhausted(format!(
+                "{running} migrations are running, the most at once ({MAX_MIGRATIONS_IN_FLIGHT}); retry once some finish"
             )));
         }
         if new_tier == Some(tenant.tier) {

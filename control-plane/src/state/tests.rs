@@ -652,7 +652,7 @@ mod migrations {
 
     #[test]
     fn only_the_newest_finished_migrations_are_kept() {
-        use crate::state::migrations::MAX_FINISHED_MIGRATIONS;
+        use crate::limits::MAX_FINISHED_MIGRATIONS;
         let mut state = two_cells();
         create(&mut state, "acme", Tier::Normal).expect("create");
         let mut first = None;
@@ -999,4 +999,55 @@ fn record_changes_rebuild_the_same_state_and_events() {
         mirror.resolve(&RouteKey::tenant("t2")).map(|r| r.epoch),
         state.resolve(&RouteKey::tenant("t2")).map(|r| r.epoch)
     );
+}
+
+#[test]
+fn migrations_in_flight_stop_at_their_limit_and_one_past_is_refused() {
+    use crate::limits::MAX_MIGRATIONS_IN_FLIGHT;
+    let mut state = ControlState::default();
+    for (cell, zone) in [("cell-a", "a"), ("cell-b", "b")] {
+        for command in [
+            Command::RegisterCell {
+                cell_id: Arc::from(cell),
+                region: Arc::from("hz"),
+                zone: Arc::from(zone),
+                tier: Tier::Normal,
+                endpoint: Arc::from(format!("{cell}:1")),
+                capacity: 1_000_000,
+                standby_of: None,
+            },
+            Command::SetCellState {
+                cell_id: Arc::from(cell),
+                state: CellState::Active,
+            },
+        ] {
+            state.apply(&command).0.expect("cell");
+        }
+    }
+    let migrate = |i: usize| Command::StartMigration {
+        key: RouteKey::tenant(format!("t{i}").as_str()),
+        target_cell: None,
+        new_tier: None,
+        now_ms: 1,
+    };
+    for i in 0..=MAX_MIGRATIONS_IN_FLIGHT {
+        state
+            .apply(&Command::CreateTenant {
+                tenant_id: Arc::from(format!("t{i}")),
+                tier: Tier::Normal,
+                home_region: Arc::from("hz"),
+            })
+            .0
+            .expect("create");
+    }
+    for i in 0..MAX_MIGRATIONS_IN_FLIGHT {
+        state.apply(&migrate(i)).0.expect("within the limit");
+    }
+    let revision = state.revision();
+    let past = state
+        .apply(&migrate(MAX_MIGRATIONS_IN_FLIGHT))
+        .0
+        .expect_err("one past the limit");
+    assert!(matches!(past, CommandError::Exhausted(_)), "{past:?}");
+    assert_eq!(state.revision(), revision, "nothing changed");
 }

@@ -122,6 +122,10 @@ enum Command {
         allow_reader: Vec<String>,
         #[arg(long, requires = "enforce_auth")]
         allow_node: Vec<String>,
+        /// Change any limit of `[limits]` (see `limits.rs`), as NAME=VALUE; repeatable. The
+        /// flags for single limits above win over it.
+        #[arg(long = "limit", value_name = "NAME=VALUE")]
+        limit: Vec<String>,
     },
 }
 
@@ -158,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
         tls_key,
         shutdown_grace_ms,
         enforce_auth,
+        limit,
         allow_admin,
         allow_agent,
         allow_reader,
@@ -233,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(webhook) = pns_webhook {
         config.pns = Some(PnsConfig::webhook(webhook));
     }
+    config.limits = cellplane_api::limits::with_overrides(&config.limits, &limit)?;
     let limits = &mut config.limits;
     if let Some(n) = max_body_bytes {
         limits.max_body_bytes = n;

@@ -10,16 +10,19 @@ pub mod hub;
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use cellplane_api::ids::validate_id;
 use cellplane_api::proto::cell as pb;
 use cellplane_api::proto::cell::sync_server::Sync;
+use cellplane_api::streams::{Held, StreamSlots};
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::CellError;
+use crate::limits::Limits;
 use crate::messaging::message_to_proto;
 use crate::store::Store;
 use crate::store::records::{SyncKind, SyncRecord};
@@ -34,6 +37,8 @@ pub struct SyncService {
     store: Store,
     hub: SyncHub,
     rebase_backlog_events: u64,
+    /// The devices' streams the cell holds.
+    subscriptions: Arc<StreamSlots>,
     /// Turns true when the cell stops: open streams end then, so they do not hold the drain.
     closing: watch::Receiver<bool>,
 }
@@ -42,13 +47,22 @@ impl SyncService {
     pub fn new(
         store: Store,
         hub: SyncHub,
-        rebase_backlog_events: u64,
+        limits: &Limits,
         closing: watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
             hub,
-            rebase_backlog_events,
+            rebase_backlog_events: limits.rebase_backlog_events,
+            subscriptions: StreamSlots::new(
+                "subscriptions",
+                (
+                    "limits.max_subscriptions",
+                    "limits.max_subscriptions_per_connection",
+                ),
+                limits.max_subscriptions,
+                limits.max_subscriptions_per_connection,
+            ),
             closing,
         }
     }
@@ -211,6 +225,9 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let slot = self
+            .subscriptions
+            .take(cellplane_api::streams::connection(&request))?;
         let message = request.into_inner();
         validate_id("tenant_id", &message.tenant_id)?;
         validate_id("user_id", &message.user_id)?;
@@ -251,7 +268,10 @@ impl Sync for SyncService {
                 let _ = out.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        Ok(Response::new(Box::pin(Held::new(
+            ReceiverStream::new(events),
+            slot,
+        ))))
     }
 
     async fn ack(
@@ -286,6 +306,13 @@ mod tests {
 
     use super::*;
     use crate::store::memory::Memory;
+
+    fn backlog_of(events: u64) -> Limits {
+        Limits {
+            rebase_backlog_events: events,
+            ..Limits::default()
+        }
+    }
     use crate::store::records::MemberRecord;
     use crate::store::tx::Tx;
 
@@ -349,7 +376,7 @@ mod tests {
 
         // A backlog of 15 is under the threshold of 20, but its first 5 events are gone.
         let (_open, closing) = watch::channel(false);
-        let service = SyncService::new(store.clone(), SyncHub::default(), 20, closing);
+        let service = SyncService::new(store.clone(), SyncHub::default(), &backlog_of(20), closing);
         let rebase = first_event(&service, 35).await;
         assert_eq!(rebase.kind, pb::SyncEventKind::Rebase as i32);
         assert_eq!(rebase.pts, 50);
@@ -374,7 +401,7 @@ mod tests {
         let store = Store::open(dir.path(), 10).expect("store");
         events(&store, "c1", 3);
         let (stop, closing) = watch::channel(false);
-        let service = SyncService::new(store, SyncHub::default(), 20, closing);
+        let service = SyncService::new(store, SyncHub::default(), &backlog_of(20), closing);
         let mut stream = service
             .subscribe(Request::new(pb::SubscribeRequest {
                 tenant_id: "t".into(),
