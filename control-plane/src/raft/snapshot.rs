@@ -229,8 +229,10 @@ pub fn read_meta(path: &Path) -> Result<SnapshotMeta<NodeId, BasicNode>, Snapsho
 
 /// Reads a whole snapshot back into a state, interning cell and region ids so millions of
 /// tenants share one copy of each.
-pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState), SnapshotError> {
-    let mut reader = FrameReader::open(file)?;
+pub fn read(
+    input: impl Read,
+) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState), SnapshotError> {
+    let mut reader = FrameReader::open(input)?;
     let Some(Frame::Header(header)) = reader.next()? else {
         return Err(SnapshotError::Corrupt("missing header".into()));
     };
@@ -331,13 +333,13 @@ pub fn read(file: File) -> Result<(SnapshotMeta<NodeId, BasicNode>, ControlState
     Ok((header.meta, state))
 }
 
-struct FrameReader {
-    input: BufReader<File>,
+struct FrameReader<R: Read> {
+    input: BufReader<R>,
     buf: Vec<u8>,
 }
 
-impl FrameReader {
-    fn open(file: File) -> Result<Self, SnapshotError> {
+impl<R: Read> FrameReader<R> {
+    fn open(file: R) -> Result<Self, SnapshotError> {
         let mut input = BufReader::with_capacity(1 << 20, file);
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
@@ -361,8 +363,18 @@ impl FrameReader {
         if len > MAX_FRAME_BYTES {
             return Err(SnapshotError::Corrupt(format!("frame of {len} bytes")));
         }
-        self.buf.resize(len, 0);
-        self.input.read_exact(&mut self.buf)?;
+        // Read what is there rather than allocate what the header claims: a corrupt length
+        // costs no more memory than the file holds.
+        self.buf.clear();
+        (&mut self.input)
+            .take(len as u64)
+            .read_to_end(&mut self.buf)?;
+        if self.buf.len() < len {
+            return Err(SnapshotError::Corrupt(format!(
+                "truncated: a frame of {len} bytes holds {}",
+                self.buf.len()
+            )));
+        }
         Ok(Some(codec::decode(&self.buf)?))
     }
 }
