@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use cellplane_api::auth::{self, Policy};
 use cellplane_api::proto::control as pb;
 use futures::future::BoxFuture;
@@ -198,8 +197,9 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The request of one gRPC call (its one length-prefixed message) as text, for the log.
-fn describe(path: &str, body: &Bytes) -> String {
+/// The request of one gRPC call (its one length-prefixed message) as text, for the log; any
+/// bytes at all give some text.
+pub fn describe(path: &str, body: &[u8]) -> String {
     let Some((&compressed, rest)) = body.split_first() else {
         return "(empty)".into();
     };
@@ -257,6 +257,8 @@ fn text_of(name: &str, message: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn frame(message: &impl prost::Message) -> Bytes {
