@@ -381,6 +381,22 @@ impl Tls {
     }
 }
 
+/// A client configuration in tonic's own terms, for libraries that make their own channels
+/// (etcd-client): the files are read once, here.
+pub fn tonic_client_config(
+    paths: &TlsPaths,
+) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+    load(paths)?; // the same checks as every other identity: a bad file is named now
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(
+            "ca", &paths.ca,
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            read("cert", &paths.cert)?,
+            read("key", &paths.key)?,
+        )))
+}
+
 /// The causes under a transport error, which tonic's own message leaves out.
 fn source_chain(error: &dyn std::error::Error) -> String {
     let mut causes = Vec::new();

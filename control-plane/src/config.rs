@@ -74,6 +74,10 @@ pub struct EtcdConfig {
     /// under different prefixes.
     #[serde(default = "EtcdConfig::default_prefix")]
     pub prefix: String,
+    /// mTLS to etcd: its CA and this node's client identity (`[store.tls]`); plaintext when
+    /// absent. Read at start: a rotation of these files takes a restart of the node.
+    #[serde(default)]
+    pub tls: Option<cellplane_api::tls::TlsPaths>,
 }
 
 impl EtcdConfig {
@@ -404,6 +408,7 @@ mod tests {
         broken.store = StoreConfig::Etcd(EtcdConfig {
             endpoints: vec![],
             prefix: "/x/".into(),
+            tls: None,
         });
         assert_eq!(
             broken.validate().map_err(|e| e.field),
@@ -412,6 +417,7 @@ mod tests {
         broken.store = StoreConfig::Etcd(EtcdConfig {
             endpoints: vec!["127.0.0.1:2379".into()],
             prefix: "cellplane".into(),
+            tls: None,
         });
         assert_eq!(
             broken.validate().map_err(|e| e.field),

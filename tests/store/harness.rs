@@ -62,6 +62,7 @@ impl Backend for Etcd {
         StoreConfig::Etcd(EtcdConfig {
             endpoints: self.etcd.endpoints(),
             prefix: "/conformance/".into(),
+            tls: None,
         })
     }
 

@@ -2,6 +2,7 @@
 //! etcd, and etcd's own failure test.
 
 mod etcd_failure;
+mod etcd_tls;
 mod harness;
 mod limits;
 mod suite;

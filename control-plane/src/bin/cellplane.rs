@@ -63,6 +63,14 @@ struct ServeArgs {
     /// The etcd key prefix of this control plane's state.
     #[arg(long, default_value = "/cellplane/")]
     etcd_prefix: String,
+    /// mTLS to etcd: the CA etcd's certificate comes from; with --etcd-tls-cert and
+    /// --etcd-tls-key, this node's client identity. Plaintext when absent.
+    #[arg(long, requires_all = ["etcd_tls_cert", "etcd_tls_key"])]
+    etcd_tls_ca: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_tls_ca", "etcd_tls_key"])]
+    etcd_tls_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_tls_ca", "etcd_tls_cert"])]
+    etcd_tls_key: Option<PathBuf>,
     /// This node's id, one of the ids in --peers.
     #[arg(long)]
     node_id: Option<u64>,
@@ -191,6 +199,11 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                 store: StoreConfig::Etcd(EtcdConfig {
                     endpoints: EtcdConfig::parse_endpoints(endpoints),
                     prefix: args.etcd_prefix.clone(),
+                    tls: cellplane_api::tls::TlsPaths::from_parts(
+                        args.etcd_tls_ca.clone(),
+                        args.etcd_tls_cert.clone(),
+                        args.etcd_tls_key.clone(),
+                    )?,
                 }),
                 metrics_listen: None,
                 raft: RaftTuning::default(),

@@ -41,6 +41,8 @@ pub enum EtcdOpenError {
     },
     #[error("loading the state from etcd: {0}")]
     Load(#[from] StoreError),
+    #[error("store.{0}")]
+    Tls(#[from] cellplane_api::tls::TlsError),
 }
 
 /// A control-plane node on etcd.
@@ -92,11 +94,17 @@ impl EtcdStore {
     /// Connects, loads the state under `config.prefix` and follows it; returns once the mirror
     /// holds every write made before the call.
     pub async fn open(config: &EtcdConfig, node_id: u64) -> Result<Self, EtcdOpenError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let client = Client::connect(&config.endpoints, Some(options))
+        let mut endpoints = config.endpoints.clone();
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(cellplane_api::tls::tonic_client_config(tls)?);
+            // etcd-client speaks TLS to https URLs only.
+            endpoints = endpoints.iter().map(|e| format!("https://{e}")).collect();
+        }
+        let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|source| EtcdOpenError::Connect {
                 endpoints: config.endpoints.clone(),
