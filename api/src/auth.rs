@@ -199,10 +199,10 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     cn.as_str().ok().map(str::to_string)
 }
 
-/// The identity of the caller of `request`: its client certificate's common name.
-pub fn identity<B>(request: &http::Request<B>) -> Option<String> {
-    let certs = request.extensions().get::<ConnInfo>()?.certs.as_ref()?;
-    common_name(certs.first()?)
+/// The identity of the caller of `request`: its client certificate's common name, as read
+/// when the connection was made.
+pub fn identity<B>(request: &http::Request<B>) -> Option<Arc<str>> {
+    request.extensions().get::<ConnInfo>()?.identity.clone()
 }
 
 /// The address the caller of `request` connected from.
@@ -259,8 +259,6 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The certificate is parsed only for a call the policy checks: not on a server with
-        // no policy, nor for health and reflection.
         let open = !self.policy.enforced || (self.policy.rules)(request.uri().path()).is_none();
         if open {
             return futures::future::Either::Left(self.inner.call(request));

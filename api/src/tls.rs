@@ -415,11 +415,14 @@ pub enum Conn {
 }
 
 /// What a service learns of a connection (in each request's extensions): the peer's address
-/// and, under TLS, the certificates it presented.
+/// and, under TLS, the certificates it presented and the identity they name, read once per
+/// connection rather than once per call.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub addr: SocketAddr,
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The client certificate's subject common name.
+    pub identity: Option<Arc<str>>,
 }
 
 impl Connected for Conn {
@@ -430,15 +433,19 @@ impl Connected for Conn {
             Self::Plain(_, addr) => ConnInfo {
                 addr: *addr,
                 certs: None,
+                identity: None,
             },
-            Self::Tls(stream, addr) => ConnInfo {
-                addr: *addr,
-                certs: stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(|certs| Arc::new(certs.to_vec())),
-            },
+            Self::Tls(stream, addr) => {
+                let certs = stream.get_ref().1.peer_certificates();
+                ConnInfo {
+                    addr: *addr,
+                    identity: certs
+                        .and_then(|c| c.first())
+                        .and_then(|der| crate::auth::common_name(der))
+                        .map(Arc::from),
+                    certs: certs.map(|certs| Arc::new(certs.to_vec())),
+                }
+            }
         }
     }
 }

@@ -128,7 +128,7 @@ where
                 .auditor
                 .record(AuditEntry {
                     at_ms,
-                    identity: identity.unwrap_or_default().into(),
+                    identity: identity.unwrap_or_default(),
                     peer: peer.into(),
                     method: short_method(&path).into(),
                     request: request_text,
