@@ -242,11 +242,14 @@ impl Tls {
 
     /// An endpoint for `host:port`. Under TLS the scheme stays `http`: the handshake is made
     /// by this module's connector, not by tonic.
-    fn endpoint(&self, host_port: &str) -> Result<Endpoint, TlsError> {
-        Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| TlsError::Endpoint {
-            endpoint: host_port.to_string(),
-            message: e.to_string(),
-        })
+    fn endpoint(&self, host_port: &str, connect_timeout: Duration) -> Result<Endpoint, TlsError> {
+        let endpoint = Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| {
+            TlsError::Endpoint {
+                endpoint: host_port.to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(endpoint.connect_timeout(connect_timeout).tcp_nodelay(true))
     }
 
     /// A lazily connected channel to `host:port`.
@@ -255,10 +258,7 @@ impl Tls {
         host_port: &str,
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
-        let endpoint = self
-            .endpoint(host_port)?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true);
+        let endpoint = self.endpoint(host_port, connect_timeout)?;
         Ok(match self.live {
             None => endpoint.connect_lazy(),
             Some(_) => endpoint.connect_with_connector_lazy(self.connector()),
@@ -271,10 +271,7 @@ impl Tls {
         host_port: &str,
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
-        let endpoint = self
-            .endpoint(host_port)?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true);
+        let endpoint = self.endpoint(host_port, connect_timeout)?;
         let connected = match self.live {
             None => endpoint.connect().await,
             Some(_) => endpoint.connect_with_connector(self.connector()).await,

@@ -124,3 +124,22 @@ pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
 }
+
+/// Retries `call` every 20 ms until it succeeds, failing the test after `limit` with what it
+/// last answered.
+pub async fn until_ok<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    limit: std::time::Duration,
+    mut call: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(error) => {
+                assert!(tokio::time::Instant::now() < deadline, "{what}: {error:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
