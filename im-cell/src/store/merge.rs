@@ -223,6 +223,11 @@ pub fn merged_so_far(
 /// what the merge added to the route key in all, this batch included.
 pub fn merge(tx: &mut Tx, batch: MergeBatch) -> Result<u64, CellError> {
     let (tenant, conversation) = (batch.tenant.as_str(), batch.conversation.as_str());
+    // Rebuilt from another cell's rows: checked like any record from another cell.
+    super::foreign::ids("members", &batch.members)?;
+    for message in &batch.messages {
+        super::foreign::check_message(message)?;
+    }
     let mut changed = false;
     let existing: Option<ConversationRecord> = tx.get(
         Space::Conversations,

@@ -7,6 +7,7 @@
 
 pub mod export;
 pub mod fencing;
+pub mod foreign;
 pub mod keys;
 pub mod log_trim;
 pub mod memory;

@@ -411,6 +411,7 @@ fn event(kind: SyncKind, conversation: &str, seq: u64) -> impl Fn(u64) -> SyncRe
 /// Applies another cell's log record (an import, a standby following its primary) without
 /// sync events: devices catch up with a REBASE instead.
 pub fn replay(tx: &mut Tx, record: LogRecord) -> Result<(), CellError> {
+    super::foreign::check_record(&record)?;
     apply_mutation(
         tx,
         &record.tenant_id,
@@ -628,6 +629,9 @@ pub fn apply_mutation(
             None => tx.delete(Space::Grants, keys::grant(tenant, conversation)),
         },
         Mutation::ImportRows { rows } => {
+            for (name, key, value) in rows {
+                super::foreign::check_row(name, key, value)?;
+            }
             for (name, key, value) in rows {
                 let space = space_named(name).ok_or_else(|| {
                     CellError::Storage(format!("imported rows name no keyspace {name:?}"))

@@ -802,6 +802,9 @@ fn replicate(tx: &mut Tx, batch: Replicated) -> Result<Outcome, CellError> {
             "snapshot rows arrived outside a bootstrap".into(),
         ));
     }
+    for (space, key, value) in &batch.rows {
+        super::foreign::check_row(&format!("{space:?}"), key, value)?;
+    }
     for (space, key, value) in batch.rows {
         tx.put_raw(space, key, value);
     }
