@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod detail;
 pub mod dir_lock;
 pub mod ids;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cellplane_api::client::channel;
 use cellplane_api::proto::cell::CellStatusRequest;
@@ -121,12 +121,7 @@ fn tier(name: &str) -> pb::Tier {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use cellplane_api::clock::now_ms;
 
 /// Registers `cell` (idempotent: an agent restart registers the same cell again), waits until
 /// the cell process answers, then makes a joining cell ACTIVE so placement may use it. A cell

@@ -130,7 +130,7 @@ async fn a_killed_primary_fails_over_to_its_standby_and_loses_nothing_acknowledg
     system.agents[0].signal_cell(PRIMARY, Signal::SIGKILL);
     system.agents[0].kill().await;
     let killed = Instant::now();
-    let killed_ms = cellplane_control_plane::migration::driver::now_ms();
+    let killed_ms = cellplane_api::clock::now_ms();
     // Acknowledgements of sends already answered before the kill may still be counted: the
     // first WRITERS past the kill stand for those.
     wait_until(

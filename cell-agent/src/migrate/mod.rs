@@ -24,8 +24,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::cells::{LocalCells, now_ms, remote_admin};
+use crate::cells::{LocalCells, remote_admin};
 use cellplane_api::client::ControlPlane;
+use cellplane_api::clock::now_ms;
 use step::{OnFailure, Purge, Repair, Step, Work, next_step, on_failure, phase, repair_frozen};
 
 /// Pause between catch-up passes, so a migration of an idle key does not spin.

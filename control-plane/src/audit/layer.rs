@@ -95,7 +95,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let at_ms = crate::migration::driver::now_ms();
+            let at_ms = cellplane_api::clock::now_ms();
             let peer = auth::peer(&request).map_or_else(String::new, |a| a.to_string());
             let (parts, body) = request.into_parts();
             let (request_text, response) =

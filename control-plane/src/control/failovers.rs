@@ -10,10 +10,10 @@ use tonic::Status;
 
 use crate::failover::record::{MergedKey, Mode, Phase, display_id, parse_id};
 use crate::limits::{MAX_CELLS_PER_RENEWAL, MAX_REASON_BYTES};
-use crate::migration::driver::now_ms;
 use crate::state::ControlState;
 use crate::state::command::{Command, CommandOutput};
 use crate::state::model::{CellState, Tier};
+use cellplane_api::clock::now_ms;
 
 pub fn renew_leases(
     request: pb::RenewLeasesRequest,

@@ -16,13 +16,13 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::migration::driver::now_ms;
 use crate::migration::record::display_id;
 use crate::migration::step::{Decision, Event, Report, step};
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
 use crate::state::ControlState;
 use crate::state::command::{CommandOutput, MigrationView};
 use crate::store::view::WatchSignal;
+use cellplane_api::clock::now_ms;
 
 pub type MigrationStream = Pin<Box<dyn Stream<Item = Result<pb::Migration, Status>> + Send>>;
 

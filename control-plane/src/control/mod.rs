@@ -22,11 +22,11 @@ use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::control_server::Control;
 use tonic::{Request, Response, Status};
 
-use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal, forwarded, is_forwarded};
 use crate::raft::membership::Change;
 use crate::state::command::{Command, CommandOutput};
 use crate::store::Routed;
+use cellplane_api::clock::now_ms;
 
 pub struct ControlService {
     node: Arc<Node>,

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::detect::{self, Candidate, Decisions, Lookups, Observation, Underway};
 use super::record::{LeaseRecord, Phase};
-use crate::migration::driver::now_ms;
 use crate::node::{Node, Proposal};
 use crate::state::ControlState;
 use crate::state::command::Command;
+use cellplane_api::clock::now_ms;
 
 /// How often the detector looks.
 const TICK: Duration = Duration::from_millis(50);

@@ -5,7 +5,7 @@
 //! leader picks up where the old one was; the state it reads is the replicated state.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::step::{Decision, Event, step};
 use crate::node::{Node, Proposal};
@@ -13,13 +13,7 @@ use crate::node::{Node, Proposal};
 /// How often the leader looks at unfinished migrations.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Milliseconds since the Unix epoch by this node's clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use cellplane_api::clock::now_ms;
 
 /// Runs until the node shuts down.
 pub async fn run(node: Arc<Node>) {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::export::row_conversation;
 use super::keys;
-use super::mutate::{apply_mutation, now_ms};
+use super::mutate::apply_mutation;
 use super::records::{
     ConversationRecord, IdempotencyRecord, InboxRecord, Kind, MessageRecord, Mutation, SyncKind,
     SyncRecord, decode,
@@ -22,6 +22,7 @@ use super::records::{
 use super::tx::Tx;
 use super::{Space, Store};
 use crate::error::CellError;
+use cellplane_api::clock::now_ms;
 
 /// Messages merged per write at most.
 pub const MERGE_BATCH_MESSAGES: usize = 256;

@@ -108,12 +108,7 @@ fn find_message(
     Ok(inbox.and_then(|i| i.private))
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use cellplane_api::clock::now_ms;
 
 /// What deciding needs besides the state: who the cell is, its limits and its grants.
 pub struct Decider<'a> {

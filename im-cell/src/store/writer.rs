@@ -11,6 +11,7 @@
 
 use std::sync::{Arc, RwLock, mpsc};
 
+use cellplane_api::clock::now_ms;
 use tokio::sync::{oneshot, watch};
 
 use super::export::{name_of, replicated_spaces};
@@ -21,7 +22,7 @@ use super::log_trim::{LogBound, LogTrim};
 use super::memory::Memory;
 use super::merge::{MergeBatch, merge};
 use super::mutate::{
-    Decider, Decision, WriteRequest, apply_mutation, now_ms, replay, require_conversation,
+    Decider, Decision, WriteRequest, apply_mutation, replay, require_conversation,
 };
 use super::records::{
     GrantRecord, IdempotencyRecord, Kind, LogRecord, Mutation, PromotionRecord, ReplicaRecord,
