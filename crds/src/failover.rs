@@ -1,0 +1,69 @@
+//! `CellFailover`: a failover of a primary cell to its standby (or, LOW, to a fallback), as
+//! ops start it: PLANNED when the cell is reachable, FORCED when it is not. Started once and
+//! never edited.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{ID, ID_MESSAGE, IMMUTABLE, IMMUTABLE_MESSAGE, MAX_ID};
+
+/// How the failover takes the cell's keys away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FailoverMode {
+    /// The cell freezes, the standby catches up, then the keys switch: nothing is lost.
+    Planned,
+    /// The cell's lease is waited out, then the standby takes over.
+    Forced,
+}
+
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "cellplane.io",
+    version = "v1alpha1",
+    kind = "CellFailover",
+    plural = "cellfailovers",
+    shortname = "cpfo",
+    category = "cellplane",
+    status = "CellFailoverStatus",
+    printcolumn = r#"{"name":"Cell","type":"string","jsonPath":".spec.cell"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(IMMUTABLE).message(IMMUTABLE_MESSAGE))]
+pub struct CellFailoverSpec {
+    /// The primary to fail over.
+    #[schemars(length(min = 1, max = MAX_ID))]
+    #[x_kube(validation = Rule::new(ID).message(ID_MESSAGE))]
+    pub cell: String,
+    #[x_kube(validation = Rule::new("self in ['Planned', 'Forced']").message("must be Planned or Forced"))]
+    pub mode: FailoverMode,
+    /// Why, for the record.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellFailoverStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_id: Option<String>,
+    /// FENCING, CATCHING_UP, PROMOTING, DONE, MERGED, ROLLED_BACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Route keys moved to the standby.
+    #[serde(default)]
+    pub moved: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
