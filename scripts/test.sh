@@ -13,8 +13,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # etcd-client's build runs protoc; the route-store tests start real etcd servers; the
-# reflection tests run a real grpcurl.
-./scripts/ensure-tools.sh protoc etcd grpcurl
+# reflection tests run a real grpcurl; the Kubernetes tests start a real API server.
+./scripts/ensure-tools.sh protoc etcd grpcurl kube-apiserver
 if [ -z "${GRPCURL_BIN:-}" ]; then
     GRPCURL_BIN="$(command -v grpcurl || echo "$PWD/target/tools/grpcurl")"
     export GRPCURL_BIN

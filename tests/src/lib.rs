@@ -6,6 +6,7 @@
 //! `CELLPLANE_BIN_DIR`); the test script builds them before running the tests.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cell;
 pub mod cluster;
 pub mod etcd;
