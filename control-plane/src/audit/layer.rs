@@ -157,44 +157,9 @@ fn short_method(path: &str) -> String {
 /// The status of a unary answer: a refusal carries `grpc-status` in its headers (trailers
 /// only); an answer with a body and no status in its headers is OK.
 fn outcome(response: &http::Response<Body>) -> (i32, String) {
-    let headers = response.headers();
-    let Some(code) = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return (0, String::new());
-    };
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(percent_decode)
-        .unwrap_or_default();
-    (code, message)
-}
-
-/// `grpc-message` is percent-encoded on the wire.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    tonic::Status::from_header_map(response.headers()).map_or((0, String::new()), |status| {
+        (status.code() as i32, status.message().to_string())
+    })
 }
 
 /// The request of one gRPC call (its one length-prefixed message) as text, for the log; any
@@ -299,11 +264,10 @@ mod tests {
     }
 
     #[test]
-    fn methods_read_short_and_messages_decode() {
+    fn methods_read_short() {
         assert_eq!(
             short_method("/cellplane.control.v1.Control/FailoverCell"),
             "Control/FailoverCell"
         );
-        assert_eq!(percent_decode("a%20b%3A c%"), "a b: c%");
     }
 }
