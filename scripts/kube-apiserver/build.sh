@@ -3,12 +3,14 @@
 # apiextensions API server (main.go beside this script) from the Go sources Debian sid carries
 # (Debian's stable releases do not), in GOPATH mode, with nothing installed system-wide. The
 # packages (about 320 MB) are fetched with a private apt configuration into a cache next to
-# the binary and kept, so a rebuild fetches nothing. About 4 minutes on 2 cores.
+# the binary and kept, so a rebuild fetches nothing. About 4 minutes on 2 cores. Everything the
+# build writes, Go's temporary files included, stays under that cache (a machine's /tmp may be
+# small), and the 4 GB of unpacked sources and build cache are removed once the binary exists.
 set -euo pipefail
 out="$1"
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(dirname "$out")/kube-apiserver-build"
-mkdir -p "$work"/{apt/lists/partial,apt/cache/archives/partial,debs,root,overlay/src,gopath/src/kube-apiserver}
+mkdir -p "$work"/{apt/lists/partial,apt/cache/archives/partial,debs,root,overlay/src,gopath/src/kube-apiserver,tmp}
 
 for needed in apt-get apt-cache dpkg; do
     if ! command -v "$needed" >/dev/null 2>&1; then
@@ -26,7 +28,7 @@ echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/}
     > "$work/apt/sources.list"
 apt=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
     -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache=$work/apt/cache"
-    -o Dir::State::status=/dev/null -o APT::Architecture=amd64)
+    -o Dir::State::status=/dev/null -o APT::Architecture=amd64 -o APT::Sandbox::User=root)
 wanted=(golang-k8s-apiextensions-apiserver-dev golang-k8s-client-go-dev golang-1.27-go)
 
 if [ ! -e "$work/root/.extracted" ]; then
@@ -58,6 +60,8 @@ done < <(find "$gocode/src" -name go.mod)
 
 cp "$here/main.go" "$work/gopath/src/kube-apiserver/main.go"
 export GOROOT="$work/root/usr/lib/go-1.27" GO111MODULE=off GOPROXY=off GOTOOLCHAIN=local \
-    CGO_ENABLED=0 GOPATH="$work/gopath:$work/overlay:$gocode" GOCACHE="$work/gocache"
+    CGO_ENABLED=0 GOPATH="$work/gopath:$work/overlay:$gocode" GOCACHE="$work/gocache" \
+    GOTMPDIR="$work/tmp" TMPDIR="$work/tmp"
 echo "building kube-apiserver (go $("$GOROOT/bin/go" env GOVERSION))" >&2
 (cd "$work/gopath/src/kube-apiserver" && "$GOROOT/bin/go" build -o "$out" .)
+rm -rf "$work/root" "$work/gocache" "$work/tmp" "$work/overlay"
