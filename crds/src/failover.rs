@@ -52,12 +52,21 @@ pub struct CellFailoverSpec {
 pub struct CellFailoverStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_id: Option<String>,
-    /// FENCING, CATCHING_UP, PROMOTING, DONE, MERGED, ROLLED_BACK.
+    /// FENCING, FREEZING, CATCHING_UP, PROMOTING, DONE, THAWING, ROLLED_BACK, MERGED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The cell that took the failed cell's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_cell: Option<String>,
     /// Route keys moved to the standby.
     #[serde(default)]
     pub moved: u64,
+    /// From the start to the standby taking writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rto_ms: Option<u64>,
+    /// What the failover may have lost, and, once the failed cell came back, what it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<RpoLedger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,4 +75,21 @@ pub struct CellFailoverStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// The failover's RPO ledger, in LSNs of the failed primary's cell log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RpoLedger {
+    /// The failed primary's last LSN as last reported.
+    pub primary_lsn: u64,
+    /// The newest of those the promoted standby had applied.
+    pub standby_lsn: u64,
+    /// The standby had every acknowledged message.
+    pub in_sync: bool,
+    /// Cell-log records the standby may lack.
+    pub lsns_behind: u64,
+    /// The failed cell came back and what only it held was merged: the count is exact.
+    pub merged: bool,
+    pub missing_messages: u64,
 }

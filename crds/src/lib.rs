@@ -16,7 +16,7 @@ mod rules;
 mod tenant;
 
 pub use cell::{Cell, CellSpec, CellStatus};
-pub use failover::{CellFailover, CellFailoverSpec, CellFailoverStatus, FailoverMode};
+pub use failover::{CellFailover, CellFailoverSpec, CellFailoverStatus, FailoverMode, RpoLedger};
 pub use migration::{Migration, MigrationSpec, MigrationStatus};
 pub use tenant::{Tenant, TenantSpec, TenantStatus};
 

@@ -49,7 +49,7 @@ pub struct MigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_ID))]
     pub source_cell: Option<String>,
-    /// PLANNED, COPYING, CATCHING_UP, FROZEN, SWITCHING, DONE, FAILED, CANCELLED.
+    /// PLANNED, COPYING, CATCHING_UP, FREEZING, SWITCHING, CLEANUP, DONE, ROLLED_BACK, FAILED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Records copied so far.
