@@ -10,6 +10,7 @@
 //! - [`routing`] and [`control`]: the public gRPC services;
 //! - [`audit`]: the log of admin calls, kept in the replicated state;
 //! - [`node`]: one control-plane node, `serve(listener, shutdown)`;
+//! - [`operator`]: the Kubernetes operator, reconciling cellplane resources against the Control API;
 //! - [`config`]: what a node is told to be, validated once.
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod failover;
 pub mod limits;
 pub mod migration;
 pub mod node;
+pub mod operator;
 pub mod placement;
 pub mod raft;
 pub mod routing;

@@ -100,3 +100,14 @@ pub const MAX_AUDIT_MESSAGE_TEXT: usize = 512;
 
 /// Largest Raft message (an append of many entries, a snapshot chunk) peers exchange.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The operator's first back-off after a failed reconcile; it doubles with each failure in a
+/// row, up to [`OPERATOR_BACKOFF_MAX_MS`].
+pub const OPERATOR_BACKOFF_FIRST_MS: u64 = 200;
+
+/// The operator's longest back-off: a control plane that comes back is noticed within it.
+pub const OPERATOR_BACKOFF_MAX_MS: u64 = 30_000;
+
+/// How often the operator looks again at a migration or failover under way, to mirror its
+/// progress.
+pub const OPERATOR_PROGRESS_POLL_MS: u64 = 250;

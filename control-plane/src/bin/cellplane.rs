@@ -46,6 +46,110 @@ enum Command {
     /// Run the whole system on this machine until Ctrl-C: a 3-node control plane and an agent
     /// per region running IM cells of every tier.
     Dev(DevArgs),
+    /// Run the Kubernetes operator: reconcile Cell, Tenant, Migration and CellFailover
+    /// objects against the control plane. Of several replicas, the holder of a Lease acts.
+    Operator(OperatorArgs),
+}
+
+#[derive(Args)]
+struct OperatorArgs {
+    /// Control-plane nodes: host:port,host:port.
+    #[arg(
+        long,
+        env = "CELLPLANE_CONTROL_PLANE",
+        value_delimiter = ',',
+        required = true
+    )]
+    control_plane: Vec<String>,
+    /// mTLS to the control plane: its CA (PEM), and the operator's identity (an admin).
+    /// Plaintext when absent.
+    #[arg(long, env = "CELLPLANE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, env = "CELLPLANE_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CELLPLANE_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// The Kubernetes API server's kubeconfig; else $KUBECONFIG, ~/.kube/config, or the
+    /// pod's service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This replica's name, in the Lease and in its Events (in a pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+    /// The namespace of the Lease (in a pod: its own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    #[arg(long, default_value = "cellplane-operator")]
+    lease_name: String,
+    /// How long a Lease left unrenewed stays its holder's, in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_s: u64,
+    /// How often the holder renews the Lease.
+    #[arg(long, default_value_t = 2_000)]
+    lease_renew_ms: u64,
+    /// How often a settled object is looked at again, to mirror live state into its status.
+    #[arg(long, default_value_t = 10_000)]
+    resync_ms: u64,
+    /// Serve gRPC health (grpc.health.v1) here, for Kubernetes' probes.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl OperatorArgs {
+    fn config(&self) -> anyhow::Result<cellplane_control_plane::operator::OperatorConfig> {
+        use std::time::Duration;
+        let lease = cellplane_control_plane::operator::lease::Timing {
+            duration: Duration::from_secs(self.lease_duration_s),
+            renew_every: Duration::from_millis(self.lease_renew_ms),
+        };
+        if self.lease_duration_s == 0 || i32::try_from(self.lease_duration_s).is_err() {
+            bail!("--lease-duration-s must be from 1 to {}", i32::MAX);
+        }
+        // The holder gives up after two thirds of the duration without a renewal: it must
+        // have tried more than once by then.
+        if self.lease_renew_ms == 0 || self.lease_renew_ms * 3 >= self.lease_duration_s * 1_000 {
+            bail!("--lease-renew-ms must be above 0 and below a third of --lease-duration-s");
+        }
+        if self.resync_ms == 0 {
+            bail!("--resync-ms must be above 0");
+        }
+        if self.identity.is_empty() {
+            bail!("--identity must not be empty");
+        }
+        Ok(cellplane_control_plane::operator::OperatorConfig {
+            control_plane: self.control_plane.clone(),
+            tls: TlsPaths::from_parts(
+                self.tls_ca.clone(),
+                self.tls_cert.clone(),
+                self.tls_key.clone(),
+            )?,
+            identity: self.identity.clone(),
+            lease_namespace: self.namespace.clone(),
+            lease_name: self.lease_name.clone(),
+            lease,
+            resync: Duration::from_millis(self.resync_ms),
+            health_listen: self.health_listen,
+        })
+    }
+
+    async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .with_context(|| format!("kubeconfig {}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .context("finding the Kubernetes API server (--kubeconfig)")?,
+        };
+        Ok(kube::Client::try_from(config)?)
+    }
 }
 
 #[derive(Args)]
@@ -306,6 +410,17 @@ async fn main() -> anyhow::Result<()> {
                     demo: args.demo,
                     tls: args.tls,
                 },
+                shutdown_signal(),
+            ))
+            .await??;
+        }
+        Command::Operator(args) => {
+            let config = args.config()?;
+            install_metrics(args.metrics_listen)?;
+            let client = args.kube_client().await?;
+            tokio::spawn(cellplane_control_plane::operator::run(
+                config,
+                client,
                 shutdown_signal(),
             ))
             .await??;

@@ -1,0 +1,253 @@
+//! The `CellFailover` controller: each object starts its failover once (PLANNED or FORCED)
+//! and mirrors its progress: phase, keys moved, the time to recovery and the RPO ledger.
+//! Starting is idempotent as for migrations: the id is kept in the status, and an object that
+//! lost it adopts the failover of its cell begun at or after the object was created. A
+//! failover is not cancelled by deleting its object: once the cell stopped being renewed or
+//! froze its keys, the failover runs to its end (a PLANNED one that cannot finish gives up by
+//! itself, thawing the cell); the object goes when it has.
+
+use std::sync::Arc;
+
+use cellplane_api::proto::control as pb;
+use cellplane_crds::{CellFailover, CellFailoverSpec, CellFailoverStatus, FailoverMode, RpoLedger};
+use kube::Api;
+use kube::runtime::controller::Action as Requeue;
+use tonic::Code;
+
+use super::conditions::Conditions;
+use super::convert::{created_ms, failover_phase, name, rfc3339};
+use super::{Context, Error, writes};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub start: bool,
+    pub status: CellFailoverStatus,
+    pub conditions: Conditions,
+    pub poll: bool,
+}
+
+/// Among the failovers the control plane keeps, the one this object started: of its cell,
+/// not automatic, begun at or after the object was created; the first.
+pub fn adoptable<'a>(
+    spec: &CellFailoverSpec,
+    created_ms: u64,
+    failovers: &'a [pb::Failover],
+) -> Option<&'a pb::Failover> {
+    failovers
+        .iter()
+        .filter(|f| f.cell_id == spec.cell && !f.automatic && f.created_ms >= created_ms)
+        .min_by_key(|f| f.created_ms)
+}
+
+pub fn mode_to_proto(mode: FailoverMode) -> pb::FailoverMode {
+    match mode {
+        FailoverMode::Planned => pb::FailoverMode::Planned,
+        FailoverMode::Forced => pb::FailoverMode::Forced,
+    }
+}
+
+pub fn finished(phase: pb::FailoverPhase) -> bool {
+    use pb::FailoverPhase::*;
+    matches!(phase, Done | RolledBack | Merged)
+}
+
+pub fn decide(failover: Option<&pb::Failover>) -> Decision {
+    let Some(f) = failover else {
+        return Decision {
+            start: true,
+            status: CellFailoverStatus::default(),
+            conditions: Conditions::progressing("Starting", "starting the failover"),
+            poll: true,
+        };
+    };
+    let phase = failover_phase(f.phase);
+    let ledger = f.ledger.as_ref().map(|l| RpoLedger {
+        primary_lsn: l.primary_lsn,
+        standby_lsn: l.standby_lsn,
+        in_sync: l.in_sync,
+        lsns_behind: l.lsns_behind,
+        merged: l.merged,
+        missing_messages: l.missing_messages,
+    });
+    let status = CellFailoverStatus {
+        failover_id: Some(f.failover_id.clone()),
+        phase: Some(name(phase.as_str_name(), "FAILOVER_PHASE_")),
+        standby_cell: (!f.standby_cell.is_empty()).then(|| f.standby_cell.clone()),
+        moved: f.keys_moved,
+        rto_ms: (f.done_ms >= f.created_ms && f.done_ms > 0).then(|| f.done_ms - f.created_ms),
+        ledger: ledger.clone(),
+        started_at: rfc3339(f.created_ms),
+        finished_at: rfc3339(match phase {
+            pb::FailoverPhase::Merged => f.merged_ms,
+            _ => f.done_ms,
+        }),
+        ..CellFailoverStatus::default()
+    };
+    let took_over = format!(
+        "{} took over {} keys of {}",
+        f.standby_cell, f.keys_moved, f.cell_id
+    );
+    let (conditions, poll) = match phase {
+        pb::FailoverPhase::Done | pb::FailoverPhase::Merged => {
+            let conditions = Conditions::ready("Done", took_over);
+            match ledger {
+                Some(l) if !l.in_sync && !l.merged && l.lsns_behind > 0 => (
+                    conditions.and_degraded(
+                        "MayHaveLost",
+                        format!(
+                            "the standby may lack {} cell-log records until {} comes back and its history is merged",
+                            l.lsns_behind, f.cell_id
+                        ),
+                    ),
+                    false,
+                ),
+                _ => (conditions, false),
+            }
+        }
+        pb::FailoverPhase::RolledBack => (
+            Conditions::degraded(
+                "RolledBack",
+                format!("{} kept its keys: {}", f.cell_id, f.error),
+            ),
+            false,
+        ),
+        other => (
+            Conditions::progressing("FailingOver", name(other.as_str_name(), "FAILOVER_PHASE_")),
+            true,
+        ),
+    };
+    Decision {
+        start: false,
+        status,
+        conditions,
+        poll,
+    }
+}
+
+async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Option<pb::Failover>, Error> {
+    if let Some(id) = object.status.as_ref().and_then(|s| s.failover_id.clone()) {
+        let answer = ctx
+            .call(|mut c| {
+                let request = pb::GetFailoverRequest {
+                    failover_id: id.clone(),
+                };
+                async move { c.get_failover(request).await }
+            })
+            .await?;
+        return match answer {
+            Ok(f) => Ok(Some(f)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(Error::Refused(status.message().into())),
+        };
+    }
+    let listed = ctx
+        .call(|mut c| async move {
+            c.list_failovers(pb::ListFailoversRequest { active_only: false })
+                .await
+        })
+        .await?
+        .map_err(|s| Error::Refused(s.message().into()))?;
+    Ok(adoptable(
+        &object.spec,
+        created_ms(&object.metadata),
+        &listed.failovers,
+    )
+    .cloned())
+}
+
+pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let api: Api<CellFailover> = Api::all(ctx.kube.clone());
+    let id_known = object
+        .status
+        .as_ref()
+        .is_some_and(|s| s.failover_id.is_some());
+    let failover = fetch(&ctx, &object).await?;
+    if object.metadata.deletion_timestamp.is_some() {
+        if failover.is_some_and(|f| !finished(failover_phase(f.phase))) {
+            return Ok(super::requeue(&ctx, true));
+        }
+        writes::remove_finalizer(&api, &*object).await?;
+        return Ok(Requeue::await_change());
+    }
+    if id_known && failover.is_none() {
+        return Ok(Requeue::await_change());
+    }
+    writes::add_finalizer(&api, &*object).await?;
+    let mut decision = decide(failover.as_ref());
+    if decision.start {
+        let spec = &object.spec;
+        let answer = ctx
+            .call(|mut c| {
+                let request = pb::FailoverCellRequest {
+                    cell_id: spec.cell.clone(),
+                    mode: mode_to_proto(spec.mode) as i32,
+                    reason: spec.reason.clone(),
+                };
+                async move { c.failover_cell(request).await }
+            })
+            .await?;
+        match answer {
+            Ok(started) => {
+                ctx.event(
+                    &*object,
+                    false,
+                    "Started",
+                    "FailoverCell",
+                    format!(
+                        "failover {} of {} to {}",
+                        started.failover_id, started.cell_id, started.standby_cell
+                    ),
+                )
+                .await;
+                decision = decide(Some(&started));
+            }
+            Err(status) => {
+                ctx.event(
+                    &*object,
+                    true,
+                    "Refused",
+                    "FailoverCell",
+                    status.message().into(),
+                )
+                .await;
+                let conditions = Conditions::degraded("Refused", status.message());
+                writes::write_status(&api, &*object, decision.status, &conditions).await?;
+                ctx.succeeded(&*object);
+                return Ok(Requeue::requeue(ctx.resync));
+            }
+        }
+    } else if !id_known {
+        ctx.event(
+            &*object,
+            false,
+            "Adopted",
+            "Reconcile",
+            format!(
+                "failover {} of {} was already started",
+                decision.status.failover_id.clone().unwrap_or_default(),
+                object.spec.cell
+            ),
+        )
+        .await;
+    }
+    let was = object.status.as_ref().and_then(|s| s.phase.clone());
+    if decision.status.phase != was && !decision.poll {
+        let warning = decision.conditions.degraded.status;
+        let note = if warning {
+            &decision.conditions.degraded.message
+        } else {
+            &decision.conditions.ready.message
+        };
+        ctx.event(
+            &*object,
+            warning,
+            decision.conditions.degraded.reason,
+            "Reconcile",
+            note.clone(),
+        )
+        .await;
+    }
+    writes::write_status(&api, &*object, decision.status, &decision.conditions).await?;
+    ctx.succeeded(&*object);
+    Ok(super::requeue(&ctx, decision.poll))
+}

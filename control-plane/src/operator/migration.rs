@@ -1,0 +1,335 @@
+//! The `Migration` controller: each object starts its history-first migration once and
+//! mirrors its progress (phase, records copied, lag, the write pause). Starting is
+//! idempotent: the migration's id is kept in the status, and an object whose status lost it
+//! (the operator stopped between the start and the status write) adopts the migration of its
+//! key to its target that began at or after the object was created, instead of starting a
+//! second. Deleting the object before the route switched cancels the migration (finalizer).
+
+use std::sync::Arc;
+
+use cellplane_api::proto::control as pb;
+use cellplane_crds::{Migration, MigrationSpec, MigrationStatus};
+use kube::Api;
+use kube::runtime::controller::Action as Requeue;
+use tonic::Code;
+
+use super::conditions::Conditions;
+use super::convert::{created_ms, migration_phase, name};
+use super::{Context, Error, writes};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Start the migration: the object has none.
+    pub start: bool,
+    pub status: MigrationStatus,
+    pub conditions: Conditions,
+    /// Still under way: look again soon.
+    pub poll: bool,
+}
+
+/// Among the key's migrations, the one this object started: to its target, begun at or after
+/// the object was created (`created_ms`, truncated to the second by Kubernetes), the first.
+pub fn adoptable<'a>(
+    spec: &MigrationSpec,
+    created_ms: u64,
+    migrations: &'a [pb::Migration],
+) -> Option<&'a pb::Migration> {
+    let conversation = spec.conversation.as_deref().unwrap_or("");
+    migrations
+        .iter()
+        .filter(|m| {
+            m.tenant_id == spec.tenant
+                && m.conversation_id == conversation
+                && m.target_cell == spec.target_cell
+                && m.created_ms >= created_ms
+        })
+        .min_by_key(|m| m.created_ms)
+}
+
+pub fn decide(migration: Option<&pb::Migration>) -> Decision {
+    let Some(m) = migration else {
+        return Decision {
+            start: true,
+            status: MigrationStatus::default(),
+            conditions: Conditions::progressing("Starting", "starting the migration"),
+            poll: true,
+        };
+    };
+    let phase = migration_phase(m.phase);
+    let status = MigrationStatus {
+        migration_id: Some(m.migration_id.clone()),
+        source_cell: Some(m.source_cell.clone()),
+        phase: Some(name(phase.as_str_name(), "MIGRATION_PHASE_")),
+        copied: m.rows_copied,
+        lag: m.source_lsn.saturating_sub(m.copied_lsn),
+        pause_ms: (m.frozen_ms > 0 && m.switched_ms >= m.frozen_ms)
+            .then(|| m.switched_ms - m.frozen_ms),
+        ..MigrationStatus::default()
+    };
+    let (conditions, poll) = match phase {
+        pb::MigrationPhase::Done => (
+            Conditions::ready(
+                "Done",
+                format!(
+                    "moved from {} to {} at epoch {}",
+                    m.source_cell,
+                    m.target_cell,
+                    m.source_epoch + 1
+                ),
+            ),
+            false,
+        ),
+        pb::MigrationPhase::Failed => (
+            Conditions::degraded("Failed", format!("the migration failed: {}", m.error)),
+            false,
+        ),
+        pb::MigrationPhase::RolledBack => (
+            Conditions::degraded(
+                "RolledBack",
+                format!("the key stayed on {}: {}", m.source_cell, m.error),
+            ),
+            false,
+        ),
+        other => (
+            Conditions::progressing(
+                "Migrating",
+                format!(
+                    "{}: {} records copied",
+                    name(other.as_str_name(), "MIGRATION_PHASE_"),
+                    m.rows_copied
+                ),
+            ),
+            true,
+        ),
+    };
+    Decision {
+        start: false,
+        status,
+        conditions,
+        poll,
+    }
+}
+
+fn before_switch(phase: pb::MigrationPhase) -> bool {
+    use pb::MigrationPhase::*;
+    matches!(phase, Planned | Copying | CatchingUp | Freezing)
+}
+
+fn finished(phase: pb::MigrationPhase) -> bool {
+    use pb::MigrationPhase::*;
+    matches!(phase, Done | RolledBack | Failed)
+}
+
+/// What deleting the object needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// Not switched yet: roll it back.
+    Cancel,
+    /// Switched (or cancelled) and not finished: it runs to its end.
+    Wait,
+    Release,
+}
+
+pub fn decide_deletion(migration: Option<&pb::Migration>) -> Deletion {
+    match migration.map(|m| migration_phase(m.phase)) {
+        None => Deletion::Release,
+        Some(phase) if finished(phase) => Deletion::Release,
+        Some(phase) if before_switch(phase) => Deletion::Cancel,
+        Some(_) => Deletion::Wait,
+    }
+}
+
+/// The object's migration: by the id in its status, else the one it may adopt.
+async fn fetch(ctx: &Context, object: &Migration) -> Result<Option<pb::Migration>, Error> {
+    if let Some(id) = object.status.as_ref().and_then(|s| s.migration_id.clone()) {
+        let answer = ctx
+            .call(|mut c| {
+                let request = pb::GetMigrationRequest {
+                    migration_id: id.clone(),
+                };
+                async move { c.get_migration(request).await }
+            })
+            .await?;
+        return match answer {
+            Ok(m) => Ok(Some(m)),
+            // Finished long ago and forgotten by the control plane.
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(Error::Refused(status.message().into())),
+        };
+    }
+    let listed = ctx
+        .call(|mut c| {
+            let request = pb::ListMigrationsRequest {
+                active_only: false,
+                tenant_id: object.spec.tenant.clone(),
+            };
+            async move { c.list_migrations(request).await }
+        })
+        .await?
+        .map_err(|s| Error::Refused(s.message().into()))?;
+    Ok(adoptable(
+        &object.spec,
+        created_ms(&object.metadata),
+        &listed.migrations,
+    )
+    .cloned())
+}
+
+pub async fn reconcile(object: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let api: Api<Migration> = Api::all(ctx.kube.clone());
+    if object.metadata.deletion_timestamp.is_some() {
+        return delete(&api, &object, &ctx).await;
+    }
+    let id_known = object
+        .status
+        .as_ref()
+        .is_some_and(|s| s.migration_id.is_some());
+    let migration = fetch(&ctx, &object).await?;
+    if id_known && migration.is_none() {
+        // The control plane no longer keeps it; the status says how it ended.
+        return Ok(Requeue::await_change());
+    }
+    writes::add_finalizer(&api, &object).await?;
+    let mut decision = decide(migration.as_ref());
+    if decision.start {
+        let spec = &object.spec;
+        let answer = ctx
+            .call(|mut c| {
+                let spec = spec.clone();
+                async move {
+                    match spec.conversation {
+                        Some(conversation_id) => {
+                            c.migrate_conversation(pb::MigrateConversationRequest {
+                                tenant_id: spec.tenant,
+                                conversation_id,
+                                target_cell: spec.target_cell,
+                            })
+                            .await
+                        }
+                        None => {
+                            c.migrate_tenant(pb::MigrateTenantRequest {
+                                tenant_id: spec.tenant,
+                                target_cell: spec.target_cell,
+                            })
+                            .await
+                        }
+                    }
+                }
+            })
+            .await?;
+        match answer {
+            Ok(started) => {
+                ctx.event(
+                    &*object,
+                    false,
+                    "Started",
+                    "Migrate",
+                    format!(
+                        "migration {} from {} to {}",
+                        started.migration_id, started.source_cell, started.target_cell
+                    ),
+                )
+                .await;
+                decision = decide(Some(&started));
+            }
+            Err(status) => {
+                ctx.event(
+                    &*object,
+                    true,
+                    "Refused",
+                    "Migrate",
+                    status.message().into(),
+                )
+                .await;
+                let conditions = Conditions::degraded("Refused", status.message());
+                writes::write_status(&api, &*object, decision.status, &conditions).await?;
+                ctx.succeeded(&*object);
+                return Ok(Requeue::requeue(ctx.resync));
+            }
+        }
+    } else if !id_known {
+        ctx.event(
+            &*object,
+            false,
+            "Adopted",
+            "Reconcile",
+            format!(
+                "migration {} of the key to {} was already started",
+                decision.status.migration_id.clone().unwrap_or_default(),
+                object.spec.target_cell
+            ),
+        )
+        .await;
+    }
+    let was = object.status.as_ref().and_then(|s| s.phase.clone());
+    if decision.status.phase != was && !decision.poll && !decision.start {
+        let warning = decision.conditions.degraded.status;
+        ctx.event(
+            &*object,
+            warning,
+            decision.conditions.ready.reason,
+            "Reconcile",
+            if warning {
+                decision.conditions.degraded.message.clone()
+            } else {
+                decision.conditions.ready.message.clone()
+            },
+        )
+        .await;
+    }
+    writes::write_status(&api, &*object, decision.status, &decision.conditions).await?;
+    ctx.succeeded(&*object);
+    Ok(super::requeue(&ctx, decision.poll))
+}
+
+async fn delete(api: &Api<Migration>, object: &Migration, ctx: &Context) -> Result<Requeue, Error> {
+    if !writes::has_finalizer(object) {
+        return Ok(Requeue::await_change());
+    }
+    let migration = fetch(ctx, object).await?;
+    match decide_deletion(migration.as_ref()) {
+        Deletion::Cancel => {
+            let id = migration.map(|m| m.migration_id).unwrap_or_default();
+            let answer = ctx
+                .call(|mut c| {
+                    let request = pb::CancelMigrationRequest {
+                        migration_id: id.clone(),
+                    };
+                    async move { c.cancel_migration(request).await }
+                })
+                .await?;
+            match answer {
+                Ok(_) => {
+                    ctx.event(
+                        object,
+                        false,
+                        "Cancelled",
+                        "CancelMigration",
+                        format!(
+                            "migration {id} rolled back: the object was deleted before the switch"
+                        ),
+                    )
+                    .await
+                }
+                // It switched meanwhile: it runs to its end.
+                Err(status) => {
+                    ctx.event(
+                        object,
+                        true,
+                        "NotCancelled",
+                        "CancelMigration",
+                        status.message().into(),
+                    )
+                    .await
+                }
+            }
+            Ok(super::requeue(ctx, true))
+        }
+        Deletion::Wait => Ok(super::requeue(ctx, true)),
+        Deletion::Release => {
+            writes::remove_finalizer(api, object).await?;
+            ctx.succeeded(object);
+            Ok(Requeue::await_change())
+        }
+    }
+}
