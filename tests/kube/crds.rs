@@ -2,55 +2,16 @@
 //! CEL rule and schema bound rejects an object that breaks it with a 422, on create or, for
 //! the immutability rules, on update.
 
-use std::time::Duration;
 
 use cellplane_crds::{
     Cell, CellFailover, CellFailoverSpec, CellSpec, FailoverMode, Migration, MigrationSpec, Tenant,
     TenantSpec, Tier,
 };
 use cellplane_tests::apiserver::KubeApiServer;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
-
-/// Applies every CRD and waits until each is Established.
-async fn install(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, crd) in cellplane_crds::crds() {
-        let name = crd.metadata.name.clone().expect("name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("cellplane-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("apply {name}: {e}"));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let established = crds
-                .get(&name)
-                .await
-                .ok()
-                .and_then(|c| c.status)
-                .is_some_and(|s| {
-                    s.conditions
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
-            if established {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} never established"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
 
 /// Creates `object` (JSON) as a `K`, answering the server's status code on refusal.
 async fn create<K: Resource<DynamicType = ()>>(client: &Client, object: Value) -> Result<(), u16> {
@@ -119,7 +80,7 @@ fn with(mut base: Value, field: &str, value: Value) -> Value {
 async fn every_rule_of_every_crd_holds_on_a_real_api_server() {
     let server = KubeApiServer::start().await;
     let client = server.client();
-    install(&client).await;
+    server.install_crds().await;
 
     // Valid objects, through the typed API.
     let cells: Api<Cell> = Api::all(client.clone());

@@ -1,11 +1,17 @@
 //! A real Kubernetes API server for tests: the apiextensions API server that
 //! `scripts/ensure-tools.sh kube-apiserver` builds (`$KUBE_APISERVER_BIN`, or
 //! `target/tools/kube-apiserver`), over a real single-member etcd, on free loopback ports;
-//! killed when dropped. It serves CRDs (no core or apps APIs) to anonymous callers.
+//! killed when dropped. It serves CRDs (no core or apps APIs) to anonymous callers; the two
+//! built-in APIs the operator uses, `coordination.k8s.io/v1` Leases and `events.k8s.io/v1`
+//! Events, are served here by stand-in CRDs of the same groups and names (this server cannot
+//! serve the built-in ones), which keep every field as written.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
@@ -77,10 +83,91 @@ impl KubeApiServer {
         );
     }
 
+    /// Applies every cellplane CRD and the stand-ins for Leases and Events, and waits until
+    /// each is Established.
+    pub async fn install_crds(&self) {
+        let client = self.client();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let mut all: Vec<CustomResourceDefinition> = cellplane_crds::crds()
+            .into_iter()
+            .map(|(_, crd)| crd)
+            .collect();
+        all.push(stand_in("coordination.k8s.io", "Lease", "leases"));
+        all.push(stand_in("events.k8s.io", "Event", "events"));
+        for crd in all {
+            let name = crd.metadata.name.clone().expect("name");
+            crds.patch(
+                &name,
+                &PatchParams::apply("cellplane-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("apply {name}: {e}"));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let established = crds
+                    .get(&name)
+                    .await
+                    .ok()
+                    .and_then(|c| c.status)
+                    .is_some_and(|s| {
+                        s.conditions
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                if established {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name} never established"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Writes a kubeconfig for the server (its certificate not verified) into its directory.
+    pub fn kubeconfig(&self) -> PathBuf {
+        let path = self.dir.path().join("kubeconfig.yaml");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: anonymous\ncurrent-context: test\n",
+            self.url
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
     /// A client of the server (its certificate is self-signed: not verified).
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.url.parse().expect("url"));
         config.accept_invalid_certs = true;
         kube::Client::try_from(config).expect("kube client")
     }
+}
+
+/// A namespaced CRD standing in for a built-in API: any object of the kind is kept as written.
+fn stand_in(group: &str, kind: &str, plural: &str) -> CustomResourceDefinition {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": format!("{plural}.{group}"),
+            // Groups under k8s.io are Kubernetes' own; this marks the stand-in as approved.
+            "annotations": {"api-approved.kubernetes.io": "https://github.com/kubernetes/kubernetes/pull/1"},
+        },
+        "spec": {
+            "group": group,
+            "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1",
+                "served": true,
+                "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+            }],
+        },
+    }))
+    .expect("stand-in CRD")
 }

@@ -1,0 +1,572 @@
+//! The operator (`cellplane operator`, a real process) against a real API server and a real
+//! control plane with real agents and cells: every reconcile path, checked in the objects'
+//! status, conditions and Events and in the control plane's own state.
+
+use std::time::Duration;
+
+use cellplane_api::proto::control::{
+    CellState, CreateTenantRequest, GetCellRequest, GetMigrationRequest, GetTenantRequest,
+    ListMigrationsRequest, MigrationPhase, RegisterCellRequest, RemoveCellRequest,
+    SetCellStateRequest, Tier as PbTier,
+};
+use cellplane_crds::{Cell, CellSpec, Migration, MigrationSpec, Tenant, TenantSpec, Tier};
+use cellplane_tests::apiserver::KubeApiServer;
+use cellplane_tests::operator::OperatorProcess;
+use cellplane_tests::system::System;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tonic::Code;
+
+use super::scratch;
+
+/// Waits until `name` satisfies `ready`, or fails naming what it last saw.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    ready: impl Fn(&K) -> bool,
+) -> K
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Ok(object) = api.get(name).await {
+            if ready(&object) {
+                return object;
+            }
+            last = Some(object);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: {what} within {limit:?}; last seen {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `name` is gone.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, limit: Duration)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(object)) = api.get_opt(name).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} was not deleted within {limit:?}: {object:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether condition `type_` is True with `reason`.
+pub fn holds(conditions: &[Condition], type_: &str, reason: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True" && c.reason == reason)
+}
+
+fn tenant_conditions(t: &Tenant) -> &[Condition] {
+    t.status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// The Events recorded about the object `name`, as `(reason, reporting instance)`.
+pub async fn events(client: &Client, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.reporting_instance.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn tenant(name: &str, tier: Tier) -> Tenant {
+    Tenant::new(
+        name,
+        TenantSpec {
+            tier,
+            home_region: "hz".into(),
+        },
+    )
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
+    let system = System::start(&[(
+        "hz",
+        &[
+            ("hz-a-normal-1", "a", "NORMAL"),
+            ("hz-b-normal-2", "b", "NORMAL"),
+            ("hz-a-high-1", "a", "HIGH"),
+            ("hz-b-high-2", "b", "HIGH"),
+        ],
+    )])
+    .await;
+    let server = KubeApiServer::start().await;
+    server.install_crds().await;
+    let dir = scratch();
+    let _operator = OperatorProcess::start(
+        &server,
+        &system.cluster.endpoints(),
+        "operator-0",
+        dir.path().join("operator.log"),
+        &[],
+    );
+    let client = server.client();
+    let leader = system.cluster.wait_for_leader().await;
+    let mut control = system.cluster.control(leader);
+    let cells: Api<Cell> = Api::all(client.clone());
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    let migrations: Api<Migration> = Api::all(client.clone());
+    let pp = PostParams::default();
+
+    // A Cell whose cell its agent registered is adopted, and mirrors the cell's state.
+    let agent = &system.agents[0];
+    let adopted = Cell::new(
+        "hz-a-normal-1",
+        CellSpec {
+            region: "hz".into(),
+            zone: "a".into(),
+            tier: Tier::Normal,
+            endpoint: agent.cell("hz-a-normal-1").addr.clone(),
+            capacity: 1000,
+            standby_of: None,
+            primary_zone: None,
+        },
+    );
+    cells.create(&pp, &adopted).await.expect("create cell");
+    let cell = wait_for(&cells, "hz-a-normal-1", LIMIT, "Ready", |c: &Cell| {
+        c.status
+            .as_ref()
+            .is_some_and(|s| holds(&s.conditions, "Ready", "Active"))
+    })
+    .await;
+    let status = cell.status.expect("status");
+    assert_eq!(status.phase.as_deref(), Some("ACTIVE"));
+    assert!(status.last_heartbeat.is_some(), "{status:?}");
+    assert_eq!(status.observed_generation, Some(1));
+    assert!(
+        events(&client, "hz-a-normal-1")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Adopted")
+    );
+
+    // A Cell no agent registered is registered as its spec says, and waits for its agent.
+    let mut joining = adopted.clone();
+    joining.metadata = kube::api::ObjectMeta {
+        name: Some("hz-z-normal-9".into()),
+        ..Default::default()
+    };
+    joining.spec.zone = "z".into();
+    joining.spec.endpoint = "127.0.0.1:9".into();
+    joining.spec.capacity = 5;
+    cells.create(&pp, &joining).await.expect("create cell");
+    wait_for(&cells, "hz-z-normal-9", LIMIT, "Joining", |c: &Cell| {
+        c.status
+            .as_ref()
+            .is_some_and(|s| holds(&s.conditions, "Progressing", "Joining"))
+    })
+    .await;
+    let registered = control
+        .get_cell(GetCellRequest {
+            cell_id: "hz-z-normal-9".into(),
+        })
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!((registered.zone.as_str(), registered.capacity), ("z", 5));
+
+    // A Tenant is created; a concurrent writer of its labels makes the operator's guarded
+    // writes conflict, and it goes on with the fresh object.
+    tenants
+        .create(&pp, &tenant("t-1", Tier::Normal))
+        .await
+        .expect("create tenant");
+    let labeller = {
+        let tenants = tenants.clone();
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let patch = json!({"metadata": {"labels": {format!("l{i}"): "x"}}});
+                let _ = tenants
+                    .patch("t-1", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+            }
+        })
+    };
+    let t1 = wait_for(&tenants, "t-1", LIMIT, "Ready", |t: &Tenant| {
+        holds(tenant_conditions(t), "Ready", "Placed")
+    })
+    .await;
+    labeller.await.expect("labeller");
+    let t1 = wait_for(
+        &tenants,
+        "t-1",
+        LIMIT,
+        "its finalizer and labels",
+        |t: &Tenant| {
+            t.finalizers().iter().any(|f| f == "cellplane.io/cleanup") && t.labels().len() == 30
+        },
+    )
+    .await
+    .status
+    .or(t1.status)
+    .expect("status");
+    let placed = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-1".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(
+        t1.primary_cell.as_deref(),
+        Some(placed.primary_cell.as_str())
+    );
+    assert_eq!(placed.tier, PbTier::Normal as i32);
+    assert_eq!(t1.epoch, placed.epoch);
+    assert!(
+        events(&client, "t-1")
+            .await
+            .iter()
+            .any(|(r, i)| r == "Created" && i == "operator-0")
+    );
+
+    // A tenant made through the API and then declared is adopted, not made again.
+    let made = control
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "t-adopt".into(),
+            tier: PbTier::Normal as i32,
+            home_region: "hz".into(),
+        })
+        .await
+        .expect("create through the API")
+        .into_inner();
+    tenants
+        .create(&pp, &tenant("t-adopt", Tier::Normal))
+        .await
+        .expect("create tenant");
+    let adopted = wait_for(&tenants, "t-adopt", LIMIT, "Ready", |t: &Tenant| {
+        holds(tenant_conditions(t), "Ready", "Placed")
+    })
+    .await;
+    let adopted = adopted.status.expect("status");
+    assert_eq!(
+        adopted.primary_cell.as_deref(),
+        Some(made.primary_cell.as_str())
+    );
+    assert_eq!(adopted.epoch, made.epoch, "adopting changes nothing");
+    assert!(
+        events(&client, "t-adopt")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Adopted")
+    );
+
+    // A tenant made only through the API is left alone.
+    let api_made = control
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "t-api".into(),
+            tier: PbTier::Normal as i32,
+            home_region: "hz".into(),
+        })
+        .await
+        .expect("create through the API")
+        .into_inner();
+
+    // A tier change is a migration to a cell of the new tier.
+    tenants
+        .patch(
+            "t-1",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"tier": "HIGH"}})),
+        )
+        .await
+        .expect("change tier");
+    let high = wait_for(
+        &tenants,
+        "t-1",
+        Duration::from_secs(60),
+        "Ready on a HIGH cell",
+        |t: &Tenant| {
+            holds(tenant_conditions(t), "Ready", "Placed")
+                && t.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == Some(2)
+                        && s.primary_cell
+                            .as_deref()
+                            .is_some_and(|c| c.contains("-high-"))
+                })
+        },
+    )
+    .await
+    .status
+    .expect("status");
+    let moved = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-1".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(moved.tier, PbTier::High as i32);
+    assert_eq!(
+        high.primary_cell.as_deref(),
+        Some(moved.primary_cell.as_str())
+    );
+
+    // A Migration starts once and is mirrored to DONE.
+    let target = if moved.primary_cell == "hz-a-high-1" {
+        "hz-b-high-2"
+    } else {
+        "hz-a-high-1"
+    };
+    let migration = Migration::new(
+        "m-1",
+        MigrationSpec {
+            tenant: "t-1".into(),
+            conversation: None,
+            target_cell: target.into(),
+        },
+    );
+    migrations
+        .create(&pp, &migration)
+        .await
+        .expect("create migration");
+    let done = wait_for(
+        &migrations,
+        "m-1",
+        Duration::from_secs(60),
+        "DONE",
+        |m: &Migration| {
+            m.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("DONE") && holds(&s.conditions, "Ready", "Done")
+            })
+        },
+    )
+    .await
+    .status
+    .expect("status");
+    assert_eq!(
+        done.source_cell.as_deref(),
+        Some(moved.primary_cell.as_str())
+    );
+    assert!(done.pause_ms.is_some(), "{done:?}");
+    let id = done.migration_id.clone().expect("id");
+    // Later reconciles (every resync) never start a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let to_target = control
+        .list_migrations(ListMigrationsRequest {
+            active_only: false,
+            tenant_id: "t-1".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .migrations
+        .into_iter()
+        .filter(|m| m.target_cell == target)
+        .count();
+    assert_eq!(to_target, 1, "exactly one migration to {target}");
+    let after = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-1".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(after.primary_cell, target);
+    assert_eq!(after.epoch, moved.epoch + 1);
+    let m1_events = events(&client, "m-1").await;
+    assert!(
+        m1_events.iter().any(|(r, _)| r == "Started"),
+        "{m1_events:?}"
+    );
+    assert!(!id.is_empty());
+
+    // A Migration deleted before its switch is cancelled: its target is a cell no agent runs,
+    // so it never gets past its first phases.
+    control
+        .register_cell(RegisterCellRequest {
+            cell_id: "hz-y-normal-8".into(),
+            region: "hz".into(),
+            zone: "y".into(),
+            tier: PbTier::Normal as i32,
+            endpoint: "127.0.0.1:8".into(),
+            capacity: 10,
+            standby_of: String::new(),
+        })
+        .await
+        .expect("register");
+    control
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "hz-y-normal-8".into(),
+            state: CellState::Active as i32,
+        })
+        .await
+        .expect("activate");
+    let stuck = Migration::new(
+        "m-cancel",
+        MigrationSpec {
+            tenant: "t-adopt".into(),
+            conversation: None,
+            target_cell: "hz-y-normal-8".into(),
+        },
+    );
+    migrations
+        .create(&pp, &stuck)
+        .await
+        .expect("create migration");
+    let started = wait_for(
+        &migrations,
+        "m-cancel",
+        LIMIT,
+        "started",
+        |m: &Migration| {
+            m.status.as_ref().is_some_and(|s| {
+                s.migration_id.is_some() && holds(&s.conditions, "Progressing", "Migrating")
+            })
+        },
+    )
+    .await
+    .status
+    .expect("status");
+    migrations
+        .delete("m-cancel", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&migrations, "m-cancel", LIMIT).await;
+    let cancelled = control
+        .get_migration(GetMigrationRequest {
+            migration_id: started.migration_id.expect("id"),
+        })
+        .await
+        .expect("migration")
+        .into_inner();
+    assert_eq!(cancelled.phase, MigrationPhase::RolledBack as i32);
+    let stayed = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-adopt".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(stayed.primary_cell, made.primary_cell);
+    // No migration can finish on that cell: it goes before the drain below picks it.
+    control
+        .set_cell_state(SetCellStateRequest {
+            cell_id: "hz-y-normal-8".into(),
+            state: CellState::Draining as i32,
+        })
+        .await
+        .expect("take out");
+    control
+        .remove_cell(RemoveCellRequest {
+            cell_id: "hz-y-normal-8".into(),
+        })
+        .await
+        .expect("remove");
+
+    // Deleting a Tenant deletes the tenant, and the object goes only once it is gone.
+    tenants
+        .delete("t-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&tenants, "t-1", LIMIT).await;
+    let gone = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-1".into(),
+        })
+        .await;
+    assert_eq!(gone.expect_err("deleted").code(), Code::NotFound);
+
+    // Deleting a Cell that never joined takes it out and removes it.
+    cells
+        .delete("hz-z-normal-9", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&cells, "hz-z-normal-9", LIMIT).await;
+    let gone = control
+        .get_cell(GetCellRequest {
+            cell_id: "hz-z-normal-9".into(),
+        })
+        .await;
+    assert_eq!(gone.expect_err("removed").code(), Code::NotFound);
+
+    // Deleting a Cell that holds a tenant drains it to its sibling first.
+    let holder = made.primary_cell.clone();
+    let sibling = if holder == "hz-a-normal-1" {
+        "hz-b-normal-2"
+    } else {
+        "hz-a-normal-1"
+    };
+    if holder != "hz-a-normal-1" {
+        let mut other = cells.get("hz-a-normal-1").await.expect("cell").spec;
+        other.zone = "b".into();
+        other.endpoint = agent.cell("hz-b-normal-2").addr.clone();
+        cells
+            .create(&pp, &Cell::new(&holder, other))
+            .await
+            .expect("create cell");
+        wait_for(&cells, &holder, LIMIT, "Ready", |c: &Cell| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| holds(&s.conditions, "Ready", "Active"))
+        })
+        .await;
+    }
+    cells
+        .delete(&holder, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&cells, &holder, Duration::from_secs(60)).await;
+    let drained = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-adopt".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(
+        drained.primary_cell, sibling,
+        "the tenant moved off the deleted cell"
+    );
+    assert!(
+        events(&client, &holder)
+            .await
+            .iter()
+            .any(|(r, _)| r == "Draining")
+    );
+
+    // The API-made tenant was never touched, and no object stands for it.
+    let untouched = control
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-api".into(),
+        })
+        .await
+        .expect("still there")
+        .into_inner();
+    assert_eq!(
+        (untouched.epoch, untouched.primary_cell),
+        (api_made.epoch, api_made.primary_cell)
+    );
+    assert!(tenants.get_opt("t-api").await.expect("get").is_none());
+}
