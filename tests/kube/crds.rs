@@ -2,7 +2,6 @@
 //! CEL rule and schema bound rejects an object that breaks it with a 422, on create or, for
 //! the immutability rules, on update.
 
-
 use cellplane_crds::{
     Cell, CellFailover, CellFailoverSpec, CellSpec, FailoverMode, Migration, MigrationSpec, Tenant,
     TenantSpec, Tier,

@@ -9,10 +9,15 @@ use cellplane_api::proto::control::{
     ListMigrationsRequest, MigrationPhase, RegisterCellRequest, RemoveCellRequest,
     SetCellStateRequest, Tier as PbTier,
 };
-use cellplane_crds::{Cell, CellSpec, Migration, MigrationSpec, Tenant, TenantSpec, Tier};
+use cellplane_crds::{
+    Cell, CellFailover, CellFailoverSpec, CellSpec, FailoverMode, Migration, MigrationSpec, Tenant,
+    TenantSpec, Tier,
+};
 use cellplane_tests::apiserver::KubeApiServer;
+use cellplane_tests::cluster::Cluster;
 use cellplane_tests::operator::OperatorProcess;
 use cellplane_tests::system::System;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -569,4 +574,257 @@ async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
         (api_made.epoch, api_made.primary_cell)
     );
     assert!(tenants.get_opt("t-api").await.expect("get").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger() {
+    const PRIMARY: &str = "hz-a-normal-1";
+    const STANDBY: &str = "hz-b-normal-s1";
+    let system =
+        System::start_pair(Cluster::start(3, &[]).await, (PRIMARY, STANDBY), None, true).await;
+    let on = system.create_tenant("acme", PbTier::Normal, "hz").await;
+    assert_eq!(on, PRIMARY);
+    let server = KubeApiServer::start().await;
+    server.install_crds().await;
+    let dir = scratch();
+    let _operator = OperatorProcess::start(
+        &server,
+        &system.cluster.endpoints(),
+        "operator-0",
+        dir.path().join("operator.log"),
+        &[],
+    );
+    let client = server.client();
+    let failovers: Api<CellFailover> = Api::all(client.clone());
+    let object = CellFailover::new(
+        "kernel-upgrade",
+        CellFailoverSpec {
+            cell: PRIMARY.into(),
+            mode: FailoverMode::Planned,
+            reason: "kernel upgrade".into(),
+        },
+    );
+    failovers
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create failover");
+    let done = wait_for(
+        &failovers,
+        "kernel-upgrade",
+        Duration::from_secs(60),
+        "DONE",
+        |f: &CellFailover| {
+            f.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("DONE") && holds(&s.conditions, "Ready", "Done")
+            })
+        },
+    )
+    .await
+    .status
+    .expect("status");
+    assert_eq!(done.standby_cell.as_deref(), Some(STANDBY));
+    assert_eq!(done.moved, 1, "the tenant's key moved");
+    assert!(
+        done.rto_ms.is_some() && done.started_at.is_some() && done.finished_at.is_some(),
+        "{done:?}"
+    );
+    let ledger = done.ledger.expect("ledger");
+    assert!(ledger.in_sync && ledger.lsns_behind == 0, "{ledger:?}");
+    let tenant = system
+        .cluster
+        .control(system.cluster.wait_for_leader().await)
+        .get_tenant(GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(tenant.primary_cell, STANDBY);
+    // Later reconciles never start another.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let of_primary = system
+        .list_failovers()
+        .await
+        .failovers
+        .iter()
+        .filter(|f| f.cell_id == PRIMARY)
+        .count();
+    assert_eq!(of_primary, 1);
+    assert!(
+        events(&client, "kernel-upgrade")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Started")
+    );
+    // A finished failover's object goes at once.
+    failovers
+        .delete("kernel-upgrade", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&failovers, "kernel-upgrade", LIMIT).await;
+}
+
+/// A control plane of one node with two NORMAL cells registered ACTIVE (no cell process: these
+/// tests place tenants and never write to them), and an API server with the CRDs.
+async fn control_plane_and_api_server() -> (Cluster, KubeApiServer) {
+    // No agent renews these cells' leases: without automatic failover they stay ACTIVE.
+    let cluster = Cluster::start(1, &["--no-automatic-failover"]).await;
+    cluster
+        .add_cells(&[
+            ("hz-a-normal-1", "a", PbTier::Normal),
+            ("hz-b-normal-2", "b", PbTier::Normal),
+        ])
+        .await;
+    let server = KubeApiServer::start().await;
+    server.install_crds().await;
+    (cluster, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_backs_off_while_the_control_plane_is_down_and_recovers() {
+    let (mut cluster, server) = control_plane_and_api_server().await;
+    let dir = scratch();
+    let _operator = OperatorProcess::start(
+        &server,
+        &cluster.endpoints(),
+        "operator-0",
+        dir.path().join("operator.log"),
+        &[],
+    );
+    let tenants: Api<Tenant> = Api::all(server.client());
+    cluster.kill(1).await;
+    tenants
+        .create(&PostParams::default(), &tenant("t-1", Tier::Normal))
+        .await
+        .expect("create tenant");
+    wait_for(
+        &tenants,
+        "t-1",
+        Duration::from_secs(40),
+        "marked unavailable",
+        |t: &Tenant| holds(tenant_conditions(t), "Degraded", "ControlPlaneUnavailable"),
+    )
+    .await;
+    cluster.restart(1);
+    let placed = wait_for(
+        &tenants,
+        "t-1",
+        Duration::from_secs(60),
+        "Ready",
+        |t: &Tenant| holds(tenant_conditions(t), "Ready", "Placed"),
+    )
+    .await
+    .status
+    .expect("status");
+    // Placed, with no standby reported: degraded for that reason, no longer for the outage.
+    assert!(
+        holds(&placed.conditions, "Degraded", "Unprotected"),
+        "{placed:?}"
+    );
+    let made = cluster
+        .control(cluster.wait_for_leader().await)
+        .get_tenant(GetTenantRequest {
+            tenant_id: "t-1".into(),
+        })
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(
+        placed.primary_cell.as_deref(),
+        Some(made.primary_cell.as_str())
+    );
+}
+
+/// The Lease's holder, once there is one.
+async fn holder(client: &Client) -> String {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    wait_for(&leases, "cellplane-operator", LIMIT, "held", |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_ref())
+            .is_some_and(|h| !h.is_empty())
+    })
+    .await
+    .spec
+    .and_then(|s| s.holder_identity)
+    .expect("holder")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_acts_and_another_replica_takes_over_when_it_dies() {
+    let (cluster, server) = control_plane_and_api_server().await;
+    let dir = scratch();
+    let mut replicas: Vec<OperatorProcess> = ["operator-a", "operator-b"]
+        .iter()
+        .map(|id| {
+            OperatorProcess::start(
+                &server,
+                &cluster.endpoints(),
+                id,
+                dir.path().join(format!("{id}.log")),
+                &[],
+            )
+        })
+        .collect();
+    let client = server.client();
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    let first = holder(&client).await;
+    for name in ["t-1", "t-2", "t-3"] {
+        tenants
+            .create(&PostParams::default(), &tenant(name, Tier::Normal))
+            .await
+            .expect("create tenant");
+    }
+    for name in ["t-1", "t-2", "t-3"] {
+        wait_for(&tenants, name, LIMIT, "Ready", |t: &Tenant| {
+            holds(tenant_conditions(t), "Ready", "Placed")
+        })
+        .await;
+        let reporters: Vec<String> = events(&client, name)
+            .await
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
+        assert!(
+            !reporters.is_empty() && reporters.iter().all(|i| *i == first),
+            "{name}: {reporters:?}, holder {first}"
+        );
+    }
+
+    let killed = replicas
+        .iter()
+        .position(|r| r.identity == first)
+        .expect("holder");
+    replicas[killed].kill().await;
+    let second = replicas[1 - killed].identity.clone();
+    tenants
+        .create(&PostParams::default(), &tenant("t-4", Tier::Normal))
+        .await
+        .expect("create tenant");
+    wait_for(
+        &tenants,
+        "t-4",
+        LIMIT,
+        "Ready after the takeover",
+        |t: &Tenant| holds(tenant_conditions(t), "Ready", "Placed"),
+    )
+    .await;
+    assert_eq!(holder(&client).await, second);
+    let reporters: Vec<String> = events(&client, "t-4")
+        .await
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+    assert!(
+        !reporters.is_empty() && reporters.iter().all(|i| *i == second),
+        "{reporters:?}"
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let transitions = leases
+        .get("cellplane-operator")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.lease_transitions);
+    assert_eq!(transitions, Some(1), "one holder, then the other");
 }

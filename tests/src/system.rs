@@ -64,6 +64,43 @@ impl System {
         system
     }
 
+    /// A primary under one agent and its standby under another (two machines of region `hz`,
+    /// zones a and b, NORMAL): `agents[0]` runs the primary, `agents[1]` the standby. The
+    /// primary's agent reaches the control plane at `primary_reaches` (TCP proxies, say) when
+    /// given; the standby is synchronous or not.
+    pub async fn start_pair(
+        cluster: Cluster,
+        (primary_id, standby_id): (&str, &str),
+        primary_reaches: Option<Vec<String>>,
+        synchronous: bool,
+    ) -> System {
+        let endpoints = cluster.endpoints();
+        let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
+        if synchronous {
+            primary_args.extend(["--sync-standby", standby_id]);
+        }
+        let primary = AgentProcess::start(
+            "hz",
+            primary_reaches.as_ref().unwrap_or(&endpoints),
+            &[(primary_id, "a", "NORMAL")],
+            &primary_args,
+        );
+        let primary_addr = primary.cell(primary_id).addr.clone();
+        let standby = AgentProcess::start_following(
+            "hz",
+            &endpoints,
+            &[(standby_id, "b", "NORMAL")],
+            &[(standby_id, primary_id, &primary_addr)],
+            CELL_ARGS,
+        );
+        let system = System {
+            cluster,
+            agents: vec![primary, standby],
+        };
+        system.wait_for_active(2).await;
+        system
+    }
+
     pub async fn wait_for_active(&self, expected: usize) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {

@@ -43,31 +43,7 @@ async fn start_with(
     primary_reaches: Option<Vec<String>>,
     synchronous: bool,
 ) -> System {
-    let endpoints = cluster.endpoints();
-    let mut primary_args: Vec<&str> = CELL_ARGS.to_vec();
-    if synchronous {
-        primary_args.extend(["--sync-standby", STANDBY]);
-    }
-    let primary = AgentProcess::start(
-        "hz",
-        primary_reaches.as_ref().unwrap_or(&endpoints),
-        &[(PRIMARY, "a", "NORMAL")],
-        &primary_args,
-    );
-    let primary_addr = primary.cell(PRIMARY).addr.clone();
-    let standby = AgentProcess::start_following(
-        "hz",
-        &endpoints,
-        &[(STANDBY, "b", "NORMAL")],
-        &[(STANDBY, PRIMARY, &primary_addr)],
-        CELL_ARGS,
-    );
-    let system = System {
-        cluster,
-        agents: vec![primary, standby],
-    };
-    system.wait_for_active(2).await;
-    system
+    System::start_pair(cluster, (PRIMARY, STANDBY), primary_reaches, synchronous).await
 }
 
 async fn failovers(system: &System) -> Vec<Failover> {

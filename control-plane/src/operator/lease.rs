@@ -147,7 +147,8 @@ impl Elector {
     fn held(&self, before: Option<&LeaseSpec>) -> LeaseSpec {
         let now = MicroTime(Timestamp::now());
         let transitions = before.and_then(|s| s.lease_transitions).unwrap_or(0);
-        let mine = before.and_then(|s| s.holder_identity.as_deref()) == Some(self.me.as_str());
+        // A new Lease starts with its first holder: no transition yet.
+        let mine = before.is_none_or(|s| s.holder_identity.as_deref() == Some(self.me.as_str()));
         LeaseSpec {
             holder_identity: Some(self.me.clone()),
             lease_duration_seconds: i32::try_from(self.timing.duration.as_secs()).ok(),

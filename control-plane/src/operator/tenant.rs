@@ -127,14 +127,15 @@ pub fn decide(spec: &TenantSpec, remote: &Remote, now_ms: u64) -> Decision {
     let conditions = if tenant.guarantee_holds {
         Conditions::ready("Placed", placed)
     } else {
-        let protection = pb::Protection::try_from(tenant.protection)
-            .unwrap_or(pb::Protection::Unspecified)
-            .as_str_name();
+        let protection = match pb::Protection::try_from(tenant.protection) {
+            Ok(pb::Protection::Unspecified) | Err(_) => "not yet reported".to_string(),
+            Ok(known) => super::convert::name(known.as_str_name(), "PROTECTION_"),
+        };
         Conditions::ready("Placed", placed).and_degraded(
             "Unprotected",
             format!(
-                "cell {} is {protection}: the tier's guarantee does not hold now",
-                tenant.primary_cell
+                "the protection of cell {} is {protection}: the {:?} tier's guarantee does not hold now",
+                tenant.primary_cell, spec.tier
             ),
         )
     };
