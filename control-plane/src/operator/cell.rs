@@ -365,3 +365,91 @@ async fn delete(api: &Api<Cell>, object: &Cell, ctx: &Context) -> Result<Requeue
         Deletion::Wait(_) => Ok(super::requeue(ctx, true)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellplane_crds::Tier;
+
+    fn spec() -> CellSpec {
+        CellSpec {
+            region: "hz".into(),
+            zone: "a".into(),
+            tier: Tier::Normal,
+            endpoint: "10.0.0.1:7000".into(),
+            capacity: 100,
+            standby_of: None,
+            primary_zone: None,
+        }
+    }
+
+    fn registered(state: pb::CellState) -> pb::Cell {
+        pb::Cell {
+            cell_id: "c1".into(),
+            region: "hz".into(),
+            zone: "a".into(),
+            tier: pb::Tier::Normal as i32,
+            endpoint: "10.0.0.1:7000".into(),
+            capacity: 100,
+            state: state as i32,
+            ..pb::Cell::default()
+        }
+    }
+
+    #[test]
+    fn an_unregistered_cell_is_registered_and_a_different_one_is_never_changed() {
+        assert!(decide(&spec(), None).register);
+        let d = decide(&spec(), Some(&registered(pb::CellState::Active)));
+        assert!(!d.register && d.conditions.ready.status);
+        assert_eq!(d.status.phase.as_deref(), Some("ACTIVE"));
+        let other = pb::Cell {
+            zone: "b".into(),
+            capacity: 5,
+            ..registered(pb::CellState::Active)
+        };
+        let d = decide(&spec(), Some(&other));
+        assert!(!d.register);
+        assert_eq!(d.conditions.degraded.reason, "SpecDiffers");
+        assert!(d.conditions.degraded.message.contains("zone, capacity"));
+    }
+
+    #[test]
+    fn deletion_drains_a_primary_takes_out_the_rest_and_removes_once_empty() {
+        use pb::CellState::*;
+        let cell = |state| Some(registered(state));
+        assert_eq!(
+            decide_deletion(cell(Active).as_ref(), None),
+            Deletion::Drain
+        );
+        let standby = pb::Cell {
+            standby_of: "c0".into(),
+            ..registered(Active)
+        };
+        assert_eq!(
+            decide_deletion(Some(&standby), None),
+            Deletion::TakeOut(Draining)
+        );
+        assert_eq!(
+            decide_deletion(cell(Joining).as_ref(), None),
+            Deletion::TakeOut(Demoted)
+        );
+        let busy = pb::DrainProgress {
+            keys_left: 2,
+            ..pb::DrainProgress::default()
+        };
+        assert!(matches!(
+            decide_deletion(cell(Draining).as_ref(), Some(&busy)),
+            Deletion::Wait(_)
+        ));
+        let empty = pb::DrainProgress::default();
+        assert_eq!(
+            decide_deletion(cell(Draining).as_ref(), Some(&empty)),
+            Deletion::Remove
+        );
+        assert_eq!(
+            decide_deletion(cell(Failed).as_ref(), None),
+            Deletion::Remove
+        );
+        assert_eq!(decide_deletion(None, None), Deletion::Gone);
+    }
+}

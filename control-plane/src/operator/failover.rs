@@ -251,3 +251,69 @@ pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<R
     ctx.succeeded(&*object);
     Ok(super::requeue(&ctx, decision.poll))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failover(id: &str, cell: &str, created_ms: u64, automatic: bool) -> pb::Failover {
+        pb::Failover {
+            failover_id: id.into(),
+            cell_id: cell.into(),
+            created_ms,
+            automatic,
+            phase: pb::FailoverPhase::Fencing as i32,
+            ..pb::Failover::default()
+        }
+    }
+
+    #[test]
+    fn an_object_adopts_only_an_ops_failover_of_its_cell_since_it_was_made() {
+        let spec = CellFailoverSpec {
+            cell: "c1".into(),
+            mode: FailoverMode::Forced,
+            reason: String::new(),
+        };
+        let runs = [
+            failover("before", "c1", 500, false),
+            failover("detector", "c1", 1_200, true),
+            failover("other", "c2", 1_100, false),
+            failover("mine", "c1", 1_300, false),
+        ];
+        let found = adoptable(&spec, 1_000, &runs).map(|f| f.failover_id.as_str());
+        assert_eq!(found, Some("mine"));
+    }
+
+    #[test]
+    fn a_failover_behind_its_standby_is_done_but_degraded_until_merged() {
+        let behind = pb::Failover {
+            phase: pb::FailoverPhase::Done as i32,
+            standby_cell: "s1".into(),
+            created_ms: 1_000,
+            done_ms: 1_800,
+            keys_moved: 4,
+            ledger: Some(pb::RpoLedger {
+                lsns_behind: 3,
+                ..pb::RpoLedger::default()
+            }),
+            ..failover("f", "c1", 1_000, false)
+        };
+        let d = decide(Some(&behind));
+        assert!(d.conditions.ready.status && d.conditions.degraded.status && !d.poll);
+        assert_eq!(d.status.rto_ms, Some(800));
+        assert_eq!(d.status.moved, 4);
+        let merged = pb::Failover {
+            phase: pb::FailoverPhase::Merged as i32,
+            ledger: Some(pb::RpoLedger {
+                lsns_behind: 3,
+                merged: true,
+                ..pb::RpoLedger::default()
+            }),
+            ..behind
+        };
+        assert!(!decide(Some(&merged)).conditions.degraded.status);
+        let fencing = failover("f", "c1", 0, false);
+        assert!(decide(Some(&fencing)).poll);
+        assert!(decide(None).start);
+    }
+}

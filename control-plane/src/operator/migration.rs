@@ -333,3 +333,94 @@ async fn delete(api: &Api<Migration>, object: &Migration, ctx: &Context) -> Resu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MigrationSpec {
+        MigrationSpec {
+            tenant: "t".into(),
+            conversation: None,
+            target_cell: "c2".into(),
+        }
+    }
+
+    fn migration(
+        id: &str,
+        target: &str,
+        created_ms: u64,
+        phase: pb::MigrationPhase,
+    ) -> pb::Migration {
+        pb::Migration {
+            migration_id: id.into(),
+            tenant_id: "t".into(),
+            source_cell: "c1".into(),
+            target_cell: target.into(),
+            created_ms,
+            phase: phase as i32,
+            ..pb::Migration::default()
+        }
+    }
+
+    #[test]
+    fn an_object_adopts_only_the_first_run_of_its_key_to_its_target_since_it_was_made() {
+        use pb::MigrationPhase::*;
+        let runs = [
+            migration("old", "c2", 500, Done),
+            migration("other-target", "c3", 1_500, Copying),
+            migration("mine", "c2", 1_000, Copying),
+            migration("later", "c2", 2_000, Planned),
+        ];
+        let found = adoptable(&spec(), 1_000, &runs).map(|m| m.migration_id.as_str());
+        assert_eq!(found, Some("mine"));
+        let conversation = MigrationSpec {
+            conversation: Some("c".into()),
+            ..spec()
+        };
+        assert!(adoptable(&conversation, 0, &runs).is_none());
+    }
+
+    #[test]
+    fn progress_is_mirrored_and_deletion_cancels_only_before_the_switch() {
+        use pb::MigrationPhase::*;
+        assert!(decide(None).start);
+        let copying = pb::Migration {
+            rows_copied: 7,
+            source_lsn: 20,
+            copied_lsn: 15,
+            ..migration("m", "c2", 0, Copying)
+        };
+        let d = decide(Some(&copying));
+        assert!(!d.start && d.poll);
+        assert_eq!((d.status.copied, d.status.lag), (7, 5));
+        let done = pb::Migration {
+            frozen_ms: 100,
+            switched_ms: 130,
+            ..migration("m", "c2", 0, Done)
+        };
+        let d = decide(Some(&done));
+        assert!(d.conditions.ready.status && !d.poll);
+        assert_eq!(d.status.pause_ms, Some(30));
+        assert!(
+            decide(Some(&migration("m", "c2", 0, Failed)))
+                .conditions
+                .degraded
+                .status
+        );
+
+        for phase in [Planned, Copying, CatchingUp, Freezing] {
+            let m = migration("m", "c2", 0, phase);
+            assert_eq!(decide_deletion(Some(&m)), Deletion::Cancel, "{phase:?}");
+        }
+        for phase in [Switching, Cleanup] {
+            let m = migration("m", "c2", 0, phase);
+            assert_eq!(decide_deletion(Some(&m)), Deletion::Wait, "{phase:?}");
+        }
+        for phase in [Done, RolledBack, Failed] {
+            let m = migration("m", "c2", 0, phase);
+            assert_eq!(decide_deletion(Some(&m)), Deletion::Release, "{phase:?}");
+        }
+        assert_eq!(decide_deletion(None), Deletion::Release);
+    }
+}

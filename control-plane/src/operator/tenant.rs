@@ -358,3 +358,108 @@ async fn delete(api: &Api<Tenant>, object: &Tenant, ctx: &Context) -> Result<Req
     ctx.succeeded(object);
     Ok(Requeue::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellplane_crds::Tier;
+
+    fn spec(tier: Tier) -> TenantSpec {
+        TenantSpec {
+            tier,
+            home_region: "hz".into(),
+        }
+    }
+
+    fn placed(tier: pb::Tier, state: pb::TenantState) -> pb::Tenant {
+        pb::Tenant {
+            tenant_id: "t".into(),
+            tier: tier as i32,
+            home_region: "hz".into(),
+            primary_cell: "c1".into(),
+            epoch: 3,
+            state: state as i32,
+            guarantee_holds: true,
+            ..pb::Tenant::default()
+        }
+    }
+
+    fn remote(tenant: Option<pb::Tenant>, tier_change: Option<pb::Migration>) -> Remote {
+        Remote {
+            tenant,
+            tier_change,
+        }
+    }
+
+    #[test]
+    fn a_missing_tenant_is_created_and_a_placed_one_is_ready() {
+        let d = decide(&spec(Tier::Normal), &remote(None, None), 0);
+        assert_eq!(d.action, Some(Action::Create));
+        let t = placed(pb::Tier::Normal, pb::TenantState::TenantActive);
+        let d = decide(&spec(Tier::Normal), &remote(Some(t.clone()), None), 0);
+        assert_eq!(d.action, None);
+        assert!(d.conditions.ready.status && !d.conditions.degraded.status);
+        assert_eq!(d.status.primary_cell.as_deref(), Some("c1"));
+        assert_eq!(d.status.epoch, 3);
+        let unprotected = pb::Tenant {
+            guarantee_holds: false,
+            ..t
+        };
+        let d = decide(&spec(Tier::Normal), &remote(Some(unprotected), None), 0);
+        assert!(d.conditions.ready.status && d.conditions.degraded.status);
+    }
+
+    #[test]
+    fn a_tier_change_starts_once_waits_for_its_migration_and_retries_after_a_failure() {
+        let t = placed(pb::Tier::Normal, pb::TenantState::TenantActive);
+        let d = decide(&spec(Tier::High), &remote(Some(t.clone()), None), 0);
+        assert_eq!(d.action, Some(Action::ChangeTier));
+        let migrating = placed(pb::Tier::Normal, pb::TenantState::TenantMigrating);
+        let d = decide(&spec(Tier::High), &remote(Some(migrating), None), 0);
+        assert_eq!(d.action, None);
+        assert!(d.poll && d.conditions.progressing.status);
+        let failed = pb::Migration {
+            phase: pb::MigrationPhase::Failed as i32,
+            updated_ms: 1_000,
+            error: "no HIGH cell".into(),
+            ..pb::Migration::default()
+        };
+        let d = decide(
+            &spec(Tier::High),
+            &remote(Some(t.clone()), Some(failed.clone())),
+            2_000,
+        );
+        assert_eq!(d.action, None);
+        assert!(d.conditions.degraded.status);
+        assert!(d.conditions.degraded.message.contains("no HIGH cell"));
+        let later = 1_000 + TIER_RETRY_MS;
+        let d = decide(&spec(Tier::High), &remote(Some(t), Some(failed)), later);
+        assert_eq!(d.action, Some(Action::ChangeTier));
+    }
+
+    #[test]
+    fn a_tenant_of_another_home_region_is_never_acted_on() {
+        let t = pb::Tenant {
+            home_region: "eu".into(),
+            ..placed(pb::Tier::Low, pb::TenantState::TenantActive)
+        };
+        let d = decide(&spec(Tier::High), &remote(Some(t), None), 0);
+        assert_eq!(d.action, None);
+        assert_eq!(d.conditions.degraded.reason, "HomeRegionDiffers");
+    }
+
+    #[test]
+    fn deletion_waits_for_a_migration_and_ends_when_the_tenant_is_gone() {
+        let active = placed(pb::Tier::Normal, pb::TenantState::TenantActive);
+        let migrating = placed(pb::Tier::Normal, pb::TenantState::TenantMigrating);
+        assert_eq!(
+            decide_deletion(&remote(Some(active), None)),
+            Deletion::Delete
+        );
+        assert_eq!(
+            decide_deletion(&remote(Some(migrating), None)),
+            Deletion::Wait
+        );
+        assert_eq!(decide_deletion(&remote(None, None)), Deletion::Gone);
+    }
+}
