@@ -220,19 +220,15 @@ pub async fn reconcile(object: Arc<Cell>, ctx: Arc<Context>) -> Result<Requeue, 
                 decision = decide(spec, Some(&cell));
             }
             Err(status) => {
-                ctx.event(
+                return super::refused(
+                    &api,
                     &*object,
-                    true,
-                    "Refused",
+                    &ctx,
                     "RegisterCell",
-                    status.message().into(),
+                    status.message(),
+                    decision.status,
                 )
                 .await;
-                let conditions =
-                    Conditions::degraded("Refused", format!("RegisterCell: {}", status.message()));
-                writes::write_status(&api, &*object, decision.status.clone(), &conditions).await?;
-                ctx.succeeded(&*object);
-                return Ok(Requeue::requeue(ctx.resync));
             }
         }
     } else if object.status.as_ref().is_none_or(|s| s.phase.is_none()) {
@@ -318,21 +314,11 @@ async fn delete(api: &Api<Cell>, object: &Cell, ctx: &Context) -> Result<Requeue
         Deletion::Remove => "RemoveCell",
         Deletion::Gone | Deletion::Wait(_) => "Reconcile",
     };
-    match answer {
-        Err(status) if status.code() != Code::NotFound => {
-            ctx.event(object, true, "Refused", verb, status.message().into())
-                .await;
-            let status_now = object.status.clone().unwrap_or_default();
-            writes::write_status(
-                api,
-                object,
-                status_now,
-                &Conditions::degraded("Refused", format!("{verb}: {}", status.message())),
-            )
-            .await?;
-            return Ok(Requeue::requeue(ctx.resync));
-        }
-        _ => {}
+    if let Err(status) = answer
+        && status.code() != Code::NotFound
+    {
+        let status_now = object.status.clone().unwrap_or_default();
+        return super::refused(api, object, ctx, verb, status.message(), status_now).await;
     }
     match step {
         Deletion::Drain => {

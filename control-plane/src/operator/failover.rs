@@ -1,7 +1,7 @@
 //! The `CellFailover` controller: each object starts its failover once (PLANNED or FORCED)
 //! and mirrors its progress: phase, keys moved, the time to recovery and the RPO ledger.
-//! Starting is idempotent as for migrations: the id is kept in the status, and an object that
-//! lost it adopts the failover of its cell begun at or after the object was created. A
+//! Starting is idempotent as for migrations (a [`Run`]): an object whose status lost the id
+//! adopts the failover of its cell begun at or after the object was created. A
 //! failover is not cancelled by deleting its object: once the cell stopped being renewed or
 //! froze its keys, the failover runs to its end (a PLANNED one that cannot finish gives up by
 //! itself, thawing the cell); the object goes when it has.
@@ -16,15 +16,8 @@ use tonic::Code;
 
 use super::conditions::Conditions;
 use super::convert::{created_ms, failover_phase, name, rfc3339};
+use super::run::{self, Decision, Run};
 use super::{Context, Error, writes};
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
-    pub start: bool,
-    pub status: CellFailoverStatus,
-    pub conditions: Conditions,
-    pub poll: bool,
-}
 
 /// Among the failovers the control plane keeps, the one this object started: of its cell,
 /// not automatic, begun at or after the object was created; the first.
@@ -51,15 +44,7 @@ pub fn finished(phase: pb::FailoverPhase) -> bool {
     matches!(phase, Done | RolledBack | Merged)
 }
 
-pub fn decide(failover: Option<&pb::Failover>) -> Decision {
-    let Some(f) = failover else {
-        return Decision {
-            start: true,
-            status: CellFailoverStatus::default(),
-            conditions: Conditions::progressing("Starting", "starting the failover"),
-            poll: true,
-        };
-    };
+pub fn decide(f: &pb::Failover) -> Decision<CellFailoverStatus> {
     let phase = failover_phase(f.phase);
     let ledger = f.ledger.as_ref().map(|l| RpoLedger {
         primary_lsn: l.primary_lsn,
@@ -117,7 +102,6 @@ pub fn decide(failover: Option<&pb::Failover>) -> Decision {
         ),
     };
     Decision {
-        start: false,
         status,
         conditions,
         poll,
@@ -155,12 +139,44 @@ async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Option<pb::Failov
     .cloned())
 }
 
+impl Run for CellFailover {
+    type Remote = pb::Failover;
+    const START: &'static str = "FailoverCell";
+
+    fn run_id(status: &CellFailoverStatus) -> Option<&String> {
+        status.failover_id.as_ref()
+    }
+
+    fn phase(status: &CellFailoverStatus) -> Option<&String> {
+        status.phase.as_ref()
+    }
+
+    fn decide(run: &pb::Failover) -> Decision<CellFailoverStatus> {
+        decide(run)
+    }
+
+    fn describe(run: &pb::Failover) -> String {
+        format!(
+            "failover {} of {} to {}",
+            run.failover_id, run.cell_id, run.standby_cell
+        )
+    }
+
+    async fn start(&self, ctx: &Context) -> Result<Result<pb::Failover, tonic::Status>, Error> {
+        ctx.call(|mut c| {
+            let request = pb::FailoverCellRequest {
+                cell_id: self.spec.cell.clone(),
+                mode: mode_to_proto(self.spec.mode) as i32,
+                reason: self.spec.reason.clone(),
+            };
+            async move { c.failover_cell(request).await }
+        })
+        .await
+    }
+}
+
 pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let api: Api<CellFailover> = Api::all(ctx.kube.clone());
-    let id_known = object
-        .status
-        .as_ref()
-        .is_some_and(|s| s.failover_id.is_some());
     let failover = fetch(&ctx, &object).await?;
     if object.metadata.deletion_timestamp.is_some() {
         if failover.is_some_and(|f| !finished(failover_phase(f.phase))) {
@@ -169,87 +185,17 @@ pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<R
         writes::remove_finalizer(&api, &*object).await?;
         return Ok(Requeue::await_change());
     }
-    if id_known && failover.is_none() {
+    if failover.is_none()
+        && object
+            .status
+            .as_ref()
+            .and_then(|s| s.failover_id.as_ref())
+            .is_some()
+    {
+        // The control plane no longer keeps it; the status says how it ended.
         return Ok(Requeue::await_change());
     }
-    writes::add_finalizer(&api, &*object).await?;
-    let mut decision = decide(failover.as_ref());
-    if decision.start {
-        let spec = &object.spec;
-        let answer = ctx
-            .call(|mut c| {
-                let request = pb::FailoverCellRequest {
-                    cell_id: spec.cell.clone(),
-                    mode: mode_to_proto(spec.mode) as i32,
-                    reason: spec.reason.clone(),
-                };
-                async move { c.failover_cell(request).await }
-            })
-            .await?;
-        match answer {
-            Ok(started) => {
-                ctx.event(
-                    &*object,
-                    false,
-                    "Started",
-                    "FailoverCell",
-                    format!(
-                        "failover {} of {} to {}",
-                        started.failover_id, started.cell_id, started.standby_cell
-                    ),
-                )
-                .await;
-                decision = decide(Some(&started));
-            }
-            Err(status) => {
-                ctx.event(
-                    &*object,
-                    true,
-                    "Refused",
-                    "FailoverCell",
-                    status.message().into(),
-                )
-                .await;
-                let conditions = Conditions::degraded("Refused", status.message());
-                writes::write_status(&api, &*object, decision.status, &conditions).await?;
-                ctx.succeeded(&*object);
-                return Ok(Requeue::requeue(ctx.resync));
-            }
-        }
-    } else if !id_known {
-        ctx.event(
-            &*object,
-            false,
-            "Adopted",
-            "Reconcile",
-            format!(
-                "failover {} of {} was already started",
-                decision.status.failover_id.clone().unwrap_or_default(),
-                object.spec.cell
-            ),
-        )
-        .await;
-    }
-    let was = object.status.as_ref().and_then(|s| s.phase.clone());
-    if decision.status.phase != was && !decision.poll {
-        let warning = decision.conditions.degraded.status;
-        let note = if warning {
-            &decision.conditions.degraded.message
-        } else {
-            &decision.conditions.ready.message
-        };
-        ctx.event(
-            &*object,
-            warning,
-            decision.conditions.degraded.reason,
-            "Reconcile",
-            note.clone(),
-        )
-        .await;
-    }
-    writes::write_status(&api, &*object, decision.status, &decision.conditions).await?;
-    ctx.succeeded(&*object);
-    Ok(super::requeue(&ctx, decision.poll))
+    run::reconcile(&api, &*object, &ctx, failover).await
 }
 
 #[cfg(test)]
@@ -298,7 +244,7 @@ mod tests {
             }),
             ..failover("f", "c1", 1_000, false)
         };
-        let d = decide(Some(&behind));
+        let d = decide(&behind);
         assert!(d.conditions.ready.status && d.conditions.degraded.status && !d.poll);
         assert_eq!(d.status.rto_ms, Some(800));
         assert_eq!(d.status.moved, 4);
@@ -311,9 +257,8 @@ mod tests {
             }),
             ..behind
         };
-        assert!(!decide(Some(&merged)).conditions.degraded.status);
+        assert!(!decide(&merged).conditions.degraded.status);
         let fencing = failover("f", "c1", 0, false);
-        assert!(decide(Some(&fencing)).poll);
-        assert!(decide(None).start);
+        assert!(decide(&fencing).poll);
     }
 }

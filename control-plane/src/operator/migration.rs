@@ -1,9 +1,8 @@
 //! The `Migration` controller: each object starts its history-first migration once and
-//! mirrors its progress (phase, records copied, lag, the write pause). Starting is
-//! idempotent: the migration's id is kept in the status, and an object whose status lost it
-//! (the operator stopped between the start and the status write) adopts the migration of its
-//! key to its target that began at or after the object was created, instead of starting a
-//! second. Deleting the object before the route switched cancels the migration (finalizer).
+//! mirrors its progress (phase, records copied, lag, the write pause), as a [`Run`]. An object
+//! whose status lost the migration's id adopts the migration of its key to its target that
+//! began at or after the object was created. Deleting the object before the route switched
+//! cancels the migration (finalizer).
 
 use std::sync::Arc;
 
@@ -15,17 +14,8 @@ use tonic::Code;
 
 use super::conditions::Conditions;
 use super::convert::{created_ms, migration_phase, name};
+use super::run::{self, Decision, Run};
 use super::{Context, Error, writes};
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
-    /// Start the migration: the object has none.
-    pub start: bool,
-    pub status: MigrationStatus,
-    pub conditions: Conditions,
-    /// Still under way: look again soon.
-    pub poll: bool,
-}
 
 /// Among the key's migrations, the one this object started: to its target, begun at or after
 /// the object was created (`created_ms`, truncated to the second by Kubernetes), the first.
@@ -46,15 +36,7 @@ pub fn adoptable<'a>(
         .min_by_key(|m| m.created_ms)
 }
 
-pub fn decide(migration: Option<&pb::Migration>) -> Decision {
-    let Some(m) = migration else {
-        return Decision {
-            start: true,
-            status: MigrationStatus::default(),
-            conditions: Conditions::progressing("Starting", "starting the migration"),
-            poll: true,
-        };
-    };
+pub fn decide(m: &pb::Migration) -> Decision<MigrationStatus> {
     let phase = migration_phase(m.phase);
     let status = MigrationStatus {
         migration_id: Some(m.migration_id.clone()),
@@ -103,7 +85,6 @@ pub fn decide(migration: Option<&pb::Migration>) -> Decision {
         ),
     };
     Decision {
-        start: false,
         status,
         conditions,
         poll,
@@ -175,111 +156,73 @@ async fn fetch(ctx: &Context, object: &Migration) -> Result<Option<pb::Migration
     .cloned())
 }
 
+impl Run for Migration {
+    type Remote = pb::Migration;
+    const START: &'static str = "Migrate";
+
+    fn run_id(status: &MigrationStatus) -> Option<&String> {
+        status.migration_id.as_ref()
+    }
+
+    fn phase(status: &MigrationStatus) -> Option<&String> {
+        status.phase.as_ref()
+    }
+
+    fn decide(run: &pb::Migration) -> Decision<MigrationStatus> {
+        decide(run)
+    }
+
+    fn describe(run: &pb::Migration) -> String {
+        format!(
+            "migration {} from {} to {}",
+            run.migration_id, run.source_cell, run.target_cell
+        )
+    }
+
+    async fn start(&self, ctx: &Context) -> Result<Result<pb::Migration, tonic::Status>, Error> {
+        ctx.call(|mut c| {
+            let spec = self.spec.clone();
+            async move {
+                match spec.conversation {
+                    Some(conversation_id) => {
+                        c.migrate_conversation(pb::MigrateConversationRequest {
+                            tenant_id: spec.tenant,
+                            conversation_id,
+                            target_cell: spec.target_cell,
+                        })
+                        .await
+                    }
+                    None => {
+                        c.migrate_tenant(pb::MigrateTenantRequest {
+                            tenant_id: spec.tenant,
+                            target_cell: spec.target_cell,
+                        })
+                        .await
+                    }
+                }
+            }
+        })
+        .await
+    }
+}
+
 pub async fn reconcile(object: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let api: Api<Migration> = Api::all(ctx.kube.clone());
     if object.metadata.deletion_timestamp.is_some() {
         return delete(&api, &object, &ctx).await;
     }
-    let id_known = object
-        .status
-        .as_ref()
-        .is_some_and(|s| s.migration_id.is_some());
     let migration = fetch(&ctx, &object).await?;
-    if id_known && migration.is_none() {
+    if migration.is_none()
+        && object
+            .status
+            .as_ref()
+            .and_then(|s| s.migration_id.as_ref())
+            .is_some()
+    {
         // The control plane no longer keeps it; the status says how it ended.
         return Ok(Requeue::await_change());
     }
-    writes::add_finalizer(&api, &object).await?;
-    let mut decision = decide(migration.as_ref());
-    if decision.start {
-        let spec = &object.spec;
-        let answer = ctx
-            .call(|mut c| {
-                let spec = spec.clone();
-                async move {
-                    match spec.conversation {
-                        Some(conversation_id) => {
-                            c.migrate_conversation(pb::MigrateConversationRequest {
-                                tenant_id: spec.tenant,
-                                conversation_id,
-                                target_cell: spec.target_cell,
-                            })
-                            .await
-                        }
-                        None => {
-                            c.migrate_tenant(pb::MigrateTenantRequest {
-                                tenant_id: spec.tenant,
-                                target_cell: spec.target_cell,
-                            })
-                            .await
-                        }
-                    }
-                }
-            })
-            .await?;
-        match answer {
-            Ok(started) => {
-                ctx.event(
-                    &*object,
-                    false,
-                    "Started",
-                    "Migrate",
-                    format!(
-                        "migration {} from {} to {}",
-                        started.migration_id, started.source_cell, started.target_cell
-                    ),
-                )
-                .await;
-                decision = decide(Some(&started));
-            }
-            Err(status) => {
-                ctx.event(
-                    &*object,
-                    true,
-                    "Refused",
-                    "Migrate",
-                    status.message().into(),
-                )
-                .await;
-                let conditions = Conditions::degraded("Refused", status.message());
-                writes::write_status(&api, &*object, decision.status, &conditions).await?;
-                ctx.succeeded(&*object);
-                return Ok(Requeue::requeue(ctx.resync));
-            }
-        }
-    } else if !id_known {
-        ctx.event(
-            &*object,
-            false,
-            "Adopted",
-            "Reconcile",
-            format!(
-                "migration {} of the key to {} was already started",
-                decision.status.migration_id.clone().unwrap_or_default(),
-                object.spec.target_cell
-            ),
-        )
-        .await;
-    }
-    let was = object.status.as_ref().and_then(|s| s.phase.clone());
-    if decision.status.phase != was && !decision.poll && !decision.start {
-        let warning = decision.conditions.degraded.status;
-        ctx.event(
-            &*object,
-            warning,
-            decision.conditions.ready.reason,
-            "Reconcile",
-            if warning {
-                decision.conditions.degraded.message.clone()
-            } else {
-                decision.conditions.ready.message.clone()
-            },
-        )
-        .await;
-    }
-    writes::write_status(&api, &*object, decision.status, &decision.conditions).await?;
-    ctx.succeeded(&*object);
-    Ok(super::requeue(&ctx, decision.poll))
+    run::reconcile(&api, &*object, &ctx, migration).await
 }
 
 async fn delete(api: &Api<Migration>, object: &Migration, ctx: &Context) -> Result<Requeue, Error> {
@@ -384,26 +327,25 @@ mod tests {
     #[test]
     fn progress_is_mirrored_and_deletion_cancels_only_before_the_switch() {
         use pb::MigrationPhase::*;
-        assert!(decide(None).start);
         let copying = pb::Migration {
             rows_copied: 7,
             source_lsn: 20,
             copied_lsn: 15,
             ..migration("m", "c2", 0, Copying)
         };
-        let d = decide(Some(&copying));
-        assert!(!d.start && d.poll);
+        let d = decide(&copying);
+        assert!(d.poll);
         assert_eq!((d.status.copied, d.status.lag), (7, 5));
         let done = pb::Migration {
             frozen_ms: 100,
             switched_ms: 130,
             ..migration("m", "c2", 0, Done)
         };
-        let d = decide(Some(&done));
+        let d = decide(&done);
         assert!(d.conditions.ready.status && !d.poll);
         assert_eq!(d.status.pause_ms, Some(30));
         assert!(
-            decide(Some(&migration("m", "c2", 0, Failed)))
+            decide(&migration("m", "c2", 0, Failed))
                 .conditions
                 .degraded
                 .status

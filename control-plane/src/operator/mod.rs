@@ -22,8 +22,9 @@ pub mod failover;
 mod health;
 pub mod lease;
 pub mod migration;
+mod run;
 pub mod tenant;
-mod writes;
+pub mod writes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -138,6 +139,31 @@ fn requeue(ctx: &Context, poll: bool) -> Action {
     } else {
         Action::requeue(ctx.resync)
     }
+}
+
+/// The control plane refused `call`: a Warning Event, the object Degraded with its reason
+/// (over `status`), and another try at the resync.
+async fn refused<K>(
+    api: &Api<K>,
+    object: &K,
+    ctx: &Context,
+    call: &str,
+    why: &str,
+    status: K::Status,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()>
+        + HasStatus
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::Status: WithConditions,
+{
+    ctx.event(object, true, "Refused", call, why.into()).await;
+    let conditions = Conditions::degraded("Refused", format!("{call}: {why}"));
+    writes::write_status(api, object, status, &conditions).await?;
+    ctx.succeeded(object);
+    Ok(Action::requeue(ctx.resync))
 }
 
 /// Runs one kind's controller until `stop`.

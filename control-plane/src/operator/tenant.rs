@@ -263,13 +263,15 @@ pub async fn reconcile(object: Arc<Tenant>, ctx: Arc<Context>) -> Result<Requeue
                     Action::Create => "CreateTenant",
                     Action::ChangeTier => "SetTenantTier",
                 };
-                let conditions =
-                    Conditions::degraded("Refused", format!("{verb}: {}", status.message()));
-                ctx.event(&*object, true, "Refused", verb, status.message().into())
-                    .await;
-                writes::write_status(&api, &*object, decision.status.clone(), &conditions).await?;
-                ctx.succeeded(&*object);
-                return Ok(Requeue::requeue(ctx.resync));
+                return super::refused(
+                    &api,
+                    &*object,
+                    &ctx,
+                    verb,
+                    status.message(),
+                    decision.status,
+                )
+                .await;
             }
         };
         ctx.event(&*object, false, reason, "Reconcile", note).await;
@@ -329,26 +331,16 @@ async fn delete(api: &Api<Tenant>, object: &Tenant, ctx: &Context) -> Result<Req
                 }
                 Err(status) if status.code() == Code::NotFound => {}
                 Err(status) => {
-                    ctx.event(
-                        object,
-                        true,
-                        "Refused",
-                        "DeleteTenant",
-                        status.message().into(),
-                    )
-                    .await;
-                    let conditions = Conditions::degraded(
-                        "Refused",
-                        format!("DeleteTenant: {}", status.message()),
-                    );
-                    writes::write_status(
+                    let status_now = object.status.clone().unwrap_or_default();
+                    return super::refused(
                         api,
                         object,
-                        object.status.clone().unwrap_or_default(),
-                        &conditions,
+                        ctx,
+                        "DeleteTenant",
+                        status.message(),
+                        status_now,
                     )
-                    .await?;
-                    return Ok(Requeue::requeue(ctx.resync));
+                    .await;
                 }
             }
         }
