@@ -118,7 +118,7 @@ impl Conditions {
 }
 
 /// A resource status that carries conditions and the generation they describe.
-pub trait WithConditions: serde::Serialize {
+pub trait WithConditions: serde::Serialize + PartialEq {
     fn conditions(&self) -> &[Condition];
     fn set_conditions(&mut self, generation: Option<i64>, conditions: Vec<Condition>);
 }

@@ -70,7 +70,8 @@ where
 }
 
 /// Writes `status` with `conditions` by server-side apply (the operator owns every status
-/// field), keeping the transition times of the conditions that did not change.
+/// field), keeping the transition times of the conditions that did not change; nothing when
+/// the object already has that status.
 pub async fn write_status<K>(
     api: &Api<K>,
     object: &K,
@@ -82,14 +83,16 @@ where
     K::Status: WithConditions,
 {
     let generation = object.meta().generation;
-    let existing = object
-        .status()
-        .map(|s| s.conditions().to_vec())
-        .unwrap_or_default();
+    let existing = object.status().map(|s| s.conditions()).unwrap_or_default();
     status.set_conditions(
         generation,
-        conditions.to_k8s(&existing, generation, Timestamp::now()),
+        conditions.to_k8s(existing, generation, Timestamp::now()),
     );
+    // Every resync and every poll of a run in progress comes here: most find nothing changed,
+    // and need not ask the API server for a write.
+    if object.status() == Some(&status) {
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
