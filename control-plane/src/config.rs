@@ -121,7 +121,9 @@ impl EtcdConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's id, one of the keys of `peers`.
+    /// This node's id, one of the keys of `peers`. May be left to `--node-id`, so that the
+    /// replicas of a StatefulSet share one file and each passes its own.
+    #[serde(default)]
     pub node_id: u64,
     /// Where this node serves gRPC (Routing, Control, Raft, health, reflection).
     pub listen: SocketAddr,
@@ -180,7 +182,10 @@ impl NodeConfig {
     /// Checks every rule that can be checked before starting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
-            return Err(ConfigError::new("node_id", "must be at least 1"));
+            return Err(ConfigError::new(
+                "node_id",
+                "must be at least 1 (in the file or --node-id)",
+            ));
         }
         if !(1..=MAX_AUDIT_ENTRIES).contains(&self.audit_entries) {
             return Err(ConfigError::new(
@@ -386,6 +391,25 @@ mod tests {
         assert_eq!(parsed.raft.snapshot_after_logs, 1000);
         assert_eq!(parsed.validate(), Ok(()));
         assert!(NodeConfig::from_toml("node_idd = 1").is_err());
+    }
+
+    #[test]
+    fn a_file_shared_by_several_nodes_leaves_the_node_id_to_the_flag() {
+        let text = r#"
+            listen = "0.0.0.0:7001"
+            data_dir = "/var/lib/cellplane"
+            [peers]
+            1 = "cp-0.cp-peers:7001"
+            2 = "cp-1.cp-peers:7001"
+            3 = "cp-2.cp-peers:7001"
+        "#;
+        let mut parsed = NodeConfig::from_toml(text).expect("parse");
+        assert_eq!(
+            parsed.validate().map_err(|e| e.field),
+            Err("node_id".into())
+        );
+        parsed.node_id = 2;
+        assert_eq!(parsed.validate(), Ok(()));
     }
 
     #[test]

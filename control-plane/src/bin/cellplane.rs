@@ -155,8 +155,8 @@ impl OperatorArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// A TOML config file with every setting (node_id, listen, data_dir, peers, metrics_listen,
-    /// [store], [raft], [migration]); the flags below are ignored when it is given.
-    #[arg(long, conflicts_with_all = ["node_id", "listen", "data_dir", "peers", "store"])]
+    /// [store], [raft], [migration]); --node-id and the tuning flags below override it.
+    #[arg(long, conflicts_with_all = ["listen", "data_dir", "peers", "store"])]
     config: Option<PathBuf>,
     /// Where the routing state is kept: the embedded Raft cluster of --peers, or etcd.
     #[arg(long, value_enum, default_value = "raft")]
@@ -344,6 +344,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             }
         }
     };
+    if let Some(id) = args.node_id {
+        config.node_id = id;
+    }
     if args.metrics_listen.is_some() {
         config.metrics_listen = args.metrics_listen;
     }
