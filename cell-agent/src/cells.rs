@@ -88,7 +88,7 @@ pub fn local_cells(
 ) -> Result<LocalCells, cellplane_api::client::ClientError> {
     let mut cells = BTreeMap::new();
     for spec in specs {
-        let endpoint = spec.listen.to_string();
+        let endpoint = spec.endpoint();
         // A cell's status lists every key it holds: a million tenants are tens of megabytes.
         let admin = CellAdminClient::new(channel(&endpoint, CONNECT_TIMEOUT, tls)?)
             .max_decoding_message_size(MAX_STATUS_BYTES);

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use cellplane_api::ids::{validate_id, validate_optional_id};
+use cellplane_api::ids::{validate_endpoint, validate_id, validate_optional_id};
 use serde::Deserialize;
 
 pub use cellplane_api::ids::ConfigError;
@@ -54,8 +54,13 @@ pub struct CellSpec {
     pub zone: String,
     /// `HIGH`, `NORMAL` or `LOW`.
     pub tier: String,
-    /// Where the cell serves; also the endpoint registered in routes.
+    /// Where the cell serves.
     pub listen: SocketAddr,
+    /// The `host:port` others reach the cell at, registered in routes and given to its
+    /// standbys; `listen` when absent. Needed when `listen` is a wildcard (`0.0.0.0:7100` in a
+    /// pod, reached through its Service's name).
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// Tenants the cell is sized for.
     pub capacity: u64,
     /// Run the cell as the standby of this primary cell (which follows the tiers' rules: another
@@ -77,6 +82,15 @@ pub struct CellSpec {
     /// Extra `im-cell serve` flags (limits, rate limits, metrics).
     #[serde(default)]
     pub args: Vec<String>,
+}
+
+impl CellSpec {
+    /// Where others reach the cell: `advertise`, else `listen`.
+    pub fn endpoint(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
 }
 
 /// The agent's whole configuration.
@@ -163,6 +177,15 @@ impl AgentConfig {
             if !listens.insert(cell.listen) {
                 return Err(ConfigError::new(field("listen"), "is used by another cell"));
             }
+            if let Some(advertise) = &cell.advertise {
+                validate_endpoint(&field("advertise"), advertise)
+                    .map_err(|e| ConfigError::new(e.field, e.rule))?;
+            } else if cell.listen.ip().is_unspecified() {
+                return Err(ConfigError::new(
+                    field("advertise"),
+                    "is needed: listen is a wildcard address that others cannot reach",
+                ));
+            }
             match (&cell.standby_of, &cell.primary_endpoint) {
                 (Some(primary), _) if *primary == cell.cell_id => {
                     return Err(ConfigError::new(
@@ -216,17 +239,17 @@ impl AgentConfig {
                 cell.sync_standbys = Some(sync);
             }
         }
-        let listens: Vec<(String, String)> = self
+        let endpoints: Vec<(String, String)> = self
             .cells
             .iter()
-            .map(|c| (c.cell_id.clone(), c.listen.to_string()))
+            .map(|c| (c.cell_id.clone(), c.endpoint()))
             .collect();
         for cell in &mut self.cells {
             if let (Some(primary), None) = (&cell.standby_of, &cell.primary_endpoint) {
-                cell.primary_endpoint = listens
+                cell.primary_endpoint = endpoints
                     .iter()
                     .find(|(id, _)| id == primary)
-                    .map(|(_, listen)| listen.clone());
+                    .map(|(_, endpoint)| endpoint.clone());
             }
         }
     }
@@ -294,6 +317,34 @@ mod tests {
     }
 
     #[test]
+    fn a_cell_behind_a_service_is_reached_at_its_advertised_name() {
+        let text = r#"
+            data_dir = "/var/lib/cellplane/cells"
+            [[cells]]
+            cell_id = "hz-a-high-1"
+            zone = "a"
+            tier = "HIGH"
+            listen = "0.0.0.0:7100"
+            advertise = "agent-hz.cellplane.svc:7100"
+            capacity = 10
+            [[cells]]
+            cell_id = "hz-b-high-s1"
+            zone = "b"
+            tier = "HIGH"
+            listen = "0.0.0.0:7101"
+            advertise = "agent-hz.cellplane.svc:7101"
+            capacity = 10
+            standby_of = "hz-a-high-1"
+        "#;
+        let config = AgentConfig::from_toml(text).expect("parse");
+        assert_eq!(config.cells[0].endpoint(), "agent-hz.cellplane.svc:7100");
+        assert_eq!(
+            config.cells[1].primary_endpoint.as_deref(),
+            Some("agent-hz.cellplane.svc:7100")
+        );
+    }
+
+    #[test]
     fn each_broken_rule_names_its_field() {
         let field = |text: &str| {
             AgentConfig::from_toml(text)
@@ -318,6 +369,10 @@ mod tests {
         assert_eq!(field(&remote), Err("cells[0].primary_endpoint".into()));
         let own = format!("{SOUND}standby_of = \"hz-a-high-1\"\n");
         assert_eq!(field(&own), Err("cells[0].standby_of".into()));
+        let wildcard = SOUND.replace("127.0.0.1:7101", "0.0.0.0:7101");
+        assert_eq!(field(&wildcard), Err("cells[0].advertise".into()));
+        let unreachable = format!("{wildcard}advertise = \"no port\"\n");
+        assert_eq!(field(&unreachable), Err("cells[0].advertise".into()));
         assert_eq!(field(&SOUND.replace("zone", "zonee")), Err("(file)".into()));
     }
 }

@@ -120,9 +120,12 @@ impl AgentProcess {
             "data_dir = {:?}\nheartbeat_interval_ms = 500\n[restart]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
             dir.path().join("data")
         );
+        // Each cell listens on every interface and advertises its loopback address, as cells
+        // in a pod listen on 0.0.0.0 and are reached through their Service's name.
         for cell in &cells {
+            let port = cell.addr.rsplit_once(':').map_or("", |(_, port)| port);
             config.push_str(&format!(
-                "[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = {:?}\ncapacity = 1000\nargs = {:?}\n",
+                "[[cells]]\ncell_id = {:?}\nzone = {:?}\ntier = {:?}\nlisten = \"0.0.0.0:{port}\"\nadvertise = {:?}\ncapacity = 1000\nargs = {:?}\n",
                 cell.cell_id, cell.zone, cell.tier, cell.addr, cell_args
             ));
             if let Some((_, primary, addr)) = standbys.iter().find(|(s, ..)| *s == cell.cell_id) {

@@ -295,6 +295,7 @@ async fn run(routing: ScriptedRouting, held: Vec<cell_pb::OwnedKey>) -> Vec<Stri
         zone: "a".into(),
         tier: "NORMAL".into(),
         listen: cell_addr.parse().expect("address"),
+        advertise: None,
         capacity: 10,
         standby_of: None,
         primary_endpoint: None,
