@@ -45,6 +45,32 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("migrations.yaml", Migration::crd()),
         ("cellfailovers.yaml", CellFailover::crd()),
     ]
+    .into_iter()
+    .map(|(file, crd)| (file, with_kubernetes_formats(crd)))
+    .collect()
+}
+
+/// The CRD with each unsigned integer's format as Kubernetes names it: the API server stores
+/// every integer as an int64 and warns at each apply about formats it does not know, such as
+/// the `uint64` schemars gives a `u64` (whose `minimum: 0` stays).
+fn with_kubernetes_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn rename(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(format) = map.get_mut("format")
+                    && matches!(format.as_str(), Some("uint64" | "uint32" | "uint"))
+                {
+                    *format = "int64".into();
+                }
+                map.values_mut().for_each(rename);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(rename),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD is JSON");
+    rename(&mut value);
+    serde_json::from_value(value).expect("the same CRD")
 }
 
 /// A CRD as YAML, as `crdgen` writes it.
@@ -55,6 +81,15 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_saphyr::s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_integer_format_is_one_kubernetes_knows() {
+        for (file, crd) in crds() {
+            let yaml = to_yaml(&crd).expect("yaml");
+            assert!(!yaml.contains("format: uint"), "{file}");
+            assert!(yaml.contains("format: int64"), "{file}");
+        }
+    }
 
     #[test]
     fn the_committed_yaml_is_what_the_types_generate() {
