@@ -419,8 +419,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Operator(args) => {
             let config = args.config()?;
-            install_metrics(args.metrics_listen)?;
             let client = args.kube_client().await?;
+            install_metrics(args.metrics_listen)?;
             tokio::spawn(cellplane_control_plane::operator::run(
                 config,
                 client,
