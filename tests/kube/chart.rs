@@ -15,10 +15,13 @@ use cellplane_tests::apiserver::KubeApiServer;
 use cellplane_tests::helm::{
     chart, helm, kubectl, kubernetes_validate, named, of_kind, render, run,
 };
+use cellplane_tests::rbac::{Attributes, allows, attributes, grants};
 use serde_json::Value;
 
 const TWO_REGIONS: &str = "ci/two-regions-values.yaml";
-const NAMESPACE: &str = "cellplane";
+/// The release's namespace; an operator checked against the chart's RBAC keeps its Lease here
+/// (`--namespace`).
+pub const NAMESPACE: &str = "cellplane";
 
 fn two_regions() -> String {
     chart().join(TWO_REGIONS).display().to_string()
@@ -357,7 +360,9 @@ fn bad_values_are_refused_naming_the_value_and_the_rule() {
     );
 }
 
-#[tokio::test]
+// kubectl runs to completion on this thread while the server's recording front serves it
+// from the runtime's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_crds_the_chart_installs_apply_to_a_real_api_server() {
     let server = KubeApiServer::start().await;
     let kubeconfig = server.kubeconfig();
@@ -451,4 +456,24 @@ async fn the_crds_the_chart_installs_apply_to_a_real_api_server() {
         String::from_utf8_lossy(&get.stdout).trim(),
         "tenant.cellplane.io/acme"
     );
+}
+
+/// Asserts that every call made through `server`'s kubeconfig (an operator's, run with
+/// `--namespace` [`NAMESPACE`]) is one the chart's RBAC lets the operator's service account
+/// make; answers the calls as RBAC sees them.
+pub fn assert_the_chart_allows_every_call(server: &KubeApiServer) -> BTreeSet<Attributes> {
+    let objects = rendered(&[]);
+    let held = grants(&objects, "cellplane-operator", NAMESPACE);
+    assert!(!held.is_empty(), "no role bound to the operator's account");
+    let made: BTreeSet<Attributes> = server.calls().iter().filter_map(attributes).collect();
+    assert!(!made.is_empty(), "no call recorded");
+    let refused: Vec<&Attributes> = made
+        .iter()
+        .filter(|call| !held.iter().any(|grant| allows(grant, call)))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the chart's RBAC refuses calls the operator made: {refused:#?}"
+    );
+    made
 }

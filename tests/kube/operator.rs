@@ -148,7 +148,7 @@ async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
         &system.cluster.endpoints(),
         "operator-0",
         dir.path().join("operator.log"),
-        &[],
+        &["--namespace", crate::chart::NAMESPACE],
     );
     let client = server.client();
     let leader = system.cluster.wait_for_leader().await;
@@ -541,6 +541,22 @@ async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
         (api_made.epoch, api_made.primary_cell)
     );
     assert!(tenants.get_opt("t-api").await.expect("get").is_none());
+
+    // Everything it did, the chart's least-privilege RBAC allows.
+    let made = crate::chart::assert_the_chart_allows_every_call(&server);
+    for (verb, resource) in [
+        ("watch", "tenants"),
+        ("patch", "cells"),
+        ("patch", "migrations/status"),
+        ("create", "events"),
+        ("update", "leases"),
+    ] {
+        assert!(
+            made.iter()
+                .any(|c| c.verb == verb && c.resource == resource),
+            "no {verb} of {resource} among {made:#?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,7 +575,7 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
         &system.cluster.endpoints(),
         "operator-0",
         dir.path().join("operator.log"),
-        &[],
+        &["--namespace", crate::chart::NAMESPACE],
     );
     let client = server.client();
     let failovers: Api<CellFailover> = Api::all(client.clone());
@@ -625,6 +641,11 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
         .await
         .expect("delete");
     wait_gone(&failovers, "kernel-upgrade", LIMIT).await;
+    let made = crate::chart::assert_the_chart_allows_every_call(&server);
+    assert!(
+        made.iter()
+            .any(|c| c.verb == "patch" && c.resource == "cellfailovers/status")
+    );
 }
 
 /// A control plane of one node with two NORMAL cells registered ACTIVE (no cell process: these

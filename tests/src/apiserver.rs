@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -20,6 +21,10 @@ use crate::free_port;
 
 pub struct KubeApiServer {
     pub url: String,
+    /// A plain-HTTP front of the server that records each request; processes given
+    /// [`KubeApiServer::kubeconfig`] call through it.
+    front: String,
+    requests: Arc<Mutex<Vec<Call>>>,
     _etcd: EtcdCluster,
     dir: TempDir,
     _child: Child,
@@ -57,8 +62,13 @@ impl KubeApiServer {
             .unwrap_or_else(|e| {
                 panic!("starting {binary} (./scripts/ensure-tools.sh kube-apiserver): {e}")
             });
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let url = format!("https://127.0.0.1:{port}");
+        let front = recording_front(client_of(&url), requests.clone()).await;
         let server = Self {
-            url: format!("https://127.0.0.1:{port}"),
+            url,
+            front,
+            requests,
             _etcd: etcd,
             dir,
             _child: child,
@@ -128,25 +138,92 @@ impl KubeApiServer {
         }
     }
 
-    /// Writes a kubeconfig for the server (its certificate not verified) into its directory.
-    /// Its user has a token the server does not know, so callers are anonymous: with no
-    /// credentials at all kubectl would ask for a password.
+    /// Writes a kubeconfig for the server's recording front into its directory. Its user has a
+    /// token the server does not know, so callers are anonymous: with no credentials at all
+    /// kubectl would ask for a password.
     pub fn kubeconfig(&self) -> PathBuf {
         let path = self.dir.path().join("kubeconfig.yaml");
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: anonymous\n  user: {{token: anonymous}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: anonymous\ncurrent-context: test\n",
-            self.url
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\nusers:\n- name: anonymous\n  user: {{token: anonymous}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: anonymous\ncurrent-context: test\n",
+            self.front
         );
         std::fs::write(&path, text).expect("write kubeconfig");
         path
     }
 
-    /// A client of the server (its certificate is self-signed: not verified).
+    /// A client of the server (its certificate is self-signed: not verified). Its calls are
+    /// not recorded.
     pub fn client(&self) -> kube::Client {
-        let mut config = kube::Config::new(self.url.parse().expect("url"));
-        config.accept_invalid_certs = true;
-        kube::Client::try_from(config).expect("kube client")
+        client_of(&self.url)
     }
+
+    /// Every request made through [`KubeApiServer::kubeconfig`] so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.requests.lock().expect("calls").clone()
+    }
+}
+
+fn client_of(url: &str) -> kube::Client {
+    let mut config = kube::Config::new(url.parse().expect("url"));
+    config.accept_invalid_certs = true;
+    kube::Client::try_from(config).expect("kube client")
+}
+
+/// One request a process made of the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+}
+
+/// Serves plain HTTP on a free loopback port, forwarding each request to the server through
+/// `client` (responses streamed back, so watches work) and recording it in `calls`.
+async fn recording_front(client: kube::Client, calls: Arc<Mutex<Vec<Call>>>) -> String {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the recording front");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (client, calls) = (client.clone(), calls.clone());
+            let forward =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let (client, calls) = (client.clone(), calls.clone());
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        calls.lock().expect("calls").push(Call {
+                            method: parts.method.to_string(),
+                            path: parts.uri.path().to_string(),
+                            query: parts.uri.query().unwrap_or_default().to_string(),
+                        });
+                        let body = body.collect().await?.to_bytes();
+                        let mut forwarded = http::Request::builder()
+                            .method(parts.method)
+                            .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+                        for (name, value) in &parts.headers {
+                            if name != http::header::HOST && name != http::header::AUTHORIZATION {
+                                forwarded = forwarded.header(name, value);
+                            }
+                        }
+                        let forwarded = forwarded
+                            .body(kube::client::Body::from(body))
+                            .expect("request");
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                            client.send(forwarded).await?,
+                        )
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), forward),
+            );
+        }
+    });
+    format!("http://{addr}")
 }
 
 /// A namespaced CRD standing in for a built-in API: any object of the kind is kept as written.

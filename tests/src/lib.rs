@@ -14,6 +14,7 @@ pub mod helm;
 pub mod measure;
 pub mod operator;
 pub mod proxy;
+pub mod rbac;
 pub mod system;
 pub mod traffic;
 
