@@ -46,7 +46,7 @@ fn config_file(objects: &[Value], name: &str, key: &str) -> String {
 }
 
 #[test]
-fn the_chart_lints_and_renders_objects_valid_for_kubernetes_1_29_and_1_36() {
+fn the_chart_lints_and_renders_objects_valid_for_kubernetes_1_29_and_1_36_with_its_notes() {
     let dir = crate::scratch();
     let chart = chart();
     for args in values_files() {
@@ -58,6 +58,24 @@ fn the_chart_lints_and_renders_objects_valid_for_kubernetes_1_29_and_1_36() {
             "helm lint {args:?}: {}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
+        );
+
+        // The notes an install prints say how to reach cellctl.
+        let mut install = vec![
+            "install",
+            "cellplane",
+            chart.to_str().expect("path"),
+            "-n",
+            NAMESPACE,
+            "--dry-run=client",
+        ];
+        install.extend(args.iter().map(String::as_str));
+        let output = run(&helm(), &install);
+        let printed = String::from_utf8_lossy(&output.stdout);
+        let notes = printed.split("NOTES:").nth(1).unwrap_or_default();
+        assert!(
+            notes.contains("cellctl --endpoints cellplane-control-plane.cellplane.svc:7001"),
+            "{args:?}: {printed}"
         );
 
         let objects = rendered(&args);
