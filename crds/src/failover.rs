@@ -52,6 +52,10 @@ pub struct CellFailoverSpec {
 pub struct CellFailoverStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_id: Option<String>,
+    /// Recorded before the failover is started: the number of the newest failover then
+    /// (`fo-<n>`). Only a later one can be this object's, should its id not be recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_after: Option<u64>,
     /// FENCING, FREEZING, CATCHING_UP, PROMOTING, DONE, THAWING, ROLLED_BACK, MERGED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,

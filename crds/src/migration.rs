@@ -45,6 +45,10 @@ pub struct MigrationStatus {
     /// The control plane's id of the migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_id: Option<String>,
+    /// Recorded before the migration is started: the number of the tenant's newest migration
+    /// then (`mig-<n>`). Only a later one can be this object's, should its id not be recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_after: Option<u64>,
     /// The cell the key moves from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_ID))]

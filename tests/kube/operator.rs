@@ -7,8 +7,8 @@ use std::time::Duration;
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
     CellState, CreateTenantRequest, GetCellRequest, GetMigrationRequest, GetTenantRequest,
-    ListMigrationsRequest, MigrationPhase, RemoveCellRequest, SetCellStateRequest,
-    Tenant as PbTenant, Tier as PbTier,
+    ListMigrationsRequest, MigrateTenantRequest, MigrationPhase, RemoveCellRequest,
+    SetCellStateRequest, Tenant as PbTenant, Tier as PbTier,
 };
 use cellplane_control_plane::operator::writes;
 use cellplane_crds::{
@@ -402,6 +402,55 @@ async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
         "{m1_events:?}"
     );
     assert!(!id.is_empty());
+
+    // An object made just after someone else's migration of the key to the same target began
+    // (in the same second, which is all a creationTimestamp tells) never takes that run for
+    // its own: it starts its own, which the control plane refuses.
+    let back = moved.primary_cell.clone();
+    let theirs = control
+        .migrate_tenant(MigrateTenantRequest {
+            tenant_id: "t-1".into(),
+            target_cell: back.clone(),
+        })
+        .await
+        .expect("migrate back through the API")
+        .into_inner();
+    let late = Migration::new(
+        "m-late",
+        MigrationSpec {
+            tenant: "t-1".into(),
+            conversation: None,
+            target_cell: back.clone(),
+        },
+    );
+    migrations.create(&pp, &late).await.expect("create");
+    let refused = wait_for(&migrations, "m-late", LIMIT, "Refused", |m: &Migration| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| holds(&s.conditions, "Degraded", "Refused"))
+    })
+    .await
+    .status
+    .expect("status");
+    assert_ne!(
+        refused.migration_id.as_deref(),
+        Some(theirs.migration_id.as_str()),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let late = migrations
+        .get("m-late")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
+    assert_eq!(late.migration_id, None, "{late:?}");
+    assert_eq!(tenant_in(&mut control, "t-1").await.primary_cell, back);
+    migrations
+        .delete("m-late", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&migrations, "m-late", LIMIT).await;
 
     // A Migration deleted before its switch is cancelled: its target is a cell no agent runs,
     // so it never gets past its first phases.

@@ -47,14 +47,6 @@ pub fn rfc3339(ms: u64) -> Option<String> {
         .map(|t| t.to_string())
 }
 
-/// A resource's creation time in milliseconds since the epoch (0 when unknown).
-pub fn created_ms(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
-    meta.creation_timestamp
-        .as_ref()
-        .map(|t| u64::try_from(t.0.as_millisecond()).unwrap_or(0))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The `CellFailover` controller: each object starts its failover once (PLANNED or FORCED)
 //! and mirrors its progress: phase, keys moved, the time to recovery and the RPO ledger.
 //! Starting is idempotent as for migrations (a [`Run`]): an object whose status lost the id
-//! adopts the failover of its cell begun at or after the object was created. A
+//! adopts the first ops failover of its cell after the newest recorded before it started. A
 //! failover is not cancelled by deleting its object: once the cell stopped being renewed or
 //! froze its keys, the failover runs to its end (a PLANNED one that cannot finish gives up by
 //! itself, thawing the cell); the object goes when it has.
@@ -15,21 +15,34 @@ use kube::runtime::controller::Action as Requeue;
 use tonic::Code;
 
 use super::conditions::Conditions;
-use super::convert::{created_ms, failover_phase, name, rfc3339};
-use super::run::{self, Decision, Run};
+use super::convert::{failover_phase, name, rfc3339};
+use super::run::{self, Decision, Found, Run};
 use super::{Context, Error, writes};
+use crate::failover::record::parse_id;
 
 /// Among the failovers the control plane keeps, the one this object started: of its cell,
-/// not automatic, begun at or after the object was created; the first.
+/// not automatic, numbered after `after` (the newest when the object started its own); the
+/// first.
 pub fn adoptable<'a>(
     spec: &CellFailoverSpec,
-    created_ms: u64,
+    after: u64,
     failovers: &'a [pb::Failover],
 ) -> Option<&'a pb::Failover> {
     failovers
         .iter()
-        .filter(|f| f.cell_id == spec.cell && !f.automatic && f.created_ms >= created_ms)
-        .min_by_key(|f| f.created_ms)
+        .filter_map(|f| parse_id(&f.failover_id).map(|n| (n, f)))
+        .filter(|(n, f)| f.cell_id == spec.cell && !f.automatic && *n > after)
+        .min_by_key(|(n, _)| *n)
+        .map(|(_, f)| f)
+}
+
+/// The number of the newest of `failovers` (0 for none).
+pub fn newest(failovers: &[pb::Failover]) -> u64 {
+    failovers
+        .iter()
+        .filter_map(|f| parse_id(&f.failover_id))
+        .max()
+        .unwrap_or(0)
 }
 
 pub fn mode_to_proto(mode: FailoverMode) -> pb::FailoverMode {
@@ -108,8 +121,9 @@ pub fn decide(f: &pb::Failover) -> Decision<CellFailoverStatus> {
     }
 }
 
-async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Option<pb::Failover>, Error> {
-    if let Some(id) = object.status.as_ref().and_then(|s| s.failover_id.clone()) {
+async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Found<pb::Failover>, Error> {
+    let status = object.status.as_ref();
+    if let Some(id) = status.and_then(|s| s.failover_id.clone()) {
         let answer = ctx
             .call(|mut c| {
                 let request = pb::GetFailoverRequest {
@@ -118,11 +132,12 @@ async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Option<pb::Failov
                 async move { c.get_failover(request).await }
             })
             .await?;
-        return match answer {
-            Ok(f) => Ok(Some(f)),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(Error::Refused(status.message().into())),
+        let run = match answer {
+            Ok(f) => Some(f),
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(Error::Refused(status.message().into())),
         };
+        return Ok(Found { run, newest: 0 });
     }
     let listed = ctx
         .call(|mut c| async move {
@@ -131,12 +146,14 @@ async fn fetch(ctx: &Context, object: &CellFailover) -> Result<Option<pb::Failov
         })
         .await?
         .map_err(|s| Error::Refused(s.message().into()))?;
-    Ok(adoptable(
-        &object.spec,
-        created_ms(&object.metadata),
-        &listed.failovers,
-    )
-    .cloned())
+    let run = status
+        .and_then(|s| s.started_after)
+        .and_then(|after| adoptable(&object.spec, after, &listed.failovers))
+        .cloned();
+    Ok(Found {
+        run,
+        newest: newest(&listed.failovers),
+    })
 }
 
 impl Run for CellFailover {
@@ -149,6 +166,14 @@ impl Run for CellFailover {
 
     fn phase(status: &CellFailoverStatus) -> Option<&String> {
         status.phase.as_ref()
+    }
+
+    fn started_after(status: &CellFailoverStatus) -> Option<u64> {
+        status.started_after
+    }
+
+    fn set_started_after(status: &mut CellFailoverStatus, after: u64) {
+        status.started_after = Some(after);
     }
 
     fn decide(run: &pb::Failover) -> Decision<CellFailoverStatus> {
@@ -179,13 +204,16 @@ pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<R
     let api: Api<CellFailover> = Api::all(ctx.kube.clone());
     let failover = fetch(&ctx, &object).await?;
     if object.metadata.deletion_timestamp.is_some() {
-        if failover.is_some_and(|f| !finished(failover_phase(f.phase))) {
+        if failover
+            .run
+            .is_some_and(|f| !finished(failover_phase(f.phase)))
+        {
             return Ok(super::requeue(&ctx, true));
         }
         writes::remove_finalizer(&api, &*object).await?;
         return Ok(Requeue::await_change());
     }
-    if failover.is_none()
+    if failover.run.is_none()
         && object
             .status
             .as_ref()
@@ -214,20 +242,24 @@ mod tests {
     }
 
     #[test]
-    fn an_object_adopts_only_an_ops_failover_of_its_cell_since_it_was_made() {
+    fn an_object_adopts_only_a_later_ops_failover_of_its_cell() {
         let spec = CellFailoverSpec {
             cell: "c1".into(),
             mode: FailoverMode::Forced,
             reason: String::new(),
         };
+        // fo-5 began in the same second as the object but before it recorded fo-5 as newest.
         let runs = [
-            failover("before", "c1", 500, false),
-            failover("detector", "c1", 1_200, true),
-            failover("other", "c2", 1_100, false),
-            failover("mine", "c1", 1_300, false),
+            failover("fo-5", "c1", 1_000, false),
+            failover("fo-6", "c1", 1_000, true),
+            failover("fo-7", "c2", 1_000, false),
+            failover("fo-9", "c1", 1_000, false),
+            failover("fo-8", "c1", 1_000, false),
         ];
-        let found = adoptable(&spec, 1_000, &runs).map(|f| f.failover_id.as_str());
-        assert_eq!(found, Some("mine"));
+        let found = adoptable(&spec, 5, &runs).map(|f| f.failover_id.as_str());
+        assert_eq!(found, Some("fo-8"));
+        assert_eq!(newest(&runs), 9);
+        assert!(adoptable(&spec, 9, &runs).is_none());
     }
 
     #[test]

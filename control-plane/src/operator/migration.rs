@@ -1,8 +1,8 @@
 //! The `Migration` controller: each object starts its history-first migration once and
 //! mirrors its progress (phase, records copied, lag, the write pause), as a [`Run`]. An object
-//! whose status lost the migration's id adopts the migration of its key to its target that
-//! began at or after the object was created. Deleting the object before the route switched
-//! cancels the migration (finalizer).
+//! whose status lost the migration's id adopts the first migration of its key to its target
+//! after the newest one recorded before it started. Deleting the object before the route
+//! switched cancels the migration (finalizer).
 
 use std::sync::Arc;
 
@@ -13,27 +13,39 @@ use kube::runtime::controller::Action as Requeue;
 use tonic::Code;
 
 use super::conditions::Conditions;
-use super::convert::{created_ms, migration_phase, name};
-use super::run::{self, Decision, Run};
+use super::convert::{migration_phase, name};
+use super::run::{self, Decision, Found, Run};
 use super::{Context, Error, writes};
+use crate::migration::record::parse_id;
 
-/// Among the key's migrations, the one this object started: to its target, begun at or after
-/// the object was created (`created_ms`, truncated to the second by Kubernetes), the first.
+/// Among the key's migrations, the one this object started: to its target, numbered after
+/// `after` (the tenant's newest when the object started its own), the first.
 pub fn adoptable<'a>(
     spec: &MigrationSpec,
-    created_ms: u64,
+    after: u64,
     migrations: &'a [pb::Migration],
 ) -> Option<&'a pb::Migration> {
     let conversation = spec.conversation.as_deref().unwrap_or("");
     migrations
         .iter()
-        .filter(|m| {
+        .filter_map(|m| parse_id(&m.migration_id).map(|n| (n, m)))
+        .filter(|(n, m)| {
             m.tenant_id == spec.tenant
                 && m.conversation_id == conversation
                 && m.target_cell == spec.target_cell
-                && m.created_ms >= created_ms
+                && *n > after
         })
-        .min_by_key(|m| m.created_ms)
+        .min_by_key(|(n, _)| *n)
+        .map(|(_, m)| m)
+}
+
+/// The number of the newest of `migrations` (0 for none).
+pub fn newest(migrations: &[pb::Migration]) -> u64 {
+    migrations
+        .iter()
+        .filter_map(|m| parse_id(&m.migration_id))
+        .max()
+        .unwrap_or(0)
 }
 
 pub fn decide(m: &pb::Migration) -> Decision<MigrationStatus> {
@@ -120,9 +132,11 @@ pub fn decide_deletion(migration: Option<&pb::Migration>) -> Deletion {
     }
 }
 
-/// The object's migration: by the id in its status, else the one it may adopt.
-async fn fetch(ctx: &Context, object: &Migration) -> Result<Option<pb::Migration>, Error> {
-    if let Some(id) = object.status.as_ref().and_then(|s| s.migration_id.clone()) {
+/// The object's migration: by the id in its status, else the one it may adopt once it
+/// recorded the newest before starting its own.
+async fn fetch(ctx: &Context, object: &Migration) -> Result<Found<pb::Migration>, Error> {
+    let status = object.status.as_ref();
+    if let Some(id) = status.and_then(|s| s.migration_id.clone()) {
         let answer = ctx
             .call(|mut c| {
                 let request = pb::GetMigrationRequest {
@@ -131,12 +145,13 @@ async fn fetch(ctx: &Context, object: &Migration) -> Result<Option<pb::Migration
                 async move { c.get_migration(request).await }
             })
             .await?;
-        return match answer {
-            Ok(m) => Ok(Some(m)),
+        let run = match answer {
+            Ok(m) => Some(m),
             // Finished long ago and forgotten by the control plane.
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(Error::Refused(status.message().into())),
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(Error::Refused(status.message().into())),
         };
+        return Ok(Found { run, newest: 0 });
     }
     let listed = ctx
         .call(|mut c| {
@@ -148,12 +163,14 @@ async fn fetch(ctx: &Context, object: &Migration) -> Result<Option<pb::Migration
         })
         .await?
         .map_err(|s| Error::Refused(s.message().into()))?;
-    Ok(adoptable(
-        &object.spec,
-        created_ms(&object.metadata),
-        &listed.migrations,
-    )
-    .cloned())
+    let run = status
+        .and_then(|s| s.started_after)
+        .and_then(|after| adoptable(&object.spec, after, &listed.migrations))
+        .cloned();
+    Ok(Found {
+        run,
+        newest: newest(&listed.migrations),
+    })
 }
 
 impl Run for Migration {
@@ -166,6 +183,14 @@ impl Run for Migration {
 
     fn phase(status: &MigrationStatus) -> Option<&String> {
         status.phase.as_ref()
+    }
+
+    fn started_after(status: &MigrationStatus) -> Option<u64> {
+        status.started_after
+    }
+
+    fn set_started_after(status: &mut MigrationStatus, after: u64) {
+        status.started_after = Some(after);
     }
 
     fn decide(run: &pb::Migration) -> Decision<MigrationStatus> {
@@ -212,7 +237,7 @@ pub async fn reconcile(object: Arc<Migration>, ctx: Arc<Context>) -> Result<Requ
         return delete(&api, &object, &ctx).await;
     }
     let migration = fetch(&ctx, &object).await?;
-    if migration.is_none()
+    if migration.run.is_none()
         && object
             .status
             .as_ref()
@@ -229,7 +254,7 @@ async fn delete(api: &Api<Migration>, object: &Migration, ctx: &Context) -> Resu
     if !writes::has_finalizer(object) {
         return Ok(Requeue::await_change());
     }
-    let migration = fetch(ctx, object).await?;
+    let migration = fetch(ctx, object).await?.run;
     match decide_deletion(migration.as_ref()) {
         Deletion::Cancel => {
             let id = migration.map(|m| m.migration_id).unwrap_or_default();
@@ -307,16 +332,20 @@ mod tests {
     }
 
     #[test]
-    fn an_object_adopts_only_the_first_run_of_its_key_to_its_target_since_it_was_made() {
+    fn an_object_adopts_only_a_later_run_of_its_key_to_its_target() {
         use pb::MigrationPhase::*;
+        // All in one second: only the numbers tell which began after the object recorded
+        // mig-5 as the newest.
         let runs = [
-            migration("old", "c2", 500, Done),
-            migration("other-target", "c3", 1_500, Copying),
-            migration("mine", "c2", 1_000, Copying),
-            migration("later", "c2", 2_000, Planned),
+            migration("mig-5", "c2", 1_000, Done),
+            migration("mig-6", "c3", 1_000, Copying),
+            migration("mig-8", "c2", 1_000, Planned),
+            migration("mig-7", "c2", 1_000, Copying),
         ];
-        let found = adoptable(&spec(), 1_000, &runs).map(|m| m.migration_id.as_str());
-        assert_eq!(found, Some("mine"));
+        let found = adoptable(&spec(), 5, &runs).map(|m| m.migration_id.as_str());
+        assert_eq!(found, Some("mig-7"));
+        assert_eq!(newest(&runs), 8);
+        assert!(adoptable(&spec(), 8, &runs).is_none());
         let conversation = MigrationSpec {
             conversation: Some("c".into()),
             ..spec()

@@ -1,7 +1,10 @@
 //! What the `Migration` and `CellFailover` controllers share: each object starts one run in
 //! the control plane, once, and mirrors it into its status. The run's id is kept in the
-//! status; an object whose status lost it (the operator stopped between the start and the
-//! status write) finds and adopts the run instead of starting a second.
+//! status. Starting and recording the id are two steps, so before starting, the status records
+//! the number of the newest run the control plane kept (ids are the revisions that made them);
+//! an object whose status has that number but no id (the operator stopped in between) adopts
+//! the first later run of its key or cell instead of starting a second, and never an older
+//! one, however close in time.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -23,6 +26,14 @@ pub struct Decision<S> {
     pub poll: bool,
 }
 
+/// What the control plane holds for an object: its run, when found, and otherwise the number
+/// of the newest run it keeps of the object's key or cell (0 for none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found<R> {
+    pub run: Option<R>,
+    pub newest: u64,
+}
+
 /// A resource whose object starts one run.
 pub trait Run:
     Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + Debug + Send + Sync
@@ -34,6 +45,9 @@ pub trait Run:
     /// The run's id and phase, as the status keeps them.
     fn run_id(status: &Self::Status) -> Option<&String>;
     fn phase(status: &Self::Status) -> Option<&String>;
+    /// The newest run's number recorded before starting.
+    fn started_after(status: &Self::Status) -> Option<u64>;
+    fn set_started_after(status: &mut Self::Status, after: u64);
     fn decide(run: &Self::Remote) -> Decision<Self::Status>;
     /// The run in an Event's words.
     fn describe(run: &Self::Remote) -> String;
@@ -43,21 +57,25 @@ pub trait Run:
     ) -> impl Future<Output = Result<Result<Self::Remote, tonic::Status>, Error>> + Send;
 }
 
-/// Holds the object with the finalizer, starts its run unless `found` is it (adopting a run
+/// Holds the object with the finalizer, starts its run unless `found` has it (adopting a run
 /// its status does not name yet), and mirrors the run into the status with an Event when it
 /// settles.
 pub async fn reconcile<K: Run>(
     api: &Api<K>,
     object: &K,
     ctx: &Context,
-    found: Option<K::Remote>,
+    found: Found<K::Remote>,
 ) -> Result<Requeue, Error>
 where
     K::Status: WithConditions + Clone + Default,
 {
     writes::add_finalizer(api, object).await?;
     let id_known = object.status().and_then(K::run_id).is_some();
-    let decision = match found {
+    let after = object
+        .status()
+        .and_then(K::started_after)
+        .unwrap_or(found.newest);
+    let mut decision = match found.run {
         Some(run) => {
             if !id_known {
                 let note = format!("{} was already under way", K::describe(&run));
@@ -65,19 +83,31 @@ where
             }
             K::decide(&run)
         }
-        None => match object.start(ctx).await? {
-            Ok(run) => {
-                ctx.event(object, false, "Started", K::START, K::describe(&run))
-                    .await;
-                K::decide(&run)
+        None => {
+            if object.status().and_then(K::started_after).is_none() {
+                let mut starting = K::Status::default();
+                K::set_started_after(&mut starting, after);
+                let conditions =
+                    Conditions::progressing("Starting", format!("{} after run {after}", K::START));
+                writes::write_status(api, object, starting, &conditions).await?;
             }
-            Err(status) => {
-                let status_now = K::Status::default();
-                return super::refused(api, object, ctx, K::START, status.message(), status_now)
-                    .await;
+            match object.start(ctx).await? {
+                Ok(run) => {
+                    ctx.event(object, false, "Started", K::START, K::describe(&run))
+                        .await;
+                    K::decide(&run)
+                }
+                // Refused: nothing started, so the next try records the newest run afresh
+                // (another may have begun meanwhile, which is not this object's).
+                Err(status) => {
+                    let cleared = K::Status::default();
+                    return super::refused(api, object, ctx, K::START, status.message(), cleared)
+                        .await;
+                }
             }
-        },
+        }
     };
+    K::set_started_after(&mut decision.status, after);
     let was = object.status().and_then(K::phase);
     if !decision.poll && K::phase(&decision.status) != was {
         let c = &decision.conditions;
