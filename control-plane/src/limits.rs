@@ -108,6 +108,10 @@ pub const OPERATOR_BACKOFF_FIRST_MS: u64 = 200;
 /// The operator's longest back-off: a control plane that comes back is noticed within it.
 pub const OPERATOR_BACKOFF_MAX_MS: u64 = 30_000;
 
-/// How often the operator looks again at a migration or failover under way, to mirror its
-/// progress.
+/// How often the operator looks again at a failover under way (or a migration whose watch
+/// failed), to mirror its progress.
 pub const OPERATOR_PROGRESS_POLL_MS: u64 = 250;
+
+/// The longest a migration's reconcile waits on its watch for the next change before looking
+/// again anyway; a deletion of its object waits at most this long too.
+pub const OPERATOR_PROGRESS_WAIT_MS: u64 = 2_000;

@@ -7,6 +7,7 @@
 //! itself, thawing the cell); the object goes when it has.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
 use cellplane_crds::{CellFailover, CellFailoverSpec, CellFailoverStatus, FailoverMode, RpoLedger};
@@ -19,6 +20,7 @@ use super::convert::{failover_phase, name, rfc3339};
 use super::run::{self, Decision, Found, Run};
 use super::{Context, Error, writes};
 use crate::failover::record::parse_id;
+use crate::limits::OPERATOR_PROGRESS_POLL_MS;
 
 /// Among the failovers the control plane keeps, the one this object started: of its cell,
 /// not automatic, numbered after `after` (the newest when the object started its own); the
@@ -185,6 +187,11 @@ impl Run for CellFailover {
             "failover {} of {} to {}",
             run.failover_id, run.cell_id, run.standby_cell
         )
+    }
+
+    /// The Control API has no watch of a failover: look again after a poll interval.
+    async fn changed(_ctx: &Context, _run: &pb::Failover) {
+        tokio::time::sleep(Duration::from_millis(OPERATOR_PROGRESS_POLL_MS)).await;
     }
 
     async fn start(&self, ctx: &Context) -> Result<Result<pb::Failover, tonic::Status>, Error> {

@@ -5,6 +5,7 @@
 //! switched cancels the migration (finalizer).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
 use cellplane_crds::{Migration, MigrationSpec, MigrationStatus};
@@ -16,6 +17,7 @@ use super::conditions::Conditions;
 use super::convert::{migration_phase, name};
 use super::run::{self, Decision, Found, Run};
 use super::{Context, Error, writes};
+use crate::limits::{OPERATOR_PROGRESS_POLL_MS, OPERATOR_PROGRESS_WAIT_MS};
 use crate::migration::record::parse_id;
 
 /// Among the key's migrations, the one this object started: to its target, numbered after
@@ -202,6 +204,32 @@ impl Run for Migration {
             "migration {} from {} to {}",
             run.migration_id, run.source_cell, run.target_cell
         )
+    }
+
+    /// Follows the migration's watch until a change newer than `run`: each phase shows in the
+    /// status within a round trip rather than at the next poll.
+    async fn changed(ctx: &Context, run: &pb::Migration) {
+        let (id, seen) = (run.migration_id.clone(), run.revision);
+        let next = async {
+            let watched = ctx
+                .call(|mut c| {
+                    let request = pb::WatchMigrationRequest {
+                        migration_id: id.clone(),
+                    };
+                    async move { c.watch_migration(request).await }
+                })
+                .await;
+            if let Ok(Ok(mut changes)) = watched {
+                while let Ok(Some(change)) = changes.message().await {
+                    if change.revision > seen {
+                        return;
+                    }
+                }
+            }
+            // No watch, or it ended without news: poll.
+            tokio::time::sleep(Duration::from_millis(OPERATOR_PROGRESS_POLL_MS)).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(OPERATOR_PROGRESS_WAIT_MS), next).await;
     }
 
     async fn start(&self, ctx: &Context) -> Result<Result<pb::Migration, tonic::Status>, Error> {

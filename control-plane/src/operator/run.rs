@@ -8,6 +8,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::time::Duration;
 
 use kube::core::object::HasStatus;
 use kube::runtime::controller::Action as Requeue;
@@ -55,6 +56,9 @@ pub trait Run:
         &self,
         ctx: &Context,
     ) -> impl Future<Output = Result<Result<Self::Remote, tonic::Status>, Error>> + Send;
+    /// Returns once `run` (under way) may have changed: when the control plane says it did,
+    /// or after a while. The object is looked at again at once.
+    fn changed(ctx: &Context, run: &Self::Remote) -> impl Future<Output = ()> + Send;
 }
 
 /// Holds the object with the finalizer, starts its run unless `found` has it (adopting a run
@@ -75,13 +79,13 @@ where
         .status()
         .and_then(K::started_after)
         .unwrap_or(found.newest);
-    let mut decision = match found.run {
+    let run = match found.run {
         Some(run) => {
             if !id_known {
                 let note = format!("{} was already under way", K::describe(&run));
                 ctx.event(object, false, "Adopted", "Reconcile", note).await;
             }
-            K::decide(&run)
+            run
         }
         None => {
             if object.status().and_then(K::started_after).is_none() {
@@ -95,7 +99,7 @@ where
                 Ok(run) => {
                     ctx.event(object, false, "Started", K::START, K::describe(&run))
                         .await;
-                    K::decide(&run)
+                    run
                 }
                 // Refused: nothing started, so the next try records the newest run afresh
                 // (another may have begun meanwhile, which is not this object's).
@@ -107,6 +111,7 @@ where
             }
         }
     };
+    let mut decision = K::decide(&run);
     K::set_started_after(&mut decision.status, after);
     let was = object.status().and_then(K::phase);
     if !decision.poll && K::phase(&decision.status) != was {
@@ -121,5 +126,9 @@ where
     }
     writes::write_status(api, object, decision.status, &decision.conditions).await?;
     ctx.succeeded(object);
-    Ok(super::requeue(ctx, decision.poll))
+    if decision.poll {
+        K::changed(ctx, &run).await;
+        return Ok(Requeue::requeue(Duration::ZERO));
+    }
+    Ok(super::requeue(ctx, false))
 }
