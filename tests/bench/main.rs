@@ -1,7 +1,7 @@
 //! `cellplane-bench`: the control plane's benchmarks, run against real `cellplane serve`
 //! processes (release build) on loopback, with the load generator on the same machine.
 //!
-//!   ./scripts/ensure-tools.sh protoc etcd
+//!   ./scripts/ensure-tools.sh protoc etcd kube-apiserver
 //!   cargo build --release --workspace --bins && target/release/cellplane-bench all
 //!
 //! Figures go to stdout and, with `--out`, to a Markdown file (docs/benchmarks.md).
@@ -13,6 +13,7 @@ mod leader_kill;
 mod lookups;
 mod migration;
 mod mtls;
+mod operator;
 mod report;
 mod scale;
 mod standby;
@@ -63,6 +64,12 @@ struct Cli {
     /// PLANNED failovers timed in the failover benchmark.
     #[arg(long, default_value_t = 30)]
     planned: usize,
+    /// Tenants applied in each of the operator benchmark's two phases.
+    #[arg(long, default_value_t = 100)]
+    operator_tenants: usize,
+    /// Migrations each way (a Migration object, cellctl) in the operator benchmark.
+    #[arg(long, default_value_t = 20)]
+    operator_migrations: usize,
     /// Write the report here (Markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -86,6 +93,8 @@ enum Which {
     Failover,
     /// Route updates and lookups at 256 clients, plaintext beside mutual TLS.
     Mtls,
+    /// The Kubernetes operator: Tenant apply → Ready, Migration apply → DONE beside cellctl.
+    Operator,
 }
 
 #[tokio::main]
@@ -129,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.which, Which::All | Which::Migration) {
         migration::run(&mut report, cli.migration_messages, cli.migrations).await?;
+    }
+    if matches!(cli.which, Which::All | Which::Operator) {
+        operator::run(&mut report, cli.operator_tenants, cli.operator_migrations).await?;
     }
     let text = report.render();
     println!("{text}");
