@@ -216,6 +216,8 @@ fn cellctl_drives_a_running_dev_system() {
     );
     let (code, _) = cellctl(&endpoints_file, &["cancel", "mig-999999"]);
     assert_eq!(code, 3);
+    let (code, json) = cellctl(&endpoints_file, &["cancel", "fo-999999", "--reason", "x"]);
+    assert_eq!(code, 3, "no such failover: {json}");
     let (code, _) = cellctl(
         &endpoints_file,
         &["cancel", moved["migration_id"].as_str().expect("id")],

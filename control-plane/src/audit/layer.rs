@@ -210,6 +210,7 @@ fn text_of(name: &str, message: &[u8]) -> String {
         "SetTenantTier" => decoded::<pb::SetTenantTierRequest>(message),
         "CancelMigration" => decoded::<pb::CancelMigrationRequest>(message),
         "FailoverCell" => decoded::<pb::FailoverCellRequest>(message),
+        "CancelFailover" => decoded::<pb::CancelFailoverRequest>(message),
         "FailoverRegion" => decoded::<pb::FailoverRegionRequest>(message),
         "DrainCell" => decoded::<pb::DrainCellRequest>(message),
         "RemoveCell" => decoded::<pb::RemoveCellRequest>(message),

@@ -144,8 +144,14 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Roll back a migration that has not switched its route yet.
-    Cancel { migration_id: String },
+    /// Roll back a migration (mig-N) that has not switched its route yet, or a PLANNED
+    /// failover (fo-N) whose standby is not yet being promoted.
+    Cancel {
+        id: String,
+        /// Why, kept with a cancelled failover.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Fail a primary cell over to its standby (FORCED: its lease is no longer renewed, and
     /// once it has surely run out every key moves to the standby), or with --region every
     /// HIGH primary of a lost region to its standby in another region.
@@ -627,10 +633,23 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 list.migrations.iter().map(MigrationView::from).collect();
             print_list(output, &views)?;
         }
-        Command::Cancel { migration_id } => {
+        Command::Cancel { id, reason } if id.starts_with("fo-") => {
+            let request = pb::CancelFailoverRequest {
+                failover_id: id,
+                reason,
+            };
             let cancelled = control
                 .call(|mut c| {
-                    let migration_id = migration_id.clone();
+                    let request = request.clone();
+                    async move { c.cancel_failover(request).await }
+                })
+                .await?;
+            print_one(output, &FailoverView::from(&cancelled))?;
+        }
+        Command::Cancel { id, .. } => {
+            let cancelled = control
+                .call(|mut c| {
+                    let migration_id = id.clone();
                     async move {
                         c.cancel_migration(pb::CancelMigrationRequest { migration_id })
                             .await

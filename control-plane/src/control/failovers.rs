@@ -209,6 +209,49 @@ pub fn report(
     ))
 }
 
+/// The command that rolls back failover `request` names: a PLANNED one not yet past its
+/// catch-up goes to THAWING (the agent thaws the cell, which keeps its keys), compared on its
+/// phase so that it cannot race the switch. Anything else is refused with why.
+pub fn cancel(
+    state: &ControlState,
+    request: &pb::CancelFailoverRequest,
+) -> Result<(u64, Command), Status> {
+    let id = failover_id(&request.failover_id)?;
+    check_reason(&request.reason)?;
+    let Some(record) = state.failovers().get(&id) else {
+        return Err(not_found(id));
+    };
+    let shown = display_id(id);
+    if record.mode != Mode::Planned {
+        return Err(Status::failed_precondition(format!(
+            "failover_id: {shown} is FORCED: the cell's lease is no longer renewed, so it runs to its end"
+        )));
+    }
+    if !matches!(record.phase, Phase::Freezing | Phase::CatchingUp) {
+        return Err(Status::failed_precondition(format!(
+            "failover_id: {shown} is {}: only a failover still FREEZING or CATCHING_UP can be cancelled",
+            record.phase.name()
+        )));
+    }
+    let why = if request.reason.is_empty() {
+        "cancelled".to_string()
+    } else {
+        format!("cancelled: {}", request.reason)
+    };
+    Ok((
+        id,
+        Command::AdvanceFailover {
+            id,
+            from: record.phase,
+            to: Phase::Thawing,
+            lsn: 0,
+            error: Some(why),
+            merged: Vec::new(),
+            now_ms: now_ms(),
+        },
+    ))
+}
+
 pub fn not_found(id: u64) -> Status {
     Status::not_found(format!(
         "failover_id: failover {} does not exist",

@@ -579,6 +579,41 @@ impl Control for ControlService {
             .ok_or_else(|| failovers::not_found(id))
     }
 
+    async fn cancel_failover(
+        &self,
+        request: Request<pb::CancelFailoverRequest>,
+    ) -> Result<Response<pb::Failover>, Status> {
+        let was_forwarded = is_forwarded(request.metadata());
+        let message = request.into_inner();
+        failovers::failover_id(&message.failover_id)?;
+        if let Some(channel) = self.node.linearize(was_forwarded).await? {
+            return ControlClient::new(channel)
+                .cancel_failover(forwarded(message))
+                .await;
+        }
+        // The command compares the phase it read: if the failover moved on meanwhile (the
+        // standby caught up), decide again on what it is now.
+        let mut attempts = 0;
+        let id = loop {
+            attempts += 1;
+            let (id, command) = self
+                .node
+                .view()
+                .read(|state| failovers::cancel(state, &message))?;
+            match self.node.propose(command, true).await {
+                Ok(_) => break id,
+                Err(status) if status.code() == tonic::Code::FailedPrecondition && attempts < 3 => {
+                }
+                Err(status) => return Err(status),
+            }
+        };
+        self.node
+            .view()
+            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
+            .map(Response::new)
+            .ok_or_else(|| failovers::not_found(id))
+    }
+
     async fn get_failover(
         &self,
         request: Request<pb::GetFailoverRequest>,

@@ -1056,6 +1056,86 @@ mod tests {
     }
 
     #[test]
+    fn only_a_planned_failover_before_its_switch_can_be_cancelled() {
+        use crate::control::failovers::cancel;
+        use cellplane_api::proto::control::CancelFailoverRequest;
+        let mut state = system();
+        let CommandOutput::Failover(view) = apply(&mut state, planned("normal")).expect("start")
+        else {
+            panic!("a failover");
+        };
+        let request = |reason: &str| CancelFailoverRequest {
+            failover_id: format!("fo-{}", view.id),
+            reason: reason.into(),
+        };
+        apply(
+            &mut state,
+            advance(view.id, (Phase::Freezing, Phase::CatchingUp), 120),
+        )
+        .expect("frozen");
+        let (id, command) = cancel(&state, &request("window closed")).expect("cancellable");
+        assert_eq!(id, view.id);
+        apply(&mut state, command).expect("cancel");
+        let record = &state.failovers()[&view.id];
+        assert_eq!(record.phase, Phase::Thawing);
+        assert_eq!(record.error.as_deref(), Some("cancelled: window closed"));
+        let again = cancel(&state, &request("")).expect_err("thawing");
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+        assert!(again.message().starts_with("failover_id:"), "{again:?}");
+        apply(
+            &mut state,
+            advance(view.id, (Phase::Thawing, Phase::RolledBack), 0),
+        )
+        .expect("thawed");
+        assert_eq!(route(&state, "n1"), Ok((Arc::from("normal"), 1)));
+
+        // A FORCED one runs to its end; a bad id or reason is refused naming the field.
+        let CommandOutput::Failover(forced) = apply(
+            &mut state,
+            Command::StartFailover {
+                cell_id: "normal".into(),
+                standby: None,
+                mode: Mode::Forced,
+                reason: "disk alarm".into(),
+                automatic: false,
+                expected_renewals: None,
+                now_ms: 40,
+            },
+        )
+        .expect("forced") else {
+            panic!("a failover");
+        };
+        let refused = cancel(
+            &state,
+            &CancelFailoverRequest {
+                failover_id: format!("fo-{}", forced.id),
+                reason: String::new(),
+            },
+        )
+        .expect_err("forced");
+        assert!(refused.message().contains("FORCED"), "{refused:?}");
+        let bad = cancel(
+            &state,
+            &CancelFailoverRequest {
+                failover_id: "failover-1".into(),
+                reason: String::new(),
+            },
+        )
+        .expect_err("bad id");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(bad.message().starts_with("failover_id"), "{bad:?}");
+        let missing = cancel(
+            &state,
+            &CancelFailoverRequest {
+                failover_id: "fo-999".into(),
+                reason: String::new(),
+            },
+        )
+        .expect_err("missing");
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+    }
+
+    #[test]
     fn a_planned_failover_waits_for_the_cells_migrations() {
         let mut state = system();
         migrate_off_normal(&mut state);
