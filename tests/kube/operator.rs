@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
-    CellState, CreateTenantRequest, GetCellRequest, GetMigrationRequest, GetTenantRequest,
-    ListMigrationsRequest, MigrateTenantRequest, MigrationPhase, RemoveCellRequest,
-    SetCellStateRequest, Tenant as PbTenant, Tier as PbTier,
+    CellState, CreateTenantRequest, FailoverPhase, GetCellRequest, GetFailoverRequest,
+    GetMigrationRequest, GetTenantRequest, ListMigrationsRequest, MigrateTenantRequest,
+    MigrationPhase, RemoveCellRequest, SetCellStateRequest, Tenant as PbTenant, Tier as PbTier,
 };
 use cellplane_control_plane::operator::writes;
 use cellplane_crds::{
@@ -24,6 +24,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
+use nix::sys::signal::Signal;
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -694,6 +695,90 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
     assert!(
         made.iter()
             .any(|c| c.verb == "patch" && c.resource == "cellfailovers/status")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_planned_failover_before_its_switch_rolls_it_back() {
+    const PRIMARY: &str = "hz-a-normal-1";
+    const STANDBY: &str = "hz-b-normal-s1";
+    let system =
+        System::start_pair(Cluster::start(3, &[]).await, (PRIMARY, STANDBY), None, true).await;
+    assert_eq!(
+        system.create_tenant("acme", PbTier::Normal, "hz").await,
+        PRIMARY
+    );
+    let server = KubeApiServer::start().await;
+    server.install_crds().await;
+    let dir = scratch();
+    let _operator = OperatorProcess::start(
+        &server,
+        &system.cluster.endpoints(),
+        "operator-0",
+        dir.path().join("operator.log"),
+        &[],
+    );
+    let client = server.client();
+    let failovers: Api<CellFailover> = Api::all(client.clone());
+    // A standby that cannot catch up holds the failover before its switch.
+    system.agents[1].signal_cell(STANDBY, Signal::SIGSTOP);
+    let object = CellFailover::new(
+        "held",
+        CellFailoverSpec {
+            cell: PRIMARY.into(),
+            mode: FailoverMode::Planned,
+            reason: "kernel upgrade".into(),
+        },
+    );
+    failovers
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create failover");
+    let held = wait_for(
+        &failovers,
+        "held",
+        LIMIT,
+        "before the switch",
+        |f: &CellFailover| {
+            f.status
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase.as_deref(), Some("FREEZING" | "CATCHING_UP")))
+        },
+    )
+    .await
+    .status
+    .expect("status");
+    let id = held.failover_id.expect("id");
+    failovers
+        .delete("held", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(&failovers, "held", LIMIT).await;
+    system.agents[1].signal_cell(STANDBY, Signal::SIGCONT);
+
+    let leader = system.cluster.wait_for_leader().await;
+    let failover = system
+        .cluster
+        .control(leader)
+        .get_failover(GetFailoverRequest {
+            failover_id: id.clone(),
+        })
+        .await
+        .expect("get failover")
+        .into_inner();
+    assert_eq!(
+        failover.phase,
+        FailoverPhase::RolledBack as i32,
+        "{failover:?}"
+    );
+    assert!(failover.error.starts_with("cancelled"), "{failover:?}");
+    let tenant = tenant_in(&mut system.cluster.control(leader), "acme").await;
+    assert_eq!(tenant.primary_cell, PRIMARY, "the cell kept its keys");
+    assert!(
+        events(&client, "held")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Cancelled")
     );
 }
 

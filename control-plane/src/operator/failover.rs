@@ -1,23 +1,23 @@
 //! The `CellFailover` controller: each object starts its failover once (PLANNED or FORCED)
 //! and mirrors its progress: phase, keys moved, the time to recovery and the RPO ledger.
 //! Starting is idempotent as for migrations (a [`Run`]): an object whose status lost the id
-//! adopts the first ops failover of its cell after the newest recorded before it started. A
-//! failover is not cancelled by deleting its object: once the cell stopped being renewed or
-//! froze its keys, the failover runs to its end (a PLANNED one that cannot finish gives up by
-//! itself, thawing the cell); the object goes when it has.
+//! adopts the first ops failover of its cell after the newest recorded before it started.
+//! Deleting the object rolls back a PLANNED failover not yet promoting its standby
+//! (CancelFailover: the cell thaws and keeps its keys); any other runs to its end (a FORCED one
+//! stopped renewing the cell's lease); the object goes when it has.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
 use cellplane_crds::{CellFailover, CellFailoverSpec, CellFailoverStatus, FailoverMode, RpoLedger};
-use kube::Api;
 use kube::runtime::controller::Action as Requeue;
+use kube::{Api, ResourceExt};
 use tonic::Code;
 
 use super::conditions::Conditions;
 use super::convert::{failover_phase, name, rfc3339};
-use super::run::{self, Decision, Found, Run};
+use super::run::{self, Decision, Deletion, Found, Run};
 use super::{Context, Error, writes};
 use crate::failover::record::parse_id;
 use crate::limits::OPERATOR_PROGRESS_POLL_MS;
@@ -211,14 +211,7 @@ pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<R
     let api: Api<CellFailover> = Api::all(ctx.kube.clone());
     let failover = fetch(&ctx, &object).await?;
     if object.metadata.deletion_timestamp.is_some() {
-        if failover
-            .run
-            .is_some_and(|f| !finished(failover_phase(f.phase)))
-        {
-            return Ok(super::requeue(&ctx, true));
-        }
-        writes::remove_finalizer(&api, &*object).await?;
-        return Ok(Requeue::await_change());
+        return delete(&api, &object, &ctx, failover.run).await;
     }
     if failover.run.is_none()
         && object
@@ -231,6 +224,66 @@ pub async fn reconcile(object: Arc<CellFailover>, ctx: Arc<Context>) -> Result<R
         return Ok(Requeue::await_change());
     }
     run::reconcile(&api, &*object, &ctx, failover).await
+}
+
+/// What deleting the object needs: a PLANNED failover not yet promoting its standby is rolled
+/// back; any other runs to its end (a FORCED one stopped renewing the cell's lease, so
+/// finishing is the safe way out).
+pub fn decide_deletion(failover: Option<&pb::Failover>) -> Deletion {
+    let Some(f) = failover else {
+        return Deletion::Release;
+    };
+    let phase = failover_phase(f.phase);
+    if finished(phase) {
+        return Deletion::Release;
+    }
+    let planned = f.mode == pb::FailoverMode::Planned as i32;
+    match phase {
+        pb::FailoverPhase::Freezing | pb::FailoverPhase::CatchingUp if planned => Deletion::Cancel,
+        _ => Deletion::Wait,
+    }
+}
+
+async fn delete(
+    api: &Api<CellFailover>,
+    object: &CellFailover,
+    ctx: &Context,
+    failover: Option<pb::Failover>,
+) -> Result<Requeue, Error> {
+    if !writes::has_finalizer(object) {
+        return Ok(Requeue::await_change());
+    }
+    match decide_deletion(failover.as_ref()) {
+        Deletion::Cancel => {
+            let id = failover.map(|f| f.failover_id).unwrap_or_default();
+            let answer = ctx
+                .call(|mut c| {
+                    let request = pb::CancelFailoverRequest {
+                        failover_id: id.clone(),
+                        reason: format!("CellFailover {} deleted", object.name_any()),
+                    };
+                    async move { c.cancel_failover(request).await }
+                })
+                .await?;
+            let (warning, reason, note) = match answer {
+                Ok(_) => (
+                    false,
+                    "Cancelled",
+                    format!("failover {id} rolled back: the object was deleted before the switch"),
+                ),
+                // It reached the switch meanwhile: it runs to its end.
+                Err(status) => (true, "NotCancelled", status.message().to_string()),
+            };
+            ctx.event(object, warning, reason, "CancelFailover", note)
+                .await;
+            Ok(super::requeue(ctx, true))
+        }
+        Deletion::Wait => Ok(super::requeue(ctx, true)),
+        Deletion::Release => {
+            writes::remove_finalizer(api, object).await?;
+            Ok(Requeue::await_change())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,6 +320,32 @@ mod tests {
         assert_eq!(found, Some("fo-8"));
         assert_eq!(newest(&runs), 9);
         assert!(adoptable(&spec, 9, &runs).is_none());
+    }
+
+    #[test]
+    fn deleting_rolls_back_only_a_planned_failover_before_its_promotion() {
+        use pb::FailoverPhase::*;
+        let run = |mode: pb::FailoverMode, phase: pb::FailoverPhase| pb::Failover {
+            mode: mode as i32,
+            phase: phase as i32,
+            ..failover("fo-1", "c1", 0, false)
+        };
+        let planned = pb::FailoverMode::Planned;
+        for phase in [Freezing, CatchingUp] {
+            let f = run(planned, phase);
+            assert_eq!(decide_deletion(Some(&f)), Deletion::Cancel, "{phase:?}");
+        }
+        for phase in [Promoting, Thawing] {
+            let f = run(planned, phase);
+            assert_eq!(decide_deletion(Some(&f)), Deletion::Wait, "{phase:?}");
+        }
+        let forced = run(pb::FailoverMode::Forced, Fencing);
+        assert_eq!(decide_deletion(Some(&forced)), Deletion::Wait);
+        for phase in [Done, RolledBack, Merged] {
+            let f = run(planned, phase);
+            assert_eq!(decide_deletion(Some(&f)), Deletion::Release, "{phase:?}");
+        }
+        assert_eq!(decide_deletion(None), Deletion::Release);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tonic::Code;
 
 use super::conditions::Conditions;
 use super::convert::{migration_phase, name};
-use super::run::{self, Decision, Found, Run};
+use super::run::{self, Decision, Deletion, Found, Run};
 use super::{Context, Error, writes};
 use crate::limits::{OPERATOR_PROGRESS_POLL_MS, OPERATOR_PROGRESS_WAIT_MS};
 use crate::migration::record::parse_id;
@@ -113,16 +113,6 @@ fn before_switch(phase: pb::MigrationPhase) -> bool {
 fn finished(phase: pb::MigrationPhase) -> bool {
     use pb::MigrationPhase::*;
     matches!(phase, Done | RolledBack | Failed)
-}
-
-/// What deleting the object needs next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deletion {
-    /// Not switched yet: roll it back.
-    Cancel,
-    /// Switched (or cancelled) and not finished: it runs to its end.
-    Wait,
-    Release,
 }
 
 pub fn decide_deletion(migration: Option<&pb::Migration>) -> Deletion {

@@ -27,6 +27,17 @@ pub struct Decision<S> {
     pub poll: bool,
 }
 
+/// What deleting an object needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// Not switched yet: roll it back.
+    Cancel,
+    /// Switched (or cancelled) and not finished: it runs to its end.
+    Wait,
+    /// Finished, or not known to the control plane: the object may go.
+    Release,
+}
+
 /// What the control plane holds for an object: its run, when found, and otherwise the number
 /// of the newest run it keeps of the object's key or cell (0 for none).
 #[derive(Debug, Clone, PartialEq)]
