@@ -11,6 +11,7 @@ pub mod cell;
 pub mod cluster;
 pub mod etcd;
 pub mod helm;
+pub mod history;
 pub mod measure;
 pub mod operator;
 pub mod proxy;
