@@ -1,51 +1,55 @@
-//! A LINEARIZABLE lookup, on any node, never returns a route older than a write acknowledged
-//! before the lookup began — also while the leader is killed and replaced.
+//! LINEARIZABLE lookups and compare-and-set moves, on any node, form a linearizable history —
+//! also while the leader is killed and replaced.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellplane_api::proto::control::{MoveRouteRequest, Tier};
 use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_tests::cluster::Cluster;
+use cellplane_tests::history::{History, Op, Ret, Route};
 
 const KEYS: usize = 4;
 
-#[derive(Debug, Clone, Copy)]
-struct Acked {
-    key: usize,
-    epoch: u64,
-    at: Instant,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Read {
-    key: usize,
-    epoch: u64,
-    started: Instant,
-}
-
+/// Writers walk keys between two cells by compare-and-set and readers look them up on every
+/// node, while the leader is SIGKILLed; stateright's linearizability tester then checks every
+/// key's history (`cellplane_tests::history`): each lookup must fit one order of all
+/// operations that agrees with real time, acknowledged moves included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
+async fn the_route_history_is_linearizable_across_a_leader_kill() {
     let cluster = Cluster::start(3, &[]).await;
     cluster
         .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
         .await;
     let leader = cluster.wait_for_leader().await;
     cluster.create_tenant(leader, "lin").await.expect("create");
+    let home = cluster
+        .routing(leader)
+        .lookup(LookupRequest {
+            tenant_id: "lin".into(),
+            conversation_id: String::new(),
+            consistency: Consistency::Linearizable as i32,
+        })
+        .await
+        .expect("lookup")
+        .into_inner()
+        .route
+        .expect("route");
     let ids = cluster.running_ids();
     let cluster = Arc::new(tokio::sync::RwLock::new(cluster));
-    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-    let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
+    let history = Arc::new(History::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
 
     // One writer per key walks it between the two cells by compare-and-set.
     for key in 0..KEYS {
         let cluster = cluster.clone();
-        let acked = acked.clone();
+        let history = history.clone();
         let stop = stop_rx.clone();
         let ids = ids.clone();
         tasks.push(tokio::spawn(async move {
+            let name = format!("c{key}");
+            let mut client = history.client();
             let mut epoch = 1u64;
             let mut n = 0usize;
             while !*stop.borrow() {
@@ -57,32 +61,38 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
                 } else {
                     "cell-b"
                 };
+                history.invoke(
+                    client,
+                    &name,
+                    Op::Move {
+                        expected: epoch,
+                        target: target.into(),
+                    },
+                );
                 let mut request = tonic::Request::new(MoveRouteRequest {
                     tenant_id: "lin".into(),
-                    conversation_id: format!("c{key}"),
+                    conversation_id: name.clone(),
                     expected_epoch: epoch,
                     target_cell: target.into(),
                 });
                 request.set_timeout(Duration::from_secs(3));
                 match control.move_route(request).await {
                     Ok(moved) => {
-                        let route = moved.into_inner().route.expect("route");
-                        epoch = route.epoch;
-                        acked.lock().expect("acked").push(Acked {
-                            key,
-                            epoch,
-                            at: Instant::now(),
-                        });
+                        epoch = moved.into_inner().route.expect("route").epoch;
+                        history.returned(client, &name, Ret::Moved(epoch));
                     }
                     Err(status) => {
-                        // A stale epoch (an earlier attempt applied unacknowledged) carries the
-                        // current route; anything else is retried as is.
-                        if let Some(current) =
-                            cellplane_api::detail::decode(&status).and_then(|d| d.current_route)
-                        {
+                        let current =
+                            cellplane_api::detail::decode(&status).and_then(|d| d.current_route);
+                        if let Some(current) = current {
+                            // Refused: a stale epoch, the current route in the detail.
                             epoch = current.epoch;
+                            history.returned(client, &name, Ret::Stale(epoch));
                         } else if status.message().contains("already routed") {
-                            // The previous unacknowledged attempt moved it there; try the other way.
+                            history.returned(client, &name, Ret::AlreadyThere);
+                        } else {
+                            // Unknown: it may still apply. Go on as another client.
+                            client = history.client();
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -93,30 +103,30 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
     // Readers on every node.
     for reader in 0..4usize {
         let cluster = cluster.clone();
-        let reads = reads.clone();
+        let history = history.clone();
         let stop = stop_rx.clone();
         let ids = ids.clone();
         tasks.push(tokio::spawn(async move {
+            let mut client = history.client();
             let mut n = reader;
             while !*stop.borrow() {
                 n += 1;
-                let key = n % KEYS;
+                let name = format!("c{}", n % KEYS);
                 let via = ids[n % ids.len()];
                 let mut routing = cluster.read().await.routing(via);
-                let started = Instant::now();
                 let mut request = tonic::Request::new(LookupRequest {
                     tenant_id: "lin".into(),
-                    conversation_id: format!("c{key}"),
+                    conversation_id: name.clone(),
                     consistency: Consistency::Linearizable as i32,
                 });
                 request.set_timeout(Duration::from_secs(3));
-                if let Ok(answer) = routing.lookup(request).await {
-                    let route = answer.into_inner().route.expect("route");
-                    reads.lock().expect("reads").push(Read {
-                        key,
-                        epoch: route.epoch,
-                        started,
-                    });
+                history.invoke(client, &name, Op::Lookup);
+                match routing.lookup(request).await {
+                    Ok(answer) => {
+                        let epoch = answer.into_inner().route.expect("route").epoch;
+                        history.returned(client, &name, Ret::Route(epoch));
+                    }
+                    Err(_) => client = history.client(),
                 }
             }
         }));
@@ -132,27 +142,17 @@ async fn linearizable_reads_never_go_back_past_an_acknowledged_write() {
         task.await.expect("task");
     }
 
-    let acked = acked.lock().expect("acked").clone();
-    let reads = reads.lock().expect("reads").clone();
-    assert!(
-        acked.len() > 20,
-        "too few acknowledged writes: {}",
-        acked.len()
-    );
-    assert!(reads.len() > 100, "too few reads: {}", reads.len());
-    for read in &reads {
-        let newest_before = acked
-            .iter()
-            .filter(|a| a.key == read.key && a.at < read.started)
-            .map(|a| a.epoch)
-            .max()
-            .unwrap_or(0);
-        assert!(
-            read.epoch >= newest_before,
-            "a linearizable read of c{} saw epoch {} after epoch {newest_before} was acknowledged",
-            read.key,
-            read.epoch
-        );
+    assert!(history.len() > 200, "too few operations: {}", history.len());
+    let initial = Route {
+        epoch: home.epoch,
+        cell: home.cell_id.clone(),
+    };
+    let operations = history.len();
+    let started = std::time::Instant::now();
+    let checked = history.check(|_| initial.clone());
+    eprintln!("checked {operations} operations in {:?}", started.elapsed());
+    if let Err(violation) = checked {
+        panic!("{violation}");
     }
 }
 
