@@ -609,10 +609,12 @@ async fn cells_tenants_and_migrations_reconcile_against_the_control_plane() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger() {
-    const PRIMARY: &str = "hz-a-normal-1";
-    const STANDBY: &str = "hz-b-normal-s1";
+const PRIMARY: &str = "hz-a-normal-1";
+const STANDBY: &str = "hz-b-normal-s1";
+
+/// A primary and its synchronous standby with the tenant `acme` on the primary, an API server
+/// with the CRDs, and an operator keeping its Lease in the chart's namespace.
+async fn pair_under_an_operator() -> (System, KubeApiServer, OperatorProcess, tempfile::TempDir) {
     let system =
         System::start_pair(Cluster::start(3, &[]).await, (PRIMARY, STANDBY), None, true).await;
     let on = system.create_tenant("acme", PbTier::Normal, "hz").await;
@@ -620,13 +622,19 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
     let server = KubeApiServer::start().await;
     server.install_crds().await;
     let dir = scratch();
-    let _operator = OperatorProcess::start(
+    let operator = OperatorProcess::start(
         &server,
         &system.cluster.endpoints(),
         "operator-0",
         dir.path().join("operator.log"),
         &["--namespace", crate::chart::NAMESPACE],
     );
+    (system, server, operator, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger() {
+    let (system, server, _operator, _dir) = pair_under_an_operator().await;
     let client = server.client();
     let failovers: Api<CellFailover> = Api::all(client.clone());
     let object = CellFailover::new(
@@ -700,24 +708,7 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_planned_failover_before_its_switch_rolls_it_back() {
-    const PRIMARY: &str = "hz-a-normal-1";
-    const STANDBY: &str = "hz-b-normal-s1";
-    let system =
-        System::start_pair(Cluster::start(3, &[]).await, (PRIMARY, STANDBY), None, true).await;
-    assert_eq!(
-        system.create_tenant("acme", PbTier::Normal, "hz").await,
-        PRIMARY
-    );
-    let server = KubeApiServer::start().await;
-    server.install_crds().await;
-    let dir = scratch();
-    let _operator = OperatorProcess::start(
-        &server,
-        &system.cluster.endpoints(),
-        "operator-0",
-        dir.path().join("operator.log"),
-        &[],
-    );
+    let (system, server, _operator, _dir) = pair_under_an_operator().await;
     let client = server.client();
     let failovers: Api<CellFailover> = Api::all(client.clone());
     // A standby that cannot catch up holds the failover before its switch.

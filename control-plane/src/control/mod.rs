@@ -572,11 +572,7 @@ impl Control for ControlService {
                 Err(status) => return Err(status),
             }
         }
-        self.node
-            .view()
-            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
-            .map(Response::new)
-            .ok_or_else(|| failovers::not_found(id))
+        failover_now(&self.node, id)
     }
 
     async fn cancel_failover(
@@ -607,11 +603,7 @@ impl Control for ControlService {
                 Err(status) => return Err(status),
             }
         };
-        self.node
-            .view()
-            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
-            .map(Response::new)
-            .ok_or_else(|| failovers::not_found(id))
+        failover_now(&self.node, id)
     }
 
     async fn get_failover(
@@ -626,11 +618,7 @@ impl Control for ControlService {
                 .get_failover(forwarded(message))
                 .await;
         }
-        self.node
-            .view()
-            .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
-            .map(Response::new)
-            .ok_or_else(|| failovers::not_found(id))
+        failover_now(&self.node, id)
     }
 
     async fn list_failovers(
@@ -795,4 +783,12 @@ impl Control for ControlService {
         }
         Ok(Response::new(response))
     }
+}
+
+/// Failover `id` as this node's state holds it now.
+fn failover_now(node: &Node, id: u64) -> Result<Response<pb::Failover>, Status> {
+    node.view()
+        .read(|state| state.failovers().get(&id).map(|f| f.to_proto(id)))
+        .map(Response::new)
+        .ok_or_else(|| failovers::not_found(id))
 }
