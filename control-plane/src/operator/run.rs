@@ -86,10 +86,8 @@ where
 {
     writes::add_finalizer(api, object).await?;
     let id_known = object.status().and_then(K::run_id).is_some();
-    let after = object
-        .status()
-        .and_then(K::started_after)
-        .unwrap_or(found.newest);
+    let recorded = object.status().and_then(K::started_after);
+    let after = recorded.unwrap_or(found.newest);
     let run = match found.run {
         Some(run) => {
             if !id_known {
@@ -99,7 +97,7 @@ where
             run
         }
         None => {
-            if object.status().and_then(K::started_after).is_none() {
+            if recorded.is_none() {
                 let mut starting = K::Status::default();
                 K::set_started_after(&mut starting, after);
                 let conditions =
