@@ -42,7 +42,7 @@ pub enum Ret {
     AlreadyThere,
 }
 
-/// An operation as the checker sees it: with its answer, `None` when unknown.
+/// An operation as the checker sees it, at its call and at its answer alike.
 #[derive(Debug, Clone)]
 enum Step {
     /// The key's route before any client's operation.
@@ -50,7 +50,7 @@ enum Step {
     /// After every answered operation: what follows is a move of unknown outcome that never
     /// took effect.
     End,
-    Lookup(Option<u64>),
+    Lookup(u64),
     Move {
         expected: u64,
         target: String,
@@ -88,8 +88,7 @@ impl Specification for RouteKey {
         };
         match step {
             Step::Start(_) | Step::End => unchanged,
-            Step::Lookup(None) => (true, state.clone()),
-            Step::Lookup(Some(epoch)) => (*epoch == route.epoch, state.clone()),
+            Step::Lookup(epoch) => (*epoch == route.epoch, state.clone()),
             Step::Move {
                 expected,
                 target,
@@ -205,8 +204,8 @@ fn actions(start: Route, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>,
         (0, Action::Call(start.clone())),
         (0, Action::Response(start)),
     ];
-    // Which calls were answered: a client's call is answered by its next return.
-    let mut answered = vec![false; events.len()];
+    // Each call's answer: a client's call is answered by its next return.
+    let mut answers: Vec<Option<Ret>> = vec![None; events.len()];
     let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
     for (i, event) in events.iter().enumerate() {
         match event {
@@ -215,39 +214,38 @@ fn actions(start: Route, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>,
                     return Err(format!("client {client} made two calls at once"));
                 }
             }
-            Event::Return { client, .. } => {
+            Event::Return { client, ret, .. } => {
                 let call = pending
                     .remove(client)
                     .ok_or_else(|| format!("client {client} answered without a call"))?;
-                answered[call] = true;
+                answers[call] = Some(ret.clone());
             }
         }
     }
-    let mut open: BTreeMap<u64, Op> = BTreeMap::new();
+    let mut open: BTreeMap<u64, Step> = BTreeMap::new();
     let mut unanswered = Vec::new();
     let mut kept: Vec<Op> = Vec::new();
     for (i, event) in events.iter().enumerate() {
         match event {
             Event::Invoke { client, op, .. } => {
-                if !answered[i] && (*op == Op::Lookup || kept.contains(op)) {
+                let answer = answers[i].as_ref();
+                if answer.is_none() && (*op == Op::Lookup || kept.contains(op)) {
                     continue;
                 }
-                if !answered[i] {
-                    kept.push(op.clone());
-                }
-                let step = step(op, None)?;
-                if answered[i] {
-                    open.insert(*client, op.clone());
+                let step = step(op, answer)?;
+                if answer.is_some() {
+                    open.insert(*client, step.clone());
                 } else {
+                    kept.push(op.clone());
                     unanswered.push((process(*client)?, step.clone()));
                 }
                 actions.push((process(*client)?, Action::Call(step)));
             }
-            Event::Return { client, ret, .. } => {
-                let op = open
+            Event::Return { client, .. } => {
+                let step = open
                     .remove(client)
                     .ok_or_else(|| format!("client {client} answered without a call"))?;
-                actions.push((process(*client)?, Action::Response(step(&op, Some(ret))?)));
+                actions.push((process(*client)?, Action::Response(step)));
             }
         }
     }
@@ -261,11 +259,11 @@ fn actions(start: Route, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>,
     Ok(actions)
 }
 
+/// A call as the checker sees it, with its answer (`None` for a move of unknown outcome).
 fn step(op: &Op, answer: Option<&Ret>) -> Result<Step, String> {
     Ok(match (op, answer) {
-        (Op::Lookup, None) => Step::Lookup(None),
-        (Op::Lookup, Some(Ret::Route(epoch))) => Step::Lookup(Some(*epoch)),
-        (Op::Lookup, Some(other)) => return Err(format!("a lookup answered {other:?}")),
+        (Op::Lookup, Some(Ret::Route(epoch))) => Step::Lookup(*epoch),
+        (Op::Lookup, other) => return Err(format!("a lookup answered {other:?}")),
         (Op::Move { expected, target }, answer) => Step::Move {
             expected: *expected,
             target: target.clone(),
