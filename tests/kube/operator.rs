@@ -632,13 +632,10 @@ async fn pair_under_an_operator() -> (System, KubeApiServer, OperatorProcess, te
     (system, server, operator, dir)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger() {
-    let (system, server, _operator, _dir) = pair_under_an_operator().await;
-    let client = server.client();
-    let failovers: Api<CellFailover> = Api::all(client.clone());
+/// Creates the CellFailover `name`: a PLANNED failover of the primary.
+async fn plan_failover(failovers: &Api<CellFailover>, name: &str) {
     let object = CellFailover::new(
-        "kernel-upgrade",
+        name,
         CellFailoverSpec {
             cell: PRIMARY.into(),
             mode: FailoverMode::Planned,
@@ -649,6 +646,14 @@ async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger(
         .create(&PostParams::default(), &object)
         .await
         .expect("create failover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_failover_object_fails_the_cell_over_once_and_mirrors_its_ledger() {
+    let (system, server, _operator, _dir) = pair_under_an_operator().await;
+    let client = server.client();
+    let failovers: Api<CellFailover> = Api::all(client.clone());
+    plan_failover(&failovers, "kernel-upgrade").await;
     let done = wait_for(
         &failovers,
         "kernel-upgrade",
@@ -713,18 +718,7 @@ async fn deleting_a_planned_failover_before_its_switch_rolls_it_back() {
     let failovers: Api<CellFailover> = Api::all(client.clone());
     // A standby that cannot catch up holds the failover before its switch.
     system.agents[1].signal_cell(STANDBY, Signal::SIGSTOP);
-    let object = CellFailover::new(
-        "held",
-        CellFailoverSpec {
-            cell: PRIMARY.into(),
-            mode: FailoverMode::Planned,
-            reason: "kernel upgrade".into(),
-        },
-    );
-    failovers
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("create failover");
+    plan_failover(&failovers, "held").await;
     let held = wait_for(
         &failovers,
         "held",
