@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::CellError;
 use crate::limits::Limits;
-use crate::rate::{RateLimiter, retry_after_ms};
+use crate::rate::{Admitted, RateLimiter, retry_after_ms};
 use crate::receipts::{Receipt, ReceiptMerger};
 use crate::store::Store;
 use crate::store::mutate::WriteRequest;
@@ -52,7 +52,7 @@ impl MessagingService {
     /// one over a limit waits for its turn (as many of them as there are places), up to
     /// `low_priority_max_wait_ms`, so bursts of reactions or bot pushes are smoothed rather
     /// than refused.
-    async fn admit(&self, r: &pb::SendMessageRequest) -> Result<(), CellError> {
+    async fn admit(&self, r: &pb::SendMessageRequest) -> Result<Admitted, CellError> {
         let low = match pb::Priority::try_from(r.priority) {
             Ok(pb::Priority::Normal) => false,
             Ok(pb::Priority::Low) => true,
@@ -74,7 +74,7 @@ impl MessagingService {
             )
         };
         let mut refused = match try_admit() {
-            Ok(()) => return Ok(()),
+            Ok(admitted) => return Ok(admitted),
             Err(refused) => refused,
         };
         if !low {
@@ -98,7 +98,7 @@ impl MessagingService {
             }
             tokio::time::sleep(wait).await;
             refused = match try_admit() {
-                Ok(()) => return Ok(()),
+                Ok(admitted) => return Ok(admitted),
                 Err(refused) => refused,
             };
         }
@@ -334,8 +334,8 @@ impl Messaging for MessagingService {
         user_ids("receiver_ids", &r.receiver_ids, self.limits.max_receivers)?;
         cellplane_api::ids::validate_optional_id("client_type", &r.client_type)?;
         cellplane_api::ids::validate_optional_id("app_id", &r.app_id)?;
-        self.admit(&r).await?;
-        let outcome = self
+        let admitted = self.admit(&r).await?;
+        let written = self
             .write(Op::Write {
                 tenant: r.tenant_id,
                 conversation: r.conversation_id,
@@ -347,7 +347,14 @@ impl Messaging for MessagingService {
                     receivers: r.receiver_ids,
                 },
             })
-            .await?;
+            .await;
+        let outcome = match written {
+            Ok(outcome) => outcome,
+            Err(refused) => {
+                self.rates.refund(admitted);
+                return Err(refused);
+            }
+        };
         match outcome {
             Outcome::Sent(sent) => Ok(Response::new(pb::SendMessageResponse {
                 message_id: sent.message_id,

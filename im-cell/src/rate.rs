@@ -41,6 +41,12 @@ struct Bucket {
     updated: Instant,
 }
 
+/// The buckets one admitted send took a token from, to give them back if it writes nothing.
+#[derive(Debug)]
+pub struct Admitted {
+    keys: [(Scope, String); 4],
+}
+
 /// The buckets of one cell.
 pub struct RateLimiter {
     rates: [(Scope, f64); 4],
@@ -76,7 +82,7 @@ impl RateLimiter {
         client_type: &str,
         app: &str,
         now: Instant,
-    ) -> Result<(), CellError> {
+    ) -> Result<Admitted, CellError> {
         let keys = [
             (Scope::Conversation, format!("{tenant}/{conversation}")),
             (Scope::User, format!("{tenant}/{sender}")),
@@ -118,7 +124,19 @@ impl RateLimiter {
                 },
             );
         }
-        Ok(())
+        Ok(Admitted { keys })
+    }
+
+    /// Gives back the tokens of an admitted send that wrote nothing: a writer retrying against
+    /// a cell that does not own its key yet (a route switched a moment before the grant
+    /// arrives) must not run out of its rate on refusals and then be refused for the rate.
+    pub fn refund(&self, admitted: Admitted) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        for ((scope, rate), key) in self.rates.iter().zip(admitted.keys) {
+            if let Some(bucket) = buckets.get_mut(&(*scope, key.1)) {
+                bucket.tokens = (bucket.tokens + 1.0).min(*rate);
+            }
+        }
     }
 }
 
@@ -189,5 +207,24 @@ mod tests {
                 .abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn a_refunded_send_leaves_its_buckets_as_they_were() {
+        let limiter = RateLimiter::new(&Limits {
+            sends_per_sender_per_sec: 2,
+            ..Limits::default()
+        });
+        let now = Instant::now();
+        // Far more sends than the rate, each refunded: none is ever refused.
+        for _ in 0..10 {
+            let admitted = limiter
+                .admit("t", "c", "u", "web", "a", now)
+                .expect("admitted");
+            limiter.refund(admitted);
+        }
+        assert!(limiter.admit("t", "c", "u", "web", "a", now).is_ok());
+        assert!(limiter.admit("t", "c", "u", "web", "a", now).is_ok());
+        assert!(limiter.admit("t", "c", "u", "web", "a", now).is_err());
     }
 }

@@ -292,6 +292,35 @@ async fn sends_over_a_rate_limit_are_told_when_to_retry() {
     );
 }
 
+/// A writer whose route moved to a cell a moment before the cell's grant arrives retries
+/// there until it does: those refusals wrote nothing and must not spend the sender's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_refused_as_not_owned_spend_no_rate() {
+    let cell = CellProcess::start("hz-a-normal-1", &["--sends-per-sender-per-sec", "2"]).await;
+    let mut m = cell.messaging();
+    for i in 0..10 {
+        refused(
+            m.send_message(send("acme", "team", "alice", &format!("early-{i}"), b"x"))
+                .await,
+            Code::FailedPrecondition,
+            "does not own acme/",
+        );
+    }
+    cell.grant("acme", "", 1).await;
+    crate::group(&cell, "acme", "team", &["alice", "bob"]).await;
+    for i in 0..2 {
+        m.send_message(send("acme", "team", "alice", &format!("granted-{i}"), b"x"))
+            .await
+            .expect("the sender's whole rate is left after its refusals");
+    }
+    refused(
+        m.send_message(send("acme", "team", "alice", "over", b"x"))
+            .await,
+        Code::ResourceExhausted,
+        "sender rate limit of 2/s exceeded",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_burst_waits_its_turn_where_a_normal_one_is_refused() {
     use cellplane_api::proto::cell::Priority;
