@@ -11,6 +11,7 @@ pub mod detail;
 pub mod dir_lock;
 pub mod ids;
 pub mod limits;
+pub mod net;
 pub mod serve;
 pub mod streams;
 pub mod tls;

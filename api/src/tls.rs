@@ -23,11 +23,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::net::{Io, Listener, Network};
 
 /// Where a process's CA, certificate and key are (PEM files): the `[tls]` table of each
 /// config, or `--tls-ca`, `--tls-cert`, `--tls-key`.
@@ -118,10 +120,12 @@ struct Current {
     checked: Instant,
 }
 
-/// A process's TLS settings for its servers and its clients; the default is plaintext.
+/// A process's TLS settings for its servers and its clients, and the network its clients
+/// dial; the default is plaintext over the operating system's TCP.
 #[derive(Debug, Clone, Default)]
 pub struct Tls {
     live: Option<Arc<Live>>,
+    network: Option<Arc<dyn Network>>,
 }
 
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -193,6 +197,7 @@ impl Tls {
         let stamps = stamps(paths);
         let configs = Arc::new(load(paths)?);
         Ok(Self {
+            network: None,
             live: Some(Arc::new(Live {
                 paths: paths.clone(),
                 current: Mutex::new(Current {
@@ -211,6 +216,14 @@ impl Tls {
 
     pub fn is_enabled(&self) -> bool {
         self.live.is_some()
+    }
+
+    /// The same settings, with clients dialing over `network` instead of the OS's TCP.
+    pub fn over(self, network: Arc<dyn Network>) -> Self {
+        Self {
+            network: Some(network),
+            ..self
+        }
     }
 
     /// The settings for the next connection: the files as they are now.
@@ -259,9 +272,10 @@ impl Tls {
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(host_port, connect_timeout)?;
-        Ok(match self.live {
-            None => endpoint.connect_lazy(),
-            Some(_) => endpoint.connect_with_connector_lazy(self.connector()),
+        Ok(if self.uses_connector() {
+            endpoint.connect_with_connector_lazy(self.connector())
+        } else {
+            endpoint.connect_lazy()
         })
     }
 
@@ -272,9 +286,10 @@ impl Tls {
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
         let endpoint = self.endpoint(host_port, connect_timeout)?;
-        let connected = match self.live {
-            None => endpoint.connect().await,
-            Some(_) => endpoint.connect_with_connector(self.connector()).await,
+        let connected = if self.uses_connector() {
+            endpoint.connect_with_connector(self.connector()).await
+        } else {
+            endpoint.connect().await
         };
         connected.map_err(|e| TlsError::Endpoint {
             endpoint: host_port.to_string(),
@@ -282,12 +297,18 @@ impl Tls {
         })
     }
 
-    /// Connects over TCP, then makes the handshake with the files as they are now.
+    /// Plaintext over the OS's TCP is tonic's own connector; anything else is this module's.
+    fn uses_connector(&self) -> bool {
+        self.live.is_some() || self.network.is_some()
+    }
+
+    /// Connects over the network, then, under TLS, makes the handshake with the files as they
+    /// are now.
     fn connector(
         &self,
     ) -> impl tower::Service<
         Uri,
-        Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Response = TokioIo<Box<dyn Io>>,
         Error = std::io::Error,
         Future = impl Send,
     > + Clone
@@ -307,38 +328,45 @@ impl Tls {
                 let port = uri
                     .port_u16()
                     .ok_or_else(|| invalid(format!("{uri}: no port")))?;
+                let io: Box<dyn Io> = match &tls.network {
+                    Some(network) => network.dial(host.clone(), port).await?,
+                    None => {
+                        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                        tcp.set_nodelay(true)?;
+                        Box::new(tcp)
+                    }
+                };
+                let Some(configs) = tls.configs() else {
+                    return Ok(TokioIo::new(io));
+                };
                 let name = ServerName::try_from(host.clone())
                     .map_err(|e| invalid(format!("{host}: {e}")))?;
-                let configs = tls
-                    .configs()
-                    .ok_or_else(|| invalid("plaintext has no TLS connector".into()))?;
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
-                tcp.set_nodelay(true)?;
                 let stream = TlsConnector::from(configs.client.clone())
-                    .connect(name, tcp)
+                    .connect(name, io)
                     .await?;
-                Ok(TokioIo::new(stream))
+                Ok(TokioIo::new(Box::new(stream) as Box<dyn Io>))
             }
         })
     }
 
     /// The connections a server accepts on `listener`: under TLS, each once its handshake
-    /// succeeded (handshakes run side by side, so a slow client holds up no other); Nagle's
-    /// algorithm off either way, since small answers would otherwise wait for the peer's
-    /// delayed ACK. Ends when the server drops it, which frees the port.
-    pub fn incoming(
+    /// succeeded (handshakes run side by side, so a slow client holds up no other). Ends when
+    /// the server drops it, which frees the port.
+    pub fn incoming<L: Into<Listener>>(
         &self,
-        listener: TcpListener,
-    ) -> impl Stream<Item = std::io::Result<Conn>> + use<> {
+        listener: L,
+    ) -> impl Stream<Item = std::io::Result<Conn>> + use<L> {
+        let mut listener = listener.into();
         let (accepted, incoming) = tokio::sync::mpsc::channel(64);
         let tls = self.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, addr) = tokio::select! {
+                let (io, addr) = tokio::select! {
                     () = accepted.closed() => return,
                     result = listener.accept() => match result {
-                        Ok(pair) => pair,
-                        Err(error) => {
+                        None => return,
+                        Some(Ok(pair)) => pair,
+                        Some(Err(error)) => {
                             // Out of file descriptors, say: wait rather than spin.
                             tracing::warn!("accept: {error}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -346,10 +374,17 @@ impl Tls {
                         }
                     },
                 };
-                let _ = tcp.set_nodelay(true);
                 match tls.configs() {
                     None => {
-                        if accepted.send(Ok(Conn::Plain(tcp, addr))).await.is_err() {
+                        let conn = Conn {
+                            io,
+                            info: ConnInfo {
+                                addr,
+                                certs: None,
+                                identity: None,
+                            },
+                        };
+                        if accepted.send(Ok(conn)).await.is_err() {
                             return;
                         }
                     }
@@ -357,12 +392,10 @@ impl Tls {
                         let accepted = accepted.clone();
                         tokio::spawn(async move {
                             let acceptor = TlsAcceptor::from(configs.server.clone());
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                                .await
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await
                             {
                                 Ok(Ok(stream)) => {
-                                    let _ =
-                                        accepted.send(Ok(Conn::Tls(Box::new(stream), addr))).await;
+                                    let _ = accepted.send(Ok(Conn::tls(stream, addr))).await;
                                 }
                                 Ok(Err(error)) => {
                                     tracing::debug!(%addr, "TLS handshake refused: {error}");
@@ -405,10 +438,29 @@ fn source_chain(error: &dyn std::error::Error) -> String {
     causes.join(": ")
 }
 
-/// One accepted connection, plaintext or TLS.
-pub enum Conn {
-    Plain(TcpStream, SocketAddr),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, SocketAddr),
+/// One accepted connection, plaintext or TLS, and what its server learned of it.
+pub struct Conn {
+    io: Box<dyn Io>,
+    info: ConnInfo,
+}
+
+impl Conn {
+    /// A connection whose handshake succeeded: its peer's certificates are read once, here.
+    fn tls(stream: tokio_rustls::server::TlsStream<Box<dyn Io>>, addr: SocketAddr) -> Self {
+        let certs = stream.get_ref().1.peer_certificates();
+        let info = ConnInfo {
+            addr,
+            identity: certs
+                .and_then(|c| c.first())
+                .and_then(|der| crate::auth::common_name(der))
+                .map(Arc::from),
+            certs: certs.map(|certs| Arc::new(certs.to_vec())),
+        };
+        Self {
+            io: Box::new(stream),
+            info,
+        }
+    }
 }
 
 /// What a service learns of a connection (in each request's extensions): the peer's address
@@ -426,24 +478,7 @@ impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        match self {
-            Self::Plain(_, addr) => ConnInfo {
-                addr: *addr,
-                certs: None,
-                identity: None,
-            },
-            Self::Tls(stream, addr) => {
-                let certs = stream.get_ref().1.peer_certificates();
-                ConnInfo {
-                    addr: *addr,
-                    identity: certs
-                        .and_then(|c| c.first())
-                        .and_then(|der| crate::auth::common_name(der))
-                        .map(Arc::from),
-                    certs: certs.map(|certs| Arc::new(certs.to_vec())),
-                }
-            }
-        }
+        self.info.clone()
     }
 }
 
@@ -453,10 +488,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -466,10 +498,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -477,30 +506,18 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s, _) => s.is_write_vectored(),
-            Self::Tls(s, _) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
