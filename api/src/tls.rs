@@ -120,6 +120,11 @@ struct Current {
     checked: Instant,
 }
 
+/// How often a client pings each server it holds a connection to.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may wait for its answer before the connection is given up.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A process's TLS settings for its servers and its clients, and the network its clients
 /// dial; the default is plaintext over the operating system's TCP.
 #[derive(Debug, Clone, Default)]
@@ -262,7 +267,15 @@ impl Tls {
                 message: e.to_string(),
             }
         })?;
-        Ok(endpoint.connect_timeout(connect_timeout).tcp_nodelay(true))
+        Ok(endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            // A peer that vanished without closing the connection (power lost, a partition
+            // that ate its FIN) leaves it open here with calls waiting on it for ever: pings
+            // find it dead, and the channel connects anew on the next call.
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true))
     }
 
     /// A lazily connected channel to `host:port`.
