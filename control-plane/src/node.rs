@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use cellplane_api::auth::{AuthLayer, Policy};
+use cellplane_api::net::Listener;
 use cellplane_api::proto;
 use cellplane_api::streams::StreamSlots;
 use cellplane_api::tls::Tls;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
@@ -155,11 +155,22 @@ pub fn forwarded<T>(message: T) -> tonic::Request<T> {
 /// Runs one node until `shutdown` resolves, then drains in-flight calls and stops the store.
 pub async fn serve(
     config: NodeConfig,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let tls = Tls::load_optional(config.tls.as_ref())?;
+    serve_with(config, tls, listener.into(), shutdown).await
+}
+
+/// [`serve`] with `tls` given rather than loaded from the config: the simulation passes
+/// plaintext over its own network.
+pub async fn serve_with(
+    config: NodeConfig,
+    tls: Tls,
+    listener: Listener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     config.validate()?;
-    let tls = Tls::load_optional(config.tls.as_ref())?;
     match &config.store {
         StoreConfig::Raft => {
             let store = Arc::new(RaftStore::open(&config, tls.clone()).await?);
@@ -184,9 +195,10 @@ pub async fn serve_store(
     tls: Tls,
     store: Arc<dyn RouteStore>,
     transport: Option<proto::raft::raft_transport_server::RaftTransportServer<TransportService>>,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    let listener = listener.into();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_rx_for_drain = shutdown_rx.clone();
     let node = Arc::new(Node::new(

@@ -20,8 +20,8 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::codec;
 use super::{NodeId, TypeConfig};
+use super::{codec, runtime};
 
 /// Log entries by index, postcard-encoded.
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_logs");
@@ -44,7 +44,7 @@ pub struct LogStore {
     pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
     /// The newest commit index openraft reported; the writer stores it with its next batch.
     committed: Arc<Mutex<Option<LogId<NodeId>>>>,
-    jobs: mpsc::Sender<Job>,
+    writer: Writer,
 }
 
 /// Work for the writer thread, done in the order it was queued.
@@ -145,60 +145,81 @@ fn run_writer(
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        let committed_now = committed.lock().ok().and_then(|c| *c);
-        let moved = (committed_now != committed_written)
-            .then_some(committed_now)
-            .flatten();
-        let result = write_batch(&db, &batch, moved.as_ref()).map_err(|e| e.to_string());
-        if result.is_ok() && moved.is_some() {
-            committed_written = moved;
+        write_jobs(&db, &pending, &committed, &mut committed_written, batch);
+    }
+}
+
+/// Writes `batch` in one transaction and tells each job's waiter how it went.
+fn write_jobs(
+    db: &Database,
+    pending: &Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
+    committed: &Mutex<Option<LogId<NodeId>>>,
+    committed_written: &mut Option<LogId<NodeId>>,
+    batch: Vec<Job>,
+) {
+    let committed_now = committed.lock().ok().and_then(|c| *c);
+    let moved = (committed_now != *committed_written)
+        .then_some(committed_now)
+        .flatten();
+    let result = write_batch(db, &batch, moved.as_ref()).map_err(|e| e.to_string());
+    if result.is_ok() && moved.is_some() {
+        *committed_written = moved;
+    }
+    let mut entries = 0usize;
+    let mut written: Vec<LogId<NodeId>> = Vec::new();
+    for job in &batch {
+        if let Job::Append { entries: e, .. } = job {
+            entries += e.len();
+            written.extend(e.iter().map(|(log_id, _)| *log_id));
         }
-        let mut entries = 0usize;
-        let mut written: Vec<LogId<NodeId>> = Vec::new();
-        for job in &batch {
-            if let Job::Append { entries: e, .. } = job {
-                entries += e.len();
-                written.extend(e.iter().map(|(log_id, _)| *log_id));
-            }
-        }
-        if result.is_ok() {
-            // Entries per fsync is how well concurrent writes share the disk.
-            metrics::counter!("cellplane_raft_log_syncs_total").increment(1);
-            metrics::counter!("cellplane_raft_log_entries_total").increment(entries as u64);
-            if let Ok(mut pending) = pending.lock() {
-                // Only if unchanged: a truncation may have put a newer entry at the index since.
-                for log_id in written {
-                    if pending
-                        .get(&log_id.index)
-                        .is_some_and(|e| e.log_id == log_id)
-                    {
-                        pending.remove(&log_id.index);
-                    }
+    }
+    if result.is_ok() {
+        // Entries per fsync is how well concurrent writes share the disk.
+        metrics::counter!("cellplane_raft_log_syncs_total").increment(1);
+        metrics::counter!("cellplane_raft_log_entries_total").increment(entries as u64);
+        if let Ok(mut pending) = pending.lock() {
+            // Only if unchanged: a truncation may have put a newer entry at the index since.
+            for log_id in written {
+                if pending
+                    .get(&log_id.index)
+                    .is_some_and(|e| e.log_id == log_id)
+                {
+                    pending.remove(&log_id.index);
                 }
             }
         }
-        for job in batch {
-            let outcome = result.clone();
-            match job {
-                Job::Append { callback, .. } => {
-                    callback.log_io_completed(outcome.map_err(std::io::Error::other));
-                }
-                Job::Truncate { done, .. } | Job::Purge { done, .. } => {
+    }
+    for job in batch {
+        let outcome = result.clone();
+        match job {
+            Job::Append { callback, .. } => {
+                callback.log_io_completed(outcome.map_err(std::io::Error::other));
+            }
+            Job::Truncate { done, .. } | Job::Purge { done, .. } => {
+                let _ = done.send(outcome);
+            }
+            Job::SaveMeta { done, .. } => {
+                if let Some(done) = done {
                     let _ = done.send(outcome);
-                }
-                Job::SaveMeta { done, .. } => {
-                    if let Some(done) = done {
-                        let _ = done.send(outcome);
-                    }
                 }
             }
         }
     }
 }
 
+/// Where the store's jobs go.
+#[derive(Clone)]
+enum Writer {
+    /// The writer thread, which commits every job queued since its last commit together.
+    Thread(mpsc::Sender<Job>),
+    /// In a simulation, each job is written when queued, so when it is durable depends on
+    /// the simulated clock alone; holds the commit index as last written.
+    Inline(Arc<Mutex<Option<LogId<NodeId>>>>),
+}
+
 impl LogStore {
-    /// Opens (or creates) the log in `path` and starts its writer thread.
-    /// Opens (or creates) the log of node `node_id` at `path`.
+    /// Opens (or creates) the log of node `node_id` at `path` and starts its writer thread
+    /// (none in a simulation).
     pub fn open(path: &Path, node_id: NodeId) -> Result<Self, redb::Error> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
@@ -208,19 +229,24 @@ impl LogStore {
         let db = Arc::new(db);
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let committed = Arc::new(Mutex::new(None));
-        let (jobs, receiver) = mpsc::channel();
-        let (writer_db, writer_pending, writer_committed) =
-            (db.clone(), pending.clone(), committed.clone());
-        std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || run_writer(writer_db, writer_pending, writer_committed, receiver))
-            .map_err(redb::Error::Io)?;
+        let writer = if runtime::simulated() {
+            Writer::Inline(Arc::default())
+        } else {
+            let (jobs, receiver) = mpsc::channel();
+            let (writer_db, writer_pending, writer_committed) =
+                (db.clone(), pending.clone(), committed.clone());
+            std::thread::Builder::new()
+                .name("raft-log-writer".into())
+                .spawn(move || run_writer(writer_db, writer_pending, writer_committed, receiver))
+                .map_err(redb::Error::Io)?;
+            Writer::Thread(jobs)
+        };
         Ok(Self {
             node_id,
             db,
             pending,
             committed,
-            jobs,
+            writer,
         })
     }
 
@@ -233,9 +259,24 @@ impl LogStore {
     }
 
     fn send(&self, job: Job) -> Result<(), AnyError> {
-        self.jobs
-            .send(job)
-            .map_err(|_| AnyError::error("raft log writer stopped"))
+        match &self.writer {
+            Writer::Thread(jobs) => jobs
+                .send(job)
+                .map_err(|_| AnyError::error("raft log writer stopped")),
+            Writer::Inline(committed_written) => {
+                let mut committed_written = committed_written
+                    .lock()
+                    .map_err(|_| AnyError::error("raft log writer lock poisoned"))?;
+                write_jobs(
+                    &self.db,
+                    &self.pending,
+                    &self.committed,
+                    &mut committed_written,
+                    vec![job],
+                );
+                Ok(())
+            }
+        }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AnyError> {

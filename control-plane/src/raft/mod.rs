@@ -8,6 +8,7 @@ pub mod membership;
 pub mod network;
 pub mod proposer;
 pub mod read_index;
+pub mod runtime;
 pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
@@ -26,7 +27,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = runtime::Runtime,
 );
 
 /// A running Raft node of the control plane.
