@@ -167,6 +167,17 @@ impl History {
         self.len() == 0
     }
 
+    /// Every call and answer in the order recorded, one line each: two runs that should be
+    /// the same are compared by it.
+    pub fn trace(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .expect("history")
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect()
+    }
+
     /// Checks every key's history against its model starting at `initial(key)`; on a
     /// violation, says which key and shows its history.
     pub fn check(&self, initial: impl Fn(&str) -> Route) -> Result<(), String> {

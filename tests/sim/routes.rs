@@ -1,0 +1,436 @@
+//! The route store under the nemesis: writers move route keys between two cells by
+//! compare-and-set (`MoveRoute` on the epoch they last saw), readers look them up
+//! LINEARIZABLE, each call through any node; after the faults heal, every key is read on every
+//! node. The whole history — every `Lookup` and `MoveRoute` with its invocation and answer in
+//! simulated time — must be linearizable (`cellplane_tests::history`, the WGL checker). This
+//! is also how a stale read after a leader change shows up: an acknowledged move followed by
+//! a lookup of the epoch before it fits no order.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::control::{
+    CellState, ClusterStatusRequest, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest,
+    SetCellStateRequest, Tier,
+};
+use cellplane_api::proto::routing::routing_client::RoutingClient;
+use cellplane_api::proto::routing::{Consistency, LookupRequest};
+use cellplane_tests::history::{History, Op, Ret, Route};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::nemesis::Nemesis;
+use crate::world::{self, NODES};
+
+const KEYS: usize = 3;
+const READERS: usize = 3;
+const TENANT: &str = "sim";
+const CELLS: [&str; 2] = ["cell-a", "cell-b"];
+/// Simulated time the workload runs under the nemesis.
+const RUN_FOR: Duration = Duration::from_secs(30);
+/// How long a client waits for one answer before it counts the call's outcome unknown.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn channel(id: u64) -> Channel {
+    crate::net::tls()
+        .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
+        .expect("a simulated endpoint")
+}
+
+fn control(id: u64) -> ControlClient<Channel> {
+    ControlClient::new(channel(id))
+}
+
+fn routing(id: u64) -> RoutingClient<Channel> {
+    RoutingClient::new(channel(id))
+}
+
+/// A call's answer, or `None` when none came in time: the outcome is then unknown.
+async fn within<T>(
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Option<Result<T, tonic::Status>> {
+    tokio::time::timeout(CALL_TIMEOUT, call).await.ok()
+}
+
+/// Retries `call` through each node in turn until one answers Ok or `ALREADY_EXISTS`.
+async fn until_done<T, F, Fut>(mut call: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    for attempt in 0u64.. {
+        match within(call(attempt % NODES + 1)).await {
+            Some(Ok(_)) => return,
+            Some(Err(status)) if status.code() == Code::AlreadyExists => return,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Two ACTIVE cells and the tenant, once a leader answers.
+async fn set_up() {
+    for (i, cell) in CELLS.iter().enumerate() {
+        until_done(|via| async move {
+            control(via)
+                .register_cell(RegisterCellRequest {
+                    cell_id: cell.to_string(),
+                    region: "hz".into(),
+                    zone: format!("z{i}"),
+                    tier: Tier::Normal as i32,
+                    endpoint: format!("cell-{i}:7000"),
+                    capacity: 1_000,
+                    standby_of: String::new(),
+                })
+                .await
+        })
+        .await;
+        until_done(|via| async move {
+            control(via)
+                .set_cell_state(SetCellStateRequest {
+                    cell_id: cell.to_string(),
+                    state: CellState::Active as i32,
+                })
+                .await
+        })
+        .await;
+    }
+    until_done(|via| async move {
+        control(via)
+            .create_tenant(CreateTenantRequest {
+                tenant_id: TENANT.into(),
+                tier: Tier::Normal as i32,
+                home_region: "hz".into(),
+            })
+            .await
+    })
+    .await;
+}
+
+/// A LINEARIZABLE lookup of `key` through `via`, recorded in `history`; answers the epoch
+/// and cell, or `None` when the outcome is unknown (the client then goes on as another).
+async fn lookup(history: &History, client: &mut u64, via: u64, key: &str) -> Option<(u64, String)> {
+    history.invoke(*client, key, Op::Lookup);
+    let answer = within(routing(via).lookup(LookupRequest {
+        tenant_id: TENANT.into(),
+        conversation_id: key.into(),
+        consistency: Consistency::Linearizable as i32,
+    }))
+    .await;
+    match answer {
+        Some(Ok(answer)) => {
+            let route = answer.into_inner().route?;
+            history.returned(*client, key, Ret::Route(route.epoch));
+            Some((route.epoch, route.cell_id))
+        }
+        _ => {
+            *client = history.client();
+            None
+        }
+    }
+}
+
+/// Moves `key` from the epoch `epoch` to `target` through `via`, recorded in `history`;
+/// answers the epoch the key is known to be at afterwards.
+async fn move_route(
+    history: &History,
+    client: &mut u64,
+    via: u64,
+    key: &str,
+    (epoch, target): (u64, &str),
+) -> Option<u64> {
+    history.invoke(
+        *client,
+        key,
+        Op::Move {
+            expected: epoch,
+            target: target.into(),
+        },
+    );
+    let answer = within(control(via).move_route(MoveRouteRequest {
+        tenant_id: TENANT.into(),
+        conversation_id: key.into(),
+        expected_epoch: epoch,
+        target_cell: target.into(),
+    }))
+    .await;
+    let refused = match answer {
+        Some(Ok(moved)) => {
+            let epoch = moved.into_inner().route.map(|r| r.epoch)?;
+            history.returned(*client, key, Ret::Moved(epoch));
+            return Some(epoch);
+        }
+        Some(Err(status)) => status,
+        None => {
+            *client = history.client();
+            return None;
+        }
+    };
+    let current = cellplane_api::detail::decode(&refused).and_then(|d| d.current_route);
+    if let Some(current) = current {
+        history.returned(*client, key, Ret::Stale(current.epoch));
+        Some(current.epoch)
+    } else if refused.message().contains("already routed") {
+        history.returned(*client, key, Ret::AlreadyThere);
+        None
+    } else {
+        // UNAVAILABLE mid-change, a leader lost: it may still apply.
+        *client = history.client();
+        None
+    }
+}
+
+/// What the clients learned, for the checks and the report.
+#[derive(Default)]
+struct Observed {
+    initial: Option<Route>,
+    leader: Option<u64>,
+    /// What the clients do now, to say where a run that never ends is stuck.
+    phase: String,
+}
+
+fn phase(observed: &Mutex<Observed>, phase: String) {
+    observed.lock().expect("observed").phase = phase;
+}
+
+/// The clients: set-up, writers and readers until the run ends, then the final reads.
+async fn clients(history: Arc<History>, observed: Arc<Mutex<Observed>>) {
+    phase(&observed, "set-up".into());
+    set_up().await;
+    let mut client = history.client();
+    let initial = loop {
+        if let Some((epoch, cell)) = lookup(&history, &mut client, 1, "").await {
+            break Route { epoch, cell };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    observed.lock().expect("observed").initial = Some(initial.clone());
+    phase(&observed, "writers and readers".into());
+    let until = tokio::time::Instant::now() + RUN_FOR;
+    let mut tasks = tokio::task::JoinSet::new();
+    for key in 0..KEYS {
+        let (history, initial) = (history.clone(), initial.clone());
+        tasks.spawn(async move {
+            let name = format!("c{key}");
+            let mut client = history.client();
+            let (mut epoch, mut cell) = (initial.epoch, initial.cell);
+            let mut n = key as u64;
+            while tokio::time::Instant::now() < until {
+                n += 1;
+                let target = if cell == CELLS[0] { CELLS[1] } else { CELLS[0] };
+                let via = n % NODES + 1;
+                match move_route(&history, &mut client, via, &name, (epoch, target)).await {
+                    Some(now) if now > epoch => {
+                        epoch = now;
+                        cell = target.to_string();
+                    }
+                    _ => {
+                        // Unknown or stale: learn where the key is before the next move.
+                        if let Some((now, at)) = lookup(&history, &mut client, via, &name).await {
+                            (epoch, cell) = (now, at);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        });
+    }
+    for reader in 0..READERS {
+        let history = history.clone();
+        tasks.spawn(async move {
+            let mut client = history.client();
+            let mut n = reader as u64;
+            while tokio::time::Instant::now() < until {
+                n += 1;
+                let key = format!("c{}", n % KEYS as u64);
+                lookup(&history, &mut client, n % NODES + 1, &key).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    let watcher = {
+        let observed = observed.clone();
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let via = n % NODES + 1;
+                if let Some(Ok(status)) =
+                    within(control(via).cluster_status(ClusterStatusRequest {})).await
+                {
+                    let leader = status.into_inner().leader_id;
+                    observed.lock().expect("observed").leader = (leader != 0).then_some(leader);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    while tasks.join_next().await.is_some() {}
+    watcher.abort();
+    // The nemesis healed everything at the end of the run: every node must now answer, and
+    // with every acknowledged move.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for key in 0..KEYS {
+        for via in 1..=NODES {
+            phase(&observed, format!("the final read of c{key} on n{via}"));
+            let mut client = history.client();
+            while lookup(&history, &mut client, via, &format!("c{key}"))
+                .await
+                .is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One run of `seed`: what it did, for the report.
+struct Run {
+    operations: usize,
+    faults: usize,
+    simulated: Duration,
+    real: Duration,
+}
+
+fn faults(nemesis: &Nemesis) -> Vec<String> {
+    nemesis
+        .injected
+        .iter()
+        .map(|(at, fault)| format!("{:>8.3}s {fault:?}", at.as_secs_f64()))
+        .collect()
+}
+
+fn run(seed: u64) -> Run {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("cellplane-sim-")
+        .tempdir()
+        .expect("temp dir");
+    let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(120));
+    let history = Arc::new(History::default());
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    {
+        let (history, observed) = (history.clone(), observed.clone());
+        sim.client("clients", async move {
+            clients(history, observed).await;
+            Ok(())
+        });
+    }
+    let mut nemesis = Nemesis::new(seed);
+    let mut faults_end = None;
+    loop {
+        let finished = sim.step().unwrap_or_else(|e| {
+            panic!(
+                "seed {seed}: the simulation stopped during {}: {e}\nfaults:\n{}",
+                observed.lock().expect("observed").phase,
+                faults(&nemesis).join("\n")
+            )
+        });
+        if finished {
+            break;
+        }
+        let now = sim.elapsed();
+        let run_started = observed.lock().expect("observed").initial.is_some();
+        let ended = faults_end.is_some_and(|end| now >= end);
+        if run_started && faults_end.is_none() {
+            faults_end = Some(now + RUN_FOR);
+        }
+        if ended {
+            nemesis.heal_all(&mut sim);
+        } else if run_started {
+            let leader = observed.lock().expect("observed").leader;
+            nemesis.step(&mut sim, now, leader);
+        }
+    }
+    let initial = observed
+        .lock()
+        .expect("observed")
+        .initial
+        .clone()
+        .expect("the clients learned the tenant's route");
+    let checked = history.check(|_| initial.clone());
+    let injected = faults(&nemesis);
+    if let Err(violation) = checked {
+        panic!(
+            "seed {seed}: the route history is not linearizable.\nfaults:\n{}\n{violation}",
+            injected.join("\n")
+        );
+    }
+    // What a replay must repeat: every call and answer, and every fault with its instant.
+    if let Ok(path) = std::env::var("SIM_TRACE") {
+        let mut trace = history.trace();
+        trace.extend(injected);
+        std::fs::write(path, trace.join("\n")).expect("write the trace");
+    }
+    Run {
+        operations: history.len(),
+        faults: nemesis.injected.len(),
+        simulated: sim.elapsed(),
+        real: started.elapsed(),
+    }
+}
+
+/// The seeds CI runs.
+const FIXED: [u64; 4] = [1, 2, 3, 4];
+
+#[test]
+fn route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis() {
+    crate::seeds::for_each(
+        "routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis",
+        &FIXED,
+        |seed| {
+            let run = run(seed);
+            assert!(run.faults >= 5, "seed {seed}: only {} faults", run.faults);
+            assert!(
+                run.operations > 500,
+                "seed {seed}: only {} operations",
+                run.operations
+            );
+            eprintln!(
+                "seed {seed}: {} operations, {} faults, {:.1} s simulated in {:.2} s ({:.1}x)",
+                run.operations,
+                run.faults,
+                run.simulated.as_secs_f64(),
+                run.real.as_secs_f64(),
+                run.simulated.as_secs_f64() / run.real.as_secs_f64()
+            );
+        },
+    );
+}
+
+/// Replaying a seed gives the same run: the same operations with the same answers in the same
+/// order, and the same faults at the same instants. Each replay is a process of its own, as
+/// `SIM_SEED=…` is: a second run in one process may differ, through state tokio keeps per
+/// process (a crash drops a host's tasks, and with them its connections, in an order that
+/// state decides).
+#[test]
+fn a_seed_replays_exactly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let replay = |name: &str| {
+        let trace = dir.path().join(name);
+        let status = std::process::Command::new(std::env::current_exe().expect("this binary"))
+            .args([
+                "--exact",
+                "routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis",
+            ])
+            .env("SIM_SEED", "11")
+            .env("SIM_TRACE", &trace)
+            .status()
+            .expect("run the simulation");
+        assert!(status.success(), "seed 11 failed: {status}");
+        std::fs::read_to_string(&trace).expect("the trace")
+    };
+    let (first, second) = (replay("first"), replay("second"));
+    let (first, second): (Vec<&str>, Vec<&str>) =
+        (first.lines().collect(), second.lines().collect());
+    assert!(first.len() > 500, "a short run: {} events", first.len());
+    if let Some(i) = first.iter().zip(&second).position(|(a, b)| a != b) {
+        let around =
+            |trace: &[&str]| trace[i.saturating_sub(3)..(i + 3).min(trace.len())].join("\n");
+        panic!(
+            "seed 11 diverged at event {i}:\n{}\nthen:\n{}",
+            around(&first),
+            around(&second)
+        );
+    }
+    assert_eq!(first.len(), second.len());
+}
