@@ -49,6 +49,9 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
         .simulation_duration(limit)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(20))
+        // Connections waiting to be accepted: turmoil panics past it where a kernel would
+        // drop the SYN, and clients retrying against a node that stalls can queue many.
+        .tcp_capacity(4096)
         .build();
     for id in 1..=NODES {
         let config = config(id, dir.join(host(id)));
