@@ -2,7 +2,7 @@
 //! cell's status. Grant changes go through the writer, in order with the writes they fence.
 
 use std::pin::Pin;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use cellplane_api::ids::{validate_id, validate_optional_id};
 use cellplane_api::proto::cell as pb;

@@ -120,7 +120,7 @@ pub async fn serve(
             let mut ticker = tokio::time::interval(GATE_TICK);
             loop {
                 ticker.tick().await;
-                gate.tick(std::time::Instant::now());
+                gate.tick(tokio::time::Instant::now());
             }
         });
     }

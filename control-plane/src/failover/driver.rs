@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::detect::{self, Candidate, Decisions, Lookups, Observation, Underway};
 use super::record::{LeaseRecord, Phase};

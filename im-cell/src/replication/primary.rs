@@ -2,7 +2,7 @@
 //! pull it, each from its own position, so a slow standby slows nobody but itself.
 
 use std::pin::Pin;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use cellplane_api::ids::validate_id;
 use cellplane_api::proto::cell as pb;
