@@ -6,9 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use cellplane_api::auth::{AuthLayer, Policy};
+use cellplane_api::net::Listener;
 use cellplane_api::proto;
 use cellplane_api::tls::Tls;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::AdminService;
@@ -50,11 +50,22 @@ pub enum ServeError {
 /// Serves the cell until `shutdown` resolves, then drains in-flight calls.
 pub async fn serve(
     config: CellConfig,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let tls = Tls::load_optional(config.tls.as_ref())?;
+    serve_with(config, tls, listener.into(), shutdown).await
+}
+
+/// [`serve`] with `tls` given rather than loaded from the config: the simulation passes
+/// plaintext over its own network.
+pub async fn serve_with(
+    config: CellConfig,
+    tls: Tls,
+    listener: Listener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
-    let tls = Tls::load_optional(config.tls.as_ref())?;
     std::fs::create_dir_all(&config.data_dir)?;
     // Twice the rebase threshold: a device that was just told to read its backlog still finds
     // it while its user's head moves on.
