@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::cells::{self, LocalCells};
 use crate::config::AgentConfig;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Launcher, Supervisor};
 use cellplane_api::client::ControlPlane;
 use cellplane_api::tls::Tls;
 
@@ -54,16 +54,23 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let binary = im_cell_binary(&config)?;
     let tls = Tls::load_optional(config.tls.as_ref())?;
+    let launcher = Launcher::processes(&binary, (config.tls.as_ref(), config.cell_auth.as_ref()));
+    run_with(config, region, control_plane, (tls, launcher), shutdown).await
+}
+
+/// [`run`] with the agent's `tls` (and so its network) and the way it runs its cells given:
+/// the simulation runs the cells as tasks over its own network.
+pub async fn run_with(
+    config: AgentConfig,
+    region: String,
+    control_plane: Vec<String>,
+    (tls, launcher): (Tls, Launcher),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let control = ControlPlane::with_tls(control_plane, &tls)?;
     let cells: LocalCells = cells::local_cells(&config.cells, &tls)?;
     let (stop_tx, stop) = watch::channel(false);
-    let supervisor = Supervisor::start(
-        &cells,
-        &binary,
-        &config.data_dir,
-        config.restart,
-        (config.tls.as_ref(), config.cell_auth.as_ref()),
-    );
+    let supervisor = Supervisor::start(&cells, launcher, &config.data_dir, config.restart);
     tracing::info!(%region, cells = cells.len(), "agent started its cells");
 
     let joined = async {

@@ -1,4 +1,5 @@
-//! Runs each IM cell as a child process and restarts it when it dies, with back-off.
+//! Runs each IM cell — as a child process, or as a task in a simulation — and restarts it
+//! when it dies, with back-off.
 //!
 //! A cell restarts from its own data directory: everything it acknowledged is on its disk, and
 //! its grants are too, so a restart needs nothing from the control plane. On shutdown each
@@ -6,11 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellplane_api::auth::AuthConfig;
 use cellplane_api::dir_lock::EXIT_DIR_LOCKED;
 use cellplane_api::tls::TlsPaths;
+use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -55,18 +58,37 @@ pub struct Role {
     pub sync_standbys: Option<Vec<String>>,
 }
 
-impl Supervisor {
-    /// Starts every cell and keeps it running until [`Supervisor::stop`]; a cell whose role
-    /// changes is restarted in its new role.
-    pub fn start(
-        cells: &LocalCells,
-        binary: &Path,
-        data_dir: &Path,
-        policy: RestartPolicy,
-        (tls, auth): (Option<&TlsPaths>, Option<&AuthConfig>),
-    ) -> Self {
-        // Every cell runs with the agent's identity and the policy of who may call it.
-        let mut cell_args: Vec<std::ffi::OsString> = tls
+/// How the agent runs its cells.
+#[derive(Clone)]
+pub enum Launcher {
+    /// `im-cell serve` child processes of this binary, with the arguments every cell gets (its
+    /// TLS files, who may call it).
+    Processes {
+        binary: PathBuf,
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Cells as tasks of this process, started by the given function: the deterministic
+    /// simulation runs an agent and its cells on one simulated host this way. The agent does
+    /// not link the cell; its caller does.
+    Tasks(Arc<dyn Fn(CellStart) -> BoxFuture<'static, Result<(), String>> + Send + Sync>),
+}
+
+/// What a cell run as a task starts with, as a process gets it in its arguments.
+pub struct CellStart {
+    pub spec: CellSpec,
+    /// The primary it follows: `(cell id, endpoint)`.
+    pub following: Option<(String, String)>,
+    pub sync_standbys: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Resolves when the cell is to stop (drain, then end).
+    pub stop: BoxFuture<'static, ()>,
+}
+
+impl Launcher {
+    /// `im-cell` processes of `binary`, each with the agent's identity and the policy of who
+    /// may call it.
+    pub fn processes(binary: &Path, (tls, auth): (Option<&TlsPaths>, Option<&AuthConfig>)) -> Self {
+        let mut args: Vec<std::ffi::OsString> = tls
             .map(|tls| {
                 vec![
                     "--tls-ca".into(),
@@ -86,11 +108,118 @@ impl Supervisor {
                 ("--allow-node", &auth.node),
             ] {
                 for name in names {
-                    cell_args.extend([flag.into(), name.into()]);
+                    args.extend([flag.into(), name.into()]);
                 }
             }
-            cell_args.push("--enforce-auth".into());
+            args.push("--enforce-auth".into());
         }
+        Self::Processes {
+            binary: binary.to_path_buf(),
+            args,
+        }
+    }
+
+    fn start(&self, spec: &CellSpec, role: &Role, data_dir: &Path) -> std::io::Result<Running> {
+        match self {
+            Self::Processes { binary, args } => {
+                spawn(spec, role, (binary, args), data_dir).map(Running::Process)
+            }
+            Self::Tasks(start) => {
+                let (following, sync_standbys) = resolve(spec, role);
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(start(CellStart {
+                    spec: spec.clone(),
+                    following,
+                    sync_standbys,
+                    data_dir: cell_paths(data_dir, &spec.cell_id).0,
+                    stop: Box::pin(async move {
+                        let _ = stopped.await;
+                    }),
+                }));
+                Ok(Running::Task {
+                    task,
+                    stop: Some(stop),
+                })
+            }
+        }
+    }
+}
+
+/// A started cell.
+enum Running {
+    Process(Child),
+    Task {
+        task: JoinHandle<Result<(), String>>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+}
+
+/// How a cell ended.
+struct Exited {
+    /// Another process holds its data directory.
+    locked: bool,
+    description: String,
+}
+
+impl Running {
+    fn describe(&self) -> String {
+        match self {
+            Self::Process(child) => format!("pid {}", child.id().unwrap_or_default()),
+            Self::Task { .. } => "a task of the agent".into(),
+        }
+    }
+
+    async fn wait(&mut self) -> Exited {
+        match self {
+            Self::Process(child) => {
+                let status = child.wait().await;
+                Exited {
+                    locked: status
+                        .as_ref()
+                        .is_ok_and(|s| s.code() == Some(EXIT_DIR_LOCKED)),
+                    description: format!("{status:?}"),
+                }
+            }
+            Self::Task { task, .. } => Exited {
+                locked: false,
+                description: match task.await {
+                    Ok(Ok(())) => "stopped".into(),
+                    Ok(Err(error)) => error,
+                    Err(error) => error.to_string(),
+                },
+            },
+        }
+    }
+
+    /// Asks the cell to stop, and ends it if it has not within [`STOP_GRACE`].
+    async fn terminate(&mut self, cell_id: &str) {
+        match self {
+            Self::Process(child) => terminate(cell_id, child).await,
+            Self::Task { task, stop } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if tokio::time::timeout(STOP_GRACE, &mut *task).await.is_err() {
+                    tracing::warn!(
+                        cell_id,
+                        "cell did not stop within {STOP_GRACE:?}; ending it"
+                    );
+                    task.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Supervisor {
+    /// Starts every cell and keeps it running until [`Supervisor::stop`]; a cell whose role
+    /// changes is restarted in its new role.
+    pub fn start(
+        cells: &LocalCells,
+        launcher: Launcher,
+        data_dir: &Path,
+        policy: RestartPolicy,
+    ) -> Self {
         let (stop, stopped) = watch::channel(false);
         let tasks = cells
             .values()
@@ -98,7 +227,7 @@ impl Supervisor {
                 tokio::spawn(supervise(
                     cell.spec.clone(),
                     cell.role(),
-                    (binary.to_path_buf(), cell_args.clone()),
+                    launcher.clone(),
                     data_dir.to_path_buf(),
                     policy,
                     stopped.clone(),
@@ -117,35 +246,48 @@ impl Supervisor {
     }
 }
 
-/// The `im-cell` binary and the arguments every cell gets (its TLS files).
-type Launch = (PathBuf, Vec<std::ffi::OsString>);
+/// The primary a cell follows and the standbys it waits for: the control plane's word when it
+/// changed them since the config was written, else the config's.
+fn resolve(spec: &CellSpec, role: &Role) -> (Option<(String, String)>, Vec<String>) {
+    let following = match (&role.following, &spec.standby_of, &spec.primary_endpoint) {
+        (Some((primary, endpoint)), _, _) | (None, Some(primary), Some(endpoint)) => {
+            Some((primary.clone(), endpoint.clone()))
+        }
+        _ => None,
+    };
+    let sync = role
+        .sync_standbys
+        .as_ref()
+        .or(spec.sync_standbys.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    (following, sync)
+}
 
-fn spawn(spec: &CellSpec, role: &Role, launch: &Launch, data_dir: &Path) -> std::io::Result<Child> {
-    let (binary, common) = launch;
+fn spawn(
+    spec: &CellSpec,
+    role: &Role,
+    (binary, common): (&Path, &[std::ffi::OsString]),
+    data_dir: &Path,
+) -> std::io::Result<Child> {
     let (dir, log) = cell_paths(data_dir, &spec.cell_id);
     std::fs::create_dir_all(&dir)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    let following = match (&role.following, &spec.standby_of, &spec.primary_endpoint) {
-        (Some((primary, endpoint)), _, _) | (None, Some(primary), Some(endpoint)) => {
-            Some((primary, endpoint))
-        }
-        _ => None,
-    };
+    let (following, sync) = resolve(spec, role);
     let mut standby = match following {
         Some((primary, endpoint)) => vec![
             "--standby-of".to_string(),
-            primary.clone(),
+            primary,
             "--primary-endpoint".to_string(),
-            endpoint.clone(),
+            endpoint,
         ],
         None => Vec::new(),
     };
-    let sync = role.sync_standbys.as_ref().or(spec.sync_standbys.as_ref());
-    for sync in sync.iter().copied().flatten() {
-        standby.extend(["--sync-standby".to_string(), sync.clone()]);
+    for sync in sync {
+        standby.extend(["--sync-standby".to_string(), sync]);
     }
     if let Some(ms) = spec.sync_timeout_ms {
         standby.extend(["--sync-timeout-ms".to_string(), ms.to_string()]);
@@ -173,7 +315,7 @@ fn spawn(spec: &CellSpec, role: &Role, launch: &Launch, data_dir: &Path) -> std:
 async fn supervise(
     spec: CellSpec,
     mut role: watch::Receiver<Role>,
-    launch: Launch,
+    launcher: Launcher,
     data_dir: PathBuf,
     policy: RestartPolicy,
     mut stopped: watch::Receiver<bool>,
@@ -188,17 +330,14 @@ async fn supervise(
         }
         let started = Instant::now();
         let current = role.borrow_and_update().clone();
-        match spawn(&spec, &current, &launch, &data_dir) {
-            Ok(mut child) => {
-                tracing::info!(cell_id = %spec.cell_id, pid = child.id(), ?current, "cell started");
+        match launcher.start(&spec, &current, &data_dir) {
+            Ok(mut cell) => {
+                tracing::info!(cell_id = %spec.cell_id, running = cell.describe(), ?current, "cell started");
                 tokio::select! {
-                    status = child.wait() => {
-                        let locked = status
-                            .as_ref()
-                            .is_ok_and(|s| s.code() == Some(EXIT_DIR_LOCKED));
-                        if !locked {
+                    exited = cell.wait() => {
+                        if !exited.locked {
                             locked_since = None;
-                            tracing::warn!(cell_id = %spec.cell_id, ?status, "cell exited; restarting");
+                            tracing::warn!(cell_id = %spec.cell_id, status = exited.description, "cell exited; restarting");
                         } else if locked_since.get_or_insert(started).elapsed() < LOCKED_GIVE_UP {
                             tracing::warn!(cell_id = %spec.cell_id, "another process holds the cell's data directory; trying again");
                         } else {
@@ -216,17 +355,17 @@ async fn supervise(
                     }
                     () = following_changes(&mut role, &current) => {
                         tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell follows another primary now; restarting it");
-                        terminate(&spec.cell_id, &mut child).await;
+                        cell.terminate(&spec.cell_id).await;
                         continue;
                     }
                     _ = stopped.changed() => {
-                        terminate(&spec.cell_id, &mut child).await;
+                        cell.terminate(&spec.cell_id).await;
                         return;
                     }
                 }
             }
             Err(err) => {
-                tracing::error!(cell_id = %spec.cell_id, binary = %launch.0.display(), error = %err, "cannot start cell");
+                tracing::error!(cell_id = %spec.cell_id, error = %err, "cannot start cell");
             }
         }
         if started.elapsed() >= Duration::from_millis(policy.stable_after_ms) {
