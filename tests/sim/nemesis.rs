@@ -6,18 +6,20 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::world::{NODES, host};
+use crate::world::host;
 
-#[derive(Debug, Clone, Copy)]
+/// A fault, naming the simulated hosts it hits: control-plane nodes, and the agent with its
+/// cells where the run has one.
+#[derive(Debug, Clone)]
 pub enum Fault {
-    /// The node's process is gone (its disk stays); it restarts at the heal.
-    Crash(u64),
-    /// No message crosses between the node and the others, either way.
-    Isolate(u64),
-    /// Messages from the first node to the second are lost; the other way works.
-    OneWay(u64, u64),
-    /// Messages between the two nodes wait, then arrive together: delay and reorder.
-    Hold(u64, u64),
+    /// The host's processes are gone (its disk stays); it restarts at the heal.
+    Crash(String),
+    /// No message crosses between the host and the other servers, either way.
+    Isolate(String),
+    /// Messages from the first host to the second are lost; the other way works.
+    OneWay(String, String),
+    /// Messages between the two hosts wait, then arrive together: delay and reorder.
+    Hold(String, String),
     /// Every link is slow (up to the given latency).
     Slow(Duration),
 }
@@ -25,14 +27,20 @@ pub enum Fault {
 /// Faults as the seed draws them, and what was done, for the run's report.
 pub struct Nemesis {
     rng: StdRng,
+    /// The servers faults hit; clients are never cut off, so they see what servers do.
+    hosts: Vec<String>,
+    /// Those of them a crash may hit.
+    crashable: Vec<String>,
     next_at: Duration,
     active: Option<(Fault, Duration)>,
     pub injected: Vec<(Duration, Fault)>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64) -> Self {
+    pub fn new(seed: u64, hosts: Vec<String>, crashable: Vec<String>) -> Self {
         Self {
+            hosts,
+            crashable,
             // Not the network's stream: turmoil draws latencies from its own generator.
             rng: StdRng::seed_from_u64(seed ^ 0x006E_656D_6573_6973),
             next_at: Duration::from_secs(3),
@@ -44,9 +52,9 @@ impl Nemesis {
     /// Injects or heals what is due at `now`; `leader` is the node clients last saw lead,
     /// which a crash picks more often than the others.
     pub fn step(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, leader: Option<u64>) {
-        if let Some((fault, heal_at)) = self.active {
-            if now >= heal_at {
-                heal(sim, fault);
+        if let Some((fault, heal_at)) = &self.active {
+            if now >= *heal_at {
+                heal(sim, &self.hosts, fault);
                 self.active = None;
                 self.next_at = now + Duration::from_millis(self.rng.random_range(300..2_000));
             }
@@ -56,77 +64,76 @@ impl Nemesis {
             return;
         }
         let fault = self.draw(leader);
-        inject(sim, fault);
+        inject(sim, &self.hosts, &fault);
         let lasts = Duration::from_millis(self.rng.random_range(200..3_000));
-        self.active = Some((fault, now + lasts));
+        self.active = Some((fault.clone(), now + lasts));
         self.injected.push((now, fault));
     }
 
     /// Heals whatever is active: the run is over.
     pub fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
         if let Some((fault, _)) = self.active.take() {
-            heal(sim, fault);
+            heal(sim, &self.hosts, &fault);
         }
     }
 
-    fn node(&mut self) -> u64 {
-        self.rng.random_range(1..=NODES)
+    fn pick(&mut self) -> String {
+        self.hosts[self.rng.random_range(0..self.hosts.len())].clone()
     }
 
-    fn other(&mut self, than: u64) -> u64 {
-        let step = self.rng.random_range(1..NODES);
-        (than - 1 + step) % NODES + 1
+    fn other(&mut self, than: &str) -> String {
+        let others: Vec<&String> = self.hosts.iter().filter(|h| *h != than).collect();
+        others[self.rng.random_range(0..others.len())].clone()
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
         match self.rng.random_range(0..10) {
-            0..=2 => Fault::Crash(
-                leader
-                    .filter(|_| self.rng.random_bool(0.7))
-                    .unwrap_or_else(|| self.node()),
-            ),
-            3..=4 => Fault::Isolate(self.node()),
+            0..=2 => Fault::Crash(match leader {
+                Some(leader) if self.rng.random_bool(0.7) => host(leader),
+                _ => self.crashable[self.rng.random_range(0..self.crashable.len())].clone(),
+            }),
+            3..=4 => Fault::Isolate(self.pick()),
             5..=6 => {
-                let from = self.node();
-                Fault::OneWay(from, self.other(from))
+                let from = self.pick();
+                Fault::OneWay(from.clone(), self.other(&from))
             }
             7..=8 => {
-                let a = self.node();
-                Fault::Hold(a, self.other(a))
+                let a = self.pick();
+                Fault::Hold(a.clone(), self.other(&a))
             }
             _ => Fault::Slow(Duration::from_millis(self.rng.random_range(50..400))),
         }
     }
 }
 
-fn others(id: u64) -> Vec<String> {
-    (1..=NODES).filter(|&n| n != id).map(host).collect()
+fn others<'a>(hosts: &'a [String], than: &'a str) -> impl Iterator<Item = &'a String> {
+    hosts.iter().filter(move |h| *h != than)
 }
 
-fn inject(sim: &mut turmoil::Sim<'_>, fault: Fault) {
+fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
     match fault {
-        Fault::Crash(id) => sim.crash(host(id)),
-        Fault::Isolate(id) => {
-            for other in others(id) {
-                sim.partition(host(id), other);
+        Fault::Crash(h) => sim.crash(h.as_str()),
+        Fault::Isolate(h) => {
+            for other in others(hosts, h) {
+                sim.partition(h.as_str(), other.as_str());
             }
         }
-        Fault::OneWay(from, to) => sim.partition_oneway(host(from), host(to)),
-        Fault::Hold(a, b) => sim.hold(host(a), host(b)),
-        Fault::Slow(latency) => sim.set_max_message_latency(latency),
+        Fault::OneWay(from, to) => sim.partition_oneway(from.as_str(), to.as_str()),
+        Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
+        Fault::Slow(latency) => sim.set_max_message_latency(*latency),
     }
 }
 
-fn heal(sim: &mut turmoil::Sim<'_>, fault: Fault) {
+fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
     match fault {
-        Fault::Crash(id) => sim.bounce(host(id)),
-        Fault::Isolate(id) => {
-            for other in others(id) {
-                sim.repair(host(id), other);
+        Fault::Crash(h) => sim.bounce(h.as_str()),
+        Fault::Isolate(h) => {
+            for other in others(hosts, h) {
+                sim.repair(h.as_str(), other.as_str());
             }
         }
-        Fault::OneWay(from, to) => sim.repair_oneway(host(from), host(to)),
-        Fault::Hold(a, b) => sim.release(host(a), host(b)),
+        Fault::OneWay(from, to) => sim.repair_oneway(from.as_str(), to.as_str()),
+        Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(20)),
     }
 }

@@ -291,7 +291,7 @@ struct Run {
     real: Duration,
 }
 
-fn faults(nemesis: &Nemesis) -> Vec<String> {
+pub fn faults(nemesis: &Nemesis) -> Vec<String> {
     nemesis
         .injected
         .iter()
@@ -315,7 +315,8 @@ fn run(seed: u64) -> Run {
             Ok(())
         });
     }
-    let mut nemesis = Nemesis::new(seed);
+    let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
+    let mut nemesis = Nemesis::new(seed, nodes.clone(), nodes);
     let mut faults_end = None;
     loop {
         let finished = sim.step().unwrap_or_else(|e| {

@@ -4,8 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use cellplane_cell_agent::agent;
+use cellplane_cell_agent::config::{AgentConfig, CellSpec};
+use cellplane_cell_agent::supervisor::{CellStart, Launcher};
 use cellplane_control_plane::config::{NodeConfig, RaftTuning, StoreConfig};
 use cellplane_control_plane::node;
+use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 
 use crate::net;
 
@@ -42,6 +48,12 @@ fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
 /// A simulation of `seed`, with the nodes' data under `dir`, running at most `limit` of
 /// simulated time.
 pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     // Election timeouts drawn from the seed, and the Raft log written inline.
     cellplane_control_plane::raft::runtime::simulate_on_this_thread(seed);
     let mut sim = turmoil::Builder::new()
@@ -65,4 +77,88 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
         });
     }
     sim
+}
+
+/// The simulated host of the agent of region `hz`; its cells run on it as tasks.
+pub const AGENT: &str = "agent-hz";
+
+/// The port of the agent's `n`th cell.
+pub fn cell_port(n: usize) -> u16 {
+    7000 + n as u16
+}
+
+/// Runs the agent of region `hz` with `cells` NORMAL primaries on its own host, with its data
+/// under `dir`: the production agent, its cells the production cells, started as tasks.
+pub fn add_agent(sim: &mut turmoil::Sim<'_>, dir: &Path, cells: usize) {
+    let config = AgentConfig {
+        data_dir: dir.join(AGENT),
+        im_cell_binary: None,
+        heartbeat_interval_ms: 200,
+        restart: Default::default(),
+        cells: (1..=cells)
+            .map(|n| CellSpec {
+                cell_id: format!("cell-{n}"),
+                zone: format!("z{n}"),
+                tier: "NORMAL".into(),
+                listen: ([0, 0, 0, 0], cell_port(n)).into(),
+                advertise: Some(format!("{AGENT}:{}", cell_port(n))),
+                capacity: 1_000,
+                standby_of: None,
+                primary_endpoint: None,
+                sync_standbys: None,
+                sync_timeout_ms: None,
+                args: Vec::new(),
+            })
+            .collect(),
+        tls: None,
+        cell_auth: None,
+    };
+    let endpoints: Vec<String> = (1..=NODES).map(endpoint).collect();
+    sim.host(AGENT, move || {
+        let (config, endpoints) = (config.clone(), endpoints.clone());
+        async move {
+            let launcher = Launcher::Tasks(Arc::new(|start| Box::pin(run_cell(start))));
+            agent::run_with(
+                config,
+                "hz".into(),
+                endpoints,
+                (net::tls(), launcher),
+                std::future::pending(),
+            )
+            .await?;
+            Ok(())
+        }
+    });
+}
+
+/// One cell, as `im-cell serve` would run it for the agent.
+async fn run_cell(start: CellStart) -> Result<(), String> {
+    let config = CellConfig {
+        cell_id: start.spec.cell_id.clone(),
+        listen: start.spec.listen,
+        data_dir: start.data_dir,
+        metrics_listen: None,
+        limits: Default::default(),
+        pns: None,
+        standby: start
+            .following
+            .map(|(primary_cell_id, primary_endpoint)| StandbyConfig {
+                primary_cell_id,
+                primary_endpoint,
+            }),
+        replication: cellplane_im_cell::config::ReplicationConfig {
+            sync_standbys: start.sync_standbys,
+            ..Default::default()
+        },
+        lease_required: true,
+        tls: None,
+        shutdown_grace_ms: CellConfig::DEFAULT_SHUTDOWN_GRACE_MS,
+        auth: None,
+    };
+    let listener = net::listen(start.spec.listen.port())
+        .await
+        .map_err(|e| e.to_string())?;
+    cellplane_im_cell::server::serve_with(config, net::tls(), listener, start.stop)
+        .await
+        .map_err(|e| e.to_string())
 }
