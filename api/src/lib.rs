@@ -9,6 +9,7 @@ pub mod client;
 pub mod clock;
 pub mod detail;
 pub mod dir_lock;
+pub mod failpoint;
 pub mod ids;
 pub mod limits;
 pub mod net;

@@ -156,3 +156,61 @@ async fn a_killed_cell_keeps_every_acknowledged_message_exactly_once() {
         assert_eq!((again.seq, &again.message_id), (*seq, message_id));
     }
 }
+
+/// The crash point before a batch is made durable: the cell dies with sends in that batch
+/// unanswered, and restarted, holds every send it acknowledged and none of the batch it never
+/// committed unless resent; a resent one is answered as new, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_crashed_before_a_commit_keeps_what_it_acknowledged_and_nothing_else() {
+    let mut cell = CellProcess::start("hz-a-normal-1", &[]).await;
+    cell.grant("acme", "", 1).await;
+    group(&cell, "acme", "c0", &["s0", "s1"]).await;
+    cell.kill().await;
+    // Twenty more commits, then the process ends before the next one is durable.
+    cell.set_crash_at(Some("cell-commit=20*off->return"));
+    cell.restart().await;
+    let mut messaging = cell.messaging();
+    let mut acked = Vec::new();
+    let mut unanswered = None;
+    for n in 0..100 {
+        let id = format!("m{n}");
+        match messaging
+            .send_message(send("acme", "c0", "s0", &id, b"x"))
+            .await
+        {
+            Ok(answer) => acked.push((id, answer.into_inner().seq)),
+            Err(_) => {
+                unanswered = Some(id);
+                break;
+            }
+        }
+    }
+    let status = cell
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the cell ended at its crash point");
+    assert_eq!(
+        status.code(),
+        Some(cellplane_api::failpoint::EXIT_CODE),
+        "{status}"
+    );
+    let unanswered = unanswered.expect("a send the crash left unanswered");
+    assert_eq!(acked.len(), 20, "one send per commit before the crash");
+
+    cell.set_crash_at(None);
+    cell.restart().await;
+    let history = full_history(&cell, "c0").await;
+    let found: Vec<(String, u64)> = history
+        .iter()
+        .map(|m| (m.client_msg_id.clone(), m.seq))
+        .collect();
+    assert_eq!(found, acked, "exactly what was acknowledged, at its seqs");
+    let resent = cell
+        .messaging()
+        .send_message(send("acme", "c0", "s0", &unanswered, b"x"))
+        .await
+        .expect("the unanswered send, resent")
+        .into_inner();
+    assert_eq!(resent.seq, 21);
+    assert_eq!(full_history(&cell, "c0").await.len(), 21);
+}

@@ -19,6 +19,8 @@ pub struct CellProcess {
     pub addr: String,
     pub dir: TempDir,
     extra_args: Vec<String>,
+    /// Crash points the next start arms (`cellplane_api::failpoint`).
+    crash_at: Option<String>,
     child: Option<Child>,
 }
 
@@ -34,6 +36,7 @@ impl CellProcess {
             addr: format!("127.0.0.1:{}", free_port()),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            crash_at: None,
             child: None,
         };
         cell.spawn().await;
@@ -50,7 +53,11 @@ impl CellProcess {
             .append(true)
             .open(self.dir.path().join("cell.log"))
             .expect("log file");
-        let child = Command::new(binary("im-cell"))
+        let mut command = Command::new(binary("im-cell"));
+        if let Some(points) = &self.crash_at {
+            command.env(cellplane_api::failpoint::ENV, points);
+        }
+        let child = command
             .args([
                 "serve",
                 "--cell-id",
@@ -119,6 +126,19 @@ impl CellProcess {
             .expect("the cell is running");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
             .unwrap_or_else(|e| panic!("{signal} to the cell: {e}"));
+    }
+
+    /// The crash points the next restart arms, or none.
+    pub fn set_crash_at(&mut self, points: Option<&str>) {
+        self.crash_at = points.map(str::to_string);
+    }
+
+    /// Waits up to `limit` for the cell to exit by itself; answers how it exited.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = tokio::time::timeout(limit, child.wait()).await.ok()?;
+        self.child = None;
+        Some(status.expect("wait for the cell"))
     }
 
     /// The flags the next restart starts the cell with (a standby restarted as a plain cell,

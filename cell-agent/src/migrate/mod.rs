@@ -14,6 +14,7 @@ mod step;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cellplane_api::failpoint::crash_point;
 use cellplane_api::proto::cell as cell_pb;
 use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
 use cellplane_api::proto::control as pb;
@@ -343,6 +344,8 @@ impl Worker {
             phase: m.phase,
             ..Default::default()
         };
+        let name = work.name();
+        crash_point(&format!("migrate-{name}-before"));
         let revoke_source = |epoch| cell_pb::RevokeRequest {
             tenant_id: m.tenant_id.clone(),
             conversation_id: m.conversation_id.clone(),
@@ -414,6 +417,8 @@ impl Worker {
         report.copied_lsn = copied.lsn;
         report.rows_copied = copied.rows;
         report.bytes_copied = copied.bytes;
+        // Done, not yet reported: the step is done again after a restart.
+        crash_point(&format!("migrate-{name}-after"));
         Ok(Some(report))
     }
 }

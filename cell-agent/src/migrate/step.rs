@@ -42,6 +42,19 @@ pub enum Work {
     Cleanup { epoch: u64, purge: Purge },
 }
 
+impl Work {
+    /// A name for logs and crash points.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::CatchUp => "catch-up",
+            Self::Freeze => "freeze",
+            Self::Switch { .. } => "switch",
+            Self::Cleanup { .. } => "cleanup",
+        }
+    }
+}
+
 /// When the source drops a moved key's rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purge {

@@ -386,6 +386,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    cellplane_api::failpoint::arm_from_env()?;
     match cli.command {
         Command::Serve(args) => {
             let config = serve_config(*args)?;

@@ -161,6 +161,8 @@ fn write_jobs(
     let moved = (committed_now != *committed_written)
         .then_some(committed_now)
         .flatten();
+    // Before the batch is durable: no entry of it counts towards a quorum yet.
+    cellplane_api::failpoint::crash_point("raft-log-write");
     let result = write_batch(db, &batch, moved.as_ref()).map_err(|e| e.to_string());
     if result.is_ok() && moved.is_some() {
         *committed_written = moved;

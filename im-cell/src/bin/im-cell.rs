@@ -138,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    cellplane_api::failpoint::arm_from_env()?;
     let Command::Serve {
         config,
         cell_id,

@@ -350,7 +350,11 @@ impl WriterState {
                 "a request failed mid-write: {err}"
             ))),
             None if tx.writes == 0 => Ok(()),
-            None => tx.commit_durably(),
+            None => {
+                // Before the batch is durable: nothing of it may have been acknowledged.
+                cellplane_api::failpoint::crash_point("cell-commit");
+                tx.commit_durably()
+            }
         };
         metrics::histogram!("cellplane_cell_ops_per_commit").record(ops as f64);
         match committed {

@@ -1,0 +1,48 @@
+//! Crash points: named places where a process can be made to die at once, as a SIGKILL
+//! there would kill it, so that tests crash every step of a protocol in turn rather than at
+//! whatever moment a timer hits. Inert unless armed: a process arms the points its
+//! `CELLPLANE_CRASH_AT` environment variable names when it starts (`fail` crate).
+
+/// The variable that arms crash points: `name` or `name=actions` (the `fail` crate's, such as
+/// `3*off->return` to crash on the fourth pass), separated by `;`.
+pub const ENV: &str = "CELLPLANE_CRASH_AT";
+
+/// The exit code of a process a crash point ended.
+pub const EXIT_CODE: i32 = 86;
+
+/// A `CELLPLANE_CRASH_AT` that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{ENV}: {0}")]
+pub struct ArmError(String);
+
+/// Arms the crash points `CELLPLANE_CRASH_AT` names, if it is set.
+pub fn arm_from_env() -> Result<(), ArmError> {
+    let Ok(points) = std::env::var(ENV) else {
+        return Ok(());
+    };
+    for point in points.split(';').filter(|p| !p.trim().is_empty()) {
+        let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
+        fail::cfg(name.trim(), actions.trim()).map_err(|e| ArmError(format!("{point:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Ends the process here, at once and without cleaning up, when `name` is armed.
+pub fn crash_point(name: &str) {
+    fail::fail_point!(name, |_| {
+        eprintln!("crash point {name}: exiting");
+        std::process::exit(EXIT_CODE)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unarmed_point_does_nothing_and_a_bad_action_is_refused() {
+        crash_point("never-armed");
+        let error = fail::cfg("bad", "no-such-action").expect_err("refused");
+        assert!(!error.is_empty());
+    }
+}
