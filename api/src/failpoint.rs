@@ -7,9 +7,6 @@
 /// `3*off->return` to crash on the fourth pass), separated by `;`.
 pub const ENV: &str = "CELLPLANE_CRASH_AT";
 
-/// The exit code of a process a crash point ended.
-pub const EXIT_CODE: i32 = 86;
-
 /// A `CELLPLANE_CRASH_AT` that does not parse.
 #[derive(Debug, thiserror::Error)]
 #[error("{ENV}: {0}")]
@@ -27,12 +24,23 @@ pub fn arm_from_env() -> Result<(), ArmError> {
     Ok(())
 }
 
-/// Ends the process here, at once and without cleaning up, when `name` is armed.
+/// Ends the process here with SIGKILL, as a crash would, when `name` is armed. Not `exit`:
+/// that runs the C library's exit handlers, which can wait on locks other threads hold.
 pub fn crash_point(name: &str) {
     fail::fail_point!(name, |_| {
-        eprintln!("crash point {name}: exiting");
-        std::process::exit(EXIT_CODE)
+        eprintln!("crash point {name}: killing this process");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught or ignored; nothing runs after it is delivered.
+        loop {
+            std::thread::park();
+        }
     });
+}
+
+/// Whether a process ended at a crash point (or any other SIGKILL).
+pub fn killed(status: &std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32)
 }
 
 #[cfg(test)]
