@@ -189,11 +189,7 @@ async fn a_cell_crashed_before_a_commit_keeps_what_it_acknowledged_and_nothing_e
         .wait_exit(Duration::from_secs(10))
         .await
         .expect("the cell ended at its crash point");
-    assert_eq!(
-        status.code(),
-        Some(cellplane_api::failpoint::EXIT_CODE),
-        "{status}"
-    );
+    assert!(cellplane_api::failpoint::killed(&status), "{status}");
     let unanswered = unanswered.expect("a send the crash left unanswered");
     assert_eq!(acked.len(), 20, "one send per commit before the crash");
 

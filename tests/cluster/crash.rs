@@ -162,6 +162,94 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     }
 }
 
+/// Every node dies at a crash point before one of its Raft log batches is durable (each after
+/// a different number of batches), under writers; restarted without it, the cluster holds
+/// every write it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_crashed_before_their_log_writes_lose_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    cluster
+        .add_cells(&[("cell-a", "a", Tier::Normal), ("cell-b", "b", Tier::Normal)])
+        .await;
+    let ids = cluster.running_ids();
+    for (n, id) in ids.iter().enumerate() {
+        cluster.kill(*id).await;
+        let skip = 10 + 10 * n;
+        cluster.set_crash_at(*id, Some(&format!("raft-log-write={skip}*off->return")));
+    }
+    for id in &ids {
+        cluster.restart(*id);
+    }
+    let cluster = Arc::new(tokio::sync::RwLock::new(cluster));
+    let acks = Arc::new(Mutex::new(HashMap::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writers: Vec<_> = (0..8)
+        .map(|worker| {
+            tokio::spawn(writer(
+                ids.clone(),
+                cluster.clone(),
+                worker,
+                acks.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    // Two nodes down leave no quorum, and so nothing for the third to write.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut crashed: Vec<(u64, std::process::ExitStatus)> = Vec::new();
+    while crashed.len() < 2 && tokio::time::Instant::now() < deadline {
+        {
+            let mut cluster = cluster.write().await;
+            crashed.extend(
+                ids.iter()
+                    .filter_map(|id| cluster.exited(*id).map(|status| (*id, status))),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acknowledged = acks.lock().expect("acks").len();
+    assert!(
+        crashed.len() >= 2
+            && crashed
+                .iter()
+                .all(|(_, status)| cellplane_api::failpoint::killed(status)),
+        "nodes ended at their crash points: {crashed:?} ({acknowledged} writes acknowledged)"
+    );
+    stop_tx.send(true).expect("stop writers");
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let acks = acks.lock().expect("acks").clone();
+    assert!(
+        acks.len() > 20,
+        "too few writes acknowledged: {}",
+        acks.len()
+    );
+
+    let mut cluster = cluster.write().await;
+    for id in &ids {
+        cluster.kill(*id).await;
+        cluster.set_crash_at(*id, None);
+        cluster.restart(*id);
+    }
+    let leader = cluster.wait_for_leader().await;
+    let routes = collect_routes(&cluster, leader, Consistency::Linearizable, &acks).await;
+    for (tenant, ack) in &acks {
+        let route = routes[tenant]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("acknowledged tenant {tenant} is lost: {e}"));
+        assert!(
+            route.0 >= ack.epoch,
+            "{tenant}: epoch went back from {} to {}",
+            ack.epoch,
+            route.0
+        );
+        if route.0 == ack.epoch {
+            assert_eq!(route.1, ack.cell, "{tenant}: acknowledged cell lost");
+        }
+    }
+}
+
 type Routes = HashMap<String, Result<(u64, String), String>>;
 
 async fn collect_routes(

@@ -46,6 +46,8 @@ pub struct AgentProcess {
     pub cells: Vec<AgentCell>,
     pub dir: TempDir,
     control_plane: Vec<String>,
+    /// Crash points the next start arms (`cellplane_api::failpoint`); its cells inherit them.
+    crash_at: Option<String>,
     child: Option<Child>,
 }
 
@@ -141,6 +143,7 @@ impl AgentProcess {
             cells,
             dir,
             control_plane: control_plane.to_vec(),
+            crash_at: None,
             child: None,
         };
         agent.spawn();
@@ -157,7 +160,11 @@ impl AgentProcess {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("log file");
-        let child = Command::new(binary("cell-agent"))
+        let mut command = Command::new(binary("cell-agent"));
+        if let Some(points) = &self.crash_at {
+            command.env(cellplane_api::failpoint::ENV, points);
+        }
+        let child = command
             .arg("serve")
             .arg("--region")
             .arg(&self.region)
@@ -213,6 +220,19 @@ impl AgentProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the agent is still running");
         self.spawn();
+    }
+
+    /// The crash points the next restart arms, or none.
+    pub fn set_crash_at(&mut self, points: Option<&str>) {
+        self.crash_at = points.map(str::to_string);
+    }
+
+    /// Waits up to `limit` for the agent to exit by itself; answers how it exited.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = tokio::time::timeout(limit, child.wait()).await.ok()?;
+        self.child = None;
+        Some(status.expect("wait for the agent"))
     }
 
     /// SIGKILLs one of the agent's cells, as a crash; the agent restarts it.

@@ -26,6 +26,8 @@ pub struct NodeProcess {
     /// Prometheus metrics over HTTP.
     pub metrics_addr: String,
     pub data_dir: PathBuf,
+    /// Crash points the next start arms (`cellplane_api::failpoint`).
+    crash_at: Option<String>,
     child: Option<Child>,
 }
 
@@ -66,6 +68,7 @@ impl Cluster {
                     addr,
                     metrics_addr: format!("127.0.0.1:{}", free_port()),
                     data_dir: dir.path().join(format!("node-{id}")),
+                    crash_at: None,
                     child: None,
                 },
             );
@@ -117,7 +120,11 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("node-{id}.log")))
             .expect("log file");
-        let child = Command::new(binary("cellplane"))
+        let mut command = Command::new(binary("cellplane"));
+        if let Some(points) = &node.crash_at {
+            command.env(cellplane_api::failpoint::ENV, points);
+        }
+        let child = command
             .arg("serve")
             .arg("--node-id")
             .arg(id.to_string())
@@ -152,6 +159,7 @@ impl Cluster {
                 addr,
                 metrics_addr: format!("127.0.0.1:{}", free_port()),
                 data_dir: self.dir.path().join(format!("node-{id}")),
+                crash_at: None,
                 child: None,
             },
         );
@@ -180,6 +188,19 @@ impl Cluster {
             "node {id} is still running"
         );
         self.spawn(id);
+    }
+
+    /// The crash points node `id` arms when it starts next, or none.
+    pub fn set_crash_at(&mut self, id: u64, points: Option<&str>) {
+        self.nodes.get_mut(&id).expect("node id").crash_at = points.map(str::to_string);
+    }
+
+    /// How node `id` exited, once it has by itself.
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let node = self.nodes.get_mut(&id).expect("node id");
+        let status = node.child.as_mut()?.try_wait().expect("node status")?;
+        node.child = None;
+        Some(status)
     }
 
     /// Freezes a running node with SIGSTOP: it keeps its sockets but answers nothing, as a

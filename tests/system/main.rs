@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod drain;
 mod failover;
+mod failpoints;
 mod fallback;
 mod grpcurl;
 mod migration;
