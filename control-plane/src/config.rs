@@ -174,6 +174,33 @@ fn default_shutdown_grace_ms() -> u64 {
 impl NodeConfig {
     pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 
+    /// A node of `store` with every other setting at its default, as a config file that
+    /// names only these would give.
+    pub fn new(
+        node_id: u64,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        peers: BTreeMap<u64, String>,
+        store: StoreConfig,
+    ) -> Self {
+        Self {
+            node_id,
+            listen,
+            data_dir,
+            peers,
+            store,
+            metrics_listen: None,
+            raft: RaftTuning::default(),
+            migration: Default::default(),
+            failover: Default::default(),
+            tls: None,
+            auth: None,
+            shutdown_grace_ms: Self::DEFAULT_SHUTDOWN_GRACE_MS,
+            audit_entries: crate::limits::DEFAULT_AUDIT_ENTRIES,
+            limits: Default::default(),
+        }
+    }
+
     /// Reads a TOML config file; unknown fields are refused so a typo is not silently ignored.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::new("(file)", e.to_string()))
@@ -324,22 +351,13 @@ mod tests {
     use super::*;
 
     fn config() -> NodeConfig {
-        NodeConfig {
-            node_id: 1,
-            listen: "127.0.0.1:7001".parse().expect("addr"),
-            data_dir: PathBuf::from("/tmp/cp"),
-            peers: NodeConfig::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").expect("peers"),
-            store: StoreConfig::Raft,
-            metrics_listen: None,
-            raft: RaftTuning::default(),
-            migration: Default::default(),
-            failover: Default::default(),
-            tls: None,
-            auth: None,
-            shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: crate::limits::DEFAULT_AUDIT_ENTRIES,
-            limits: Default::default(),
-        }
+        NodeConfig::new(
+            1,
+            "127.0.0.1:7001".parse().expect("addr"),
+            PathBuf::from("/tmp/cp"),
+            NodeConfig::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").expect("peers"),
+            StoreConfig::Raft,
+        )
     }
 
     #[test]

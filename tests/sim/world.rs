@@ -4,15 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cellplane_cell_agent::agent;
 use cellplane_cell_agent::config::{AgentConfig, CellSpec};
 use cellplane_cell_agent::supervisor::{CellStart, Launcher};
-use cellplane_control_plane::config::{NodeConfig, RaftTuning, StoreConfig};
+use cellplane_control_plane::config::{NodeConfig, StoreConfig};
 use cellplane_control_plane::node;
 use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 
+use crate::nemesis::Nemesis;
 use crate::net;
 
 pub const NODES: u64 = 3;
@@ -27,22 +28,13 @@ pub fn endpoint(id: u64) -> String {
 }
 
 fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
-    NodeConfig {
-        node_id: id,
-        listen: ([0, 0, 0, 0], PORT).into(),
+    NodeConfig::new(
+        id,
+        ([0, 0, 0, 0], PORT).into(),
         data_dir,
-        peers: (1..=NODES).map(|id| (id, endpoint(id))).collect(),
-        store: StoreConfig::Raft,
-        metrics_listen: None,
-        raft: RaftTuning::default(),
-        migration: Default::default(),
-        failover: Default::default(),
-        tls: None,
-        auth: None,
-        shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-        audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
-        limits: Default::default(),
-    }
+        (1..=NODES).map(|id| (id, endpoint(id))).collect(),
+        StoreConfig::Raft,
+    )
 }
 
 /// A simulation of `seed`, with the nodes' data under `dir`, running at most `limit` of
@@ -161,4 +153,76 @@ async fn run_cell(start: CellStart) -> Result<(), String> {
     cellplane_im_cell::server::serve_with(config, net::tls(), listener, start.stop)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// What the clients tell the driver of a run.
+#[derive(Default)]
+pub struct Progress {
+    /// The workload began: faults start now.
+    pub started: bool,
+    /// The node the clients last saw lead.
+    pub leader: Option<u64>,
+    /// What the clients do now, to say where a run that never ends is stuck.
+    pub phase: String,
+}
+
+/// Notes what the clients do now.
+pub fn phase(progress: &Mutex<Progress>, phase: impl Into<String>) {
+    progress.lock().expect("progress").phase = phase.into();
+}
+
+/// Asks the nodes in turn who leads, every 100 ms, so the nemesis can aim at the leader.
+pub async fn watch_leader(progress: Arc<Mutex<Progress>>) {
+    use cellplane_api::proto::control::ClusterStatusRequest;
+    use cellplane_api::proto::control::control_client::ControlClient;
+    for n in 0u64.. {
+        let channel = net::tls()
+            .lazy_channel(&endpoint(n % NODES + 1), Duration::from_millis(500))
+            .expect("a simulated endpoint");
+        let mut control = ControlClient::new(channel);
+        let asked = control.cluster_status(ClusterStatusRequest {});
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), asked).await {
+            let leader = status.into_inner().leader_id;
+            progress.lock().expect("progress").leader = (leader != 0).then_some(leader);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Steps `sim` until its clients finish: once they started the workload, `nemesis` injects
+/// faults for `run_for`, and then heals everything.
+pub fn drive(
+    seed: u64,
+    sim: &mut turmoil::Sim<'_>,
+    nemesis: &mut Nemesis,
+    progress: &Mutex<Progress>,
+    run_for: Duration,
+) {
+    let mut faults_end = None;
+    loop {
+        let finished = sim.step().unwrap_or_else(|e| {
+            panic!(
+                "seed {seed}: the simulation stopped during {}: {e}\nfaults:\n{}",
+                progress.lock().expect("progress").phase,
+                nemesis.report().join("\n")
+            )
+        });
+        if finished {
+            return;
+        }
+        let now = sim.elapsed();
+        let (started, leader) = {
+            let progress = progress.lock().expect("progress");
+            (progress.started, progress.leader)
+        };
+        let ended = faults_end.is_some_and(|end| now >= end);
+        if started && faults_end.is_none() {
+            faults_end = Some(now + run_for);
+        }
+        if ended {
+            nemesis.heal_all(sim);
+        } else if started {
+            nemesis.step(sim, now, leader);
+        }
+    }
 }

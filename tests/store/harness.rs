@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::routing::routing_client::RoutingClient;
-use cellplane_control_plane::config::{EtcdConfig, NodeConfig, RaftTuning, StoreConfig};
+use cellplane_control_plane::config::{EtcdConfig, NodeConfig, StoreConfig};
 use cellplane_control_plane::node;
 use cellplane_control_plane::store::RouteStore;
 use cellplane_control_plane::store::etcd::EtcdStore;
@@ -128,23 +128,13 @@ impl<B: Backend> Served<B> {
         let dir = tempfile::tempdir().expect("temp dir");
         let backend = B::start(dir.path()).await;
         let addr = format!("127.0.0.1:{}", free_port());
-        let config = NodeConfig {
-            node_id: 1,
-            listen: addr.parse().expect("addr"),
-            data_dir: dir.path().join("node"),
-            peers: [(1, addr.clone())].into_iter().collect(),
-            store: backend.store_config(),
-            metrics_listen: None,
-            raft: RaftTuning::default(),
-            migration: Default::default(),
-            failover: Default::default(),
-            tls: None,
-            auth: None,
-            shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
-            limits: Default::default(),
-        };
-        let mut config = config;
+        let mut config = NodeConfig::new(
+            1,
+            addr.parse().expect("addr"),
+            dir.path().join("node"),
+            [(1, addr.clone())].into_iter().collect(),
+            backend.store_config(),
+        );
         configure(&mut config);
         let store = Some(open(&config).await);
         let mut served = Served {

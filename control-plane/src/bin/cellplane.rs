@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use cellplane_api::dir_lock::DirLock;
 use cellplane_api::serve::shutdown_signal;
 use cellplane_api::tls::TlsPaths;
-use cellplane_control_plane::config::{EtcdConfig, NodeConfig, RaftTuning, StoreConfig};
+use cellplane_control_plane::config::{EtcdConfig, NodeConfig, StoreConfig};
 use cellplane_control_plane::{dev, node};
 use clap::{Args, Parser, Subcommand};
 
@@ -295,12 +295,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             else {
                 bail!("--store etcd needs --node-id, --listen and --etcd-endpoints");
             };
-            NodeConfig {
+            NodeConfig::new(
                 node_id,
                 listen,
-                data_dir: PathBuf::new(),
-                peers: Default::default(),
-                store: StoreConfig::Etcd(EtcdConfig {
+                PathBuf::new(),
+                Default::default(),
+                StoreConfig::Etcd(EtcdConfig {
                     endpoints: EtcdConfig::parse_endpoints(endpoints),
                     prefix: args.etcd_prefix.clone(),
                     tls: cellplane_api::tls::TlsPaths::from_parts(
@@ -309,16 +309,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
                         args.etcd_tls_key.clone(),
                     )?,
                 }),
-                metrics_listen: None,
-                raft: RaftTuning::default(),
-                migration: Default::default(),
-                failover: Default::default(),
-                tls: None,
-                auth: None,
-                shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-                audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
-                limits: Default::default(),
-            }
+            )
         }
         None => {
             let (Some(node_id), Some(listen), Some(data_dir), Some(peers)) =
@@ -326,22 +317,13 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             else {
                 bail!("give --config FILE, or all of --node-id, --listen, --data-dir and --peers");
             };
-            NodeConfig {
+            NodeConfig::new(
                 node_id,
                 listen,
                 data_dir,
-                peers: NodeConfig::parse_peers(&peers)?,
-                store: StoreConfig::Raft,
-                metrics_listen: None,
-                raft: RaftTuning::default(),
-                migration: Default::default(),
-                failover: Default::default(),
-                tls: None,
-                auth: None,
-                shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-                audit_entries: cellplane_control_plane::limits::DEFAULT_AUDIT_ENTRIES,
-                limits: Default::default(),
-            }
+                NodeConfig::parse_peers(&peers)?,
+                StoreConfig::Raft,
+            )
         }
     };
     if let Some(id) = args.node_id {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{NodeConfig, RaftTuning, StoreConfig};
+use crate::config::{NodeConfig, StoreConfig};
 use crate::node::{self, NodeError};
 
 /// Nodes in the dev control plane: the smallest cluster that survives losing one.
@@ -276,23 +276,18 @@ pub async fn run(
     let mut nodes = tokio::task::JoinSet::new();
     for (id, listener) in listeners {
         let config = NodeConfig {
-            node_id: id,
-            listen: listener.local_addr().map_err(|source| DevError::DataDir {
-                path: options.data_dir.clone(),
-                source,
-            })?,
-            data_dir: options.data_dir.join(format!("node-{id}")),
-            peers: peers.clone(),
-            store: StoreConfig::Raft,
-            metrics_listen: None,
-            raft: RaftTuning::default(),
-            migration: Default::default(),
-            failover: Default::default(),
             tls: node_tls.clone(),
             auth: identities.as_ref().map(|_| certs::dev_auth()),
-            shutdown_grace_ms: NodeConfig::DEFAULT_SHUTDOWN_GRACE_MS,
-            audit_entries: crate::limits::DEFAULT_AUDIT_ENTRIES,
-            limits: Default::default(),
+            ..NodeConfig::new(
+                id,
+                listener.local_addr().map_err(|source| DevError::DataDir {
+                    path: options.data_dir.clone(),
+                    source,
+                })?,
+                options.data_dir.join(format!("node-{id}")),
+                peers.clone(),
+                StoreConfig::Raft,
+            )
         };
         let mut stop = stop_rx.clone();
         nodes.spawn(async move {
