@@ -19,7 +19,7 @@ use cellplane_api::proto::control::{
 use tonic::Code;
 
 use crate::nemesis::Nemesis;
-use crate::world::{self, NODES};
+use crate::world::{self, NODES, Progress};
 
 const CELLS: usize = 3;
 const TENANTS: [&str; 2] = ["acme", "globex"];
@@ -55,15 +55,8 @@ where
 /// What each writer had acknowledged: conversation → client message id → seq.
 type Acked = BTreeMap<(String, String), BTreeMap<String, u64>>;
 
-#[derive(Default)]
-struct Observed {
-    started: bool,
-    leader: Option<u64>,
-    phase: String,
-}
-
-async fn clients(observed: Arc<Mutex<Observed>>) -> Result<String, String> {
-    let phase = |p: &str| observed.lock().expect("observed").phase = p.to_string();
+async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
+    let phase = |p: &str| world::phase(&progress, p);
     phase("set-up");
     // The agent registers its cells; tenants are placed once they are ACTIVE.
     for tenant in TENANTS {
@@ -123,8 +116,9 @@ async fn clients(observed: Arc<Mutex<Observed>>) -> Result<String, String> {
             }
         }
     }
-    observed.lock().expect("observed").started = true;
+    progress.lock().expect("progress").started = true;
     phase("writers and migrations");
+    let watcher = tokio::spawn(world::watch_leader(progress.clone()));
     let until = tokio::time::Instant::now() + RUN_FOR;
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
@@ -178,6 +172,7 @@ async fn clients(observed: Arc<Mutex<Observed>>) -> Result<String, String> {
         }
     });
     while tasks.join_next().await.is_some() {}
+    watcher.abort();
 
     phase("waiting for every migration to end");
     let migrations = loop {
@@ -305,12 +300,12 @@ fn run(seed: u64) {
         .expect("temp dir");
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(150));
     world::add_agent(&mut sim, dir.path(), CELLS);
-    let observed = Arc::new(Mutex::new(Observed::default()));
+    let progress = Arc::new(Mutex::new(Progress::default()));
     let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
     {
-        let (observed, outcome) = (observed.clone(), outcome.clone());
+        let (progress, outcome) = (progress.clone(), outcome.clone());
         sim.client("clients", async move {
-            let result = clients(observed).await;
+            let result = clients(progress).await;
             *outcome.lock().expect("outcome") = Some(result);
             Ok(())
         });
@@ -322,31 +317,7 @@ fn run(seed: u64) {
     let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
     let hosts = nodes.iter().cloned().chain([world::AGENT.into()]).collect();
     let mut nemesis = Nemesis::new(seed, hosts, nodes);
-    let mut faults_end = None;
-    loop {
-        let finished = sim.step().unwrap_or_else(|e| {
-            panic!(
-                "seed {seed}: the simulation stopped during {}: {e}\nfaults:\n{}",
-                observed.lock().expect("observed").phase,
-                crate::routes::faults(&nemesis).join("\n")
-            )
-        });
-        if finished {
-            break;
-        }
-        let now = sim.elapsed();
-        let started_run = observed.lock().expect("observed").started;
-        let ended = faults_end.is_some_and(|end| now >= end);
-        if started_run && faults_end.is_none() {
-            faults_end = Some(now + RUN_FOR);
-        }
-        if ended {
-            nemesis.heal_all(&mut sim);
-        } else if started_run {
-            let leader = observed.lock().expect("observed").leader;
-            nemesis.step(&mut sim, now, leader);
-        }
-    }
+    world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
     let outcome = outcome.lock().expect("outcome").take();
     match outcome {
         Some(Ok(report)) => eprintln!(
@@ -357,7 +328,7 @@ fn run(seed: u64) {
         ),
         Some(Err(violation)) => panic!(
             "seed {seed}: {violation}\nfaults:\n{}",
-            crate::routes::faults(&nemesis).join("\n")
+            nemesis.report().join("\n")
         ),
         None => panic!("seed {seed}: the clients never finished"),
     }

@@ -70,6 +70,14 @@ impl Nemesis {
         self.injected.push((now, fault));
     }
 
+    /// Every fault injected, a line each with its instant.
+    pub fn report(&self) -> Vec<String> {
+        self.injected
+            .iter()
+            .map(|(at, fault)| format!("{:>8.3}s {fault:?}", at.as_secs_f64()))
+            .collect()
+    }
+
     /// Heals whatever is active: the run is over.
     pub fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
         if let Some((fault, _)) = self.active.take() {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
-    CellState, ClusterStatusRequest, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest,
-    SetCellStateRequest, Tier,
+    CellState, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest, SetCellStateRequest,
+    Tier,
 };
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest};
@@ -22,7 +22,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::nemesis::Nemesis;
-use crate::world::{self, NODES};
+use crate::world::{self, NODES, Progress, phase};
 
 const KEYS: usize = 3;
 const READERS: usize = 3;
@@ -181,22 +181,13 @@ async fn move_route(
     }
 }
 
-/// What the clients learned, for the checks and the report.
-#[derive(Default)]
-struct Observed {
-    initial: Option<Route>,
-    leader: Option<u64>,
-    /// What the clients do now, to say where a run that never ends is stuck.
-    phase: String,
-}
-
-fn phase(observed: &Mutex<Observed>, phase: String) {
-    observed.lock().expect("observed").phase = phase;
-}
-
 /// The clients: set-up, writers and readers until the run ends, then the final reads.
-async fn clients(history: Arc<History>, observed: Arc<Mutex<Observed>>) {
-    phase(&observed, "set-up".into());
+async fn clients(
+    history: Arc<History>,
+    progress: Arc<Mutex<Progress>>,
+    learned: Arc<Mutex<Option<Route>>>,
+) {
+    phase(&progress, "set-up");
     set_up().await;
     let mut client = history.client();
     let initial = loop {
@@ -205,8 +196,9 @@ async fn clients(history: Arc<History>, observed: Arc<Mutex<Observed>>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    observed.lock().expect("observed").initial = Some(initial.clone());
-    phase(&observed, "writers and readers".into());
+    *learned.lock().expect("learned") = Some(initial.clone());
+    progress.lock().expect("progress").started = true;
+    phase(&progress, "writers and readers");
     let until = tokio::time::Instant::now() + RUN_FOR;
     let mut tasks = tokio::task::JoinSet::new();
     for key in 0..KEYS {
@@ -249,21 +241,7 @@ async fn clients(history: Arc<History>, observed: Arc<Mutex<Observed>>) {
             }
         });
     }
-    let watcher = {
-        let observed = observed.clone();
-        tokio::spawn(async move {
-            for n in 0u64.. {
-                let via = n % NODES + 1;
-                if let Some(Ok(status)) =
-                    within(control(via).cluster_status(ClusterStatusRequest {})).await
-                {
-                    let leader = status.into_inner().leader_id;
-                    observed.lock().expect("observed").leader = (leader != 0).then_some(leader);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let watcher = tokio::spawn(world::watch_leader(progress.clone()));
     while tasks.join_next().await.is_some() {}
     watcher.abort();
     // The nemesis healed everything at the end of the run: every node must now answer, and
@@ -271,7 +249,7 @@ async fn clients(history: Arc<History>, observed: Arc<Mutex<Observed>>) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for key in 0..KEYS {
         for via in 1..=NODES {
-            phase(&observed, format!("the final read of c{key} on n{via}"));
+            phase(&progress, format!("the final read of c{key} on n{via}"));
             let mut client = history.client();
             while lookup(&history, &mut client, via, &format!("c{key}"))
                 .await
@@ -291,14 +269,6 @@ struct Run {
     real: Duration,
 }
 
-pub fn faults(nemesis: &Nemesis) -> Vec<String> {
-    nemesis
-        .injected
-        .iter()
-        .map(|(at, fault)| format!("{:>8.3}s {fault:?}", at.as_secs_f64()))
-        .collect()
-}
-
 fn run(seed: u64) -> Run {
     let started = Instant::now();
     let dir = tempfile::Builder::new()
@@ -307,49 +277,25 @@ fn run(seed: u64) -> Run {
         .expect("temp dir");
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(120));
     let history = Arc::new(History::default());
-    let observed = Arc::new(Mutex::new(Observed::default()));
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let learned = Arc::new(Mutex::new(None));
     {
-        let (history, observed) = (history.clone(), observed.clone());
+        let (history, progress, learned) = (history.clone(), progress.clone(), learned.clone());
         sim.client("clients", async move {
-            clients(history, observed).await;
+            clients(history, progress, learned).await;
             Ok(())
         });
     }
     let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
     let mut nemesis = Nemesis::new(seed, nodes.clone(), nodes);
-    let mut faults_end = None;
-    loop {
-        let finished = sim.step().unwrap_or_else(|e| {
-            panic!(
-                "seed {seed}: the simulation stopped during {}: {e}\nfaults:\n{}",
-                observed.lock().expect("observed").phase,
-                faults(&nemesis).join("\n")
-            )
-        });
-        if finished {
-            break;
-        }
-        let now = sim.elapsed();
-        let run_started = observed.lock().expect("observed").initial.is_some();
-        let ended = faults_end.is_some_and(|end| now >= end);
-        if run_started && faults_end.is_none() {
-            faults_end = Some(now + RUN_FOR);
-        }
-        if ended {
-            nemesis.heal_all(&mut sim);
-        } else if run_started {
-            let leader = observed.lock().expect("observed").leader;
-            nemesis.step(&mut sim, now, leader);
-        }
-    }
-    let initial = observed
+    world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
+    let initial = learned
         .lock()
-        .expect("observed")
-        .initial
+        .expect("learned")
         .clone()
         .expect("the clients learned the tenant's route");
     let checked = history.check(|_| initial.clone());
-    let injected = faults(&nemesis);
+    let injected = nemesis.report();
     if let Err(violation) = checked {
         panic!(
             "seed {seed}: the route history is not linearizable.\nfaults:\n{}\n{violation}",
