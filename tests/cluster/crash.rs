@@ -127,22 +127,7 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     let mut cluster = cluster.write().await;
     let leader_routes =
         collect_routes(&cluster, new_leader, Consistency::Linearizable, &acks).await;
-    for (tenant, ack) in &acks {
-        let route = leader_routes[tenant]
-            .as_ref()
-            .unwrap_or_else(|e| panic!("acknowledged tenant {tenant} is lost: {e}"));
-        // A later attempt may have applied without being acknowledged, so the epoch may be
-        // higher; it may never be lower, and at the same epoch the cell must match.
-        assert!(
-            route.0 >= ack.epoch,
-            "{tenant}: epoch went back from {} to {}",
-            ack.epoch,
-            route.0
-        );
-        if route.0 == ack.epoch {
-            assert_eq!(route.1, ack.cell, "{tenant}: acknowledged cell lost");
-        }
-    }
+    assert_acknowledged(&leader_routes, &acks);
 
     // The killed node restarts from its own disk and catches up to the same state.
     let revision = cluster
@@ -234,7 +219,14 @@ async fn nodes_crashed_before_their_log_writes_lose_no_acknowledged_write() {
     }
     let leader = cluster.wait_for_leader().await;
     let routes = collect_routes(&cluster, leader, Consistency::Linearizable, &acks).await;
-    for (tenant, ack) in &acks {
+    assert_acknowledged(&routes, &acks);
+}
+
+/// Every acknowledged write is in `routes`. A later attempt may have applied without being
+/// acknowledged, so an epoch may be higher; it may never be lower, and at the same epoch the
+/// cell must match.
+fn assert_acknowledged(routes: &Routes, acks: &HashMap<String, Ack>) {
+    for (tenant, ack) in acks {
         let route = routes[tenant]
             .as_ref()
             .unwrap_or_else(|e| panic!("acknowledged tenant {tenant} is lost: {e}"));
