@@ -59,6 +59,14 @@ pub struct Messenger {
     options: MessengerOptions,
 }
 
+/// Whether `status` is this side's transport failing rather than the cell's answer: a cell
+/// draining for a restart ends its connections with GOAWAY, which fails the calls still on
+/// them as INTERNAL "h2 protocol error".
+fn from_transport(status: &Status) -> bool {
+    std::error::Error::source(status)
+        .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some())
+}
+
 impl Messenger {
     pub fn new(routes: Arc<RouteCache>, options: MessengerOptions) -> Self {
         Self {
@@ -156,7 +164,7 @@ impl Messenger {
                 None if matches!(
                     status.code(),
                     Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) =>
+                ) || from_transport(&status) =>
                 {
                     self.options.retry_pause * 10
                 }
