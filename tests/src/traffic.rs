@@ -93,18 +93,27 @@ pub async fn history(
 ) -> Vec<Message> {
     let mut all = Vec::new();
     let mut before = 0;
+    // A cell its agent is restarting refuses connections for a moment: wait it out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let page = client
-            .get_history(GetHistoryRequest {
-                tenant_id: tenant.into(),
-                conversation_id: conversation.into(),
-                user_id: MEMBERS[0].into(),
-                before_seq: before,
-                limit: 200,
-            })
-            .await
-            .expect("history")
-            .into_inner();
+        let request = GetHistoryRequest {
+            tenant_id: tenant.into(),
+            conversation_id: conversation.into(),
+            user_id: MEMBERS[0].into(),
+            before_seq: before,
+            limit: 200,
+        };
+        let page = match client.get_history(request).await {
+            Ok(page) => page.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(status) => panic!("history: {status:?}"),
+        };
         let done = !page.has_more || page.messages.is_empty();
         before = page.messages.last().map(|m| m.seq).unwrap_or(0);
         all.extend(page.messages);

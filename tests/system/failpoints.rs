@@ -102,6 +102,11 @@ async fn a_migration_completes_after_its_agent_crashes_at_each_step() {
             "{point}: expected the migration to complete: {done:?}"
         );
         all_acks.extend(acks);
+        // The migration can end before the restarted agent's cells all answer again.
+        system
+            .agent("hz")
+            .wait_for_cells(Duration::from_secs(30))
+            .await;
         verify(&messenger, TENANT, &all_acks, &Default::default()).await;
         let route = messenger.owner(TENANT, "c0").expect("route").0;
         assert_eq!(
