@@ -159,7 +159,7 @@ async fn nodes_crashed_before_their_log_writes_lose_no_acknowledged_write() {
     let ids = cluster.running_ids();
     for (n, id) in ids.iter().enumerate() {
         cluster.kill(*id).await;
-        let skip = 10 + 10 * n;
+        let skip = 20 + 20 * n;
         cluster.set_crash_at(*id, Some(&format!("raft-log-write={skip}*off->return")));
     }
     for id in &ids {
