@@ -126,8 +126,15 @@ pub fn stop_dev(dev: &mut std::process::Child, data: &std::path::Path) {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    // Below the kernel's ephemeral range (32768 and up here): a port the kernel hands out for
+    // `:0` is also what it hands the next outgoing connection, which could take it before the
+    // process this port is for binds it.
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Retries `call` every 20 ms until it succeeds, failing the test after `limit` with what it
