@@ -12,7 +12,6 @@ use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheO
 use cellplane_api::proto::cell::{
     ConversationKind, CreateConversationRequest, GetHistoryRequest, SendMessageRequest,
 };
-use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
     CreateTenantRequest, ListMigrationsRequest, MigrateTenantRequest, MigrationPhase, Tier,
 };
@@ -28,30 +27,6 @@ const MEMBERS: [&str; 2] = ["alice", "bob"];
 const RUN_FOR: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn control(id: u64) -> ControlClient<tonic::transport::Channel> {
-    ControlClient::new(
-        crate::net::tls()
-            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
-}
-
-/// Retries `call` through each node in turn until it answers Ok or `ALREADY_EXISTS`.
-async fn until_done<T, F, Fut>(mut call: F) -> Option<T>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    for attempt in 0u64.. {
-        match tokio::time::timeout(CALL_TIMEOUT, call(attempt % NODES + 1)).await {
-            Ok(Ok(answer)) => return Some(answer.into_inner()),
-            Ok(Err(status)) if status.code() == Code::AlreadyExists => return None,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    None
-}
-
 /// What each writer had acknowledged: conversation → client message id → seq.
 type Acked = BTreeMap<(String, String), BTreeMap<String, u64>>;
 
@@ -60,22 +35,16 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     phase("set-up");
     // The agent registers its cells; tenants are placed once they are ACTIVE.
     for tenant in TENANTS {
-        loop {
-            let placed = tokio::time::timeout(
-                CALL_TIMEOUT,
-                control(1).create_tenant(CreateTenantRequest {
+        world::until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
+                .create_tenant(CreateTenantRequest {
                     tenant_id: tenant.into(),
                     tier: Tier::Normal as i32,
                     home_region: "hz".into(),
-                }),
-            )
-            .await;
-            match placed {
-                Ok(Ok(_)) => break,
-                Ok(Err(status)) if status.code() == Code::AlreadyExists => break,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+                })
+                .await
+        })
+        .await;
     }
     let endpoints: Vec<String> = (1..=NODES).map(world::endpoint).collect();
     let routes = Arc::new(
@@ -163,7 +132,7 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
             let tenant = TENANTS[n % TENANTS.len()];
             let _ = tokio::time::timeout(
                 CALL_TIMEOUT,
-                control((n as u64) % NODES + 1).migrate_tenant(MigrateTenantRequest {
+                world::control((n as u64) % NODES + 1).migrate_tenant(MigrateTenantRequest {
                     tenant_id: tenant.into(),
                     target_cell: String::new(),
                 }),
@@ -176,8 +145,8 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
 
     phase("waiting for every migration to end");
     let migrations = loop {
-        let listed = until_done(|via| async move {
-            control(via)
+        let listed = world::until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
                 .list_migrations(ListMigrationsRequest {
                     active_only: false,
                     tenant_id: String::new(),

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{
     CellState, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest, SetCellStateRequest,
     Tier,
@@ -18,11 +17,10 @@ use cellplane_api::proto::control::{
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_tests::history::{History, Op, Ret, Route};
-use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::nemesis::Nemesis;
-use crate::world::{self, NODES, Progress, phase};
+use crate::world::{self, NODES, Progress, phase, until_done};
 
 const KEYS: usize = 3;
 const READERS: usize = 3;
@@ -33,18 +31,12 @@ const RUN_FOR: Duration = Duration::from_secs(30);
 /// How long a client waits for one answer before it counts the call's outcome unknown.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn channel(id: u64) -> Channel {
-    crate::net::tls()
-        .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-        .expect("a simulated endpoint")
-}
-
-fn control(id: u64) -> ControlClient<Channel> {
-    ControlClient::new(channel(id))
-}
-
 fn routing(id: u64) -> RoutingClient<Channel> {
-    RoutingClient::new(channel(id))
+    RoutingClient::new(
+        crate::net::tls()
+            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
+            .expect("a simulated endpoint"),
+    )
 }
 
 /// A call's answer, or `None` when none came in time: the outcome is then unknown.
@@ -54,26 +46,11 @@ async fn within<T>(
     tokio::time::timeout(CALL_TIMEOUT, call).await.ok()
 }
 
-/// Retries `call` through each node in turn until one answers Ok or `ALREADY_EXISTS`.
-async fn until_done<T, F, Fut>(mut call: F)
-where
-    F: FnMut(u64) -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    for attempt in 0u64.. {
-        match within(call(attempt % NODES + 1)).await {
-            Some(Ok(_)) => return,
-            Some(Err(status)) if status.code() == Code::AlreadyExists => return,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 /// Two ACTIVE cells and the tenant, once a leader answers.
 async fn set_up() {
     for (i, cell) in CELLS.iter().enumerate() {
-        until_done(|via| async move {
-            control(via)
+        until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
                 .register_cell(RegisterCellRequest {
                     cell_id: cell.to_string(),
                     region: "hz".into(),
@@ -86,8 +63,8 @@ async fn set_up() {
                 .await
         })
         .await;
-        until_done(|via| async move {
-            control(via)
+        until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
                 .set_cell_state(SetCellStateRequest {
                     cell_id: cell.to_string(),
                     state: CellState::Active as i32,
@@ -96,8 +73,8 @@ async fn set_up() {
         })
         .await;
     }
-    until_done(|via| async move {
-        control(via)
+    until_done(CALL_TIMEOUT, |via| async move {
+        world::control(via)
             .create_tenant(CreateTenantRequest {
                 tenant_id: TENANT.into(),
                 tier: Tier::Normal as i32,
@@ -120,7 +97,10 @@ async fn lookup(history: &History, client: &mut u64, via: u64, key: &str) -> Opt
     .await;
     match answer {
         Some(Ok(answer)) => {
-            let route = answer.into_inner().route?;
+            let route = answer
+                .into_inner()
+                .route
+                .expect("a lookup answered OK carries its route");
             history.returned(*client, key, Ret::Route(route.epoch));
             Some((route.epoch, route.cell_id))
         }
@@ -148,7 +128,7 @@ async fn move_route(
             target: target.into(),
         },
     );
-    let answer = within(control(via).move_route(MoveRouteRequest {
+    let answer = within(world::control(via).move_route(MoveRouteRequest {
         tenant_id: TENANT.into(),
         conversation_id: key.into(),
         expected_epoch: epoch,
@@ -157,7 +137,11 @@ async fn move_route(
     .await;
     let refused = match answer {
         Some(Ok(moved)) => {
-            let epoch = moved.into_inner().route.map(|r| r.epoch)?;
+            let epoch = moved
+                .into_inner()
+                .route
+                .expect("a move answered OK carries its route")
+                .epoch;
             history.returned(*client, key, Ret::Moved(epoch));
             return Some(epoch);
         }

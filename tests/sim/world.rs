@@ -226,3 +226,31 @@ pub fn drive(
         }
     }
 }
+
+/// A Control client of node `id`, over the simulated network.
+pub fn control(
+    id: u64,
+) -> cellplane_api::proto::control::control_client::ControlClient<tonic::transport::Channel> {
+    cellplane_api::proto::control::control_client::ControlClient::new(
+        net::tls()
+            .lazy_channel(&endpoint(id), Duration::from_millis(500))
+            .expect("a simulated endpoint"),
+    )
+}
+
+/// Retries `call` through each node in turn, each try given `timeout`, until one answers:
+/// its answer, or `None` for `ALREADY_EXISTS` (a retry of a call that took effect).
+pub async fn until_done<T, F, Fut>(timeout: Duration, mut call: F) -> Option<T>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    for attempt in 0u64.. {
+        match tokio::time::timeout(timeout, call(attempt % NODES + 1)).await {
+            Ok(Ok(answer)) => return Some(answer.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => return None,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
+}
