@@ -14,9 +14,11 @@ pub struct ArmError(String);
 
 /// Arms the crash points `CELLPLANE_CRASH_AT` names, if it is set.
 pub fn arm_from_env() -> Result<(), ArmError> {
-    let Ok(points) = std::env::var(ENV) else {
-        return Ok(());
-    };
+    std::env::var(ENV).map_or(Ok(()), |points| arm(&points))
+}
+
+/// Arms `points`, in `CELLPLANE_CRASH_AT`'s format.
+fn arm(points: &str) -> Result<(), ArmError> {
     for point in points.split(';').filter(|p| !p.trim().is_empty()) {
         let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
         fail::cfg(name.trim(), actions.trim()).map_err(|e| ArmError(format!("{point:?}: {e}")))?;
@@ -48,9 +50,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_unarmed_point_does_nothing_and_a_bad_action_is_refused() {
+    fn points_are_armed_with_their_actions_and_a_bad_one_is_named() {
+        // Armed with an action that does nothing, so passing it here is safe.
+        arm("test-plain; test-counted=2*off").expect("armed");
+        let armed = fail::list();
+        assert!(
+            armed.contains(&("test-plain".into(), "return".into())),
+            "{armed:?}"
+        );
+        assert!(
+            armed.contains(&("test-counted".into(), "2*off".into())),
+            "{armed:?}"
+        );
+        crash_point("test-counted");
         crash_point("never-armed");
-        let error = fail::cfg("bad", "no-such-action").expect_err("refused");
-        assert!(!error.is_empty());
+        let error = arm("test-bad=no-such-action").expect_err("refused");
+        assert!(error.to_string().contains("test-bad"), "{error}");
     }
 }
