@@ -229,10 +229,7 @@ impl AgentProcess {
 
     /// Waits up to `limit` for the agent to exit by itself; answers how it exited.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let status = tokio::time::timeout(limit, child.wait()).await.ok()?;
-        self.child = None;
-        Some(status.expect("wait for the agent"))
+        crate::wait_exit(&mut self.child, limit).await
     }
 
     /// SIGKILLs one of the agent's cells, as a crash; the agent restarts it.

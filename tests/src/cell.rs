@@ -135,10 +135,7 @@ impl CellProcess {
 
     /// Waits up to `limit` for the cell to exit by itself; answers how it exited.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let status = tokio::time::timeout(limit, child.wait()).await.ok()?;
-        self.child = None;
-        Some(status.expect("wait for the cell"))
+        crate::wait_exit(&mut self.child, limit).await
     }
 
     /// The flags the next restart starts the cell with (a standby restarted as a plain cell,

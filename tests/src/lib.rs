@@ -124,6 +124,19 @@ pub fn stop_dev(dev: &mut std::process::Child, data: &std::path::Path) {
     }
 }
 
+/// Waits up to `limit` for the process in `child` to exit by itself; answers how it exited,
+/// and forgets it.
+pub async fn wait_exit(
+    child: &mut Option<tokio::process::Child>,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let status = tokio::time::timeout(limit, child.as_mut()?.wait())
+        .await
+        .ok()?;
+    *child = None;
+    Some(status.expect("wait for the process"))
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     // Below the kernel's ephemeral range (32768 and up here): a port the kernel hands out for
