@@ -93,7 +93,8 @@ pub async fn history(
 ) -> Vec<Message> {
     let mut all = Vec::new();
     let mut before = 0;
-    // A cell its agent is restarting refuses connections for a moment: wait it out.
+    // A cell its agent is restarting refuses connections for a moment, and calls on a
+    // connection to its previous process fail: wait it out.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let request = GetHistoryRequest {
@@ -106,7 +107,8 @@ pub async fn history(
         let page = match client.get_history(request).await {
             Ok(page) => page.into_inner(),
             Err(status)
-                if status.code() == tonic::Code::Unavailable
+                if (status.code() == tonic::Code::Unavailable
+                    || cellplane_api::client::failed_in_transport(&status))
                     && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;

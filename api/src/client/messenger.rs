@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
-use super::{RouteCache, channel};
+use super::{RouteCache, channel, failed_in_transport};
 use crate::detail;
 use crate::proto::cell::messaging_client::MessagingClient;
 use crate::proto::cell::{
@@ -57,14 +57,6 @@ pub struct Messenger {
     routes: Arc<RouteCache>,
     clients: Mutex<HashMap<String, MessagingClient<Channel>>>,
     options: MessengerOptions,
-}
-
-/// Whether `status` is this side's transport failing rather than the cell's answer: a cell
-/// draining for a restart ends its connections with GOAWAY, which fails the calls still on
-/// them as INTERNAL "h2 protocol error".
-fn from_transport(status: &Status) -> bool {
-    std::error::Error::source(status)
-        .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some())
 }
 
 impl Messenger {
@@ -164,7 +156,7 @@ impl Messenger {
                 None if matches!(
                     status.code(),
                     Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) || from_transport(&status) =>
+                ) || failed_in_transport(&status) =>
                 {
                     self.options.retry_pause * 10
                 }

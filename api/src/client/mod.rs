@@ -14,6 +14,7 @@ pub use route_cache::{CachedRoute, RouteCache, RouteCacheOptions};
 
 use std::time::Duration;
 
+use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::tls::Tls;
@@ -29,6 +30,15 @@ pub enum ClientError {
     Unreachable(String),
     #[error("control plane answered {0}")]
     Status(#[from] tonic::Status),
+}
+
+/// Whether `status` is this side's transport failing rather than the server's answer. A
+/// server draining for a restart ends its connections with GOAWAY, and one killed closes
+/// them: the calls still on them fail as INTERNAL "h2 protocol error" or CANCELLED
+/// "connection closed", codes a server's own answer uses for other things.
+pub fn failed_in_transport(status: &Status) -> bool {
+    std::error::Error::source(status)
+        .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some())
 }
 
 /// A lazily connected channel to `host:port`, over mTLS when `tls` holds an identity; the
