@@ -19,7 +19,7 @@ pub mod tx;
 pub mod writer;
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -85,11 +85,22 @@ impl Spaces {
     }
 }
 
-/// The database and its keyspaces. Cheap to clone.
+/// The database and its keyspaces. Cheap to clone; the database closes when the last clone
+/// is dropped.
 #[derive(Clone)]
 pub struct Store {
     pub db: Database,
     pub spaces: Spaces,
+    _retention: Arc<Closing>,
+}
+
+/// Lets the retention filters' keyspace go with the last handle of the store.
+struct Closing(Arc<retention::Queues>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 fn open_space(db: &Database, name: &str) -> Result<Keyspace, fjall::Error> {
@@ -100,7 +111,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`, keeping at least `kept_events` sync events behind
     /// each user's newest ([`retention`]).
     pub fn open(dir: &Path, kept_events: u64) -> Result<Self, CellError> {
-        let queues = Arc::new(OnceLock::new());
+        let queues = Arc::new(retention::Queues::default());
         let retention: Arc<dyn Factory> =
             Arc::new(retention::SyncRetention::new(kept_events, queues.clone()));
         // fsyncs are ours to issue (one per batch), not the journal's.
@@ -125,8 +136,12 @@ impl Store {
             replica: open_space(&db, "replica")?,
             undelivered: open_space(&db, "undelivered")?,
         };
-        let _ = queues.set(spaces.sync.clone());
-        Ok(Self { db, spaces })
+        queues.set(spaces.sync.clone());
+        Ok(Self {
+            db,
+            spaces,
+            _retention: Arc::new(Closing(queues)),
+        })
     }
 
     pub fn conversation(
@@ -503,5 +518,24 @@ pub fn newest_pts(queues: &Keyspace, user: &[u8]) -> Result<u64, fjall::Error> {
     match queues.prefix(user).next_back() {
         Some(item) => Ok(keys::trailing_num(&item.key()?).unwrap_or(0)),
         None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_closed_in_a_process_opens_again_in_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 10).expect("open");
+        let copy = store.clone();
+        drop(store);
+        assert!(
+            matches!(Store::open(dir.path(), 10), Err(CellError::Storage(_))),
+            "a clone still holds the database"
+        );
+        drop(copy);
+        Store::open(dir.path(), 10).expect("reopened once every handle is gone");
     }
 }

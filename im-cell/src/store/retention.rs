@@ -8,8 +8,7 @@
 //! A reader can still race a compaction; it checks that the events it reads start right after
 //! its cursor and sends a REBASE when they do not (`sync::DeviceStream`).
 
-use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use fjall::Keyspace;
 use fjall::compaction::filter::{
@@ -18,21 +17,45 @@ use fjall::compaction::filter::{
 
 use super::keys;
 
+/// The sync keyspace as the filters read it, for each user's newest pts: set once the
+/// database is open (compactions before that keep everything), and let go of when the store
+/// closes. The database's config holds the filters' factory, and every keyspace holds the
+/// database, so a keyspace kept here for good would keep the database — its files, its lock
+/// and its threads — alive after its last handle is gone.
+#[derive(Default)]
+pub struct Queues(RwLock<Option<Keyspace>>);
+
+impl Queues {
+    pub fn set(&self, queues: Keyspace) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(queues);
+        }
+    }
+
+    /// Lets the keyspace go: compactions from now on keep everything.
+    pub fn close(&self) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = None;
+        }
+    }
+
+    fn get(&self) -> Option<Keyspace> {
+        self.0.read().ok().and_then(|slot| slot.clone())
+    }
+}
+
 /// Makes the filter for each compaction of the sync keyspace.
 pub struct SyncRetention {
     /// Events kept behind each user's head (at least 1: the newest).
     kept: u64,
-    /// The sync keyspace, read for each user's newest pts; set once the database is open:
-    /// compactions before that keep everything. Only read, so a panic in a compaction cannot
-    /// leave it half-changed.
-    queues: AssertUnwindSafe<Arc<OnceLock<Keyspace>>>,
+    queues: Arc<Queues>,
 }
 
 impl SyncRetention {
-    pub fn new(kept: u64, queues: Arc<OnceLock<Keyspace>>) -> Self {
+    pub fn new(kept: u64, queues: Arc<Queues>) -> Self {
         Self {
             kept: kept.max(1),
-            queues: AssertUnwindSafe(queues),
+            queues,
         }
     }
 }
@@ -45,7 +68,7 @@ impl Factory for SyncRetention {
     fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
         Box::new(Filter {
             kept: self.kept,
-            queues: self.queues.get().cloned(),
+            queues: self.queues.get(),
             user: Vec::new(),
             head: 0,
         })
