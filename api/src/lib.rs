@@ -14,6 +14,7 @@ pub mod ids;
 pub mod limits;
 pub mod net;
 pub mod serve;
+pub mod simulation;
 pub mod streams;
 pub mod tls;
 

@@ -20,8 +20,8 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::codec;
 use super::{NodeId, TypeConfig};
-use super::{codec, runtime};
 
 /// Log entries by index, postcard-encoded.
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_logs");
@@ -231,7 +231,7 @@ impl LogStore {
         let db = Arc::new(db);
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let committed = Arc::new(Mutex::new(None));
-        let writer = if runtime::simulated() {
+        let writer = if cellplane_api::simulation::active() {
             Writer::Inline(Arc::default())
         } else {
             let (jobs, receiver) = mpsc::channel();

@@ -1,8 +1,9 @@
 //! The runtime Raft runs on: tokio, as openraft's own, with the two things a deterministic
 //! simulation must control and tokio does not. Election timeouts are drawn from a generator
 //! a simulation seeds (openraft's own draws from the OS), and the log store writes on a thread
-//! of its own — or, on a thread a simulation runs on, inline (`log_store.rs`), so that when an
-//! entry is durable depends on the simulated clock and not on the machine's scheduler.
+//! of its own — or, on a thread a simulation runs on (`cellplane_api::simulation`), inline
+//! (`log_store.rs`), so that when an entry is durable depends on the simulated clock and not
+//! on the machine's scheduler.
 //! Outside a simulation nothing changes: the generator is seeded from the OS.
 
 use std::cell::Cell;
@@ -14,20 +15,13 @@ use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
 thread_local! {
     /// The election generator's state on this thread; `None` until first used or seeded.
     static ELECTIONS: Cell<Option<u64>> = const { Cell::new(None) };
-    /// Whether a simulation runs on this thread.
-    static SIMULATED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Makes this thread a simulation's: election timeouts drawn from `seed`, the log written
 /// inline. Every node of the simulation runs on this one thread.
 pub fn simulate_on_this_thread(seed: u64) {
     ELECTIONS.with(|state| state.set(Some(seed)));
-    SIMULATED.with(|simulated| simulated.set(true));
-}
-
-/// Whether a simulation runs on this thread.
-pub fn simulated() -> bool {
-    SIMULATED.with(Cell::get)
+    cellplane_api::simulation::enter_on_this_thread();
 }
 
 /// openraft's tokio runtime with [`ElectionRng`] as its generator.
@@ -144,7 +138,7 @@ mod tests {
 
     #[test]
     fn an_unseeded_thread_is_no_simulation() {
-        assert!(!simulated());
+        assert!(!cellplane_api::simulation::active());
         assert_ne!(ElectionRng.next_u64(), ElectionRng.next_u64());
     }
 }

@@ -1,5 +1,7 @@
 //! The writer: one thread that checks and applies every write in order, and commits them in
-//! batches — group commit, one fsync per batch.
+//! batches — group commit, one fsync per batch. In a simulation (`cellplane_api::simulation`)
+//! a task on the cell's runtime commits the batches instead, so when a write is durable
+//! follows the simulated clock, and a crashed host's store closes with its tasks.
 //!
 //! Requests queue while the previous batch is being made durable; the writer takes them all (up
 //! to `max_ops_per_commit`), checks each against the state including the batch's own earlier
@@ -9,7 +11,8 @@
 //! crash, and a seq or pts is never handed out twice: both live in the rows the batch writes,
 //! not in a counter beside the store.
 
-use std::sync::{Arc, RwLock, mpsc};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use cellplane_api::clock::now_ms;
 use tokio::sync::{oneshot, watch};
@@ -154,12 +157,74 @@ use crate::replication::gate::{Reply, SyncGate};
 /// Rows a purge drops in one batch: a few milliseconds of the writer's time.
 const PURGE_ROWS_PER_BATCH: usize = 5_000;
 
-/// A handle to the writer thread. Cheap to clone; the thread stops when every handle is gone.
+/// A handle to the writer. Cheap to clone; the writer stops when every handle is gone.
 #[derive(Clone)]
 pub struct Writer {
-    queue: mpsc::SyncSender<(Op, Reply)>,
+    queue: Queue,
     grants: Arc<RwLock<Grants>>,
     commits: watch::Receiver<u64>,
+}
+
+/// Where requests wait for the writer.
+#[derive(Clone)]
+enum Queue {
+    /// The writer thread's queue.
+    Thread(mpsc::SyncSender<(Op, Reply)>),
+    /// In a simulation: the writer's state itself, committed by a task of the caller's runtime.
+    Inline(Arc<Mutex<Inline>>),
+}
+
+/// The writer of a simulated cell.
+struct Inline {
+    state: WriterState,
+    pending: VecDeque<(Op, Reply)>,
+    /// A task is committing the pending requests, or about to.
+    draining: bool,
+}
+
+impl Inline {
+    fn push(this: &Arc<Mutex<Self>>, request: (Op, Reply)) -> Result<(), CellError> {
+        let mut inline = this.lock().map_err(|_| stopped())?;
+        if inline.pending.len() >= QUEUE_DEPTH {
+            return Err(queue_full());
+        }
+        inline.pending.push_back(request);
+        if !inline.draining {
+            inline.draining = true;
+            tokio::spawn(Self::drain(this.clone()));
+        }
+        Ok(())
+    }
+
+    /// Commits what is pending, a batch at a time.
+    async fn drain(this: Arc<Mutex<Self>>) {
+        loop {
+            // Requests made at the same instant join one batch, as those queued while the
+            // thread commits the batch before do.
+            tokio::task::yield_now().await;
+            let Ok(mut inline) = this.lock() else {
+                return;
+            };
+            let size = inline
+                .pending
+                .len()
+                .min(inline.state.limits.max_ops_per_commit);
+            if size == 0 {
+                inline.draining = false;
+                return;
+            }
+            let batch = inline.pending.drain(..size).collect();
+            inline.state.commit_batch(batch);
+        }
+    }
+}
+
+fn queue_full() -> CellError {
+    CellError::ResourceExhausted("the cell's write queue is full; retry after 100 ms".into())
+}
+
+fn stopped() -> CellError {
+    CellError::Storage("the writer stopped".into())
 }
 
 impl Writer {
@@ -178,7 +243,6 @@ impl Writer {
         let grants = store.grants()?;
         let shared = Arc::new(RwLock::new(grants.clone()));
         let last_lsn = store.last_lsn()?;
-        let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
         let (commits, committed) = watch::channel(last_lsn);
         let log_trim = LogTrim::open(&store, log_bound, now_ms())?;
         let mut state = WriterState {
@@ -197,10 +261,20 @@ impl Writer {
             memory: Memory::default(),
             grants_stale: false,
         };
-        std::thread::Builder::new()
-            .name("cell-writer".into())
-            .spawn(move || state.run(requests))
-            .map_err(|e| CellError::Storage(format!("starting the writer: {e}")))?;
+        let queue = if cellplane_api::simulation::active() {
+            Queue::Inline(Arc::new(Mutex::new(Inline {
+                state,
+                pending: VecDeque::new(),
+                draining: false,
+            })))
+        } else {
+            let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
+            std::thread::Builder::new()
+                .name("cell-writer".into())
+                .spawn(move || state.run(requests))
+                .map_err(|e| CellError::Storage(format!("starting the writer: {e}")))?;
+            Queue::Thread(queue)
+        };
         Ok(Self {
             queue,
             grants: shared,
@@ -221,12 +295,13 @@ impl Writer {
         op: Op,
     ) -> Result<impl Future<Output = Result<Outcome, CellError>> + use<>, CellError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.try_send((op, reply)).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => CellError::ResourceExhausted(
-                "the cell's write queue is full; retry after 100 ms".into(),
-            ),
-            mpsc::TrySendError::Disconnected(_) => CellError::Storage("the writer stopped".into()),
-        })?;
+        match &self.queue {
+            Queue::Thread(queue) => queue.try_send((op, reply)).map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => queue_full(),
+                mpsc::TrySendError::Disconnected(_) => stopped(),
+            })?,
+            Queue::Inline(inline) => Inline::push(inline, (op, reply))?,
+        }
         Ok(async move {
             answer
                 .await
