@@ -12,6 +12,12 @@ use crate::supervisor::{Launcher, Supervisor};
 use cellplane_api::client::ControlPlane;
 use cellplane_api::tls::Tls;
 
+/// How long one control-plane node may take to answer the agent before it asks the next.
+/// Well inside a lease (2 s by default, renewed every sixth of it), so a node whose machine
+/// died under a live connection costs the cells one renewal, not their lease. Every call the
+/// agent makes is safe to repeat.
+const CONTROL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -67,7 +73,8 @@ pub async fn run_with(
     (tls, launcher): (Tls, Launcher),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let control = ControlPlane::with_tls(control_plane, &tls)?;
+    let control =
+        ControlPlane::with_tls(control_plane, &tls)?.with_attempt_timeout(CONTROL_ATTEMPT_TIMEOUT);
     let cells: LocalCells = cells::local_cells(&config.cells, &tls)?;
     let (stop_tx, stop) = watch::channel(false);
     let supervisor = Supervisor::start(&cells, launcher, &config.data_dir, config.restart);

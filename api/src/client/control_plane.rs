@@ -34,6 +34,8 @@ pub struct ControlPlane {
     endpoints: Arc<Vec<String>>,
     channels: Arc<Vec<Channel>>,
     current: Arc<AtomicUsize>,
+    /// How long one node may take to answer before the call moves on to the next.
+    attempt_timeout: Option<Duration>,
 }
 
 impl ControlPlane {
@@ -56,7 +58,18 @@ impl ControlPlane {
             endpoints: Arc::new(endpoints),
             channels: Arc::new(channels),
             current: Arc::new(AtomicUsize::new(0)),
+            attempt_timeout: None,
         })
+    }
+
+    /// Gives each node `timeout` to answer before a call moves on to the next. A node whose
+    /// machine died, or that a partition cut off, holds calls on its connection until
+    /// keepalive gives the connection up (15 s); a caller that must hear within a lease
+    /// cannot wait that long. A call that times out may still take effect, as one cut off
+    /// mid-way may: set it only where every call is safe to repeat.
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
     }
 
     /// The TLS this client connects with.
@@ -119,7 +132,19 @@ impl ControlPlane {
         let mut backoff = Duration::from_millis(20);
         loop {
             let node = self.current.load(Ordering::Relaxed) % self.channels.len();
-            match call(client(self.channels[node].clone())).await {
+            let attempt = call(client(self.channels[node].clone()));
+            let answer = match self.attempt_timeout {
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "{} did not answer within {limit:?}",
+                            self.endpoints[node]
+                        )))
+                    }),
+                None => attempt.await,
+            };
+            match answer {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retryable(&status) && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(node = %self.endpoints[node], %status, "control plane call failed; trying the next node");
