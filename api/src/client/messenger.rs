@@ -102,6 +102,13 @@ impl Messenger {
         Ok((route, client))
     }
 
+    /// Drops the client of `endpoint`, and with it its connection once calls on it end.
+    fn forget(&self, endpoint: &str) {
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.remove(endpoint);
+        }
+    }
+
     /// Runs one write against the owner of `(tenant_id, conversation_id)`; `call` gets the
     /// client and the route epoch to put in the request, and may be called again after a
     /// refusal.
@@ -131,10 +138,16 @@ impl Messenger {
             let status = match tokio::time::timeout(limit, call(client, route.epoch)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded(format!(
-                    "cell {} did not answer within {limit:?}",
-                    route.cell_id
-                )),
+                Err(_) => {
+                    // The connection may be to a machine that died without closing it (no
+                    // FIN, no RST): every call on it would wait until keepalive gives it up,
+                    // 15 s on. The next try connects afresh.
+                    self.forget(&route.endpoint);
+                    Status::deadline_exceeded(format!(
+                        "cell {} did not answer within {limit:?}",
+                        route.cell_id
+                    ))
+                }
             };
             if Instant::now() >= deadline {
                 return Err(status);
