@@ -2,13 +2,24 @@
 
 use tonic_reflection::server::{v1, v1alpha};
 
+/// Where a supervisor puts its own pid for the child it starts with `--exit-with-parent`.
+pub const PARENT_PID_ENV: &str = "CELLPLANE_PARENT_PID";
+
+/// Readies `command` to start a child that exits with this process: `--exit-with-parent`,
+/// and this process's pid for the child to compare its parent with.
+pub fn exit_with_this_process(command: &mut tokio::process::Command) {
+    command
+        .arg("--exit-with-parent")
+        .env(PARENT_PID_ENV, std::process::id().to_string());
+}
+
 /// Resolves on Ctrl-C or SIGTERM, or, with `exit_with_parent`, once the process that started
 /// this one is gone: a supervisor killed outright (even `kill -9`) leaves nothing of its own
 /// behind holding ports and data directories.
 pub async fn shutdown_signal_or_parent_exit(exit_with_parent: bool) {
     let parent = async {
         if exit_with_parent {
-            parent_exit().await
+            parent_exit(expected_parent()).await
         } else {
             std::future::pending::<()>().await
         }
@@ -19,9 +30,20 @@ pub async fn shutdown_signal_or_parent_exit(exit_with_parent: bool) {
     }
 }
 
-/// Resolves once this process's parent is gone (it was re-parented).
-async fn parent_exit() {
-    let parent = std::os::unix::process::parent_id();
+/// The supervisor's pid as it passed it ([`PARENT_PID_ENV`]), else this process's parent now.
+/// Reading the parent here is not enough alone: a supervisor that dies between starting this
+/// process and this line has already handed it to init, which would pass for the parent for
+/// ever.
+fn expected_parent() -> u32 {
+    std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(std::os::unix::process::parent_id)
+}
+
+/// Resolves once this process's parent is no longer `parent` (it was re-parented), checking
+/// at once and then every 200 ms.
+async fn parent_exit(parent: u32) {
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
         ticker.tick().await;

@@ -292,15 +292,16 @@ fn spawn(
     if let Some(ms) = spec.sync_timeout_ms {
         standby.extend(["--sync-timeout-ms".to_string(), ms.to_string()]);
     }
-    Command::new(binary)
-        .arg("serve")
+    let mut command = Command::new(binary);
+    command.arg("serve");
+    cellplane_api::serve::exit_with_this_process(&mut command);
+    command
         .arg("--cell-id")
         .arg(&spec.cell_id)
         .arg("--listen")
         .arg(spec.listen.to_string())
         .arg("--data-dir")
         .arg(&dir)
-        .arg("--exit-with-parent")
         .arg("--lease-required")
         .args(standby)
         .args(common)

@@ -181,3 +181,40 @@ async fn a_cell_whose_data_directory_another_process_holds_is_not_restarted_in_a
     assert_eq!(starts(), given_up, "no restart once it gave up");
     drop(held);
 }
+
+/// A supervisor can die between starting a cell and the cell reading who its parent is; the
+/// cell then already belongs to init. Told its supervisor's pid, it still sees it is gone and
+/// stops at once, rather than serving for ever with no one to stop it.
+#[test]
+fn a_cell_whose_supervisor_died_before_it_looked_stops_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A pid that was this cell's supervisor and is gone: a child that has exited.
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let supervisor = gone.id();
+    gone.wait().expect("true exits");
+    let mut cell = Command::new(binary("im-cell"))
+        .args(["serve", "--cell-id", "orphan-1", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("orphan-1"))
+        .arg("--exit-with-parent")
+        .env(cellplane_api::serve::PARENT_PID_ENV, supervisor.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run im-cell");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = cell.try_wait().expect("wait for im-cell") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = cell.kill();
+            panic!("the cell still serves 10 s after its supervisor was gone");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut cell.stderr.take().expect("stderr"), &mut said)
+        .expect("read stderr");
+    assert!(status.success(), "{status}: {said}");
+    assert!(said.contains("the supervising process exited"), "{said}");
+}

@@ -258,9 +258,10 @@ impl Agents {
                 .append(true)
                 .open(&log_path)
                 .map_err(|e| io_error(&log_path, e))?;
-            let child = Command::new(&binary)
-                .arg("serve")
-                .arg("--exit-with-parent")
+            let mut command = Command::new(&binary);
+            command.arg("serve");
+            cellplane_api::serve::exit_with_this_process(&mut command);
+            let child = command
                 .arg("--region")
                 .arg(region)
                 .arg("--control-plane")
