@@ -279,13 +279,11 @@ fn run(seed: u64) {
             Ok(())
         });
     }
-    // The agent's host is cut off, one way or both, and its links held, but not crashed: its
-    // cells run in this process, and a crashed host's storage engine keeps its files locked
-    // through threads of its own, where a process's death would free them. Agents and cells
-    // SIGKILLed are the real-process system tests' (tests/system/).
+    // Every server may crash: a node, or the agent's host with its cells, which restart from
+    // their disks at the heal.
     let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
     let hosts = nodes.iter().cloned().chain([world::AGENT.into()]).collect();
-    let mut nemesis = Nemesis::new(seed, hosts, nodes);
+    let mut nemesis = Nemesis::new(seed, hosts);
     world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
     let outcome = outcome.lock().expect("outcome").take();
     match outcome {

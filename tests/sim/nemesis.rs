@@ -27,20 +27,18 @@ pub enum Fault {
 /// Faults as the seed draws them, and what was done, for the run's report.
 pub struct Nemesis {
     rng: StdRng,
-    /// The servers faults hit; clients are never cut off, so they see what servers do.
+    /// The servers faults hit, crashes too; clients are never cut off, so they see what
+    /// servers do.
     hosts: Vec<String>,
-    /// Those of them a crash may hit.
-    crashable: Vec<String>,
     next_at: Duration,
     active: Option<(Fault, Duration)>,
     pub injected: Vec<(Duration, Fault)>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, hosts: Vec<String>, crashable: Vec<String>) -> Self {
+    pub fn new(seed: u64, hosts: Vec<String>) -> Self {
         Self {
             hosts,
-            crashable,
             // Not the network's stream: turmoil draws latencies from its own generator.
             rng: StdRng::seed_from_u64(seed ^ 0x006E_656D_6573_6973),
             next_at: Duration::from_secs(3),
@@ -98,7 +96,7 @@ impl Nemesis {
         match self.rng.random_range(0..10) {
             0..=2 => Fault::Crash(match leader {
                 Some(leader) if self.rng.random_bool(0.7) => host(leader),
-                _ => self.crashable[self.rng.random_range(0..self.crashable.len())].clone(),
+                _ => self.pick(),
             }),
             3..=4 => Fault::Isolate(self.pick()),
             5..=6 => {
