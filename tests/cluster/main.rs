@@ -3,6 +3,7 @@
 
 mod audit;
 mod bad_input;
+mod control_client;
 mod crash;
 mod linearizable;
 mod membership;
