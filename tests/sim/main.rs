@@ -14,4 +14,5 @@ mod nemesis;
 mod net;
 mod routes;
 mod seeds;
+mod workload;
 mod world;

@@ -1,0 +1,313 @@
+//! Messages as the IM services send them, and what every run checks of them: writers send
+//! through the production `Messenger` (route cache and all); afterwards every acknowledged
+//! message must be in its conversation's history on the owning cell exactly once, at the seq
+//! it was acknowledged with, seqs contiguous from 1, and no key may ever have had two writers.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheOptions};
+use cellplane_api::proto::cell::{
+    ConversationKind, CreateConversationRequest, GetHistoryRequest, SendMessageRequest,
+};
+use tokio::time::Instant;
+use tonic::Code;
+
+use crate::world::{self, NODES};
+
+pub const MEMBERS: [&str; 2] = ["alice", "bob"];
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One acknowledged message: which cell took it at which route epoch, and when the send began
+/// and ended on the simulated clock of the clients' host.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub id: String,
+    pub seq: u64,
+    pub cell: String,
+    pub epoch: u64,
+    pub invoked: Instant,
+    pub returned: Instant,
+}
+
+/// What the writers had acknowledged, per (tenant, conversation), in the order acknowledged.
+pub type Acked = BTreeMap<(String, String), Vec<Ack>>;
+
+/// A `Messenger` over a route cache of every node, on the simulated network.
+pub async fn messenger() -> Result<Arc<Messenger>, String> {
+    let endpoints: Vec<String> = (1..=NODES).map(world::endpoint).collect();
+    let routes = Arc::new(
+        RouteCache::start(
+            endpoints,
+            RouteCacheOptions {
+                tls: crate::net::tls(),
+                ..RouteCacheOptions::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("route cache: {e}"))?,
+    );
+    Ok(Arc::new(Messenger::new(
+        routes,
+        MessengerOptions {
+            tls: crate::net::tls(),
+            ..MessengerOptions::default()
+        },
+    )))
+}
+
+/// Creates groups `g0`.. of each tenant, retrying until each exists.
+pub async fn create_groups(messenger: &Messenger, tenants: &[&str], groups: usize) {
+    for tenant in tenants {
+        for g in 0..groups {
+            loop {
+                let created = messenger
+                    .create_conversation(CreateConversationRequest {
+                        tenant_id: tenant.to_string(),
+                        conversation_id: format!("g{g}"),
+                        kind: ConversationKind::Group as i32,
+                        member_ids: MEMBERS.iter().map(|m| m.to_string()).collect(),
+                        route_epoch: 0,
+                    })
+                    .await;
+                match created {
+                    Ok(_) => break,
+                    Err(status) if status.code() == Code::AlreadyExists => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    }
+}
+
+/// One writer per group of each tenant, sending every 20 ms until `until`.
+pub fn spawn_writers(
+    tasks: &mut tokio::task::JoinSet<()>,
+    messenger: &Arc<Messenger>,
+    tenants: &[&'static str],
+    groups: usize,
+    until: Instant,
+    acked: &Arc<Mutex<Acked>>,
+) {
+    for tenant in tenants {
+        for g in 0..groups {
+            let (messenger, acked, tenant) = (messenger.clone(), acked.clone(), *tenant);
+            tasks.spawn(async move {
+                let key = (tenant.to_string(), format!("g{g}"));
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    n += 1;
+                    let id = format!("{tenant}-g{g}-{n}");
+                    if let Some(ack) = send(&messenger, &key, &id, n).await {
+                        acked
+                            .lock()
+                            .expect("acked")
+                            .entry(key.clone())
+                            .or_default()
+                            .push(ack);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+    }
+}
+
+/// Sends one message, noting the route epoch of the attempt that was answered.
+async fn send(messenger: &Messenger, key: &(String, String), id: &str, n: u64) -> Option<Ack> {
+    let invoked = Instant::now();
+    let epoch = AtomicU64::new(0);
+    let request = SendMessageRequest {
+        tenant_id: key.0.clone(),
+        conversation_id: key.1.clone(),
+        sender_id: MEMBERS[(n % 2) as usize].into(),
+        client_msg_id: id.to_string(),
+        body: format!("#{n}").into_bytes(),
+        ..Default::default()
+    };
+    let sent = messenger
+        .write(&key.0, &key.1, |mut client, route_epoch| {
+            epoch.store(route_epoch, Ordering::Relaxed);
+            let mut request = request.clone();
+            request.route_epoch = route_epoch;
+            async move { client.send_message(request).await }
+        })
+        .await
+        .ok()?;
+    Some(Ack {
+        id: id.to_string(),
+        seq: sent.seq,
+        cell: sent.message_id.split('/').next().unwrap_or_default().into(),
+        epoch: epoch.load(Ordering::Relaxed),
+        invoked,
+        returned: Instant::now(),
+    })
+}
+
+/// No key had two writers, as the acknowledgements show it: once a send was acknowledged,
+/// no send begun after it was accepted at an older route epoch (an owner fenced off still
+/// writing), nor given a seq at or below its own (two writers numbering one conversation).
+pub fn one_writer(acked: &Acked) -> Result<(), String> {
+    for ((tenant, conversation), acks) in acked {
+        let mut by_return: Vec<&Ack> = acks.iter().collect();
+        by_return.sort_by_key(|a| a.returned);
+        let mut by_invoke: Vec<&Ack> = acks.iter().collect();
+        by_invoke.sort_by_key(|a| a.invoked);
+        // The acknowledgement with the newest epoch, and the one with the highest seq, among
+        // those returned before the send at hand began.
+        let (mut newest, mut highest): (Option<&Ack>, Option<&Ack>) = (None, None);
+        let mut returned = by_return.iter().peekable();
+        for ack in by_invoke {
+            while let Some(done) = returned.next_if(|done| done.returned < ack.invoked) {
+                newest = newest.filter(|n| n.epoch >= done.epoch).or(Some(done));
+                highest = highest.filter(|h| h.seq >= done.seq).or(Some(done));
+            }
+            if let Some(before) = newest.filter(|n| n.epoch > ack.epoch) {
+                return Err(format!(
+                    "{tenant}/{conversation}: two writers: {} was accepted by {} at epoch {} \
+                     after {} had been by {} at epoch {}",
+                    ack.id, ack.cell, ack.epoch, before.id, before.cell, before.epoch
+                ));
+            }
+            if let Some(before) = highest.filter(|h| h.seq >= ack.seq) {
+                return Err(format!(
+                    "{tenant}/{conversation}: {} was given seq {} by {} after {} had seq {} from {}",
+                    ack.id, ack.seq, ack.cell, before.id, before.seq, before.cell
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every acknowledged message is in the owner's history once, at its seq, seqs contiguous
+/// from 1; answers how many were checked.
+pub async fn check_histories(messenger: &Messenger, acked: &Acked) -> Result<usize, String> {
+    let mut checked = 0usize;
+    for ((tenant, conversation), acks) in acked {
+        let history = loop {
+            match read_history(messenger, tenant, conversation).await {
+                Ok(history) => break history,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let seqs: Vec<u64> = history.iter().map(|(seq, _)| *seq).collect();
+        if seqs != (1..=seqs.len() as u64).collect::<Vec<_>>() {
+            return Err(format!(
+                "{tenant}/{conversation}: seqs are not 1..n: {seqs:?}"
+            ));
+        }
+        let mut found: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (seq, id) in &history {
+            found.entry(id.as_str()).or_default().push(*seq);
+        }
+        for ack in acks {
+            match found.get(ack.id.as_str()).map(Vec::as_slice) {
+                Some([at]) if *at == ack.seq => {}
+                other => {
+                    return Err(format!(
+                        "{tenant}/{conversation}: {} acknowledged at seq {} by {}, found at {other:?}",
+                        ack.id, ack.seq, ack.cell
+                    ));
+                }
+            }
+        }
+        if let Some((id, at)) = found.iter().find(|(_, at)| at.len() > 1) {
+            return Err(format!(
+                "{tenant}/{conversation}: {id} written twice, at {at:?}"
+            ));
+        }
+        checked += acks.len();
+    }
+    Ok(checked)
+}
+
+/// A conversation's whole history on the cell that owns it, oldest first: (seq, client id).
+async fn read_history(
+    messenger: &Messenger,
+    tenant: &str,
+    conversation: &str,
+) -> Result<Vec<(u64, String)>, tonic::Status> {
+    let mut history = Vec::new();
+    let mut before_seq = 0;
+    loop {
+        let (_, mut client) = messenger.owner(tenant, conversation)?;
+        let page = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.get_history(GetHistoryRequest {
+                tenant_id: tenant.into(),
+                conversation_id: conversation.into(),
+                user_id: MEMBERS[0].into(),
+                before_seq,
+                limit: 200,
+            }),
+        )
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("history"))??
+        .into_inner();
+        history.extend(
+            page.messages
+                .iter()
+                .map(|m| (m.seq, m.client_msg_id.clone())),
+        );
+        match page.messages.last() {
+            Some(oldest) if page.has_more => before_seq = oldest.seq,
+            _ => break,
+        }
+    }
+    history.sort();
+    Ok(history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(id: &str, seq: u64, cell: &str, epoch: u64, invoked: u64, returned: u64) -> Ack {
+        let start = Instant::now();
+        Ack {
+            id: id.into(),
+            seq,
+            cell: cell.into(),
+            epoch,
+            invoked: start + Duration::from_millis(invoked),
+            returned: start + Duration::from_millis(returned),
+        }
+    }
+
+    fn acked(acks: Vec<Ack>) -> Acked {
+        BTreeMap::from([(("t".to_string(), "g0".to_string()), acks)])
+    }
+
+    #[test]
+    fn a_handover_with_overlapping_sends_is_one_writer() {
+        // The old owner's last send and the new owner's first overlap in time: either order.
+        let acks = vec![
+            ack("a", 1, "c1", 1, 0, 10),
+            ack("b", 2, "c1", 1, 20, 60),
+            ack("c", 3, "c2", 2, 30, 70),
+            ack("d", 4, "c2", 2, 80, 90),
+        ];
+        assert!(one_writer(&acked(acks)).is_ok());
+    }
+
+    #[test]
+    fn a_fenced_owner_accepting_after_the_new_one_is_two_writers() {
+        let acks = vec![
+            ack("a", 1, "c1", 1, 0, 10),
+            ack("b", 2, "c2", 2, 20, 30),
+            ack("c", 3, "c1", 1, 40, 50),
+        ];
+        let err = one_writer(&acked(acks)).unwrap_err();
+        assert!(err.contains("two writers"), "{err}");
+    }
+
+    #[test]
+    fn a_seq_given_again_after_it_was_acknowledged_is_two_writers() {
+        let acks = vec![ack("a", 5, "c1", 1, 0, 10), ack("b", 5, "c2", 2, 20, 30)];
+        let err = one_writer(&acked(acks)).unwrap_err();
+        assert!(err.contains("given seq 5"), "{err}");
+    }
+}
