@@ -124,14 +124,18 @@ pub async fn serve_with(
         store.last_lsn()?,
         hub.clone(),
     );
+    let (closing_tx, closing) = watch::channel(false);
     // Always: standbys can be added while the cell runs.
     {
         let gate = gate.clone();
+        let mut closing = closing.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(GATE_TICK);
             loop {
-                ticker.tick().await;
-                gate.tick(tokio::time::Instant::now());
+                tokio::select! {
+                    _ = ticker.tick() => gate.tick(tokio::time::Instant::now()),
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
             }
         });
     }
@@ -147,9 +151,9 @@ pub async fn serve_with(
         },
         gate.clone(),
     )?;
+    let held = gate.clone();
     let replication = ReplicationState::new(gate);
     primary::track_commits(writer.commits(), replication.clone());
-    let (closing_tx, closing) = watch::channel(false);
     let shutdown = async move {
         shutdown.await;
         let _ = closing_tx.send(true);
@@ -230,7 +234,12 @@ pub async fn serve_with(
         ))
         .serve_with_incoming_shutdown(tls.incoming(listener), shutdown);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    if let Some(served) = cellplane_api::serve::drain_within(served, stopping, grace).await {
+    let drained = cellplane_api::serve::drain_within(served, stopping, grace).await;
+    // Sends still held for the synchronous standbys end now, and their connections with them:
+    // nothing of the cell, its store least of all, outlives it (it may run again in this
+    // process, as the agent's tasks do).
+    held.refuse_held();
+    if let Some(served) = drained {
         served?;
         tracing::info!(cell_id = %config.cell_id, "IM cell drained");
     }

@@ -151,6 +151,22 @@ impl SyncGate {
         send(go, &self.hub);
     }
 
+    /// The cell stops: every answer still held is refused UNAVAILABLE, none acknowledged. Its
+    /// batch is durable here but not on every synchronous standby, so the send is not
+    /// acknowledged and its retry goes to whichever cell owns the key then; the calls end
+    /// and their connections with them, rather than wait for standbys that may never answer.
+    pub fn refuse_held(&self) {
+        let held = std::mem::take(&mut self.lock().held);
+        let stopping = CellError::Unavailable(
+            "the cell stopped before its synchronous standbys had this write: it is not acknowledged; retry".into(),
+        );
+        for batch in held {
+            for (reply, _) in batch.answers {
+                let _ = reply.send(Err(stopping.clone()));
+            }
+        }
+    }
+
     /// A standby acknowledged `lsn` as durable.
     pub fn acked(&self, standby: &str, lsn: u64) {
         let released = {
@@ -301,6 +317,27 @@ mod tests {
 
     fn mode(gate: &SyncGate) -> pb::SyncMode {
         pb::SyncMode::try_from(gate.status().mode).expect("mode")
+    }
+
+    #[test]
+    fn a_stopping_cell_refuses_what_it_holds_and_acknowledges_none() {
+        let gate = SyncGate::new(
+            &["s1".into()],
+            Duration::from_secs(5),
+            0,
+            SyncHub::with_notifier(None),
+        );
+        let (held, mut held_rx) = answers(2);
+        gate.committed(1, held, Vec::new());
+        assert!(!answered(&mut held_rx[0]), "held for the standby");
+        gate.refuse_held();
+        for rx in &mut held_rx {
+            assert!(
+                matches!(rx.try_recv(), Ok(Err(CellError::Unavailable(_)))),
+                "refused"
+            );
+        }
+        assert_eq!(gate.status().held_batches, 0);
     }
 
     #[test]
