@@ -120,7 +120,10 @@ fn run(seed: u64) {
         .tempdir()
         .expect("temp dir");
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(150));
-    world::add_agent(&mut sim, dir.path(), CELLS);
+    let cells = (1..=CELLS)
+        .map(|n| world::cell("hz", &format!("cell-{n}"), "NORMAL", 7000 + n as u16))
+        .collect();
+    world::add_agent(&mut sim, dir.path(), "hz", cells);
     let progress = Arc::new(Mutex::new(Progress::default()));
     let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
     {
@@ -134,7 +137,11 @@ fn run(seed: u64) {
     // Every server may crash: a node, or the agent's host with its cells, which restart from
     // their disks at the heal.
     let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
-    let hosts = nodes.iter().cloned().chain([world::AGENT.into()]).collect();
+    let hosts = nodes
+        .iter()
+        .cloned()
+        .chain([world::agent_host("hz")])
+        .collect();
     let mut nemesis = Nemesis::new(seed, hosts);
     world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
     let outcome = outcome.lock().expect("outcome").take();

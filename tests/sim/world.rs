@@ -71,48 +71,50 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
     sim
 }
 
-/// The simulated host of the agent of region `hz`; its cells run on it as tasks.
-pub const AGENT: &str = "agent-hz";
-
-/// The port of the agent's `n`th cell.
-pub fn cell_port(n: usize) -> u16 {
-    7000 + n as u16
+/// The simulated host of the agent of `region`; its cells run on it as tasks.
+pub fn agent_host(region: &str) -> String {
+    format!("agent-{region}")
 }
 
-/// Runs the agent of region `hz` with `cells` NORMAL primaries on its own host, with its data
-/// under `dir`: the production agent, its cells the production cells, started as tasks.
-pub fn add_agent(sim: &mut turmoil::Sim<'_>, dir: &Path, cells: usize) {
+/// A primary cell of `tier` served on `port` of the agent host of `region`.
+pub fn cell(region: &str, cell_id: &str, tier: &str, port: u16) -> CellSpec {
+    CellSpec {
+        cell_id: cell_id.into(),
+        zone: format!("z{port}"),
+        tier: tier.into(),
+        listen: ([0, 0, 0, 0], port).into(),
+        advertise: Some(format!("{}:{port}", agent_host(region))),
+        capacity: 1_000,
+        standby_of: None,
+        primary_endpoint: None,
+        sync_standbys: None,
+        sync_timeout_ms: None,
+        args: Vec::new(),
+    }
+}
+
+/// Runs the agent of `region` with `cells` on its own host, with its data under `dir`: the
+/// production agent, its cells the production cells, started as tasks.
+pub fn add_agent(sim: &mut turmoil::Sim<'_>, dir: &Path, region: &str, cells: Vec<CellSpec>) {
+    let host = agent_host(region);
     let config = AgentConfig {
-        data_dir: dir.join(AGENT),
+        data_dir: dir.join(&host),
         im_cell_binary: None,
         heartbeat_interval_ms: 200,
         restart: Default::default(),
-        cells: (1..=cells)
-            .map(|n| CellSpec {
-                cell_id: format!("cell-{n}"),
-                zone: format!("z{n}"),
-                tier: "NORMAL".into(),
-                listen: ([0, 0, 0, 0], cell_port(n)).into(),
-                advertise: Some(format!("{AGENT}:{}", cell_port(n))),
-                capacity: 1_000,
-                standby_of: None,
-                primary_endpoint: None,
-                sync_standbys: None,
-                sync_timeout_ms: None,
-                args: Vec::new(),
-            })
-            .collect(),
+        cells,
         tls: None,
         cell_auth: None,
     };
     let endpoints: Vec<String> = (1..=NODES).map(endpoint).collect();
-    sim.host(AGENT, move || {
-        let (config, endpoints) = (config.clone(), endpoints.clone());
+    let region = region.to_string();
+    sim.host(host, move || {
+        let (config, endpoints, region) = (config.clone(), endpoints.clone(), region.clone());
         async move {
             let launcher = Launcher::Tasks(Arc::new(|start| Box::pin(run_cell(start))));
             agent::run_with(
                 config,
-                "hz".into(),
+                region,
                 endpoints,
                 (net::tls(), launcher),
                 std::future::pending(),
