@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 n="${1:-20}"
 status=0
 for test in routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis \
-    messages::acknowledged_messages_survive_migrations_under_the_nemesis; do
+    messages::acknowledged_messages_survive_migrations_under_the_nemesis \
+    failover::failovers_lose_nothing_acknowledged_and_never_make_two_writers; do
     log="$(mktemp -t cellplane-soak.XXXXXX)"
     started=$(date +%s)
     SIM_SEEDS="$n" cargo test -q -p cellplane-tests --test sim "$test" -- --exact --nocapture \
