@@ -149,7 +149,7 @@ async fn the_route_history_is_linearizable_across_a_leader_kill() {
     };
     let operations = history.len();
     let started = std::time::Instant::now();
-    let checked = history.check(|_| initial.clone());
+    let checked = history.check(|_| Some(initial.clone()));
     eprintln!("checked {operations} operations in {:?}", started.elapsed());
     if let Err(violation) = checked {
         panic!("{violation}");

@@ -1,12 +1,14 @@
 //! The route store under the nemesis: writers move route keys between two cells by
-//! compare-and-set (`MoveRoute` on the epoch they last saw), readers look them up
-//! LINEARIZABLE, each call through any node; after the faults heal, every key is read on every
-//! node. The whole history — every `Lookup` and `MoveRoute` with its invocation and answer in
-//! simulated time — must be linearizable (`cellplane_tests::history`, the WGL checker). This
-//! is also how a stale read after a leader change shows up: an acknowledged move followed by
-//! a lookup of the epoch before it fits no order.
+//! compare-and-set (`MoveRoute` on the epoch they last saw), a creator makes new tenants, and
+//! readers look keys and tenants up LINEARIZABLE, each call through any node; after the faults
+//! heal, every key and tenant is read on every node. The whole history — every `Lookup`,
+//! `MoveRoute` and `CreateTenant` with its invocation and answer in simulated time — must be
+//! linearizable (`cellplane_tests::history`, the WGL checker). This is also how a stale read
+//! after a leader change shows up: an acknowledged move followed by a lookup of the epoch
+//! before it fits no order, as does a tenant not found after its create was acknowledged.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,8 @@ use crate::world::{self, NODES, Progress, phase, until_done};
 
 const KEYS: usize = 3;
 const READERS: usize = 3;
+/// Tenants the creator makes during a run, one every half second.
+const NEW_TENANTS: u64 = 40;
 const TENANT: &str = "sim";
 const CELLS: [&str; 2] = ["cell-a", "cell-b"];
 /// Simulated time the workload runs under the nemesis.
@@ -85,13 +89,30 @@ async fn set_up() {
     .await;
 }
 
+/// The history's key of tenant `tenant`'s own route, created during the run.
+fn tenant_key(tenant: &str) -> String {
+    format!("tenant {tenant}")
+}
+
 /// A LINEARIZABLE lookup of `key` through `via`, recorded in `history`; answers the epoch
 /// and cell, or `None` when the outcome is unknown (the client then goes on as another).
 async fn lookup(history: &History, client: &mut u64, via: u64, key: &str) -> Option<(u64, String)> {
+    lookup_route(history, client, via, (TENANT, key), key).await?
+}
+
+/// A LINEARIZABLE lookup of `(tenant, conversation)`, recorded under `key`: `Some(None)` when
+/// no route exists, `None` when the outcome is unknown (the client then goes on as another).
+async fn lookup_route(
+    history: &History,
+    client: &mut u64,
+    via: u64,
+    (tenant, conversation): (&str, &str),
+    key: &str,
+) -> Option<Option<(u64, String)>> {
     history.invoke(*client, key, Op::Lookup);
     let answer = within(routing(via).lookup(LookupRequest {
-        tenant_id: TENANT.into(),
-        conversation_id: key.into(),
+        tenant_id: tenant.into(),
+        conversation_id: conversation.into(),
         consistency: Consistency::Linearizable as i32,
     }))
     .await;
@@ -102,7 +123,43 @@ async fn lookup(history: &History, client: &mut u64, via: u64, key: &str) -> Opt
                 .route
                 .expect("a lookup answered OK carries its route");
             history.returned(*client, key, Ret::Route(route.epoch));
-            Some((route.epoch, route.cell_id))
+            Some(Some((route.epoch, route.cell_id)))
+        }
+        Some(Err(status)) if status.code() == tonic::Code::NotFound => {
+            history.returned(*client, key, Ret::NotFound);
+            Some(None)
+        }
+        _ => {
+            *client = history.client();
+            None
+        }
+    }
+}
+
+/// Creates `tenant` through `via`, recorded in `history`: `Some(created)` once the answer is
+/// known, `None` when the outcome is unknown (the client then goes on as another).
+async fn create_tenant(
+    history: &History,
+    client: &mut u64,
+    via: u64,
+    tenant: &str,
+) -> Option<bool> {
+    let key = tenant_key(tenant);
+    history.invoke(*client, &key, Op::Create);
+    let answer = within(world::control(via).create_tenant(CreateTenantRequest {
+        tenant_id: tenant.into(),
+        tier: Tier::Normal as i32,
+        home_region: "hz".into(),
+    }))
+    .await;
+    match answer {
+        Some(Ok(created)) => {
+            history.returned(*client, &key, Ret::Created(created.into_inner().epoch));
+            Some(true)
+        }
+        Some(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+            history.returned(*client, &key, Ret::Exists);
+            Some(false)
         }
         _ => {
             *client = history.client();
@@ -225,6 +282,46 @@ async fn clients(
             }
         });
     }
+    // New tenants, one every half second, each until its outcome is known; and a reader that
+    // looks up the newest ones and the next, before it exists.
+    let created = Arc::new(AtomicU64::new(0));
+    {
+        let (history, created) = (history.clone(), created.clone());
+        tasks.spawn(async move {
+            let mut client = history.client();
+            for n in 0..NEW_TENANTS {
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                let tenant = format!("t{n}");
+                let mut via = n;
+                while create_tenant(&history, &mut client, via % NODES + 1, &tenant)
+                    .await
+                    .is_none()
+                {
+                    via += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                created.store(n + 1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    {
+        let (history, created) = (history.clone(), created.clone());
+        tasks.spawn(async move {
+            let mut client = history.client();
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < until {
+                n += 1;
+                let newest = created.load(Ordering::Relaxed);
+                let tenant = format!("t{}", (newest + 1).saturating_sub(n % 3));
+                let key = tenant_key(&tenant);
+                lookup_route(&history, &mut client, n % NODES + 1, (&tenant, ""), &key).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
     let watcher = tokio::spawn(world::watch_leader(progress.clone()));
     while tasks.join_next().await.is_some() {}
     watcher.abort();
@@ -236,6 +333,20 @@ async fn clients(
             phase(&progress, format!("the final read of c{key} on n{via}"));
             let mut client = history.client();
             while lookup(&history, &mut client, via, &format!("c{key}"))
+                .await
+                .is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    for n in 0..created.load(Ordering::Relaxed) {
+        let tenant = format!("t{n}");
+        let key = tenant_key(&tenant);
+        for via in 1..=NODES {
+            phase(&progress, format!("the final read of {tenant} on n{via}"));
+            let mut client = history.client();
+            while lookup_route(&history, &mut client, via, (&tenant, ""), &key)
                 .await
                 .is_none()
             {
@@ -278,7 +389,7 @@ fn run(seed: u64) -> Run {
         .expect("learned")
         .clone()
         .expect("the clients learned the tenant's route");
-    let checked = history.check(|_| initial.clone());
+    let checked = history.check(|key| (!key.starts_with("tenant ")).then(|| initial.clone()));
     let injected = nemesis.report();
     if let Err(violation) = checked {
         panic!(

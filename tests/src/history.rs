@@ -1,7 +1,9 @@
-//! Histories of route operations as clients saw them (`Lookup`, `MoveRoute`), checked for
-//! linearizability by the Wing–Gong–Lowe checker of `todc-utils` (with its memoization of
-//! partial linearizations) against a sequential model of one route key. Each key is checked
-//! on its own: linearizability is local, so a history is linearizable when every key's is.
+//! Histories of route operations as clients saw them (`Lookup`, `MoveRoute`, `CreateTenant`),
+//! checked for linearizability by the Wing–Gong–Lowe checker of `todc-utils` (with its
+//! memoization of partial linearizations) against a sequential model of one route key. Each
+//! key is checked on its own: linearizability is local, so a history is linearizable when
+//! every key's is. A key either exists before the history begins (its start route given) or
+//! is created in it: a tenant's own route, absent until a `CreateTenant` takes effect.
 //!
 //! A client records an invocation before its call and the answer after it. A call whose
 //! outcome is unknown (a timeout, an unavailable node mid-call) is never answered: it may have
@@ -26,7 +28,12 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Op {
     Lookup,
-    Move { expected: u64, target: String },
+    Move {
+        expected: u64,
+        target: String,
+    },
+    /// `CreateTenant` of the tenant whose route the key is.
+    Create,
 }
 
 /// What the route store answered.
@@ -40,6 +47,12 @@ pub enum Ret {
     Stale(u64),
     /// A move refused: the key is already on its target.
     AlreadyThere,
+    /// A lookup found no route: the tenant does not exist (yet).
+    NotFound,
+    /// A create made the tenant, its route at this epoch.
+    Created(u64),
+    /// A create refused: the tenant exists.
+    Exists,
 }
 
 /// An operation as the checker sees it, at its call and at its answer alike.
@@ -50,45 +63,69 @@ enum Step {
     /// After every answered operation: what follows is a move of unknown outcome that never
     /// took effect.
     End,
-    Lookup(u64),
+    /// The epoch found, or `None` when there was no route.
+    Lookup(Option<u64>),
     Move {
         expected: u64,
         target: String,
         answer: Option<Ret>,
     },
+    Create {
+        answer: Option<Ret>,
+    },
 }
 
-/// A route key as a sequential object: unset until its `Start`, ended at its `End`.
+/// A route key as a sequential object: absent until its `Start` or a create, ended at its
+/// `End`.
 struct RouteKey;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum KeyState {
-    Unset,
+    Absent,
     At(Route),
     Ended,
 }
+
+/// The epoch of a tenant's route when it is created.
+const CREATED_EPOCH: u64 = 1;
 
 impl Specification for RouteKey {
     type State = KeyState;
     type Operation = Step;
 
     fn init() -> KeyState {
-        KeyState::Unset
+        KeyState::Absent
     }
 
     fn apply(step: &Step, state: &KeyState) -> (bool, KeyState) {
         let unchanged = (false, state.clone());
         let route = match (step, state) {
-            (Step::Start(route), KeyState::Unset) => return (true, KeyState::At(route.clone())),
-            (Step::End, KeyState::At(_)) => return (true, KeyState::Ended),
-            // A move of unknown outcome placed after the end never took effect.
-            (Step::Move { answer: None, .. }, KeyState::Ended) => return (true, KeyState::Ended),
+            (Step::Start(route), KeyState::Absent) => return (true, KeyState::At(route.clone())),
+            (Step::End, KeyState::At(_) | KeyState::Absent) => return (true, KeyState::Ended),
+            // A move or create of unknown outcome placed after the end never took effect.
+            (Step::Move { answer: None, .. } | Step::Create { answer: None }, KeyState::Ended) => {
+                return (true, KeyState::Ended);
+            }
+            (Step::Lookup(None), KeyState::Absent) => return (true, KeyState::Absent),
+            (Step::Create { answer }, KeyState::Absent) => {
+                let created = KeyState::At(Route {
+                    epoch: CREATED_EPOCH,
+                    cell: String::new(),
+                });
+                return match answer {
+                    None | Some(Ret::Created(CREATED_EPOCH)) => (true, created),
+                    _ => unchanged,
+                };
+            }
             (_, KeyState::At(route)) => route,
             _ => return unchanged,
         };
         match step {
             Step::Start(_) | Step::End => unchanged,
-            Step::Lookup(epoch) => (*epoch == route.epoch, state.clone()),
+            Step::Lookup(epoch) => (*epoch == Some(route.epoch), state.clone()),
+            // A create of unknown outcome that found the tenant changed nothing: it is placed
+            // after the end, as a refusal.
+            Step::Create { answer } => (*answer == Some(Ret::Exists), state.clone()),
             Step::Move {
                 expected,
                 target,
@@ -178,9 +215,9 @@ impl History {
             .collect()
     }
 
-    /// Checks every key's history against its model starting at `initial(key)`; on a
-    /// violation, says which key and shows its history.
-    pub fn check(&self, initial: impl Fn(&str) -> Route) -> Result<(), String> {
+    /// Checks every key's history against its model starting at `initial(key)` (`None` for a
+    /// key created in the history); on a violation, says which key and shows its history.
+    pub fn check(&self, initial: impl Fn(&str) -> Option<Route>) -> Result<(), String> {
         let events = self.events.lock().expect("history").clone();
         let mut by_key: BTreeMap<String, Vec<Event>> = BTreeMap::new();
         for event in events {
@@ -203,18 +240,20 @@ impl History {
     }
 }
 
-/// One key's events as the checker's actions: its start first, then each call and answer in
-/// order, then the end, then the answers of moves never answered (unknown). A lookup never
-/// answered is left out, as it changes nothing; of unanswered moves alike in expected epoch
-/// and target only the first is kept, as at most one of them can take effect (epochs only
-/// grow) and the first can do so wherever a later one could.
-fn actions(start: Route, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>, String> {
+/// One key's events as the checker's actions: its start first (for a key that exists before
+/// the history), then each call and answer in order, then the end, then the answers of moves
+/// and creates never answered (unknown). A lookup never answered is left out, as it changes
+/// nothing; of unanswered moves alike in expected epoch and target, or of unanswered creates,
+/// only the first is kept, as at most one of them can take effect (epochs only grow, a tenant
+/// is created once) and the first can do so wherever a later one could.
+fn actions(start: Option<Route>, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>, String> {
     let process = |client: u64| usize::try_from(client).map_err(|e| e.to_string());
-    let start = Step::Start(start);
-    let mut actions = vec![
-        (0, Action::Call(start.clone())),
-        (0, Action::Response(start)),
-    ];
+    let mut actions = Vec::new();
+    if let Some(start) = start {
+        let start = Step::Start(start);
+        actions.push((0, Action::Call(start.clone())));
+        actions.push((0, Action::Response(start)));
+    }
     // Each call's answer: a client's call is answered by its next return.
     let mut answers: Vec<Option<Ret>> = vec![None; events.len()];
     let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
@@ -273,8 +312,12 @@ fn actions(start: Route, events: &[Event]) -> Result<Vec<(usize, Action<Step>)>,
 /// A call as the checker sees it, with its answer (`None` for a move of unknown outcome).
 fn step(op: &Op, answer: Option<&Ret>) -> Result<Step, String> {
     Ok(match (op, answer) {
-        (Op::Lookup, Some(Ret::Route(epoch))) => Step::Lookup(*epoch),
+        (Op::Lookup, Some(Ret::Route(epoch))) => Step::Lookup(Some(*epoch)),
+        (Op::Lookup, Some(Ret::NotFound)) => Step::Lookup(None),
         (Op::Lookup, other) => return Err(format!("a lookup answered {other:?}")),
+        (Op::Create, answer) => Step::Create {
+            answer: answer.cloned(),
+        },
         (Op::Move { expected, target }, answer) => Step::Move {
             expected: *expected,
             target: target.clone(),
@@ -287,11 +330,11 @@ fn step(op: &Op, answer: Option<&Ret>) -> Result<Step, String> {
 mod tests {
     use super::*;
 
-    fn start() -> Route {
-        Route {
+    fn start() -> Option<Route> {
+        Some(Route {
             epoch: 1,
             cell: "a".into(),
-        }
+        })
     }
 
     fn move_to(expected: u64, target: &str) -> Op {
@@ -349,5 +392,55 @@ mod tests {
         history.returned(b, "y", Ret::AlreadyThere);
         assert_eq!(history.check(|_| start()), Ok(()));
         assert_eq!(history.len(), 3);
+    }
+
+    #[test]
+    fn a_tenant_is_not_found_before_its_create_and_found_after() {
+        let history = History::default();
+        let (creator, reader) = (history.client(), history.client());
+        history.invoke(reader, "t", Op::Lookup);
+        history.returned(reader, "t", Ret::NotFound);
+        history.invoke(creator, "t", Op::Create);
+        history.returned(creator, "t", Ret::Created(1));
+        history.invoke(reader, "t", Op::Lookup);
+        history.returned(reader, "t", Ret::Route(1));
+        history.invoke(creator, "t", Op::Create);
+        history.returned(creator, "t", Ret::Exists);
+        assert_eq!(history.check(|_| None), Ok(()));
+
+        // Not found after an acknowledged create: no order explains it.
+        let lost = History::default();
+        let (creator, reader) = (lost.client(), lost.client());
+        lost.invoke(creator, "t", Op::Create);
+        lost.returned(creator, "t", Ret::Created(1));
+        lost.invoke(reader, "t", Op::Lookup);
+        lost.returned(reader, "t", Ret::NotFound);
+        assert!(lost.check(|_| None).is_err());
+
+        // Created twice: no order explains it either.
+        let twice = History::default();
+        let (a, b) = (twice.client(), twice.client());
+        twice.invoke(a, "t", Op::Create);
+        twice.returned(a, "t", Ret::Created(1));
+        twice.invoke(b, "t", Op::Create);
+        twice.returned(b, "t", Ret::Created(1));
+        assert!(twice.check(|_| None).is_err());
+    }
+
+    #[test]
+    fn a_create_of_unknown_outcome_may_or_may_not_have_made_the_tenant() {
+        let made = History::default();
+        let (creator, reader) = (made.client(), made.client());
+        made.invoke(creator, "t", Op::Create);
+        made.invoke(reader, "t", Op::Lookup);
+        made.returned(reader, "t", Ret::Route(1));
+        assert_eq!(made.check(|_| None), Ok(()));
+
+        let not = History::default();
+        let (creator, reader) = (not.client(), not.client());
+        not.invoke(creator, "t", Op::Create);
+        not.invoke(reader, "t", Op::Lookup);
+        not.returned(reader, "t", Ret::NotFound);
+        assert_eq!(not.check(|_| None), Ok(()));
     }
 }
