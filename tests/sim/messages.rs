@@ -1,13 +1,15 @@
 //! Messages under the nemesis: the production agent and its cells beside the three nodes,
 //! writers sending through the `Messenger` (`workload`) while tenants migrate between cells,
-//! history first. After the faults heal every migration must have ended, and the messages
-//! pass `workload`'s checks: none lost or doubled, and one writer per key throughout.
+//! history first — to another cell of their tier or to the other tier, some cancelled on the
+//! way. After the faults heal every migration must have ended, and the messages pass
+//! `workload`'s checks: none lost or doubled, and one writer per key throughout.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    CreateTenantRequest, ListMigrationsRequest, MigrateTenantRequest, MigrationPhase, Tier,
+    CancelMigrationRequest, CreateTenantRequest, ListMigrationsRequest, MigrateTenantRequest,
+    MigrationPhase, SetTenantTierRequest, Tier,
 };
 
 use crate::nemesis::Nemesis;
@@ -45,21 +47,50 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     workload::spawn_writers(&mut tasks, &messenger, &TENANTS, GROUPS, until, &acked);
-    // Tenants move to another cell every few seconds, history first.
+    // Every few seconds a tenant moves, history first: to another cell of its tier, or to
+    // the other tier (NORMAL and LOW take turns). Every third move is cancelled a moment
+    // later, wherever it has got to.
     tasks.spawn(async move {
         let mut n = 0usize;
+        let mut low = [false; TENANTS.len()];
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_secs(3)).await;
             n += 1;
-            let tenant = TENANTS[n % TENANTS.len()];
-            let _ = tokio::time::timeout(
-                CALL_TIMEOUT,
-                world::control((n as u64) % NODES + 1).migrate_tenant(MigrateTenantRequest {
-                    tenant_id: tenant.into(),
-                    target_cell: String::new(),
-                }),
-            )
-            .await;
+            let (t, via) = (n % TENANTS.len(), (n as u64) % NODES + 1);
+            let tenant = TENANTS[t];
+            let started = if n % 4 == 3 {
+                low[t] = !low[t];
+                let tier = if low[t] { Tier::Low } else { Tier::Normal };
+                tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    world::control(via).set_tenant_tier(SetTenantTierRequest {
+                        tenant_id: tenant.into(),
+                        tier: tier as i32,
+                    }),
+                )
+                .await
+            } else {
+                tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    world::control(via).migrate_tenant(MigrateTenantRequest {
+                        tenant_id: tenant.into(),
+                        target_cell: String::new(),
+                    }),
+                )
+                .await
+            };
+            if n.is_multiple_of(3)
+                && let Ok(Ok(migration)) = started
+            {
+                tokio::time::sleep(Duration::from_millis(100 * (n % 7) as u64)).await;
+                let _ = tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    world::control(via).cancel_migration(CancelMigrationRequest {
+                        migration_id: migration.into_inner().migration_id,
+                    }),
+                )
+                .await;
+            }
         }
     });
     while tasks.join_next().await.is_some() {}
@@ -103,13 +134,21 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     let acked = acked.lock().expect("acked").clone();
     workload::one_writer(&acked)?;
     let checked = workload::check_histories(&messenger, &acked).await?;
-    let done = migrations
+    let ended = |phase: MigrationPhase| {
+        migrations
+            .iter()
+            .filter(|m| m.phase == phase as i32)
+            .count()
+    };
+    let tiers = migrations
         .iter()
-        .filter(|m| m.phase == MigrationPhase::Done as i32)
+        .filter(|m| m.new_tier != Tier::Unspecified as i32)
         .count();
     Ok(format!(
-        "{checked} acknowledged messages, {} migrations ({done} done)",
-        migrations.len()
+        "{checked} acknowledged messages, {} migrations ({tiers} of tier; {} done, {} rolled back)",
+        migrations.len(),
+        ended(MigrationPhase::Done),
+        ended(MigrationPhase::RolledBack)
     ))
 }
 
@@ -122,6 +161,7 @@ fn run(seed: u64) {
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(150));
     let cells = (1..=CELLS)
         .map(|n| world::cell("hz", &format!("cell-{n}"), "NORMAL", 7000 + n as u16))
+        .chain([world::cell("hz", "cell-low", "LOW", 7100)])
         .collect();
     world::add_agent(&mut sim, dir.path(), "hz", cells);
     let progress = Arc::new(Mutex::new(Progress::default()));
