@@ -1,7 +1,8 @@
 //! Messages as the IM services send them, and what every run checks of them: writers send
-//! through the production `Messenger` (route cache and all); afterwards every acknowledged
-//! message must be in its conversation's history on the owning cell exactly once, at the seq
-//! it was acknowledged with, seqs contiguous from 1, and no key may ever have had two writers.
+//! through the production `Messenger` (route cache and all), some messages twice at once;
+//! afterwards every acknowledged message must be in its conversation's history on the owning
+//! cell exactly once, at the seq it was acknowledged with (by every answer it got), seqs
+//! contiguous from 1, and no key may ever have had two writers.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,7 +83,8 @@ pub async fn create_groups(messenger: &Messenger, tenants: &[&str], groups: usiz
     }
 }
 
-/// One writer per group of each tenant, sending every 20 ms until `until`.
+/// One writer per group of each tenant, sending every 20 ms until `until`; every eighth
+/// message is sent twice at once.
 pub fn spawn_writers(
     tasks: &mut tokio::task::JoinSet<()>,
     messenger: &Arc<Messenger>,
@@ -100,14 +102,23 @@ pub fn spawn_writers(
                 while Instant::now() < until {
                     n += 1;
                     let id = format!("{tenant}-g{g}-{n}");
-                    if let Some(ack) = send(&messenger, &key, &id, n).await {
-                        acked
-                            .lock()
-                            .expect("acked")
-                            .entry(key.clone())
-                            .or_default()
-                            .push(ack);
-                    }
+                    let acks = if n.is_multiple_of(8) {
+                        // The same send twice at once, as a client's retry racing its
+                        // original: both answers must name one message, written once.
+                        let (first, again) = tokio::join!(
+                            send(&messenger, &key, &id, n),
+                            send(&messenger, &key, &id, n)
+                        );
+                        vec![first, again]
+                    } else {
+                        vec![send(&messenger, &key, &id, n).await]
+                    };
+                    acked
+                        .lock()
+                        .expect("acked")
+                        .entry(key.clone())
+                        .or_default()
+                        .extend(acks.into_iter().flatten());
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             });
