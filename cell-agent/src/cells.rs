@@ -167,6 +167,13 @@ pub async fn join(
         tracing::info!(cell_id = %spec.cell_id, "cell was promoted to primary by a failover");
         cell.mark_promoted();
     }
+    // A cell a failover made the standby of another runs as configured only until the roles
+    // loop, which starts once every cell joined, restarts it following its primary — and its
+    // disk may refuse the configured role outright, so it is not waited for here.
+    let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
+    if !as_configured {
+        return Ok(());
+    }
     let mut admin = cell.admin.clone();
     while admin
         .cell_status(CellStatusRequest { without_keys: true })
@@ -178,10 +185,7 @@ pub async fn join(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A cell a failover made the standby of another is made ACTIVE once it follows it
-    // (`roles.rs`), not here.
-    let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
-    if registered.state == pb::CellState::Joining as i32 && as_configured {
+    if registered.state == pb::CellState::Joining as i32 {
         let cell_id = spec.cell_id.clone();
         control
             .call(|mut c| {

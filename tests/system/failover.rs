@@ -522,6 +522,32 @@ async fn the_failed_primary_comes_back_as_the_standby_of_the_cell_that_took_over
     )
     .await;
     writers.let_write(100).await;
+
+    // Its machine restarts again: the agent starts the cell as configured, a primary, which
+    // its disk refuses (it follows the new primary now); the agent must still run it as that
+    // standby.
+    system.agents[0].signal_cell(PRIMARY, Signal::SIGKILL);
+    system.agents[0].kill().await;
+    system.agents[0].restart();
+    let agent = &system.agents[0];
+    wait_until(
+        "the restarted agent runs the old primary as the standby again",
+        Duration::from_secs(60),
+        || async {
+            let status = agent
+                .cell(PRIMARY)
+                .admin()
+                .cell_status(CellStatusRequest { without_keys: true })
+                .await;
+            let new = system.cell(STANDBY).await;
+            status.is_ok_and(|s| {
+                let s = s.into_inner();
+                s.standby_of == STANDBY && s.replica.is_some_and(|r| r.connected)
+            }) && new.protection == Protection::InSync as i32
+        },
+    )
+    .await;
+    writers.let_write(100).await;
     let (acks, _) = writers.stop().await;
     verify(&messenger, TENANT, &acks, &BTreeMap::new()).await;
 
