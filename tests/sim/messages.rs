@@ -132,8 +132,9 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
 
     phase("reading every history");
     let acked = acked.lock().expect("acked").clone();
-    workload::one_writer(&acked)?;
-    let checked = workload::check_histories(&messenger, &acked).await?;
+    let in_sync = workload::Behind::new();
+    workload::one_writer(&acked, &in_sync)?;
+    let checked = workload::check_histories(&messenger, &acked, &in_sync).await?;
     let ended = |phase: MigrationPhase| {
         migrations
             .iter()
