@@ -73,7 +73,9 @@ pub struct CellSpec {
     pub primary_endpoint: Option<String>,
     /// On a primary: the standbys every send waits for. By default its in-region standby (the
     /// cell of this file that is its standby); list a remote standby here to make it
-    /// synchronous too, or none for an asynchronous in-region standby.
+    /// synchronous too, or none for an asynchronous in-region standby. On a standby: the
+    /// remote standbys it waits for, besides its in-region ones, once a failover promotes it
+    /// (its old primary, rejoined as its standby, say).
     #[serde(default)]
     pub sync_standbys: Option<Vec<String>>,
     /// How long sends may wait for them before the primary asks to be recorded out of sync.

@@ -2,7 +2,8 @@
 //! a failed or demoted primary, once it runs again, merges what only it held back into its
 //! keys' owners (`merge.rs`), asks to rejoin, and then runs as a standby of the cell that took
 //! over (starting over from its snapshot) — or, a LOW cell, as an empty primary; a standby whose primary was failed over follows the
-//! successor; a promoted standby waits for its new in-region standby (set on the running cell);
+//! successor; a promoted standby waits for its new in-region standby and the remote ones its
+//! config lists (set on the running cell);
 //! a cell that rejoined is made ACTIVE once it follows. What to do is [`step`], a pure function
 //! of the cell's record, what the cell says it runs as, and the other cells; the supervisor
 //! restarts a cell told to follow another primary.
@@ -45,12 +46,13 @@ pub enum Step {
 }
 
 /// The step `record` (the control plane's view of the cell) asks for, given the primary the
-/// agent starts the cell as a standby of (`configured`), what the cell says it runs as
-/// (`running`, when it answers), every cell the control plane knows and the newest failover
-/// that moved the cell's keys away (`failover`).
+/// agent starts the cell as a standby of (`configured`) and the standbys its config has it
+/// wait for as a primary (`configured_sync`), what the cell says it runs as (`running`, when
+/// it answers), every cell the control plane knows and the newest failover that moved the
+/// cell's keys away (`failover`).
 pub fn step(
     record: &Cell,
-    configured: Option<&str>,
+    (configured, configured_sync): (Option<&str>, &[String]),
     running: Option<&CellStatusResponse>,
     cells: &[Cell],
     failover: Option<&Failover>,
@@ -67,11 +69,15 @@ pub fn step(
             };
         }
         let running = running?;
-        // A promoted standby was started without synchronous standbys: its in-region ones.
+        // A promoted standby was started without synchronous standbys: its in-region ones, and
+        // the remote ones its config lists (a HIGH pair kept synchronous both ways).
         if state == CellState::Active && !running.promoted_from.is_empty() {
             let mut wanted: Vec<String> = cells
                 .iter()
-                .filter(|c| c.standby_of == record.cell_id && c.region == record.region)
+                .filter(|c| {
+                    c.standby_of == record.cell_id
+                        && (c.region == record.region || configured_sync.contains(&c.cell_id))
+                })
                 .map(|c| c.cell_id.clone())
                 .collect();
             wanted.sort();
@@ -170,9 +176,10 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
         .and_then(Result::ok)
         .map(tonic::Response::into_inner);
         let configured = cell.configured_primary();
+        let configured_sync = cell.spec.sync_standbys.clone().unwrap_or_default();
         let Some(step) = step(
             record,
-            configured.as_deref(),
+            (configured.as_deref(), &configured_sync),
             running.as_ref(),
             &all,
             failover,
@@ -277,10 +284,13 @@ mod tests {
         let successor = cell("s", "hz", CellState::Active, "");
         let failed = cell("p", "hz", CellState::Failed, "");
         let all = [successor.clone(), failed.clone()];
-        assert_eq!(step(&failed, None, None, &all, None), Some(Step::Rejoin));
+        assert_eq!(
+            step(&failed, (None, &[]), None, &all, None),
+            Some(Step::Rejoin)
+        );
         let rejoined = cell("p", "hz", CellState::Joining, "s");
         assert_eq!(
-            step(&rejoined, None, None, &all, None),
+            step(&rejoined, (None, &[]), None, &all, None),
             Some(Step::Follow {
                 primary: "s".into(),
                 endpoint: "s:1".into()
@@ -293,7 +303,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            step(&rejoined, Some("s"), Some(&bootstrapping), &all, None),
+            step(
+                &rejoined,
+                (Some("s"), &[]),
+                Some(&bootstrapping),
+                &all,
+                None
+            ),
             None
         );
         let mut following = running("s");
@@ -302,11 +318,14 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            step(&rejoined, Some("s"), Some(&following), &all, None),
+            step(&rejoined, (Some("s"), &[]), Some(&following), &all, None),
             Some(Step::Activate)
         );
         let active = cell("p", "hz", CellState::Active, "s");
-        assert_eq!(step(&active, Some("s"), Some(&following), &all, None), None);
+        assert_eq!(
+            step(&active, (Some("s"), &[]), Some(&following), &all, None),
+            None
+        );
     }
 
     #[test]
@@ -320,25 +339,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            step(&failed, None, None, &all, Some(&failover)),
+            step(&failed, (None, &[]), None, &all, Some(&failover)),
             None,
             "its export is read from the running cell"
         );
         assert_eq!(
-            step(&failed, None, Some(&running("")), &all, Some(&failover)),
+            step(
+                &failed,
+                (None, &[]),
+                Some(&running("")),
+                &all,
+                Some(&failover)
+            ),
             Some(Step::MergeBack {
                 failover_id: "fo-7".into()
             })
         );
         failover.phase = FailoverPhase::Merged as i32;
         assert_eq!(
-            step(&failed, None, Some(&running("")), &all, Some(&failover)),
+            step(
+                &failed,
+                (None, &[]),
+                Some(&running("")),
+                &all,
+                Some(&failover)
+            ),
             Some(Step::Rejoin)
         );
     }
 
     #[test]
-    fn a_promoted_cell_waits_for_its_in_region_standbys_and_others_are_left_alone() {
+    fn a_promoted_cell_waits_for_its_in_region_and_configured_standbys_and_others_are_left_alone() {
         let promoted = cell("s", "hz", CellState::Active, "");
         let all = [
             promoted.clone(),
@@ -348,7 +379,7 @@ mod tests {
         let mut as_promoted = running("");
         as_promoted.promoted_from = "p".into();
         assert_eq!(
-            step(&promoted, Some("p"), Some(&as_promoted), &all, None),
+            step(&promoted, (Some("p"), &[]), Some(&as_promoted), &all, None),
             Some(Step::Sync(vec!["p".into()]))
         );
         as_promoted.sync = Some(SyncStatus {
@@ -356,22 +387,38 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            step(&promoted, Some("p"), Some(&as_promoted), &all, None),
+            step(&promoted, (Some("p"), &[]), Some(&as_promoted), &all, None),
             None
         );
+        // The remote standby too, when the cell's config lists it: a HIGH pair that was
+        // synchronous across regions stays so after a failover.
+        as_promoted.sync = None;
+        assert_eq!(
+            step(
+                &promoted,
+                (Some("p"), &["r".to_string()]),
+                Some(&as_promoted),
+                &all,
+                None
+            ),
+            Some(Step::Sync(vec!["p".into(), "r".into()]))
+        );
         // A primary that was never promoted keeps its configured synchronous standbys.
-        assert_eq!(step(&promoted, None, Some(&running("")), &all, None), None);
+        assert_eq!(
+            step(&promoted, (None, &[]), Some(&running("")), &all, None),
+            None
+        );
         // A configured standby that runs as configured needs nothing.
         let standby = cell("r", "bj", CellState::Active, "s");
         assert_eq!(
-            step(&standby, Some("s"), Some(&running("s")), &all, None),
+            step(&standby, (Some("s"), &[]), Some(&running("s")), &all, None),
             None
         );
         // Its primary failed over: it follows the successor, answering or not.
         let moved = cell("r", "bj", CellState::Active, "t");
         let all = [cell("t", "hz", CellState::Active, ""), moved.clone()];
         assert_eq!(
-            step(&moved, Some("s"), None, &all, None),
+            step(&moved, (Some("s"), &[]), None, &all, None),
             Some(Step::Follow {
                 primary: "t".into(),
                 endpoint: "t:1".into()

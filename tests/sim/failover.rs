@@ -174,6 +174,8 @@ fn run(seed: u64) {
     remote.standby_of = Some(primary.into());
     remote.primary_endpoint = high.advertise.clone();
     remote.sync_timeout_ms = Some(SYNC_TIMEOUT_MS);
+    // Promoted, it waits for the old primary once that rejoins as its standby.
+    remote.sync_standbys = Some(vec![primary.into()]);
     world::add_agent(&mut sim, dir.path(), primary_region, vec![high]);
     world::add_agent(&mut sim, dir.path(), standby_region, vec![remote]);
     let progress = Arc::new(Mutex::new(Progress::default()));
