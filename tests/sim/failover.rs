@@ -12,11 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    CreateTenantRequest, FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest,
-    ListFailoversRequest, Tier,
+    FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest, ListFailoversRequest, Tier,
 };
 
-use crate::nemesis::Nemesis;
 use crate::workload::{self, Acked};
 use crate::world::{self, NODES, Progress};
 
@@ -36,18 +34,7 @@ fn pair() -> [(&'static str, &'static str); 2] {
 async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     let phase = |p: &str| world::phase(&progress, p);
     phase("set-up");
-    for tenant in TENANTS {
-        world::until_done(CALL_TIMEOUT, |via| async move {
-            world::control(via)
-                .create_tenant(CreateTenantRequest {
-                    tenant_id: tenant.into(),
-                    tier: Tier::High as i32,
-                    home_region: "hz".into(),
-                })
-                .await
-        })
-        .await;
-    }
+    workload::create_tenants(&TENANTS, Tier::High, "hz").await;
     let messenger = workload::messenger().await?;
     workload::create_groups(&messenger, &TENANTS, GROUPS).await;
     progress.lock().expect("progress").started = true;
@@ -160,7 +147,6 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
 }
 
 fn run(seed: u64) {
-    let started = std::time::Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("cellplane-sim-")
         .tempdir()
@@ -178,36 +164,11 @@ fn run(seed: u64) {
     remote.sync_standbys = Some(vec![primary.into()]);
     world::add_agent(&mut sim, dir.path(), primary_region, vec![high]);
     world::add_agent(&mut sim, dir.path(), standby_region, vec![remote]);
-    let progress = Arc::new(Mutex::new(Progress::default()));
-    let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
-    {
-        let (progress, outcome) = (progress.clone(), outcome.clone());
-        sim.client("clients", async move {
-            let result = clients(progress).await;
-            *outcome.lock().expect("outcome") = Some(result);
-            Ok(())
-        });
-    }
     let hosts = (1..=NODES)
         .map(world::host)
         .chain(pair().map(|(region, _)| world::agent_host(region)))
         .collect();
-    let mut nemesis = Nemesis::new(seed, hosts);
-    world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
-    let outcome = outcome.lock().expect("outcome").take();
-    match outcome {
-        Some(Ok(report)) => eprintln!(
-            "seed {seed}: {report}, {} faults, {:.1} s simulated in {:.2} s",
-            nemesis.injected.len(),
-            sim.elapsed().as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        ),
-        Some(Err(violation)) => panic!(
-            "seed {seed}: {violation}\nfaults:\n{}",
-            nemesis.report().join("\n")
-        ),
-        None => panic!("seed {seed}: the clients never finished"),
-    }
+    world::run_clients(seed, sim, hosts, RUN_FOR, clients);
 }
 
 const FIXED: [u64; 2] = [1, 2];

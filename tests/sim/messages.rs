@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    CancelMigrationRequest, CreateTenantRequest, ListMigrationsRequest, MigrateTenantRequest,
-    MigrationPhase, SetTenantTierRequest, Tier,
+    CancelMigrationRequest, ListMigrationsRequest, MigrateTenantRequest, MigrationPhase,
+    SetTenantTierRequest, Tier,
 };
 
-use crate::nemesis::Nemesis;
 use crate::workload::{self, Acked};
 use crate::world::{self, NODES, Progress};
 
@@ -26,18 +25,7 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     let phase = |p: &str| world::phase(&progress, p);
     phase("set-up");
     // The agent registers its cells; tenants are placed once they are ACTIVE.
-    for tenant in TENANTS {
-        world::until_done(CALL_TIMEOUT, |via| async move {
-            world::control(via)
-                .create_tenant(CreateTenantRequest {
-                    tenant_id: tenant.into(),
-                    tier: Tier::Normal as i32,
-                    home_region: "hz".into(),
-                })
-                .await
-        })
-        .await;
-    }
+    workload::create_tenants(&TENANTS, Tier::Normal, "hz").await;
     let messenger = workload::messenger().await?;
     workload::create_groups(&messenger, &TENANTS, GROUPS).await;
     progress.lock().expect("progress").started = true;
@@ -154,7 +142,6 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
 }
 
 fn run(seed: u64) {
-    let started = std::time::Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("cellplane-sim-")
         .tempdir()
@@ -165,40 +152,13 @@ fn run(seed: u64) {
         .chain([world::cell("hz", "cell-low", "LOW", 7100)])
         .collect();
     world::add_agent(&mut sim, dir.path(), "hz", cells);
-    let progress = Arc::new(Mutex::new(Progress::default()));
-    let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
-    {
-        let (progress, outcome) = (progress.clone(), outcome.clone());
-        sim.client("clients", async move {
-            let result = clients(progress).await;
-            *outcome.lock().expect("outcome") = Some(result);
-            Ok(())
-        });
-    }
     // Every server may crash: a node, or the agent's host with its cells, which restart from
     // their disks at the heal.
-    let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
-    let hosts = nodes
-        .iter()
-        .cloned()
+    let hosts = (1..=NODES)
+        .map(world::host)
         .chain([world::agent_host("hz")])
         .collect();
-    let mut nemesis = Nemesis::new(seed, hosts);
-    world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
-    let outcome = outcome.lock().expect("outcome").take();
-    match outcome {
-        Some(Ok(report)) => eprintln!(
-            "seed {seed}: {report}, {} faults, {:.1} s simulated in {:.2} s",
-            nemesis.injected.len(),
-            sim.elapsed().as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        ),
-        Some(Err(violation)) => panic!(
-            "seed {seed}: {violation}\nfaults:\n{}",
-            nemesis.report().join("\n")
-        ),
-        None => panic!("seed {seed}: the clients never finished"),
-    }
+    world::run_clients(seed, sim, hosts, RUN_FOR, clients);
 }
 
 const FIXED: [u64; 2] = [1, 2];

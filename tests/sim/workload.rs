@@ -13,6 +13,7 @@ use cellplane_api::client::{Messenger, MessengerOptions, RouteCache, RouteCacheO
 use cellplane_api::proto::cell::{
     ConversationKind, CreateConversationRequest, GetHistoryRequest, SendMessageRequest,
 };
+use cellplane_api::proto::control::{CreateTenantRequest, Tier};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -35,6 +36,22 @@ pub struct Ack {
 
 /// What the writers had acknowledged, per (tenant, conversation), in the order acknowledged.
 pub type Acked = BTreeMap<(String, String), Vec<Ack>>;
+
+/// Creates `tenants` of `tier` homed in `region`, each through whichever node answers.
+pub async fn create_tenants(tenants: &[&str], tier: Tier, region: &str) {
+    for tenant in tenants {
+        world::until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
+                .create_tenant(CreateTenantRequest {
+                    tenant_id: tenant.to_string(),
+                    tier: tier as i32,
+                    home_region: region.into(),
+                })
+                .await
+        })
+        .await;
+    }
+}
 
 /// A `Messenger` over a route cache of every node, on the simulated network.
 pub async fn messenger() -> Result<Arc<Messenger>, String> {

@@ -256,3 +256,44 @@ where
     }
     None
 }
+
+/// Runs `clients` on a host of its own in `sim`, under a nemesis over `hosts` for `run_for`
+/// once they start their workload, and reports the run: the clients' own report and the
+/// faults, or a panic naming the seed with the violation they found.
+pub fn run_clients<F, Fut>(
+    seed: u64,
+    mut sim: turmoil::Sim<'_>,
+    hosts: Vec<String>,
+    run_for: Duration,
+    clients: F,
+) where
+    F: FnOnce(Arc<Mutex<Progress>>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>> + 'static,
+{
+    let started = std::time::Instant::now();
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
+    {
+        let (running, outcome) = (clients(progress.clone()), outcome.clone());
+        sim.client("clients", async move {
+            *outcome.lock().expect("outcome") = Some(running.await);
+            Ok(())
+        });
+    }
+    let mut nemesis = Nemesis::new(seed, hosts);
+    drive(seed, &mut sim, &mut nemesis, &progress, run_for);
+    let outcome = outcome.lock().expect("outcome").take();
+    match outcome {
+        Some(Ok(report)) => eprintln!(
+            "seed {seed}: {report}, {} faults, {:.1} s simulated in {:.2} s",
+            nemesis.injected.len(),
+            sim.elapsed().as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        ),
+        Some(Err(violation)) => panic!(
+            "seed {seed}: {violation}\nfaults:\n{}",
+            nemesis.report().join("\n")
+        ),
+        None => panic!("seed {seed}: the clients never finished"),
+    }
+}
