@@ -169,9 +169,11 @@ pub async fn join(
     }
     // A cell a failover made the standby of another runs as configured only until the roles
     // loop, which starts once every cell joined, restarts it following its primary — and its
-    // disk may refuse the configured role outright, so it is not waited for here.
+    // disk may refuse the configured role outright, so it is not waited for here. A standby
+    // is made ACTIVE by that loop too, once it follows its primary: answering alone does not
+    // say it has begun to.
     let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
-    if !as_configured {
+    if !as_configured || spec.standby_of.is_some() {
         return Ok(());
     }
     let mut admin = cell.admin.clone();

@@ -1,12 +1,12 @@
 //! Keeps each cell running as what the control plane says it is, once failovers changed that:
 //! a failed or demoted primary, once it runs again, merges what only it held back into its
 //! keys' owners (`merge.rs`), asks to rejoin, and then runs as a standby of the cell that took
-//! over (starting over from its snapshot) — or, a LOW cell, as an empty primary; a standby whose primary was failed over follows the
-//! successor; a promoted standby waits for its new in-region standby and the remote ones its
-//! config lists (set on the running cell);
-//! a cell that rejoined is made ACTIVE once it follows. What to do is [`step`], a pure function
-//! of the cell's record, what the cell says it runs as, and the other cells; the supervisor
-//! restarts a cell told to follow another primary.
+//! over (starting over from its snapshot) — or, a LOW cell, as an empty primary; a standby
+//! whose primary was failed over follows the successor; a promoted standby waits for its new
+//! in-region standby and the remote ones its config lists (set on the running cell); a
+//! standby, configured or rejoined, is made ACTIVE once it follows. What to do is [`step`], a
+//! pure function of the cell's record, what the cell says it runs as, and the other cells; the
+//! supervisor restarts a cell told to follow another primary.
 
 use std::time::Duration;
 
@@ -104,6 +104,9 @@ pub fn step(
             endpoint,
         });
     }
+    // Connected means it applied a batch of its primary's current stream, which opens with the
+    // snapshot's first batch when it must bootstrap: made ACTIVE before that, a standby
+    // starting over would be a failover target holding nothing.
     let following = running
         .filter(|r| r.standby_of == record.standby_of)
         .and_then(|r| r.replica.as_ref())
@@ -235,7 +238,7 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                         async move { c.set_cell_state(request).await }
                     })
                     .await?;
-                tracing::info!(%cell_id, "the rejoined standby follows its primary: ACTIVE");
+                tracing::info!(%cell_id, "the standby follows its primary: ACTIVE");
             }
             Step::Sync(standbys) => {
                 cell.admin

@@ -108,7 +108,18 @@ async fn stream_log(
     out: Out,
 ) -> Result<(), CellError> {
     let mut from = applied;
-    if needs_bootstrap(applied, store.first_lsn()?, store.last_lsn()?) {
+    if !needs_bootstrap(applied, store.first_lsn()?, store.last_lsn()?) {
+        // The standby learns it follows from the first batch it applies; with nothing to copy
+        // and nothing new to stream, that is this one, naming where the primary stands.
+        let opening = pb::ReplicationBatch {
+            through_lsn: from,
+            primary_lsn: *commits.borrow(),
+            ..Default::default()
+        };
+        if out.send(Ok(opening)).await.is_err() {
+            return Ok(());
+        }
+    } else {
         state.follower_bootstraps(&standby);
         tracing::info!(%standby, applied, "standby bootstraps from a snapshot");
         let snapshot_store = store.clone();

@@ -148,7 +148,6 @@ async fn follow(
         .follow(ReceiverStream::new(outgoing))
         .await?
         .into_inner();
-    state.update_replica(|r| r.connected = true);
     let mut streamed = false;
     // Batches queued in the writer and not yet durable, oldest first: the next is queued while
     // earlier ones commit, so several share one fsync; each is acknowledged in order once
@@ -165,7 +164,11 @@ async fn follow(
                 let Outcome::Replica(position) = applied? else {
                     return Err(Status::internal("the writer answered a replication batch oddly"));
                 };
+                // Connected once a batch of this stream is applied: the primary opens every
+                // stream with one, so a standby starting over is seen bootstrapping before it
+                // is seen following.
                 state.update_replica(|r| {
+                    r.connected = true;
                     r.applied_lsn = position.applied_lsn;
                     r.primary_lsn = r.primary_lsn.max(done.primary_lsn);
                     r.bootstrapping = position.bootstrapping;
