@@ -124,6 +124,14 @@ struct Current {
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a ping may wait for its answer before the connection is given up.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client remembers a call it gave up on (its stream reset), so that the answer
+/// arriving after that is dropped quietly. HTTP/2's default, 1 s, is shorter than the answer
+/// to a call abandoned at its 1 s attempt timeout may take; each such late answer then draws
+/// a RST_STREAM in reply and counts as a protocol error of the server's. It is measured on the
+/// wall clock, which a simulation does not control: the reset or not depended on how loaded
+/// the machine was, and a seed's replay diverged. The count of remembered streams stays
+/// bounded by HTTP/2's own limit.
+const RESET_STREAM_MEMORY: Duration = Duration::from_secs(60);
 
 /// A process's TLS settings for its servers and its clients, and the network its clients
 /// dial; the default is plaintext over the operating system's TCP.
@@ -275,7 +283,8 @@ impl Tls {
             // find it dead, and the channel connects anew on the next call.
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true))
+            .keep_alive_while_idle(true)
+            .http2_reset_stream_duration(RESET_STREAM_MEMORY))
     }
 
     /// A lazily connected channel to `host:port`.
