@@ -84,13 +84,26 @@ fn io_error(path: &Path, source: std::io::Error) -> DevError {
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// Tries at picking a cell's port before giving up.
+const PORT_TRIES: usize = 1_000;
+
+/// A loopback address with a port that was free a moment ago, below the kernel's ephemeral
+/// range (32768 and up on Linux): a port the kernel hands out for `:0` is also what it hands
+/// the next outgoing connection, which could take it before the cell binds it, and the cell
+/// would then fail to start.
 fn free_address(dir: &Path) -> Result<String, DevError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| io_error(dir, e))?;
-    Ok(listener
-        .local_addr()
-        .map_err(|e| io_error(dir, e))?
-        .to_string())
+    let mut last = None;
+    for _ in 0..PORT_TRIES {
+        let port: u16 = rand::random_range(20_000..32_000);
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(format!("127.0.0.1:{port}")),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(io_error(
+        dir,
+        last.unwrap_or_else(|| std::io::Error::other("no free port")),
+    ))
 }
 
 /// The cells of `region` with their addresses: read from its agent config when one exists,
