@@ -1,16 +1,27 @@
-//! Whether a deterministic simulation runs on this thread.
+//! Whether a deterministic simulation runs on this thread, and the faults it injects into
+//! disks.
 //!
 //! A simulation runs every server on one thread, on a simulated clock. Stores that write on
-//! threads of their own (the Raft log, the cell's writer) write inline instead there, so that
-//! when a write is durable depends on the simulated clock alone and not on the machine's
-//! scheduler, and a crashed host's stores close with its tasks, as a killed process's would.
-//! Outside a simulation the flag is never set and nothing changes.
+//! threads of their own (the Raft log, the cell's writer) write on their host's runtime
+//! instead there, so that when a write is durable depends on the simulated clock alone and
+//! not on the machine's scheduler, and a crashed host's stores close with its tasks, as a
+//! killed process's would. Outside a simulation the flag is never set and nothing changes.
+//!
+//! A simulation can also stall a host's disk: writes under a stalled directory wait, on the
+//! simulated clock, until the stall ends, as they would behind a device that stopped
+//! answering, and a crash meanwhile loses them.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 thread_local! {
     static SIMULATED: Cell<bool> = const { Cell::new(false) };
+    static STALLED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
 }
+
+/// How often a stalled write looks again.
+const STALL_POLL: Duration = Duration::from_millis(5);
 
 /// Makes this thread a simulation's.
 pub fn enter_on_this_thread() {
@@ -20,6 +31,27 @@ pub fn enter_on_this_thread() {
 /// Whether a simulation runs on this thread.
 pub fn active() -> bool {
     SIMULATED.with(Cell::get)
+}
+
+/// Stalls every write under `dir` until [`resume_disk`].
+pub fn stall_disk(dir: &Path) {
+    STALLED.with(|stalled| stalled.borrow_mut().push(dir.to_path_buf()));
+}
+
+/// Ends the stall of `dir`.
+pub fn resume_disk(dir: &Path) {
+    STALLED.with(|stalled| stalled.borrow_mut().retain(|held| held != dir));
+}
+
+fn stalled(path: &Path) -> bool {
+    STALLED.with(|stalled| stalled.borrow().iter().any(|dir| path.starts_with(dir)))
+}
+
+/// Returns once a write to `path` may go ahead: at once, unless a simulation stalled its disk.
+pub async fn disk_ready(path: &Path) {
+    while stalled(path) {
+        tokio::time::sleep(STALL_POLL).await;
+    }
 }
 
 #[cfg(test)]
@@ -32,5 +64,21 @@ mod tests {
         enter_on_this_thread();
         assert!(active());
         assert!(!std::thread::spawn(active).join().expect("thread"));
+    }
+
+    #[tokio::test]
+    async fn a_write_under_a_stalled_directory_waits_for_the_stall_to_end() {
+        let dir = Path::new("/sim/n1");
+        stall_disk(dir);
+        assert!(stalled(&dir.join("raft.redb")));
+        assert!(!stalled(Path::new("/sim/n2/raft.redb")));
+        let write = tokio::spawn(async move { disk_ready(&dir.join("raft.redb")).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!write.is_finished());
+        resume_disk(dir);
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("the write goes ahead once the stall ends")
+            .expect("task");
     }
 }

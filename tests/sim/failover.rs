@@ -168,7 +168,7 @@ fn run(seed: u64) {
         .map(world::host)
         .chain(pair().map(|(region, _)| world::agent_host(region)))
         .collect();
-    world::run_clients(seed, sim, hosts, RUN_FOR, clients);
+    world::run_clients(seed, sim, dir.path(), hosts, RUN_FOR, clients);
 }
 
 const FIXED: [u64; 2] = [1, 2];

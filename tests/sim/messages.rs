@@ -158,7 +158,7 @@ fn run(seed: u64) {
         .map(world::host)
         .chain([world::agent_host("hz")])
         .collect();
-    world::run_clients(seed, sim, hosts, RUN_FOR, clients);
+    world::run_clients(seed, sim, dir.path(), hosts, RUN_FOR, clients);
 }
 
 const FIXED: [u64; 2] = [1, 2];

@@ -1,7 +1,10 @@
 //! The nemesis: one fault at a time, drawn from the seed, each healed after a while, so a
 //! majority of nodes can make progress between faults and the checks see both sides of each.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use cellplane_api::simulation;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,6 +25,10 @@ pub enum Fault {
     Hold(String, String),
     /// Every link is slow (up to the given latency).
     Slow(Duration),
+    /// The host's disk stops answering: its writes wait, and what they acknowledge with them.
+    /// When it `ends_in_a_crash`, the host crashes before the disk answers again, losing every
+    /// write it had not made durable.
+    DiskStall { host: String, ends_in_a_crash: bool },
 }
 
 /// Faults as the seed draws them, and what was done, for the run's report.
@@ -30,15 +37,18 @@ pub struct Nemesis {
     /// The servers faults hit, crashes too; clients are never cut off, so they see what
     /// servers do.
     hosts: Vec<String>,
+    /// Where each host keeps its data, under a directory named after it.
+    dir: PathBuf,
     next_at: Duration,
     active: Option<(Fault, Duration)>,
     pub injected: Vec<(Duration, Fault)>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, hosts: Vec<String>) -> Self {
+    pub fn new(seed: u64, dir: &Path, hosts: Vec<String>) -> Self {
         Self {
             hosts,
+            dir: dir.to_path_buf(),
             // Not the network's stream: turmoil draws latencies from its own generator.
             rng: StdRng::seed_from_u64(seed ^ 0x006E_656D_6573_6973),
             next_at: Duration::from_secs(3),
@@ -52,7 +62,21 @@ impl Nemesis {
     pub fn step(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, leader: Option<u64>) {
         if let Some((fault, heal_at)) = &self.active {
             if now >= *heal_at {
-                heal(sim, &self.hosts, fault);
+                if let Fault::DiskStall {
+                    host,
+                    ends_in_a_crash: true,
+                } = fault
+                {
+                    // The crash drops what waited on the disk before the disk answers again.
+                    sim.crash(host.as_str());
+                    heal(sim, &self.hosts, &self.dir, fault);
+                    let crash = Fault::Crash(host.clone());
+                    let lasts = Duration::from_millis(self.rng.random_range(200..3_000));
+                    self.injected.push((now, crash.clone()));
+                    self.active = Some((crash, now + lasts));
+                    return;
+                }
+                heal(sim, &self.hosts, &self.dir, fault);
                 self.active = None;
                 self.next_at = now + Duration::from_millis(self.rng.random_range(300..2_000));
             }
@@ -62,7 +86,7 @@ impl Nemesis {
             return;
         }
         let fault = self.draw(leader);
-        inject(sim, &self.hosts, &fault);
+        inject(sim, &self.hosts, &self.dir, &fault);
         let lasts = Duration::from_millis(self.rng.random_range(200..3_000));
         self.active = Some((fault.clone(), now + lasts));
         self.injected.push((now, fault));
@@ -79,7 +103,7 @@ impl Nemesis {
     /// Heals whatever is active: the run is over.
     pub fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
         if let Some((fault, _)) = self.active.take() {
-            heal(sim, &self.hosts, &fault);
+            heal(sim, &self.hosts, &self.dir, &fault);
         }
     }
 
@@ -93,7 +117,7 @@ impl Nemesis {
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
-        match self.rng.random_range(0..10) {
+        match self.rng.random_range(0..11) {
             0..=2 => Fault::Crash(match leader {
                 Some(leader) if self.rng.random_bool(0.7) => host(leader),
                 _ => self.pick(),
@@ -107,7 +131,11 @@ impl Nemesis {
                 let a = self.pick();
                 Fault::Hold(a.clone(), self.other(&a))
             }
-            _ => Fault::Slow(Duration::from_millis(self.rng.random_range(50..400))),
+            9 => Fault::Slow(Duration::from_millis(self.rng.random_range(50..400))),
+            _ => Fault::DiskStall {
+                host: self.pick(),
+                ends_in_a_crash: self.rng.random_bool(0.3),
+            },
         }
     }
 }
@@ -116,7 +144,7 @@ fn others<'a>(hosts: &'a [String], than: &'a str) -> impl Iterator<Item = &'a St
     hosts.iter().filter(move |h| *h != than)
 }
 
-fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
+fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
         Fault::Crash(h) => sim.crash(h.as_str()),
         Fault::Isolate(h) => {
@@ -127,10 +155,11 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
         Fault::OneWay(from, to) => sim.partition_oneway(from.as_str(), to.as_str()),
         Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
         Fault::Slow(latency) => sim.set_max_message_latency(*latency),
+        Fault::DiskStall { host, .. } => simulation::stall_disk(&dir.join(host)),
     }
 }
 
-fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
+fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
         Fault::Crash(h) => sim.bounce(h.as_str()),
         Fault::Isolate(h) => {
@@ -141,5 +170,6 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], fault: &Fault) {
         Fault::OneWay(from, to) => sim.repair_oneway(from.as_str(), to.as_str()),
         Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(20)),
+        Fault::DiskStall { host, .. } => simulation::resume_disk(&dir.join(host)),
     }
 }

@@ -382,7 +382,7 @@ fn run(seed: u64) -> Run {
         });
     }
     let nodes: Vec<String> = (1..=NODES).map(world::host).collect();
-    let mut nemesis = Nemesis::new(seed, nodes);
+    let mut nemesis = Nemesis::new(seed, dir.path(), nodes);
     world::drive(seed, &mut sim, &mut nemesis, &progress, RUN_FOR);
     let initial = learned
         .lock()

@@ -263,6 +263,7 @@ where
 pub fn run_clients<F, Fut>(
     seed: u64,
     mut sim: turmoil::Sim<'_>,
+    dir: &Path,
     hosts: Vec<String>,
     run_for: Duration,
     clients: F,
@@ -280,7 +281,7 @@ pub fn run_clients<F, Fut>(
             Ok(())
         });
     }
-    let mut nemesis = Nemesis::new(seed, hosts);
+    let mut nemesis = Nemesis::new(seed, dir, hosts);
     drive(seed, &mut sim, &mut nemesis, &progress, run_for);
     let outcome = outcome.lock().expect("outcome").take();
     match outcome {

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -214,9 +214,55 @@ fn write_jobs(
 enum Writer {
     /// The writer thread, which commits every job queued since its last commit together.
     Thread(mpsc::Sender<Job>),
-    /// In a simulation, each job is written when queued, so when it is durable depends on
-    /// the simulated clock alone; holds the commit index as last written.
-    Inline(Arc<Mutex<Option<LogId<NodeId>>>>),
+    /// In a simulation, a task of the node's runtime writes the jobs instead, so when they are
+    /// durable depends on the simulated clock (and the simulated disk) alone.
+    Inline(Arc<Mutex<Inline>>),
+}
+
+/// The writer of a simulated node: what the writer thread would hold.
+struct Inline {
+    /// Jobs queued since the task last wrote, in order.
+    jobs: Vec<Job>,
+    /// A task is writing the queued jobs, or about to.
+    draining: bool,
+    committed_written: Option<LogId<NodeId>>,
+    /// The log's file, so a simulated disk stall can hold its writes.
+    path: PathBuf,
+}
+
+impl LogStore {
+    /// Writes the simulated node's queued jobs, a batch at a time, as the writer thread would.
+    async fn drain(self, inline: Arc<Mutex<Inline>>) {
+        let Some(path) = inline.lock().ok().map(|inline| inline.path.clone()) else {
+            return;
+        };
+        loop {
+            // Jobs queued at the same instant share a commit, as do those queued while the
+            // disk stalls.
+            tokio::task::yield_now().await;
+            cellplane_api::simulation::disk_ready(&path).await;
+            let (batch, mut committed_written) = {
+                let Ok(mut inline) = inline.lock() else {
+                    return;
+                };
+                if inline.jobs.is_empty() {
+                    inline.draining = false;
+                    return;
+                }
+                (std::mem::take(&mut inline.jobs), inline.committed_written)
+            };
+            write_jobs(
+                &self.db,
+                &self.pending,
+                &self.committed,
+                &mut committed_written,
+                batch,
+            );
+            if let Ok(mut inline) = inline.lock() {
+                inline.committed_written = committed_written;
+            }
+        }
+    }
 }
 
 impl LogStore {
@@ -232,7 +278,12 @@ impl LogStore {
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let committed = Arc::new(Mutex::new(None));
         let writer = if cellplane_api::simulation::active() {
-            Writer::Inline(Arc::default())
+            Writer::Inline(Arc::new(Mutex::new(Inline {
+                jobs: Vec::new(),
+                draining: false,
+                committed_written: None,
+                path: path.to_path_buf(),
+            })))
         } else {
             let (jobs, receiver) = mpsc::channel();
             let (writer_db, writer_pending, writer_committed) =
@@ -265,17 +316,15 @@ impl LogStore {
             Writer::Thread(jobs) => jobs
                 .send(job)
                 .map_err(|_| AnyError::error("raft log writer stopped")),
-            Writer::Inline(committed_written) => {
-                let mut committed_written = committed_written
+            Writer::Inline(inline) => {
+                let mut queued = inline
                     .lock()
                     .map_err(|_| AnyError::error("raft log writer lock poisoned"))?;
-                write_jobs(
-                    &self.db,
-                    &self.pending,
-                    &self.committed,
-                    &mut committed_written,
-                    vec![job],
-                );
+                queued.jobs.push(job);
+                if !queued.draining {
+                    queued.draining = true;
+                    tokio::spawn(self.clone().drain(inline.clone()));
+                }
                 Ok(())
             }
         }

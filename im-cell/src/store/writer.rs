@@ -12,6 +12,7 @@
 //! not in a counter beside the store.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use cellplane_api::clock::now_ms;
@@ -180,6 +181,8 @@ struct Inline {
     pending: VecDeque<(Op, Reply)>,
     /// A task is committing the pending requests, or about to.
     draining: bool,
+    /// Where the store writes, so a simulated disk stall can hold its commits.
+    dir: PathBuf,
 }
 
 impl Inline {
@@ -198,10 +201,14 @@ impl Inline {
 
     /// Commits what is pending, a batch at a time.
     async fn drain(this: Arc<Mutex<Self>>) {
+        let Some(dir) = this.lock().ok().map(|inline| inline.dir.clone()) else {
+            return;
+        };
         loop {
             // Requests made at the same instant join one batch, as those queued while the
-            // thread commits the batch before do.
+            // thread commits the batch before do; so do those queued while the disk stalls.
             tokio::task::yield_now().await;
+            cellplane_api::simulation::disk_ready(&dir).await;
             let Ok(mut inline) = this.lock() else {
                 return;
             };
@@ -262,10 +269,12 @@ impl Writer {
             grants_stale: false,
         };
         let queue = if cellplane_api::simulation::active() {
+            let dir = state.store.spaces.log.path().to_path_buf();
             Queue::Inline(Arc::new(Mutex::new(Inline {
                 state,
                 pending: VecDeque::new(),
                 draining: false,
+                dir,
             })))
         } else {
             let (queue, requests) = mpsc::sync_channel(QUEUE_DEPTH);
