@@ -1,15 +1,16 @@
 //! Messages under the nemesis: the production agent and its cells beside the three nodes,
 //! writers sending through the `Messenger` (`workload`) while tenants migrate between cells,
 //! history first — to another cell of their tier or to the other tier, some cancelled on the
-//! way. After the faults heal every migration must have ended, and the messages pass
-//! `workload`'s checks: none lost or doubled, and one writer per key throughout.
+//! way — and NORMAL cells are drained and put back in turn. After the faults heal every
+//! migration must have ended, and the messages pass `workload`'s checks: none lost or doubled,
+//! and one writer per key throughout.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    CancelMigrationRequest, ListMigrationsRequest, MigrateTenantRequest, MigrationPhase,
-    SetTenantTierRequest, Tier,
+    CancelMigrationRequest, CellState, DrainCellRequest, GetTenantRequest, ListMigrationsRequest,
+    MigrateTenantRequest, MigrationPhase, SetCellStateRequest, SetTenantTierRequest, Tier,
 };
 
 use crate::workload::{self, Acked};
@@ -20,6 +21,8 @@ const TENANTS: [&str; 2] = ["acme", "globex"];
 const GROUPS: usize = 2;
 const RUN_FOR: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the drainer keeps asking a call through the nodes before it gives the call up.
+const DRAIN_CALL_FOR: Duration = Duration::from_secs(20);
 
 async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     let phase = |p: &str| world::phase(&progress, p);
@@ -81,7 +84,71 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
             }
         }
     });
+    // Every 7 s a NORMAL tenant's cell is drained, and made ACTIVE again 2–4 s later, whether or not
+    // its evacuation has finished; the migrations a drain started run on either way.
+    let drainer = tokio::spawn(async move {
+        let (mut drained, mut refused) = (0usize, 0usize);
+        for n in 0usize.. {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            // The cell of one of the tenants, so that the drain has something to move.
+            let tenant_id = TENANTS[n % TENANTS.len()].to_string();
+            let placed = persist(|via| {
+                let tenant_id = tenant_id.clone();
+                async move {
+                    world::control(via)
+                        .get_tenant(GetTenantRequest { tenant_id })
+                        .await
+                }
+            })
+            .await;
+            let cell_id = match placed {
+                Some(Ok(tenant)) if tenant.tier == Tier::Normal as i32 => tenant.primary_cell,
+                _ => format!("cell-{}", n % CELLS + 1),
+            };
+            let drain = persist(|via| {
+                let cell_id = cell_id.clone();
+                async move {
+                    world::control(via)
+                        .drain_cell(DrainCellRequest { cell_id })
+                        .await
+                }
+            })
+            .await;
+            match drain {
+                Some(Ok(_)) => drained += 1,
+                Some(Err(_)) => refused += 1,
+                None => return Err(format!("no node answered the drain of {cell_id}")),
+            }
+            tokio::time::sleep(Duration::from_millis(2_000 + 500 * (n % 5) as u64)).await;
+            let back = persist(|via| {
+                let cell_id = cell_id.clone();
+                async move {
+                    world::control(via)
+                        .set_cell_state(SetCellStateRequest {
+                            cell_id,
+                            state: CellState::Active as i32,
+                        })
+                        .await
+                }
+            })
+            .await;
+            match back {
+                Some(Ok(_)) => {}
+                Some(Err(status)) => {
+                    return Err(format!(
+                        "{cell_id} was refused ACTIVE after its drain: {status:?}"
+                    ));
+                }
+                None => return Err(format!("no node answered making {cell_id} ACTIVE again")),
+            }
+        }
+        Ok((drained, refused))
+    });
     while tasks.join_next().await.is_some() {}
+    let (drained, refused) = drainer.await.map_err(|e| format!("the drainer: {e}"))??;
     watcher.abort();
 
     phase("waiting for every migration to end");
@@ -134,11 +201,40 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
         .filter(|m| m.new_tier != Tier::Unspecified as i32)
         .count();
     Ok(format!(
-        "{checked} acknowledged messages, {} migrations ({tiers} of tier; {} done, {} rolled back)",
+        "{checked} acknowledged messages, {} migrations ({tiers} of tier; {} done, {} rolled back), {drained} drains ({refused} refused)",
         migrations.len(),
         ended(MigrationPhase::Done),
         ended(MigrationPhase::RolledBack)
     ))
+}
+
+/// Asks `call` through each node in turn until one answers it, for at most [`DRAIN_CALL_FOR`]:
+/// its answer, a refusal included, or `None` when no node answered in time.
+async fn persist<T, F, Fut>(mut call: F) -> Option<Result<T, tonic::Status>>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + DRAIN_CALL_FOR;
+    for attempt in 0u64.. {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, call(attempt % NODES + 1)).await {
+            Ok(Ok(answer)) => return Some(Ok(answer.into_inner())),
+            // No leader, or a node going away: another node may answer.
+            Ok(Err(status))
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                return Some(Err(status));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
 }
 
 fn run(seed: u64) {
