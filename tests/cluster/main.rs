@@ -7,6 +7,7 @@ mod control_client;
 mod crash;
 mod linearizable;
 mod membership;
+mod messenger;
 mod route_cache;
 mod serving;
 mod snapshot;

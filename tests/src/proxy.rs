@@ -1,6 +1,8 @@
 //! A TCP proxy the test controls: put between a process and a server, it cuts the link on
 //! demand (every open connection dropped, new ones closed at once) and restores it, so a test
-//! can partition one process from another while both keep running.
+//! can partition one process from another while both keep running. It can also freeze the
+//! connections open now: they stay open and carry nothing, as to a machine that died without
+//! a FIN or an RST, while new connections go through.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +16,8 @@ pub struct Proxy {
     cut: Arc<AtomicBool>,
     /// Bumped at each cut, so open connections drop.
     cuts: watch::Sender<u64>,
+    /// Bumped at each freeze, so open connections stop forwarding.
+    freezes: watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -23,8 +27,13 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address").to_string();
         let cut = Arc::new(AtomicBool::new(false));
         let (cuts, _) = watch::channel(0u64);
-        let (target, accepting_cut, accepting_cuts) =
-            (target.to_string(), cut.clone(), cuts.clone());
+        let (freezes, _) = watch::channel(0u64);
+        let (target, accepting_cut, accepting_cuts, accepting_freezes) = (
+            target.to_string(),
+            cut.clone(),
+            cuts.clone(),
+            freezes.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if accepting_cut.load(Ordering::SeqCst) {
@@ -33,6 +42,7 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let mut cut_signal = accepting_cuts.subscribe();
+                let mut freeze_signal = accepting_freezes.subscribe();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -41,11 +51,26 @@ impl Proxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
                         _ = cut_signal.changed() => {}
+                        // Both ends stay open, unread and unwritten, until a cut.
+                        _ = freeze_signal.changed() => {
+                            let _ = cut_signal.changed().await;
+                        }
                     }
                 });
             }
         });
-        Proxy { addr, cut, cuts }
+        Proxy {
+            addr,
+            cut,
+            cuts,
+            freezes,
+        }
+    }
+
+    /// Stops every open connection from carrying anything, without closing it; new
+    /// connections go through.
+    pub fn freeze(&self) {
+        self.freezes.send_modify(|n| *n += 1);
     }
 
     /// Drops every open connection and refuses new ones until [`Proxy::restore`].
