@@ -93,7 +93,7 @@ async fn round(
     };
     let refused: BTreeSet<String> = answer.refused.into_iter().collect();
     if refused != *refused_before && !refused.is_empty() {
-        tracing::warn!(cells = ?refused, "the control plane refuses these cells' leases (failed or demoted): they take no writes");
+        tracing::warn!(cells = ?refused, "the control plane refuses these cells' leases (failed, demoted, or a standby not yet ACTIVE): they take no writes");
     }
     *refused_before = refused;
     let granted: BTreeSet<String> = answer.granted.into_iter().collect();

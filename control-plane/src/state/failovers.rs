@@ -42,8 +42,12 @@ impl ControlState {
                 continue;
             };
             // A failed or demoted cell's keys are on their way elsewhere: its lease must run
-            // out, or two cells could write one key.
-            if matches!(cell.state, CellState::Failed | CellState::Demoted) {
+            // out, or two cells could write one key. So must the lease of a standby not yet
+            // ACTIVE: one that rejoined after a failover may still run as the primary it was,
+            // with the grants it held, until its agent restarts it to follow; it writes
+            // nothing as a standby, and renews again once it follows and is made ACTIVE.
+            let joining_standby = cell.state == CellState::Joining && cell.standby_of.is_some();
+            if matches!(cell.state, CellState::Failed | CellState::Demoted) || joining_standby {
                 refused.push(id.clone());
                 continue;
             }
@@ -1184,6 +1188,42 @@ mod tests {
         assert!(rejoin(&mut state, "high").is_err(), "once");
         assert!(rejoin(&mut state, "normal").is_err(), "never failed over");
         assert_eq!(state.standbys_of(&Arc::from("high-near")).len(), 2);
+    }
+
+    #[test]
+    fn a_rejoined_cell_gets_no_lease_until_it_follows_and_is_active() {
+        let mut state = system();
+        let id = failed_over(&mut state, "high");
+        apply(
+            &mut state,
+            merged(id, &[("t1", "", 0), ("t2", "", 0), ("n1", "hot", 0)]),
+        )
+        .expect("merged back");
+        rejoin(&mut state, "high").expect("the old primary rejoins");
+        let renew = |state: &mut ControlState| {
+            let renewed = apply(
+                state,
+                Command::RenewLeases {
+                    cells: vec!["high".into()],
+                    lease_ms: 1_000,
+                },
+            );
+            let Ok(CommandOutput::Leases { granted, .. }) = renewed else {
+                panic!("{renewed:?}");
+            };
+            granted
+        };
+        // It may still run as the primary it was, holding its old grants.
+        assert!(renew(&mut state).is_empty(), "a lease while JOINING");
+        apply(
+            &mut state,
+            Command::SetCellState {
+                cell_id: "high".into(),
+                state: CellState::Active,
+            },
+        )
+        .expect("it follows: ACTIVE");
+        assert_eq!(renew(&mut state), vec![Arc::<str>::from("high")]);
     }
 
     fn merged(id: u64, keys: &[(&str, &str, u64)]) -> Command {
