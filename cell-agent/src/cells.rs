@@ -50,6 +50,12 @@ impl LocalCell {
     /// The control plane made this standby a primary, and the cell knows it.
     pub fn mark_promoted(&self) {
         self.promoted.store(true, Ordering::Release);
+        // A primary it rejoined earlier is no longer one to follow: restarted, it must not
+        // start over as that one's standby, wiping what it wrote as a primary. The supervisor
+        // notes this without restarting the promoted cell, and a later rejoin of the same
+        // primary is a change it acts on.
+        self.role
+            .send_if_modified(|role| role.following.take().is_some());
     }
 
     /// The primary the supervisor starts the cell as a standby of: as its role says, else as

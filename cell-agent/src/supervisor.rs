@@ -76,12 +76,21 @@ pub enum Launcher {
 /// What a cell run as a task starts with, as a process gets it in its arguments.
 pub struct CellStart {
     pub spec: CellSpec,
-    /// The primary it follows: `(cell id, endpoint)`.
-    pub following: Option<(String, String)>,
+    pub following: Option<Following>,
     pub sync_standbys: Vec<String>,
     pub data_dir: PathBuf,
     /// Resolves when the cell is to stop (drain, then end).
     pub stop: BoxFuture<'static, ()>,
+}
+
+/// The primary a cell is started as the standby of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Following {
+    pub primary: String,
+    pub endpoint: String,
+    /// The control plane made it this primary's standby after a failover moved its keys there,
+    /// rather than the config: a promotion the cell remembers, even from this primary, is over.
+    pub rejoined: bool,
 }
 
 impl Launcher {
@@ -248,11 +257,18 @@ impl Supervisor {
 
 /// The primary a cell follows and the standbys it waits for: the control plane's word when it
 /// changed them since the config was written, else the config's.
-fn resolve(spec: &CellSpec, role: &Role) -> (Option<(String, String)>, Vec<String>) {
+fn resolve(spec: &CellSpec, role: &Role) -> (Option<Following>, Vec<String>) {
     let following = match (&role.following, &spec.standby_of, &spec.primary_endpoint) {
-        (Some((primary, endpoint)), _, _) | (None, Some(primary), Some(endpoint)) => {
-            Some((primary.clone(), endpoint.clone()))
-        }
+        (Some((primary, endpoint)), _, _) => Some(Following {
+            primary: primary.clone(),
+            endpoint: endpoint.clone(),
+            rejoined: true,
+        }),
+        (None, Some(primary), Some(endpoint)) => Some(Following {
+            primary: primary.clone(),
+            endpoint: endpoint.clone(),
+            rejoined: false,
+        }),
         _ => None,
     };
     let sync = role
@@ -278,12 +294,22 @@ fn spawn(
         .open(log)?;
     let (following, sync) = resolve(spec, role);
     let mut standby = match following {
-        Some((primary, endpoint)) => vec![
-            "--standby-of".to_string(),
+        Some(Following {
             primary,
-            "--primary-endpoint".to_string(),
             endpoint,
-        ],
+            rejoined,
+        }) => {
+            let mut args = vec![
+                "--standby-of".to_string(),
+                primary,
+                "--primary-endpoint".to_string(),
+                endpoint,
+            ];
+            if rejoined {
+                args.push("--rejoined".to_string());
+            }
+            args
+        }
         None => Vec::new(),
     };
     for sync in sync {
@@ -331,6 +357,7 @@ async fn supervise(
         }
         let started = Instant::now();
         let current = role.borrow_and_update().clone();
+        let mut following = current.following.clone();
         match launcher.start(&spec, &current, &data_dir) {
             Ok(mut cell) => {
                 tracing::info!(cell_id = %spec.cell_id, running = cell.describe(), ?current, "cell started");
@@ -354,7 +381,7 @@ async fn supervise(
                             return;
                         }
                     }
-                    () = following_changes(&mut role, &current) => {
+                    () = following_changes(&mut role, &mut following) => {
                         tracing::warn!(cell_id = %spec.cell_id, role = ?*role.borrow(), "the cell follows another primary now; restarting it");
                         cell.terminate(&spec.cell_id).await;
                         continue;
@@ -380,12 +407,19 @@ async fn supervise(
     }
 }
 
-/// Resolves once the role names another primary to follow than `current`: changed synchronous
-/// standbys are set on the running cell and used from its next start, with no restart.
-async fn following_changes(role: &mut watch::Receiver<Role>, current: &Role) {
+/// Resolves once the role names a primary to follow other than the one the running cell
+/// follows (`following`). A role that names none means the running cell was promoted where it
+/// runs, which is noted with no restart; so are changed synchronous standbys, which are set on
+/// the running cell and used from its next start.
+async fn following_changes(
+    role: &mut watch::Receiver<Role>,
+    following: &mut Option<(String, String)>,
+) {
     while role.changed().await.is_ok() {
-        if role.borrow().following != current.following {
-            return;
+        match &role.borrow().following {
+            None => *following = None,
+            Some(wanted) if Some(wanted) != following.as_ref() => return,
+            Some(_) => {}
         }
     }
     std::future::pending::<()>().await;
@@ -404,4 +438,40 @@ async fn terminate(cell_id: &str, child: &mut Child) {
         );
     }
     let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn following(primary: &str) -> Option<(String, String)> {
+        Some((primary.into(), format!("{primary}:1")))
+    }
+
+    #[tokio::test]
+    async fn a_promotion_in_place_is_noted_and_a_later_rejoin_of_that_primary_restarts() {
+        let (desired, mut role) = watch::channel(Role {
+            following: following("p"),
+            sync_standbys: None,
+        });
+        role.borrow_and_update();
+        let mut running = following("p");
+        // Promoted where it runs: no restart, and it follows nobody now.
+        desired.send_modify(|r| r.following = None);
+        let waited = tokio::time::timeout(
+            Duration::from_millis(50),
+            following_changes(&mut role, &mut running),
+        )
+        .await;
+        assert!(waited.is_err(), "a promotion restarted the cell");
+        assert_eq!(running, None);
+        // Failed over back to p, it rejoins p: a restart to follow it.
+        desired.send_modify(|r| r.following = following("p"));
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            following_changes(&mut role, &mut running),
+        )
+        .await
+        .expect("following p again restarts the running primary");
+    }
 }

@@ -109,6 +109,11 @@ pub struct StandbyConfig {
     pub primary_cell_id: String,
     /// Where the primary serves gRPC (`host:port`).
     pub primary_endpoint: String,
+    /// This cell was a primary that a failover moved away from, and it rejoins as the standby
+    /// of the cell that took over: any promotion it remembers is over, even one from this
+    /// same primary (failed over there and back), and it starts over from its snapshot.
+    #[serde(default)]
+    pub rejoined: bool,
 }
 
 pub use cellplane_api::ids::ConfigError;

@@ -80,11 +80,14 @@ pub async fn serve_with(
         .transpose()?;
     let hub = SyncHub::with_notifier(notifier);
     // A standby promoted before it restarted stays a primary when started again as the
-    // standby of the primary it was promoted from; started as the standby of another, it is
+    // standby of the primary it was promoted from (its configured role); started as the
+    // standby of another, or as one that rejoined after a failover moved its keys away, it is
     // a standby again and starts over from that primary's snapshot.
     let promotion = store.promotion()?;
     let standby = match (&config.standby, &promotion) {
-        (Some(standby), Some(promotion)) if promotion.from == standby.primary_cell_id => {
+        (Some(standby), Some(promotion))
+            if promotion.from == standby.primary_cell_id && !standby.rejoined =>
+        {
             tracing::info!(from = %promotion.from, applied_lsn = promotion.applied_lsn, "this standby was promoted before: serving as a primary");
             None
         }

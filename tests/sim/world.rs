@@ -134,12 +134,11 @@ async fn run_cell(start: CellStart) -> Result<(), String> {
         metrics_listen: None,
         limits: Default::default(),
         pns: None,
-        standby: start
-            .following
-            .map(|(primary_cell_id, primary_endpoint)| StandbyConfig {
-                primary_cell_id,
-                primary_endpoint,
-            }),
+        standby: start.following.map(|following| StandbyConfig {
+            primary_cell_id: following.primary,
+            primary_endpoint: following.endpoint,
+            rejoined: following.rejoined,
+        }),
         replication: cellplane_im_cell::config::ReplicationConfig {
             sync_standbys: start.sync_standbys,
             ..Default::default()

@@ -76,6 +76,10 @@ enum Command {
         /// Where the primary of --standby-of serves gRPC (host:port).
         #[arg(long, requires = "standby_of")]
         primary_endpoint: Option<String>,
+        /// This cell was failed over and rejoins as the standby of --standby-of: whatever
+        /// promotion it remembers is over, and it starts over from that primary's snapshot.
+        #[arg(long, requires = "standby_of")]
+        rejoined: bool,
         /// A standby every send waits for (repeat for several): a send is answered once each
         /// has it durably.
         #[arg(long = "sync-standby")]
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         pns_webhook,
         standby_of,
         primary_endpoint,
+        rejoined,
         sync_standbys,
         sync_timeout_ms,
         log_retention_bytes,
@@ -221,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
         config.standby = Some(StandbyConfig {
             primary_cell_id,
             primary_endpoint,
+            rejoined,
         });
     }
     config.lease_required |= lease_required;

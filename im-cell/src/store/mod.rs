@@ -423,11 +423,12 @@ impl Store {
     /// it started over.
     pub fn follow(&self, primary: &str) -> Result<bool, CellError> {
         let followed: Option<String> = get(&self.spaces.replica, keys::REPLICA_PRIMARY)?;
+        // Promoted, it wrote its own log past what it had of any primary's, this one's too.
         let promoted = self.promotion()?.is_some();
-        let same = match followed.as_deref() {
-            Some(followed) => followed == primary,
-            None => !promoted,
-        };
+        let same = !promoted
+            && followed
+                .as_deref()
+                .is_none_or(|followed| followed == primary);
         if same && followed.is_some() {
             return Ok(false);
         }
@@ -537,5 +538,32 @@ mod tests {
         );
         drop(copy);
         Store::open(dir.path(), 10).expect("reopened once every handle is gone");
+    }
+
+    #[test]
+    fn a_promoted_cell_starts_over_when_it_follows_again_even_the_same_primary() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 10).expect("open");
+        store.follow("p").expect("a new standby follows p");
+        assert!(
+            !store.follow("p").expect("follow"),
+            "its own primary again: it goes on"
+        );
+        // Promoted from p, it wrote a log of its own; failed over back to p, it rejoins p.
+        store
+            .spaces
+            .replica
+            .insert(
+                keys::REPLICA_PROMOTED,
+                records::encode(&PromotionRecord {
+                    from: "p".into(),
+                    applied_lsn: 7,
+                }),
+            )
+            .expect("promote");
+        assert!(store.follow("p").expect("follow"), "it starts over");
+        assert_eq!(store.promotion().expect("promotion"), None);
+        assert_eq!(store.replica().expect("replica"), ReplicaRecord::default());
+        assert!(!store.follow("p").expect("follow"), "once");
     }
 }
