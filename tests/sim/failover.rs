@@ -1,18 +1,29 @@
-//! Failovers under the nemesis: a HIGH primary in region `hz` with its synchronous standby in
-//! region `fs`, each run by its region's agent on a host of its own, beside the three nodes.
-//! Writers send to HIGH tenants placed on the primary; ops fail the current primary over,
-//! planned, every few seconds; the nemesis crashes and cuts off agents (their cells with them)
-//! and nodes, so the control plane also fails primaries over on its own when their leases run
+//! Failovers under the nemesis: a HIGH primary in region `hz` with its standby in region
+//! `fs`, each run by its region's agent on a host of its own, beside the three nodes. Writers
+//! send to HIGH tenants placed on the primary, beside lagging writers whose route cache the
+//! nemesis cuts off from the nodes (`workload`); ops fail the current primary over, planned,
+//! every few seconds; the nemesis crashes and cuts off agents (their cells with them) and
+//! nodes, so the control plane also fails primaries over on its own when their leases run
 //! out. After the heal every failover must have ended — one from a standby in sync with
-//! nothing missing — and the messages pass `workload`'s checks: none lost or doubled, at the
-//! seq acknowledged (what a standby not yet in sync lacked comes back by merge-back, at a new
-//! seq), and one writer per key throughout.
+//! nothing missing — the pair must be a primary and its ACTIVE standby again, and the
+//! messages pass `workload`'s checks: none lost or doubled, at the seq acknowledged (what a
+//! standby not in sync lacked comes back by merge-back, at a new seq), and one writer per key
+//! throughout.
+//!
+//! Three runs of it: a synchronous standby that the primary waits for longer than any run,
+//! so every failover is from a standby in sync and loses nothing; one it waits for 500 ms
+//! before it asks to go on alone; and an asynchronous one. With the last two a failover may
+//! promote a standby that lacks what the primary acknowledged, and only the primary's lease
+//! keeps it from writing on once its successor took over: a lagging writer still sending to
+//! it is what the one-writer check would catch.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest, ListFailoversRequest, Tier,
+    CellState, FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest,
+    ListCellsRequest, ListFailoversRequest, Tier,
 };
 
 use crate::workload::{self, Acked};
@@ -24,14 +35,30 @@ const RUN_FOR: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a primary waits for its synchronous standby before it asks to go on without it:
 /// longer than any run, so a standby in sync has every acknowledged message.
-const SYNC_TIMEOUT_MS: u64 = 600_000;
+const WAITS_FOR_ITS_STANDBY: u64 = 600_000;
+/// Soon enough that primaries go on alone in some runs.
+const GOES_ON_ALONE: u64 = 500;
+
+/// How the primary's sends wait for its standby.
+#[derive(Clone, Copy)]
+enum Standby {
+    /// Every send waits for the standby, for at most this many ms before the primary asks to
+    /// go on alone.
+    Synchronous(u64),
+    /// No send waits for it.
+    Asynchronous,
+}
 
 /// The two cells of the pair: the primary in `hz`, its standby in `fs`.
 fn pair() -> [(&'static str, &'static str); 2] {
     [("hz", "hz-high-1"), ("fs", "fs-high-1")]
 }
 
-async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
+async fn clients(
+    progress: Arc<Mutex<Progress>>,
+    acked: Arc<Mutex<Acked>>,
+    lagging: Arc<AtomicBool>,
+) -> Result<String, String> {
     let phase = |p: &str| world::phase(&progress, p);
     phase("set-up");
     workload::create_tenants(&TENANTS, Tier::High, "hz").await;
@@ -41,9 +68,15 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     phase("writers and failovers");
     let watcher = tokio::spawn(world::watch_leader(progress.clone()));
     let until = tokio::time::Instant::now() + RUN_FOR;
-    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
-    workload::spawn_writers(&mut tasks, &messenger, &TENANTS, GROUPS, until, &acked);
+    workload::spawn_writers(
+        &mut tasks,
+        &messenger,
+        (&TENANTS, GROUPS),
+        "w",
+        until,
+        &acked,
+    );
     // Ops move the tenants' primary to its standby every few seconds, planned.
     tasks.spawn(async move {
         let mut n = 0u64;
@@ -74,6 +107,7 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
         }
     });
     while tasks.join_next().await.is_some() {}
+    workload::finished(&lagging).await;
     watcher.abort();
 
     phase("waiting for every failover to end");
@@ -101,6 +135,45 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // Whatever happened, the pair protects its tenants again: both cells ACTIVE, one the
+    // standby of the other.
+    phase("waiting for the pair to be a primary and its ACTIVE standby again");
+    loop {
+        let cells = world::until_done(CALL_TIMEOUT, |via| async move {
+            world::control(via)
+                .list_cells(ListCellsRequest {
+                    region: String::new(),
+                })
+                .await
+        })
+        .await
+        .map(|l| l.cells)
+        .unwrap_or_default();
+        let active = cells
+            .iter()
+            .filter(|c| c.state == CellState::Active as i32)
+            .count();
+        let standbys = cells.iter().filter(|c| !c.standby_of.is_empty()).count();
+        if active == 2 && standbys == 1 {
+            break;
+        }
+        let states: Vec<String> = cells
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {:?} standby of {:?}",
+                    c.cell_id,
+                    c.state(),
+                    c.standby_of
+                )
+            })
+            .collect();
+        phase(&format!(
+            "waiting for the pair to be a primary and its ACTIVE standby again: {}",
+            states.join("; ")
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // A standby in sync lacks nothing; one that was not (catching up after it rejoined) may
     // have lacked what its primary acknowledged, which the merge-back brought over.
     if let Some(lossy) = failovers.iter().find(|f| {
@@ -146,29 +219,44 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     ))
 }
 
-fn run(seed: u64) {
+fn run(seed: u64, standby: Standby) {
     let dir = tempfile::Builder::new()
         .prefix("cellplane-sim-")
         .tempdir()
         .expect("temp dir");
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(150));
-    let [(primary_region, primary), (standby_region, standby)] = pair();
+    let [(primary_region, primary), (standby_region, cell_of_standby)] = pair();
     let mut high = world::cell(primary_region, primary, "HIGH", 7001);
-    high.sync_standbys = Some(vec![standby.into()]);
-    high.sync_timeout_ms = Some(SYNC_TIMEOUT_MS);
-    let mut remote = world::cell(standby_region, standby, "HIGH", 7001);
+    let mut remote = world::cell(standby_region, cell_of_standby, "HIGH", 7001);
     remote.standby_of = Some(primary.into());
     remote.primary_endpoint = high.advertise.clone();
-    remote.sync_timeout_ms = Some(SYNC_TIMEOUT_MS);
-    // Promoted, it waits for the old primary once that rejoins as its standby.
-    remote.sync_standbys = Some(vec![primary.into()]);
+    match standby {
+        Standby::Synchronous(timeout_ms) => {
+            high.sync_standbys = Some(vec![cell_of_standby.into()]);
+            high.sync_timeout_ms = Some(timeout_ms);
+            // Promoted, it waits for the old primary once that rejoins as its standby.
+            remote.sync_standbys = Some(vec![primary.into()]);
+            remote.sync_timeout_ms = Some(timeout_ms);
+        }
+        Standby::Asynchronous => {
+            high.sync_standbys = Some(Vec::new());
+            remote.sync_standbys = Some(Vec::new());
+        }
+    }
     world::add_agent(&mut sim, dir.path(), primary_region, vec![high]);
     world::add_agent(&mut sim, dir.path(), standby_region, vec![remote]);
     let hosts = (1..=NODES)
         .map(world::host)
         .chain(pair().map(|(region, _)| world::agent_host(region)))
         .collect();
-    world::run_clients(seed, sim, dir.path(), hosts, RUN_FOR, clients);
+    workload::run(
+        seed,
+        sim,
+        (dir.path(), hosts),
+        (&TENANTS, GROUPS),
+        RUN_FOR,
+        clients,
+    );
 }
 
 const FIXED: [u64; 2] = [1, 2];
@@ -178,6 +266,24 @@ fn failovers_lose_nothing_acknowledged_and_never_make_two_writers() {
     crate::seeds::for_each(
         "failover::failovers_lose_nothing_acknowledged_and_never_make_two_writers",
         &FIXED,
-        run,
+        |seed| run(seed, Standby::Synchronous(WAITS_FOR_ITS_STANDBY)),
+    );
+}
+
+#[test]
+fn a_primary_that_goes_on_alone_loses_nothing_it_acknowledged() {
+    crate::seeds::for_each(
+        "failover::a_primary_that_goes_on_alone_loses_nothing_it_acknowledged",
+        &FIXED,
+        |seed| run(seed, Standby::Synchronous(GOES_ON_ALONE)),
+    );
+}
+
+#[test]
+fn a_primary_with_an_asynchronous_standby_is_fenced_by_its_lease_alone() {
+    crate::seeds::for_each(
+        "failover::a_primary_with_an_asynchronous_standby_is_fenced_by_its_lease_alone",
+        &FIXED,
+        |seed| run(seed, Standby::Asynchronous),
     );
 }

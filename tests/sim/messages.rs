@@ -5,6 +5,7 @@
 //! migration must have ended, and the messages pass `workload`'s checks: none lost or doubled,
 //! and one writer per key throughout.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +25,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the drainer keeps asking a call through the nodes before it gives the call up.
 const DRAIN_CALL_FOR: Duration = Duration::from_secs(20);
 
-async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
+async fn clients(
+    progress: Arc<Mutex<Progress>>,
+    acked: Arc<Mutex<Acked>>,
+    lagging: Arc<AtomicBool>,
+) -> Result<String, String> {
     let phase = |p: &str| world::phase(&progress, p);
     phase("set-up");
     // The agent registers its cells; tenants are placed once they are ACTIVE.
@@ -35,9 +40,15 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
     phase("writers and migrations");
     let watcher = tokio::spawn(world::watch_leader(progress.clone()));
     let until = tokio::time::Instant::now() + RUN_FOR;
-    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
-    workload::spawn_writers(&mut tasks, &messenger, &TENANTS, GROUPS, until, &acked);
+    workload::spawn_writers(
+        &mut tasks,
+        &messenger,
+        (&TENANTS, GROUPS),
+        "w",
+        until,
+        &acked,
+    );
     // Every few seconds a tenant moves, history first: to another cell of its tier, or to
     // the other tier (NORMAL and LOW take turns). Every third move is cancelled a moment
     // later, wherever it has got to.
@@ -148,6 +159,7 @@ async fn clients(progress: Arc<Mutex<Progress>>) -> Result<String, String> {
         Ok((drained, refused))
     });
     while tasks.join_next().await.is_some() {}
+    workload::finished(&lagging).await;
     let (drained, refused) = drainer.await.map_err(|e| format!("the drainer: {e}"))??;
     watcher.abort();
 
@@ -254,7 +266,14 @@ fn run(seed: u64) {
         .map(world::host)
         .chain([world::agent_host("hz")])
         .collect();
-    world::run_clients(seed, sim, dir.path(), hosts, RUN_FOR, clients);
+    workload::run(
+        seed,
+        sim,
+        (dir.path(), hosts),
+        (&TENANTS, GROUPS),
+        RUN_FOR,
+        clients,
+    );
 }
 
 const FIXED: [u64; 2] = [1, 2];

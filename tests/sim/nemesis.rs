@@ -41,7 +41,21 @@ pub struct Nemesis {
     dir: PathBuf,
     next_at: Duration,
     active: Option<(Fault, Duration)>,
+    lagging: Option<Lagging>,
     pub injected: Vec<(Duration, Fault)>,
+}
+
+/// A client host cut off from every node on a schedule of its own, whatever else is injected
+/// meanwhile: its route cache lags while it still reaches the cells.
+struct Lagging {
+    host: String,
+    nodes: Vec<String>,
+    rng: StdRng,
+    next_at: Duration,
+    /// While cut off: until when.
+    cut_until: Option<Duration>,
+    /// Every cut: from, until.
+    cuts: Vec<(Duration, Duration)>,
 }
 
 impl Nemesis {
@@ -53,13 +67,51 @@ impl Nemesis {
             rng: StdRng::seed_from_u64(seed ^ 0x006E_656D_6573_6973),
             next_at: Duration::from_secs(3),
             active: None,
+            lagging: None,
             injected: Vec::new(),
+        }
+    }
+
+    /// Also cuts the client host `host` off from `nodes` now and then, whatever else is
+    /// injected meanwhile.
+    pub fn lagging(mut self, seed: u64, host: &str, nodes: Vec<String>) -> Self {
+        self.lagging = Some(Lagging {
+            host: host.into(),
+            nodes,
+            rng: StdRng::seed_from_u64(seed ^ 0x006C_6167),
+            next_at: Duration::from_secs(3),
+            cut_until: None,
+            cuts: Vec::new(),
+        });
+        self
+    }
+
+    /// Cuts the lagging host off, or reconnects it, as its schedule says at `now`.
+    fn step_lagging(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration) {
+        let Some(lagging) = &mut self.lagging else {
+            return;
+        };
+        match lagging.cut_until {
+            Some(until) if now >= until => {
+                lagging.repair(sim);
+                lagging.next_at = now + Duration::from_millis(lagging.rng.random_range(500..4_000));
+            }
+            None if now >= lagging.next_at => {
+                for node in &lagging.nodes {
+                    sim.partition(lagging.host.as_str(), node.as_str());
+                }
+                let lasts = Duration::from_millis(lagging.rng.random_range(500..4_000));
+                lagging.cut_until = Some(now + lasts);
+                lagging.cuts.push((now, now + lasts));
+            }
+            _ => {}
         }
     }
 
     /// Injects or heals what is due at `now`; `leader` is the node clients last saw lead,
     /// which a crash picks more often than the others.
     pub fn step(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, leader: Option<u64>) {
+        self.step_lagging(sim, now);
         if let Some((fault, heal_at)) = &self.active {
             if now >= *heal_at {
                 if let Fault::DiskStall {
@@ -92,18 +144,32 @@ impl Nemesis {
         self.injected.push((now, fault));
     }
 
-    /// Every fault injected, a line each with its instant.
+    /// Every fault injected, a line each with its instant, and the lagging host's cuts.
     pub fn report(&self) -> Vec<String> {
-        self.injected
+        let faults = self
+            .injected
             .iter()
-            .map(|(at, fault)| format!("{:>8.3}s {fault:?}", at.as_secs_f64()))
-            .collect()
+            .map(|(at, fault)| format!("{:>8.3}s {fault:?}", at.as_secs_f64()));
+        let lags = self.lagging.iter().flat_map(|lagging| {
+            lagging.cuts.iter().map(|(from, until)| {
+                format!(
+                    "{:>8.3}s {} cut off from the nodes until {:.3}s",
+                    from.as_secs_f64(),
+                    lagging.host,
+                    until.as_secs_f64()
+                )
+            })
+        });
+        faults.chain(lags).collect()
     }
 
     /// Heals whatever is active: the run is over.
     pub fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
         if let Some((fault, _)) = self.active.take() {
             heal(sim, &self.hosts, &self.dir, &fault);
+        }
+        if let Some(lagging) = &mut self.lagging {
+            lagging.repair(sim);
         }
     }
 
@@ -136,6 +202,16 @@ impl Nemesis {
                 host: self.pick(),
                 ends_in_a_crash: self.rng.random_bool(0.3),
             },
+        }
+    }
+}
+
+impl Lagging {
+    fn repair(&mut self, sim: &mut turmoil::Sim<'_>) {
+        if self.cut_until.take().is_some() {
+            for node in &self.nodes {
+                sim.repair(self.host.as_str(), node.as_str());
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 //! contiguous from 1, and no key may ever have had two writers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,21 +18,27 @@ use cellplane_api::proto::control::{CreateTenantRequest, Tier};
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::world::{self, NODES};
+use crate::nemesis::Nemesis;
+use crate::world::{self, NODES, Progress};
 
 pub const MEMBERS: [&str; 2] = ["alice", "bob"];
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One acknowledged message: which cell took it at which route epoch, and when the send began
-/// and ended on the simulated clock of the clients' host.
+/// and ended in simulated time since the simulation began (one clock for every client host).
 #[derive(Debug, Clone)]
 pub struct Ack {
     pub id: String,
     pub seq: u64,
     pub cell: String,
     pub epoch: u64,
-    pub invoked: Instant,
-    pub returned: Instant,
+    pub invoked: Duration,
+    pub returned: Duration,
+}
+
+/// Simulated time since the simulation began, the same on every host.
+fn now() -> Duration {
+    turmoil::sim_elapsed().expect("the workload runs in a simulation")
 }
 
 /// What the writers had acknowledged, per (tenant, conversation), in the order acknowledged.
@@ -101,12 +108,12 @@ pub async fn create_groups(messenger: &Messenger, tenants: &[&str], groups: usiz
 }
 
 /// One writer per group of each tenant, sending every 20 ms until `until`; every eighth
-/// message is sent twice at once.
+/// message is sent twice at once. `writer` names them in their messages' ids.
 pub fn spawn_writers(
     tasks: &mut tokio::task::JoinSet<()>,
     messenger: &Arc<Messenger>,
-    tenants: &[&'static str],
-    groups: usize,
+    (tenants, groups): (&[&'static str], usize),
+    writer: &'static str,
     until: Instant,
     acked: &Arc<Mutex<Acked>>,
 ) {
@@ -118,7 +125,7 @@ pub fn spawn_writers(
                 let mut n = 0u64;
                 while Instant::now() < until {
                     n += 1;
-                    let id = format!("{tenant}-g{g}-{n}");
+                    let id = format!("{tenant}-g{g}-{writer}{n}");
                     let acks = if n.is_multiple_of(8) {
                         // The same send twice at once, as a client's retry racing its
                         // original: both answers must name one message, written once.
@@ -143,9 +150,79 @@ pub fn spawn_writers(
     }
 }
 
+/// The host of the writers whose view of the routes lags ([`add_lagging_writers`]).
+pub const LAGGING: &str = "lagging-clients";
+
+/// A second writer for each group, on a host of its own whose view of the routes lags: the
+/// nemesis cuts that host off from the nodes on a schedule of its own (it still reaches every
+/// cell), so these writers go on sending to the owner they last knew after the writers that
+/// follow the routes have moved on, to an owner that was fenced off, say. They write for
+/// `run_for` once `progress` says the workload started; answers a flag set when they are done.
+pub fn add_lagging_writers(
+    sim: &mut turmoil::Sim<'_>,
+    (tenants, groups): (&'static [&'static str], usize),
+    run_for: Duration,
+    acked: &Arc<Mutex<Acked>>,
+    progress: &Arc<Mutex<Progress>>,
+) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let (acked, progress, finished) = (acked.clone(), progress.clone(), done.clone());
+    sim.client(LAGGING, async move {
+        while !progress.lock().expect("progress").started {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let messenger = messenger().await?;
+        let until = Instant::now() + run_for;
+        let mut tasks = tokio::task::JoinSet::new();
+        spawn_writers(
+            &mut tasks,
+            &messenger,
+            (tenants, groups),
+            "lag",
+            until,
+            &acked,
+        );
+        while tasks.join_next().await.is_some() {}
+        finished.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+    done
+}
+
+/// Runs `clients` — given the run's progress, the acknowledgements every writer adds to, and
+/// the flag the lagging writers set when done — beside the lagging writers of `workload`,
+/// under a nemesis over `hosts` that also cuts the lagging writers off from the nodes.
+pub fn run<F, Fut>(
+    seed: u64,
+    mut sim: turmoil::Sim<'_>,
+    (dir, hosts): (&Path, Vec<String>),
+    workload: (&'static [&'static str], usize),
+    run_for: Duration,
+    clients: F,
+) where
+    F: FnOnce(Arc<Mutex<Progress>>, Arc<Mutex<Acked>>, Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>> + 'static,
+{
+    let progress: Arc<Mutex<Progress>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let lagging = add_lagging_writers(&mut sim, workload, run_for, &acked, &progress);
+    let nodes = (1..=NODES).map(world::host).collect();
+    let nemesis = Nemesis::new(seed, dir, hosts).lagging(seed, LAGGING, nodes);
+    world::run_clients(seed, sim, nemesis, progress, run_for, move |progress| {
+        clients(progress, acked, lagging)
+    });
+}
+
+/// Returns once `done` is set.
+pub async fn finished(done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Sends one message, noting the route epoch of the attempt that was answered.
 async fn send(messenger: &Messenger, key: &(String, String), id: &str, n: u64) -> Option<Ack> {
-    let invoked = Instant::now();
+    let invoked = now();
     let epoch = AtomicU64::new(0);
     let request = SendMessageRequest {
         tenant_id: key.0.clone(),
@@ -170,7 +247,7 @@ async fn send(messenger: &Messenger, key: &(String, String), id: &str, n: u64) -
         cell: sent.message_id.split('/').next().unwrap_or_default().into(),
         epoch: epoch.load(Ordering::Relaxed),
         invoked,
-        returned: Instant::now(),
+        returned: now(),
     })
 }
 
@@ -307,14 +384,13 @@ mod tests {
     use super::*;
 
     fn ack(id: &str, seq: u64, cell: &str, epoch: u64, invoked: u64, returned: u64) -> Ack {
-        let start = Instant::now();
         Ack {
             id: id.into(),
             seq,
             cell: cell.into(),
             epoch,
-            invoked: start + Duration::from_millis(invoked),
-            returned: start + Duration::from_millis(returned),
+            invoked: Duration::from_millis(invoked),
+            returned: Duration::from_millis(returned),
         }
     }
 

@@ -256,14 +256,14 @@ where
     None
 }
 
-/// Runs `clients` on a host of its own in `sim`, under a nemesis over `hosts` for `run_for`
-/// once they start their workload, and reports the run: the clients' own report and the
+/// Runs `clients` on a host of its own in `sim`, under `nemesis` for `run_for` once they
+/// start their workload (`progress`), and reports the run: the clients' own report and the
 /// faults, or a panic naming the seed with the violation they found.
 pub fn run_clients<F, Fut>(
     seed: u64,
     mut sim: turmoil::Sim<'_>,
-    dir: &Path,
-    hosts: Vec<String>,
+    mut nemesis: Nemesis,
+    progress: Arc<Mutex<Progress>>,
     run_for: Duration,
     clients: F,
 ) where
@@ -271,7 +271,6 @@ pub fn run_clients<F, Fut>(
     Fut: std::future::Future<Output = Result<String, String>> + 'static,
 {
     let started = std::time::Instant::now();
-    let progress = Arc::new(Mutex::new(Progress::default()));
     let outcome: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
     {
         let (running, outcome) = (clients(progress.clone()), outcome.clone());
@@ -280,7 +279,6 @@ pub fn run_clients<F, Fut>(
             Ok(())
         });
     }
-    let mut nemesis = Nemesis::new(seed, dir, hosts);
     drive(seed, &mut sim, &mut nemesis, &progress, run_for);
     let outcome = outcome.lock().expect("outcome").take();
     match outcome {
