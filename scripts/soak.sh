@@ -6,15 +6,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20}"
 status=0
-for test in routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis \
-    messages::acknowledged_messages_survive_migrations_under_the_nemesis \
-    failover::failovers_lose_nothing_acknowledged_and_never_make_two_writers; do
+# label=test, one per test of tests/sim/.
+for entry in routes=routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis \
+    messages=messages::acknowledged_messages_survive_migrations_under_the_nemesis \
+    failover-sync=failover::failovers_lose_nothing_acknowledged_and_never_make_two_writers \
+    failover-alone=failover::a_primary_that_goes_on_alone_loses_nothing_it_acknowledged \
+    failover-async=failover::a_primary_with_an_asynchronous_standby_is_fenced_by_its_lease_alone; do
+    label="${entry%%=*}"
+    test="${entry#*=}"
     log="$(mktemp -t cellplane-soak.XXXXXX)"
     started=$(date +%s)
     SIM_SEEDS="$n" cargo test -q -p cellplane-tests --test sim "$test" -- --exact --nocapture \
         >"$log" 2>&1 || status=1
     elapsed=$(( $(date +%s) - started ))
-    awk -v n="$n" -v elapsed="$elapsed" -v test="${test%%::*}" '
+    awk -v n="$n" -v elapsed="$elapsed" -v test="$label" '
         /^seed [0-9]+: / {
             passed++
             if (match($0, /[0-9]+ faults/)) faults += substr($0, RSTART, RLENGTH) + 0
