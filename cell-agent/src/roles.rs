@@ -93,7 +93,14 @@ pub fn step(
         }
         return None;
     }
-    if configured != Some(record.standby_of.as_str()) {
+    // A rejoined cell started as its config says may run as the primary it was promoted to:
+    // the cell keeps a promotion from the very primary it is told to follow, and only a
+    // rejoin overrides that. A JOINING cell is never a failover's target, so one running as
+    // a primary was not just promoted.
+    let runs_as_primary = running.is_some_and(|r| r.standby_of.is_empty());
+    if configured != Some(record.standby_of.as_str())
+        || (state == CellState::Joining && runs_as_primary)
+    {
         let endpoint = cells
             .iter()
             .find(|c| c.cell_id == record.standby_of)?
@@ -280,6 +287,28 @@ mod tests {
             standby_of: standby_of.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_rejoined_cell_its_config_started_as_a_primary_is_told_to_follow() {
+        // Promoted from s, then failed over back to s: configured as s's standby, restarted
+        // by its agent as the config says, it kept its promotion and runs as a primary.
+        let successor = cell("s", "hz", CellState::Active, "");
+        let rejoined = cell("p", "hz", CellState::Joining, "s");
+        let all = [successor, rejoined.clone()];
+        assert_eq!(
+            step(&rejoined, (Some("s"), &[]), Some(&running("")), &all, None),
+            Some(Step::Follow {
+                primary: "s".into(),
+                endpoint: "s:1".into()
+            })
+        );
+        // An ACTIVE one running as a primary may have been promoted a moment ago.
+        let active = cell("p", "hz", CellState::Active, "s");
+        assert_eq!(
+            step(&active, (Some("s"), &[]), Some(&running("")), &all, None),
+            None
+        );
     }
 
     #[test]
