@@ -4,11 +4,10 @@
 //! nemesis cuts off from the nodes (`workload`); ops fail the current primary over, planned,
 //! every few seconds; the nemesis crashes and cuts off agents (their cells with them) and
 //! nodes, so the control plane also fails primaries over on its own when their leases run
-//! out. After the heal every failover must have ended — one from a standby in sync with
-//! nothing missing — the pair must be a primary and its ACTIVE standby again, and the
-//! messages pass `workload`'s checks: none lost or doubled, at the seq acknowledged (what a
-//! standby not in sync lacked comes back by merge-back, at a new seq), and one writer per key
-//! throughout.
+//! out. After the heal every failover must have ended, the pair must be a primary and its
+//! ACTIVE standby again, and the messages pass `workload`'s checks: none lost or doubled, at
+//! the seq acknowledged (what a standby not in sync lacked comes back by merge-back, at a new
+//! seq), and one writer per key throughout.
 //!
 //! Three runs of it: a synchronous standby that the primary waits for longer than any run,
 //! so every failover is from a standby in sync and loses nothing; one it waits for 500 ms
@@ -174,17 +173,11 @@ async fn clients(
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // A standby in sync lacks nothing; one that was not (catching up after it rejoined) may
-    // have lacked what its primary acknowledged, which the merge-back brought over.
-    if let Some(lossy) = failovers.iter().find(|f| {
-        f.ledger
-            .as_ref()
-            .is_some_and(|l| l.in_sync && l.missing_messages > 0)
-    }) {
-        return Err(format!(
-            "a failover from a standby in sync missed messages: {lossy:?}"
-        ));
-    }
+    // A standby in sync has every message its primary acknowledged, so the failed cell of
+    // such a failover is held to the seqs it acknowledged below. Its ledger may still count
+    // messages merged back: ones the failed cell wrote and never acknowledged, whose writer
+    // gave up. A standby not in sync may have lacked acknowledged ones too; the merge-back
+    // brought them over at new seqs.
     let behind: workload::Behind = failovers
         .iter()
         .filter(|f| f.ledger.as_ref().is_some_and(|l| !l.in_sync))
