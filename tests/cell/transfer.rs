@@ -225,3 +225,50 @@ async fn a_moved_key_is_purged_only_once_revoked_and_the_purge_replays_from_the_
     import(&replayed, export(&source, 0, true).await).await;
     assert_eq!(view(&replayed).await, emptied);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_granted_here_takes_no_copy_not_even_the_sources_purge() {
+    use cellplane_api::proto::cell::{KeyRequest, RevokeRequest};
+    let source = CellProcess::start("hz-a-normal-1", &[]).await;
+    source.grant("acme", "", 1).await;
+    group(&source, "acme", "team", &["alice", "bob", "carol"]).await;
+    group(&source, "acme", "ops", &["alice", "dave"]).await;
+    traffic(&source, "r1").await;
+    // The move: snapshot, switch (the target is granted the key), cleanup (the source purges).
+    let target = CellProcess::start("sh-b-normal-1", &[]).await;
+    let snapshot = export(&source, 0, false).await;
+    let through = snapshot.last().map(|c| c.through_lsn).expect("chunks");
+    import(&target, snapshot).await;
+    target.grant("acme", "", 2).await;
+    source
+        .admin()
+        .revoke(RevokeRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            new_cell_id: "sh-b-normal-1".into(),
+            new_epoch: 2,
+        })
+        .await
+        .expect("revoke");
+    source
+        .admin()
+        .purge(KeyRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+        })
+        .await
+        .expect("purge");
+    let before = view(&target).await;
+    assert!(before.iter().any(|line| line.contains("r1-")), "{before:?}");
+
+    // A copy that outlived the move brings the source's tail, its purge included.
+    let stale = export(&source, through, true).await;
+    let refused = target
+        .admin()
+        .import(futures::stream::iter(stale))
+        .await
+        .expect_err("a copy into a key the cell owns");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("owns acme/"), "{refused:?}");
+    assert_eq!(view(&target).await, before, "the owner's history changed");
+}

@@ -591,14 +591,25 @@ impl WriterState {
                 rows,
                 records,
                 through_lsn,
-            } => import(
-                tx,
-                (&tenant, &conversation),
-                &import_key(&tenant, &conversation, &source),
-                rows,
-                records,
-                through_lsn,
-            ),
+            } => {
+                // A migration copies a key before its switch grants it here. A copy into a key
+                // this cell owns could only come from one that outlived its migration, and it
+                // may carry the source's later purge of the key.
+                let key = (tenant.clone(), conversation.clone());
+                if self.grants.get(&key).is_some_and(Grant::is_owned) {
+                    return Err(CellError::FailedPrecondition(format!(
+                        "tenant_id: this cell owns {tenant}/{conversation}; it takes a copy of a key only before the key is granted to it"
+                    )));
+                }
+                import(
+                    tx,
+                    (&tenant, &conversation),
+                    &import_key(&tenant, &conversation, &source),
+                    rows,
+                    records,
+                    through_lsn,
+                )
+            }
         }
     }
 
