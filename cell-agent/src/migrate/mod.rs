@@ -216,6 +216,16 @@ impl Worker {
         let Some(target) = self.cells.get(&m.target_cell).map(|c| c.admin.clone()) else {
             return;
         };
+        // The watch is served by whichever node answered, which may lag: a migration it shows
+        // under way may have ended since, and a copy done again after its switch would bring
+        // the source's later purge. Work from the current record, read linearizably.
+        m = loop {
+            match self.get(&id).await {
+                Ok(current) => break current,
+                Err(status) if status.code() == Code::NotFound => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
         let mut copied = Copied {
             lsn: m.copied_lsn,
             rows: m.rows_copied,
