@@ -20,7 +20,7 @@ for entry in routes=routes::route_moves_and_linearizable_lookups_stay_linearizab
         >"$log" 2>&1 || status=1
     elapsed=$(( $(date +%s) - started ))
     awk -v n="$n" -v elapsed="$elapsed" -v test="$label" '
-        /^seed [0-9]+: / {
+        /^seed [0-9]+: .* s simulated in / {
             passed++
             if (match($0, /[0-9]+ faults/)) faults += substr($0, RSTART, RLENGTH) + 0
             if (match($0, /[0-9.]+ s simulated in [0-9.]+ s/)) {
