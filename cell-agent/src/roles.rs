@@ -37,8 +37,13 @@ pub enum Step {
     /// A failover left it behind and its history is merged back: ask the control plane to
     /// make it a standby of its successor.
     Rejoin,
-    /// Run it as the standby of `primary`, at `endpoint`.
-    Follow { primary: String, endpoint: String },
+    /// Run it as the standby of `primary`, at `endpoint`; `rejoined` when a failover moved its
+    /// keys away and it rejoined (JOINING), so a promotion it remembers is over.
+    Follow {
+        primary: String,
+        endpoint: String,
+        rejoined: bool,
+    },
     /// It follows its new primary: it may serve as a standby.
     Activate,
     /// A promoted standby: wait for these standbys.
@@ -93,14 +98,18 @@ pub fn step(
         }
         return None;
     }
-    // A rejoined cell started as its config says may run as the primary it was promoted to:
-    // the cell keeps a promotion from the very primary it is told to follow, and only a
-    // rejoin overrides that. A JOINING cell is never a failover's target, so one running as
-    // a primary was not just promoted.
+    // A cell running as a primary is told to follow only when the record is JOINING, that is
+    // once it rejoined after a failover moved its keys away: it may run so because its config
+    // started it as the primary it was promoted to. A JOINING cell is never a failover's
+    // target, while an ACTIVE one may have been promoted since the records were read.
     let runs_as_primary = running.is_some_and(|r| r.standby_of.is_empty());
-    if configured != Some(record.standby_of.as_str())
-        || (state == CellState::Joining && runs_as_primary)
-    {
+    let joining = state == CellState::Joining;
+    let follow = if runs_as_primary {
+        joining
+    } else {
+        configured != Some(record.standby_of.as_str())
+    };
+    if follow {
         let endpoint = cells
             .iter()
             .find(|c| c.cell_id == record.standby_of)?
@@ -109,6 +118,7 @@ pub fn step(
         return Some(Step::Follow {
             primary: record.standby_of.clone(),
             endpoint,
+            rejoined: joining,
         });
     }
     // Connected means it applied a batch of its primary's current stream, which opens with the
@@ -227,10 +237,15 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                     Err(status) => tracing::debug!(%cell_id, %status, "cannot rejoin yet"),
                 }
             }
-            Step::Follow { primary, endpoint } => {
+            Step::Follow {
+                primary,
+                endpoint,
+                rejoined,
+            } => {
                 tracing::warn!(%cell_id, %primary, "restarting the cell as a standby of its new primary");
                 cell.set_role(Role {
                     following: Some((primary, endpoint)),
+                    rejoined,
                     sync_standbys: Some(Vec::new()),
                 });
             }
@@ -258,6 +273,7 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                 // Kept for its next start; the running cell has them already.
                 cell.set_role(Role {
                     following: None,
+                    rejoined: false,
                     sync_standbys: Some(standbys),
                 });
             }
@@ -300,15 +316,19 @@ mod tests {
             step(&rejoined, (Some("s"), &[]), Some(&running("")), &all, None),
             Some(Step::Follow {
                 primary: "s".into(),
-                endpoint: "s:1".into()
+                endpoint: "s:1".into(),
+                rejoined: true,
             })
         );
-        // An ACTIVE one running as a primary may have been promoted a moment ago.
+        // An ACTIVE one running as a primary may have been promoted a moment ago, after the
+        // records were read: it is not restarted, whatever its config says.
         let active = cell("p", "hz", CellState::Active, "s");
-        assert_eq!(
-            step(&active, (Some("s"), &[]), Some(&running("")), &all, None),
-            None
-        );
+        for configured in [Some("s"), None] {
+            assert_eq!(
+                step(&active, (configured, &[]), Some(&running("")), &all, None),
+                None
+            );
+        }
     }
 
     #[test]
@@ -325,7 +345,8 @@ mod tests {
             step(&rejoined, (None, &[]), None, &all, None),
             Some(Step::Follow {
                 primary: "s".into(),
-                endpoint: "s:1".into()
+                endpoint: "s:1".into(),
+                rejoined: true,
             })
         );
         let mut bootstrapping = running("s");
@@ -453,7 +474,8 @@ mod tests {
             step(&moved, (Some("s"), &[]), None, &all, None),
             Some(Step::Follow {
                 primary: "t".into(),
-                endpoint: "t:1".into()
+                endpoint: "t:1".into(),
+                rejoined: false,
             })
         );
     }

@@ -54,6 +54,9 @@ pub fn cell_paths(data_dir: &Path, cell_id: &str) -> (PathBuf, PathBuf) {
 pub struct Role {
     /// Follow this primary: `(cell id, endpoint)`.
     pub following: Option<(String, String)>,
+    /// It follows because it rejoined after a failover moved its keys away: any promotion
+    /// the cell remembers is over.
+    pub rejoined: bool,
     /// Wait for these standbys.
     pub sync_standbys: Option<Vec<String>>,
 }
@@ -88,8 +91,8 @@ pub struct CellStart {
 pub struct Following {
     pub primary: String,
     pub endpoint: String,
-    /// The control plane made it this primary's standby after a failover moved its keys there,
-    /// rather than the config: a promotion the cell remembers, even from this primary, is over.
+    /// It rejoined as this primary's standby after a failover moved its keys there: a
+    /// promotion the cell remembers, even from this primary, is over.
     pub rejoined: bool,
 }
 
@@ -262,7 +265,7 @@ fn resolve(spec: &CellSpec, role: &Role) -> (Option<Following>, Vec<String>) {
         (Some((primary, endpoint)), _, _) => Some(Following {
             primary: primary.clone(),
             endpoint: endpoint.clone(),
-            rejoined: true,
+            rejoined: role.rejoined,
         }),
         (None, Some(primary), Some(endpoint)) => Some(Following {
             primary: primary.clone(),
@@ -452,6 +455,7 @@ mod tests {
     async fn a_promotion_in_place_is_noted_and_a_later_rejoin_of_that_primary_restarts() {
         let (desired, mut role) = watch::channel(Role {
             following: following("p"),
+            rejoined: true,
             sync_standbys: None,
         });
         role.borrow_and_update();
