@@ -472,12 +472,20 @@ impl ControlState {
         }
     }
 
-    /// The cell that took over from `cell_id` in its newest finished failover.
-    fn successor(&self, cell_id: &str) -> Option<(&Arc<str>, &FailoverRecord)> {
+    /// The newest failover of `cell_id` that was not rolled back: the one that moved its keys
+    /// away, or is moving them.
+    fn newest_failover(&self, cell_id: &str) -> Option<&FailoverRecord> {
         self.failovers
             .values()
             .rev()
-            .find(|f| *f.cell_id == *cell_id && f.phase.switched())
+            .find(|f| *f.cell_id == *cell_id && f.phase != Phase::RolledBack)
+    }
+
+    /// The cell that took over from `cell_id` in its newest failover, once that one switched.
+    /// An older, finished failover says nothing while a newer one is under way.
+    fn successor(&self, cell_id: &str) -> Option<(&Arc<str>, &FailoverRecord)> {
+        self.newest_failover(cell_id)
+            .filter(|f| f.phase.switched())
             .map(|f| (&f.standby_cell, f))
     }
 
@@ -492,7 +500,8 @@ impl ControlState {
             // A failed or demoted primary follows the cell that took its keys, once what only
             // it held was merged back; a LOW cell serves again as an empty primary.
             None if matches!(cell.state, CellState::Failed | CellState::Demoted) => {
-                let (successor, failover) = self.successor(&cell_id).ok_or_else(nothing)?;
+                let failover = self.newest_failover(&cell_id).ok_or_else(nothing)?;
+                let successor = &failover.standby_cell;
                 if failover.phase != Phase::Merged {
                     return Err(CommandError::FailedPrecondition(format!(
                         "cell_id: cell {cell_id:?} may hold messages its successor {successor:?} lacks; its agent merges them back first (the failover is {})",
@@ -1188,6 +1197,53 @@ mod tests {
         assert!(rejoin(&mut state, "high").is_err(), "once");
         assert!(rejoin(&mut state, "normal").is_err(), "never failed over");
         assert_eq!(state.standbys_of(&Arc::from("high-near")).len(), 2);
+    }
+
+    #[test]
+    fn a_cell_failed_over_again_rejoins_only_once_its_newest_failover_is_merged() {
+        let mut state = system();
+        let active = |state: &mut ControlState, cell_id: &str| {
+            apply(
+                state,
+                Command::SetCellState {
+                    cell_id: cell_id.into(),
+                    state: CellState::Active,
+                },
+            )
+            .expect("ACTIVE");
+        };
+        // normal → normal-s, merged; normal rejoins; then back: normal-s → normal, merged.
+        let there = failed_over(&mut state, "normal");
+        apply(&mut state, merged(there, &[("n1", "", 0)])).expect("merged back");
+        rejoin(&mut state, "normal").expect("rejoins normal-s");
+        active(&mut state, "normal");
+        let back = failed_over(&mut state, "normal-s");
+        apply(&mut state, merged(back, &[("n1", "", 0)])).expect("merged back");
+        rejoin(&mut state, "normal-s").expect("rejoins normal");
+        active(&mut state, "normal-s");
+        // normal fails again. Its first failover, long merged, says nothing of this one.
+        let CommandOutput::Failover(again) =
+            apply(&mut state, forced("normal", None)).expect("again")
+        else {
+            panic!("a failover");
+        };
+        let refused = rejoin(&mut state, "normal").expect_err("the newest failover is under way");
+        assert!(
+            refused.to_string().contains("(the failover is FENCING)"),
+            "{refused}"
+        );
+        for step in [
+            (Phase::Fencing, Phase::Promoting),
+            (Phase::Promoting, Phase::Done),
+        ] {
+            apply(&mut state, advance(again.id, step, 0)).expect("forward");
+        }
+        assert!(
+            rejoin(&mut state, "normal").is_err(),
+            "DONE, not merged back yet"
+        );
+        apply(&mut state, merged(again.id, &[("n1", "", 0)])).expect("merged back");
+        rejoin(&mut state, "normal").expect("rejoins normal-s again");
     }
 
     #[test]
