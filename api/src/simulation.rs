@@ -1,5 +1,5 @@
-//! Whether a deterministic simulation runs on this thread, and the faults it injects into
-//! disks.
+//! Whether a deterministic simulation runs on this thread, its wall clock, and the faults it
+//! injects into disks.
 //!
 //! A simulation runs every server on one thread, on a simulated clock. Stores that write on
 //! threads of their own (the Raft log, the cell's writer) write on their host's runtime
@@ -7,9 +7,9 @@
 //! not on the machine's scheduler, and a crashed host's stores close with its tasks, as a
 //! killed process's would. Outside a simulation the flag is never set and nothing changes.
 //!
-//! A simulation can also stall a host's disk: writes under a stalled directory wait, on the
-//! simulated clock, until the stall ends, as they would behind a device that stopped
-//! answering, and a crash meanwhile loses them.
+//! A simulation also sets the wall clock ([`set_wall_clock`]), and can stall a host's disk:
+//! writes under a stalled directory wait, on the simulated clock, until the stall ends, as
+//! they would behind a device that stopped answering, and a crash meanwhile loses them.
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use std::time::Duration;
 thread_local! {
     static SIMULATED: Cell<bool> = const { Cell::new(false) };
     static STALLED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    static WALL_CLOCK: Cell<Option<fn() -> u64>> = const { Cell::new(None) };
 }
 
 /// How often a stalled write looks again.
@@ -31,6 +32,18 @@ pub fn enter_on_this_thread() {
 /// Whether a simulation runs on this thread.
 pub fn active() -> bool {
     SIMULATED.with(Cell::get)
+}
+
+/// Makes [`crate::clock::now_ms`] on this thread read `clock` (milliseconds since the Unix
+/// epoch) rather than the machine's clock: a simulation's wall clock follows its simulated
+/// time, or timestamps and the waits computed from them would follow the machine's speed.
+pub fn set_wall_clock(clock: fn() -> u64) {
+    WALL_CLOCK.with(|wall| wall.set(Some(clock)));
+}
+
+/// The wall clock a simulation set on this thread.
+pub(crate) fn wall_clock() -> Option<fn() -> u64> {
+    WALL_CLOCK.with(Cell::get)
 }
 
 /// Stalls every write under `dir` until [`resume_disk`].
@@ -64,6 +77,19 @@ mod tests {
         enter_on_this_thread();
         assert!(active());
         assert!(!std::thread::spawn(active).join().expect("thread"));
+    }
+
+    #[test]
+    fn the_wall_clock_is_the_simulations_on_its_thread_only() {
+        assert!(crate::clock::now_ms() > 1_700_000_000_000);
+        set_wall_clock(|| 42);
+        assert_eq!(crate::clock::now_ms(), 42);
+        assert!(
+            std::thread::spawn(crate::clock::now_ms)
+                .join()
+                .expect("thread")
+                > 42
+        );
     }
 
     #[tokio::test]

@@ -17,6 +17,8 @@ use crate::nemesis::Nemesis;
 use crate::net;
 
 pub const NODES: u64 = 3;
+/// The wall clock when a simulation starts: 2026-01-01T00:00:00Z.
+const SIM_EPOCH_MS: u64 = 1_767_225_600_000;
 pub const PORT: u16 = 9000;
 
 pub fn host(id: u64) -> String {
@@ -48,6 +50,11 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
     }
     // Election timeouts drawn from the seed, and the Raft log written inline.
     cellplane_control_plane::raft::runtime::simulate_on_this_thread(seed);
+    // Timestamps, and the waits computed from them, on the simulated clock.
+    cellplane_api::simulation::set_wall_clock(|| {
+        let elapsed = turmoil::sim_elapsed().unwrap_or_default();
+        SIM_EPOCH_MS + u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    });
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .simulation_duration(limit)
