@@ -46,6 +46,36 @@ pub(crate) fn wall_clock() -> Option<fn() -> u64> {
     WALL_CLOCK.with(Cell::get)
 }
 
+/// Runs `produce`, a reader of a snapshot that hands what it read to `emit` a piece at a time
+/// and stops when `emit` answers false (nobody takes more), and sends the pieces to `out`.
+/// Outside a simulation it runs on a blocking thread and its pieces go as they come. In a
+/// simulation it runs on this thread and its pieces go once it is done, so that when they
+/// arrive follows the simulated clock rather than the machine's threads.
+pub async fn produce<T, R>(
+    out: tokio::sync::mpsc::Sender<T>,
+    produce: impl FnOnce(&mut dyn FnMut(T) -> bool) -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    if active() {
+        let mut pieces = Vec::new();
+        let produced = produce(&mut |piece| {
+            pieces.push(piece);
+            true
+        });
+        for piece in pieces {
+            if out.send(piece).await.is_err() {
+                break;
+            }
+        }
+        return Ok(produced);
+    }
+    tokio::task::spawn_blocking(move || produce(&mut |piece| out.blocking_send(piece).is_ok()))
+        .await
+}
+
 /// Stalls every write under `dir` until [`resume_disk`].
 pub fn stall_disk(dir: &Path) {
     STALLED.with(|stalled| stalled.borrow_mut().push(dir.to_path_buf()));
@@ -90,6 +120,35 @@ mod tests {
                 .expect("thread")
                 > 42
         );
+    }
+
+    async fn produced(pieces: u32, taken: usize) -> (u32, Vec<u32>) {
+        let (out, mut received) = tokio::sync::mpsc::channel(2);
+        let producing = tokio::spawn(produce(out, move |emit| {
+            (0..pieces).take_while(|n| emit(*n)).count() as u32
+        }));
+        let mut got = Vec::new();
+        while got.len() < taken {
+            match received.recv().await {
+                Some(piece) => got.push(piece),
+                None => break,
+            }
+        }
+        drop(received);
+        (producing.await.expect("task").expect("producer"), got)
+    }
+
+    #[tokio::test]
+    async fn a_producer_hands_its_pieces_over_in_order_on_a_thread_or_inline() {
+        assert_eq!(produced(5, 5).await, (5, vec![0, 1, 2, 3, 4]));
+        // Nobody takes more: a producer on its thread stops.
+        let (emitted, got) = produced(1_000, 1).await;
+        assert_eq!(got, vec![0]);
+        assert!(emitted < 1_000, "{emitted}");
+        enter_on_this_thread();
+        // Inline, every piece is read first, then sent while someone takes them.
+        assert_eq!(produced(5, 5).await, (5, vec![0, 1, 2, 3, 4]));
+        assert_eq!(produced(1_000, 1).await.1, vec![0]);
     }
 
     #[tokio::test]

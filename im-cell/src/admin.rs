@@ -215,7 +215,7 @@ impl CellAdmin for AdminService {
         };
         let (out, chunks) = mpsc::channel(4);
         let source_cell_id = self.cell_id.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(cellplane_api::simulation::produce(out, move |emit| {
             let empty = || pb::ExportChunk {
                 tenant_id: r.tenant_id.clone(),
                 conversation_id: r.conversation_id.clone(),
@@ -224,10 +224,10 @@ impl CellAdmin for AdminService {
             };
             let mut chunk = empty();
             let mut bytes = 0usize;
-            let flush = |chunk: &mut pb::ExportChunk, bytes: &mut usize| {
+            let mut flush = |chunk: &mut pb::ExportChunk, bytes: &mut usize| {
                 *bytes = 0;
                 let full = std::mem::replace(chunk, empty());
-                out.blocking_send(Ok(full)).is_ok()
+                emit(Ok(full))
             };
             let result = if r.from_lsn == 0 && !r.log_only {
                 view.rows(
@@ -267,10 +267,10 @@ impl CellAdmin for AdminService {
                     flush(&mut chunk, &mut bytes);
                 }
                 Err(err) => {
-                    let _ = out.blocking_send(Err(err.into()));
+                    emit(Err(err.into()));
                 }
             }
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
     }
 

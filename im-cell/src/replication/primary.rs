@@ -63,7 +63,10 @@ fn needs_bootstrap(applied: u64, first_kept: u64, last: u64) -> bool {
 
 /// Sends a consistent snapshot of every exported row; returns the LSN it covers, or `None`
 /// when the standby went away.
-fn send_snapshot(store: &Store, out: &Out) -> Result<Option<u64>, CellError> {
+fn send_snapshot(
+    store: &Store,
+    emit: &mut dyn FnMut(Result<pb::ReplicationBatch, Status>) -> bool,
+) -> Result<Option<u64>, CellError> {
     let view = ExportView::open(store)?;
     let mut batch = pb::ReplicationBatch {
         snapshot_begin: true,
@@ -81,7 +84,7 @@ fn send_snapshot(store: &Store, out: &Out) -> Result<Option<u64>, CellError> {
         if batch.snapshot_rows.len() >= EXPORT_CHUNK_ITEMS || bytes >= EXPORT_CHUNK_BYTES {
             bytes = 0;
             let full = std::mem::take(&mut batch);
-            gone = out.blocking_send(Ok(full)).is_err();
+            gone = !emit(Ok(full));
         }
         !gone
     })?;
@@ -91,7 +94,7 @@ fn send_snapshot(store: &Store, out: &Out) -> Result<Option<u64>, CellError> {
     batch.snapshot_done = true;
     batch.through_lsn = view.through_lsn;
     batch.primary_lsn = view.through_lsn;
-    if out.blocking_send(Ok(batch)).is_err() {
+    if !emit(Ok(batch)) {
         return Ok(None);
     }
     Ok(Some(view.through_lsn))
@@ -123,11 +126,11 @@ async fn stream_log(
         state.follower_bootstraps(&standby);
         tracing::info!(%standby, applied, "standby bootstraps from a snapshot");
         let snapshot_store = store.clone();
-        let snapshot_out = out.clone();
-        let sent =
-            tokio::task::spawn_blocking(move || send_snapshot(&snapshot_store, &snapshot_out))
-                .await
-                .map_err(|e| CellError::Storage(format!("snapshot task: {e}")))??;
+        let sent = cellplane_api::simulation::produce(out.clone(), move |emit| {
+            send_snapshot(&snapshot_store, emit)
+        })
+        .await
+        .map_err(|e| CellError::Storage(format!("snapshot task: {e}")))??;
         match sent {
             Some(lsn) => from = lsn,
             None => return Ok(()),
