@@ -4,14 +4,36 @@
 //! mutation, imported snapshot rows included, is in that log.
 
 use cellplane_api::proto::cell::{
-    ChangeMembersRequest, ExportChunk, GetConversationsRequest, GetHistoryRequest,
-    MessageRefRequest,
+    ChangeMembersRequest, ExportChunk, GetConversationsRequest, GetHistoryRequest, KeyRequest,
+    MessageRefRequest, RevokeRequest,
 };
 use cellplane_tests::cell::CellProcess;
 
 use crate::{group, import, send};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+/// The whole of tenant acme, the key every test here moves.
+fn acme() -> KeyRequest {
+    KeyRequest {
+        tenant_id: "acme".into(),
+        conversation_id: String::new(),
+    }
+}
+
+/// Revokes acme on `source` towards the target cell at epoch 2, as a migration's switch does.
+async fn revoke_towards_target(source: &CellProcess) {
+    source
+        .admin()
+        .revoke(RevokeRequest {
+            tenant_id: "acme".into(),
+            conversation_id: String::new(),
+            new_cell_id: "sh-b-normal-1".into(),
+            new_epoch: 2,
+        })
+        .await
+        .expect("revoke");
+}
 
 async fn export(cell: &CellProcess, from_lsn: u64, log_only: bool) -> Vec<ExportChunk> {
     crate::export(cell, "acme", from_lsn, log_only).await
@@ -161,16 +183,12 @@ async fn a_key_moves_by_snapshot_and_tail_and_replays_from_its_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_key_is_purged_only_once_revoked_and_the_purge_replays_from_the_log() {
-    use cellplane_api::proto::cell::{KeyRequest, RevokeRequest};
     let source = CellProcess::start("hz-a-normal-1", &[]).await;
     source.grant("acme", "", 1).await;
     group(&source, "acme", "team", &["alice", "bob", "carol"]).await;
     group(&source, "acme", "ops", &["alice", "dave"]).await;
     traffic(&source, "r1").await;
-    let key = KeyRequest {
-        tenant_id: "acme".into(),
-        conversation_id: String::new(),
-    };
+    let key = acme();
     let refused = source
         .admin()
         .purge(key.clone())
@@ -188,16 +206,7 @@ async fn a_moved_key_is_purged_only_once_revoked_and_the_purge_replays_from_the_
             .all(|line| line.ends_with("[] }"))
     );
 
-    source
-        .admin()
-        .revoke(RevokeRequest {
-            tenant_id: "acme".into(),
-            conversation_id: String::new(),
-            new_cell_id: "sh-b-normal-1".into(),
-            new_epoch: 2,
-        })
-        .await
-        .expect("revoke");
+    revoke_towards_target(&source).await;
     source.admin().purge(key.clone()).await.expect("purge");
     let history = source
         .messaging()
@@ -228,7 +237,6 @@ async fn a_moved_key_is_purged_only_once_revoked_and_the_purge_replays_from_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_granted_here_takes_no_copy_not_even_the_sources_purge() {
-    use cellplane_api::proto::cell::{KeyRequest, RevokeRequest};
     let source = CellProcess::start("hz-a-normal-1", &[]).await;
     source.grant("acme", "", 1).await;
     group(&source, "acme", "team", &["alice", "bob", "carol"]).await;
@@ -240,24 +248,8 @@ async fn a_key_granted_here_takes_no_copy_not_even_the_sources_purge() {
     let through = snapshot.last().map(|c| c.through_lsn).expect("chunks");
     import(&target, snapshot).await;
     target.grant("acme", "", 2).await;
-    source
-        .admin()
-        .revoke(RevokeRequest {
-            tenant_id: "acme".into(),
-            conversation_id: String::new(),
-            new_cell_id: "sh-b-normal-1".into(),
-            new_epoch: 2,
-        })
-        .await
-        .expect("revoke");
-    source
-        .admin()
-        .purge(KeyRequest {
-            tenant_id: "acme".into(),
-            conversation_id: String::new(),
-        })
-        .await
-        .expect("purge");
+    revoke_towards_target(&source).await;
+    source.admin().purge(acme()).await.expect("purge");
     let before = view(&target).await;
     assert!(before.iter().any(|line| line.contains("r1-")), "{before:?}");
 
