@@ -280,3 +280,14 @@ fn a_primary_with_an_asynchronous_standby_is_fenced_by_its_lease_alone() {
         |seed| run(seed, Standby::Asynchronous),
     );
 }
+
+/// Replaying a seed gives the same run, failovers and all: the same acknowledgements, each
+/// with its seq, cell, epoch and instants, and the same faults at the same instants.
+#[test]
+fn a_seed_replays_exactly() {
+    crate::seeds::replays_exactly(
+        "failover::a_primary_with_an_asynchronous_standby_is_fenced_by_its_lease_alone",
+        5,
+        1_000,
+    );
+}

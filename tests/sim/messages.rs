@@ -286,3 +286,14 @@ fn acknowledged_messages_survive_migrations_under_the_nemesis() {
         run,
     );
 }
+
+/// Replaying a seed gives the same run: the same acknowledgements, each with its seq, cell,
+/// epoch and instants, and the same faults at the same instants.
+#[test]
+fn a_seed_replays_exactly() {
+    crate::seeds::replays_exactly(
+        "messages::acknowledged_messages_survive_migrations_under_the_nemesis",
+        5,
+        1_000,
+    );
+}

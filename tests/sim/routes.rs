@@ -398,11 +398,9 @@ fn run(seed: u64) -> Run {
         );
     }
     // What a replay must repeat: every call and answer, and every fault with its instant.
-    if let Ok(path) = std::env::var("SIM_TRACE") {
-        let mut trace = history.trace();
-        trace.extend(injected);
-        std::fs::write(path, trace.join("\n")).expect("write the trace");
-    }
+    let mut events = history.trace();
+    events.extend(injected);
+    crate::seeds::trace(&events);
     Run {
         operations: history.len(),
         faults: nemesis.injected.len(),
@@ -440,39 +438,12 @@ fn route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis() {
 }
 
 /// Replaying a seed gives the same run: the same operations with the same answers in the same
-/// order, and the same faults at the same instants. Each replay is a process of its own, as
-/// `SIM_SEED=…` is: a second run in one process may differ, through state tokio keeps per
-/// process (a crash drops a host's tasks, and with them its connections, in an order that
-/// state decides).
+/// order, and the same faults at the same instants.
 #[test]
 fn a_seed_replays_exactly() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let replay = |name: &str| {
-        let trace = dir.path().join(name);
-        let status = std::process::Command::new(std::env::current_exe().expect("this binary"))
-            .args([
-                "--exact",
-                "routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis",
-            ])
-            .env("SIM_SEED", "11")
-            .env("SIM_TRACE", &trace)
-            .status()
-            .expect("run the simulation");
-        assert!(status.success(), "seed 11 failed: {status}");
-        std::fs::read_to_string(&trace).expect("the trace")
-    };
-    let (first, second) = (replay("first"), replay("second"));
-    let (first, second): (Vec<&str>, Vec<&str>) =
-        (first.lines().collect(), second.lines().collect());
-    assert!(first.len() > 500, "a short run: {} events", first.len());
-    if let Some(i) = first.iter().zip(&second).position(|(a, b)| a != b) {
-        let around =
-            |trace: &[&str]| trace[i.saturating_sub(3)..(i + 3).min(trace.len())].join("\n");
-        panic!(
-            "seed 11 diverged at event {i}:\n{}\nthen:\n{}",
-            around(&first),
-            around(&second)
-        );
-    }
-    assert_eq!(first.len(), second.len());
+    crate::seeds::replays_exactly(
+        "routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis",
+        11,
+        500,
+    );
 }

@@ -191,7 +191,8 @@ pub fn add_lagging_writers(
 
 /// Runs `clients` — given the run's progress, the acknowledgements every writer adds to, and
 /// the flag the lagging writers set when done — beside the lagging writers of `workload`,
-/// under a nemesis over `hosts` that also cuts the lagging writers off from the nodes.
+/// under a nemesis over `hosts` that also cuts the lagging writers off from the nodes. What a
+/// replay must repeat (`seeds::trace`): the run's report and faults, and every acknowledgement.
 pub fn run<F, Fut>(
     seed: u64,
     mut sim: turmoil::Sim<'_>,
@@ -208,9 +209,16 @@ pub fn run<F, Fut>(
     let lagging = add_lagging_writers(&mut sim, workload, run_for, &acked, &progress);
     let nodes = (1..=NODES).map(world::host).collect();
     let nemesis = Nemesis::new(seed, dir, hosts).lagging(seed, LAGGING, nodes);
-    world::run_clients(seed, sim, nemesis, progress, run_for, move |progress| {
-        clients(progress, acked, lagging)
+    let acks = acked.clone();
+    let mut events = world::run_clients(seed, sim, nemesis, progress, run_for, move |progress| {
+        clients(progress, acks, lagging)
     });
+    let acked = acked.lock().expect("acked");
+    events.extend(acked.iter().flat_map(|((tenant, conversation), acks)| {
+        acks.iter()
+            .map(move |ack| format!("{tenant}/{conversation} {ack:?}"))
+    }));
+    crate::seeds::trace(&events);
 }
 
 /// Returns once `done` is set.

@@ -265,7 +265,8 @@ where
 
 /// Runs `clients` on a host of its own in `sim`, under `nemesis` for `run_for` once they
 /// start their workload (`progress`), and reports the run: the clients' own report and the
-/// faults, or a panic naming the seed with the violation they found.
+/// faults, or a panic naming the seed with the violation they found. Returns what a replay
+/// must repeat of it: the report, every fault with its instant, and when the run ended.
 pub fn run_clients<F, Fut>(
     seed: u64,
     mut sim: turmoil::Sim<'_>,
@@ -273,7 +274,8 @@ pub fn run_clients<F, Fut>(
     progress: Arc<Mutex<Progress>>,
     run_for: Duration,
     clients: F,
-) where
+) -> Vec<String>
+where
     F: FnOnce(Arc<Mutex<Progress>>) -> Fut,
     Fut: std::future::Future<Output = Result<String, String>> + 'static,
 {
@@ -289,12 +291,19 @@ pub fn run_clients<F, Fut>(
     drive(seed, &mut sim, &mut nemesis, &progress, run_for);
     let outcome = outcome.lock().expect("outcome").take();
     match outcome {
-        Some(Ok(report)) => eprintln!(
-            "seed {seed}: {report}, {} faults, {:.1} s simulated in {:.2} s",
-            nemesis.injected.len(),
-            sim.elapsed().as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        ),
+        Some(Ok(report)) => {
+            eprintln!(
+                "seed {seed}: {report}, {} faults, {:.1} s simulated in {:.2} s",
+                nemesis.injected.len(),
+                sim.elapsed().as_secs_f64(),
+                started.elapsed().as_secs_f64()
+            );
+            let ended = format!("ended at {:?}", sim.elapsed());
+            [report, ended]
+                .into_iter()
+                .chain(nemesis.report())
+                .collect()
+        }
         Some(Err(violation)) => panic!(
             "seed {seed}: {violation}\nfaults:\n{}",
             nemesis.report().join("\n")
