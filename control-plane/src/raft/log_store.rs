@@ -21,6 +21,7 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec;
+use super::simulated_disk::SimulatedDisk;
 use super::{NodeId, TypeConfig};
 
 /// Log entries by index, postcard-encoded.
@@ -267,9 +268,13 @@ impl LogStore {
 
 impl LogStore {
     /// Opens (or creates) the log of node `node_id` at `path` and starts its writer thread
-    /// (none in a simulation).
+    /// (none in a simulation, where the file is on the simulated host's disk).
     pub fn open(path: &Path, node_id: NodeId) -> Result<Self, redb::Error> {
-        let db = Database::create(path)?;
+        let db = if cellplane_api::simulation::active() {
+            redb::Builder::new().create_with_backend(SimulatedDisk::open(path))?
+        } else {
+            Database::create(path)?
+        };
         let txn = db.begin_write()?;
         txn.open_table(LOGS)?;
         txn.open_table(META)?;

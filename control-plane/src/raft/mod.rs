@@ -9,6 +9,7 @@ pub mod network;
 pub mod proposer;
 pub mod read_index;
 pub mod runtime;
+mod simulated_disk;
 pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]

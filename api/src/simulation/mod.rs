@@ -9,7 +9,11 @@
 //!
 //! A simulation also sets the wall clock ([`set_wall_clock`]), and can stall a host's disk:
 //! writes under a stalled directory wait, on the simulated clock, until the stall ends, as
-//! they would behind a device that stopped answering, and a crash meanwhile loses them.
+//! they would behind a device that stopped answering, and a crash meanwhile loses them. A
+//! store that writes through [`files`] loses, in a crash of the machine, what it wrote
+//! without a sync.
+
+pub mod files;
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
