@@ -15,8 +15,10 @@ use crate::world::host;
 /// cells where the run has one.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// The host's processes are gone (its disk stays); it restarts at the heal.
-    Crash(String),
+    /// The host's processes are gone; they restart at the heal. When the whole `machine`
+    /// went down, its disk also lost what its stores had written without a sync (the Raft
+    /// log's: `cellplane_api::simulation::files`); otherwise the page cache survives.
+    Crash { host: String, machine: bool },
     /// No message crosses between the host and the other servers, either way.
     Isolate(String),
     /// Messages from the first host to the second are lost; the other way works.
@@ -119,10 +121,14 @@ impl Nemesis {
                     ends_in_a_crash: true,
                 } = fault
                 {
-                    // The crash drops what waited on the disk before the disk answers again.
-                    sim.crash(host.as_str());
+                    // The machine goes down before the disk answers again: what waited on
+                    // the disk is lost, and what was written but not synced.
+                    let crash = Fault::Crash {
+                        host: host.clone(),
+                        machine: true,
+                    };
+                    inject(sim, &self.hosts, &self.dir, &crash);
                     heal(sim, &self.hosts, &self.dir, fault);
-                    let crash = Fault::Crash(host.clone());
                     let lasts = Duration::from_millis(self.rng.random_range(200..3_000));
                     self.injected.push((now, crash.clone()));
                     self.active = Some((crash, now + lasts));
@@ -184,10 +190,13 @@ impl Nemesis {
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
         match self.rng.random_range(0..11) {
-            0..=2 => Fault::Crash(match leader {
-                Some(leader) if self.rng.random_bool(0.7) => host(leader),
-                _ => self.pick(),
-            }),
+            0..=2 => Fault::Crash {
+                host: match leader {
+                    Some(leader) if self.rng.random_bool(0.7) => host(leader),
+                    _ => self.pick(),
+                },
+                machine: self.rng.random_bool(0.5),
+            },
             3..=4 => Fault::Isolate(self.pick()),
             5..=6 => {
                 let from = self.pick();
@@ -222,7 +231,11 @@ fn others<'a>(hosts: &'a [String], than: &'a str) -> impl Iterator<Item = &'a St
 
 fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
-        Fault::Crash(h) => sim.crash(h.as_str()),
+        Fault::Crash { host, machine } => {
+            // First the files: the dead processes' destructors, run by the crash, write nothing.
+            simulation::files::crash(&dir.join(host), *machine);
+            sim.crash(host.as_str());
+        }
         Fault::Isolate(h) => {
             for other in others(hosts, h) {
                 sim.partition(h.as_str(), other.as_str());
@@ -237,7 +250,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
 
 fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
-        Fault::Crash(h) => sim.bounce(h.as_str()),
+        Fault::Crash { host, .. } => sim.bounce(host.as_str()),
         Fault::Isolate(h) => {
             for other in others(hosts, h) {
                 sim.repair(h.as_str(), other.as_str());
