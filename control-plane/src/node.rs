@@ -211,7 +211,10 @@ pub async fn serve_store(
         &config.limits,
     ));
     tokio::spawn(crate::migration::driver::run(node.clone()));
-    tokio::spawn(crate::failover::driver::run(node.clone()));
+    tokio::spawn(crate::failover::driver::run(
+        node.clone(),
+        cellplane_api::clock::Monotonic::of(&config.data_dir),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

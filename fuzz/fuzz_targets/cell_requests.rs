@@ -51,7 +51,7 @@ static CELL: LazyLock<Cell> = LazyLock::new(|| {
             store.clone(),
             "fuzz".into(),
             Role::new(None),
-            Lease::new(false),
+            Lease::new(false, cellplane_api::clock::Monotonic::default()),
             limits.clone(),
             LogBound {
                 max_bytes: 64 << 20,

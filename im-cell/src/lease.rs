@@ -1,7 +1,8 @@
 //! The cell's lease: how long it may go on accepting writes without hearing from the control
 //! plane.
 //!
-//! The cell enforces the lease itself, on its own monotonic clock. A renewal is two calls from
+//! The cell enforces the lease itself, on its own monotonic clock (its host's, which a
+//! simulation may make run fast or slow). A renewal is two calls from
 //! the agent: `LeaseTicket` before it asks the control plane, which notes the cell's clock,
 //! and `ExtendLease` with the ticket and the length the control plane granted. The lease runs
 //! from the ticket, not from the extension: every delay on the way (the agent, the network,
@@ -15,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellplane_api::clock::Monotonic;
 use tokio::time::Instant;
 
 use crate::error::CellError;
@@ -35,14 +37,16 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Lease {
     required: bool,
+    clock: Monotonic,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl Lease {
-    /// A lease that must be held to write (`required`), or none at all.
-    pub fn new(required: bool) -> Self {
+    /// A lease that must be held to write (`required`), or none at all, on `clock`.
+    pub fn new(required: bool, clock: Monotonic) -> Self {
         Self {
             required,
+            clock,
             inner: Arc::new(Mutex::new(Inner {
                 tickets: VecDeque::new(),
                 next_ticket: 1,
@@ -63,7 +67,7 @@ impl Lease {
 
     /// Notes the cell's clock now and names that moment.
     pub fn ticket(&self) -> u64 {
-        self.ticket_at(Instant::now())
+        self.ticket_at(self.clock.now())
     }
 
     fn ticket_at(&self, now: Instant) -> u64 {
@@ -80,7 +84,7 @@ impl Lease {
     /// Extends the lease to `length` after the moment `ticket` names; never shortens it.
     /// Answers how long the lease runs from now.
     pub fn extend(&self, ticket: u64, length: Duration) -> Result<Duration, CellError> {
-        self.extend_at(ticket, length, Instant::now())
+        self.extend_at(ticket, length, self.clock.now())
     }
 
     fn extend_at(
@@ -105,7 +109,7 @@ impl Lease {
 
     /// How long the lease still runs; `None` when no lease is required.
     pub fn remaining(&self) -> Option<Duration> {
-        self.remaining_at(Instant::now())
+        self.remaining_at(self.clock.now())
     }
 
     fn remaining_at(&self, now: Instant) -> Option<Duration> {
@@ -122,7 +126,7 @@ impl Lease {
     /// Whether the cell may accept a write now: `UNAVAILABLE` (retry, the key will have
     /// moved or the lease be renewed) once the lease ran out.
     pub fn check(&self) -> Result<(), CellError> {
-        self.check_at(Instant::now())
+        self.check_at(self.clock.now())
     }
 
     fn check_at(&self, now: Instant) -> Result<(), CellError> {
@@ -143,14 +147,14 @@ mod tests {
 
     #[test]
     fn a_cell_without_a_required_lease_always_writes() {
-        let lease = Lease::new(false);
+        let lease = Lease::new(false, Monotonic::default());
         assert!(lease.check().is_ok());
         assert_eq!(lease.remaining(), None);
     }
 
     #[test]
     fn a_required_lease_refuses_writes_until_extended_and_after_it_runs_out() {
-        let lease = Lease::new(true);
+        let lease = Lease::new(true, Monotonic::default());
         let start = Instant::now();
         assert!(matches!(
             lease.check_at(start),
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn an_older_ticket_never_shortens_the_lease() {
-        let lease = Lease::new(true);
+        let lease = Lease::new(true, Monotonic::default());
         let start = Instant::now();
         let old = lease.ticket_at(start);
         let new = lease.ticket_at(start + 500 * MS);
@@ -182,7 +186,7 @@ mod tests {
 
     #[test]
     fn unknown_and_forgotten_tickets_are_refused() {
-        let lease = Lease::new(true);
+        let lease = Lease::new(true, Monotonic::default());
         assert!(matches!(
             lease.extend(7, 1000 * MS),
             Err(CellError::Invalid { field, .. }) if field == "ticket"

@@ -114,7 +114,10 @@ pub async fn serve_with(
     }
     let standby_of = standby.as_ref().map(|s| s.primary_cell_id.clone());
     let role = Role::new(standby_of.clone());
-    let lease = Lease::new(config.lease_required);
+    let lease = Lease::new(
+        config.lease_required,
+        cellplane_api::clock::Monotonic::of(&config.data_dir),
+    );
     // A standby answers nobody's sends: standbys configured for it (a primary that rejoined
     // as a standby keeps its config) wait for nothing.
     let sync_standbys = match &standby {

@@ -9,7 +9,8 @@
 //!
 //! A simulation also sets the wall clock ([`set_wall_clock`]), and can stall a host's disk:
 //! writes under a stalled directory wait, on the simulated clock, until the stall ends, as
-//! they would behind a device that stopped answering, and a crash meanwhile loses them. A
+//! they would behind a device that stopped answering, and a crash meanwhile loses them. It can
+//! make a host's clock run fast or slow ([`set_clock_rate`]), as leases see it. A
 //! store that writes through [`files`] loses, in a crash of the machine, what it wrote
 //! without a sync.
 
@@ -23,6 +24,7 @@ thread_local! {
     static SIMULATED: Cell<bool> = const { Cell::new(false) };
     static STALLED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
     static WALL_CLOCK: Cell<Option<fn() -> u64>> = const { Cell::new(None) };
+    static CLOCK_RATES: RefCell<Vec<(PathBuf, f64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How often a stalled write looks again.
@@ -48,6 +50,30 @@ pub fn set_wall_clock(clock: fn() -> u64) {
 /// The wall clock a simulation set on this thread.
 pub(crate) fn wall_clock() -> Option<fn() -> u64> {
     WALL_CLOCK.with(Cell::get)
+}
+
+/// Makes the monotonic clock ([`crate::clock::Monotonic`]) of every process keeping its data
+/// under `dir` run at `rate` times the simulation's: a machine's clock running fast or slow.
+/// A rate of 1 ends the drift (what the clock gained or lost stays).
+pub fn set_clock_rate(dir: &Path, rate: f64) {
+    CLOCK_RATES.with(|rates| {
+        let mut rates = rates.borrow_mut();
+        rates.retain(|(drifting, _)| drifting != dir);
+        if rate != 1.0 {
+            rates.push((dir.to_path_buf(), rate));
+        }
+    });
+}
+
+/// The rate the clock of a process keeping its data under `path` runs at.
+pub(crate) fn clock_rate(path: &Path) -> f64 {
+    CLOCK_RATES.with(|rates| {
+        rates
+            .borrow()
+            .iter()
+            .find(|(dir, _)| path.starts_with(dir))
+            .map_or(1.0, |(_, rate)| *rate)
+    })
 }
 
 /// Runs `produce`, a reader of a snapshot that hands what it read to `emit` a piece at a time

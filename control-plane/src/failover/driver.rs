@@ -15,7 +15,7 @@ use super::record::{LeaseRecord, Phase};
 use crate::node::{Node, Proposal};
 use crate::state::ControlState;
 use crate::state::command::Command;
-use cellplane_api::clock::now_ms;
+use cellplane_api::clock::{Monotonic, now_ms};
 
 /// How often the detector looks.
 const TICK: Duration = Duration::from_millis(50);
@@ -174,8 +174,8 @@ fn decide(
     (decisions, commands)
 }
 
-/// Runs until the node shuts down.
-pub async fn run(node: Arc<Node>) {
+/// Runs until the node shuts down, timing leases on `clock` (the node's host's).
+pub async fn run(node: Arc<Node>, clock: Monotonic) {
     let mut shutdown = node.shutdown_signal();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -186,7 +186,7 @@ pub async fn run(node: Arc<Node>) {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let now = Instant::now();
+        let now = clock.now();
         let acting = node.store.drives_migrations();
         let decided = node.view().read(|state| {
             // Renewal counts change only with the revision.
