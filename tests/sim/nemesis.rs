@@ -11,6 +11,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::world::host;
 
+/// How far a clock may drift: the detector allows `clock_drift_ms` (200 ms) on a lease of
+/// `lease_ms` (2 s), 10%, for a clock running slow on the cell or fast on the node.
+const MAX_DRIFT: f64 = 0.08;
+
 /// A fault, naming the simulated hosts it hits: control-plane nodes, and the agent with its
 /// cells where the run has one.
 #[derive(Debug, Clone)]
@@ -31,6 +35,11 @@ pub enum Fault {
     /// When it `ends_in_a_crash`, the host crashes before the disk answers again, losing every
     /// write it had not made durable.
     DiskStall { host: String, ends_in_a_crash: bool },
+    /// The host's clock runs at `rate` times true time, as its leases are measured: a cell's
+    /// lease lasts longer than it should where it runs slow, the detector gives up on cells
+    /// sooner where it runs fast. Within 8% either way, which the detector's margin for drift
+    /// covers.
+    ClockDrift { host: String, rate: f64 },
 }
 
 /// Faults as the seed draws them, and what was done, for the run's report.
@@ -189,7 +198,7 @@ impl Nemesis {
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
-        match self.rng.random_range(0..11) {
+        match self.rng.random_range(0..12) {
             0..=2 => Fault::Crash {
                 host: match leader {
                     Some(leader) if self.rng.random_bool(0.7) => host(leader),
@@ -207,10 +216,21 @@ impl Nemesis {
                 Fault::Hold(a.clone(), self.other(&a))
             }
             9 => Fault::Slow(Duration::from_millis(self.rng.random_range(50..400))),
-            _ => Fault::DiskStall {
+            10 => Fault::DiskStall {
                 host: self.pick(),
                 ends_in_a_crash: self.rng.random_bool(0.3),
             },
+            _ => {
+                let off = self.rng.random_range(0.01..MAX_DRIFT);
+                Fault::ClockDrift {
+                    host: self.pick(),
+                    rate: if self.rng.random_bool(0.5) {
+                        1.0 - off
+                    } else {
+                        1.0 + off
+                    },
+                }
+            }
         }
     }
 }
@@ -245,6 +265,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
         Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
         Fault::Slow(latency) => sim.set_max_message_latency(*latency),
         Fault::DiskStall { host, .. } => simulation::stall_disk(&dir.join(host)),
+        Fault::ClockDrift { host, rate } => simulation::set_clock_rate(&dir.join(host), *rate),
     }
 }
 
@@ -260,5 +281,6 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault)
         Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(20)),
         Fault::DiskStall { host, .. } => simulation::resume_disk(&dir.join(host)),
+        Fault::ClockDrift { host, .. } => simulation::set_clock_rate(&dir.join(host), 1.0),
     }
 }
