@@ -54,17 +54,15 @@ impl LocalCell {
         // start over as that one's standby, wiping what it wrote as a primary. The supervisor
         // notes this without restarting the promoted cell, and a later rejoin of the same
         // primary is a change it acts on.
-        self.role.send_if_modified(|role| {
-            role.rejoined = false;
-            role.following.take().is_some()
-        });
+        self.role
+            .send_if_modified(|role| role.following.take().is_some());
     }
 
     /// The primary the supervisor starts the cell as a standby of: as its role says, else as
     /// configured unless a failover promoted it.
     pub fn configured_primary(&self) -> Option<String> {
         match &self.role.borrow().following {
-            Some((primary, _)) => Some(primary.clone()),
+            Some(following) => Some(following.primary.clone()),
             None if self.spec.standby_of.is_some() && !self.promoted.load(Ordering::Acquire) => {
                 self.spec.standby_of.clone()
             }

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use crate::cells::LocalCells;
-use crate::supervisor::Role;
+use crate::supervisor::{Following, Role};
 
 /// How often the agent compares its cells' roles with the control plane's records.
 const INTERVAL: Duration = Duration::from_millis(500);
@@ -37,13 +37,9 @@ pub enum Step {
     /// A failover left it behind and its history is merged back: ask the control plane to
     /// make it a standby of its successor.
     Rejoin,
-    /// Run it as the standby of `primary`, at `endpoint`; `rejoined` when a failover moved its
-    /// keys away and it rejoined (JOINING), so a promotion it remembers is over.
-    Follow {
-        primary: String,
-        endpoint: String,
-        rejoined: bool,
-    },
+    /// Run it as the standby of a primary; rejoined when a failover moved its keys away and
+    /// it rejoined (JOINING), so a promotion it remembers is over.
+    Follow(Following),
     /// It follows its new primary: it may serve as a standby.
     Activate,
     /// A promoted standby: wait for these standbys.
@@ -115,11 +111,11 @@ pub fn step(
             .find(|c| c.cell_id == record.standby_of)?
             .endpoint
             .clone();
-        return Some(Step::Follow {
+        return Some(Step::Follow(Following {
             primary: record.standby_of.clone(),
             endpoint,
             rejoined: joining,
-        });
+        }));
     }
     // Connected means it applied a batch of its primary's current stream, which opens with the
     // snapshot's first batch when it must bootstrap: made ACTIVE before that, a standby
@@ -237,15 +233,10 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                     Err(status) => tracing::debug!(%cell_id, %status, "cannot rejoin yet"),
                 }
             }
-            Step::Follow {
-                primary,
-                endpoint,
-                rejoined,
-            } => {
-                tracing::warn!(%cell_id, %primary, "restarting the cell as a standby of its new primary");
+            Step::Follow(following) => {
+                tracing::warn!(%cell_id, primary = %following.primary, "restarting the cell as a standby of its new primary");
                 cell.set_role(Role {
-                    following: Some((primary, endpoint)),
-                    rejoined,
+                    following: Some(following),
                     sync_standbys: Some(Vec::new()),
                 });
             }
@@ -273,7 +264,6 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
                 // Kept for its next start; the running cell has them already.
                 cell.set_role(Role {
                     following: None,
-                    rejoined: false,
                     sync_standbys: Some(standbys),
                 });
             }
@@ -314,11 +304,11 @@ mod tests {
         let all = [successor, rejoined.clone()];
         assert_eq!(
             step(&rejoined, (Some("s"), &[]), Some(&running("")), &all, None),
-            Some(Step::Follow {
+            Some(Step::Follow(Following {
                 primary: "s".into(),
                 endpoint: "s:1".into(),
                 rejoined: true,
-            })
+            }))
         );
         // An ACTIVE one running as a primary may have been promoted a moment ago, after the
         // records were read: it is not restarted, whatever its config says.
@@ -343,11 +333,11 @@ mod tests {
         let rejoined = cell("p", "hz", CellState::Joining, "s");
         assert_eq!(
             step(&rejoined, (None, &[]), None, &all, None),
-            Some(Step::Follow {
+            Some(Step::Follow(Following {
                 primary: "s".into(),
                 endpoint: "s:1".into(),
                 rejoined: true,
-            })
+            }))
         );
         let mut bootstrapping = running("s");
         bootstrapping.replica = Some(ReplicaStatus {
@@ -472,11 +462,11 @@ mod tests {
         let all = [cell("t", "hz", CellState::Active, ""), moved.clone()];
         assert_eq!(
             step(&moved, (Some("s"), &[]), None, &all, None),
-            Some(Step::Follow {
+            Some(Step::Follow(Following {
                 primary: "t".into(),
                 endpoint: "t:1".into(),
                 rejoined: false,
-            })
+            }))
         );
     }
 }

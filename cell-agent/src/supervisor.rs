@@ -52,11 +52,8 @@ pub fn cell_paths(data_dir: &Path, cell_id: &str) -> (PathBuf, PathBuf) {
 /// start). The default runs it as configured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Role {
-    /// Follow this primary: `(cell id, endpoint)`.
-    pub following: Option<(String, String)>,
-    /// It follows because it rejoined after a failover moved its keys away: any promotion
-    /// the cell remembers is over.
-    pub rejoined: bool,
+    /// Follow this primary.
+    pub following: Option<Following>,
     /// Wait for these standbys.
     pub sync_standbys: Option<Vec<String>>,
 }
@@ -262,11 +259,7 @@ impl Supervisor {
 /// changed them since the config was written, else the config's.
 fn resolve(spec: &CellSpec, role: &Role) -> (Option<Following>, Vec<String>) {
     let following = match (&role.following, &spec.standby_of, &spec.primary_endpoint) {
-        (Some((primary, endpoint)), _, _) => Some(Following {
-            primary: primary.clone(),
-            endpoint: endpoint.clone(),
-            rejoined: role.rejoined,
-        }),
+        (Some(following), _, _) => Some(following.clone()),
         (None, Some(primary), Some(endpoint)) => Some(Following {
             primary: primary.clone(),
             endpoint: endpoint.clone(),
@@ -414,15 +407,14 @@ async fn supervise(
 /// follows (`following`). A role that names none means the running cell was promoted where it
 /// runs, which is noted with no restart; so are changed synchronous standbys, which are set on
 /// the running cell and used from its next start.
-async fn following_changes(
-    role: &mut watch::Receiver<Role>,
-    following: &mut Option<(String, String)>,
-) {
+async fn following_changes(role: &mut watch::Receiver<Role>, following: &mut Option<Following>) {
     while role.changed().await.is_ok() {
-        match &role.borrow().following {
-            None => *following = None,
-            Some(wanted) if Some(wanted) != following.as_ref() => return,
-            Some(_) => {}
+        match (&role.borrow().following, &*following) {
+            (None, _) => *following = None,
+            (Some(wanted), Some(running))
+                if (&wanted.primary, &wanted.endpoint) == (&running.primary, &running.endpoint) => {
+            }
+            (Some(_), _) => return,
         }
     }
     std::future::pending::<()>().await;
@@ -447,15 +439,18 @@ async fn terminate(cell_id: &str, child: &mut Child) {
 mod tests {
     use super::*;
 
-    fn following(primary: &str) -> Option<(String, String)> {
-        Some((primary.into(), format!("{primary}:1")))
+    fn following(primary: &str) -> Option<Following> {
+        Some(Following {
+            primary: primary.into(),
+            endpoint: format!("{primary}:1"),
+            rejoined: true,
+        })
     }
 
     #[tokio::test]
     async fn a_promotion_in_place_is_noted_and_a_later_rejoin_of_that_primary_restarts() {
         let (desired, mut role) = watch::channel(Role {
             following: following("p"),
-            rejoined: true,
             sync_standbys: None,
         });
         role.borrow_and_update();
