@@ -9,7 +9,7 @@ use cellplane_api::simulation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::world::host;
+use crate::world::{NODES, host};
 
 /// How far a clock may drift: the detector allows `clock_drift_ms` (200 ms) on a lease of
 /// `lease_ms` (2 s), 10%, for a clock running slow on the cell or fast on the node.
@@ -25,6 +25,10 @@ pub enum Fault {
     Crash { host: String, machine: bool },
     /// No message crosses between the host and the other servers, either way.
     Isolate(String),
+    /// A node is cut off from the other nodes only: clients and agents still reach it, and it
+    /// goes on answering them from a state that no longer moves (its peer network failed,
+    /// not its clients').
+    PeersCut(String),
     /// Messages from the first host to the second are lost; the other way works.
     OneWay(String, String),
     /// Messages between the two hosts wait, then arrive together: delay and reorder.
@@ -198,7 +202,7 @@ impl Nemesis {
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
-        match self.rng.random_range(0..12) {
+        match self.rng.random_range(0..13) {
             0..=2 => Fault::Crash {
                 host: match leader {
                     Some(leader) if self.rng.random_bool(0.7) => host(leader),
@@ -220,6 +224,7 @@ impl Nemesis {
                 host: self.pick(),
                 ends_in_a_crash: self.rng.random_bool(0.3),
             },
+            11 => Fault::PeersCut(host(self.rng.random_range(1..=NODES))),
             _ => {
                 let off = self.rng.random_range(0.01..MAX_DRIFT);
                 Fault::ClockDrift {
@@ -249,6 +254,11 @@ fn others<'a>(hosts: &'a [String], than: &'a str) -> impl Iterator<Item = &'a St
     hosts.iter().filter(move |h| *h != than)
 }
 
+/// The nodes other than `node`.
+fn peers(node: &str) -> impl Iterator<Item = String> {
+    (1..=NODES).map(host).filter(move |peer| peer != node)
+}
+
 fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
         Fault::Crash { host, machine } => {
@@ -259,6 +269,11 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
         Fault::Isolate(h) => {
             for other in others(hosts, h) {
                 sim.partition(h.as_str(), other.as_str());
+            }
+        }
+        Fault::PeersCut(node) => {
+            for peer in peers(node) {
+                sim.partition(node.as_str(), peer.as_str());
             }
         }
         Fault::OneWay(from, to) => sim.partition_oneway(from.as_str(), to.as_str()),
@@ -275,6 +290,11 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault)
         Fault::Isolate(h) => {
             for other in others(hosts, h) {
                 sim.repair(h.as_str(), other.as_str());
+            }
+        }
+        Fault::PeersCut(node) => {
+            for peer in peers(node) {
+                sim.repair(node.as_str(), peer.as_str());
             }
         }
         Fault::OneWay(from, to) => sim.repair_oneway(from.as_str(), to.as_str()),
