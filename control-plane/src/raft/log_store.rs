@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -216,8 +216,12 @@ enum Writer {
     /// The writer thread, which commits every job queued since its last commit together.
     Thread(mpsc::Sender<Job>),
     /// In a simulation, a task of the node's runtime writes the jobs instead, so when they are
-    /// durable depends on the simulated clock (and the simulated disk) alone.
-    Inline(Arc<Mutex<Inline>>),
+    /// durable depends on the simulated clock (and the simulated disk) alone. `path` is the
+    /// log's file, so a simulated disk stall can hold its writes.
+    Inline {
+        queue: Arc<Mutex<Inline>>,
+        path: Arc<Path>,
+    },
 }
 
 /// The writer of a simulated node: what the writer thread would hold.
@@ -227,23 +231,21 @@ struct Inline {
     /// A task is writing the queued jobs, or about to.
     draining: bool,
     committed_written: Option<LogId<NodeId>>,
-    /// The log's file, so a simulated disk stall can hold its writes.
-    path: PathBuf,
 }
 
 impl LogStore {
     /// Writes the simulated node's queued jobs, a batch at a time, as the writer thread would.
-    async fn drain(self, inline: Arc<Mutex<Inline>>) {
-        let Some(path) = inline.lock().ok().map(|inline| inline.path.clone()) else {
+    async fn drain(self) {
+        let Writer::Inline { queue, path } = &self.writer else {
             return;
         };
         loop {
             // Jobs queued at the same instant share a commit, as do those queued while the
             // disk stalls.
             tokio::task::yield_now().await;
-            cellplane_api::simulation::disk_ready(&path).await;
+            cellplane_api::simulation::disk_ready(path).await;
             let (batch, mut committed_written) = {
-                let Ok(mut inline) = inline.lock() else {
+                let Ok(mut inline) = queue.lock() else {
                     return;
                 };
                 if inline.jobs.is_empty() {
@@ -259,7 +261,7 @@ impl LogStore {
                 &mut committed_written,
                 batch,
             );
-            if let Ok(mut inline) = inline.lock() {
+            if let Ok(mut inline) = queue.lock() {
                 inline.committed_written = committed_written;
             }
         }
@@ -283,12 +285,14 @@ impl LogStore {
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let committed = Arc::new(Mutex::new(None));
         let writer = if cellplane_api::simulation::active() {
-            Writer::Inline(Arc::new(Mutex::new(Inline {
-                jobs: Vec::new(),
-                draining: false,
-                committed_written: None,
-                path: path.to_path_buf(),
-            })))
+            Writer::Inline {
+                queue: Arc::new(Mutex::new(Inline {
+                    jobs: Vec::new(),
+                    draining: false,
+                    committed_written: None,
+                })),
+                path: Arc::from(path),
+            }
         } else {
             let (jobs, receiver) = mpsc::channel();
             let (writer_db, writer_pending, writer_committed) =
@@ -321,14 +325,14 @@ impl LogStore {
             Writer::Thread(jobs) => jobs
                 .send(job)
                 .map_err(|_| AnyError::error("raft log writer stopped")),
-            Writer::Inline(inline) => {
-                let mut queued = inline
+            Writer::Inline { queue, .. } => {
+                let mut queued = queue
                     .lock()
                     .map_err(|_| AnyError::error("raft log writer lock poisoned"))?;
                 queued.jobs.push(job);
                 if !queued.draining {
                     queued.draining = true;
-                    tokio::spawn(self.clone().drain(inline.clone()));
+                    tokio::spawn(self.clone().drain());
                 }
                 Ok(())
             }
