@@ -86,12 +86,9 @@ impl File {
         }
     }
 
-    pub fn len(&self) -> io::Result<u64> {
+    /// The file's size in bytes, as reads see it.
+    pub fn size(&self) -> io::Result<u64> {
         self.with(|image| Ok(image.cached.len() as u64))
-    }
-
-    pub fn is_empty(&self) -> io::Result<bool> {
-        self.len().map(|len| len == 0)
     }
 
     /// Fills `out` from `at`; an error past the end, as a short read would be.
@@ -167,7 +164,7 @@ mod tests {
     use super::*;
 
     fn contents(file: &File) -> Vec<u8> {
-        let mut out = vec![0; file.len().expect("len") as usize];
+        let mut out = vec![0; file.size().expect("size") as usize];
         file.read(0, &mut out).expect("read");
         out
     }

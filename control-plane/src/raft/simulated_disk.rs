@@ -19,7 +19,7 @@ impl SimulatedDisk {
 
 impl redb::StorageBackend for SimulatedDisk {
     fn len(&self) -> io::Result<u64> {
-        self.0.len()
+        self.0.size()
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
