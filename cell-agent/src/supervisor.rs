@@ -93,6 +93,13 @@ pub struct Following {
     pub rejoined: bool,
 }
 
+impl Following {
+    /// Whether both follow one primary at one endpoint, however they came to.
+    fn same_primary(&self, other: &Following) -> bool {
+        (&self.primary, &self.endpoint) == (&other.primary, &other.endpoint)
+    }
+}
+
 impl Launcher {
     /// `im-cell` processes of `binary`, each with the agent's identity and the policy of who
     /// may call it.
@@ -411,9 +418,7 @@ async fn following_changes(role: &mut watch::Receiver<Role>, following: &mut Opt
     while role.changed().await.is_ok() {
         match (&role.borrow().following, &*following) {
             (None, _) => *following = None,
-            (Some(wanted), Some(running))
-                if (&wanted.primary, &wanted.endpoint) == (&running.primary, &running.endpoint) => {
-            }
+            (Some(wanted), Some(running)) if wanted.same_primary(running) => {}
             (Some(_), _) => return,
         }
     }
