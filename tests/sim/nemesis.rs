@@ -250,13 +250,18 @@ impl Lagging {
     }
 }
 
-fn others<'a>(hosts: &'a [String], than: &'a str) -> impl Iterator<Item = &'a String> {
-    hosts.iter().filter(move |h| *h != than)
-}
-
-/// The nodes other than `node`.
-fn peers(node: &str) -> impl Iterator<Item = String> {
-    (1..=NODES).map(host).filter(move |peer| peer != node)
+/// The links an isolation cuts: between the host and every other server, or, for a node cut
+/// off from its peers, every other node. None for other faults.
+fn cut_links(fault: &Fault, hosts: &[String]) -> Vec<(String, String)> {
+    let (cut, from): (&String, Vec<String>) = match fault {
+        Fault::Isolate(cut) => (cut, hosts.to_vec()),
+        Fault::PeersCut(cut) => (cut, (1..=NODES).map(host).collect()),
+        _ => return Vec::new(),
+    };
+    from.into_iter()
+        .filter(|other| other != cut)
+        .map(|other| (cut.clone(), other))
+        .collect()
 }
 
 fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
@@ -266,14 +271,9 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
             simulation::files::crash(&dir.join(host), *machine);
             sim.crash(host.as_str());
         }
-        Fault::Isolate(h) => {
-            for other in others(hosts, h) {
-                sim.partition(h.as_str(), other.as_str());
-            }
-        }
-        Fault::PeersCut(node) => {
-            for peer in peers(node) {
-                sim.partition(node.as_str(), peer.as_str());
+        Fault::Isolate(_) | Fault::PeersCut(_) => {
+            for (a, b) in cut_links(fault, hosts) {
+                sim.partition(a.as_str(), b.as_str());
             }
         }
         Fault::OneWay(from, to) => sim.partition_oneway(from.as_str(), to.as_str()),
@@ -287,14 +287,9 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
 fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault) {
     match fault {
         Fault::Crash { host, .. } => sim.bounce(host.as_str()),
-        Fault::Isolate(h) => {
-            for other in others(hosts, h) {
-                sim.repair(h.as_str(), other.as_str());
-            }
-        }
-        Fault::PeersCut(node) => {
-            for peer in peers(node) {
-                sim.repair(node.as_str(), peer.as_str());
+        Fault::Isolate(_) | Fault::PeersCut(_) => {
+            for (a, b) in cut_links(fault, hosts) {
+                sim.repair(a.as_str(), b.as_str());
             }
         }
         Fault::OneWay(from, to) => sim.repair_oneway(from.as_str(), to.as_str()),
