@@ -102,6 +102,32 @@ mod tests {
     }
 
     #[test]
+    fn in_a_simulation_a_process_clock_runs_at_its_hosts_rate() {
+        std::thread::spawn(|| {
+            crate::simulation::enter_on_this_thread();
+            crate::simulation::set_clock_rate(Path::new("/sim/host"), 0.5);
+            let (drifting, steady) = (
+                Monotonic::of(Path::new("/sim/host/cell")),
+                Monotonic::of(Path::new("/sim/other/cell")),
+            );
+            let before = Instant::now();
+            let (first, other_first) = (drifting.now(), steady.now());
+            std::thread::sleep(Duration::from_millis(100));
+            let (second, other_second) = (drifting.now(), steady.now());
+            let real = Instant::now() - before;
+            let drifted = second - first;
+            assert!(drifted >= Duration::from_millis(50), "{drifted:?}");
+            assert!(
+                drifted <= real.mul_f64(0.5) + Duration::from_micros(1),
+                "{drifted:?} in {real:?}"
+            );
+            assert!(other_second - other_first >= Duration::from_millis(100));
+        })
+        .join()
+        .expect("the test's thread");
+    }
+
+    #[test]
     fn outside_a_simulation_the_clock_is_tokios() {
         crate::simulation::set_clock_rate(Path::new("/sim"), 0.5);
         let clock = Monotonic::of(Path::new("/sim/cell"));

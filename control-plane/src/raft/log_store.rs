@@ -600,6 +600,37 @@ mod tests {
         );
     }
 
+    /// In a simulation the log is on the simulated disk, not the machine's, and what it
+    /// reported durable survives a crash of the machine that throws away every write not
+    /// synced; the dead process's handles write nothing after the crash.
+    #[test]
+    fn in_a_simulation_what_the_log_made_durable_survives_a_machine_crash() {
+        std::thread::spawn(|| {
+            cellplane_api::simulation::enter_on_this_thread();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("n2/raft.redb");
+            let followed = Vote::new_committed(3, 1);
+            let store = runtime.block_on(async {
+                let mut store = LogStore::open(&path, 2).expect("open");
+                store.save_vote(&followed).await.expect("save");
+                store
+            });
+            assert!(!path.exists(), "the machine's disk is untouched");
+            cellplane_api::simulation::files::crash(&dir.path().join("n2"), true);
+            drop(store);
+            runtime.block_on(async {
+                let mut store = LogStore::open(&path, 2).expect("reopen after the crash");
+                assert_eq!(store.read_vote().await.expect("read"), Some(followed));
+            });
+        })
+        .join()
+        .expect("the test's thread");
+    }
+
     /// openraft reads the vote once, when the node starts.
     #[tokio::test]
     async fn a_leader_restarts_as_a_follower_of_the_same_term() {
