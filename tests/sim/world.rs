@@ -45,6 +45,7 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(SimulatedTime)
             .with_writer(std::io::stderr)
             .try_init();
     }
@@ -76,6 +77,17 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
         });
     }
     sim
+}
+
+/// Stamps `SIM_LOG`'s lines with the simulated instant, which is what a seed's story is told
+/// in: the machine's clock says nothing about a replay.
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let at = turmoil::sim_elapsed().unwrap_or_default().as_secs_f64();
+        write!(w, "{at:>8.3}s")
+    }
 }
 
 /// The simulated host of the agent of `region`; its cells run on it as tasks.
