@@ -230,6 +230,7 @@ async fn lookup(routing: &mut RoutingClient<Channel>, key: &Key) -> Result<Optio
 async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status> {
     let mut routing = control.routing();
     let (mut mine, start_revision) = load_routes(&mut routing, cells).await?;
+    tracing::debug!(cells = ?cells.keys().collect::<Vec<_>>(), revision = start_revision, routes = mine.len(), "routes loaded");
     let plan = reconcile(&mine, &held_grants(cells).await?);
     // The cell commits concurrent grants together, so a reload grants many at a time.
     futures::stream::iter(plan.grants)
