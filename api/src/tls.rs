@@ -120,10 +120,34 @@ struct Current {
     checked: Instant,
 }
 
-/// How often a client pings each server it holds a connection to.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may wait for its answer before the connection is given up.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How a channel finds out that its connection died without being closed (power lost, a
+/// partition that ate the FIN, a middlebox that forgot the flow): once nothing arrived for
+/// `interval` it pings, and gives the connection up when the ping goes unanswered for
+/// `timeout`; the next call connects anew. Until then every call on it waits out its own
+/// timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl KeepAlive {
+    /// A client of a service: its calls have deadlines of their own and move on to another
+    /// server, so a dead connection costs it little until it is found.
+    pub const CLIENT: Self = Self {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(5),
+    };
+    /// Between control-plane nodes. A leader's connection to a follower that went dead keeps
+    /// the follower behind, answering reads from an old state and no longer counting towards
+    /// the quorum, until it is given up: with a client's 15 s, a follower cut off for a
+    /// second stayed 12 s behind after the heal, and the next crash of another node left no
+    /// quorum for three seconds (docs/simulation.md).
+    pub const PEER: Self = Self {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
+}
 /// How long a client remembers a call it gave up on (its stream reset), so that the answer
 /// arriving after that is dropped quietly. HTTP/2's default, 1 s, is shorter than the answer
 /// to a call abandoned at its 1 s attempt timeout may take; each such late answer then draws
@@ -268,7 +292,12 @@ impl Tls {
 
     /// An endpoint for `host:port`. Under TLS the scheme stays `http`: the handshake is made
     /// by this module's connector, not by tonic.
-    fn endpoint(&self, host_port: &str, connect_timeout: Duration) -> Result<Endpoint, TlsError> {
+    fn endpoint(
+        &self,
+        host_port: &str,
+        connect_timeout: Duration,
+        keep_alive: KeepAlive,
+    ) -> Result<Endpoint, TlsError> {
         let endpoint = Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| {
             TlsError::Endpoint {
                 endpoint: host_port.to_string(),
@@ -278,22 +307,30 @@ impl Tls {
         Ok(endpoint
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            // A peer that vanished without closing the connection (power lost, a partition
-            // that ate its FIN) leaves it open here with calls waiting on it for ever: pings
-            // find it dead, and the channel connects anew on the next call.
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .http2_keep_alive_interval(keep_alive.interval)
+            .keep_alive_timeout(keep_alive.timeout)
             .keep_alive_while_idle(true)
             .http2_reset_stream_duration(RESET_STREAM_MEMORY))
     }
 
-    /// A lazily connected channel to `host:port`.
+    /// A lazily connected channel to `host:port`, kept alive as a client's.
     pub fn lazy_channel(
         &self,
         host_port: &str,
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
-        let endpoint = self.endpoint(host_port, connect_timeout)?;
+        self.lazy_channel_keeping(host_port, connect_timeout, KeepAlive::CLIENT)
+    }
+
+    /// A lazily connected channel to `host:port` that finds a dead connection as `keep_alive`
+    /// says.
+    pub fn lazy_channel_keeping(
+        &self,
+        host_port: &str,
+        connect_timeout: Duration,
+        keep_alive: KeepAlive,
+    ) -> Result<Channel, TlsError> {
+        let endpoint = self.endpoint(host_port, connect_timeout, keep_alive)?;
         Ok(if self.uses_connector() {
             endpoint.connect_with_connector_lazy(self.connector())
         } else {
@@ -307,7 +344,7 @@ impl Tls {
         host_port: &str,
         connect_timeout: Duration,
     ) -> Result<Channel, TlsError> {
-        let endpoint = self.endpoint(host_port, connect_timeout)?;
+        let endpoint = self.endpoint(host_port, connect_timeout, KeepAlive::CLIENT)?;
         let connected = if self.uses_connector() {
             endpoint.connect_with_connector(self.connector()).await
         } else {

@@ -9,6 +9,7 @@
 //! prints its seed, and `SIM_SEED=<seed> cargo test -p cellplane-tests --test sim` replays it
 //! exactly; `SIM_SEEDS=<n>` runs n random seeds instead of the fixed ones (`scripts/soak.sh`).
 
+mod catch_up;
 mod failover;
 mod messages;
 mod nemesis;

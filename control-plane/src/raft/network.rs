@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cellplane_api::proto::raft::RaftPayload;
 use cellplane_api::proto::raft::raft_transport_client::RaftTransportClient;
-use cellplane_api::tls::Tls;
+use cellplane_api::tls::{KeepAlive, Tls};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -58,7 +58,7 @@ struct TransportError(String);
 impl PeerClient {
     fn new(target: NodeId, node: BasicNode, tls: &Tls) -> Self {
         let client = tls
-            .lazy_channel(&node.addr, CONNECT_TIMEOUT)
+            .lazy_channel_keeping(&node.addr, CONNECT_TIMEOUT, KeepAlive::PEER)
             .map(|channel| {
                 RaftTransportClient::new(channel)
                     .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)

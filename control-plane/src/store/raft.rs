@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control as pb;
-use cellplane_api::tls::Tls;
+use cellplane_api::tls::{KeepAlive, Tls};
 use openraft::error::{
     ChangeMembershipError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
 };
@@ -166,7 +166,7 @@ impl RaftStore {
         }
         let channel = self
             .tls
-            .lazy_channel(&node.addr, Duration::from_secs(1))
+            .lazy_channel_keeping(&node.addr, Duration::from_secs(1), KeepAlive::PEER)
             .map_err(|e| StoreError::Corrupt(format!("leader address {:?}: {e}", node.addr)))?;
         channels.insert(node.addr.clone(), channel.clone());
         Ok(channel)
