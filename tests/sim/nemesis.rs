@@ -1,5 +1,6 @@
 //! The nemesis: one fault at a time, drawn from the seed, each healed after a while, so a
 //! majority of nodes can make progress between faults and the checks see both sides of each.
+//! Beneath the faults every server's clock runs at a rate of its own all along.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,9 +12,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::world::{NODES, host};
 
-/// How far a clock may drift: the detector allows `clock_drift_ms` (200 ms) on a lease of
-/// `lease_ms` (2 s), 10%, for a clock running slow on the cell or fast on the node.
-const MAX_DRIFT: f64 = 0.08;
+/// How far a host's clock may drift either way. A lease is measured on two clocks, the cell's
+/// and a node's: the detector allows `clock_drift_ms` (200 ms) on `lease_ms` (2 s), so the
+/// node's may run at most 10% faster than the cell's, and 1.04 / 0.96 is 8.3% faster.
+const MAX_DRIFT: f64 = 0.04;
 
 /// A fault, naming the simulated hosts it hits: control-plane nodes, and the agent with its
 /// cells where the run has one.
@@ -39,11 +41,6 @@ pub enum Fault {
     /// When it `ends_in_a_crash`, the host crashes before the disk answers again, losing every
     /// write it had not made durable.
     DiskStall { host: String, ends_in_a_crash: bool },
-    /// The host's clock runs at `rate` times true time, as its leases are measured: a cell's
-    /// lease lasts longer than it should where it runs slow, the detector gives up on cells
-    /// sooner where it runs fast. Within 8% either way, which the detector's margin for drift
-    /// covers.
-    ClockDrift { host: String, rate: f64 },
 }
 
 /// Faults as the seed draws them, and what was done, for the run's report.
@@ -57,7 +54,19 @@ pub struct Nemesis {
     next_at: Duration,
     active: Option<(Fault, Duration)>,
     lagging: Option<Lagging>,
+    clocks: Clocks,
     pub injected: Vec<(Duration, Fault)>,
+}
+
+/// Every server's clock, running at a rate of its own whatever else is injected, each redrawn
+/// now and then: a cell's lease lasts longer than it should where its clock runs slow, the
+/// detector gives up on cells sooner where its runs fast. Drawn from a stream of its own, so the
+/// faults are the same whatever the clocks do.
+struct Clocks {
+    rng: StdRng,
+    next_at: Duration,
+    /// Every rate set: when, on which host, the rate.
+    set: Vec<(Duration, String, f64)>,
 }
 
 /// A client host cut off from every node on a schedule of its own, whatever else is injected
@@ -83,8 +92,32 @@ impl Nemesis {
             next_at: Duration::from_secs(3),
             active: None,
             lagging: None,
+            clocks: Clocks {
+                rng: StdRng::seed_from_u64(seed ^ 0x0063_6C6F_636B),
+                next_at: Duration::ZERO,
+                set: Vec::new(),
+            },
             injected: Vec::new(),
         }
+    }
+
+    /// Sets every host's clock rate the first time, then one host's every 1–4 s.
+    fn step_clocks(&mut self, now: Duration) {
+        let clocks = &mut self.clocks;
+        if now < clocks.next_at {
+            return;
+        }
+        let hosts: Vec<&String> = if clocks.set.is_empty() {
+            self.hosts.iter().collect()
+        } else {
+            vec![&self.hosts[clocks.rng.random_range(0..self.hosts.len())]]
+        };
+        for host in hosts {
+            let rate = 1.0 + clocks.rng.random_range(-MAX_DRIFT..=MAX_DRIFT);
+            simulation::set_clock_rate(&self.dir.join(host), rate);
+            clocks.set.push((now, host.clone(), rate));
+        }
+        clocks.next_at = now + Duration::from_millis(clocks.rng.random_range(1_000..4_000));
     }
 
     /// Also cuts the client host `host` off from `nodes` now and then, whatever else is
@@ -127,6 +160,7 @@ impl Nemesis {
     /// which a crash picks more often than the others.
     pub fn step(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, leader: Option<u64>) {
         self.step_lagging(sim, now);
+        self.step_clocks(now);
         if let Some((fault, heal_at)) = &self.active {
             if now >= *heal_at {
                 if let Fault::DiskStall {
@@ -163,7 +197,8 @@ impl Nemesis {
         self.injected.push((now, fault));
     }
 
-    /// Every fault injected, a line each with its instant, and the lagging host's cuts.
+    /// Every fault injected, a line each with its instant, the lagging host's cuts and the
+    /// clock rates.
     pub fn report(&self) -> Vec<String> {
         let faults = self
             .injected
@@ -179,7 +214,13 @@ impl Nemesis {
                 )
             })
         });
-        faults.chain(lags).collect()
+        let clocks = self.clocks.set.iter().map(|(at, host, rate)| {
+            format!(
+                "{:>8.3}s {host}'s clock runs at {rate:.3}",
+                at.as_secs_f64()
+            )
+        });
+        faults.chain(lags).chain(clocks).collect()
     }
 
     /// Heals whatever is active: the run is over.
@@ -189,6 +230,9 @@ impl Nemesis {
         }
         if let Some(lagging) = &mut self.lagging {
             lagging.repair(sim);
+        }
+        for host in &self.hosts {
+            simulation::set_clock_rate(&self.dir.join(host), 1.0);
         }
     }
 
@@ -202,7 +246,7 @@ impl Nemesis {
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
-        match self.rng.random_range(0..13) {
+        match self.rng.random_range(0..12) {
             0..=2 => Fault::Crash {
                 host: match leader {
                     Some(leader) if self.rng.random_bool(0.7) => host(leader),
@@ -224,18 +268,7 @@ impl Nemesis {
                 host: self.pick(),
                 ends_in_a_crash: self.rng.random_bool(0.3),
             },
-            11 => Fault::PeersCut(host(self.rng.random_range(1..=NODES))),
-            _ => {
-                let off = self.rng.random_range(0.01..MAX_DRIFT);
-                Fault::ClockDrift {
-                    host: self.pick(),
-                    rate: if self.rng.random_bool(0.5) {
-                        1.0 - off
-                    } else {
-                        1.0 + off
-                    },
-                }
-            }
+            _ => Fault::PeersCut(host(self.rng.random_range(1..=NODES))),
         }
     }
 }
@@ -280,7 +313,6 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
         Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
         Fault::Slow(latency) => sim.set_max_message_latency(*latency),
         Fault::DiskStall { host, .. } => simulation::stall_disk(&dir.join(host)),
-        Fault::ClockDrift { host, rate } => simulation::set_clock_rate(&dir.join(host), *rate),
     }
 }
 
@@ -296,6 +328,5 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault)
         Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(20)),
         Fault::DiskStall { host, .. } => simulation::resume_disk(&dir.join(host)),
-        Fault::ClockDrift { host, .. } => simulation::set_clock_rate(&dir.join(host), 1.0),
     }
 }
