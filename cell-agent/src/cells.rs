@@ -129,9 +129,9 @@ fn tier(name: &str) -> pb::Tier {
 
 use cellplane_api::clock::now_ms;
 
-/// Registers `cell` (idempotent: an agent restart registers the same cell again), waits until
-/// the cell process answers, then makes a joining cell ACTIVE so placement may use it. A cell
-/// the control plane demoted or failed stays as it is: only ops bring it back.
+/// Registers `cell` (idempotent: an agent restart registers the same cell again), and makes a
+/// joining primary ACTIVE, so placement may use it, once the cell process answers. A cell the
+/// control plane demoted or failed stays as it is: only ops bring it back.
 pub async fn join(
     control: &ControlPlane,
     region: &str,
@@ -178,8 +178,14 @@ pub async fn join(
     // disk may refuse the configured role outright, so it is not waited for here. A standby
     // is made ACTIVE by that loop too, once it follows its primary: answering alone does not
     // say it has begun to.
+    // Nor is a cell that is not JOINING, which has nothing to wait for: its disk may refuse
+    // the configured role too (a standby a failover is promoting, whose config says primary),
+    // and the failover executor, which starts with the roles loop, must still promote it.
     let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
-    if !as_configured || spec.standby_of.is_some() {
+    if !as_configured
+        || spec.standby_of.is_some()
+        || registered.state != pb::CellState::Joining as i32
+    {
         return Ok(());
     }
     let mut admin = cell.admin.clone();
@@ -193,19 +199,17 @@ pub async fn join(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if registered.state == pb::CellState::Joining as i32 {
-        let cell_id = spec.cell_id.clone();
-        control
-            .call(|mut c| {
-                let request = pb::SetCellStateRequest {
-                    cell_id: cell_id.clone(),
-                    state: pb::CellState::Active as i32,
-                };
-                async move { c.set_cell_state(request).await }
-            })
-            .await?;
-        tracing::info!(cell_id = %spec.cell_id, "cell is ACTIVE");
-    }
+    let cell_id = spec.cell_id.clone();
+    control
+        .call(|mut c| {
+            let request = pb::SetCellStateRequest {
+                cell_id: cell_id.clone(),
+                state: pb::CellState::Active as i32,
+            };
+            async move { c.set_cell_state(request).await }
+        })
+        .await?;
+    tracing::info!(cell_id = %spec.cell_id, "cell is ACTIVE");
     Ok(())
 }
 

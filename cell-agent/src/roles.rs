@@ -127,6 +127,43 @@ pub fn step(
     (state == CellState::Joining && following).then_some(Step::Activate)
 }
 
+/// Where a standby that failover `promoting` is promoting must run: as the failed cell's
+/// standby, when it does not answer (`running` is `None`) and the agent would start it as
+/// anything else. A failover clears the standby's `standby_of` as it moves the keys, before
+/// the standby is promoted; an agent that restarts in between starts the cell as its config
+/// says — a primary, for a cell its config made one before failovers made it a standby — and
+/// the cell, whose data is still an unpromoted standby's, refuses to start so. It cannot be
+/// promoted until it runs, and the failover would wait for ever. Started as the standby it
+/// is, it is promoted in place; a cell promoted already stays a primary when started as a
+/// standby of the cell it was promoted from, so this is safe whatever happened meanwhile.
+pub fn start_to_promote(
+    record: &Cell,
+    configured: Option<&str>,
+    running: Option<&CellStatusResponse>,
+    cells: &[Cell],
+    promoting: Option<&Failover>,
+) -> Option<Step> {
+    let failover = promoting?;
+    let waits = running.is_none()
+        && record.standby_of.is_empty()
+        && failover.standby_cell == record.cell_id
+        && failover.phase == FailoverPhase::Promoting as i32
+        && configured != Some(failover.cell_id.as_str());
+    if !waits {
+        return None;
+    }
+    let endpoint = cells
+        .iter()
+        .find(|c| c.cell_id == failover.cell_id)?
+        .endpoint
+        .clone();
+    Some(Step::Follow(Following {
+        primary: failover.cell_id.clone(),
+        endpoint,
+        rejoined: false,
+    }))
+}
+
 /// Runs until shutdown.
 pub async fn run(control: ControlPlane, cells: LocalCells, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(INTERVAL);
@@ -171,6 +208,9 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
     } else {
         Vec::new()
     };
+    // Failovers under way, read once a cell that may be waiting for its promotion does not
+    // answer.
+    let mut active: Option<Vec<Failover>> = None;
     for (cell_id, cell) in cells.iter() {
         let Some(record) = all.iter().find(|c| c.cell_id == *cell_id) else {
             continue;
@@ -193,13 +233,33 @@ async fn round(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status>
         .map(tonic::Response::into_inner);
         let configured = cell.configured_primary();
         let configured_sync = cell.spec.sync_standbys.clone().unwrap_or_default();
-        let Some(step) = step(
+        if running.is_none() && record.standby_of.is_empty() && active.is_none() {
+            let listed = control
+                .call(|mut c| async move {
+                    c.list_failovers(ListFailoversRequest { active_only: true })
+                        .await
+                })
+                .await?;
+            active = Some(listed.failovers);
+        }
+        let promoting = active.iter().flatten().find(|f| f.standby_cell == *cell_id);
+        let next = start_to_promote(
             record,
-            (configured.as_deref(), &configured_sync),
+            configured.as_deref(),
             running.as_ref(),
             &all,
-            failover,
-        ) else {
+            promoting,
+        )
+        .or_else(|| {
+            step(
+                record,
+                (configured.as_deref(), &configured_sync),
+                running.as_ref(),
+                &all,
+                failover,
+            )
+        });
+        let Some(step) = next else {
             continue;
         };
         match step {
@@ -319,6 +379,56 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn a_standby_being_promoted_that_does_not_run_is_started_as_the_failed_cells_standby() {
+        // The failover moved the keys and cleared s's standby_of; its agent restarted and
+        // started s as its config says, a primary, which its data refuses.
+        let failed = cell("p", "fs", CellState::Failed, "");
+        let promoted = cell("s", "hz", CellState::Active, "");
+        let all = [failed, promoted.clone()];
+        let failover = |phase: FailoverPhase, standby: &str| Failover {
+            failover_id: "fo-1".into(),
+            cell_id: "p".into(),
+            standby_cell: standby.into(),
+            phase: phase as i32,
+            ..Default::default()
+        };
+        let promoting = failover(FailoverPhase::Promoting, "s");
+        assert_eq!(
+            start_to_promote(&promoted, None, None, &all, Some(&promoting)),
+            Some(Step::Follow(Following {
+                primary: "p".into(),
+                endpoint: "p:1".into(),
+                rejoined: false,
+            }))
+        );
+        // Running, it is promoted where it is; started as p's standby already, it is left to
+        // start; another cell's failover, or one past promoting, is none of its business.
+        assert_eq!(
+            start_to_promote(&promoted, None, Some(&running("p")), &all, Some(&promoting)),
+            None
+        );
+        assert_eq!(
+            start_to_promote(&promoted, Some("p"), None, &all, Some(&promoting)),
+            None
+        );
+        for other in [
+            failover(FailoverPhase::Promoting, "x"),
+            failover(FailoverPhase::Done, "s"),
+        ] {
+            assert_eq!(
+                start_to_promote(&promoted, None, None, &all, Some(&other)),
+                None
+            );
+        }
+        // A standby still recorded as one is not this case: the roles step follows its record.
+        let standby = cell("s", "hz", CellState::Active, "p");
+        assert_eq!(
+            start_to_promote(&standby, None, None, &all, Some(&promoting)),
+            None
+        );
     }
 
     #[test]
