@@ -21,7 +21,7 @@ const CUT_FOR: Duration = Duration::from_secs(1);
 const CATCH_UP_WITHIN: Duration = Duration::from_secs(3);
 
 /// The revision node `id` has applied, as it answers reads from its own state.
-async fn revision(id: u64) -> Option<u64> {
+pub async fn revision(id: u64) -> Option<u64> {
     let mut routing = RoutingClient::new(
         crate::net::tls()
             .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
@@ -38,7 +38,7 @@ async fn revision(id: u64) -> Option<u64> {
 }
 
 /// Registers cells one after another, through whichever node answers, until the run ends.
-async fn write_on() {
+pub async fn write_on() {
     for n in 0u64.. {
         world::until_done(Duration::from_secs(1), |via| async move {
             world::control(via)

@@ -10,6 +10,7 @@
 //! exactly; `SIM_SEEDS=<n>` runs n random seeds instead of the fixed ones (`scripts/soak.sh`).
 
 mod catch_up;
+mod cut_off;
 mod failover;
 mod messages;
 mod nemesis;

@@ -1,7 +1,8 @@
-//! The etcd store through an etcd leader failure: two `cellplane serve --store etcd` processes
-//! share a real 3-member etcd cluster; writers move their tenants' routes through both while the
-//! etcd leader is SIGKILLed. No acknowledged route may be lost, and every node agrees with what
-//! etcd holds.
+//! The etcd store through etcd failures: two `cellplane serve --store etcd` processes share a
+//! real 3-member etcd cluster; writers move their tenants' routes through both while the etcd
+//! leader is SIGKILLed. No acknowledged route may be lost, and every node agrees with what etcd
+//! holds. And a node whose etcd lost its quorum stops serving watches from a state that no
+//! longer moves.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,9 @@ use std::time::Duration;
 use cellplane_api::proto::control::control_client::ControlClient;
 use cellplane_api::proto::control::{CreateTenantRequest, MoveRouteRequest, Tier};
 use cellplane_api::proto::routing::routing_client::RoutingClient;
-use cellplane_api::proto::routing::{Consistency, LookupRequest, Route};
+use cellplane_api::proto::routing::{
+    Consistency, ListRoutesRequest, LookupRequest, Route, WatchRequest,
+};
 use cellplane_tests::cluster::add_active_cells;
 use cellplane_tests::etcd::{EtcdCluster, NodeOnEtcd};
 use tonic::transport::Channel;
@@ -163,4 +166,95 @@ async fn killing_the_etcd_leader_loses_no_acknowledged_route() {
         assert_eq!(value["epoch"].as_u64(), Some(route.epoch));
         assert_eq!(value["primary_cell"].as_str(), Some(route.cell_id.as_str()));
     }
+}
+
+/// Lists one page of routes through `node`.
+async fn list(node: &NodeOnEtcd) -> Result<u64, tonic::Status> {
+    routing(node)
+        .list_routes(ListRoutesRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .map(|page| page.into_inner().revision)
+}
+
+/// Waits up to `limit` for `done`, polling every 100 ms; how long it took.
+async fn within<F, Fut>(limit: Duration, mut done: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < limit {
+        if done().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// An etcd member left without a leader answers from a state that no longer moves; the node's
+/// client requires a leader, so the member ends the node's mirror watch and refuses to open
+/// another. Once the mirror has followed no watch for 3 s, the node ends its own route watches
+/// and refuses listings, so that watchers move to a node that is in touch, and serves them
+/// again once etcd has a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_etcd_has_no_leader_ends_its_watches_until_etcd_has_one_again() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let node = NodeOnEtcd::start(
+        1,
+        &etcd,
+        "/leaderless/",
+        &etcd.dir.path().join("cellplane-1.log"),
+    )
+    .await;
+    list(&node)
+        .await
+        .expect("a listing while etcd has a leader");
+    let mut watch = routing(&node)
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .expect("a watch while etcd has a leader")
+        .into_inner();
+    let survivor = etcd.leader().await;
+    for member in (0..3).filter(|m| *m != survivor) {
+        etcd.kill(member).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return tonic::Status::ok("the stream closed"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends within 20 s of etcd losing its quorum");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains("followed no etcd watch"),
+        "the status names the reason: {}",
+        ended.message()
+    );
+    let refused = list(&node).await.expect_err("no listing without etcd");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    for member in (0..3).filter(|m| *m != survivor) {
+        etcd.restart(member);
+    }
+    let served = within(Duration::from_secs(30), || async {
+        list(&node).await.is_ok()
+            && routing(&node)
+                .watch(WatchRequest { from_revision: 0 })
+                .await
+                .is_ok()
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "the node serves routes again once etcd has a leader"
+    );
 }

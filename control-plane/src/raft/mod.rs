@@ -14,6 +14,7 @@ pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite;
+pub mod touch;
 pub mod transport;
 
 use crate::state::command::{Applied, CommandBatch};

@@ -63,6 +63,12 @@ pub trait RouteStore: Send + Sync {
     /// The state this node answers from.
     fn view(&self) -> &Arc<SharedState>;
 
+    /// Why this node's state may have fallen behind the cluster's for good, while it may
+    /// have: it has been cut off from whatever decides (the Raft leader, etcd) for longer than
+    /// an election takes. Route watches and listings end then, so that clients move to a node
+    /// that is in touch.
+    fn out_of_touch(&self) -> Option<String>;
+
     /// Whether this node should drive unfinished migrations now. Every drive is a
     /// compare-and-set, so two drivers are safe; one is cheaper.
     fn drives_migrations(&self) -> bool;

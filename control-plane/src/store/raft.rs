@@ -25,6 +25,7 @@ use crate::raft::proposer::{ProposeError, Proposer};
 use crate::raft::read_index::{ReadIndex, ReadIndexError};
 use crate::raft::snapshot::SnapshotError;
 use crate::raft::state_machine::StateMachineStore;
+use crate::raft::touch::Touch;
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::state::command::{Command, CommandError, CommandOutput};
 
@@ -55,6 +56,7 @@ pub struct RaftStore {
     shared: Arc<SharedState>,
     proposer: Proposer,
     read_index: ReadIndex,
+    touch: Touch,
     /// Channels to other nodes by address, reused for forwarded calls.
     channels: Mutex<HashMap<String, Channel>>,
     /// mTLS to the leader when a request is forwarded, or plaintext.
@@ -140,6 +142,11 @@ impl RaftStore {
             raft: raft.clone(),
             shared,
             proposer: Proposer::start(raft.clone()),
+            touch: Touch::follow(
+                &raft,
+                config.node_id,
+                Duration::from_millis(config.raft.election_timeout_max_ms),
+            ),
             read_index: ReadIndex::start(raft),
             channels: Mutex::new(HashMap::new()),
             tls,
@@ -224,6 +231,10 @@ impl RouteStore for RaftStore {
 
     fn drives_migrations(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    fn out_of_touch(&self) -> Option<String> {
+        self.touch.out_of_touch()
     }
 
     async fn status(&self) -> Result<pb::ClusterStatusResponse, StoreError> {

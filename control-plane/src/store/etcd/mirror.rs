@@ -15,6 +15,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, GetOptions, KvClient, WatchOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::layout::{self, Layout, MetaKey, Parsed};
 use crate::state::history::RouteEvent;
@@ -31,6 +32,8 @@ const REWATCH_BACKOFF: Duration = Duration::from_millis(200);
 pub struct Mirror {
     shared: Arc<SharedState>,
     seen: Arc<Seen>,
+    /// Since when no watch has been open, while none is.
+    broken_since: Arc<Mutex<Option<Instant>>>,
     task: JoinHandle<()>,
 }
 
@@ -240,8 +243,19 @@ impl Mirror {
         };
         let shared = Arc::new(SharedState::new(machine));
         let seen = Arc::new(Seen::new(revision));
-        let task = tokio::spawn(follow(client.clone(), layout, shared.clone(), seen.clone()));
-        Ok(Self { shared, seen, task })
+        let broken_since = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(follow(
+            client.clone(),
+            layout,
+            (shared.clone(), seen.clone()),
+            broken_since.clone(),
+        ));
+        Ok(Self {
+            shared,
+            seen,
+            broken_since,
+            task,
+        })
     }
 
     /// The mirrored state, as reads and watches see it.
@@ -263,6 +277,15 @@ impl Mirror {
         }
     }
 
+    /// How long the mirror has followed no watch, while it follows none: etcd unreachable, or
+    /// its member without a leader (the client requires one, so such a member ends the watch).
+    pub fn broken_for(&self) -> Option<Duration> {
+        self.broken_since
+            .lock()
+            .expect("mirror watch state poisoned")
+            .map(|since| since.elapsed())
+    }
+
     /// Stops following etcd; the state stays readable as it was.
     pub fn stop(&self) {
         self.task.abort();
@@ -270,18 +293,36 @@ impl Mirror {
 }
 
 /// Follows the prefix from the mirror's revision on, forever: re-opens a broken watch where it
-/// stopped, and reloads when etcd no longer has the history in between.
-async fn follow(client: Client, layout: Layout, shared: Arc<SharedState>, seen: Arc<Seen>) {
+/// stopped, and reloads when etcd no longer has the history in between. Notes since when no
+/// watch is open in `broken_since`.
+async fn follow(
+    client: Client,
+    layout: Layout,
+    (shared, seen): (Arc<SharedState>, Arc<Seen>),
+    broken_since: Arc<Mutex<Option<Instant>>>,
+) {
     let mut watch_client = client.watch_client();
     let mut kv = client.kv_client();
+    let broken = |open: bool| {
+        let mut since = broken_since.lock().expect("mirror watch state poisoned");
+        if open {
+            *since = None;
+        } else {
+            since.get_or_insert_with(Instant::now);
+        }
+    };
     loop {
         let from = seen.revision() + 1;
         let options = WatchOptions::new()
             .with_range(prefix_end(layout.prefix()))
             .with_start_revision(from as i64);
         let mut stream = match watch_client.watch(layout.prefix(), Some(options)).await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                broken(true);
+                stream
+            }
             Err(err) => {
+                broken(false);
                 tracing::warn!(error = %err, "etcd watch failed to open; retrying");
                 tokio::time::sleep(REWATCH_BACKOFF).await;
                 continue;
@@ -318,6 +359,7 @@ async fn follow(client: Client, layout: Layout, shared: Arc<SharedState>, seen: 
             }
             apply_response(&shared, &layout, &seen, response.events());
         }
+        broken(false);
         tokio::time::sleep(REWATCH_BACKOFF).await;
     }
 }

@@ -30,6 +30,9 @@ const MIRROR_WAIT: Duration = Duration::from_secs(10);
 
 /// Decisions re-made after losing a race before the caller is told to retry.
 const MAX_ATTEMPTS: usize = 64;
+/// How long the mirror may follow no watch before the node's route watches and listings end:
+/// three of etcd's default election timeouts (1 s), so that an election never ends them.
+const ETCD_OUT_OF_TOUCH: Duration = Duration::from_secs(3);
 
 /// Why the etcd store could not open.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +100,10 @@ impl EtcdStore {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            // A member without a leader refuses at once rather than answering from a state
+            // that no longer moves, and ends the mirror's watch.
+            .with_require_leader(true);
         let mut endpoints = config.endpoints.clone();
         if let Some(tls) = &config.tls {
             options = options.with_tls(cellplane_api::tls::tonic_client_config(tls)?);
@@ -247,6 +253,18 @@ impl RouteStore for EtcdStore {
 
     fn drives_migrations(&self) -> bool {
         true
+    }
+
+    fn out_of_touch(&self) -> Option<String> {
+        let broken = self.mirror.broken_for()?;
+        (broken > ETCD_OUT_OF_TOUCH).then(|| {
+            format!(
+                "node {} has followed no etcd watch for {:.1} s (more than {:.1} s), so its routes may be behind",
+                self.node_id,
+                broken.as_secs_f64(),
+                ETCD_OUT_OF_TOUCH.as_secs_f64()
+            )
+        })
     }
 
     async fn change_membership(

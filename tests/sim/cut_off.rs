@@ -1,0 +1,205 @@
+//! A node cut off from the other nodes, while its clients still reach it, must not keep their
+//! route watches open on a state that no longer moves: once it has heard from no leader for
+//! three election timeouts it ends them with UNAVAILABLE and refuses listings, so watchers move
+//! to a node that is in touch; after the heal it serves them again.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellplane_api::proto::routing::routing_client::RoutingClient;
+use cellplane_api::proto::routing::{ListRoutesRequest, WatchRequest};
+use tonic::Code;
+
+use crate::catch_up::{revision, write_on};
+use crate::world::{self, NODES, host};
+
+/// How long the node is cut off.
+const CUT_FOR: Duration = Duration::from_secs(6);
+/// Silence past which a node is out of touch: three election timeouts of 800 ms.
+const GRACE: Duration = Duration::from_millis(2_400);
+/// The latest a watch may end after the cut: a follower first waits out an election timeout
+/// before it calls itself leaderless, then the grace, then the next check (every 500 ms).
+const ENDS_WITHIN: Duration = Duration::from_millis(4_500);
+
+fn routing(id: u64) -> RoutingClient<tonic::transport::Channel> {
+    RoutingClient::new(
+        crate::net::tls()
+            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
+            .expect("a simulated endpoint"),
+    )
+}
+
+async fn list(id: u64) -> Result<u64, tonic::Status> {
+    let mut client = routing(id);
+    let listed = client.list_routes(ListRoutesRequest {
+        page_size: 1,
+        page_token: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(1), listed).await {
+        Ok(answer) => answer.map(|page| page.into_inner().revision),
+        Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 1 s")),
+    }
+}
+
+/// The instant the driver cut the node off and healed the cut.
+#[derive(Default)]
+struct Cut {
+    ready: bool,
+    at: Option<Duration>,
+    healed_at: Option<Duration>,
+}
+
+/// What the clients saw.
+#[derive(Debug)]
+struct Seen {
+    /// How long after the cut the watch ended, with the status it ended with.
+    ended: Duration,
+    status: tonic::Status,
+    /// A listing on the cut node once the watch ended, and one on another node then.
+    listed_there: Result<u64, tonic::Status>,
+    listed_elsewhere: Result<u64, tonic::Status>,
+    /// How long after the heal the node served a listing and a watch event again.
+    served_again: Duration,
+}
+
+fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
+    tokio::spawn(write_on());
+    while revision(1).await.unwrap_or(0) < 20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stream = routing(node)
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .map_err(|status| format!("watch on node {node}: {status}"))?
+        .into_inner();
+    cut.lock().expect("cut").ready = true;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break tonic::Status::ok("the stream closed"),
+            Err(status) => break status,
+        }
+    };
+    let cut_at = cut
+        .lock()
+        .expect("cut")
+        .at
+        .ok_or("the watch ended before the cut")?;
+    let ended = now() - cut_at;
+    let listed_there = list(node).await;
+    let other = (1..=NODES).find(|id| *id != node).expect("another node");
+    let listed_elsewhere = list(other).await;
+    let healed_at = loop {
+        if let Some(at) = cut.lock().expect("cut").healed_at {
+            break at;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    loop {
+        if list(node).await.is_ok()
+            && let Ok(watch) = routing(node).watch(WatchRequest { from_revision: 0 }).await
+            && let Ok(Ok(Some(_))) =
+                tokio::time::timeout(Duration::from_secs(1), watch.into_inner().message()).await
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Seen {
+        ended,
+        status,
+        listed_there,
+        listed_elsewhere,
+        served_again: now() - healed_at,
+    })
+}
+
+fn run(seed: u64, node: u64) -> Seen {
+    let dir = tempfile::Builder::new()
+        .prefix("cellplane-sim-")
+        .tempdir()
+        .expect("temp dir");
+    let mut sim = world::build(seed, dir.path(), Duration::from_secs(60));
+    let cut: Arc<Mutex<Cut>> = Arc::default();
+    let seen: Arc<Mutex<Option<Result<Seen, String>>>> = Arc::default();
+    {
+        let (cut, seen) = (cut.clone(), seen.clone());
+        sim.client("clients", async move {
+            let outcome = clients(node, cut).await;
+            *seen.lock().expect("seen") = Some(outcome);
+            Ok(())
+        });
+    }
+    let others: Vec<String> = (1..=NODES).filter(|id| *id != node).map(host).collect();
+    while !sim.step().unwrap_or_else(|e| panic!("seed {seed}: {e}")) {
+        let now = sim.elapsed();
+        let mut cut = cut.lock().expect("cut");
+        match cut.at {
+            None if cut.ready => {
+                for other in &others {
+                    sim.partition(host(node).as_str(), other.as_str());
+                }
+                cut.at = Some(now);
+            }
+            Some(at) if cut.healed_at.is_none() && now >= at + CUT_FOR => {
+                for other in &others {
+                    sim.repair(host(node).as_str(), other.as_str());
+                }
+                cut.healed_at = Some(now);
+            }
+            _ => {}
+        }
+    }
+    let outcome = seen.lock().expect("seen").take();
+    outcome
+        .unwrap_or_else(|| panic!("seed {seed}: the clients never finished"))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+}
+
+#[test]
+fn a_node_cut_off_from_its_peers_ends_its_watches_and_serves_again_after_the_heal() {
+    // Node 1 leads in both seeds' first term, so both a cut-off leader and a cut-off follower
+    // are covered.
+    for (seed, node) in [(1, 1), (2, 3)] {
+        let seen = run(seed, node);
+        eprintln!("seed {seed}, node {node}: {seen:?}");
+        assert_eq!(
+            seen.status.code(),
+            Code::Unavailable,
+            "seed {seed}: {seen:?}"
+        );
+        assert!(
+            seen.status.message().contains("heard from no leader"),
+            "seed {seed}: the status names the reason: {}",
+            seen.status.message()
+        );
+        assert!(
+            (GRACE..=ENDS_WITHIN).contains(&seen.ended),
+            "seed {seed}: the watch ended {:?} after the cut",
+            seen.ended
+        );
+        let refused = seen
+            .listed_there
+            .as_ref()
+            .expect_err("a listing on the cut node");
+        assert_eq!(
+            refused.code(),
+            Code::Unavailable,
+            "seed {seed}: {refused:?}"
+        );
+        assert!(
+            seen.listed_elsewhere.is_ok(),
+            "seed {seed}: another node lists: {:?}",
+            seen.listed_elsewhere
+        );
+        assert!(
+            seen.served_again <= Duration::from_secs(3),
+            "seed {seed}: served again {:?} after the heal",
+            seen.served_again
+        );
+    }
+}
