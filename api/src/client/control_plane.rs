@@ -96,8 +96,17 @@ impl ControlPlane {
         ControlClient::new(self.channel())
     }
 
-    pub fn routing(&self) -> RoutingClient<Channel> {
-        RoutingClient::new(self.channel())
+    /// A Routing client of the node calls go to now, and which node that is: a caller that
+    /// holds a stream open on it (a watch) says [`ControlPlane::moved_on_from`] it when the
+    /// stream fails, so that it and every other call try the next node.
+    pub fn routing_at(&self) -> (usize, RoutingClient<Channel>) {
+        let node = self.current.load(Ordering::Relaxed) % self.channels.len();
+        (node, RoutingClient::new(self.channels[node].clone()))
+    }
+
+    /// Moves calls on to the node after `node`, unless they moved on already.
+    pub fn moved_on_from(&self, node: usize) {
+        self.rotate(node);
     }
 
     /// Calls the Control service, trying the nodes in turn while they are unreachable or

@@ -14,6 +14,7 @@ mod reconcile;
 mod scenario;
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,16 +59,32 @@ pub async fn run(control: ControlPlane, cells: LocalCells, shutdown: watch::Rece
 /// Keeps the grants of `cells` equal to their routes until shutdown.
 async fn run_for(control: ControlPlane, cells: LocalCells, mut shutdown: watch::Receiver<bool>) {
     loop {
+        let (node, routing) = control.routing_at();
         tokio::select! {
-            result = follow(&control, &cells) => {
-                if let Err(status) = result {
-                    tracing::warn!(cells = ?cells.keys().collect::<Vec<_>>(), %status, "grant reconciliation interrupted; reloading routes");
-                }
+            result = follow(routing, &cells) => {
+                let status = match result {
+                    Err(Interrupted::Routes(status)) => {
+                        // Whatever failed there (the node down, or out of touch and ending its
+                        // watches), reloading from it would meet it again.
+                        control.moved_on_from(node);
+                        status
+                    }
+                    Err(Interrupted::Cell(status)) => status,
+                };
+                tracing::warn!(cells = ?cells.keys().collect::<Vec<_>>(), %status, "grant reconciliation interrupted; reloading routes");
             }
             _ = shutdown.changed() => return,
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// Why one pass of [`follow`] ended.
+enum Interrupted {
+    /// Reading or watching the routes failed.
+    Routes(Status),
+    /// A cell failed to answer or to do what it was told.
+    Cell(Status),
 }
 
 fn key_of(route: &Route) -> Key {
@@ -227,32 +244,40 @@ async fn lookup(routing: &mut RoutingClient<Channel>, key: &Key) -> Result<Optio
 }
 
 /// One pass: load, reconcile, then follow the watch until something fails.
-async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status> {
-    let mut routing = control.routing();
-    let (mut mine, start_revision) = load_routes(&mut routing, cells).await?;
+async fn follow(
+    mut routing: RoutingClient<Channel>,
+    cells: &LocalCells,
+) -> Result<Infallible, Interrupted> {
+    let (mut mine, start_revision) = load_routes(&mut routing, cells)
+        .await
+        .map_err(Interrupted::Routes)?;
     tracing::debug!(cells = ?cells.keys().collect::<Vec<_>>(), revision = start_revision, routes = mine.len(), "routes loaded");
-    let plan = reconcile(&mine, &held_grants(cells).await?);
+    let plan = reconcile(&mine, &held_grants(cells).await.map_err(Interrupted::Cell)?);
     // The cell commits concurrent grants together, so a reload grants many at a time.
     futures::stream::iter(plan.grants)
         .map(|action| execute(cells, action))
         .buffer_unordered(GRANTS_IN_FLIGHT)
         .try_collect::<Vec<()>>()
-        .await?;
+        .await
+        .map_err(Interrupted::Cell)?;
     for held in plan.to_resolve {
-        let route = lookup(&mut routing, &held.key).await?;
+        let route = lookup(&mut routing, &held.key)
+            .await
+            .map_err(Interrupted::Routes)?;
         let owner = route.as_ref().map(|r| (r.cell_id.as_str(), r.epoch));
         if let Some(action) = resolved(&held.cell, &held.key, held.epoch, owner) {
-            execute(cells, action).await?;
+            execute(cells, action).await.map_err(Interrupted::Cell)?;
         }
     }
     let mut stream = routing
         .watch(WatchRequest {
             from_revision: start_revision + 1,
         })
-        .await?
+        .await
+        .map_err(Interrupted::Routes)?
         .into_inner();
     let is_local = |cell: &str| cells.contains_key(cell);
-    while let Some(message) = stream.message().await? {
+    while let Some(message) = stream.message().await.map_err(Interrupted::Routes)? {
         for event in message.events {
             let Some(route) = event.route else { continue };
             let change = if event.kind == RouteEventKind::Put as i32 {
@@ -267,9 +292,11 @@ async fn follow(control: &ControlPlane, cells: &LocalCells) -> Result<(), Status
                 }
             };
             for action in reconcile::follow(&mut mine, is_local, change) {
-                execute(cells, action).await?;
+                execute(cells, action).await.map_err(Interrupted::Cell)?;
             }
         }
     }
-    Err(Status::unavailable("the route watch ended"))
+    Err(Interrupted::Routes(Status::unavailable(
+        "the route watch ended",
+    )))
 }
