@@ -10,8 +10,8 @@ use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{ListRoutesRequest, WatchRequest};
 use tonic::Code;
 
-use crate::catch_up::{revision, write_on};
-use crate::world::{self, NODES, host};
+use crate::one_cut::{self, Cut};
+use crate::world::{self, NODES};
 
 /// How long the node is cut off.
 const CUT_FOR: Duration = Duration::from_secs(6);
@@ -41,14 +41,6 @@ async fn list(id: u64) -> Result<u64, tonic::Status> {
     }
 }
 
-/// The instant the driver cut the node off and healed the cut.
-#[derive(Default)]
-struct Cut {
-    ready: bool,
-    at: Option<Duration>,
-    healed_at: Option<Duration>,
-}
-
 /// What the clients saw.
 #[derive(Debug)]
 struct Seen {
@@ -67,10 +59,7 @@ fn now() -> Duration {
 }
 
 async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
-    tokio::spawn(write_on());
-    while revision(1).await.unwrap_or(0) < 20 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    one_cut::start_writes().await;
     let mut stream = routing(node)
         .watch(WatchRequest { from_revision: 0 })
         .await
@@ -93,12 +82,7 @@ async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
     let listed_there = list(node).await;
     let other = (1..=NODES).find(|id| *id != node).expect("another node");
     let listed_elsewhere = list(other).await;
-    let healed_at = loop {
-        if let Some(at) = cut.lock().expect("cut").healed_at {
-            break at;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let healed_at = one_cut::healed(&cut).await;
     loop {
         if list(node).await.is_ok()
             && let Ok(watch) = routing(node).watch(WatchRequest { from_revision: 0 }).await
@@ -119,45 +103,7 @@ async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
 }
 
 fn run(seed: u64, node: u64) -> Seen {
-    let dir = tempfile::Builder::new()
-        .prefix("cellplane-sim-")
-        .tempdir()
-        .expect("temp dir");
-    let mut sim = world::build(seed, dir.path(), Duration::from_secs(60));
-    let cut: Arc<Mutex<Cut>> = Arc::default();
-    let seen: Arc<Mutex<Option<Result<Seen, String>>>> = Arc::default();
-    {
-        let (cut, seen) = (cut.clone(), seen.clone());
-        sim.client("clients", async move {
-            let outcome = clients(node, cut).await;
-            *seen.lock().expect("seen") = Some(outcome);
-            Ok(())
-        });
-    }
-    let others: Vec<String> = (1..=NODES).filter(|id| *id != node).map(host).collect();
-    while !sim.step().unwrap_or_else(|e| panic!("seed {seed}: {e}")) {
-        let now = sim.elapsed();
-        let mut cut = cut.lock().expect("cut");
-        match cut.at {
-            None if cut.ready => {
-                for other in &others {
-                    sim.partition(host(node).as_str(), other.as_str());
-                }
-                cut.at = Some(now);
-            }
-            Some(at) if cut.healed_at.is_none() && now >= at + CUT_FOR => {
-                for other in &others {
-                    sim.repair(host(node).as_str(), other.as_str());
-                }
-                cut.healed_at = Some(now);
-            }
-            _ => {}
-        }
-    }
-    let outcome = seen.lock().expect("seen").take();
-    outcome
-        .unwrap_or_else(|| panic!("seed {seed}: the clients never finished"))
-        .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+    one_cut::run(seed, node, CUT_FOR, move |cut| clients(node, cut))
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod failover;
 mod messages;
 mod nemesis;
 mod net;
+mod one_cut;
 mod routes;
 mod seeds;
 mod workload;
