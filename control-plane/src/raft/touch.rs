@@ -36,7 +36,7 @@ pub struct Touch {
     metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
     leaderless_since: Arc<Mutex<Option<Instant>>>,
     /// Silence past which the node is out of touch: three election timeouts, so that an
-    /// election after a leader's crash never ends anyone's watch.
+    /// ordinary election after a leader's crash (one timeout and a vote) ends no watch.
     grace: Duration,
 }
 
