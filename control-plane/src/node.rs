@@ -25,6 +25,10 @@ use crate::store::raft::{RaftOpenError, RaftStore};
 use crate::store::view::SharedState;
 use crate::store::{RouteStore, Routed};
 
+/// How often an open watch asks whether its node is still in touch
+/// ([`Node::require_touch`]).
+pub const TOUCH_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Metadata set on a request a follower forwards to the leader, so it is forwarded at most once
 /// and a leadership change mid-flight becomes a retryable UNAVAILABLE instead of a loop.
 pub const FORWARDED_METADATA: &str = "cellplane-forwarded";
@@ -125,6 +129,19 @@ impl Node {
             Routed::Here(output) => Proposal::Applied(output),
             Routed::Forward(channel) => Proposal::Forward(channel),
         })
+    }
+
+    /// Refuses to serve what a watcher follows from a node out of touch (route and migration
+    /// watches, and the route listings a watcher loads first): its state no longer moves, and
+    /// the watcher is better served by another node than by silence. Lookups and reads that
+    /// ask to be linearizable go on, and are fenced by the store itself.
+    pub fn require_touch(&self) -> Result<(), tonic::Status> {
+        match self.store.out_of_touch() {
+            Some(reason) => Err(tonic::Status::unavailable(format!(
+                "{reason}: watch and list through another node"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Makes a read linearizable: `Ok(None)` when this node's view is now fresh enough to

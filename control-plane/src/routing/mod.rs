@@ -200,7 +200,7 @@ impl Routing for RoutingService {
         let message = request.into_inner();
         let limit = page_size(message.page_size)?;
         let after = parse_route_token(&message.page_token)?;
-        watch::require_touch(&self.node)?;
+        self.node.require_touch()?;
         let (mut page, revision) = self.node.view().read(|state| {
             (
                 state.routes_after(after.as_ref(), limit + 1),

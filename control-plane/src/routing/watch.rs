@@ -8,7 +8,7 @@
 //!
 //! A node cut off from whatever decides (the Raft leader, etcd) for longer than an election
 //! takes refuses new watches and ends open ones with UNAVAILABLE (`RouteStore::out_of_touch`),
-//! checked every [`TOUCH_CHECK`]: its state no longer moves, and a watcher is better served by
+//! checked every [`TOUCH_CHECK`](crate::node::TOUCH_CHECK): its state no longer moves, and a watcher is better served by
 //! another node than by silence.
 
 use std::pin::Pin;
@@ -29,20 +29,6 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Statu
 
 /// Messages buffered per watcher before the sender waits on it.
 const WATCH_BUFFER: usize = 256;
-
-/// How often an open watch asks whether its node is still in touch.
-const TOUCH_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Refuses to serve routes from a node out of touch: watches, and the listings a watcher loads
-/// before it watches.
-pub fn require_touch(node: &Node) -> Result<(), Status> {
-    match node.store.out_of_touch() {
-        Some(reason) => Err(Status::unavailable(format!(
-            "{reason}: watch and list routes through another node"
-        ))),
-        None => Ok(()),
-    }
-}
 
 fn to_proto(event: &RouteEvent) -> pb::RouteEvent {
     pb::RouteEvent {
@@ -72,7 +58,7 @@ fn group(events: &[RouteEvent]) -> Vec<pb::WatchResponse> {
 
 /// Starts a watch from `from_revision` (0 = from now on). A compacted start fails at once.
 pub fn start(node: &Arc<Node>, from_revision: u64) -> Result<WatchStream, Status> {
-    require_touch(node)?;
+    node.require_touch()?;
     let (signals, initial) = node.view().subscribe(|state| {
         let from = if from_revision == 0 {
             state.revision() + 1
@@ -109,10 +95,10 @@ async fn follow(
     if !send_events(tx, &history, current, last_sent).await {
         return Ok(());
     }
-    let mut touch = tokio::time::interval(TOUCH_CHECK);
+    let mut touch = tokio::time::interval(crate::node::TOUCH_CHECK);
     loop {
         tokio::select! {
-            _ = touch.tick() => require_touch(node)?,
+            _ = touch.tick() => node.require_touch()?,
             signal = signals.recv() => match signal {
                 Ok(WatchSignal::Batch(batch)) => {
                     if !send_events(tx, &batch.events, batch.revision, last_sent).await {
