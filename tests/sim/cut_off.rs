@@ -1,11 +1,12 @@
 //! A node cut off from the other nodes, while its clients still reach it, must not keep their
-//! route watches open on a state that no longer moves: once it has heard from no leader for
-//! three election timeouts it ends them with UNAVAILABLE and refuses listings, so watchers move
-//! to a node that is in touch; after the heal it serves them again.
+//! watches open on a state that no longer moves: once it has heard from no leader for three
+//! election timeouts it ends route and migration watches with UNAVAILABLE and refuses
+//! listings, so watchers move to a node that is in touch; after the heal it serves them again.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cellplane_api::proto::control::WatchMigrationRequest;
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{ListRoutesRequest, WatchRequest};
 use tonic::Code;
@@ -44,9 +45,12 @@ async fn list(id: u64) -> Result<u64, tonic::Status> {
 /// What the clients saw.
 #[derive(Debug)]
 struct Seen {
-    /// How long after the cut the watch ended, with the status it ended with.
+    /// How long after the cut the route watch ended, with the status it ended with.
     ended: Duration,
     status: tonic::Status,
+    /// The same for a watch of every migration, opened on the node beside it.
+    migrations_ended: Duration,
+    migrations_status: tonic::Status,
     /// A listing on the cut node once the watch ended, and one on another node then.
     listed_there: Result<u64, tonic::Status>,
     listed_elsewhere: Result<u64, tonic::Status>,
@@ -58,14 +62,8 @@ fn now() -> Duration {
     turmoil::sim_elapsed().unwrap_or_default()
 }
 
-async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
-    one_cut::start_writes().await;
-    let mut stream = routing(node)
-        .watch(WatchRequest { from_revision: 0 })
-        .await
-        .map_err(|status| format!("watch on node {node}: {status}"))?
-        .into_inner();
-    cut.lock().expect("cut").ready = true;
+/// Reads `stream` until it ends: when, and how.
+async fn until_ended<T>(mut stream: tonic::Streaming<T>) -> (Duration, tonic::Status) {
     let status = loop {
         match stream.message().await {
             Ok(Some(_)) => continue,
@@ -73,12 +71,36 @@ async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
             Err(status) => break status,
         }
     };
+    (now(), status)
+}
+
+async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
+    one_cut::start_writes().await;
+    let stream = routing(node)
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .map_err(|status| format!("watch on node {node}: {status}"))?
+        .into_inner();
+    let migrations = world::control(node)
+        .watch_migration(WatchMigrationRequest {
+            migration_id: String::new(),
+        })
+        .await
+        .map_err(|status| format!("migration watch on node {node}: {status}"))?
+        .into_inner();
+    let migrations = tokio::spawn(until_ended(migrations));
+    cut.lock().expect("cut").ready = true;
+    let (ended_at, status) = until_ended(stream).await;
+    let (migrations_ended_at, migrations_status) = migrations
+        .await
+        .map_err(|e| format!("migration watch: {e}"))?;
     let cut_at = cut
         .lock()
         .expect("cut")
         .at
         .ok_or("the watch ended before the cut")?;
-    let ended = now() - cut_at;
+    let ended = ended_at.saturating_sub(cut_at);
+    let migrations_ended = migrations_ended_at.saturating_sub(cut_at);
     let listed_there = list(node).await;
     let other = (1..=NODES).find(|id| *id != node).expect("another node");
     let listed_elsewhere = list(other).await;
@@ -96,6 +118,8 @@ async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
     Ok(Seen {
         ended,
         status,
+        migrations_ended,
+        migrations_status,
         listed_there,
         listed_elsewhere,
         served_again: now() - healed_at,
@@ -127,6 +151,16 @@ fn a_node_cut_off_from_its_peers_ends_its_watches_and_serves_again_after_the_hea
             (GRACE..=ENDS_WITHIN).contains(&seen.ended),
             "seed {seed}: the watch ended {:?} after the cut",
             seen.ended
+        );
+        assert_eq!(
+            seen.migrations_status.code(),
+            Code::Unavailable,
+            "seed {seed}: {seen:?}"
+        );
+        assert!(
+            (GRACE..=ENDS_WITHIN).contains(&seen.migrations_ended),
+            "seed {seed}: the migration watch ended {:?} after the cut",
+            seen.migrations_ended
         );
         let refused = seen
             .listed_there

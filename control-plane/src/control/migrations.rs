@@ -194,6 +194,7 @@ pub async fn list(
 /// Starts a watch of one migration (`Some(id)`: its current state, then each change, ending
 /// when it finishes) or of all (`None`: the unfinished ones, then every change).
 pub fn watch(node: &Arc<Node>, only: Option<u64>) -> Result<MigrationStream, Status> {
+    node.require_touch()?;
     let (signals, (initial, revision)) = node.view().subscribe(|state| {
         let initial: Vec<MigrationView> = match only {
             Some(id) => view(state, id).into_iter().collect(),
@@ -223,6 +224,8 @@ pub fn watch(node: &Arc<Node>, only: Option<u64>) -> Result<MigrationStream, Sta
 }
 
 /// Sends `initial`, then every migration changed after `seen`; `Err` when the watcher left.
+/// Ends the watch with UNAVAILABLE once the node is out of touch: an agent waiting on a
+/// migration the node no longer sees move would otherwise wait in silence.
 async fn follow(
     node: &Arc<Node>,
     only: Option<u64>,
@@ -233,8 +236,16 @@ async fn follow(
 ) -> Result<(), ()> {
     let mut shutdown = node.shutdown_signal();
     let mut finished = send(tx, only, initial).await?;
+    let mut touch = tokio::time::interval(crate::node::TOUCH_CHECK);
     while !finished {
         tokio::select! {
+            _ = touch.tick() => {
+                if let Err(status) = node.require_touch() {
+                    let _ = tx.send(Err(status)).await;
+                    return Ok(());
+                }
+                continue;
+            }
             signal = signals.recv() => match signal {
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => {
