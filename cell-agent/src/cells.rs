@@ -173,19 +173,7 @@ pub async fn join(
         tracing::info!(cell_id = %spec.cell_id, "cell was promoted to primary by a failover");
         cell.mark_promoted();
     }
-    // A cell a failover made the standby of another runs as configured only until the roles
-    // loop, which starts once every cell joined, restarts it following its primary — and its
-    // disk may refuse the configured role outright, so it is not waited for here. A standby
-    // is made ACTIVE by that loop too, once it follows its primary: answering alone does not
-    // say it has begun to.
-    // Nor is a cell that is not JOINING, which has nothing to wait for: its disk may refuse
-    // the configured role too (a standby a failover is promoting, whose config says primary),
-    // and the failover executor, which starts with the roles loop, must still promote it.
-    let as_configured = registered.standby_of == spec.standby_of.clone().unwrap_or_default();
-    if !as_configured
-        || spec.standby_of.is_some()
-        || registered.state != pb::CellState::Joining as i32
-    {
+    if !activates_on_join(spec.standby_of.as_deref(), &registered) {
         return Ok(());
     }
     let mut admin = cell.admin.clone();
@@ -211,6 +199,23 @@ pub async fn join(
         .await?;
     tracing::info!(cell_id = %spec.cell_id, "cell is ACTIVE");
     Ok(())
+}
+
+/// Whether `join` waits for the cell to answer and then makes it ACTIVE: only a primary by its
+/// config, registered as one, and JOINING.
+///
+/// A cell a failover made the standby of another runs as configured only until the roles
+/// loop, which starts once every cell joined, restarts it following its primary — and its
+/// disk may refuse the configured role outright, so it is not waited for here. A standby is
+/// made ACTIVE by that loop too, once it follows its primary: answering alone does not say it
+/// has begun to. Nor is a cell that is not JOINING waited for, which has nothing to become:
+/// its disk may refuse the configured role too (a standby a failover is promoting, whose
+/// config says primary), and the failover executor, which starts with the roles loop, must
+/// still promote it.
+fn activates_on_join(configured_standby_of: Option<&str>, registered: &pb::Cell) -> bool {
+    configured_standby_of.is_none()
+        && registered.standby_of.is_empty()
+        && registered.state == pb::CellState::Joining as i32
 }
 
 /// Waits until `primary` is registered: the control plane takes a standby only after its
@@ -312,5 +317,41 @@ async fn report(control: &ControlPlane, cells: &LocalCells) {
         {
             tracing::warn!(cell_id = %cell.spec.cell_id, %status, "heartbeat not recorded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registered(state: pb::CellState, standby_of: &str) -> pb::Cell {
+        pb::Cell {
+            cell_id: "c1".into(),
+            state: state as i32,
+            standby_of: standby_of.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_joining_primary_registered_as_configured_is_waited_for() {
+        use pb::CellState::{Active, Demoted, Draining, Failed, Joining};
+        assert!(activates_on_join(None, &registered(Joining, "")));
+        // An agent restarting: the cell is ACTIVE, draining, demoted or failed already.
+        for state in [Active, Draining, Demoted, Failed] {
+            assert!(
+                !activates_on_join(None, &registered(state, "")),
+                "{state:?}"
+            );
+        }
+        // A standby by its config, or by a failover since: the roles loop starts it following.
+        assert!(!activates_on_join(Some("p"), &registered(Joining, "p")));
+        assert!(!activates_on_join(None, &registered(Joining, "c2")));
+        assert!(!activates_on_join(None, &registered(Active, "c2")));
+        // A standby a failover is promoting: the failover cleared its standby_of, and its
+        // config may say primary (an old primary rejoined as a standby) or standby; its disk
+        // refuses to start it as a primary until the failover executor promotes it.
+        assert!(!activates_on_join(None, &registered(Active, "")));
+        assert!(!activates_on_join(Some("p"), &registered(Active, "")));
     }
 }
