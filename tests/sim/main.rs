@@ -18,5 +18,6 @@ mod net;
 mod one_cut;
 mod routes;
 mod seeds;
+mod stalled_node;
 mod workload;
 mod world;

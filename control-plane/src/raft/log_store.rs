@@ -21,6 +21,7 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec;
+use super::disk_wait::DiskWait;
 use super::simulated_disk::SimulatedDisk;
 use super::{NodeId, TypeConfig};
 
@@ -46,6 +47,8 @@ pub struct LogStore {
     /// The newest commit index openraft reported; the writer stores it with its next batch.
     committed: Arc<Mutex<Option<LogId<NodeId>>>>,
     writer: Writer,
+    /// When the jobs the writer has not written yet were queued.
+    disk_wait: DiskWait,
 }
 
 /// Work for the writer thread, done in the order it was queued.
@@ -135,29 +138,34 @@ fn write_batch(
     Ok(())
 }
 
-fn run_writer(
+/// What the writer shares with the store: the database, the overlay of unwritten entries, the
+/// commit index to store, and when the jobs it has not written yet were queued.
+#[derive(Clone)]
+struct Shared {
     db: Arc<Database>,
     pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
     committed: Arc<Mutex<Option<LogId<NodeId>>>>,
-    jobs: mpsc::Receiver<Job>,
-) {
+    disk_wait: DiskWait,
+}
+
+fn run_writer(shared: Shared, jobs: mpsc::Receiver<Job>) {
     let mut committed_written: Option<LogId<NodeId>> = None;
     // Ends when every clone of the store, and so every sender, is gone.
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        write_jobs(&db, &pending, &committed, &mut committed_written, batch);
+        write_jobs(&shared, &mut committed_written, batch);
     }
 }
 
 /// Writes `batch` in one transaction and tells each job's waiter how it went.
-fn write_jobs(
-    db: &Database,
-    pending: &Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
-    committed: &Mutex<Option<LogId<NodeId>>>,
-    committed_written: &mut Option<LogId<NodeId>>,
-    batch: Vec<Job>,
-) {
+fn write_jobs(shared: &Shared, committed_written: &mut Option<LogId<NodeId>>, batch: Vec<Job>) {
+    let Shared {
+        db,
+        pending,
+        committed,
+        disk_wait,
+    } = shared;
     let committed_now = committed.lock().ok().and_then(|c| *c);
     let moved = (committed_now != *committed_written)
         .then_some(committed_now)
@@ -165,6 +173,7 @@ fn write_jobs(
     // Before the batch is durable: no entry of it counts towards a quorum yet.
     cellplane_api::failpoint::crash_point("raft-log-write");
     let result = write_batch(db, &batch, moved.as_ref()).map_err(|e| e.to_string());
+    disk_wait.written(batch.len());
     if result.is_ok() && moved.is_some() {
         *committed_written = moved;
     }
@@ -254,13 +263,7 @@ impl LogStore {
                 }
                 (std::mem::take(&mut inline.jobs), inline.committed_written)
             };
-            write_jobs(
-                &self.db,
-                &self.pending,
-                &self.committed,
-                &mut committed_written,
-                batch,
-            );
+            write_jobs(&self.shared(), &mut committed_written, batch);
             if let Ok(mut inline) = queue.lock() {
                 inline.committed_written = committed_written;
             }
@@ -284,6 +287,7 @@ impl LogStore {
         let db = Arc::new(db);
         let pending = Arc::new(Mutex::new(BTreeMap::new()));
         let committed = Arc::new(Mutex::new(None));
+        let disk_wait = DiskWait::default();
         let writer = if cellplane_api::simulation::active() {
             Writer::Inline {
                 queue: Arc::new(Mutex::new(Inline {
@@ -295,11 +299,15 @@ impl LogStore {
             }
         } else {
             let (jobs, receiver) = mpsc::channel();
-            let (writer_db, writer_pending, writer_committed) =
-                (db.clone(), pending.clone(), committed.clone());
+            let shared = Shared {
+                db: db.clone(),
+                pending: pending.clone(),
+                committed: committed.clone(),
+                disk_wait: disk_wait.clone(),
+            };
             std::thread::Builder::new()
                 .name("raft-log-writer".into())
-                .spawn(move || run_writer(writer_db, writer_pending, writer_committed, receiver))
+                .spawn(move || run_writer(shared, receiver))
                 .map_err(redb::Error::Io)?;
             Writer::Thread(jobs)
         };
@@ -309,7 +317,22 @@ impl LogStore {
             pending,
             committed,
             writer,
+            disk_wait,
         })
+    }
+
+    /// When the jobs the writer has not written yet were queued, for `Touch`.
+    pub fn disk_wait(&self) -> DiskWait {
+        self.disk_wait.clone()
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            db: self.db.clone(),
+            pending: self.pending.clone(),
+            committed: self.committed.clone(),
+            disk_wait: self.disk_wait.clone(),
+        }
     }
 
     fn pending(
@@ -321,6 +344,7 @@ impl LogStore {
     }
 
     fn send(&self, job: Job) -> Result<(), AnyError> {
+        self.disk_wait.queued(tokio::time::Instant::now());
         match &self.writer {
             Writer::Thread(jobs) => jobs
                 .send(job)

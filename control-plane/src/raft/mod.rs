@@ -3,6 +3,7 @@
 //! into separate traits.
 
 pub mod codec;
+pub mod disk_wait;
 pub mod log_store;
 pub mod membership;
 pub mod network;

@@ -4,6 +4,10 @@
 //! grant what moved away long ago. Once it has heard from no leader for a while, its watches
 //! and route listings end, so that clients go to a node that is in touch (etcd's
 //! require-leader). Lookups go on: a SERIALIZABLE one asked for a possibly stale answer.
+//!
+//! A node whose disk stalls is behind in the same way while it still hears from its leader:
+//! it can acknowledge, and so apply, nothing its log has not written. It is out of touch once
+//! its log's oldest unwritten job has waited longer than the same grace ([`DiskWait`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +17,7 @@ use openraft::metrics::RaftMetrics;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::disk_wait::DiskWait;
 use super::{NodeId, Raft};
 
 /// How long a node has heard from no leader: a leader counts from the last moment a quorum
@@ -35,27 +40,44 @@ pub struct Touch {
     id: NodeId,
     metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
     leaderless_since: Arc<Mutex<Option<Instant>>>,
-    /// Silence past which the node is out of touch: three election timeouts, so that an
-    /// ordinary election after a leader's crash (one timeout and a vote) ends no watch.
+    disk_wait: DiskWait,
+    /// Silence, or a wait for the disk, past which the node is out of touch: three election
+    /// timeouts, so that an ordinary election after a leader's crash (one timeout and a vote)
+    /// ends no watch.
     grace: Duration,
 }
 
 impl Touch {
-    /// Starts following `raft`'s metrics (until it shuts down).
-    pub fn follow(raft: &Raft, id: NodeId, election_timeout_max: Duration) -> Self {
+    /// Starts following `raft`'s metrics (until it shuts down) and its log's `disk_wait`.
+    pub fn follow(
+        raft: &Raft,
+        id: NodeId,
+        election_timeout_max: Duration,
+        disk_wait: DiskWait,
+    ) -> Self {
         let leaderless_since = Arc::new(Mutex::new(None));
         tokio::spawn(track(raft.metrics(), leaderless_since.clone()));
         Self {
             id,
             metrics: raft.metrics(),
             leaderless_since,
+            disk_wait,
             grace: election_timeout_max * 3,
         }
     }
 
-    /// Why the node's state may be behind for good, when it has heard from no leader for longer
-    /// than the grace; `None` while it is in touch.
+    /// Why the node's state may be behind for good, when it has heard from no leader, or its
+    /// log has waited for its disk, for longer than the grace; `None` while it is in touch.
     pub fn out_of_touch(&self) -> Option<String> {
+        let waited = self.disk_wait.waited(Instant::now());
+        if waited > self.grace {
+            return Some(format!(
+                "node {}'s Raft log has waited {:.1} s for its disk (more than {:.1} s), so its routes may be behind",
+                self.id,
+                waited.as_secs_f64(),
+                self.grace.as_secs_f64()
+            ));
+        }
         let (leads, acked) = {
             let metrics = self.metrics.borrow();
             (

@@ -115,6 +115,7 @@ impl RaftStore {
     pub async fn open(config: &NodeConfig, tls: Tls) -> Result<Self, RaftOpenError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"), config.node_id)?;
+        let disk_wait = log_store.disk_wait();
         let (state_machine, shared) = StateMachineStore::open(&config.data_dir.join("snapshots"))?;
         let raft = Raft::new(
             config.node_id,
@@ -146,6 +147,7 @@ impl RaftStore {
                 &raft,
                 config.node_id,
                 Duration::from_millis(config.raft.election_timeout_max_ms),
+                disk_wait,
             ),
             read_index: ReadIndex::start(raft),
             channels: Mutex::new(HashMap::new()),
