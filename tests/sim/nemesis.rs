@@ -41,6 +41,9 @@ pub enum Fault {
     /// When it `ends_in_a_crash`, the host crashes before the disk answers again, losing every
     /// write it had not made durable.
     DiskStall { host: String, ends_in_a_crash: bool },
+    /// Every Raft message to the node arrives twice, the copy `after` the original, so that a
+    /// stale copy may land after newer messages.
+    Duplicate { host: String, after: Duration },
 }
 
 /// Faults as the seed draws them, and what was done, for the run's report.
@@ -246,7 +249,7 @@ impl Nemesis {
     }
 
     fn draw(&mut self, leader: Option<u64>) -> Fault {
-        match self.rng.random_range(0..12) {
+        match self.rng.random_range(0..13) {
             0..=2 => Fault::Crash {
                 host: match leader {
                     Some(leader) if self.rng.random_bool(0.7) => host(leader),
@@ -267,6 +270,10 @@ impl Nemesis {
             10 => Fault::DiskStall {
                 host: self.pick(),
                 ends_in_a_crash: self.rng.random_bool(0.3),
+            },
+            11 => Fault::Duplicate {
+                host: host(self.rng.random_range(1..=NODES)),
+                after: Duration::from_millis(self.rng.random_range(1..500)),
             },
             _ => Fault::PeersCut(host(self.rng.random_range(1..=NODES))),
         }
@@ -313,6 +320,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Faul
         Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
         Fault::Slow(latency) => sim.set_max_message_latency(*latency),
         Fault::DiskStall { host, .. } => simulation::stall_disk(&dir.join(host)),
+        Fault::Duplicate { host, after } => simulation::duplicate_to(host, Some(*after)),
     }
 }
 
@@ -328,5 +336,6 @@ fn heal(sim: &mut turmoil::Sim<'_>, hosts: &[String], dir: &Path, fault: &Fault)
         Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(20)),
         Fault::DiskStall { host, .. } => simulation::resume_disk(&dir.join(host)),
+        Fault::Duplicate { host, .. } => simulation::duplicate_to(host, None),
     }
 }

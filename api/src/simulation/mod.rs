@@ -10,9 +10,9 @@
 //! A simulation also sets the wall clock ([`set_wall_clock`]), and can stall a host's disk:
 //! writes under a stalled directory wait, on the simulated clock, until the stall ends, as
 //! they would behind a device that stopped answering, and a crash meanwhile loses them. It can
-//! make a host's clock run fast or slow ([`set_clock_rate`]), as leases see it. A
-//! store that writes through [`files`] loses, in a crash of the machine, what it wrote
-//! without a sync.
+//! make a host's clock run fast or slow ([`set_clock_rate`]), as leases see it, and deliver
+//! every Raft message to a host twice ([`duplicate_to`]). A store that writes through
+//! [`files`] loses, in a crash of the machine, what it wrote without a sync.
 
 pub mod files;
 
@@ -25,6 +25,7 @@ thread_local! {
     static STALLED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
     static WALL_CLOCK: Cell<Option<fn() -> u64>> = const { Cell::new(None) };
     static CLOCK_RATES: RefCell<Vec<(PathBuf, f64)>> = const { RefCell::new(Vec::new()) };
+    static DUPLICATED: RefCell<Vec<(String, Duration)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How often a stalled write looks again.
@@ -104,6 +105,33 @@ where
     }
     tokio::task::spawn_blocking(move || produce(&mut |piece| out.blocking_send(piece).is_ok()))
         .await
+}
+
+/// Makes every Raft message to `host` arrive twice, the copy `after` the original (`None` ends
+/// it): a network that duplicates and delays, so that a stale copy may land after newer
+/// messages. TCP never shows a peer a duplicated segment, but a retransmitting proxy or a
+/// resent call does.
+pub fn duplicate_to(host: &str, after: Option<Duration>) {
+    DUPLICATED.with(|duplicated| {
+        let mut duplicated = duplicated.borrow_mut();
+        duplicated.retain(|(to, _)| to != host);
+        if let Some(after) = after {
+            duplicated.push((host.to_string(), after));
+        }
+    });
+}
+
+/// How long after a message to `addr` (`host:port`) a simulation delivers its copy; `None`
+/// when it does not duplicate them, as always outside a simulation.
+pub fn duplicate_after(addr: &str) -> Option<Duration> {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    DUPLICATED.with(|duplicated| {
+        duplicated
+            .borrow()
+            .iter()
+            .find(|(to, _)| to == host)
+            .map(|(_, after)| *after)
+    })
 }
 
 /// Stalls every write under `dir` until [`resume_disk`].

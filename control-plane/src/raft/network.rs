@@ -92,16 +92,19 @@ impl PeerClient {
             }
         };
         let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut grpc_request = tonic::Request::new(RaftPayload {
+        let payload = RaftPayload {
             format: FORMAT,
             data,
-        });
-        grpc_request.set_timeout(option.hard_ttl());
-        let response = match method {
-            Method::AppendEntries => client.append_entries(grpc_request).await,
-            Method::Vote => client.vote(grpc_request).await,
-            Method::InstallSnapshot => client.install_snapshot(grpc_request).await,
         };
+        if let Some(after) = cellplane_api::simulation::duplicate_after(&self.node.addr) {
+            // The copy's answer goes nowhere, as a duplicate's would.
+            let (mut client, payload, ttl) = (client.clone(), payload.clone(), option.hard_ttl());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = send(&mut client, method, payload, ttl).await;
+            });
+        }
+        let response = send(client, method, payload, option.hard_ttl()).await;
         let payload = match response {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::Unavailable => {
@@ -119,6 +122,22 @@ impl PeerClient {
                 e,
             ))
         })
+    }
+}
+
+/// Sends one Raft message to a peer, waiting at most `ttl` for its answer.
+async fn send(
+    client: &mut RaftTransportClient<Channel>,
+    method: Method,
+    payload: RaftPayload,
+    ttl: Duration,
+) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+    let mut request = tonic::Request::new(payload);
+    request.set_timeout(ttl);
+    match method {
+        Method::AppendEntries => client.append_entries(request).await,
+        Method::Vote => client.vote(request).await,
+        Method::InstallSnapshot => client.install_snapshot(request).await,
     }
 }
 
