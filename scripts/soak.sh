@@ -8,6 +8,7 @@ n="${1:-20}"
 status=0
 # label=test, one per test of tests/sim/.
 for entry in routes=routes::route_moves_and_linearizable_lookups_stay_linearizable_under_the_nemesis \
+    routes-5=routes::the_route_history_stays_linearizable_on_five_nodes \
     messages=messages::acknowledged_messages_survive_migrations_under_the_nemesis \
     failover-sync=failover::failovers_lose_nothing_acknowledged_and_never_make_two_writers \
     failover-alone=failover::a_primary_that_goes_on_alone_loses_nothing_it_acknowledged \

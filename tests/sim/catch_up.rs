@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::one_cut::{self, revision};
-use crate::world::NODES;
+use crate::world::nodes;
 
 /// How long the follower is cut off.
 const CUT_FOR: Duration = Duration::from_secs(1);
@@ -25,7 +25,7 @@ fn run(seed: u64, follower: u64) -> Duration {
         cut.lock().expect("cut").ready = true;
         let healed_at = one_cut::healed(&cut).await;
         let mut target = 0;
-        for other in (1..=NODES).filter(|id| *id != follower) {
+        for other in (1..=nodes()).filter(|id| *id != follower) {
             target = target.max(revision(other).await.unwrap_or(0));
         }
         while revision(follower).await.unwrap_or(0) < target {

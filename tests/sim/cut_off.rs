@@ -12,7 +12,7 @@ use cellplane_api::proto::routing::{ListRoutesRequest, WatchRequest};
 use tonic::Code;
 
 use crate::one_cut::{self, Cut};
-use crate::world::{self, NODES};
+use crate::world::{self, nodes};
 
 /// How long the node is cut off.
 const CUT_FOR: Duration = Duration::from_secs(6);
@@ -102,7 +102,7 @@ async fn clients(node: u64, cut: Arc<Mutex<Cut>>) -> Result<Seen, String> {
     let ended = ended_at.saturating_sub(cut_at);
     let migrations_ended = migrations_ended_at.saturating_sub(cut_at);
     let listed_there = list(node).await;
-    let other = (1..=NODES).find(|id| *id != node).expect("another node");
+    let other = (1..=nodes()).find(|id| *id != node).expect("another node");
     let listed_elsewhere = list(other).await;
     let healed_at = one_cut::healed(&cut).await;
     loop {

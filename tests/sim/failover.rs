@@ -26,7 +26,7 @@ use cellplane_api::proto::control::{
 };
 
 use crate::workload::{self, Acked};
-use crate::world::{self, NODES, Progress};
+use crate::world::{self, Progress, nodes};
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
 const GROUPS: usize = 2;
@@ -82,7 +82,7 @@ async fn clients(
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_secs(7)).await;
             n += 1;
-            let via = n % NODES + 1;
+            let via = n % nodes() + 1;
             let Ok(Ok(tenant)) = tokio::time::timeout(
                 CALL_TIMEOUT,
                 world::control(via).get_tenant(GetTenantRequest {
@@ -238,7 +238,7 @@ fn run(seed: u64, standby: Standby) {
     }
     world::add_agent(&mut sim, dir.path(), primary_region, vec![high]);
     world::add_agent(&mut sim, dir.path(), standby_region, vec![remote]);
-    let hosts = (1..=NODES)
+    let hosts = (1..=nodes())
         .map(world::host)
         .chain(pair().map(|(region, _)| world::agent_host(region)))
         .collect();

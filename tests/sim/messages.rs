@@ -15,7 +15,7 @@ use cellplane_api::proto::control::{
 };
 
 use crate::workload::{self, Acked};
-use crate::world::{self, NODES, Progress};
+use crate::world::{self, Progress, nodes};
 
 const CELLS: usize = 3;
 const TENANTS: [&str; 2] = ["acme", "globex"];
@@ -58,7 +58,7 @@ async fn clients(
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_secs(3)).await;
             n += 1;
-            let (t, via) = (n % TENANTS.len(), (n as u64) % NODES + 1);
+            let (t, via) = (n % TENANTS.len(), (n as u64) % nodes() + 1);
             let tenant = TENANTS[t];
             let started = if n % 4 == 3 {
                 low[t] = !low[t];
@@ -232,7 +232,7 @@ where
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        match tokio::time::timeout(CALL_TIMEOUT, call(attempt % NODES + 1)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, call(attempt % nodes() + 1)).await {
             Ok(Ok(answer)) => return Some(Ok(answer.into_inner())),
             // No leader, or a node going away: another node may answer.
             Ok(Err(status))
@@ -262,7 +262,7 @@ fn run(seed: u64) {
     world::add_agent(&mut sim, dir.path(), "hz", cells);
     // Every server may crash: a node, or the agent's host with its cells, which restart from
     // their disks at the heal.
-    let hosts = (1..=NODES)
+    let hosts = (1..=nodes())
         .map(world::host)
         .chain([world::agent_host("hz")])
         .collect();

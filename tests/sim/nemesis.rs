@@ -10,7 +10,7 @@ use cellplane_api::simulation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::world::{NODES, host};
+use crate::world::{host, nodes};
 
 /// How far a host's clock may drift either way. A lease is measured on two clocks, the cell's
 /// and a node's: the detector allows `clock_drift_ms` (200 ms) on `lease_ms` (2 s), so the
@@ -27,10 +27,10 @@ pub enum Fault {
     Crash { host: String, machine: bool },
     /// No message crosses between the host and the other servers, either way.
     Isolate(String),
-    /// A node is cut off from the other nodes only: clients and agents still reach it, and it
-    /// goes on answering them from a state that no longer moves (its peer network failed,
-    /// not its clients').
-    PeersCut(String),
+    /// Nodes, fewer than half of them, are cut off from the other nodes only: clients and
+    /// agents still reach them, and they go on answering from a state that no longer moves
+    /// (their peer network failed, not their clients').
+    PeersCut(Vec<String>),
     /// Messages from the first host to the second are lost; the other way works.
     OneWay(String, String),
     /// Messages between the two hosts wait, then arrive together: delay and reorder.
@@ -248,6 +248,31 @@ impl Nemesis {
         others[self.rng.random_range(0..others.len())].clone()
     }
 
+    /// Nodes fewer than half: one of three; one or two of five, the leader among two half the
+    /// time, which leaves a follower hearing from a leader that lost its quorum.
+    fn minority(&mut self, leader: Option<u64>) -> Vec<String> {
+        let n = nodes();
+        let size = if n >= 5 {
+            self.rng.random_range(1..=(n - 1) / 2)
+        } else {
+            1
+        };
+        let mut cut: Vec<u64> = Vec::new();
+        if size > 1
+            && let Some(leader) = leader
+            && self.rng.random_bool(0.5)
+        {
+            cut.push(leader);
+        }
+        while cut.len() < size as usize {
+            let id = self.rng.random_range(1..=n);
+            if !cut.contains(&id) {
+                cut.push(id);
+            }
+        }
+        cut.into_iter().map(host).collect()
+    }
+
     fn draw(&mut self, leader: Option<u64>) -> Fault {
         match self.rng.random_range(0..13) {
             0..=2 => Fault::Crash {
@@ -272,10 +297,10 @@ impl Nemesis {
                 ends_in_a_crash: self.rng.random_bool(0.3),
             },
             11 => Fault::Duplicate {
-                host: host(self.rng.random_range(1..=NODES)),
+                host: host(self.rng.random_range(1..=nodes())),
                 after: Duration::from_millis(self.rng.random_range(1..500)),
             },
-            _ => Fault::PeersCut(host(self.rng.random_range(1..=NODES))),
+            _ => Fault::PeersCut(self.minority(leader)),
         }
     }
 }
@@ -290,17 +315,21 @@ impl Lagging {
     }
 }
 
-/// The links an isolation cuts: between the host and every other server, or, for a node cut
-/// off from its peers, every other node. None for other faults.
+/// The links an isolation cuts: between the host and every other server, or, for nodes cut
+/// off from their peers, between each of them and every node outside the cut. None for other
+/// faults.
 fn cut_links(fault: &Fault, hosts: &[String]) -> Vec<(String, String)> {
-    let (cut, from): (&String, Vec<String>) = match fault {
-        Fault::Isolate(cut) => (cut, hosts.to_vec()),
-        Fault::PeersCut(cut) => (cut, (1..=NODES).map(host).collect()),
+    let (cut, from): (Vec<String>, Vec<String>) = match fault {
+        Fault::Isolate(cut) => (vec![cut.clone()], hosts.to_vec()),
+        Fault::PeersCut(cut) => (cut.clone(), (1..=nodes()).map(host).collect()),
         _ => return Vec::new(),
     };
-    from.into_iter()
-        .filter(|other| other != cut)
-        .map(|other| (cut.clone(), other))
+    cut.iter()
+        .flat_map(|one| {
+            from.iter()
+                .filter(|other| !cut.contains(other))
+                .map(move |other| (one.clone(), other.clone()))
+        })
         .collect()
 }
 

@@ -10,7 +10,7 @@ use cellplane_api::proto::control::{RegisterCellRequest, Tier};
 use cellplane_api::proto::routing::ListRoutesRequest;
 use cellplane_api::proto::routing::routing_client::RoutingClient;
 
-use crate::world::{self, NODES, host};
+use crate::world::{self, host, nodes};
 
 /// The revision node `id` has applied, as it answers reads from its own state; `None` when it
 /// does not answer.
@@ -108,7 +108,7 @@ where
 }
 
 fn drive(seed: u64, sim: &mut turmoil::Sim<'_>, node: u64, lasts: Duration, cut: &Mutex<Cut>) {
-    let others: Vec<String> = (1..=NODES).filter(|id| *id != node).map(host).collect();
+    let others: Vec<String> = (1..=nodes()).filter(|id| *id != node).map(host).collect();
     while !sim.step().unwrap_or_else(|e| panic!("seed {seed}: {e}")) {
         let now = sim.elapsed();
         let mut cut = cut.lock().expect("cut");

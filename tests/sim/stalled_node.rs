@@ -15,7 +15,7 @@ use cellplane_api::simulation;
 use tokio::time::Instant;
 
 use crate::workload;
-use crate::world::{self, NODES, host};
+use crate::world::{self, host, nodes};
 
 const TENANT: [&str; 1] = ["acme"];
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,7 +37,7 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     world::until_done(CALL_TIMEOUT, |via| {
-        let others: Vec<u64> = (1..=NODES).filter(|id| *id != stalled).collect();
+        let others: Vec<u64> = (1..=nodes()).filter(|id| *id != stalled).collect();
         call(others[(via as usize) % others.len()])
     })
     .await
@@ -93,7 +93,7 @@ async fn clients(stall: Arc<Mutex<Stall>>) -> Result<Vec<Duration>, String> {
     workload::create_groups(&messenger, &TENANT, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut took = Vec::new();
-    for node in 1..=NODES {
+    for node in 1..=nodes() {
         stall.lock().expect("stall").wanted = Some(node);
         while stall.lock().expect("stall").applied != Some(node) {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::nemesis::Nemesis;
-use crate::world::{self, NODES, Progress};
+use crate::world::{self, Progress, nodes};
 
 pub const MEMBERS: [&str; 2] = ["alice", "bob"];
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -62,7 +62,7 @@ pub async fn create_tenants(tenants: &[&str], tier: Tier, region: &str) {
 
 /// A `Messenger` over a route cache of every node, on the simulated network.
 pub async fn messenger() -> Result<Arc<Messenger>, String> {
-    let endpoints: Vec<String> = (1..=NODES).map(world::endpoint).collect();
+    let endpoints: Vec<String> = (1..=nodes()).map(world::endpoint).collect();
     let routes = Arc::new(
         RouteCache::start(
             endpoints,
@@ -207,7 +207,7 @@ pub fn run<F, Fut>(
     let progress: Arc<Mutex<Progress>> = Arc::default();
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let lagging = add_lagging_writers(&mut sim, workload, run_for, &acked, &progress);
-    let nodes = (1..=NODES).map(world::host).collect();
+    let nodes = (1..=nodes()).map(world::host).collect();
     let nemesis = Nemesis::new(seed, dir, hosts).lagging(seed, LAGGING, nodes);
     let acks = acked.clone();
     let mut events = world::run_clients(seed, sim, nemesis, progress, run_for, move |progress| {

@@ -16,7 +16,15 @@ use cellplane_im_cell::config::{CellConfig, StandbyConfig};
 use crate::nemesis::Nemesis;
 use crate::net;
 
-pub const NODES: u64 = 3;
+thread_local! {
+    /// How many control-plane nodes the simulation on this thread runs ([`build_of`]).
+    static NODES: std::cell::Cell<u64> = const { std::cell::Cell::new(3) };
+}
+
+/// How many control-plane nodes the simulation runs, `n1`…: three unless [`build_of`] said.
+pub fn nodes() -> u64 {
+    NODES.with(std::cell::Cell::get)
+}
 /// The wall clock when a simulation starts: 2026-01-01T00:00:00Z.
 const SIM_EPOCH_MS: u64 = 1_767_225_600_000;
 pub const PORT: u16 = 9000;
@@ -34,14 +42,20 @@ fn config(id: u64, data_dir: PathBuf) -> NodeConfig {
         id,
         ([0, 0, 0, 0], PORT).into(),
         data_dir,
-        (1..=NODES).map(|id| (id, endpoint(id))).collect(),
+        (1..=nodes()).map(|id| (id, endpoint(id))).collect(),
         StoreConfig::Raft,
     )
 }
 
-/// A simulation of `seed`, with the nodes' data under `dir`, running at most `limit` of
-/// simulated time.
+/// A simulation of `seed` on three nodes, with the nodes' data under `dir`, running at most
+/// `limit` of simulated time.
 pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
+    build_of(seed, dir, limit, 3)
+}
+
+/// A simulation of `seed` like [`build`], on `nodes` nodes.
+pub fn build_of<'a>(seed: u64, dir: &Path, limit: Duration, nodes: u64) -> turmoil::Sim<'a> {
+    NODES.with(|n| n.set(nodes));
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -65,7 +79,7 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
         // drop the SYN, and clients retrying against a node that stalls can queue many.
         .tcp_capacity(4096)
         .build();
-    for id in 1..=NODES {
+    for id in 1..=nodes {
         let config = config(id, dir.join(host(id)));
         sim.host(host(id), move || {
             let config = config.clone();
@@ -125,7 +139,7 @@ pub fn add_agent(sim: &mut turmoil::Sim<'_>, dir: &Path, region: &str, cells: Ve
         tls: None,
         cell_auth: None,
     };
-    let endpoints: Vec<String> = (1..=NODES).map(endpoint).collect();
+    let endpoints: Vec<String> = (1..=nodes()).map(endpoint).collect();
     let region = region.to_string();
     sim.host(host, move || {
         let (config, endpoints, region) = (config.clone(), endpoints.clone(), region.clone());
@@ -197,7 +211,7 @@ pub async fn watch_leader(progress: Arc<Mutex<Progress>>) {
     use cellplane_api::proto::control::control_client::ControlClient;
     for n in 0u64.. {
         let channel = net::tls()
-            .lazy_channel(&endpoint(n % NODES + 1), Duration::from_millis(500))
+            .lazy_channel(&endpoint(n % nodes() + 1), Duration::from_millis(500))
             .expect("a simulated endpoint");
         let mut control = ControlClient::new(channel);
         let asked = control.cluster_status(ClusterStatusRequest {});
@@ -266,7 +280,7 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     for attempt in 0u64.. {
-        match tokio::time::timeout(timeout, call(attempt % NODES + 1)).await {
+        match tokio::time::timeout(timeout, call(attempt % nodes() + 1)).await {
             Ok(Ok(answer)) => return Some(answer.into_inner()),
             Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => return None,
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
