@@ -334,6 +334,23 @@ impl Cluster {
         revision - writes.len() as u64
     }
 
+    /// The last lines of every node's log, for a failure message: the directory is gone once
+    /// the failed test unwinds, and a CI run keeps only what the test printed.
+    fn log_tails(&self) -> String {
+        let mut tails = String::new();
+        for id in self.nodes.keys() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log")))
+                .unwrap_or_else(|e| format!("(no log: {e})"));
+            let lines: Vec<&str> = log.lines().collect();
+            tails.push_str(&format!("\n--- node {id}, last lines of its log:\n"));
+            if lines.is_empty() {
+                tails.push_str("(empty)");
+            }
+            tails.push_str(&lines[lines.len().saturating_sub(20)..].join("\n"));
+        }
+        tails
+    }
+
     /// Waits until every running node names the same leader, and returns it.
     pub async fn wait_for_leader(&self) -> u64 {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -351,8 +368,9 @@ impl Cluster {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no agreed leader within 30s (saw {leaders:?}); logs in {}",
-                self.dir.path().display()
+                "no agreed leader within 30s (saw {leaders:?}); logs in {}{}",
+                self.dir.path().display(),
+                self.log_tails()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
