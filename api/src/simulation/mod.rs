@@ -160,6 +160,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn messages_to_a_duplicated_host_have_a_copy_until_the_fault_ends() {
+        let after = Duration::from_millis(120);
+        duplicate_to("n2", Some(after));
+        assert_eq!(duplicate_after("n2:9000"), Some(after));
+        // Another host, even one whose name starts the same, keeps single messages.
+        assert_eq!(duplicate_after("n3:9000"), None);
+        assert_eq!(duplicate_after("n22:9000"), None);
+        // Set again, the newest delay holds; ended, none.
+        duplicate_to("n2", Some(after * 2));
+        assert_eq!(duplicate_after("n2:9000"), Some(after * 2));
+        duplicate_to("n2", None);
+        assert_eq!(duplicate_after("n2:9000"), None);
+        // Another thread, another simulation.
+        duplicate_to("n2", Some(after));
+        assert_eq!(
+            std::thread::spawn(|| duplicate_after("n2:9000"))
+                .join()
+                .expect("thread"),
+            None
+        );
+    }
+
+    #[test]
     fn only_the_thread_that_entered_is_simulated() {
         assert!(!active());
         enter_on_this_thread();
