@@ -12,6 +12,7 @@
 mod catch_up;
 mod cut_off;
 mod failover;
+mod late_grant;
 mod messages;
 mod nemesis;
 mod net;

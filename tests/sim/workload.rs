@@ -62,6 +62,11 @@ pub async fn create_tenants(tenants: &[&str], tier: Tier, region: &str) {
 
 /// A `Messenger` over a route cache of every node, on the simulated network.
 pub async fn messenger() -> Result<Arc<Messenger>, String> {
+    messenger_with(MessengerOptions::default().deadline).await
+}
+
+/// A `Messenger` like [`messenger`] that gives up each write after `deadline`.
+pub async fn messenger_with(deadline: Duration) -> Result<Arc<Messenger>, String> {
     let endpoints: Vec<String> = (1..=nodes()).map(world::endpoint).collect();
     let routes = Arc::new(
         RouteCache::start(
@@ -77,6 +82,7 @@ pub async fn messenger() -> Result<Arc<Messenger>, String> {
     Ok(Arc::new(Messenger::new(
         routes,
         MessengerOptions {
+            deadline,
             tls: crate::net::tls(),
             ..MessengerOptions::default()
         },
