@@ -29,8 +29,9 @@ use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{ListRoutesRequest, Route};
 use tokio::time::Instant;
 
+use crate::scenario::{self, Change, Changes, ask};
 use crate::workload::{self, Acked, Behind};
-use crate::world::{self, agent_host, host, nodes};
+use crate::world::{self, agent_host, host};
 
 const TENANT: [&str; 1] = ["acme"];
 /// Conversations of the tenant, each with a writer of each kind: the stale writers between
@@ -53,25 +54,6 @@ const FAR: Duration = Duration::from_millis(180);
 /// How long node 4 stays down.
 const DOWN_FOR: Duration = Duration::from_secs(4);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A change to the network or the hosts that the clients ask of the driver.
-#[derive(Debug)]
-enum Change {
-    Partition(String, String),
-    Repair(String, String),
-    Crash(String),
-    Bounce(String),
-    /// Start the agent, reaching [`FOLLOWED`] alone.
-    StartAgent,
-    /// Every message between [`BEHIND`] and its peers takes [`FAR`].
-    Far,
-}
-
-type Changes = Arc<Mutex<Vec<Change>>>;
-
-fn ask(changes: &Changes, change: Change) {
-    changes.lock().expect("changes").push(change);
-}
 
 /// What the clients saw.
 struct Report {
@@ -157,8 +139,8 @@ fn port_of(cell: &str) -> u16 {
 
 async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, String> {
     let leader = leader_elsewhere(&changes).await;
-    ask(&changes, Change::StartAgent);
-    ask(&changes, Change::Far);
+    ask(&changes, Change::Run(start_agent));
+    ask(&changes, Change::Run(far));
     workload::create_tenants(&TENANT, Tier::Normal, REGION).await;
     let messenger = workload::messenger().await?;
     workload::create_groups(&messenger, &TENANT, GROUPS).await;
@@ -169,19 +151,7 @@ async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, S
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    // Once the stale writer's sends are acknowledged, its host loses every node.
-    while !acked
-        .lock()
-        .expect("acked")
-        .values()
-        .flatten()
-        .any(|a| a.id.contains("stale"))
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for id in 1..=nodes() {
-        ask(&changes, Change::Partition(STALE_WRITER.into(), host(id)));
-    }
+    scenario::cut_off_stale_writers(STALE_WRITER, &acked, &changes).await;
     let mut writers = tokio::task::JoinSet::new();
     let until = Instant::now() + WRITE_FOR;
     workload::spawn_writers(
@@ -255,26 +225,21 @@ async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, S
     })
 }
 
-fn apply(sim: &mut turmoil::Sim<'_>, dir: &std::path::Path, change: Change) {
-    match change {
-        Change::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
-        Change::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
-        Change::Crash(h) => sim.crash(h.as_str()),
-        Change::Bounce(h) => sim.bounce(h.as_str()),
-        Change::StartAgent => {
-            let cells = (1..=2)
-                .map(|n| world::cell(REGION, &format!("cell-{n}"), "NORMAL", 7000 + n as u16))
-                .collect();
-            world::add_agent(sim, dir, REGION, cells);
-            for id in (1..=NODES).filter(|id| *id != FOLLOWED) {
-                sim.partition(agent_host(REGION).as_str(), host(id).as_str());
-            }
-        }
-        Change::Far => {
-            for peer in 1..NODES {
-                sim.set_link_latency(host(BEHIND).as_str(), host(peer).as_str(), FAR);
-            }
-        }
+/// Starts the agent, reaching [`FOLLOWED`] alone.
+fn start_agent(sim: &mut turmoil::Sim<'_>, dir: &std::path::Path) {
+    let cells = (1..=2)
+        .map(|n| world::cell(REGION, &format!("cell-{n}"), "NORMAL", 7000 + n as u16))
+        .collect();
+    world::add_agent(sim, dir, REGION, cells);
+    for id in (1..=NODES).filter(|id| *id != FOLLOWED) {
+        sim.partition(agent_host(REGION).as_str(), host(id).as_str());
+    }
+}
+
+/// Every message between [`BEHIND`] and its peers takes [`FAR`] from now on.
+fn far(sim: &mut turmoil::Sim<'_>, _: &std::path::Path) {
+    for peer in 1..NODES {
+        sim.set_link_latency(host(BEHIND).as_str(), host(peer).as_str(), FAR);
     }
 }
 
@@ -286,52 +251,17 @@ fn run(seed: u64) -> Report {
     let mut sim = world::build_of(seed, dir.path(), Duration::from_secs(120), NODES);
     let changes: Changes = Arc::default();
     let acked: Arc<Mutex<Acked>> = Arc::default();
-    {
-        let acked = acked.clone();
-        sim.client(STALE_WRITER, async move {
-            // A write given up after 100 ms goes to the owner its cache names again soon,
-            // where one that waits for the cache to move would wait for good.
-            let messenger = loop {
-                match workload::messenger_with(Duration::from_millis(100)).await {
-                    Ok(messenger) => break messenger,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            };
-            let mut writers = tokio::task::JoinSet::new();
-            let until = Instant::now() + WRITE_FOR;
-            workload::spawn_writers(
-                &mut writers,
-                &messenger,
-                (&TENANT, GROUPS),
-                "stale",
-                until,
-                &acked,
-            );
-            while writers.join_next().await.is_some() {}
-            Ok(())
-        });
-    }
-    let outcome: Arc<Mutex<Option<Result<Report, String>>>> = Arc::default();
-    {
-        let (running, outcome) = (clients(changes.clone(), acked), outcome.clone());
-        sim.client("clients", async move {
-            *outcome.lock().expect("outcome") = Some(running.await);
-            Ok(())
-        });
-    }
-    while !sim.step().unwrap_or_else(|e| panic!("seed {seed}: {e}")) {
-        let asked: Vec<Change> = changes.lock().expect("changes").drain(..).collect();
-        for change in asked {
-            apply(&mut sim, dir.path(), change);
-        }
-        if outcome.lock().expect("outcome").is_some() {
-            break;
-        }
-    }
-    let outcome = outcome.lock().expect("outcome").take();
-    outcome
-        .unwrap_or_else(|| panic!("seed {seed}: the clients never finished"))
-        .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+    // A write given up after 100 ms goes to the owner the cache names again soon, where one
+    // that waits for the cache to move would wait for good.
+    scenario::add_stale_writers(
+        &mut sim,
+        STALE_WRITER,
+        (&TENANT, GROUPS),
+        (Duration::from_millis(100), WRITE_FOR),
+        &acked,
+    );
+    let clients = clients(changes.clone(), acked);
+    scenario::run(seed, sim, dir.path(), &changes, clients)
 }
 
 #[test]

@@ -18,6 +18,7 @@ mod nemesis;
 mod net;
 mod one_cut;
 mod routes;
+mod scenario;
 mod seeds;
 mod stalled_node;
 mod workload;
