@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::{
-    CellState, FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest,
+    CellState, Failover, FailoverCellRequest, FailoverMode, FailoverPhase, GetTenantRequest,
     ListCellsRequest, ListFailoversRequest, Tier,
 };
 
@@ -40,7 +40,7 @@ const GOES_ON_ALONE: u64 = 500;
 
 /// How the primary's sends wait for its standby.
 #[derive(Clone, Copy)]
-enum Standby {
+pub enum Standby {
     /// Every send waits for the standby, for at most this many ms before the primary asks to
     /// go on alone.
     Synchronous(u64),
@@ -49,7 +49,7 @@ enum Standby {
 }
 
 /// The two cells of the pair: the primary in `hz`, its standby in `fs`.
-fn pair() -> [(&'static str, &'static str); 2] {
+pub fn pair() -> [(&'static str, &'static str); 2] {
     [("hz", "hz-high-1"), ("fs", "fs-high-1")]
 }
 
@@ -109,9 +109,59 @@ async fn clients(
     workload::finished(&lagging).await;
     watcher.abort();
 
+    let failovers = ended(&phase).await;
+    pair_restored(&phase).await;
+    // A standby in sync has every message its primary acknowledged, so the failed cell of
+    // such a failover is held to the seqs it acknowledged below. Its ledger may still count
+    // messages merged back: ones the failed cell wrote and never acknowledged, whose writer
+    // gave up. A standby not in sync may have lacked acknowledged ones too; the merge-back
+    // brought them over at new seqs.
+    let behind = behind(&failovers);
+
+    phase("reading every history");
+    let acked = acked.lock().expect("acked").clone();
+    workload::one_writer(&acked, &behind)?;
+    let checked = workload::check_histories(&messenger, &acked, &behind).await?;
+    let cells: std::collections::BTreeSet<&str> =
+        acked.values().flatten().map(|a| a.cell.as_str()).collect();
+    let done = |planned: bool| {
+        failovers
+            .iter()
+            .filter(|f| {
+                f.phase == FailoverPhase::Merged as i32
+                    && (f.mode == FailoverMode::Planned as i32) == planned
+            })
+            .count()
+    };
+    let behind_standby = failovers
+        .iter()
+        .filter(|f| f.ledger.as_ref().is_some_and(|l| !l.in_sync))
+        .count();
+    Ok(format!(
+        "{checked} acknowledged messages by {cells:?}, {} failovers ({} planned and {} forced \
+         merged; {behind_standby} from a standby not in sync)",
+        failovers.len(),
+        done(true),
+        done(false)
+    ))
+}
+
+/// The cells whose failover promoted a standby that was not in sync: what they acknowledged
+/// may have come back by merge-back, at new seqs.
+pub fn behind(failovers: &[Failover]) -> workload::Behind {
+    failovers
+        .iter()
+        .filter(|f| f.ledger.as_ref().is_some_and(|l| !l.in_sync))
+        .map(|f| f.cell_id.clone())
+        .collect()
+}
+
+/// Waits until every failover has ended (MERGED or ROLLED_BACK), telling `phase` what it
+/// waits for; every failover there was.
+pub async fn ended(phase: &impl Fn(&str)) -> Vec<Failover> {
     phase("waiting for every failover to end");
     let ended = [FailoverPhase::Merged, FailoverPhase::RolledBack].map(|p| p as i32);
-    let failovers = loop {
+    loop {
         let listed = world::until_done(CALL_TIMEOUT, |via| async move {
             world::control(via)
                 .list_failovers(ListFailoversRequest { active_only: false })
@@ -133,9 +183,12 @@ async fn clients(
             unfinished.join("; ")
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    // Whatever happened, the pair protects its tenants again: both cells ACTIVE, one the
-    // standby of the other.
+    }
+}
+
+/// Waits until the pair protects its tenants again, whatever happened: both cells ACTIVE, one
+/// the standby of the other.
+pub async fn pair_restored(phase: &impl Fn(&str)) {
     phase("waiting for the pair to be a primary and its ACTIVE standby again");
     loop {
         let cells = world::until_done(CALL_TIMEOUT, |via| async move {
@@ -173,43 +226,6 @@ async fn clients(
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // A standby in sync has every message its primary acknowledged, so the failed cell of
-    // such a failover is held to the seqs it acknowledged below. Its ledger may still count
-    // messages merged back: ones the failed cell wrote and never acknowledged, whose writer
-    // gave up. A standby not in sync may have lacked acknowledged ones too; the merge-back
-    // brought them over at new seqs.
-    let behind: workload::Behind = failovers
-        .iter()
-        .filter(|f| f.ledger.as_ref().is_some_and(|l| !l.in_sync))
-        .map(|f| f.cell_id.clone())
-        .collect();
-
-    phase("reading every history");
-    let acked = acked.lock().expect("acked").clone();
-    workload::one_writer(&acked, &behind)?;
-    let checked = workload::check_histories(&messenger, &acked, &behind).await?;
-    let cells: std::collections::BTreeSet<&str> =
-        acked.values().flatten().map(|a| a.cell.as_str()).collect();
-    let done = |planned: bool| {
-        failovers
-            .iter()
-            .filter(|f| {
-                f.phase == FailoverPhase::Merged as i32
-                    && (f.mode == FailoverMode::Planned as i32) == planned
-            })
-            .count()
-    };
-    let behind_standby = failovers
-        .iter()
-        .filter(|f| f.ledger.as_ref().is_some_and(|l| !l.in_sync))
-        .count();
-    Ok(format!(
-        "{checked} acknowledged messages by {cells:?}, {} failovers ({} planned and {} forced \
-         merged; {behind_standby} from a standby not in sync)",
-        failovers.len(),
-        done(true),
-        done(false)
-    ))
 }
 
 fn run(seed: u64, standby: Standby) {
@@ -218,6 +234,23 @@ fn run(seed: u64, standby: Standby) {
         .tempdir()
         .expect("temp dir");
     let mut sim = world::build(seed, dir.path(), RUN_FOR + Duration::from_secs(150));
+    add_pair(&mut sim, dir.path(), standby);
+    let hosts = (1..=nodes())
+        .map(world::host)
+        .chain(pair().map(|(region, _)| world::agent_host(region)))
+        .collect();
+    workload::run(
+        seed,
+        sim,
+        (dir.path(), hosts),
+        (&TENANTS, GROUPS),
+        RUN_FOR,
+        clients,
+    );
+}
+
+/// Runs the agents of the pair, each with its cell, the standby's replication as `standby`.
+pub fn add_pair(sim: &mut turmoil::Sim<'_>, dir: &std::path::Path, standby: Standby) {
     let [(primary_region, primary), (standby_region, cell_of_standby)] = pair();
     let mut high = world::cell(primary_region, primary, "HIGH", 7001);
     let mut remote = world::cell(standby_region, cell_of_standby, "HIGH", 7001);
@@ -236,20 +269,8 @@ fn run(seed: u64, standby: Standby) {
             remote.sync_standbys = Some(Vec::new());
         }
     }
-    world::add_agent(&mut sim, dir.path(), primary_region, vec![high]);
-    world::add_agent(&mut sim, dir.path(), standby_region, vec![remote]);
-    let hosts = (1..=nodes())
-        .map(world::host)
-        .chain(pair().map(|(region, _)| world::agent_host(region)))
-        .collect();
-    workload::run(
-        seed,
-        sim,
-        (dir.path(), hosts),
-        (&TENANTS, GROUPS),
-        RUN_FOR,
-        clients,
-    );
+    world::add_agent(sim, dir, primary_region, vec![high]);
+    world::add_agent(sim, dir, standby_region, vec![remote]);
 }
 
 const FIXED: [u64; 2] = [1, 2];

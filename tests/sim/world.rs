@@ -55,6 +55,17 @@ pub fn build<'a>(seed: u64, dir: &Path, limit: Duration) -> turmoil::Sim<'a> {
 
 /// A simulation of `seed` like [`build`], on `nodes` nodes.
 pub fn build_of<'a>(seed: u64, dir: &Path, limit: Duration, nodes: u64) -> turmoil::Sim<'a> {
+    build_with(seed, dir, limit, nodes, |_| {})
+}
+
+/// A simulation of `seed` like [`build_of`], each node's config changed by `tune`.
+pub fn build_with<'a>(
+    seed: u64,
+    dir: &Path,
+    limit: Duration,
+    nodes: u64,
+    tune: fn(&mut NodeConfig),
+) -> turmoil::Sim<'a> {
     NODES.with(|n| n.set(nodes));
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -80,7 +91,8 @@ pub fn build_of<'a>(seed: u64, dir: &Path, limit: Duration, nodes: u64) -> turmo
         .tcp_capacity(4096)
         .build();
     for id in 1..=nodes {
-        let config = config(id, dir.join(host(id)));
+        let mut config = config(id, dir.join(host(id)));
+        tune(&mut config);
         sim.host(host(id), move || {
             let config = config.clone();
             async move {
