@@ -13,6 +13,7 @@ mod catch_up;
 mod cut_off;
 mod failover;
 mod late_grant;
+mod lease_margin;
 mod messages;
 mod nemesis;
 mod net;
