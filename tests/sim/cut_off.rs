@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellplane_api::proto::control::WatchMigrationRequest;
-use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{ListRoutesRequest, WatchRequest};
 use tonic::Code;
 
 use crate::one_cut::{self, Cut};
-use crate::world::{self, nodes};
+use crate::world::{self, nodes, routing};
 
 /// How long the node is cut off.
 const CUT_FOR: Duration = Duration::from_secs(6);
@@ -21,14 +20,6 @@ const GRACE: Duration = Duration::from_millis(2_400);
 /// The latest a watch may end after the cut: a follower first waits out an election timeout
 /// before it calls itself leaderless, then the grace, then the next check (every 500 ms).
 const ENDS_WITHIN: Duration = Duration::from_millis(4_500);
-
-fn routing(id: u64) -> RoutingClient<tonic::transport::Channel> {
-    RoutingClient::new(
-        crate::net::tls()
-            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
-}
 
 async fn list(id: u64) -> Result<u64, tonic::Status> {
     let mut client = routing(id);

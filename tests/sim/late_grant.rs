@@ -25,7 +25,6 @@ use cellplane_api::proto::cell::cell_admin_client::CellAdminClient;
 use cellplane_api::proto::control::{
     ClusterStatusRequest, GetMigrationRequest, MigrateTenantRequest, MigrationPhase, Tier,
 };
-use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{ListRoutesRequest, Route};
 use tokio::time::Instant;
 
@@ -67,17 +66,9 @@ struct Report {
     from_the_stale_writer: usize,
 }
 
-fn routing(id: u64) -> RoutingClient<tonic::transport::Channel> {
-    RoutingClient::new(
-        crate::net::tls()
-            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
-}
-
 /// The tenant's route as node `id` serves it from its own state.
 async fn route_on(id: u64) -> Option<Route> {
-    let mut client = routing(id);
+    let mut client = world::routing(id);
     let listed = client.list_routes(ListRoutesRequest {
         page_size: 100,
         page_token: String::new(),
@@ -115,26 +106,16 @@ async fn leader_elsewhere(changes: &Changes) -> u64 {
     }
 }
 
-/// Whether `cell` (on the agent's host, at `port`) holds any key of the tenant.
-async fn holds(port: u16) -> Result<bool, tonic::Status> {
+/// Whether the cell serving at `endpoint` holds any key of the tenant.
+async fn holds(endpoint: &str) -> Result<bool, tonic::Status> {
     let channel = crate::net::tls()
-        .lazy_channel(
-            &format!("{}:{port}", agent_host(REGION)),
-            Duration::from_millis(500),
-        )
+        .lazy_channel(endpoint, Duration::from_millis(500))
         .expect("a simulated endpoint");
     let status = CellAdminClient::new(channel)
         .cell_status(CellStatusRequest::default())
         .await?
         .into_inner();
     Ok(status.keys.iter().any(|k| k.tenant_id == TENANT[0]))
-}
-
-fn port_of(cell: &str) -> u16 {
-    match cell {
-        "cell-1" => 7001,
-        _ => 7002,
-    }
 }
 
 async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, String> {
@@ -146,7 +127,7 @@ async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, S
     workload::create_groups(&messenger, &TENANT, GROUPS).await;
     let source = loop {
         if let Some(route) = route_on(leader).await {
-            break (route.cell_id, route.epoch);
+            break route;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -176,9 +157,9 @@ async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, S
     .ok_or("the migration was not started")?;
     let id = migration.migration_id;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while holds(port_of(&source.0)).await.unwrap_or(true) {
+    while holds(&source.endpoint).await.unwrap_or(true) {
         if Instant::now() > deadline {
-            return Err(format!("{} was not revoked within 10 s", source.0));
+            return Err(format!("{} was not revoked within 10 s", source.cell_id));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -219,7 +200,7 @@ async fn clients(changes: Changes, acked: Arc<Mutex<Acked>>) -> Result<Report, S
     let all = || acked.values().flatten();
     Ok(Report {
         served_there,
-        source,
+        source: (source.cell_id, source.epoch),
         acknowledged: all().count(),
         from_the_stale_writer: all().filter(|a| a.id.contains("stale")).count(),
     })

@@ -8,18 +8,13 @@ use std::time::Duration;
 
 use cellplane_api::proto::control::{RegisterCellRequest, Tier};
 use cellplane_api::proto::routing::ListRoutesRequest;
-use cellplane_api::proto::routing::routing_client::RoutingClient;
 
 use crate::world::{self, host, nodes};
 
 /// The revision node `id` has applied, as it answers reads from its own state; `None` when it
 /// does not answer.
 pub async fn revision(id: u64) -> Option<u64> {
-    let mut routing = RoutingClient::new(
-        crate::net::tls()
-            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    );
+    let mut routing = world::routing(id);
     let listed = routing.list_routes(ListRoutesRequest {
         page_size: 1,
         page_token: String::new(),

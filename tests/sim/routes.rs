@@ -16,13 +16,11 @@ use cellplane_api::proto::control::{
     CellState, CreateTenantRequest, MoveRouteRequest, RegisterCellRequest, SetCellStateRequest,
     Tier,
 };
-use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_api::proto::routing::{Consistency, LookupRequest};
 use cellplane_tests::history::{History, Op, Ret, Route};
-use tonic::transport::Channel;
 
 use crate::nemesis::Nemesis;
-use crate::world::{self, Progress, nodes, phase, until_done};
+use crate::world::{self, Progress, nodes, phase, routing, until_done};
 
 const KEYS: usize = 3;
 const READERS: usize = 3;
@@ -34,14 +32,6 @@ const CELLS: [&str; 2] = ["cell-a", "cell-b"];
 const RUN_FOR: Duration = Duration::from_secs(30);
 /// How long a client waits for one answer before it counts the call's outcome unknown.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn routing(id: u64) -> RoutingClient<Channel> {
-    RoutingClient::new(
-        crate::net::tls()
-            .lazy_channel(&world::endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
-}
 
 /// A call's answer, or `None` when none came in time: the outcome is then unknown.
 async fn within<T>(

@@ -273,6 +273,17 @@ pub fn drive(
     }
 }
 
+/// A Routing client of node `id`, over the simulated network.
+pub fn routing(
+    id: u64,
+) -> cellplane_api::proto::routing::routing_client::RoutingClient<tonic::transport::Channel> {
+    cellplane_api::proto::routing::routing_client::RoutingClient::new(
+        net::tls()
+            .lazy_channel(&endpoint(id), Duration::from_millis(500))
+            .expect("a simulated endpoint"),
+    )
+}
+
 /// A Control client of node `id`, over the simulated network.
 pub fn control(
     id: u64,
