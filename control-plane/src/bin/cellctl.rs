@@ -15,6 +15,7 @@ use cellplane_control_plane::ctl::views::{
     AuditView, CellView, DrainView, FailoverView, MemberView, MigrationView, NodeView, RouteView,
     Row, TenantView, phase,
 };
+use cellplane_control_plane::failover::record::Phase as FailoverPhase;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -841,15 +842,13 @@ async fn wait_for_drain(
     Ok(progress)
 }
 
-/// Follows a failover until the standby took over.
+/// Follows a failover until it ends. A switched failover's old primary, once it answers again,
+/// moves it on from DONE to MERGED, often within one poll: MERGED ends the wait too.
 async fn wait_for_failover(
     control: &ControlPlane,
     mut failover: pb::Failover,
 ) -> Result<pb::Failover, Failure> {
-    let finished = |f: &pb::Failover| {
-        f.phase == pb::FailoverPhase::Done as i32 || f.phase == pb::FailoverPhase::RolledBack as i32
-    };
-    while !finished(&failover) {
+    while !FailoverPhase::from_proto(failover.phase).is_some_and(FailoverPhase::is_terminal) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let failover_id = failover.failover_id.clone();
         failover = control
