@@ -239,26 +239,7 @@ impl AgentProcess {
 
     /// Sends `signal` to the process of one of the agent's cells (SIGSTOP: a stalled cell).
     pub fn signal_cell(&self, cell_id: &str, signal: nix::sys::signal::Signal) {
-        let needle = format!("--cell-id\0{cell_id}\0");
-        let data = self.dir.path().join("data");
-        let data = data.to_string_lossy();
-        let mut signalled = 0;
-        for entry in std::fs::read_dir("/proc").expect("/proc") {
-            let Ok(entry) = entry else { continue };
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains(&needle) && cmdline.contains(data.as_ref()) {
-                let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
-                nix::sys::signal::kill(pid, signal).expect("signal");
-                signalled += 1;
-            }
-        }
-        assert_eq!(signalled, 1, "expected one process of cell {cell_id}");
+        crate::signal_cell(&self.dir.path().join("data"), cell_id, signal);
     }
 
     /// Waits until every cell of this agent answers.

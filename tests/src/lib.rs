@@ -96,6 +96,30 @@ pub fn processes_mentioning(needle: &str) -> usize {
         .count()
 }
 
+/// Sends `signal` to the one process serving cell `cell_id` with its data under `data`
+/// (SIGSTOP: a stalled cell).
+pub fn signal_cell(data: &std::path::Path, cell_id: &str, signal: nix::sys::signal::Signal) {
+    let needle = format!("--cell-id\0{cell_id}\0");
+    let data = data.to_string_lossy();
+    let mut signalled = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(&needle) && cmdline.contains(data.as_ref()) {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+            nix::sys::signal::kill(pid, signal).expect("signal");
+            signalled += 1;
+        }
+    }
+    assert_eq!(signalled, 1, "expected one process of cell {cell_id}");
+}
+
 /// SIGTERMs a `cellplane dev` process and checks it stops cleanly within 30 s, leaving no
 /// agent or cell of its data directory `data` running.
 pub fn stop_dev(dev: &mut std::process::Child, data: &std::path::Path) {

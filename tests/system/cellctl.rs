@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cellplane_tests::{binary, start_dev, stop_dev};
+use cellplane_tests::{binary, signal_cell, start_dev, stop_dev};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// Runs `cellctl -o json ARGS` against the dev system; answers the exit code and the JSON.
@@ -209,6 +210,37 @@ fn cellctl_drives_a_running_dev_system() {
         assert!(Instant::now() < deadline, "never merged back: {listed}");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A planned failover whose standby cannot catch up is given up after its timeout (10 s);
+    // the wait says so with its own exit code, so a script does not go on to take down a cell
+    // that kept its keys.
+    signal_cell(&data, "hz-c-normal-s1", Signal::SIGSTOP);
+    let (code, given_up) = cellctl(
+        &endpoints_file,
+        &[
+            "failover",
+            "hz-a-normal-1",
+            "--mode",
+            "planned",
+            "--reason",
+            "kernel upgrade",
+            "--wait",
+        ],
+    );
+    signal_cell(&data, "hz-c-normal-s1", Signal::SIGCONT);
+    assert_eq!(code, 7, "{given_up}");
+    assert_eq!(given_up["phase"], "ROLLED_BACK", "{given_up}");
+    let listed = ok(&endpoints_file, &["cells"]);
+    let kept = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .find(|c| c["cell_id"] == "hz-a-normal-1")
+        .expect("hz-a-normal-1 listed");
+    assert!(
+        kept["state"] == "ACTIVE" && kept["standby_of"].is_null(),
+        "{kept}"
+    );
     let (code, _) = cellctl(&endpoints_file, &["failover", "nope"]);
     assert_eq!(code, 3, "an unknown cell");
     let (code, json) = cellctl(&endpoints_file, &["drain", "bj-c-low-1"]);

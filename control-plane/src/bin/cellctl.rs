@@ -31,7 +31,8 @@ use serde::Serialize;
         a follower are forwarded to the leader, and an unreachable node is skipped.\n\n\
         Exit codes: 0 success; 1 unexpected error; 2 bad usage; 3 not found; 4 refused (bad \
         input, or a rule of the current state); 5 control plane unavailable; 6 a migration \
-        waited for was rolled back or failed.",
+        waited for was rolled back or failed; 7 a failover waited for was rolled back (the cell \
+        kept its keys).",
     after_help = "Examples:\n  cellctl status\n  cellctl tenant create acme --tier NORMAL --region cn-hangzhou\n  \
         cellctl migrate acme --wait\n  cellctl migrate acme --conversation hot-group --to hz-b-normal-2\n  \
         cellctl migrations --output json"
@@ -683,6 +684,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 failover
             };
             print_one(output, &FailoverView::from(&failover))?;
+            if rolled_back(&failover) {
+                return Ok(exit::FAILOVER_ROLLED_BACK);
+            }
         }
         Command::Failover {
             region: Some(region),
@@ -697,21 +701,24 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     async move { c.failover_region(request).await }
                 })
                 .await?;
-            let mut views = Vec::new();
+            let mut ended = Vec::new();
             for failover in started.failovers {
-                let failover = if wait {
+                ended.push(if wait {
                     wait_for_failover(&control, failover).await?
                 } else {
                     failover
-                };
-                views.push(FailoverView::from(&failover));
+                });
             }
+            let views: Vec<FailoverView> = ended.iter().map(FailoverView::from).collect();
             print_list(output, &views)?;
             for refused in &started.refused {
                 eprintln!(
                     "cellctl: {} not failed over: {}",
                     refused.cell_id, refused.reason
                 );
+            }
+            if ended.iter().any(rolled_back) {
+                return Ok(exit::FAILOVER_ROLLED_BACK);
             }
             if !started.refused.is_empty() {
                 return Ok(exit::REFUSED);
@@ -840,6 +847,11 @@ async fn wait_for_drain(
     }
     bar.finish();
     Ok(progress)
+}
+
+/// A planned failover given up: its cell kept its keys.
+fn rolled_back(failover: &pb::Failover) -> bool {
+    failover.phase == pb::FailoverPhase::RolledBack as i32
 }
 
 /// Follows a failover until it ends. A switched failover's old primary, once it answers again,

@@ -17,6 +17,9 @@ pub const REFUSED: u8 = 4;
 pub const UNAVAILABLE: u8 = 5;
 /// A migration waited for ended ROLLED_BACK or FAILED.
 pub const MIGRATION_FAILED: u8 = 6;
+/// A planned failover waited for was given up (ROLLED_BACK): the cell kept its keys, so
+/// whatever the script meant to do to it next must not happen.
+pub const FAILOVER_ROLLED_BACK: u8 = 7;
 
 /// The exit code for a failed call.
 pub fn for_status(code: Code) -> u8 {
@@ -53,6 +56,7 @@ mod tests {
             REFUSED,
             UNAVAILABLE,
             MIGRATION_FAILED,
+            FAILOVER_ROLLED_BACK,
         ];
         let distinct: std::collections::HashSet<_> = codes.iter().collect();
         assert_eq!(distinct.len(), codes.len());
