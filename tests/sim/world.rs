@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
+use cellplane_api::proto::control::control_client::ControlClient;
+use cellplane_api::proto::routing::routing_client::RoutingClient;
 use cellplane_cell_agent::agent;
 use cellplane_cell_agent::config::{AgentConfig, CellSpec};
 use cellplane_cell_agent::supervisor::{CellStart, Launcher};
 use cellplane_control_plane::config::{NodeConfig, StoreConfig};
 use cellplane_control_plane::node;
 use cellplane_im_cell::config::{CellConfig, StandbyConfig};
+use tonic::transport::Channel;
 
 use crate::nemesis::Nemesis;
 use crate::net;
@@ -273,26 +276,21 @@ pub fn drive(
     }
 }
 
+/// A channel to node `id` over the simulated network, connected on its first call.
+fn channel(id: u64) -> Channel {
+    net::tls()
+        .lazy_channel(&endpoint(id), Duration::from_millis(500))
+        .expect("a simulated endpoint")
+}
+
 /// A Routing client of node `id`, over the simulated network.
-pub fn routing(
-    id: u64,
-) -> cellplane_api::proto::routing::routing_client::RoutingClient<tonic::transport::Channel> {
-    cellplane_api::proto::routing::routing_client::RoutingClient::new(
-        net::tls()
-            .lazy_channel(&endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
+pub fn routing(id: u64) -> RoutingClient<Channel> {
+    RoutingClient::new(channel(id))
 }
 
 /// A Control client of node `id`, over the simulated network.
-pub fn control(
-    id: u64,
-) -> cellplane_api::proto::control::control_client::ControlClient<tonic::transport::Channel> {
-    cellplane_api::proto::control::control_client::ControlClient::new(
-        net::tls()
-            .lazy_channel(&endpoint(id), Duration::from_millis(500))
-            .expect("a simulated endpoint"),
-    )
+pub fn control(id: u64) -> ControlClient<Channel> {
+    ControlClient::new(channel(id))
 }
 
 /// Retries `call` through each node in turn, each try given `timeout`, until one answers:
