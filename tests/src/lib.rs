@@ -85,14 +85,22 @@ pub fn start_dev(
     dev
 }
 
-/// Processes whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> usize {
+/// Every process's pid and command line (its arguments joined by NULs).
+fn command_lines() -> impl Iterator<Item = (i32, String)> {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).into_owned()))
+        })
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> usize {
+    command_lines()
+        .filter(|(_, cmdline)| cmdline.contains(needle))
         .count()
 }
 
@@ -101,23 +109,12 @@ pub fn processes_mentioning(needle: &str) -> usize {
 pub fn signal_cell(data: &std::path::Path, cell_id: &str, signal: nix::sys::signal::Signal) {
     let needle = format!("--cell-id\0{cell_id}\0");
     let data = data.to_string_lossy();
-    let mut signalled = 0;
-    for entry in std::fs::read_dir("/proc").expect("/proc") {
-        let Ok(entry) = entry else { continue };
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains(&needle) && cmdline.contains(data.as_ref()) {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
-            nix::sys::signal::kill(pid, signal).expect("signal");
-            signalled += 1;
-        }
-    }
-    assert_eq!(signalled, 1, "expected one process of cell {cell_id}");
+    let pids: Vec<i32> = command_lines()
+        .filter(|(_, cmdline)| cmdline.contains(&needle) && cmdline.contains(data.as_ref()))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(pids.len(), 1, "expected one process of cell {cell_id}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), signal).expect("signal");
 }
 
 /// SIGTERMs a `cellplane dev` process and checks it stops cleanly within 30 s, leaving no
