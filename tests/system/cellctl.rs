@@ -35,6 +35,15 @@ pub fn ok(endpoints_file: &Path, args: &[&str]) -> Value {
     json
 }
 
+/// The row of a JSON list whose `field` is `id`.
+fn row<'a>(list: &'a Value, field: &str, id: &str) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("a list: {list}"))
+        .iter()
+        .find(|r| r[field] == id)
+        .unwrap_or_else(|| panic!("{id} listed: {list}"))
+}
+
 #[test]
 fn cellctl_drives_a_running_dev_system() {
     let dir = tempfile::Builder::new()
@@ -164,13 +173,7 @@ fn cellctl_drives_a_running_dev_system() {
     );
     assert_eq!(tiered["phase"], "DONE", "{tiered}");
     let tenants = ok(&endpoints_file, &["tenants"]);
-    let umbrella = tenants
-        .as_array()
-        .expect("tenants")
-        .iter()
-        .find(|t| t["tenant_id"] == "umbrella")
-        .expect("umbrella listed")
-        .clone();
+    let umbrella = row(&tenants, "tenant_id", "umbrella");
     assert_eq!(umbrella["tier"], "HIGH");
     assert_eq!(umbrella["primary_cell"], tiered["target_cell"]);
 
@@ -231,12 +234,7 @@ fn cellctl_drives_a_running_dev_system() {
     assert_eq!(code, 7, "{given_up}");
     assert_eq!(given_up["phase"], "ROLLED_BACK", "{given_up}");
     let listed = ok(&endpoints_file, &["cells"]);
-    let kept = listed
-        .as_array()
-        .expect("cells")
-        .iter()
-        .find(|c| c["cell_id"] == "hz-a-normal-1")
-        .expect("hz-a-normal-1 listed");
+    let kept = row(&listed, "cell_id", "hz-a-normal-1");
     assert!(
         kept["state"] == "ACTIVE" && kept["standby_of"].is_null(),
         "{kept}"
